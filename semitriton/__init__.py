@@ -1,0 +1,25 @@
+"""semitriton: backpropagation generalised to semirings, at GPU speed.
+
+    import semitriton
+    (flow,) = semitriton.grad(score, embeddings, semiring="abs")
+
+See README.md for the semiring table and the command-line tool.
+"""
+
+from __future__ import annotations
+
+from . import semirings
+from .backend import use as use_backend
+from .engine import GradientGraph, grad, grad_values
+from .errors import GraphError, GraphFreedError, SemitritonError, UnsupportedNodeError
+from .readouts import log_readout, token_readout, token_values
+from .semirings import Semiring
+from .tracking import track, untrack
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "grad", "grad_values", "token_readout", "token_values", "log_readout", "semirings", "Semiring",
+    "track", "untrack", "use_backend", "GradientGraph", "SemitritonError", "UnsupportedNodeError",
+    "GraphError", "GraphFreedError", "__version__",
+]

@@ -1,0 +1,242 @@
+"""The generalised backward pass.
+
+Walks the autograd graph that PyTorch recorded during an ordinary forward
+pass, once, in reverse topological order; at each node a rule (``rules/``)
+maps the semiring values of the node's forward outputs to values of its
+forward inputs; values reaching a node from several consumers (fan-out) are
+combined with the semiring's ⊕. Only nodes that lie on a path from ``output``
+to one of ``inputs`` are visited. Nothing is freed or modified in the graph,
+so one forward can be queried with several semirings.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import backend as _backend
+from .errors import GraphError, UnsupportedNodeError
+from .rules import RuleContext, rule_for
+from .semirings import Semiring, Value, get
+from .tracking import ModuleLabels
+
+TensorOrTensors = Union[Tensor, Sequence[Tensor]]
+
+
+def _as_tuple(inputs: TensorOrTensors) -> tuple[Tensor, ...]:
+    if isinstance(inputs, Tensor):
+        return (inputs,)
+    inputs = tuple(inputs)
+    for i, t in enumerate(inputs):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"inputs[{i}] is a {type(t).__name__}, not a tensor")
+    return inputs
+
+
+def compute_dtype(output: Tensor, inputs: Sequence[Tensor]) -> torch.dtype:
+    """float32 for half/bfloat16/float32 graphs, float64 when anything is float64."""
+    dts = [output.dtype] + [t.dtype for t in inputs]
+    return torch.float64 if torch.float64 in dts else torch.float32
+
+
+class GradientGraph:
+    """The part of the autograd graph between ``output`` and ``inputs``."""
+
+    def __init__(self, output: Tensor, inputs: Sequence[Tensor]):
+        if not isinstance(output, Tensor):
+            raise TypeError(f"output must be a tensor, got {type(output).__name__}")
+        if not output.requires_grad:
+            raise GraphError("output does not require grad: it was computed without a gradient "
+                             "graph (torch.no_grad, detached, or from inputs that do not require grad)")
+        for i, t in enumerate(inputs):
+            if not t.requires_grad:
+                raise GraphError(f"inputs[{i}] (shape {tuple(t.shape)}) does not require grad, so it "
+                                 "cannot be in the gradient graph; call .requires_grad_() on it before "
+                                 "the forward pass")
+        self.output = output
+        self.inputs = tuple(inputs)
+        self.root = output.grad_fn
+        self.labels = ModuleLabels(self.root)
+        self._discover()
+
+    def _discover(self):
+        leaf_ids = {id(t): i for i, t in enumerate(self.inputs) if t.grad_fn is None}
+        targets: dict = {}            # node -> list of (slot, input index)
+        nodes, stack, seen = [], [self.root], set()
+        while stack:
+            n = stack.pop()
+            if n is None or n in seen:
+                continue
+            seen.add(n)
+            nodes.append(n)
+            if leaf_ids and type(n).__name__ == "AccumulateGrad":
+                i = leaf_ids.get(id(n.variable))
+                if i is not None:
+                    targets.setdefault(n, []).append((0, i))
+            stack.extend(f for f, _ in n.next_functions)
+        for i, t in enumerate(self.inputs):
+            if t.grad_fn is not None:
+                if t.grad_fn in seen:
+                    targets.setdefault(t.grad_fn, []).append((t.output_nr, i))
+        found = {i for lst in targets.values() for _, i in lst}
+        for i, t in enumerate(self.inputs):
+            if i not in found and not (t is self.output):
+                raise GraphError(f"inputs[{i}] (shape {tuple(t.shape)}) is not part of the gradient "
+                                 "graph of output: output does not depend on it (or it was replaced "
+                                 "by a copy, e.g. .to()/.detach(), before use)")
+        self.targets = targets
+        # Relevance: a node matters iff it is a target or reaches one.
+        relevant = set(targets)
+        order = []                    # post-order
+        state, stack = {}, [(self.root, False)] if self.root is not None else []
+        while stack:
+            n, done = stack.pop()
+            if done:
+                order.append(n)
+                continue
+            if n in state:
+                continue
+            state[n] = True
+            stack.append((n, True))
+            stack.extend((f, False) for f, _ in n.next_functions if f is not None and f not in state)
+        for n in order:
+            if n in relevant:
+                continue
+            if any(f in relevant for f, _ in n.next_functions if f is not None):
+                relevant.add(n)
+        self.relevant = relevant
+        indeg: dict = {}
+        for n in relevant:
+            for f, _ in n.next_functions:
+                if f is not None and f in relevant:
+                    indeg[f] = indeg.get(f, 0) + 1
+        self.indegree = indeg
+        self.n_nodes = len(relevant)
+
+    def module_of(self, node) -> str:
+        return self.labels.describe(node)
+
+
+def _unsupported(graph: GradientGraph, node) -> UnsupportedNodeError:
+    name = type(node).__name__
+    where = graph.module_of(node)
+    if where:
+        loc = f" produced in module {where}"
+    else:
+        loc = (" (module unknown: call semitriton.track(model) or semitriton.patch(model) before the "
+               "forward pass to have modules named)")
+    return UnsupportedNodeError(
+        f"no semiring rule for autograd node {name}{loc}. semitriton does not skip nodes silently; "
+        "replace the op, or register a rule with semitriton.rules.rule('" + name + "')")
+
+
+def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] = "real",
+        backend: Optional[str] = None, keep: Optional[dict] = None,
+        progress: bool = False) -> tuple[Value, ...]:
+    """One semiring backward pass; returns the raw semiring value of each input.
+
+    ``keep``: if a dict is given, every node's output values are stored in it
+    as ``keep[node] = [value per output slot]`` (used by path readouts)."""
+    inputs = _as_tuple(inputs)
+    sr = get(semiring)
+    graph = GradientGraph(output, inputs)
+    dtype = compute_dtype(output, inputs)
+    results: list[Optional[Value]] = [None] * len(inputs)
+    with _backend.use(backend), torch.no_grad():
+        for i, t in enumerate(inputs):
+            if t is output:
+                results[i] = sr.one(tuple(output.shape), dtype, output.device)
+        if graph.root is None:
+            return tuple(r if r is not None else sr.zero(tuple(t.shape), dtype, t.device)
+                         for r, t in zip(results, inputs))
+        root = graph.root
+        pending: dict = {root: [None] * len(root._input_metadata)}
+        pending[root][output.output_nr] = sr.one(tuple(output.shape), dtype, output.device)
+        indeg = dict(graph.indegree)
+        queue = deque([root])
+        bar = _progress(graph.n_nodes) if progress else None
+        while queue:
+            node = queue.popleft()
+            grads = pending.pop(node)
+            if bar is not None:
+                bar.update(1)
+            if keep is not None:
+                keep[node] = grads
+            for slot, i in graph.targets.get(node, ()):
+                g = grads[slot]
+                if g is None:
+                    meta = node._input_metadata[slot]
+                    g = sr.zero(tuple(meta.shape), dtype, meta.device)
+                results[i] = g
+            nexts = node.next_functions
+            needs = [f is not None and f in graph.relevant for f, _ in nexts]
+            if not any(needs):
+                continue
+            fn = rule_for(node)
+            if fn is None:
+                raise _unsupported(graph, node)
+            ctx = RuleContext(node, grads, needs, sr, dtype)
+            try:
+                outs = fn(ctx)
+            except UnsupportedNodeError as exc:
+                where = graph.module_of(node)
+                if where and "module" not in str(exc):
+                    raise UnsupportedNodeError(f"{exc} (in module {where})") from None
+                raise
+            if len(outs) != len(nexts):
+                raise RuntimeError(f"rule for {type(node).__name__} returned {len(outs)} values for "
+                                   f"{len(nexts)} inputs")
+            del grads, ctx
+            for (f, nr), need, val in zip(nexts, needs, outs):
+                if not need:
+                    continue
+                slots = pending.get(f)
+                if slots is None:
+                    slots = pending[f] = [None] * len(f._input_metadata)
+                if val is not None:
+                    slots[nr] = val if slots[nr] is None else sr.plus(slots[nr], val)
+                indeg[f] -= 1
+                if indeg[f] == 0:
+                    queue.append(f)
+        if bar is not None:
+            bar.close()
+    return tuple(r if r is not None else sr.zero(tuple(t.shape), dtype, t.device)
+                 for r, t in zip(results, inputs))
+
+
+def _progress(total: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc="semiring backward", unit="node", leave=False)
+
+
+def grad_values(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] = "real",
+                backend: Optional[str] = None, progress: bool = False) -> tuple[Value, ...]:
+    """Raw semiring values (tuples of component tensors), one per input."""
+    return run(output, inputs, semiring, backend=backend, progress=progress)
+
+
+def grad(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] = "real",
+         backend: Optional[str] = None, progress: bool = False) -> tuple[Tensor, ...]:
+    """Generalised ``torch.autograd.grad``: one semiring backward pass from
+    ``output`` to each of ``inputs``; returns the semiring's readout per input
+    (same shape as the input).
+
+    * ``real``: the gradient (equals ``torch.autograd.grad`` with ones as grad_outputs);
+    * ``abs``: Z = Σ_paths Π|w|;
+    * ``max``: M+, the largest signed path product;
+    * ``maxabs``: the largest |path product|;
+    * ``entropy``: H (nats) of the path distribution p ∝ Π|w|.
+
+    A non-scalar ``output`` is joined to a sink by weight-1 edges (so a batch of
+    independent examples gets each example's statistics in one pass). The graph
+    is left intact. Nodes with no path to ``output`` read the semiring zero
+    (0, 0, -inf, 0; entropy 0)."""
+    sr = get(semiring)
+    vals = run(output, inputs, sr, backend=backend, progress=progress)
+    return tuple(sr.readout(v) for v in vals)

@@ -1,0 +1,129 @@
+"""Backward rules: one function per autograd node type.
+
+A rule receives a :class:`RuleContext` (the node, the semiring values of the
+node's forward outputs, which inputs need a value) and returns one semiring
+value per entry of ``node.next_functions`` (``None`` = no edges / not needed).
+Rules only call the semiring's methods (``scale``, ``matmul``, ``softmax``,
+``layer_norm``, ``attention`` ...), so every semiring and backend goes through
+the same rule; the backend picks a Triton kernel or the torch reference inside
+those methods.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..errors import GraphFreedError
+from ..semirings import Semiring, Value
+
+RULES: dict[str, Callable[["RuleContext"], list]] = {}
+
+
+def rule(*names: str):
+    """Register a rule for the named autograd node types."""
+
+    def deco(fn):
+        for n in names:
+            RULES[n] = fn
+        return fn
+
+    return deco
+
+
+def _freed(node, exc: Exception) -> GraphFreedError:
+    return GraphFreedError(
+        f"the saved tensors of autograd node {type(node).__name__} were already freed by an "
+        "earlier backward pass; run the forward again, or pass retain_graph=True to the earlier "
+        f"backward/torch.autograd.grad call (torch said: {str(exc).splitlines()[0]})")
+
+
+class RuleContext:
+    """What a rule sees of one node."""
+
+    __slots__ = ("node", "grads", "needs", "sr", "dtype", "name")
+
+    def __init__(self, node, grads: list[Optional[Value]], needs: list[bool], sr: Semiring,
+                 dtype: torch.dtype):
+        self.node = node
+        self.grads = grads
+        self.needs = needs
+        self.sr = sr
+        self.dtype = dtype
+        self.name = type(node).__name__
+
+    # -- values of the node's forward outputs ------------------------------------------
+    def grad(self, i: int = 0) -> Value:
+        """Value of forward output ``i`` (the semiring zero if nothing reached it)."""
+        g = self.grads[i]
+        if g is None:
+            meta = self.node._input_metadata[i]
+            g = self.sr.zero(tuple(meta.shape), self.dtype, meta.device)
+        return g
+
+    # -- saved tensors and shapes ------------------------------------------------------------
+    def saved(self, attr: str, cast: bool = True):
+        """``node._saved_<attr>``; floating tensors are cast to the compute dtype."""
+        try:
+            t = getattr(self.node, "_saved_" + attr)
+        except RuntimeError as exc:
+            raise _freed(self.node, exc) from exc
+        if cast and isinstance(t, Tensor) and t.is_floating_point() and t.dtype != self.dtype:
+            t = t.to(self.dtype)
+        return _signed(t)
+
+    def has_saved(self, attr: str) -> bool:
+        return hasattr(self.node, "_saved_" + attr)
+
+    def input_shape(self, i: int) -> Optional[tuple]:
+        """Shape of the node's i-th forward input (from the next node's metadata)."""
+        fn, nr = self.node.next_functions[i]
+        if fn is None:
+            return None
+        return tuple(fn._input_metadata[nr].shape)
+
+    def input_device(self, i: int):
+        fn, nr = self.node.next_functions[i]
+        return fn._input_metadata[nr].device
+
+    def output_shape(self, i: int = 0) -> tuple:
+        return tuple(self.node._input_metadata[i].shape)
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.node.next_functions)
+
+    def tensor(self, x) -> Tensor:
+        """A python scalar or tensor as a compute-dtype tensor on the values' device."""
+        dev = self.node._input_metadata[0].device
+        if isinstance(x, Tensor):
+            return x.to(device=dev, dtype=self.dtype)
+        return torch.tensor(x, dtype=self.dtype, device=dev)
+
+
+def _signed(x):
+    """Saved int64 attributes such as dim=-1 come back as unsigned 2**64-1."""
+    if isinstance(x, int) and not isinstance(x, bool) and x >= 2 ** 63:
+        return x - 2 ** 64
+    if isinstance(x, tuple):
+        return tuple(_signed(e) for e in x)
+    if isinstance(x, list):
+        return [_signed(e) for e in x]
+    return x
+
+
+def rule_for(node) -> Optional[Callable]:
+    name = type(node).__name__
+    fn = RULES.get(name)
+    if fn is not None:
+        return fn
+    fwd = getattr(node, "_forward_cls", None)
+    if fwd is not None and hasattr(fwd, "semiring_backward"):
+        return RULES["<custom>"]
+    return None
+
+
+# Register all rules.
+from . import attention, custom, elementwise, linalg, norm, reduction, shape, softmax  # noqa: E402,F401

@@ -1,0 +1,232 @@
+"""Elementwise primitives: one edge x[i] -> y[i] per input (broadcasting is
+fan-out, ⊕-summed back to the input's shape)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import RuleContext, rule
+
+
+def _pull(ctx: RuleContext, i: int, w=None, grad_index: int = 0):
+    """Value of input ``i`` through the elementwise edge ``w`` (None = weight 1)."""
+    if not ctx.needs[i]:
+        return None
+    v = ctx.grad(grad_index)
+    shape = ctx.input_shape(i)
+    if w is not None:
+        if not isinstance(w, torch.Tensor):
+            if w == 0:
+                return None
+            if w == 1:
+                w = None
+        if w is not None:
+            w = ctx.tensor(w)
+            v = ctx.sr.scale(v, w)
+    return ctx.sr.sum_to_shape(v, shape)
+
+
+# ---- binary ------------------------------------------------------------------------------
+@rule("AddBackward0")
+def add(ctx):
+    alpha = ctx.saved("alpha")
+    return [_pull(ctx, 0), _pull(ctx, 1, alpha)]
+
+
+@rule("SubBackward0")
+def sub(ctx):
+    alpha = ctx.saved("alpha")
+    return [_pull(ctx, 0), _pull(ctx, 1, -alpha)]
+
+
+@rule("RsubBackward0")
+def rsub(ctx):  # rsub(self, other, alpha) = other - alpha * self
+    alpha = ctx.saved("alpha")
+    return [_pull(ctx, 0, -alpha), _pull(ctx, 1)]
+
+
+@rule("RsubBackward1")
+def rsub_scalar(ctx):
+    return [_pull(ctx, 0, -ctx.saved("alpha"))]
+
+
+@rule("AddBackward1", "SubBackward1", "CloneBackward0", "AliasBackward0", "ContiguousBackward0",
+      "LiftFreshBackward0", "PositiveBackward0", "ViewAsRealBackward0")
+def identity(ctx):
+    return [_pull(ctx, i) if i == 0 else None for i in range(ctx.n_inputs)]
+
+
+@rule("MulBackward0")
+def mul(ctx):
+    out = [None, None]
+    if ctx.needs[0]:
+        out[0] = _pull(ctx, 0, ctx.saved("other"))
+    if ctx.needs[1]:
+        out[1] = _pull(ctx, 1, ctx.saved("self"))
+    return out
+
+
+@rule("MulBackward1")
+def mul_scalar(ctx):
+    return [_pull(ctx, 0, ctx.saved("other"))]
+
+
+@rule("DivBackward0")
+def div(ctx):
+    other = ctx.saved("other")
+    out = [None, None]
+    if ctx.needs[0]:
+        out[0] = _pull(ctx, 0, 1.0 / ctx.tensor(other))
+    if ctx.needs[1]:
+        s = ctx.saved("self")
+        o = ctx.tensor(other)
+        out[1] = _pull(ctx, 1, -ctx.tensor(s) / (o * o))
+    return out
+
+
+@rule("DivBackward1")
+def div_scalar(ctx):
+    return [_pull(ctx, 0, 1.0 / ctx.tensor(ctx.saved("other")))]
+
+
+@rule("NegBackward0")
+def neg(ctx):
+    return [_pull(ctx, 0, -1.0)]
+
+
+@rule("WhereBackward0")
+def where(ctx):
+    cond = ctx.saved("condition")
+    # next_functions: (self, other) — the condition is not differentiable.
+    out = []
+    for i, sel in enumerate((cond, ~cond)):
+        if i >= ctx.n_inputs or not ctx.needs[i]:
+            out.append(None)
+            continue
+        v = ctx.grad()
+        z = ctx.sr.zero((), ctx.dtype, v[0].device)
+        sel = sel.expand(v[0].shape)
+        v = tuple(torch.where(sel, c, zc) for c, zc in zip(v, z))
+        out.append(ctx.sr.sum_to_shape(v, ctx.input_shape(i)))
+    return out + [None] * (ctx.n_inputs - len(out))
+
+
+@rule("MaskedFillBackward0")
+def masked_fill(ctx):
+    mask = ctx.saved("mask")
+    out = [None] * ctx.n_inputs
+    if ctx.needs[0]:
+        v = ctx.grad()
+        z = ctx.sr.zero((), ctx.dtype, v[0].device)
+        m = mask.expand(v[0].shape)
+        v = tuple(torch.where(m, zc, c) for c, zc in zip(v, z))
+        out[0] = ctx.sr.sum_to_shape(v, ctx.input_shape(0))
+    return out
+
+
+@rule("NativeDropoutBackward0")
+def dropout(ctx):
+    mask = ctx.saved("result1")
+    scale = ctx.saved("scale")
+    return [_pull(ctx, 0, ctx.tensor(mask) * scale)]
+
+
+# ---- unary functions: edge weight f'(x) --------------------------------------------------
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_grad(x, approximate: str):
+    if approximate == "tanh":
+        inner = _SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
+        t = torch.tanh(inner)
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return cdf + x * pdf
+
+
+def _unary(name, fn):
+    @rule(name)
+    def _r(ctx):
+        if not ctx.needs[0]:
+            return [None] * ctx.n_inputs
+        return [_pull(ctx, 0, fn(ctx))] + [None] * (ctx.n_inputs - 1)
+
+    _r.__name__ = name
+    return _r
+
+
+def _sig(x):
+    return torch.sigmoid(x)
+
+
+_unary("GeluBackward0", lambda c: _gelu_grad(c.saved("self"), c.saved("approximate")))
+_unary("SiluBackward0", lambda c: (lambda x: _sig(x) * (1 + x * (1 - _sig(x))))(c.saved("self")))
+_unary("ReluBackward0", lambda c: (c.saved("result") > 0).to(c.dtype))
+_unary("TanhBackward0", lambda c: 1 - c.saved("result") ** 2)
+_unary("SigmoidBackward0", lambda c: (lambda y: y * (1 - y))(c.saved("result")))
+_unary("ExpBackward0", lambda c: c.saved("result"))
+_unary("LogBackward0", lambda c: 1.0 / c.saved("self"))
+_unary("Log1pBackward0", lambda c: 1.0 / (1 + c.saved("self")))
+_unary("SqrtBackward0", lambda c: 0.5 / c.saved("result"))
+_unary("RsqrtBackward0", lambda c: -0.5 * c.saved("result") ** 3)
+_unary("ReciprocalBackward0", lambda c: -c.saved("result") ** 2)
+_unary("SinBackward0", lambda c: torch.cos(c.saved("self")))
+_unary("CosBackward0", lambda c: -torch.sin(c.saved("self")))
+_unary("AbsBackward0", lambda c: torch.sign(c.saved("self")))
+_unary("ErfBackward0", lambda c: 2 / math.sqrt(math.pi) * torch.exp(-c.saved("self") ** 2))
+_unary("LeakyReluBackward0", lambda c: torch.where(c.saved("self") > 0, 1.0, c.saved("negative_slope"))
+       .to(c.dtype))
+_unary("HardtanhBackward0", lambda c: ((c.saved("self") > c.saved("min_val"))
+                                      & (c.saved("self") < c.saved("max_val"))).to(c.dtype))
+_unary("SoftplusBackward0", lambda c: (lambda x, b, th: torch.where(x * b > th, 1.0, _sig(x * b)))
+       (c.saved("self"), c.saved("beta"), c.saved("threshold")).to(c.dtype))
+
+
+def _pow_grad(c):
+    x = c.saved("self")
+    e = c.saved("exponent")
+    if isinstance(e, torch.Tensor):
+        e = e.to(x.dtype)
+    elif e == 0:
+        return torch.zeros_like(x)
+    return e * x ** (e - 1)
+
+
+_unary("PowBackward0", _pow_grad)
+
+
+@rule("PowBackward1")
+def pow_tensor(ctx):  # self ** exponent, both tensors
+    x = ctx.saved("self")
+    e = ctx.saved("exponent")
+    out = [None, None]
+    if ctx.needs[0]:
+        out[0] = _pull(ctx, 0, e * x ** (e - 1))
+    if ctx.needs[1]:
+        out[1] = _pull(ctx, 1, ctx.saved("result") * torch.log(x))
+    return out
+
+
+@rule("ClampBackward1")
+def clamp(ctx):
+    x = ctx.saved("self")
+    keep = torch.ones_like(x, dtype=torch.bool)
+    lo, hi = ctx.saved("min"), ctx.saved("max")
+    if lo is not None:
+        keep &= x >= lo
+    if hi is not None:
+        keep &= x <= hi
+    return [_pull(ctx, 0, keep.to(ctx.dtype))]
+
+
+@rule("ClampMinBackward0")
+def clamp_min(ctx):
+    return [_pull(ctx, 0, (ctx.saved("self") >= ctx.saved("min")).to(ctx.dtype))]
+
+
+@rule("ClampMaxBackward0")
+def clamp_max(ctx):
+    return [_pull(ctx, 0, (ctx.saved("self") <= ctx.saved("max")).to(ctx.dtype))]

@@ -1,0 +1,95 @@
+"""Contractions: mm, addmm, bmm, baddbmm, mv, dot, linear. For Y = A @ B the
+edges are A[i,j] -> Y[i,k] with weight B[j,k] and B[j,k] -> Y[i,k] with
+weight A[i,j]."""
+
+from __future__ import annotations
+
+import torch
+
+from . import rule
+
+
+def _sr_matmul_left(ctx, v, b):
+    """Value of A in Y = A @ B: A[i,j] = ⊕_k v[i,k] ⊗ B[j,k]."""
+    return ctx.sr.matmul(v, b.transpose(-1, -2))
+
+
+def _sr_matmul_right(ctx, a, v):
+    """Value of B in Y = A @ B: B[j,k] = ⊕_i A[i,j] ⊗ v[i,k]."""
+    return ctx.sr.rmatmul(a.transpose(-1, -2), v)
+
+
+def _scaled(t, s):
+    return t if s == 1 else t * s
+
+
+@rule("MmBackward0", "BmmBackward0")
+def mm(ctx):
+    v = ctx.grad()
+    out = [None, None]
+    if ctx.needs[0]:
+        out[0] = _sr_matmul_left(ctx, v, ctx.saved("mat2"))
+    if ctx.needs[1]:
+        out[1] = _sr_matmul_right(ctx, ctx.saved("self"), v)
+    return out
+
+
+@rule("AddmmBackward0", "BaddbmmBackward0", "AddbmmBackward0")
+def addmm(ctx):
+    v = ctx.grad()
+    alpha, beta = ctx.saved("alpha"), ctx.saved("beta")
+    a_name, b_name = ("batch1", "batch2") if ctx.has_saved("batch1") else ("mat1", "mat2")
+    out = [None, None, None]
+    if ctx.needs[0] and beta != 0:
+        vb = v if beta == 1 else ctx.sr.scale(v, ctx.tensor(beta))
+        out[0] = ctx.sr.sum_to_shape(vb, ctx.input_shape(0))
+    if alpha == 0:
+        return out
+    if ctx.needs[1]:
+        out[1] = _sr_matmul_left(ctx, v, _scaled(ctx.saved(b_name), alpha))
+    if ctx.needs[2]:
+        out[2] = _sr_matmul_right(ctx, _scaled(ctx.saved(a_name), alpha), v)
+    return out
+
+
+@rule("MvBackward0")
+def mv(ctx):  # y = M @ x
+    v = ctx.grad()
+    col = ctx.sr.map(v, lambda c: c.unsqueeze(-1))
+    out = [None, None]
+    if ctx.needs[0]:
+        vec = ctx.saved("vec")
+        out[0] = ctx.sr.matmul(col, vec.unsqueeze(0))          # M[i,j] = v_i ⊗ x_j
+    if ctx.needs[1]:
+        m = ctx.saved("self")
+        r = ctx.sr.rmatmul(m.transpose(-1, -2), col)            # x[j] = ⊕_i M[i,j] ⊗ v_i
+        out[1] = ctx.sr.map(r, lambda c: c.squeeze(-1))
+    return out
+
+
+@rule("DotBackward0")
+def dot(ctx):  # y = a · b
+    v = ctx.grad()
+    out = [None, None]
+    for i, other in ((0, "tensor"), (1, "self")):
+        if ctx.needs[i]:
+            w = ctx.saved(other)
+            out[i] = ctx.sr.scale(ctx.sr.map(v, lambda c: c.expand(w.shape)), w)
+    return out
+
+
+@rule("LinearBackward0")
+def linear(ctx):  # y = x @ Wᵀ + b
+    v = ctx.grad()
+    out = [None] * ctx.n_inputs
+    if ctx.needs[0]:
+        out[0] = ctx.sr.matmul(v, ctx.saved("weight"))
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        x = ctx.saved("self")
+        x2 = x.reshape(-1, x.shape[-1])
+        v2 = ctx.sr.map(v, lambda c: c.reshape(-1, c.shape[-1]))
+        r = ctx.sr.rmatmul(x2.transpose(0, 1), v2)            # [in, out]
+        out[1] = ctx.sr.map(r, lambda c: c.transpose(0, 1))
+    if ctx.n_inputs > 2 and ctx.needs[2]:
+        out[2] = ctx.sr.sum_to_shape(v, ctx.input_shape(2))
+    return out

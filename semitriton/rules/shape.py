@@ -1,0 +1,249 @@
+"""Shape and indexing ops: weight-1 identity edges (view, reshape, permute,
+transpose, expand, select, slice, cat, split, stack, squeeze, gather, index,
+embedding, repeat, dtype/device casts). Expansion and repeated gathers are
+fan-out, combined with ⊕."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import GraphError
+from ..semirings.base import scatter_plus
+from . import RuleContext, rule
+
+
+def _only0(ctx, value):
+    return [value if ctx.needs[0] else None] + [None] * (ctx.n_inputs - 1)
+
+
+@rule("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward0",
+      "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "ViewAsComplexBackward0",
+      "_ReshapeAliasBackward0")
+def view(ctx):
+    if not ctx.needs[0]:
+        return [None] * ctx.n_inputs
+    shape = ctx.input_shape(0)
+    return _only0(ctx, ctx.sr.map(ctx.grad(), lambda c: c.reshape(shape)))
+
+
+@rule("UnsqueezeBackward0")
+def unsqueeze(ctx):
+    d = ctx.saved("dim")
+    return _only0(ctx, ctx.sr.map(ctx.grad(), lambda c: c.squeeze(d)))
+
+
+@rule("TransposeBackward0", "TransposeBackward1")
+def transpose(ctx):
+    d0, d1 = ctx.saved("dim0"), ctx.saved("dim1")
+    return _only0(ctx, ctx.sr.map(ctx.grad(), lambda c: c.transpose(d0, d1)))
+
+
+@rule("TBackward0", "NumpyTBackward0")
+def t(ctx):
+    return _only0(ctx, ctx.sr.map(ctx.grad(), lambda c: c.transpose(0, 1) if c.dim() == 2 else c))
+
+
+@rule("PermuteBackward0")
+def permute(ctx):
+    dims = [d % len(ctx.saved("dims")) for d in ctx.saved("dims")]
+    inv = [0] * len(dims)
+    for i, d in enumerate(dims):
+        inv[d] = i
+    return _only0(ctx, ctx.sr.map(ctx.grad(), lambda c: c.permute(inv)))
+
+
+@rule("ExpandBackward0")
+def expand(ctx):
+    if not ctx.needs[0]:
+        return [None]
+    return [ctx.sr.sum_to_shape(ctx.grad(), tuple(ctx.saved("self_sym_sizes")))]
+
+
+@rule("ToCopyBackward0", "_ToCopyBackward0")
+def to_copy(ctx):
+    if not ctx.needs[0]:
+        return [None]
+    dev = ctx.input_device(0)
+    return [ctx.sr.map(ctx.grad(), lambda c: c.to(dev))]
+
+
+def _embed(ctx, shape, index_fn):
+    """A zero value of ``shape`` with the output value written at ``index_fn(c)``."""
+    v = ctx.grad()
+    z = ctx.sr.zero(shape, ctx.dtype, v[0].device)
+    out = []
+    for zc, vc in zip(z, v):
+        zc = zc.clone()
+        index_fn(zc).copy_(vc)
+        out.append(zc)
+    return tuple(out)
+
+
+@rule("SelectBackward0")
+def select(ctx):
+    if not ctx.needs[0]:
+        return [None]
+    shape = tuple(ctx.saved("self_sym_sizes"))
+    d, i = ctx.saved("dim"), ctx.saved("index")
+    return [_embed(ctx, shape, lambda c: c.select(d, i))]
+
+
+@rule("SliceBackward0")
+def slice_(ctx):
+    if not ctx.needs[0]:
+        return [None]
+    shape = tuple(ctx.saved("self_sym_sizes"))
+    d = ctx.saved("dim") % len(shape)
+    start, end, step = ctx.saved("start"), ctx.saved("end"), ctx.saved("step")
+    sl = slice(*slice(start, end, step).indices(shape[d]))
+    idx = (slice(None),) * d + (sl,)
+    return [_embed(ctx, shape, lambda c: c[idx])]
+
+
+def _cat_sizes(ctx, dim):
+    sizes = []
+    for i in range(ctx.n_inputs):
+        s = ctx.input_shape(i)
+        sizes.append(None if s is None else s[dim % len(s)])
+    out = ctx.output_shape(0)
+    missing = [i for i, s in enumerate(sizes) if s is None]
+    if len(missing) == 1:
+        sizes[missing[0]] = out[dim % len(out)] - sum(s for s in sizes if s is not None)
+    elif missing:
+        raise GraphError("CatBackward0: cannot recover the sizes of more than one concatenated "
+                         "tensor that does not require grad")
+    return sizes
+
+
+@rule("CatBackward0")
+def cat(ctx):
+    dim = ctx.saved("dim")
+    v = ctx.grad()
+    nd = v[0].dim()
+    dim = dim % nd
+    sizes = _cat_sizes(ctx, dim)
+    out, off = [], 0
+    for i, s in enumerate(sizes):
+        if ctx.needs[i]:
+            out.append(ctx.sr.map(v, lambda c: c.narrow(dim, off, s)))
+        else:
+            out.append(None)
+        off += s
+    return out
+
+
+@rule("StackBackward0")
+def stack(ctx):
+    dim = ctx.saved("dim")
+    v = ctx.grad()
+    dim = dim % v[0].dim()
+    return [ctx.sr.map(v, lambda c: c.select(dim, i)) if ctx.needs[i] else None
+            for i in range(ctx.n_inputs)]
+
+
+def _join_outputs(ctx: RuleContext, dim: int, stack: bool = False):
+    """Value of the input of a multi-output split/unbind: join the outputs'
+    values (zeros for outputs nothing reached)."""
+    parts = [ctx.grad(i) for i in range(len(ctx.node._input_metadata))]
+    if stack:
+        return tuple(torch.stack(cs, dim) for cs in zip(*parts))
+    return tuple(torch.cat(cs, dim) for cs in zip(*parts))
+
+
+@rule("SplitBackward0", "SplitWithSizesBackward0", "SplitBackward1", "SplitWithSizesBackward1")
+def split(ctx):
+    if not ctx.needs[0]:
+        return [None]
+    shape = tuple(ctx.saved("self_sym_sizes"))
+    dim = ctx.saved("dim") % len(shape)
+    return [_join_outputs(ctx, dim)]
+
+
+@rule("UnbindBackward0")
+def unbind(ctx):
+    if not ctx.needs[0]:
+        return [None]
+    dim = ctx.saved("dim")
+    return [_join_outputs(ctx, dim % (len(ctx.output_shape(0)) + 1), stack=True)]
+
+
+# ---- gathers: scatter the value back with ⊕ ----------------------------------------------
+def _gather_back(ctx, shape, positions, valid=None):
+    """``positions`` (output-shaped) holds for each output element the flat index
+    of the input element it was read from."""
+    v = ctx.grad()
+    flat = ctx.sr.map(v, lambda c: c.reshape(-1))
+    pos = positions.reshape(-1).to(v[0].device)
+    if valid is not None:
+        keep = valid.reshape(-1).to(v[0].device)
+        pos = pos[keep]
+        flat = ctx.sr.map(flat, lambda c: c[keep])
+    out = scatter_plus(ctx.sr, flat, pos, math.prod(shape))
+    return ctx.sr.map(out, lambda c: c.reshape(shape))
+
+
+def _arange(shape, device):
+    return torch.arange(math.prod(shape), device=device).reshape(shape)
+
+
+@rule("IndexBackward0")
+def index(ctx):
+    if not ctx.needs[0]:
+        return [None] * ctx.n_inputs
+    shape = tuple(ctx.saved("self_sym_sizes"))
+    idx = tuple(slice(None) if i is None else i for i in ctx.saved("indices"))
+    dev = ctx.grad()[0].device
+    idx = tuple(i.to(dev) if isinstance(i, torch.Tensor) else i for i in idx)
+    positions = _arange(shape, dev)[idx]
+    return _only0(ctx, _gather_back(ctx, shape, positions))
+
+
+@rule("IndexSelectBackward0")
+def index_select(ctx):
+    if not ctx.needs[0]:
+        return [None] * ctx.n_inputs
+    shape = tuple(ctx.saved("self_sym_sizes"))
+    dev = ctx.grad()[0].device
+    positions = _arange(shape, dev).index_select(ctx.saved("dim"), ctx.saved("index").to(dev))
+    return _only0(ctx, _gather_back(ctx, shape, positions))
+
+
+@rule("GatherBackward0")
+def gather(ctx):
+    if not ctx.needs[0]:
+        return [None] * ctx.n_inputs
+    shape = tuple(ctx.saved("self").shape)
+    dev = ctx.grad()[0].device
+    positions = _arange(shape, dev).gather(ctx.saved("dim"), ctx.saved("index").to(dev))
+    return _only0(ctx, _gather_back(ctx, shape, positions))
+
+
+@rule("EmbeddingBackward0")
+def embedding(ctx):
+    if not ctx.needs[0]:
+        return [None] * ctx.n_inputs
+    idx = ctx.saved("indices")
+    num = ctx.saved("weight_sym_argsize_0")
+    out_shape = ctx.output_shape(0)
+    dim = out_shape[-1]
+    shape = (int(num), dim)
+    dev = ctx.grad()[0].device
+    positions = _arange(shape, dev)[idx.to(dev)]
+    pad = ctx.saved("padding_idx")
+    valid = None
+    if pad is not None and pad >= 0:
+        valid = (idx.to(dev) != pad).unsqueeze(-1).expand(positions.shape)
+    return _only0(ctx, _gather_back(ctx, shape, positions, valid))
+
+
+@rule("RepeatBackward0")
+def repeat(ctx):
+    if not ctx.needs[0]:
+        return [None]
+    shape = tuple(ctx.saved("self_sym_sizes"))
+    reps = tuple(ctx.saved("repeats"))
+    dev = ctx.grad()[0].device
+    positions = _arange(shape, dev).repeat(reps)
+    return [_gather_back(ctx, shape, positions)]

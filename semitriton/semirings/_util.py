@@ -1,0 +1,138 @@
+"""Numerical helpers shared by the built-in semirings (log space, exclusive
+row reductions, chunked broadcast contractions)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+NEG_INF = float("-inf")
+POS_INF = float("inf")
+
+_CHUNK_ELEMS = 1 << 22
+
+
+def log_abs(w: Tensor) -> Tensor:
+    """log|w| with log 0 = -inf (no edge)."""
+    return torch.log(torch.abs(w))
+
+
+def finite_amax(x: Tensor, dim, keepdim: bool = True) -> Tensor:
+    """Max over ``dim``; rows that are all -inf get 0 (a neutral shift)."""
+    m = torch.amax(x, dim=dim, keepdim=keepdim)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def xlogx(a: Tensor) -> Tensor:
+    """a·log a with 0·log 0 = 0."""
+    return torch.where(a > 0, a * torch.log(torch.where(a > 0, a, torch.ones_like(a))), torch.zeros_like(a))
+
+
+def safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """num/den, 0 where den == 0."""
+    ok = den != 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def exclusive_sum(t: Tensor, dim: int = -1) -> Tensor:
+    """``out_i = Σ_{j≠i} t_j`` for non-negative ``t`` without cancellation: the
+    row's largest term is excluded exactly, every other i uses S - t_i (which is
+    then at least half of S)."""
+    s = t.sum(dim, keepdim=True)
+    imax = t.argmax(dim, keepdim=True)
+    masked = t.scatter(dim, imax, torch.zeros_like(imax, dtype=t.dtype))
+    rest = masked.sum(dim, keepdim=True)
+    out = (s - t).clamp_min(0)
+    is_max = torch.zeros_like(t, dtype=torch.bool).scatter(dim, imax, True)
+    return torch.where(is_max, rest.expand_as(t), out)
+
+
+def exclusive_sum_signed(u: Tensor, key: Tensor, dim: int = -1) -> Tensor:
+    """``out_i = Σ_{j≠i} u_j`` where ``key`` (non-negative) marks the dominant
+    term: the row's largest-``key`` term is excluded exactly."""
+    s = u.sum(dim, keepdim=True)
+    imax = key.argmax(dim, keepdim=True)
+    masked = u.scatter(dim, imax, torch.zeros_like(imax, dtype=u.dtype))
+    rest = masked.sum(dim, keepdim=True)
+    is_max = torch.zeros_like(u, dtype=torch.bool).scatter(dim, imax, True)
+    return torch.where(is_max, rest.expand_as(u), s - u)
+
+
+def exclusive_max(c: Tensor, dim: int = -1) -> Tensor:
+    """``out_i = max_{j≠i} c_j`` (row top-2); -inf for rows of one element."""
+    n = c.shape[dim]
+    if n == 1:
+        return torch.full_like(c, NEG_INF)
+    top = torch.topk(c, 2, dim=dim)
+    v1 = top.values.narrow(dim, 0, 1)
+    v2 = top.values.narrow(dim, 1, 1)
+    i1 = top.indices.narrow(dim, 0, 1)
+    idx = torch.arange(n, device=c.device).view([-1 if d == (dim % c.dim()) else 1 for d in range(c.dim())])
+    return torch.where(idx == i1, v2, v1)
+
+
+def exclusive_min(c: Tensor, dim: int = -1) -> Tensor:
+    return -exclusive_max(-c, dim)
+
+
+def log_matmul(l: Tensor, w_abs: Tensor) -> Tensor:
+    """``out[..., i, k] = log Σ_j exp(l[..., i, j]) · w_abs[..., j, k]``, computed
+    with a per-row shift (so only one operand lives in log space)."""
+    m = finite_amax(l, -1)
+    z = torch.matmul(torch.exp(l - m), w_abs)
+    return torch.log(z) + m
+
+
+def log_rmatmul(w_abs: Tensor, l: Tensor) -> Tensor:
+    """``out[..., i, k] = log Σ_j w_abs[..., i, j] · exp(l[..., j, k])`` (per-column shift)."""
+    m = finite_amax(l, -2)
+    z = torch.matmul(w_abs, torch.exp(l - m))
+    return torch.log(z) + m
+
+
+def _k_chunks(I: int, J: int, K: int, lead) -> list[tuple[int, int]]:
+    per_k = max(1, math.prod(lead) * I * J)
+    step = max(1, _CHUNK_ELEMS // per_k)
+    return [(k0, min(K, k0 + step)) for k0 in range(0, K, step)]
+
+
+def tropical_matmul(l: Tensor, lw: Tensor) -> Tensor:
+    """Max-plus product ``out[..., i, k] = max_j l[..., i, j] + lw[..., j, k]``
+    (reference: chunked broadcast)."""
+    lead = torch.broadcast_shapes(l.shape[:-2], lw.shape[:-2])
+    I, J = l.shape[-2:]
+    K = lw.shape[-1]
+    l = l.expand(*lead, I, J).unsqueeze(-1)
+    lw = lw.expand(*lead, J, K)
+    if J == 0:
+        return l.new_full((*lead, I, K), NEG_INF)
+    outs = [torch.amax(l + lw[..., k0:k1].unsqueeze(-3), dim=-2)
+            for k0, k1 in _k_chunks(I, J, K, lead)]
+    if not outs:
+        return l.new_full((*lead, I, K), NEG_INF)
+    return torch.cat(outs, -1)
+
+
+def signed_max_matmul(p: Tensor, n: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Signed extreme products through a matrix of edges:
+    ``P[i,k] = max_j (w_jk>0 ? w_jk p_ij : w_jk<0 ? w_jk n_ij : -inf)`` and
+    ``N[i,k] = min_j (w_jk>0 ? w_jk n_ij : w_jk<0 ? w_jk p_ij : +inf)``."""
+    lead = torch.broadcast_shapes(p.shape[:-2], w.shape[:-2])
+    I, J = p.shape[-2:]
+    K = w.shape[-1]
+    pe = p.expand(*lead, I, J).unsqueeze(-1)
+    ne = n.expand(*lead, I, J).unsqueeze(-1)
+    w = w.expand(*lead, J, K)
+    ps, ns = [], []
+    for k0, k1 in _k_chunks(I, J, K, lead):
+        wc = w[..., k0:k1].unsqueeze(-3)
+        pos, neg = wc > 0, wc < 0
+        cand_p = torch.where(pos, wc * pe, torch.where(neg, wc * ne, NEG_INF))
+        cand_n = torch.where(pos, wc * ne, torch.where(neg, wc * pe, POS_INF))
+        ps.append(torch.amax(cand_p, dim=-2) if J else cand_p.new_full((*lead, I, k1 - k0), NEG_INF))
+        ns.append(torch.amin(cand_n, dim=-2) if J else cand_n.new_full((*lead, I, k1 - k0), POS_INF))
+    if not ps:
+        return (p.new_full((*lead, I, K), NEG_INF), p.new_full((*lead, I, K), POS_INF))
+    return torch.cat(ps, -1), torch.cat(ns, -1)

@@ -1,0 +1,78 @@
+"""The |w| path-sum semiring: Z = Σ_paths Π|w| ("gradient flow"), kept in log
+space (value = log Z) so that 12- and 30-layer models neither overflow nor
+underflow."""
+
+from __future__ import annotations
+
+import torch
+
+from ._util import (NEG_INF, exclusive_sum, finite_amax, log_abs, log_matmul,
+                    log_rmatmul)
+from .base import Semiring, Value
+
+
+class Abs(Semiring):
+    """Value = log Z. ⊕ = logaddexp, ⊗ = +, edge(w) = log|w|, readout = Z."""
+
+    name = "abs"
+    components = ("log_z",)
+
+    def zero(self, shape, dtype, device) -> Value:
+        return (torch.full(shape, NEG_INF, dtype=dtype, device=device),)
+
+    def one(self, shape, dtype, device) -> Value:
+        return (torch.zeros(shape, dtype=dtype, device=device),)
+
+    def plus(self, a, b):
+        return (torch.logaddexp(a[0], b[0]),)
+
+    def times(self, a, b):
+        return (a[0] + b[0],)
+
+    def edge(self, w):
+        return (log_abs(w),)
+
+    def readout(self, v):
+        return torch.exp(v[0])
+
+    def log_readout(self, v):
+        return v[0]
+
+    def sum(self, v, dims, keepdim=False):
+        return (torch.logsumexp(v[0], dims, keepdim=keepdim),)
+
+    def scale(self, v, w):
+        if not isinstance(w, torch.Tensor):
+            w = torch.tensor(float(w), dtype=v[0].dtype, device=v[0].device)
+        return (v[0] + log_abs(w.to(v[0].dtype)),)
+
+    def matmul(self, v, w):
+        return (log_matmul(v[0], torch.abs(w.to(v[0].dtype))),)
+
+    def rmatmul(self, w, v):
+        return (log_rmatmul(torch.abs(w.to(v[0].dtype)), v[0]),)
+
+    def rowwise(self, jac, v):
+        out = log_rmatmul(torch.abs(jac), v[0].unsqueeze(-1))
+        return (out.squeeze(-1),)
+
+    def softmax(self, v, y, dim):
+        """Z_i = y_i (Σ_{j≠i} y_j Z_j) + y_i (1 - y_i) Z_i (|J| of softmax)."""
+        l = v[0]
+        y = y.to(l.dtype)
+        ly = torch.log(y)
+        lt = l + ly                                   # log(y_j Z_j)
+        m = finite_amax(lt, dim)
+        excl = exclusive_sum(torch.exp(lt - m), dim)  # Σ_{j≠i} y_j Z_j / e^m
+        off = ly + torch.log(excl) + m
+        diag = ly + torch.log1p(-y) + l
+        return (torch.logaddexp(off, diag),)
+
+    def log_softmax(self, v, p, dim):
+        """Z_i = p_i Σ_{j≠i} Z_j + (1 - p_i) Z_i."""
+        l = v[0]
+        p = p.to(l.dtype)
+        m = finite_amax(l, dim)
+        off = torch.log(p) + torch.log(exclusive_sum(torch.exp(l - m), dim)) + m
+        diag = torch.log1p(-p) + l
+        return (torch.logaddexp(off, diag),)

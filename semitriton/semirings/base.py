@@ -1,0 +1,341 @@
+"""The semiring interface and the generic (any-semiring) implementations of the
+contractions the rules need.
+
+A semiring *value* is a tuple of tensors of one shape (its components); a real
+semiring has one component, the max semiring two (M+, M-), the entropy
+semiring two (log z, e/z). Every backward rule is written against the methods
+below, so a user-defined semiring only has to provide ``zero``, ``one``,
+``plus``, ``times``, ``edge`` and ``readout``; the generic contractions build
+on those (slowly, by broadcasting). Built-in semirings override the
+contractions with closed forms, and the Triton backend replaces some of those
+with fused kernels.
+
+Notation used in the docstrings: a value ``v`` of an op's *output* is pulled
+back to the op's *input* through the local derivatives ``w = dy/dx``:
+``x = ⊕_u  edge(w[x -> u]) ⊗ v[u]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+Value = tuple  # tuple[Tensor, ...]: the components of a semiring value
+
+# Elements per chunk of the generic broadcast-and-reduce contractions.
+_CHUNK_ELEMS = 1 << 22
+
+
+def _norm_dims(dims: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    if isinstance(dims, int):
+        dims = (dims,)
+    return tuple(sorted(d % ndim for d in dims))
+
+
+class Semiring:
+    """Base class. Subclasses define the algebra; the contractions have generic
+    defaults written with ``plus``/``times``/``edge`` only.
+
+    Required: ``name``, ``components``, ``zero``, ``one``, ``plus``, ``times``,
+    ``edge``, ``readout``. Optional: ``sum`` (⊕-reduction) and every
+    contraction below, for speed.
+    """
+
+    name: str = "semiring"
+    components: tuple[str, ...] = ("value",)
+    #: True when ⊕ is idempotent (max-like); used by readouts.
+    idempotent: bool = False
+
+    # ---- the algebra (required) -------------------------------------------------
+    def zero(self, shape, dtype, device) -> Value:
+        raise NotImplementedError
+
+    def one(self, shape, dtype, device) -> Value:
+        raise NotImplementedError
+
+    def plus(self, a: Value, b: Value) -> Value:
+        raise NotImplementedError
+
+    def times(self, a: Value, b: Value) -> Value:
+        raise NotImplementedError
+
+    def edge(self, w: Tensor) -> Value:
+        """Map real local derivatives to semiring values; an exact 0 is the zero."""
+        raise NotImplementedError
+
+    def readout(self, v: Value) -> Tensor:
+        raise NotImplementedError
+
+    # ---- helpers --------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"<semiring {self.name}>"
+
+    def zeros_like(self, v: Value) -> Value:
+        return self.zero(v[0].shape, v[0].dtype, v[0].device)
+
+    @staticmethod
+    def map(v: Value, fn) -> Value:
+        """Apply a structural (index-only) op to every component."""
+        return tuple(fn(c) for c in v)
+
+    def is_zero(self, v: Value) -> Tensor:
+        z = self.zero((), v[0].dtype, v[0].device)
+        out = torch.ones(v[0].shape, dtype=torch.bool, device=v[0].device)
+        for c, zc in zip(v, z):
+            out = out & (c == zc)
+        return out
+
+    def where(self, cond: Tensor, a: Value, b: Value) -> Value:
+        return tuple(torch.where(cond, x, y) for x, y in zip(a, b))
+
+    # ---- reductions -------------------------------------------------------------
+    def sum(self, v: Value, dims, keepdim: bool = False) -> Value:
+        """⊕ over ``dims`` (generic: pairwise tree of ``plus``)."""
+        dims = _norm_dims(dims, v[0].dim())
+        for d in reversed(dims):
+            v = self._fold(v, d)
+            if not keepdim:
+                v = self.map(v, lambda c: c.squeeze(d))
+        return v
+
+    def _fold(self, v: Value, d: int) -> Value:
+        n = v[0].shape[d]
+        if n == 0:
+            shape = list(v[0].shape)
+            shape[d] = 1
+            return self.zero(tuple(shape), v[0].dtype, v[0].device)
+        while n > 1:
+            half = n // 2
+            a = self.map(v, lambda c: c.narrow(d, 0, half))
+            b = self.map(v, lambda c: c.narrow(d, half, half))
+            s = self.plus(a, b)
+            if n % 2:
+                rest = self.map(v, lambda c: c.narrow(d, 2 * half, 1))
+                s = tuple(torch.cat([x, y], d) for x, y in zip(s, rest))
+            v, n = s, s[0].shape[d]
+        return v
+
+    def sum_to_shape(self, v: Value, shape) -> Value:
+        """⊕ over the dimensions that broadcasting expanded (fan-out)."""
+        shape = tuple(shape)
+        if tuple(v[0].shape) == shape:
+            return v
+        lead = v[0].dim() - len(shape)
+        dims = list(range(lead))
+        for i, s in enumerate(shape):
+            if s == 1 and v[0].shape[lead + i] != 1:
+                dims.append(lead + i)
+        if dims:
+            v = self.sum(v, dims, keepdim=True)
+        return self.map(v, lambda c: c.reshape(shape))
+
+    # ---- elementwise edges ------------------------------------------------------
+    def scale(self, v: Value, w) -> Value:
+        """``v ⊗ edge(w)`` elementwise, ``w`` a real tensor broadcastable to v."""
+        if not isinstance(w, Tensor):
+            w = torch.tensor(w, dtype=v[0].dtype, device=v[0].device)
+        shape = torch.broadcast_shapes(v[0].shape, w.shape)
+        v = self.map(v, lambda c: c.expand(shape))
+        return self.times(v, self.edge(w.to(v[0].dtype).expand(shape)))
+
+    def scale_to(self, v: Value, w, shape) -> Value:
+        """Pull ``v`` back through an elementwise edge to an input of ``shape``
+        (which broadcasting may have expanded): ⊕ over the expanded dims."""
+        return self.sum_to_shape(self.scale(v, w), shape)
+
+    # ---- contractions -------------------------------------------------------------
+    def matmul(self, v: Value, w: Tensor) -> Value:
+        """``out[..., i, k] = ⊕_j v[..., i, j] ⊗ edge(w[..., j, k])`` (batch dims broadcast)."""
+        lead = torch.broadcast_shapes(v[0].shape[:-2], w.shape[:-2])
+        I, J = v[0].shape[-2:]
+        K = w.shape[-1]
+        v = self.map(v, lambda c: c.expand(*lead, I, J))
+        w = w.to(v[0].dtype).expand(*lead, J, K)
+        per_k = max(1, math.prod(lead) * I * J)
+        step = max(1, _CHUNK_ELEMS // per_k)
+        outs = []
+        for k0 in range(0, K, step):
+            e = self.edge(w[..., k0:k0 + step])                      # [..., J, k]
+            prod = self.times(self.map(v, lambda c: c.unsqueeze(-1)),  # [..., I, J, 1]
+                              self.map(e, lambda c: c.unsqueeze(-3)))  # [..., 1, J, k]
+            outs.append(self.sum(prod, -2))
+        if not outs:
+            return self.zero((*lead, I, K), v[0].dtype, v[0].device)
+        return tuple(torch.cat(cs, -1) for cs in zip(*outs))
+
+    def rmatmul(self, w: Tensor, v: Value) -> Value:
+        """``out[..., i, k] = ⊕_j edge(w[..., i, j]) ⊗ v[..., j, k]``."""
+        vt = self.map(v, lambda c: c.transpose(-1, -2))
+        out = self.matmul(vt, w.transpose(-1, -2))
+        return self.map(out, lambda c: c.transpose(-1, -2))
+
+    def rowwise(self, jac: Tensor, v: Value) -> Value:
+        """Per-row dense Jacobian: ``x[..., i] = ⊕_j edge(jac[..., i, j]) ⊗ v[..., j]``."""
+        out = self.rmatmul(jac, self.map(v, lambda c: c.unsqueeze(-1)))
+        return self.map(out, lambda c: c.squeeze(-1))
+
+    # ---- canonical composite primitives -------------------------------------------
+    def softmax(self, v: Value, y: Tensor, dim: int) -> Value:
+        """Softmax over ``dim`` with output ``y``: edge x_i -> y_j has weight
+        ``y_j (δ_ij - y_i)``."""
+        y = y.to(v[0].dtype).movedim(dim, -1)
+        v = self.map(v, lambda c: c.movedim(dim, -1))
+        n = y.shape[-1]
+        yf = y.reshape(-1, n)
+        eye = torch.eye(n, dtype=y.dtype, device=y.device)
+
+        def jac_fn(r0, r1):
+            yr = yf[r0:r1]
+            return yr.unsqueeze(-2) * (eye - yr.unsqueeze(-1))   # [r, i, j] = y_j (δ_ij - y_i)
+
+        out = self._rowwise_chunked(v, jac_fn=jac_fn)
+        return self.map(out, lambda c: c.movedim(-1, dim))
+
+    def log_softmax(self, v: Value, p: Tensor, dim: int) -> Value:
+        """Log-softmax over ``dim`` (``p`` = softmax probabilities): edge x_i -> y_j
+        has weight ``δ_ij - p_i``."""
+        p = p.to(v[0].dtype).movedim(dim, -1)
+        v = self.map(v, lambda c: c.movedim(dim, -1))
+        n = p.shape[-1]
+        pf = p.reshape(-1, n)
+        eye = torch.eye(n, dtype=p.dtype, device=p.device)
+
+        def jac_fn(r0, r1):
+            return eye - pf[r0:r1].unsqueeze(-1)                    # [r, i, j] = δ_ij - p_i
+
+        out = self._rowwise_chunked(v, jac_fn=jac_fn)
+        return self.map(out, lambda c: c.movedim(-1, dim))
+
+    def _rowwise_chunked(self, v: Value, jac: Tensor | None = None, jac_fn=None) -> Value:
+        rows = v[0].shape[:-1]
+        n = v[0].shape[-1]
+        flat_v = self.map(v, lambda c: c.reshape(-1, n))
+        R = flat_v[0].shape[0]
+        if jac is not None:
+            jac = jac.reshape(R, n, -1)
+        step = max(1, _CHUNK_ELEMS // max(1, n * n))
+        outs = []
+        for r0 in range(0, R, step):
+            j = jac[r0:r0 + step] if jac is not None else jac_fn(r0, min(R, r0 + step))
+            outs.append(self.rowwise(j, self.map(flat_v, lambda c: c[r0:r0 + step])))
+        if not outs:
+            return self.map(v, lambda c: c.clone())
+        out = tuple(torch.cat(cs, 0) for cs in zip(*outs))
+        return self.map(out, lambda c: c.reshape(*rows, c.shape[-1]))
+
+    def layer_norm(self, v: Value, xhat: Tensor, rstd: Tensor, weight: Tensor | None) -> Value:
+        """Layer norm over the last dim. ``xhat = (x-mean)*rstd`` ([..., n]),
+        ``rstd`` ([..., 1]). Edge x_i -> y_j: ``γ_j rstd (δ_ij - (1 + x̂_i x̂_j)/n)``."""
+        return self._norm(v, xhat, rstd, weight, centered=True)
+
+    def rms_norm(self, v: Value, xhat: Tensor, rstd: Tensor, weight: Tensor | None) -> Value:
+        """RMS norm over the last dim, ``xhat = x*rstd``. Edge x_i -> y_j:
+        ``γ_j rstd (δ_ij - x̂_i x̂_j / n)``."""
+        return self._norm(v, xhat, rstd, weight, centered=False)
+
+    def _norm(self, v, xhat, rstd, weight, centered):
+        dt = v[0].dtype
+        n = xhat.shape[-1]
+        xh = xhat.to(dt).reshape(-1, n)
+        rs = rstd.to(dt).reshape(-1, 1)
+        g = None if weight is None else weight.to(dt).reshape(n)
+        eye = torch.eye(n, dtype=dt, device=xh.device)
+
+        def jac_fn(r0, r1):
+            x = xh[r0:r1]
+            j = eye - (x.unsqueeze(-1) * x.unsqueeze(-2) + (1.0 if centered else 0.0)) / n
+            j = j * rs[r0:r1].unsqueeze(-1)
+            if g is not None:
+                j = j * g
+            return j
+
+        return self._rowwise_chunked(v, jac_fn=jac_fn)
+
+    def attention(self, vo: Value, q: Tensor, k: Tensor, vv: Tensor, bias: Tensor | None,
+                  causal: bool, scale: float, needs=(True, True, True)):
+        """Attention ``O = softmax(q kᵀ·scale + bias) v`` (``bias`` additive, -inf
+        where masked; ``causal`` top-left aligned) pulled back to (q, k, v).
+        q: [..., H, Tq, D]; k, v: [..., Hk, Tk, D] with Hk dividing H (grouped
+        query attention: each k/v head fans out to H/Hk query heads, ⊕ over them).
+        The canonical graph: S = q kᵀ·scale (+ mask) -> P = softmax(S) -> O = P v;
+        masked scores are not edges."""
+        dt = vo[0].dtype
+        H, Hk = q.shape[-3], k.shape[-3]
+        group = H // Hk
+        k = k.to(dt)
+        vv = vv.to(dt)
+        if group > 1:
+            k = k.repeat_interleave(group, dim=-3)
+            vv = vv.repeat_interleave(group, dim=-3)
+        p = attention_probs(q.to(dt), k, bias, causal, scale)
+        vq = vk = vval = None
+        if needs[2]:
+            vval = self.rmatmul(p.transpose(-1, -2), vo)            # v[j,d] = ⊕_i P_ij ⊗ vo[i,d]
+        if needs[0] or needs[1]:
+            vp = self.matmul(vo, vv.transpose(-1, -2))             # P[i,j] = ⊕_d v[j,d] ⊗ vo[i,d]
+            vs = self.softmax(vp, p, -1)
+            if needs[0]:
+                vq = self.matmul(vs, k * scale)                      # q[i,d] = ⊕_j (k_jd s) ⊗ S[i,j]
+            if needs[1]:
+                vst = self.map(vs, lambda c: c.transpose(-1, -2))
+                vk = self.matmul(vst, q.to(dt) * scale)              # k[j,d] = ⊕_i (q_id s) ⊗ S[i,j]
+        if group > 1:
+            vk = None if vk is None else self._sum_groups(vk, Hk, group)
+            vval = None if vval is None else self._sum_groups(vval, Hk, group)
+        return vq, vk, vval
+
+    def _sum_groups(self, v: Value, hk: int, group: int) -> Value:
+        shp = v[0].shape
+        v = self.map(v, lambda c: c.reshape(*shp[:-3], hk, group, *shp[-2:]))
+        return self.sum(v, -3)
+
+
+def attention_probs(q: Tensor, k: Tensor, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
+    """P = softmax(q kᵀ·scale + bias) with the top-left causal mask; fully
+    masked rows give P = 0 (no edges), as SDPA's output is 0 there."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    if causal:
+        tq, tk = s.shape[-2:]
+        keep = torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    den = e.sum(-1, keepdim=True)
+    return torch.where(den > 0, e / den.clamp_min(torch.finfo(e.dtype).tiny), torch.zeros_like(e))
+
+
+def _occurrence_rank(index: Tensor) -> tuple[Tensor, Tensor]:
+    """For a flat index tensor: a stable order and, in that order, how many
+    earlier entries hit the same position (0 for the first)."""
+    order = torch.argsort(index, stable=True)
+    s = index[order]
+    _, counts = torch.unique_consecutive(s, return_counts=True)
+    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    rank = torch.arange(s.numel(), device=index.device) - starts
+    return order, rank
+
+
+def scatter_plus(sr: "Semiring", v: Value, index: Tensor, size: int) -> Value:
+    """``out[p] = ⊕_{n: index[n] = p} v[n]`` over dim 0 (duplicates combined with
+    ⊕ in rounds of distinct positions; positions never hit read the zero)."""
+    rest = tuple(v[0].shape[1:])
+    out = sr.zero((size, *rest), v[0].dtype, v[0].device)
+    if index.numel() == 0:
+        return out
+    index = index.reshape(-1)
+    order, rank = _occurrence_rank(index)
+    out = tuple(c.clone() for c in out)
+    for r in range(int(rank.max()) + 1):
+        sel = order[rank == r]
+        pos = index[sel]
+        cur = tuple(c[pos] for c in out)
+        new = sr.plus(cur, tuple(c[sel] for c in v))
+        for c, n in zip(out, new):
+            c[pos] = n
+    return out

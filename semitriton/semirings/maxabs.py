@@ -1,0 +1,71 @@
+"""The max-|product| semiring: the largest |path product| (tropical, log space)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._util import NEG_INF, exclusive_max, log_abs, tropical_matmul
+from .base import Semiring, Value
+
+
+class MaxAbs(Semiring):
+    """Value = log max_paths Π|w|. ⊕ = max, ⊗ = +, edge(w) = log|w|,
+    readout = the largest |path product|."""
+
+    name = "maxabs"
+    components = ("log_m",)
+    idempotent = True
+
+    def zero(self, shape, dtype, device) -> Value:
+        return (torch.full(shape, NEG_INF, dtype=dtype, device=device),)
+
+    def one(self, shape, dtype, device) -> Value:
+        return (torch.zeros(shape, dtype=dtype, device=device),)
+
+    def plus(self, a, b):
+        return (torch.maximum(a[0], b[0]),)
+
+    def times(self, a, b):
+        return (a[0] + b[0],)
+
+    def edge(self, w):
+        return (log_abs(w),)
+
+    def readout(self, v):
+        return torch.exp(v[0])
+
+    def log_readout(self, v):
+        return v[0]
+
+    def sum(self, v, dims, keepdim=False):
+        return (torch.amax(v[0], dims, keepdim=keepdim),)
+
+    def scale(self, v, w):
+        if not isinstance(w, torch.Tensor):
+            w = torch.tensor(float(w), dtype=v[0].dtype, device=v[0].device)
+        return (v[0] + log_abs(w.to(v[0].dtype)),)
+
+    def matmul(self, v, w):
+        return (tropical_matmul(v[0], log_abs(w.to(v[0].dtype))),)
+
+    def rmatmul(self, w, v):
+        out = tropical_matmul(v[0].transpose(-1, -2), log_abs(w.to(v[0].dtype)).transpose(-1, -2))
+        return (out.transpose(-1, -2),)
+
+    def rowwise(self, jac, v):
+        return (torch.amax(log_abs(jac) + v[0].unsqueeze(-2), dim=-1),)
+
+    def softmax(self, v, y, dim):
+        """m_i = max(y_i (1-y_i) m_i, y_i max_{j≠i} y_j m_j): a row top-2."""
+        l = v[0]
+        y = y.to(l.dtype)
+        ly = torch.log(y)
+        off = ly + exclusive_max(ly + l, dim)
+        diag = ly + torch.log1p(-y) + l
+        return (torch.maximum(off, diag),)
+
+    def log_softmax(self, v, p, dim):
+        """m_i = max(p_i max_{j≠i} m_j, (1 - p_i) m_i)."""
+        l = v[0]
+        p = p.to(l.dtype)
+        return (torch.maximum(torch.log(p) + exclusive_max(l, dim), torch.log1p(-p) + l),)

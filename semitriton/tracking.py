@@ -1,0 +1,129 @@
+"""Which module produced which autograd node.
+
+``track(model)`` registers one forward hook per submodule that tags the
+``grad_fn`` of each module output with (qualified name, class, call number,
+the grad_fns of the module's inputs). Labels are resolved lazily, only when an
+error message or a readout asks: the nodes between a module call's outputs and
+its inputs belong to it, the innermost call winning. The forward cost is one
+small dict update per module call.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable
+
+import torch
+from torch import nn
+
+_TAG = "semitriton_modules"
+_HANDLES = "_semitriton_track_handles"
+_counter = itertools.count()
+
+
+def _tensors(obj, depth: int = 0) -> Iterable[torch.Tensor]:
+    if depth > 4:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o, depth + 1)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o, depth + 1)
+    elif hasattr(obj, "to_tuple"):          # transformers ModelOutput
+        yield from _tensors(obj.to_tuple(), depth + 1)
+
+
+def _make_hook(qualname: str):
+    def hook(module, args, kwargs, output):
+        outs = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+        if not outs:
+            return None
+        ins = tuple({id(t.grad_fn): t.grad_fn for t in itertools.chain(_tensors(args), _tensors(kwargs))
+                     if isinstance(t, torch.Tensor) and t.grad_fn is not None}.values())
+        entry = (qualname, type(module).__name__, next(_counter), ins)
+        for gf in {id(g): g for g in outs}.values():
+            try:
+                gf.metadata.setdefault(_TAG, []).append(entry)
+            except (AttributeError, RuntimeError):
+                pass
+        return None
+
+    return hook
+
+
+def track(model: nn.Module, prefix: str = "") -> nn.Module:
+    """Record module names for the autograd nodes of later forward passes
+    (used by error messages and path readouts). Idempotent."""
+    if getattr(model, _HANDLES, None):
+        return model
+    handles = []
+    for name, mod in model.named_modules():
+        qual = (prefix + "." + name if prefix and name else prefix or name) or type(model).__name__
+        handles.append(mod.register_forward_hook(_make_hook(qual), with_kwargs=True))
+    object.__setattr__(model, _HANDLES, handles)
+    return model
+
+
+def untrack(model: nn.Module) -> nn.Module:
+    for h in getattr(model, _HANDLES, None) or []:
+        h.remove()
+    if hasattr(model, _HANDLES):
+        object.__delattr__(model, _HANDLES)
+    return model
+
+
+def is_tracked(model: nn.Module) -> bool:
+    return bool(getattr(model, _HANDLES, None))
+
+
+class ModuleLabels:
+    """Lazily computed node -> (qualified name, class name) map for one graph."""
+
+    def __init__(self, root):
+        self.root = root
+        self._labels: dict | None = None
+
+    def _compute(self) -> dict:
+        # Collect the tagged calls in the graph.
+        calls, seen, stack = [], set(), [self.root]
+        while stack:
+            n = stack.pop()
+            if n is None or n in seen:
+                continue
+            seen.add(n)
+            try:
+                tags = n.metadata.get(_TAG)
+            except (AttributeError, RuntimeError):
+                tags = None
+            if tags:
+                for qual, cls, seq, ins in tags:
+                    calls.append((seq, qual, cls, n, ins))
+            stack.extend(f for f, _ in n.next_functions)
+        labels: dict = {}
+        # Innermost calls finish first, so ascending call order labels inner modules first.
+        for seq, qual, cls, out_node, ins in sorted(calls, key=lambda c: c[0]):
+            stop = set(ins)
+            todo = [out_node]
+            visited = set()
+            while todo:
+                n = todo.pop()
+                if n is None or n in visited or n in stop:
+                    continue
+                visited.add(n)
+                labels.setdefault(n, (qual, cls))
+                todo.extend(f for f, _ in n.next_functions)
+        return labels
+
+    def of(self, node):
+        if self._labels is None:
+            self._labels = self._compute()
+        return self._labels.get(node)
+
+    def describe(self, node) -> str:
+        lab = self.of(node)
+        if lab is None:
+            return ""
+        return f"{lab[0]} ({lab[1]})"

@@ -1,0 +1,38 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+SEMIRINGS = ("real", "abs", "max", "maxabs", "entropy")
+NORMWISE = {"real", "entropy"}
+
+
+def assert_semiring_close(actual, expected, semiring, rtol, what=""):
+    """Compare a readout with the oracle. Infinite entries (no path) must match
+    exactly; abs/max/maxabs elementwise relative; real and entropy normwise
+    (their values may cancel or be near 0)."""
+    a = actual.detach().double().cpu().numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual)
+    b = np.asarray(expected, dtype=np.float64)
+    assert a.shape == b.shape, f"{what}: shape {a.shape} != {b.shape}"
+    assert not np.isnan(a).any(), f"{what}: NaN in result"
+    inf_a, inf_b = ~np.isfinite(a), ~np.isfinite(b)
+    assert (inf_a == inf_b).all() and (a[inf_a] == b[inf_b]).all(), \
+        f"{what}: infinite entries differ\n{a}\n{b}"
+    fa, fb = a[~inf_a], b[~inf_b]
+    if fa.size == 0:
+        return
+    if semiring in NORMWISE:
+        floor = np.abs(fb).max() if semiring == "real" else max(1.0, np.abs(fb).max())
+        err = np.abs(fa - fb).max() / floor
+    else:
+        err = (np.abs(fa - fb) / np.maximum(np.abs(fb), 1e-300)).max()
+    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol}\nactual {fa[:8]}\nexpected {fb[:8]}"
+
+
+@pytest.fixture
+def semiring_close():
+    return assert_semiring_close
