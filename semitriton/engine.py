@@ -222,7 +222,8 @@ def grad_values(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Se
 
 
 def grad(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] = "real",
-         backend: Optional[str] = None, progress: bool = False) -> tuple[Tensor, ...]:
+         backend: Optional[str] = None, progress: bool = False,
+         log_space: bool = False) -> tuple[Tensor, ...]:
     """Generalised ``torch.autograd.grad``: one semiring backward pass from
     ``output`` to each of ``inputs``; returns the semiring's readout per input
     (same shape as the input).
@@ -236,7 +237,25 @@ def grad(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring]
     A non-scalar ``output`` is joined to a sink by weight-1 edges (so a batch of
     independent examples gets each example's statistics in one pass). The graph
     is left intact. Nodes with no path to ``output`` read the semiring zero
-    (0, 0, -inf, 0; entropy 0)."""
+    (0, 0, -inf, 0; entropy 0).
+
+    Readouts have the compute dtype (float32 for float32/bfloat16/float16
+    graphs, float64 for float64 ones), except abs and maxabs, which are kept
+    in log space inside and returned in float64 (Z of a 12-layer model is far
+    beyond float32's range); ``log_space=True`` returns their logarithms in
+    the compute dtype instead. ``backend``: "auto" | "torch" | "triton"."""
     sr = get(semiring)
     vals = run(output, inputs, sr, backend=backend, progress=progress)
-    return tuple(sr.readout(v) for v in vals)
+    if log_space:
+        if not hasattr(sr, "log_readout"):
+            raise ValueError(f"log_space=True: the {sr.name} semiring has no log-space readout "
+                             "(abs and maxabs have)")
+        return tuple(sr.log_readout(v) for v in vals)
+    outs = tuple(sr.readout(v) for v in vals)
+    if hasattr(sr, "log_readout"):
+        for v, r in zip(vals, outs):
+            if bool((torch.isinf(r) & torch.isfinite(v[0])).any()):
+                raise FloatingPointError(
+                    f"the {sr.name} readout overflows float64 (log value up to "
+                    f"{float(v[0][torch.isfinite(v[0])].max()):.1f}); call with log_space=True")
+    return outs

@@ -49,7 +49,7 @@ def sdpa(ctx):
         raise UnsupportedNodeError(
             f"{ctx.name}: attention dropout is active (dropout_p={p_drop}); put the model in "
             "eval() mode, dropout edges are not recoverable from the fused kernel")
-    q, k, v = ctx.saved("query"), ctx.saved("key"), ctx.saved("value")
+    q, k, v = (ctx.saved(n, cast=False) for n in ("query", "key", "value"))
     scale = ctx.saved("scale")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])

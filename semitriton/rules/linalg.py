@@ -11,7 +11,32 @@ from . import rule
 
 def _sr_matmul_left(ctx, v, b):
     """Value of A in Y = A @ B: A[i,j] = ⊕_k v[i,k] ⊗ B[j,k]."""
-    return ctx.sr.matmul(v, b.transpose(-1, -2))
+    w = b.transpose(-1, -2)
+    if w.dim() == 2 and v[0].dim() >= 2:
+        return live_rows_matmul(ctx.sr, v, w)
+    return ctx.sr.matmul(v, w)
+
+
+def live_rows_matmul(sr, v, w, max_live: float = 0.5):
+    """``sr.matmul(v, w)`` computed only on the rows of ``v`` that are not the
+    semiring zero (e.g. a language-model head where only the scored position
+    has a value); the other rows read the zero."""
+    lead, J = v[0].shape[:-1], v[0].shape[-1]
+    flat = sr.map(v, lambda c: c.reshape(-1, J))
+    R = flat[0].shape[0]
+    if R < 2:
+        return sr.matmul(v, w)
+    live = ~sr.is_zero(flat).all(-1)
+    n_live = int(live.sum())
+    if n_live > max_live * R:
+        return sr.matmul(v, w)
+    K = w.shape[-1]
+    out = sr.zero((R, K), v[0].dtype, v[0].device)
+    if n_live:
+        idx = live.nonzero().squeeze(-1)
+        part = sr.matmul(sr.map(flat, lambda c: c.index_select(0, idx)), w)
+        out = tuple(o.index_copy(0, idx, p) for o, p in zip(out, part))
+    return sr.map(out, lambda c: c.reshape(*lead, K))
 
 
 def _sr_matmul_right(ctx, a, v):
@@ -28,9 +53,9 @@ def mm(ctx):
     v = ctx.grad()
     out = [None, None]
     if ctx.needs[0]:
-        out[0] = _sr_matmul_left(ctx, v, ctx.saved("mat2"))
+        out[0] = _sr_matmul_left(ctx, v, ctx.saved("mat2", cast=False))
     if ctx.needs[1]:
-        out[1] = _sr_matmul_right(ctx, ctx.saved("self"), v)
+        out[1] = _sr_matmul_right(ctx, ctx.saved("self", cast=False), v)
     return out
 
 
@@ -46,9 +71,9 @@ def addmm(ctx):
     if alpha == 0:
         return out
     if ctx.needs[1]:
-        out[1] = _sr_matmul_left(ctx, v, _scaled(ctx.saved(b_name), alpha))
+        out[1] = _sr_matmul_left(ctx, v, _scaled(ctx.saved(b_name, cast=False), alpha))
     if ctx.needs[2]:
-        out[2] = _sr_matmul_right(ctx, _scaled(ctx.saved(a_name), alpha), v)
+        out[2] = _sr_matmul_right(ctx, _scaled(ctx.saved(a_name, cast=False), alpha), v)
     return out
 
 
@@ -61,7 +86,7 @@ def mv(ctx):  # y = M @ x
         vec = ctx.saved("vec")
         out[0] = ctx.sr.matmul(col, vec.unsqueeze(0))          # M[i,j] = v_i ⊗ x_j
     if ctx.needs[1]:
-        m = ctx.saved("self")
+        m = ctx.saved("self", cast=False)
         r = ctx.sr.rmatmul(m.transpose(-1, -2), col)            # x[j] = ⊕_i M[i,j] ⊗ v_i
         out[1] = ctx.sr.map(r, lambda c: c.squeeze(-1))
     return out
@@ -83,9 +108,9 @@ def linear(ctx):  # y = x @ Wᵀ + b
     v = ctx.grad()
     out = [None] * ctx.n_inputs
     if ctx.needs[0]:
-        out[0] = ctx.sr.matmul(v, ctx.saved("weight"))
+        out[0] = ctx.sr.matmul(v, ctx.saved("weight", cast=False))
     if ctx.n_inputs > 1 and ctx.needs[1]:
-        x = ctx.saved("self")
+        x = ctx.saved("self", cast=False)
         x2 = x.reshape(-1, x.shape[-1])
         v2 = ctx.sr.map(v, lambda c: c.reshape(-1, c.shape[-1]))
         r = ctx.sr.rmatmul(x2.transpose(0, 1), v2)            # [in, out]

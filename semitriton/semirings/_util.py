@@ -118,21 +118,27 @@ def tropical_matmul(l: Tensor, lw: Tensor) -> Tensor:
 def signed_max_matmul(p: Tensor, n: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """Signed extreme products through a matrix of edges:
     ``P[i,k] = max_j (w_jk>0 ? w_jk p_ij : w_jk<0 ? w_jk n_ij : -inf)`` and
-    ``N[i,k] = min_j (w_jk>0 ? w_jk n_ij : w_jk<0 ? w_jk p_ij : +inf)``."""
+    ``N[i,k] = min_j (w_jk>0 ? w_jk n_ij : w_jk<0 ? w_jk p_ij : +inf)``.
+
+    Since p ≥ n, the right candidate is max(w p, w n) (min for N) whenever the
+    edge and the value exist; missing edges (w = 0) and zero values (p = -inf)
+    are excluded by an additive -inf penalty (reference: chunked broadcast)."""
     lead = torch.broadcast_shapes(p.shape[:-2], w.shape[:-2])
     I, J = p.shape[-2:]
     K = w.shape[-1]
-    pe = p.expand(*lead, I, J).unsqueeze(-1)
-    ne = n.expand(*lead, I, J).unsqueeze(-1)
+    if J == 0 or I == 0 or K == 0:
+        return (p.new_full((*lead, I, K), NEG_INF), p.new_full((*lead, I, K), POS_INF))
+    live = p != NEG_INF
+    pen_v = torch.where(live, 0.0, NEG_INF).to(p.dtype).expand(*lead, I, J).unsqueeze(-1)
+    pe = torch.where(live, p, 0.0).expand(*lead, I, J).unsqueeze(-1)
+    ne = torch.where(live, n, 0.0).expand(*lead, I, J).unsqueeze(-1)
     w = w.expand(*lead, J, K)
+    pen_w = torch.where(w != 0, 0.0, NEG_INF).to(p.dtype)
     ps, ns = [], []
     for k0, k1 in _k_chunks(I, J, K, lead):
         wc = w[..., k0:k1].unsqueeze(-3)
-        pos, neg = wc > 0, wc < 0
-        cand_p = torch.where(pos, wc * pe, torch.where(neg, wc * ne, NEG_INF))
-        cand_n = torch.where(pos, wc * ne, torch.where(neg, wc * pe, POS_INF))
-        ps.append(torch.amax(cand_p, dim=-2) if J else cand_p.new_full((*lead, I, k1 - k0), NEG_INF))
-        ns.append(torch.amin(cand_n, dim=-2) if J else cand_n.new_full((*lead, I, k1 - k0), POS_INF))
-    if not ps:
-        return (p.new_full((*lead, I, K), NEG_INF), p.new_full((*lead, I, K), POS_INF))
+        pen = pen_v + pen_w[..., k0:k1].unsqueeze(-3)
+        a, b = wc * pe, wc * ne
+        ps.append(torch.amax(torch.maximum(a, b) + pen, dim=-2))
+        ns.append(torch.amin(torch.minimum(a, b) - pen, dim=-2))
     return torch.cat(ps, -1), torch.cat(ns, -1)

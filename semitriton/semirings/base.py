@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..dispatch import kernel_op
+
 Value = tuple  # tuple[Tensor, ...]: the components of a semiring value
 
 # Elements per chunk of the generic broadcast-and-reduce contractions.
@@ -147,6 +149,7 @@ class Semiring:
         return self.sum_to_shape(self.scale(v, w), shape)
 
     # ---- contractions -------------------------------------------------------------
+    @kernel_op("matmul")
     def matmul(self, v: Value, w: Tensor) -> Value:
         """``out[..., i, k] = ⊕_j v[..., i, j] ⊗ edge(w[..., j, k])`` (batch dims broadcast)."""
         lead = torch.broadcast_shapes(v[0].shape[:-2], w.shape[:-2])
@@ -178,6 +181,7 @@ class Semiring:
         return self.map(out, lambda c: c.squeeze(-1))
 
     # ---- canonical composite primitives -------------------------------------------
+    @kernel_op("softmax")
     def softmax(self, v: Value, y: Tensor, dim: int) -> Value:
         """Softmax over ``dim`` with output ``y``: edge x_i -> y_j has weight
         ``y_j (δ_ij - y_i)``."""
@@ -194,6 +198,7 @@ class Semiring:
         out = self._rowwise_chunked(v, jac_fn=jac_fn)
         return self.map(out, lambda c: c.movedim(-1, dim))
 
+    @kernel_op("log_softmax")
     def log_softmax(self, v: Value, p: Tensor, dim: int) -> Value:
         """Log-softmax over ``dim`` (``p`` = softmax probabilities): edge x_i -> y_j
         has weight ``δ_ij - p_i``."""
@@ -226,11 +231,13 @@ class Semiring:
         out = tuple(torch.cat(cs, 0) for cs in zip(*outs))
         return self.map(out, lambda c: c.reshape(*rows, c.shape[-1]))
 
+    @kernel_op("layer_norm")
     def layer_norm(self, v: Value, xhat: Tensor, rstd: Tensor, weight: Tensor | None) -> Value:
         """Layer norm over the last dim. ``xhat = (x-mean)*rstd`` ([..., n]),
         ``rstd`` ([..., 1]). Edge x_i -> y_j: ``γ_j rstd (δ_ij - (1 + x̂_i x̂_j)/n)``."""
         return self._norm(v, xhat, rstd, weight, centered=True)
 
+    @kernel_op("rms_norm")
     def rms_norm(self, v: Value, xhat: Tensor, rstd: Tensor, weight: Tensor | None) -> Value:
         """RMS norm over the last dim, ``xhat = x*rstd``. Edge x_i -> y_j:
         ``γ_j rstd (δ_ij - x̂_i x̂_j / n)``."""
@@ -254,6 +261,7 @@ class Semiring:
 
         return self._rowwise_chunked(v, jac_fn=jac_fn)
 
+    @kernel_op("attention")
     def attention(self, vo: Value, q: Tensor, k: Tensor, vv: Tensor, bias: Tensor | None,
                   causal: bool, scale: float, needs=(True, True, True)):
         """Attention ``O = softmax(q kᵀ·scale + bias) v`` (``bias`` additive, -inf

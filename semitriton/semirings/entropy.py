@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..dispatch import kernel_op, rmatmul_via_matmul
+
 from ._util import (NEG_INF, exclusive_sum, exclusive_sum_signed, finite_amax, log_abs,
                     safe_div, xlogx)
 from .base import Semiring, Value
@@ -85,12 +87,14 @@ class Entropy(Semiring):
         s = matmul(a * mu, a_abs) - matmul(a, a_xlogx)
         return z, s, m
 
+    @kernel_op("matmul")
     def matmul(self, v, w):
         w = w.to(v[0].dtype)
         A = torch.abs(w)
         z, s, m = self._contract(v, A, xlogx(A), lambda x, y: torch.matmul(x, y), -1)
         return _clean(torch.log(z) + m, safe_div(s, z))
 
+    @rmatmul_via_matmul
     def rmatmul(self, w, v):
         w = w.to(v[0].dtype)
         A = torch.abs(w)
@@ -103,6 +107,7 @@ class Entropy(Semiring):
         z, s, m = self._contract(vv, A, xlogx(A), lambda x, y: torch.matmul(y, x), -2)
         return _clean((torch.log(z) + m).squeeze(-1), safe_div(s, z).squeeze(-1))
 
+    @kernel_op("softmax")
     def softmax(self, v, y, dim):
         """Off-diagonal |w| = y_i y_j, diagonal d_i = y_i (1 - y_i):
         z_i = y_i B_i + d_i z_i,  with B_i = Σ_{j≠i} y_j z_j, and
@@ -128,6 +133,7 @@ class Entropy(Semiring):
         w_diag = torch.exp(l_diag - shift)
         return _clean(L, w_off * mu_off + w_diag * mu_diag)
 
+    @kernel_op("log_softmax")
     def log_softmax(self, v, p, dim):
         """Off-diagonal |w| = p_i, diagonal 1 - p_i."""
         l, mu = v

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..dispatch import kernel_op, rmatmul_via_matmul
+
 from ._util import NEG_INF, POS_INF, exclusive_max, exclusive_min, signed_max_matmul
 from .base import Semiring, Value
 
@@ -32,7 +34,7 @@ class Max(Semiring):
         za = a[0] == NEG_INF
         zb = b[0] == NEG_INF
         c = torch.stack([a[0] * b[0], a[0] * b[1], a[1] * b[0], a[1] * b[1]])
-        c = torch.nan_to_num(c, nan=0.0)
+        c = torch.nan_to_num(c, nan=0.0, posinf=POS_INF, neginf=NEG_INF)
         p = torch.where(za | zb, NEG_INF, c.amax(0))
         n = torch.where(za | zb, POS_INF, c.amin(0))
         return (p, n)
@@ -56,9 +58,11 @@ class Max(Semiring):
         return (torch.where(pos, w * p, torch.where(neg, w * n, NEG_INF)),
                 torch.where(pos, w * n, torch.where(neg, w * p, POS_INF)))
 
+    @kernel_op("matmul")
     def matmul(self, v, w):
         return signed_max_matmul(v[0], v[1], w.to(v[0].dtype))
 
+    @rmatmul_via_matmul
     def rmatmul(self, w, v):
         p, n = signed_max_matmul(v[0].transpose(-1, -2), v[1].transpose(-1, -2),
                                  w.to(v[0].dtype).transpose(-1, -2))
@@ -68,6 +72,7 @@ class Max(Semiring):
         p, n = signed_max_matmul(v[0].unsqueeze(-2), v[1].unsqueeze(-2), jac.transpose(-1, -2))
         return (p.squeeze(-2), n.squeeze(-2))
 
+    @kernel_op("softmax")
     def softmax(self, v, y, dim):
         """Diagonal edges y_i(1-y_i) ≥ 0, off-diagonal -y_i y_j ≤ 0:
         M+_i = max(d_i M+_i, y_i max_{j≠i} (-y_j M-_j)), M-_i likewise with min."""
@@ -86,6 +91,7 @@ class Max(Semiring):
         out_n = torch.where(live, torch.minimum(off_n, dn), POS_INF)
         return (out_p, out_n)
 
+    @kernel_op("log_softmax")
     def log_softmax(self, v, p, dim):
         """Diagonal edge 1 - p_i ≥ 0, off-diagonal -p_i ≤ 0."""
         mp, mn = v
@@ -95,8 +101,8 @@ class Max(Semiring):
         has_d = d > 0
         off_p = torch.where(live, -p * exclusive_min(mn, dim), NEG_INF)
         off_n = torch.where(live, -p * exclusive_max(mp, dim), POS_INF)
-        off_p = torch.nan_to_num(off_p, nan=NEG_INF)
-        off_n = torch.nan_to_num(off_n, nan=POS_INF)
+        off_p = torch.nan_to_num(off_p, nan=NEG_INF, posinf=POS_INF, neginf=NEG_INF)
+        off_n = torch.nan_to_num(off_n, nan=POS_INF, posinf=POS_INF, neginf=NEG_INF)
         dp = torch.where(has_d, d * mp, NEG_INF)
         dn = torch.where(has_d, d * mn, POS_INF)
         return (torch.maximum(off_p, dp), torch.minimum(off_n, dn))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..dispatch import kernel_op, rmatmul_via_matmul
+
 from ._util import NEG_INF, exclusive_max, log_abs, tropical_matmul
 from .base import Semiring, Value
 
@@ -32,7 +34,8 @@ class MaxAbs(Semiring):
         return (log_abs(w),)
 
     def readout(self, v):
-        return torch.exp(v[0])
+        """The largest |path product|, in float64 (kept in log space inside)."""
+        return torch.exp(v[0].double())
 
     def log_readout(self, v):
         return v[0]
@@ -45,9 +48,11 @@ class MaxAbs(Semiring):
             w = torch.tensor(float(w), dtype=v[0].dtype, device=v[0].device)
         return (v[0] + log_abs(w.to(v[0].dtype)),)
 
+    @kernel_op("matmul")
     def matmul(self, v, w):
         return (tropical_matmul(v[0], log_abs(w.to(v[0].dtype))),)
 
+    @rmatmul_via_matmul
     def rmatmul(self, w, v):
         out = tropical_matmul(v[0].transpose(-1, -2), log_abs(w.to(v[0].dtype)).transpose(-1, -2))
         return (out.transpose(-1, -2),)
@@ -55,6 +60,7 @@ class MaxAbs(Semiring):
     def rowwise(self, jac, v):
         return (torch.amax(log_abs(jac) + v[0].unsqueeze(-2), dim=-1),)
 
+    @kernel_op("softmax")
     def softmax(self, v, y, dim):
         """m_i = max(y_i (1-y_i) m_i, y_i max_{j≠i} y_j m_j): a row top-2."""
         l = v[0]
@@ -64,6 +70,7 @@ class MaxAbs(Semiring):
         diag = ly + torch.log1p(-y) + l
         return (torch.maximum(off, diag),)
 
+    @kernel_op("log_softmax")
     def log_softmax(self, v, p, dim):
         """m_i = max(p_i max_{j≠i} m_j, (1 - p_i) m_i)."""
         l = v[0]

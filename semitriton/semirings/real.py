@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+
+from ..dispatch import kernel_op, rmatmul_via_matmul
 from torch import Tensor
 
 from .base import Semiring, Value, attention_probs
@@ -38,21 +40,26 @@ class Real(Semiring):
     def scale(self, v, w):
         return (v[0] * w,)
 
+    @kernel_op("matmul")
     def matmul(self, v, w):
         return (torch.matmul(v[0], w.to(v[0].dtype)),)
 
+    @rmatmul_via_matmul
     def rmatmul(self, w, v):
         return (torch.matmul(w.to(v[0].dtype), v[0]),)
 
+    @kernel_op("softmax")
     def softmax(self, v, y, dim):
         g = v[0]
         y = y.to(g.dtype)
         return (y * (g - (g * y).sum(dim, keepdim=True)),)
 
+    @kernel_op("log_softmax")
     def log_softmax(self, v, p, dim):
         g = v[0]
         return (g - p.to(g.dtype) * g.sum(dim, keepdim=True),)
 
+    @kernel_op("layer_norm")
     def layer_norm(self, v, xhat, rstd, weight):
         g = v[0] if weight is None else v[0] * weight.to(v[0].dtype)
         xh = xhat.to(g.dtype)
@@ -61,6 +68,7 @@ class Real(Semiring):
         mgx = (g * xh).sum(-1, keepdim=True) / n
         return (rstd.to(g.dtype) * (g - mg - xh * mgx),)
 
+    @kernel_op("rms_norm")
     def rms_norm(self, v, xhat, rstd, weight):
         g = v[0] if weight is None else v[0] * weight.to(v[0].dtype)
         xh = xhat.to(g.dtype)
@@ -68,6 +76,7 @@ class Real(Semiring):
         mgx = (g * xh).sum(-1, keepdim=True) / n
         return (rstd.to(g.dtype) * (g - xh * mgx),)
 
+    @kernel_op("attention")
     def attention(self, vo, q, k, vv, bias, causal, scale, needs=(True, True, True)):
         do = vo[0]
         dt = do.dtype

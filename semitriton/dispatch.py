@@ -1,0 +1,76 @@
+"""Where the Triton kernels plug in.
+
+Each built-in semiring method asks ``kernel(op, semiring, tensor)`` first; it
+returns the Triton implementation registered in ``semitriton.kernels`` for
+(op, semiring) when the backend switch says the tensor should use Triton
+(CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 with
+SEMITRITON_BACKEND=triton), else ``None`` and the torch reference runs. A
+kernel takes the same arguments as the semiring method and returns the same
+value (or ``NotImplemented`` to decline a case, e.g. an unsupported dtype).
+
+Ops: ``matmul(v, w)``, ``softmax(v, y, dim)``, ``log_softmax(v, p, dim)``,
+``layer_norm(v, xhat, rstd, weight)``, ``rms_norm(v, xhat, rstd, weight)``,
+``attention(vo, q, k, v, bias, causal, scale, needs)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from . import backend
+
+
+def kernel(op: str, semiring: str, t: torch.Tensor) -> Optional[Callable]:
+    if not backend.use_triton(t):
+        return None
+    try:
+        from .kernels import registry
+    except ImportError:  # triton missing or broken
+        return None
+    return registry.KERNELS.get((op, semiring))
+
+
+def call(op: str, semiring: str, t: torch.Tensor, *args):
+    """Run the kernel for (op, semiring) if one applies; ``NotImplemented`` otherwise."""
+    k = kernel(op, semiring, t)
+    if k is None:
+        return NotImplemented
+    return k(*args)
+
+
+def kernel_op(op: str):
+    """Decorate a semiring method ``method(self, value, ...)``: try the Triton
+    kernel for (op, self.name) first."""
+    import functools
+
+    def deco(method):
+        @functools.wraps(method)
+        def wrapper(self, v, *args):
+            k = kernel(op, self.name, v[0])
+            if k is not None:
+                r = k(v, *args)
+                if r is not NotImplemented:
+                    return r
+            return method(self, v, *args)
+
+        return wrapper
+
+    return deco
+
+
+def rmatmul_via_matmul(method):
+    """``rmatmul(w, v) = matmul(vᵀ, wᵀ)ᵀ``: let the matmul kernel serve it."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, w, v):
+        k = kernel("matmul", self.name, v[0])
+        if k is not None:
+            r = k(tuple(c.transpose(-1, -2) for c in v), w.transpose(-1, -2))
+            if r is not NotImplemented:
+                return tuple(c.transpose(-1, -2) for c in r)
+        return method(self, w, v)
+
+    return wrapper
