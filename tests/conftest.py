@@ -27,7 +27,8 @@ def assert_semiring_close(actual, expected, semiring, rtol, what=""):
         return
     if semiring in NORMWISE:
         floor = np.abs(fb).max() if semiring == "real" else max(1.0, np.abs(fb).max())
-        err = np.abs(fa - fb).max() / floor
+        diff = np.abs(fa - fb).max()
+        err = 0.0 if diff == 0 else diff / max(floor, 1e-300)
     else:
         err = (np.abs(fa - fb) / np.maximum(np.abs(fb), 1e-300)).max()
     assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol}\nactual {fa[:8]}\nexpected {fb[:8]}"

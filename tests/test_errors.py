@@ -1,0 +1,125 @@
+"""Bad input gets a clear error that names the problem."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import semitriton
+from semitriton import GraphError, GraphFreedError, UnsupportedNodeError
+
+
+class Inner(nn.Module):
+    def forward(self, x):
+        return torch.cumsum(x, -1)          # CumsumBackward0 has no rule
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.inner = Inner()
+
+    def forward(self, x):
+        return self.inner(self.lin(x)).relu()
+
+
+def test_unknown_node_names_node_and_module():
+    model = nn.Sequential(nn.Linear(4, 4), Block())
+    semitriton.track(model)
+    try:
+        x = torch.randn(2, 4, requires_grad=True)
+        out = model(x).sum()
+        with pytest.raises(UnsupportedNodeError, match=r"CumsumBackward0.*1\.inner \(Inner\)"):
+            semitriton.grad(out, x, semiring="maxabs")
+    finally:
+        semitriton.untrack(model)
+
+
+def test_unknown_node_without_tracking_says_how_to_name_module():
+    x = torch.randn(2, 4, requires_grad=True)
+    out = torch.cumsum(x, 0).sum()
+    with pytest.raises(UnsupportedNodeError, match=r"CumsumBackward0.*semitriton.track"):
+        semitriton.grad(out, x)
+
+
+def test_custom_function_without_rule():
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(UnsupportedNodeError, match="TwiceBackward"):
+        semitriton.grad(Twice.apply(x).sum(), x)
+
+
+def test_input_not_in_graph():
+    x = torch.randn(3, requires_grad=True)
+    y = torch.randn(3, requires_grad=True)
+    with pytest.raises(GraphError, match=r"inputs\[1\].*not part of the gradient graph"):
+        semitriton.grad((x * 2).sum(), [x, y])
+
+
+def test_input_without_requires_grad():
+    x = torch.randn(3)
+    w = torch.randn(3, requires_grad=True)
+    with pytest.raises(GraphError, match=r"inputs\[0\].*does not require grad.*requires_grad_"):
+        semitriton.grad((x * w).sum(), x)
+
+
+def test_output_without_graph():
+    x = torch.randn(3, requires_grad=True)
+    with torch.no_grad():
+        out = (x * 2).sum()
+    with pytest.raises(GraphError, match="output does not require grad"):
+        semitriton.grad(out, x)
+
+
+def test_graph_freed_by_earlier_backward():
+    x = torch.randn(4, 4, requires_grad=True)
+    w = torch.randn(4, 4)
+    out = torch.tanh(x @ w).sum()
+    out.backward()
+    with pytest.raises(GraphFreedError, match="already freed.*retain_graph=True"):
+        semitriton.grad(out, x, semiring="abs")
+
+
+def test_unknown_semiring():
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match="unknown semiring 'tropical'.*real, abs, max, maxabs, entropy"):
+        semitriton.grad(x.sum(), x, semiring="tropical")
+
+
+def test_unknown_backend():
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        semitriton.grad(x.sum(), x, backend="cuda")
+
+
+def test_attention_dropout_on_cpu_follows_the_recorded_mask():
+    """With dropout_p > 0 on CPU, SDPA records the math graph (the dropout mask is
+    a multiply): the engine follows the sampled mask edges exactly. (The fused
+    CUDA nodes do not expose their mask; there the rule raises, naming eval().)"""
+    q = torch.randn(1, 2, 4, 8, requires_grad=True)
+    torch.manual_seed(0)
+    o = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    (ref,) = torch.autograd.grad(o.sum(), q, retain_graph=True)
+    (got,) = semitriton.grad(o.sum(), q)
+    torch.testing.assert_close(got, ref)
+
+
+def test_inputs_are_not_modified_and_graph_reusable():
+    x = torch.randn(2, 3, requires_grad=True)
+    before = x.detach().clone()
+    out = torch.softmax(x @ torch.randn(3, 3), -1).pow(2).sum()
+    for s in semitriton.semirings.NAMES:
+        semitriton.grad(out, x, semiring=s)
+    (ours,) = semitriton.grad(out, x)
+    assert torch.equal(x.detach(), before) and x.grad is None
+    (g,) = torch.autograd.grad(out, x)          # the graph was not freed by semitriton
+    torch.testing.assert_close(ours, g)

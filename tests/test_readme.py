@@ -1,0 +1,26 @@
+"""The README's Python examples run as written, and its commands match CI."""
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _blocks(lang):
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```" + lang + r"\n(.*?)```", text, flags=re.S)
+
+
+def test_python_examples_run():
+    blocks = _blocks("python")
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+
+
+def test_ci_runs_the_readme_test_command():
+    cmds = [line.strip() for b in _blocks("bash") for line in b.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+    test_cmd = [c for c in cmds if "pytest" in c]
+    assert len(test_cmd) == 1
+    assert test_cmd[0] in (ROOT / ".ci" / "run").read_text()
