@@ -12,6 +12,7 @@ from . import semirings
 from .backend import use as use_backend
 from .engine import GradientGraph, grad, grad_values
 from .errors import GraphError, GraphFreedError, SemitritonError, UnsupportedNodeError
+from .patching import is_patched, patch, patch_summary, unpatch
 from .readouts import log_readout, token_readout, token_values
 from .semirings import Semiring
 from .tracking import track, untrack
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "grad", "grad_values", "token_readout", "token_values", "log_readout", "semirings", "Semiring",
-    "track", "untrack", "use_backend", "GradientGraph", "SemitritonError", "UnsupportedNodeError",
+    "track", "untrack", "use_backend", "patch", "unpatch", "patch_summary", "is_patched", "GradientGraph", "SemitritonError", "UnsupportedNodeError",
     "GraphError", "GraphFreedError", "__version__",
 ]

@@ -1,0 +1,44 @@
+"""A composed elementwise activation (e.g. GPT-2's tanh-GELU written with
+pow/tanh/mul/add) as one canonical primitive: one edge x[i] -> y[i] with
+weight f'(x[i]), computed exactly by autograd of the original formula."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ._saved import pad, saved_tensors
+
+
+def _derivative(fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        xx = x.detach().requires_grad_()
+        (d,) = torch.autograd.grad(fn(xx).sum(), xx)
+    return d
+
+
+class CanonicalElementwise(torch.autograd.Function):
+    """``forward(x, fn)``: y = fn(x), fn elementwise (the original module's forward)."""
+
+    @staticmethod
+    def forward(ctx, x, fn: Callable):
+        ctx.save_for_backward(x)
+        ctx.fn = fn
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_()
+            (g,) = torch.autograd.grad(ctx.fn(xx), xx, grad_out)
+        return g, None
+
+    @staticmethod
+    def semiring_backward(rc):
+        (x,) = saved_tensors(rc.node)
+        if not rc.needs[0]:
+            return pad([], len(rc.needs))
+        d = _derivative(rc.node.fn, x).to(rc.dtype)
+        return pad([rc.sr.scale(rc.grad(0), d)], len(rc.needs))

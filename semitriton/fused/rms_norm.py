@@ -1,0 +1,52 @@
+"""RMS norm as one canonical node: y_j = γ_j x_j r, r = (mean(x²) + eps)^-1/2,
+with the dense per-row Jacobian dy_j/dx_i = γ_j r (δ_ij - x̂_i x̂_j / n),
+instead of the pow/mean/rsqrt/mul sub-graph of the composed implementations."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ._saved import pad, saved_tensors
+
+
+class CanonicalRMSNorm(torch.autograd.Function):
+    """``forward(x, weight, impl, eps, offset)``: ``impl(x)`` is the original
+    module's forward (so outputs are bit-identical); γ = weight + offset
+    (offset 1 for Gemma's (1 + weight) form)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, impl: Callable, eps: float, offset: float):
+        out = impl(x)
+        ctx.save_for_backward(x, weight)
+        ctx.impl, ctx.eps, ctx.offset = impl, float(eps), float(offset)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_()
+            out = ctx.impl(xx)
+            targets = [xx] + ([weight] if weight is not None and weight.requires_grad else [])
+            grads = torch.autograd.grad(out, targets, grad_out, allow_unused=True)
+        gw = grads[1] if len(grads) > 1 else None
+        return grads[0], gw, None, None, None
+
+    @staticmethod
+    def semiring_backward(rc):
+        node = rc.node
+        x, weight = saved_tensors(node)
+        dt = rc.dtype
+        xf = x.to(dt)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + node.eps)
+        xhat = xf * rstd
+        gamma = None if weight is None else weight.to(dt) + node.offset
+        out = [None] * len(rc.needs)
+        v = rc.grad(0)
+        if rc.needs[0]:
+            out[0] = rc.sr.rms_norm(v, xhat, rstd, gamma)
+        if len(rc.needs) > 1 and rc.needs[1]:          # y_j = γ_j x̂_j: edge γ_j with weight x̂_j
+            out[1] = rc.sr.sum_to_shape(rc.sr.scale(v, xhat), tuple(weight.shape))
+        return pad(out, len(rc.needs))

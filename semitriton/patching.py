@@ -1,0 +1,290 @@
+"""Drop-in patching of PyTorch and Hugging Face models.
+
+``patch(model)`` swaps, in place, the modules whose autograd graph is not
+canonical (DESIGN.md §1) for modules with the same forward numerics and a
+single custom autograd node carrying its semiring rule:
+
+* RMS norms (``nn.RMSNorm``; transformers' LlamaRMSNorm, Qwen2/Qwen3RMSNorm,
+  MistralRMSNorm, and Gemma's ``1 + weight`` form) -> :class:`CanonicalRMSNorm`;
+* composed elementwise activations (GPT-2's tanh-GELU ``NewGELUActivation``
+  and friends) -> :class:`CanonicalElementwise`;
+* attention of Hugging Face models that dispatch through
+  ``ALL_ATTENTION_FUNCTIONS`` (BERT, GPT-2, LLaMA, ...) -> one
+  :class:`FusedAttention` node per call, by registering a ``"semitriton"``
+  attention implementation and selecting it on the model's config.
+
+A swapped module is a copy of the original object whose class is a subclass
+of the original class (so ``isinstance`` checks and ``state_dict`` keys are
+unchanged, and it shares the original's parameters); ``unpatch`` puts the
+original objects back and restores the config. Linear and LayerNorm are left
+alone: their aten nodes are already canonical single primitives.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .fused import CanonicalElementwise, CanonicalRMSNorm, fused_attention
+from .tracking import track, untrack
+
+log = logging.getLogger("semitriton")
+
+_RECORD = "_semitriton_patch"
+ATTN_NAME = "semitriton"
+
+
+# ---- which modules ------------------------------------------------------------------------
+# (module path, class name, gamma offset)
+_RMS_NORMS = [
+    ("transformers.models.llama.modeling_llama", "LlamaRMSNorm", 0.0),
+    ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm", 0.0),
+    ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", 0.0),
+    ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", 0.0),
+    ("transformers.models.gemma.modeling_gemma", "GemmaRMSNorm", 1.0),
+]
+# composed activations that are not a single aten node
+_ACTIVATIONS = [
+    ("transformers.activations", "NewGELUActivation"),
+    ("transformers.activations", "FastGELUActivation"),
+    ("transformers.activations", "QuickGELUActivation"),
+    ("transformers.activations", "GELUTanh"),
+]
+
+
+def _load(path: str, name: str):
+    try:
+        mod = __import__(path, fromlist=[name])
+    except Exception:
+        return None
+    return getattr(mod, name, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _rms_classes() -> dict:
+    out = {nn.RMSNorm: 0.0} if hasattr(nn, "RMSNorm") else {}
+    for path, name, offset in _RMS_NORMS:
+        cls = _load(path, name)
+        if cls is not None:
+            out[cls] = offset
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _activation_classes() -> tuple:
+    return tuple(c for c in (_load(p, n) for p, n in _ACTIVATIONS) if c is not None)
+
+
+# ---- patched classes ------------------------------------------------------------------------
+def _rms_eps(module) -> Optional[float]:
+    for attr in ("variance_epsilon", "eps", "epsilon"):
+        if hasattr(module, attr):
+            return getattr(module, attr)
+    return None
+
+
+def _rms_formula_matches(module, offset: float) -> bool:
+    """Guard against a transformers version whose norm differs: compare the
+    module with γ·x·rsqrt(mean(x²)+eps) on a small random input."""
+    w = getattr(module, "weight", None)
+    n = w.shape[-1] if w is not None else getattr(module, "normalized_shape", (8,))[-1]
+    dev = w.device if w is not None else torch.device("cpu")
+    if dev.type == "meta":
+        return True
+    eps = _rms_eps(module)
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(0)).to(dev)
+    with torch.no_grad():
+        try:
+            y = type(module).forward(module, x.to(w.dtype) if w is not None else x).double()
+        except Exception:
+            return False
+        xd = x.to(w.dtype).double() if w is not None else x.double()
+        e = torch.finfo(xd.dtype if w is None else w.dtype).eps if eps is None else eps
+        ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + e)
+        if w is not None:
+            ref = ref * (w.double() + offset)
+    tol = 1e-4 if (w is None or w.dtype == torch.float32) else 3e-2
+    return bool(torch.allclose(y, ref, rtol=tol, atol=tol))
+
+
+def _patched_rms_forward(self, x):
+    cls = self._semitriton_original_class
+    impl = functools.partial(cls.forward, self)
+    eps = self._semitriton_eps
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    weight = getattr(self, "weight", None)
+    return CanonicalRMSNorm.apply(x, weight, impl, eps, self._semitriton_offset)
+
+
+def _patched_activation_forward(self, x):
+    cls = self._semitriton_original_class
+    return CanonicalElementwise.apply(x, functools.partial(cls.forward, self))
+
+
+@functools.lru_cache(maxsize=None)
+def _patched_class(cls, kind: str):
+    forward = {"rms_norm": _patched_rms_forward, "activation": _patched_activation_forward}[kind]
+    return type("Semiring" + cls.__name__, (cls,), {
+        "forward": forward,
+        "_semitriton_original_class": cls,
+        "__module__": cls.__module__,
+        "__doc__": f"{cls.__name__} recorded as one canonical semiring node (semitriton.patch).",
+    })
+
+
+def _swap(module: nn.Module, kind: str, **attrs) -> nn.Module:
+    new = object.__new__(_patched_class(type(module), kind))
+    new.__dict__ = dict(module.__dict__)          # shares parameters, buffers and hooks
+    for k, v in attrs.items():
+        object.__setattr__(new, k, v)
+    return new
+
+
+# ---- attention ---------------------------------------------------------------------------------
+def semitriton_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                 scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                                 **kwargs):
+    """A transformers attention interface function: same conventions as
+    ``sdpa_attention_forward`` (q, k, v [B, H, T, D]; returns [B, T, H, D]),
+    recorded as one :class:`FusedAttention` node. Training-mode dropout falls
+    back to the sdpa implementation (its dropout edges are then recorded by
+    aten nodes)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if dropout and dropout > 0 or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    q_len = query.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(q_len > 1 and attention_mask is None and causal)
+    if causal and key.shape[2] > q_len:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    if attention_mask is not None and attention_mask.shape[-1] > key.shape[2]:
+        attention_mask = attention_mask[..., : key.shape[2]]
+    out = fused_attention(query, key, value, attention_mask, causal, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except Exception:
+        return False
+    AttentionInterface.register(ATTN_NAME, semitriton_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    return True
+
+
+def _uses_attention_interface(module: nn.Module) -> bool:
+    import inspect
+    try:
+        src = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in src
+
+
+# ---- public API ------------------------------------------------------------------------------------
+@dataclass
+class PatchRecord:
+    swapped: list = field(default_factory=list)          # (parent, name, original, patched)
+    attention_configs: list = field(default_factory=list)  # (config, previous implementation)
+    attention_modules: int = 0
+    tracked_here: bool = False
+    skipped: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        kinds: dict = {}
+        for _, _, orig, _ in self.swapped:
+            kinds[type(orig).__name__] = kinds.get(type(orig).__name__, 0) + 1
+        return {"swapped": kinds, "attention_modules": self.attention_modules,
+                "attention_implementation": ATTN_NAME if self.attention_configs else None,
+                "skipped": list(self.skipped)}
+
+    def describe(self) -> str:
+        s = self.summary()
+        parts = [f"{n}× {k}" for k, n in sorted(s["swapped"].items())]
+        if s["attention_modules"]:
+            parts.append(f"{s['attention_modules']}× attention -> one fused node each")
+        if s["skipped"]:
+            parts.append(f"left as is: {'; '.join(s['skipped'])}")
+        return "semitriton.patch: " + (", ".join(parts) if parts else "nothing to swap (aten rules apply)")
+
+
+def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, attention: bool = True,
+          verbose: bool = False) -> nn.Module:
+    """Swap non-canonical modules of ``model`` in place (see module docstring);
+    returns ``model``. Patching twice changes nothing. ``verbose`` prints the
+    summary (also in ``patch_summary(model)``); module names are tracked for
+    error messages and path readouts."""
+    if getattr(model, _RECORD, None) is not None:
+        return model
+    rec = PatchRecord()
+    rms = _rms_classes()
+    acts = _activation_classes()
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent._modules.items()):
+            if child is None or getattr(type(child), "_semitriton_original_class", None):
+                continue
+            cls = type(child)
+            new = None
+            if norms and cls in rms:
+                if _rms_formula_matches(child, rms[cls]):
+                    new = _swap(child, "rms_norm", _semitriton_eps=_rms_eps(child),
+                                _semitriton_offset=rms[cls])
+                else:
+                    rec.skipped.append(f"{parent_name + '.' if parent_name else ''}{name} ({cls.__name__}): "
+                                       "forward differs from γ·x·rsqrt(mean(x²)+eps)")
+            elif activations and isinstance(child, acts) and cls in acts:
+                new = _swap(child, "activation")
+            if new is not None:
+                parent._modules[name] = new
+                rec.swapped.append((parent, name, child, new))
+    if attention:
+        cfg = getattr(model, "config", None)
+        n_attn = sum(_uses_attention_interface(m) for m in model.modules())
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and n_attn and _register_attention():
+            rec.attention_configs.append((cfg, cfg._attn_implementation))
+            cfg._attn_implementation = ATTN_NAME
+            rec.attention_modules = n_attn
+    if not getattr(model, "_semitriton_track_handles", None):
+        track(model)
+        rec.tracked_here = True
+    object.__setattr__(model, _RECORD, rec)
+    msg = rec.describe()
+    log.info(msg)
+    if verbose:
+        print(msg)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put the original module objects and attention implementation back."""
+    rec = getattr(model, _RECORD, None)
+    if rec is None:
+        return model
+    for parent, name, orig, new in reversed(rec.swapped):
+        if parent._modules.get(name) is new:
+            parent._modules[name] = orig
+    for cfg, prev in rec.attention_configs:
+        cfg._attn_implementation = prev
+    if rec.tracked_here:
+        untrack(model)
+    object.__delattr__(model, _RECORD)
+    return model
+
+
+def patch_summary(model: nn.Module) -> Optional[dict]:
+    rec = getattr(model, _RECORD, None)
+    return None if rec is None else rec.summary()
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, _RECORD, None) is not None

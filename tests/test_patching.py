@@ -1,0 +1,227 @@
+"""semitriton.patch / unpatch on Hugging Face and PyTorch models."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import semitriton
+from conftest import SEMIRINGS, assert_semiring_close
+from hf_models import build, embeds_and_output
+from oracle import Program, Step, oracle
+
+transformers = pytest.importorskip("transformers")
+
+IDS = torch.tensor([[3, 5, 7, 9, 11, 2], [4, 6, 8, 10, 12, 14]])
+MASK = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+
+
+def _extra(kind, dtype=torch.float32, attn="sdpa"):
+    t = transformers
+    torch.manual_seed(0)
+    common = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=24, max_position_embeddings=32)
+    cfg, cls = {
+        "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM),
+        "mistral": (t.MistralConfig, t.MistralForCausalLM),
+        "gemma": (t.GemmaConfig, t.GemmaForCausalLM),
+    }[kind]
+    extra = {"head_dim": 4} if kind == "gemma" else {}
+    c = cfg(**common, **extra)
+    c._attn_implementation = attn
+    m = cls(c).to(dtype).eval()
+    if kind == "gemma":      # non-trivial (1 + weight)
+        for mod in m.modules():
+            if type(mod).__name__ == "GemmaRMSNorm":
+                mod.weight.data.normal_(0, 0.3)
+    return m
+
+
+def _model(kind, attn="sdpa", dtype=torch.float32):
+    if kind in ("qwen2", "mistral", "gemma"):
+        return _extra(kind, dtype, attn)
+    return build(kind, attn, dtype=dtype)
+
+
+ALL = ["bert", "bert_cls", "gpt2", "llama", "qwen2", "mistral", "gemma"]
+
+
+def _logits(model, ids=IDS, mask=MASK):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ALL)
+def test_outputs_equal_and_unpatch_restores(kind, attn):
+    model = _model(kind, attn)
+    before = _logits(model)
+    modules_before = dict(model.named_modules())
+    keys_before = list(model.state_dict())
+    impl_before = model.config._attn_implementation
+    semitriton.patch(model)
+    summary = semitriton.patch_summary(model)
+    assert summary["attention_modules"] > 0
+    after = _logits(model)
+    assert after.dtype == before.dtype
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
+    assert list(model.state_dict()) == keys_before
+    # patching twice changes nothing
+    mods = dict(model.named_modules())
+    semitriton.patch(model)
+    assert all(mods[k] is v for k, v in model.named_modules())
+    semitriton.unpatch(model)
+    assert all(modules_before[k] is v for k, v in model.named_modules())
+    assert model.config._attn_implementation == impl_before
+    assert torch.equal(_logits(model), before)
+
+
+def test_summary_lists_what_was_swapped(capsys):
+    model = _model("llama")
+    semitriton.patch(model, verbose=True)
+    s = semitriton.patch_summary(model)
+    assert s["swapped"] == {"LlamaRMSNorm": 5} and s["attention_modules"] == 2
+    assert "5× LlamaRMSNorm" in capsys.readouterr().out
+    gpt = semitriton.patch(_model("gpt2"))
+    assert semitriton.patch_summary(gpt)["swapped"] == {"NewGELUActivation": 2}
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama", "gemma"])
+def test_training_backward_still_correct(kind):
+    model = _model(kind).train()
+    ref = copy.deepcopy(model)
+    semitriton.patch(model)
+    for m in (model, ref):
+        torch.manual_seed(3)
+        out = m(input_ids=IDS, attention_mask=MASK).logits
+        (out.float() ** 2).mean().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if q.grad is None:
+            assert p.grad is None
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_save_and_reload(kind, tmp_path):
+    model = _model(kind)
+    semitriton.patch(model)
+    out = _logits(model)
+    model.save_pretrained(tmp_path)
+    cls = type(model)
+    again = cls.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(again), out, rtol=1e-5, atol=1e-6)
+    assert again.config._attn_implementation != semitriton.patching.ATTN_NAME
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_patched_eager_and_sdpa_same_statistics(kind, semiring):
+    stats = []
+    for attn in ("eager", "sdpa"):
+        model = semitriton.patch(_model(kind, attn, dtype=torch.float64))
+        emb, score = embeds_and_output(model, kind, IDS, MASK)
+        stats.append(semitriton.grad_values(score, emb, semiring=semiring)[0])
+    for a, b in zip(*stats):
+        fin = torch.isfinite(b)
+        assert torch.equal(fin, torch.isfinite(a))
+        torch.testing.assert_close(a[fin], b[fin], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_fused_attention_equals_aten_attention(kind, semiring):
+    """Patching only the attention changes no statistic (both are canonical)."""
+    model = _model(kind, "eager", dtype=torch.float64)
+    emb, score = embeds_and_output(model, kind, IDS, MASK)
+    (ref,) = semitriton.grad_values(score, emb, semiring=semiring)
+    semitriton.patch(model, norms=False, activations=False)
+    emb2, score2 = embeds_and_output(model, kind, IDS, MASK)
+    (got,) = semitriton.grad_values(score2, emb2, semiring=semiring)
+    # LlamaRMSNorm rounds through float32, so eager vs fused forwards agree to float32 only
+    tol = 2e-5 if kind == "llama" else 1e-9
+    for a, b in zip(got, ref):
+        fin = torch.isfinite(b)
+        torch.testing.assert_close(a[fin], b[fin], rtol=tol, atol=tol * max(1.0, b[fin].abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_half_precision_models(kind, dtype):
+    model = _model(kind, dtype=dtype)
+    before = _logits(model)
+    semitriton.patch(model)
+    after = _logits(model)
+    assert after.dtype == dtype
+    torch.testing.assert_close(after, before, rtol=2e-2, atol=2e-2)
+    emb, score = embeds_and_output(model, kind, IDS, MASK)
+    (flow,) = semitriton.grad(score, emb, semiring="abs")
+    has_path = flow > 0
+    for semiring in SEMIRINGS:
+        (vals,) = semitriton.grad_values(score, emb, semiring=semiring)
+        assert all(c.dtype == torch.float32 for c in vals)
+        assert torch.isfinite(semitriton.semirings.get(semiring).readout(vals)[has_path]).all()
+
+
+def _canonical_program(x0, w, eps, gelu_mod):
+    steps = [
+        Step("n", lambda x: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)), ("x",)),
+        Step("a", lambda t: gelu_mod(t), ("n",)),           # one primitive each
+        Step("out", lambda t: (t * torch.linspace(-1, 1, t.shape[-1], dtype=t.dtype)).sum(), ("a",)),
+    ]
+    return Program("canonical", {"x": x0}, steps, engine=None)
+
+
+@pytest.mark.parametrize("norm", ["nn.RMSNorm", "LlamaRMSNorm"])
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_patched_statistics_follow_canonical_definitions(semiring, norm):
+    """RMSNorm and the composed tanh-GELU each count as ONE primitive once patched."""
+    from transformers.activations import NewGELUActivation
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    torch.manual_seed(0)
+    rms = nn.RMSNorm(6, eps=1e-5) if norm == "nn.RMSNorm" else LlamaRMSNorm(6, eps=1e-5)
+    model = nn.Sequential(rms, NewGELUActivation()).double()
+    model[0].weight.data.normal_(1, 0.3)
+    x0 = torch.randn(2, 3, 6, dtype=torch.float64)
+    semitriton.patch(model)
+    x = x0.clone().requires_grad_()
+    y = model(x)
+    out = (y * torch.linspace(-1, 1, 6, dtype=torch.float64)).sum()
+    (got,) = semitriton.grad(out, x, semiring=semiring)
+    w = model[0].weight.detach().clone()
+    expected = oracle(_canonical_program(x0, w, 1e-5, NewGELUActivation()), semiring)["x"]
+    # LlamaRMSNorm computes in float32 even in a float64 model
+    tol = 1e-9 if norm == "nn.RMSNorm" else 1e-6
+    assert_semiring_close(got, expected, semiring, tol, "patched rmsnorm+gelu")
+
+
+def test_nn_rmsnorm_and_custom_modules():
+    class Custom(nn.Module):          # unknown custom module: aten rules apply
+        def forward(self, x):
+            return torch.tanh(x) * x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.RMSNorm(5), Custom(), nn.Linear(5, 2))
+    x = torch.randn(3, 5, requires_grad=True)
+    before = model(x)
+    semitriton.patch(model)
+    assert semitriton.patch_summary(model)["swapped"] == {"RMSNorm": 1}
+    after = model(x)
+    torch.testing.assert_close(after, before)
+    (g,) = semitriton.grad(after.sum(), x)
+    torch.testing.assert_close(g, torch.autograd.grad(before.sum(), x)[0], rtol=1e-5, atol=1e-6)
+    for s in SEMIRINGS:
+        assert torch.isfinite(semitriton.grad(after.sum(), x, semiring=s)[0]).all()
+
+
+def test_unsupported_node_inside_patched_model_names_module():
+    class Weird(nn.Module):
+        def forward(self, x):
+            return torch.cumsum(x, -1)
+
+    model = nn.Sequential(nn.Linear(4, 4), Weird())
+    semitriton.patch(model)
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(semitriton.UnsupportedNodeError, match=r"CumsumBackward0.*module 1 \(Weird\)"):
+        semitriton.grad(model(x).sum(), x)
