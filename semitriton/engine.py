@@ -109,12 +109,24 @@ class GradientGraph:
                 relevant.add(n)
         self.relevant = relevant
         indeg: dict = {}
+        consumers: dict = {}
         for n in relevant:
-            for f, _ in n.next_functions:
+            for i, (f, nr) in enumerate(n.next_functions):
                 if f is not None and f in relevant:
                     indeg[f] = indeg.get(f, 0) + 1
+                    consumers.setdefault((f, nr), []).append((n, i))
         self.indegree = indeg
+        #: (node, forward-output slot) -> [(consumer node, input index)]: the forward adjacency
+        self.consumers = consumers
         self.n_nodes = len(relevant)
+
+    def target_of(self, i: int):
+        """(node, slot) that holds input ``i``'s value."""
+        for node, lst in self.targets.items():
+            for slot, j in lst:
+                if j == i:
+                    return node, slot
+        return None
 
     def module_of(self, node) -> str:
         return self.labels.describe(node)
@@ -133,78 +145,150 @@ def _unsupported(graph: GradientGraph, node) -> UnsupportedNodeError:
         "replace the op, or register a rule with semitriton.rules.rule('" + name + "')")
 
 
+def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route=None,
+          progress: bool = False) -> dict:
+    """The generalised backward over ``graph`` (relevant nodes, in-degrees,
+    targets) from ``seeds`` = {node: [value per forward-output slot]}. Returns
+    {(node, slot): value} for the graph's targets."""
+    captured: dict = {}
+    pending = {n: list(v) for n, v in seeds.items()}
+    indeg = dict(graph.indegree)
+    queue = deque(n for n in seeds if indeg.get(n, 0) == 0)
+    bar = _progress(graph.n_nodes) if progress else None
+    while queue:
+        node = queue.popleft()
+        grads = pending.pop(node)
+        if bar is not None:
+            bar.update(1)
+        if keep is not None:
+            keep[node] = grads
+        for slot, _ in graph.targets.get(node, ()):
+            g = grads[slot]
+            if g is None:
+                meta = node._input_metadata[slot]
+                g = sr.zero(tuple(meta.shape), dtype, meta.device)
+            captured[(node, slot)] = g
+        nexts = node.next_functions
+        needs = [f is not None and f in graph.relevant for f, _ in nexts]
+        if not any(needs):
+            continue
+        fn = rule_for(node)
+        if fn is None:
+            raise _unsupported(graph, node)
+        ctx = RuleContext(node, grads, needs, sr, dtype)
+        try:
+            outs = fn(ctx)
+        except UnsupportedNodeError as exc:
+            where = graph.module_of(node)
+            if where and "module" not in str(exc):
+                raise UnsupportedNodeError(f"{exc} (in module {where})") from None
+            raise
+        if len(outs) != len(nexts):
+            raise RuntimeError(f"rule for {type(node).__name__} returned {len(outs)} values for "
+                               f"{len(nexts)} inputs")
+        del grads, ctx
+        for i, ((f, nr), need, val) in enumerate(zip(nexts, needs, outs)):
+            if not need:
+                continue
+            if route is not None and val is not None:
+                val = route(node, i, val)
+            slots = pending.get(f)
+            if slots is None:
+                slots = pending[f] = [None] * len(f._input_metadata)
+            if val is not None:
+                slots[nr] = val if slots[nr] is None else sr.plus(slots[nr], val)
+            indeg[f] -= 1
+            if indeg[f] == 0:
+                queue.append(f)
+    if bar is not None:
+        bar.close()
+    return captured
+
+
 def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] = "real",
         backend: Optional[str] = None, keep: Optional[dict] = None,
-        progress: bool = False) -> tuple[Value, ...]:
+        progress: bool = False, route=None, graph: Optional[GradientGraph] = None) -> tuple[Value, ...]:
     """One semiring backward pass; returns the raw semiring value of each input.
 
-    ``keep``: if a dict is given, every node's output values are stored in it
-    as ``keep[node] = [value per output slot]`` (used by path readouts)."""
+    ``keep``: if a dict is given, every visited node's output values are stored
+    in it as ``keep[node] = [value per forward-output slot]`` (path readouts use
+    them as potentials). ``route(consumer, index, value) -> value``: a hook
+    applied to each rule output before it is ⊕-accumulated. ``graph``: a
+    prebuilt :class:`GradientGraph`."""
     inputs = _as_tuple(inputs)
     sr = get(semiring)
-    graph = GradientGraph(output, inputs)
+    if graph is None:
+        graph = GradientGraph(output, inputs)
     dtype = compute_dtype(output, inputs)
     results: list[Optional[Value]] = [None] * len(inputs)
     with _backend.use(backend), torch.no_grad():
         for i, t in enumerate(inputs):
             if t is output:
                 results[i] = sr.one(tuple(output.shape), dtype, output.device)
-        if graph.root is None:
-            return tuple(r if r is not None else sr.zero(tuple(t.shape), dtype, t.device)
-                         for r, t in zip(results, inputs))
-        root = graph.root
-        pending: dict = {root: [None] * len(root._input_metadata)}
-        pending[root][output.output_nr] = sr.one(tuple(output.shape), dtype, output.device)
-        indeg = dict(graph.indegree)
-        queue = deque([root])
-        bar = _progress(graph.n_nodes) if progress else None
-        while queue:
-            node = queue.popleft()
-            grads = pending.pop(node)
-            if bar is not None:
-                bar.update(1)
-            if keep is not None:
-                keep[node] = grads
-            for slot, i in graph.targets.get(node, ()):
-                g = grads[slot]
-                if g is None:
-                    meta = node._input_metadata[slot]
-                    g = sr.zero(tuple(meta.shape), dtype, meta.device)
-                results[i] = g
-            nexts = node.next_functions
-            needs = [f is not None and f in graph.relevant for f, _ in nexts]
-            if not any(needs):
-                continue
-            fn = rule_for(node)
-            if fn is None:
-                raise _unsupported(graph, node)
-            ctx = RuleContext(node, grads, needs, sr, dtype)
-            try:
-                outs = fn(ctx)
-            except UnsupportedNodeError as exc:
-                where = graph.module_of(node)
-                if where and "module" not in str(exc):
-                    raise UnsupportedNodeError(f"{exc} (in module {where})") from None
-                raise
-            if len(outs) != len(nexts):
-                raise RuntimeError(f"rule for {type(node).__name__} returned {len(outs)} values for "
-                                   f"{len(nexts)} inputs")
-            del grads, ctx
-            for (f, nr), need, val in zip(nexts, needs, outs):
-                if not need:
-                    continue
-                slots = pending.get(f)
-                if slots is None:
-                    slots = pending[f] = [None] * len(f._input_metadata)
-                if val is not None:
-                    slots[nr] = val if slots[nr] is None else sr.plus(slots[nr], val)
-                indeg[f] -= 1
-                if indeg[f] == 0:
-                    queue.append(f)
-        if bar is not None:
-            bar.close()
+        if graph.root is not None:
+            seed = [None] * len(graph.root._input_metadata)
+            seed[output.output_nr] = sr.one(tuple(output.shape), dtype, output.device)
+            captured = _walk(graph, {graph.root: seed}, sr, dtype, keep, route, progress)
+            for node, lst in graph.targets.items():
+                for slot, i in lst:
+                    results[i] = captured.get((node, slot))
     return tuple(r if r is not None else sr.zero(tuple(t.shape), dtype, t.device)
                  for r, t in zip(results, inputs))
+
+
+class SubGraph:
+    """The nodes on paths from some start nodes down to one target (node, slot)."""
+
+    def __init__(self, starts, target, labels=None):
+        tnode, tslot = target
+        self.targets = {tnode: [(tslot, 0)]}
+        self.labels = labels
+        order, seen, stack = [], set(), [(n, False) for n in starts]
+        while stack:
+            n, done = stack.pop()
+            if done:
+                order.append(n)
+                continue
+            if n is None or n in seen:
+                continue
+            seen.add(n)
+            stack.append((n, True))
+            stack.extend((f, False) for f, _ in n.next_functions if f is not None and f not in seen)
+        relevant = {tnode} if tnode in seen else set()
+        for n in order:
+            if n not in relevant and any(f in relevant for f, _ in n.next_functions if f is not None):
+                relevant.add(n)
+        self.relevant = relevant
+        self.indegree = {}
+        for n in relevant:
+            for f, _ in n.next_functions:
+                if f is not None and f in relevant:
+                    self.indegree[f] = self.indegree.get(f, 0) + 1
+        self.n_nodes = len(relevant)
+
+    def module_of(self, node) -> str:
+        return self.labels.describe(node) if self.labels is not None else ""
+
+
+def propagate(seeds: dict, target, semiring: Union[str, Semiring], dtype: torch.dtype,
+              labels=None, backend: Optional[str] = None) -> Value:
+    """Pull semiring values given at some nodes' outputs (``seeds`` =
+    {(node, slot): value}) down to the tensor ``target`` = (node, slot), through
+    the recorded sub-graph between them. Used to split a value by branch."""
+    sr = get(semiring)
+    by_node: dict = {}
+    for (node, slot), v in seeds.items():
+        by_node.setdefault(node, [None] * len(node._input_metadata))[slot] = v
+    sub = SubGraph(list(by_node), target, labels)
+    seeds_in = {n: v for n, v in by_node.items() if n in sub.relevant}
+    with _backend.use(backend), torch.no_grad():
+        # seed nodes that lie below other seed nodes receive contributions too
+        captured = _walk(sub, seeds_in, sr, dtype) if seeds_in else {}
+    v = captured.get(target)
+    if v is None:
+        meta = target[0]._input_metadata[target[1]]
+        v = sr.zero(tuple(meta.shape), dtype, meta.device)
+    return v
 
 
 def _progress(total: int):

@@ -7,14 +7,13 @@ flash-style kernel that recomputes P blockwise."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..rules.attention import sdpa_bias
-from ._saved import pad, saved_tensors
+from ..rules.attention import attention_args
+from ._saved import pad
 
 
 class FusedAttention(torch.autograd.Function):
@@ -44,12 +43,9 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def semiring_backward(rc):
-        node = rc.node
-        q, k, v, mask = saved_tensors(node)
-        scale = node.scale if node.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        bias = sdpa_bias(mask, q.shape[-2], k.shape[-2], rc.dtype)
+        a = attention_args(rc.node, rc.dtype)
         needs = tuple(rc.needs[:3])
-        vq, vk, vv = rc.sr.attention(rc.grad(0), q, k, v, bias, node.causal, scale, needs)
+        vq, vk, vv = rc.sr.attention(rc.grad(0), a.q, a.k, a.v, a.bias, a.causal, a.scale, needs)
         return pad([vq, vk, vv], len(rc.needs))
 
 

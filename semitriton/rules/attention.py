@@ -6,6 +6,7 @@ attention built from matmul/softmax/matmul gives the same statistics."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -34,6 +35,45 @@ def sdpa_bias(mask, tq: int, tk: int, dtype):
     return mask
 
 
+class AttentionArgs(NamedTuple):
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: Optional[torch.Tensor]
+    causal: bool
+    scale: float
+
+
+def is_attention_node(node) -> bool:
+    name = type(node).__name__
+    return name in SDPA_NODES or (name == "FusedAttentionBackward" and hasattr(node, "causal"))
+
+
+def attention_args(node, dtype) -> AttentionArgs:
+    """q, k, v (as saved), additive bias (-inf where masked), causal flag and scale
+    of an SDPA node or a fused attention node."""
+    from ..fused._saved import saved_tensors
+    name = type(node).__name__
+    if name in SDPA_NODES:
+        try:
+            q, k, v = node._saved_query, node._saved_key, node._saved_value
+            mask = None
+            for attr in ("_saved_attn_mask", "_saved_attn_bias"):
+                if hasattr(node, attr):
+                    mask = getattr(node, attr)
+                    break
+            scale, causal = node._saved_scale, bool(node._saved_is_causal)
+        except RuntimeError as exc:
+            from . import _freed
+            raise _freed(node, exc) from exc
+    else:
+        q, k, v, mask = saved_tensors(node)
+        scale, causal = node.scale, node.causal
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return AttentionArgs(q, k, v, sdpa_bias(mask, q.shape[-2], k.shape[-2], dtype), causal, float(scale))
+
+
 @rule(*SDPA_NODES)
 def sdpa(ctx):
     out = [None] * ctx.n_inputs
@@ -49,17 +89,7 @@ def sdpa(ctx):
         raise UnsupportedNodeError(
             f"{ctx.name}: attention dropout is active (dropout_p={p_drop}); put the model in "
             "eval() mode, dropout edges are not recoverable from the fused kernel")
-    q, k, v = (ctx.saved(n, cast=False) for n in ("query", "key", "value"))
-    scale = ctx.saved("scale")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    mask = None
-    for name in ("attn_mask", "attn_bias"):
-        if ctx.has_saved(name):
-            mask = ctx.saved(name)
-            break
-    bias = sdpa_bias(mask, q.shape[-2], k.shape[-2], ctx.dtype)
-    causal = bool(ctx.saved("is_causal"))
-    vq, vk, vv = ctx.sr.attention(ctx.grad(), q, k, v, bias, causal, scale, needs)
+    a = attention_args(ctx.node, ctx.dtype)
+    vq, vk, vv = ctx.sr.attention(ctx.grad(), a.q, a.k, a.v, a.bias, a.causal, a.scale, needs)
     out[0], out[1], out[2] = vq, vk, vv
     return out

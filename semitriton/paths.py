@@ -1,0 +1,505 @@
+"""Exact scalar-level paths: the k best paths, the signed top path, and path
+sampling.
+
+The scalar gradient graph is never built in full. One semiring pass (with
+``keep``) stores each tensor's value: for maxabs the best |product| from
+every scalar to the output, i.e. an exact potential. Paths are then grown
+forward from the input, one scalar at a time: the out-edges of a scalar x
+are the non-zero entries of the local Jacobian column J[:, x] of each node
+that consumes x's tensor. That column is read off the node's own ``real``
+rule by autograd (the rule is linear in the output values, so
+∂ rule(g)[x] / ∂g = J[:, x]); attention, the one composite primitive, is
+expanded into its canonical internal steps (scores S, probabilities P,
+output O) so paths are reported scalar by scalar.
+
+* :func:`top_paths` (maxabs): best-first search with the exact potentials and
+  lazily sorted successor lists, which pops complete paths in exactly
+  decreasing weight; k ≤ 16.
+* :func:`top_paths` (max): the path with the largest signed product, by a
+  walk that follows M+ or M- depending on the sign of each edge.
+* :func:`sample_paths`: paths drawn with probability ∝ Π|w| exactly, each
+  step choosing an out-edge with probability |w| Z(u) / Z(x) (abs values).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .engine import GradientGraph, compute_dtype, run
+from .rules import RuleContext, rule_for
+from .rules.attention import attention_args, is_attention_node
+from .semirings import Real, Semiring, get
+from .semirings.base import attention_probs
+
+_REAL = Real()
+MAX_K = 16
+
+
+# ---- path objects ------------------------------------------------------------------------------
+@dataclass
+class PathStep:
+    """One edge of a path: into element ``index`` of a tensor of ``shape``."""
+
+    op: str             # e.g. "addmm", "layer_norm", "attention.scores", "view"
+    node: str           # autograd node type (or the attention node for internal steps)
+    module: str         # qualified module name, "" where unknown
+    shape: tuple
+    index: tuple
+    weight: float       # the local derivative on this edge
+
+    def to_dict(self) -> dict:
+        return {"op": self.op, "node": self.node, "module": self.module, "shape": list(self.shape),
+                "index": list(self.index), "weight": self.weight}
+
+    @classmethod
+    def from_dict(cls, d) -> "PathStep":
+        return cls(d["op"], d["node"], d["module"], tuple(d["shape"]), tuple(d["index"]), d["weight"])
+
+
+@dataclass
+class Path:
+    """A path from one scalar of the input to the output.
+
+    ``weight``: |Π w| for maxabs and sampled paths, the signed Π w for max.
+    ``source_index``: the input element. ``steps``: the edges in order."""
+
+    weight: float
+    source_index: tuple
+    source_shape: tuple
+    steps: list = field(default_factory=list)
+    semiring: str = "maxabs"
+
+    @property
+    def product(self) -> float:
+        return math.prod(s.weight for s in self.steps)
+
+    @property
+    def log_weight(self) -> float:
+        return sum(math.log(abs(s.weight)) for s in self.steps)
+
+    def modules(self) -> list:
+        return [s.module for s in self.steps]
+
+    def to_dict(self) -> dict:
+        return {"weight": self.weight, "semiring": self.semiring, "source_index": list(self.source_index),
+                "source_shape": list(self.source_shape), "steps": [s.to_dict() for s in self.steps]}
+
+    @classmethod
+    def from_dict(cls, d) -> "Path":
+        return cls(d["weight"], tuple(d["source_index"]), tuple(d["source_shape"]),
+                   [PathStep.from_dict(s) for s in d["steps"]], d.get("semiring", "maxabs"))
+
+    def __str__(self) -> str:
+        lines = [f"path weight {self.weight:.6g} from input{list(self.source_index)}"]
+        for s in self.steps:
+            lines.append(f"  ×{s.weight:+.4g}  {s.op:<18} {s.module or '-':<40} {list(s.index)}")
+        return "\n".join(lines)
+
+
+def op_kind(node_name: str) -> str:
+    """Friendly op name of an autograd node type ("AddmmBackward0" -> "addmm")."""
+    base = re.sub(r"Backward\d*$", "", node_name)
+    base = {"NativeLayerNorm": "layer_norm", "CanonicalRMSNorm": "rms_norm",
+            "CanonicalElementwise": "activation", "SafeSoftmax": "softmax", "_SafeSoftmax": "softmax",
+            "ToCopy": "cast"}.get(base, base)
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
+
+
+# ---- the scalar-level view -------------------------------------------------------------------------
+_SINK = ("sink",)
+
+
+class PathGraph:
+    """Out-edges and potentials of individual scalars of a recorded graph.
+
+    Tensor references: ``("t", node, slot)`` for the forward output ``slot``
+    of autograd ``node``; ``("S", node)`` / ``("P", node)`` for the scores and
+    probabilities inside attention ``node`` ([B, H, Tq, Tk])."""
+
+    def __init__(self, output: Tensor, input: Tensor, semiring: Union[str, Semiring],
+                 backend: Optional[str] = None):
+        self.sr = get(semiring)
+        self.output = output
+        self.input = input
+        self.graph = GradientGraph(output, [input])
+        self.dtype = compute_dtype(output, [input])
+        self.keep: dict = {}
+        (self.input_value,) = run(output, [input], self.sr, backend=backend, keep=self.keep,
+                                  graph=self.graph)
+        tgt = self.graph.target_of(0)
+        self.source = ("t",) + tgt if tgt is not None else None
+        self.sink_ref = ("t", self.graph.root, output.output_nr) if self.graph.root is not None else None
+        self._columns: dict = {}
+        self._attn: dict = {}
+
+    # -- tensors ---------------------------------------------------------------------------------
+    def shape(self, ref) -> tuple:
+        if ref[0] == "t":
+            return tuple(ref[1]._input_metadata[ref[2]].shape)
+        a = self._attention(ref[1])
+        return tuple(a["p"].shape)
+
+    def value(self, ref) -> tuple:
+        """The stored semiring value of a tensor (internal attention tensors are
+        recomputed from the attention output's value with the semiring's own ops)."""
+        if ref[0] == "t":
+            g = self.keep.get(ref[1])
+            v = None if g is None else g[ref[2]]
+            if v is None:
+                meta = ref[1]._input_metadata[ref[2]]
+                v = self.sr.zero(tuple(meta.shape), self.dtype, meta.device)
+            return v
+        a = self._attention(ref[1])
+        key = "v" + ref[0]
+        if key not in a:
+            vo = self.value(("t", ref[1], 0))
+            with torch.no_grad():
+                a["vP"] = self.sr.matmul(vo, a["v"].transpose(-1, -2))
+                a["vS"] = self.sr.softmax(a["vP"], a["p"], -1)
+        return a[key]
+
+    def module_of(self, node) -> str:
+        lab = self.graph.labels.of(node)
+        return lab[0] if lab else ""
+
+    # -- attention internals --------------------------------------------------------------------------
+    def _attention(self, node) -> dict:
+        a = self._attn.get(node)
+        if a is None:
+            args = attention_args(node, self.dtype)
+            q, k, v = (t.detach().to(self.dtype) for t in (args.q, args.k, args.v))
+            group = q.shape[-3] // k.shape[-3]
+            ke = k.repeat_interleave(group, dim=-3) if group > 1 else k
+            ve = v.repeat_interleave(group, dim=-3) if group > 1 else v
+            with torch.no_grad():
+                p = attention_probs(q, ke, args.bias, args.causal, args.scale)
+            a = self._attn[node] = {"q": q, "k": ke, "v": ve, "p": p, "scale": args.scale,
+                                    "group": group, "hk": k.shape[-3]}
+        return a
+
+    def _attention_edges(self, node, slot: int, idx: tuple):
+        """Out-edges of q/k/v element ``idx`` into S or O of attention ``node``."""
+        a = self._attention(node)
+        q, k, v, p, s, g = a["q"], a["k"], a["v"], a["p"], a["scale"], a["group"]
+        B, H, Tq, Tk = p.shape
+        lead = idx[:-3]
+        if slot == 0:                                   # q[.., h, i, d] -> S[.., h, i, j] = k[j, d]·s
+            h, i, d = idx[-3:]
+            w = k[lead + (h, slice(None), d)] * s
+            outs = [(("S", node), lead + (h, i, j), float(w[j])) for j in range(Tk)]
+        elif slot == 1:                                 # k[.., hk, j, d] -> S[.., h, i, j] = q[i, d]·s
+            hk, j, d = idx[-3:]
+            outs = []
+            for h in range(hk * g, hk * g + g):
+                w = q[lead + (h, slice(None), d)] * s
+                outs += [(("S", node), lead + (h, i, j), float(w[i])) for i in range(Tq)]
+        elif slot == 2:                                 # v[.., hk, j, d] -> O[.., h, i, d] = P[i, j]
+            hk, j, d = idx[-3:]
+            outs = []
+            for h in range(hk * g, hk * g + g):
+                w = p[lead + (h, slice(None), j)]
+                outs += [(("t", node, 0), lead + (h, i, d), float(w[i])) for i in range(Tq)]
+        else:
+            outs = []
+        return [(r, u, w, op) for (r, u, w), op in zip(outs, itertools.repeat(
+            "attention.values" if slot == 2 else "attention.scores"))]
+
+    def _internal_edges(self, ref, idx: tuple):
+        node = ref[1]
+        a = self._attention(node)
+        p, v = a["p"], a["v"]
+        lead, (h, i, j) = idx[:-3], idx[-3:]
+        if ref[0] == "S":                               # S[i, j] -> P[i, j'] = P_ij' (δ - P_ij)
+            row = p[lead + (h, i)]
+            w = -row * row[j]
+            w[j] = row[j] * (1 - row[j])
+            return [(("P", node), lead + (h, i, jj), float(w[jj]), "attention.softmax")
+                    for jj in range(row.shape[0])]
+        vrow = v[lead + (h, j)]                          # P[i, j] -> O[i, d] = v[j, d]
+        return [(("t", node, 0), lead + (h, i, d), float(vrow[d]), "attention.values")
+                for d in range(vrow.shape[0])]
+
+    # -- local Jacobian columns -------------------------------------------------------------------------
+    def _column(self, node, slot: int, flat: int):
+        """Non-zero entries J[u, x] of ``node``'s Jacobian for input ``slot``,
+        element ``flat``: [(out_slot, flat_u, w)]."""
+        key = (node, slot, flat)
+        col = self._columns.get(key)
+        if col is not None:
+            return col
+        metas = node._input_metadata
+        gs = [torch.ones(tuple(m.shape), dtype=self.dtype, device=m.device, requires_grad=True)
+              for m in metas]
+        needs = [i == slot for i in range(len(node.next_functions))]
+        ctx = RuleContext(node, [(g,) for g in gs], needs, _REAL, self.dtype)
+        fn = rule_for(node)
+        with torch.enable_grad():
+            res = fn(ctx)[slot]
+            if res is None:
+                self._columns[key] = []
+                return []
+            sel = res[0].reshape(-1)[flat]
+            grads = torch.autograd.grad(sel, gs, allow_unused=True)
+        col = []
+        for o, gr in enumerate(grads):
+            if gr is None:
+                continue
+            gr = gr.reshape(-1)
+            nz = torch.nonzero(gr, as_tuple=True)[0]
+            col += [(o, int(u), float(gr[u])) for u in nz.tolist()]
+        self._columns[key] = col
+        return col
+
+    # -- successors --------------------------------------------------------------------------------
+    def edges(self, ref, idx: tuple):
+        """All out-edges of scalar ``idx`` of tensor ``ref``:
+        [(ref_u, idx_u, weight, op, node name, module)]."""
+        if ref == self.sink_ref:
+            return [(_SINK, (), 1.0, "output", "", "")]
+        if ref[0] in ("S", "P"):
+            node = ref[1]
+            return [(r, u, w, op, type(node).__name__, self.module_of(node))
+                    for r, u, w, op in self._internal_edges(ref, idx) if w != 0.0]
+        out = []
+        shape = self.shape(ref)
+        flat = _ravel(idx, shape)
+        for cons, i in self.graph.consumers.get((ref[1], ref[2]), ()):
+            name = type(cons).__name__
+            mod = self.module_of(cons)
+            if is_attention_node(cons):
+                out += [(r, u, w, op, name, mod) for r, u, w, op in self._attention_edges(cons, i, idx)
+                        if w != 0.0]
+                continue
+            for o, fu, w in self._column(cons, i, flat):
+                oshape = tuple(cons._input_metadata[o].shape)
+                out.append((("t", cons, o), _unravel(fu, oshape), w, op_kind(name), name, mod))
+        return out
+
+
+def _ravel(idx, shape) -> int:
+    f = 0
+    for i, s in zip(idx, shape):
+        f = f * s + i
+    return f
+
+
+def _unravel(flat: int, shape) -> tuple:
+    out = []
+    for s in reversed(shape):
+        out.append(flat % s if s else 0)
+        flat //= s if s else 1
+    return tuple(reversed(out))
+
+
+def _scalar(t: Tensor, idx: tuple) -> float:
+    return float(t[idx]) if t.dim() else float(t)
+
+
+# ---- top paths ---------------------------------------------------------------------------------------
+def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs",
+              index: Optional[Sequence[int]] = None, backend: Optional[str] = None,
+              graph: Optional[PathGraph] = None) -> list:
+    """The ``k`` highest-weighted paths from any scalar of ``input`` (or from
+    ``input[index]``) to ``output``, best first.
+
+    ``semiring="maxabs"``: weights are |Π w|, exact k-best (k ≤ 16).
+    ``semiring="max"``: the path with the largest signed product (k = 1).
+    A :class:`PathGraph` built once can be passed as ``graph`` to query
+    several indices without recomputing the pass."""
+    name = semiring if isinstance(semiring, str) else semiring.name
+    if name not in ("maxabs", "max"):
+        raise ValueError(f"top_paths supports semiring 'maxabs' (k-best) or 'max' (k=1), not {name!r}")
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
+    if name == "max" and k != 1:
+        raise ValueError("the signed max semiring gives the single top path: use k=1 "
+                         "(or semiring='maxabs' for the k best |products|)")
+    pg = graph if graph is not None else PathGraph(output, input, name, backend=backend)
+    if pg.source is None:
+        return []
+    if index is not None:
+        index = tuple(int(i) for i in (index if isinstance(index, (tuple, list)) else (index,)))
+        if len(index) != input.dim():
+            raise IndexError(f"index {index} has {len(index)} dims, input has {input.dim()}")
+    if name == "max":
+        p = _signed_top_path(pg, index)
+        return [] if p is None else [p]
+    return _kbest(pg, k, index)
+
+
+def _potential(pg: PathGraph, ref, idx) -> float:
+    if ref == _SINK:
+        return 0.0
+    return _scalar(pg.value(ref)[0], idx)
+
+
+def _kbest(pg: PathGraph, k: int, index) -> list:
+    """Best-first search with exact potentials. A heap item is "partial path P
+    (log weight g, head h) extended by the r-th best successor of h", with
+    priority g + log|w_r| + pot(u_r) — an exact bound on its best completion.
+    Popping it queues the extension's own best successor (same priority) and
+    P's (r+1)-th alternative, so complete paths pop in decreasing weight."""
+    NEG = float("-inf")
+    src_val = pg.value(pg.source)[0]
+    succ_cache: dict = {}
+
+    def successors(ref, idx):
+        s = succ_cache.get((ref, idx))
+        if s is None:
+            s = []
+            for r, u, w, op, node, mod in pg.edges(ref, idx):
+                pot = _potential(pg, r, u)
+                if pot != NEG:
+                    lw = math.log(abs(w))
+                    s.append((lw + pot, lw, (op, node, mod, r, u, w)))
+            s.sort(key=lambda e: -e[0])
+            succ_cache[(ref, idx)] = s
+        return s
+
+    # the start scalars (a virtual source joined to each by weight 1); only the
+    # top-k by potential can start one of the k best paths
+    if index is not None:
+        starts = [(_scalar(src_val, index), index)]
+    else:
+        flat = src_val.reshape(-1)
+        order = torch.argsort(flat, descending=True)[: 4 * k]
+        starts = [(float(flat[i]), _unravel(int(i), tuple(src_val.shape))) for i in order.tolist()]
+    starts = [(pot, (("start", idx),), idx) for pot, idx in starts if pot != NEG]
+    tie = itertools.count()
+    heap: list = []
+
+    def push_extension(g, head_ref, head_idx, steps, rank):
+        succ = successors(head_ref, head_idx)
+        if rank < len(succ):
+            heapq.heappush(heap, (-(g + succ[rank][0]), next(tie), g, head_ref, head_idx, steps, rank))
+
+    if starts:
+        heapq.heappush(heap, (-starts[0][0], next(tie), 0.0, None, None, (), 0))
+    out = []
+    while heap and len(out) < k:
+        _, _, g, ref, idx, steps, rank = heapq.heappop(heap)
+        if ref is None:                                 # the virtual source's rank-th start
+            if rank + 1 < len(starts):
+                heapq.heappush(heap, (-starts[rank + 1][0], next(tie), 0.0, None, None, (), rank + 1))
+            _, start_steps, sidx = starts[rank]
+            push_extension(0.0, pg.source, sidx, start_steps, 0)
+            continue
+        _, lw, step = successors(ref, idx)[rank]
+        push_extension(g, ref, idx, steps, rank + 1)    # P's next alternative
+        steps = steps + (step,)
+        if step[3] == _SINK:
+            out.append(_make_path(pg, steps, "maxabs"))
+            continue
+        push_extension(g + lw, step[3], step[4], steps, 0)
+    return out
+
+
+def _make_path(pg: PathGraph, steps, semiring: str) -> Path:
+    source = steps[0][1]
+    out_steps = []
+    for op, node, mod, r, u, w in steps[1:]:
+        if r == _SINK:
+            continue
+        out_steps.append(PathStep(op, node, mod, pg.shape(r), tuple(int(i) for i in u), float(w)))
+    prod = math.prod(s.weight for s in out_steps)
+    weight = abs(prod) if semiring != "max" else prod
+    return Path(weight, tuple(int(i) for i in source), tuple(pg.input.shape), out_steps, semiring)
+
+
+def _signed_top_path(pg: PathGraph, index) -> Optional[Path]:
+    """Follow M+ (or M- after a negative edge) greedily; exact for k = 1."""
+    NEG, POS = float("-inf"), float("inf")
+    src = pg.source
+    vp, _ = pg.value(src)
+    if index is None:
+        flat = int(torch.argmax(vp.reshape(-1)))
+        index = _unravel(flat, tuple(vp.shape))
+    if _scalar(vp, index) == NEG:
+        return None
+    steps = [("start", index)]
+    ref, idx, want_pos = src, index, True
+    while ref != _SINK:
+        best = None
+        for r, u, w, op, node, mod in pg.edges(ref, idx):
+            if r == _SINK:
+                p = n = 1.0
+            else:
+                pv, nv = pg.value(r)
+                p, n = _scalar(pv, u), _scalar(nv, u)
+                if p == NEG:
+                    continue
+            if want_pos:
+                cand, nxt = (w * p, True) if w > 0 else (w * n, False)
+                better = best is None or cand > best[0]
+            else:
+                cand, nxt = (w * n, False) if w > 0 else (w * p, True)
+                better = best is None or cand < best[0]
+            if better:
+                best = (cand, r, u, w, op, node, mod, nxt)
+        if best is None:
+            return None
+        _, r, u, w, op, node, mod, want_pos = best
+        steps.append((op, node, mod, r, u, w))
+        ref, idx = r, u
+    return _make_path(pg, steps, "max")
+
+
+# ---- sampling -----------------------------------------------------------------------------------------
+def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Sequence[int]] = None,
+                 seed: Optional[int] = None, backend: Optional[str] = None,
+                 graph: Optional[PathGraph] = None) -> list:
+    """Draw ``n`` paths with probability ∝ Π|w| exactly: the start scalar with
+    probability Z(x)/ΣZ (or ``input[index]``), then each out-edge x -> u with
+    probability |w| Z(u) / Z(x), using the abs semiring's values. The entropy
+    semiring's H is the entropy of this distribution."""
+    pg = graph if graph is not None else PathGraph(output, input, "abs", backend=backend)
+    if pg.sr.name != "abs":
+        raise ValueError("sample_paths needs a PathGraph built with the abs semiring")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    src_val = pg.value(pg.source)[0].double()
+    if index is not None:
+        index = tuple(int(i) for i in (index if isinstance(index, (tuple, list)) else (index,)))
+    succ_cache: dict = {}
+
+    def successors(ref, idx):
+        key = (ref, idx)
+        s = succ_cache.get(key)
+        if s is None:
+            items = []
+            for r, u, w, op, node, mod in pg.edges(ref, idx):
+                lz = 0.0 if r == _SINK else _scalar(pg.value(r)[0], u)
+                if lz == float("-inf"):
+                    continue
+                items.append((math.log(abs(w)) + lz, r, u, w, op, node, mod))
+            logits = torch.tensor([it[0] for it in items], dtype=torch.float64)
+            s = succ_cache[key] = (items, torch.softmax(logits, 0) if items else None)
+        return s
+
+    paths = []
+    flat = src_val.reshape(-1)
+    start_p = torch.softmax(flat, 0)
+    for _ in range(n):
+        if index is None:
+            sidx = _unravel(int(torch.multinomial(start_p, 1, generator=gen)), tuple(src_val.shape))
+        else:
+            sidx = index
+        steps = [("start", sidx)]
+        ref, idx = pg.source, sidx
+        while ref != _SINK:
+            items, probs = successors(ref, idx)
+            if not items:
+                break
+            j = int(torch.multinomial(probs, 1, generator=gen))
+            _, r, u, w, op, node, mod = items[j]
+            steps.append((op, node, mod, r, u, w))
+            ref, idx = r, u
+        paths.append(_make_path(pg, steps, "abs"))
+    return paths

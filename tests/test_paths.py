@@ -1,0 +1,174 @@
+"""Exact top paths, the signed top path and path sampling against brute-force
+enumeration of the explicit scalar graph (tests/oracle.py)."""
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import semitriton
+from oracle import Program, Step, enumerate_paths, oracle
+from programs import mha, residual_mlp
+
+
+def _tiny_attention(mask="causal", group=2, seed=0):
+    """A tiny GQA attention block with residual fan-out (few enough paths to enumerate)."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, T, D = 1, 2, 3, 2
+    Hk = H // group
+    x = torch.randn(B, T, H * D, generator=g, dtype=torch.float64)
+    Wq = torch.randn(H * D, H * D, generator=g, dtype=torch.float64)
+    Wk = torch.randn(H * D, Hk * D, generator=g, dtype=torch.float64)
+    Wv = torch.randn(H * D, Hk * D, generator=g, dtype=torch.float64)
+    Wv[0, 1] = 0.0                                   # an exact zero: not an edge
+    r = torch.randn(H * D, generator=g, dtype=torch.float64)
+    scale = 1 / math.sqrt(D)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+
+    def heads(n):
+        return lambda t: t.reshape(B, T, n, D).transpose(1, 2)
+
+    def scores(q, k):
+        s = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * scale
+        return s.masked_fill(~causal, float("-inf")) if mask == "causal" else s
+
+    steps = [Step("q", lambda x: x @ Wq, ("x",)), Step("k", lambda x: x @ Wk, ("x",)),
+             Step("v", lambda x: x @ Wv, ("x",)),
+             Step("qh", heads(H), ("q",)), Step("kh", heads(Hk), ("k",)), Step("vh", heads(Hk), ("v",)),
+             Step("s", scores, ("qh", "kh")), Step("p", lambda s: torch.softmax(s, -1), ("s",)),
+             Step("oh", lambda p, v: p @ v.repeat_interleave(group, 1), ("p", "vh")),
+             Step("o", lambda o: o.transpose(1, 2).reshape(B, T, H * D), ("oh",)),
+             Step("res", lambda o, x: o + x, ("o", "x")),
+             Step("out", lambda t: (t * r).sum(), ("res",))]
+
+    def engine(x):
+        q, k, v = heads(H)(x @ Wq), heads(Hk)(x @ Wk), heads(Hk)(x @ Wv)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal", enable_gqa=group > 1)
+        return ((o.transpose(1, 2).reshape(B, T, H * D) + x) * r).sum()
+
+    return Program("tiny_attention", {"x": x}, steps, engine)
+
+
+PROGS = [residual_mlp, lambda: _tiny_attention("causal", 2), lambda: _tiny_attention("none", 1)]
+
+
+def _products(prog):
+    paths = enumerate_paths(prog, "x")
+    return {i: [math.prod(p) for p in ps] for i, ps in paths.items()}
+
+
+def _run(prog):
+    x = prog.inputs["x"].clone().requires_grad_()
+    return x, prog.engine(x)
+
+
+@pytest.mark.parametrize("make", PROGS, ids=["residual_mlp", "gqa_causal", "attention"])
+def test_kbest_equals_brute_force(make):
+    prog = make()
+    prods = _products(prog)
+    allw = sorted((abs(p) for ps in prods.values() for p in ps), reverse=True)
+    x, out = _run(prog)
+    k = 16
+    paths = semitriton.top_paths(out, x, k=k)
+    assert len(paths) == k
+    got = [p.weight for p in paths]
+    assert got == sorted(got, reverse=True)
+    for a, b in zip(got, allw[:k]):
+        assert a == pytest.approx(b, rel=1e-10)
+    for p in paths:                               # steps multiply to the path weight
+        assert abs(p.product) == pytest.approx(p.weight, rel=1e-12)
+        assert p.steps[-1].shape == ()            # ends at the (scalar) output
+    # from one given scalar
+    shape = tuple(prog.inputs["x"].shape)
+    flat = 4
+    idx = torch.unravel_index(torch.tensor(flat), shape)
+    idx = tuple(int(i) for i in idx)
+    per = sorted((abs(p) for p in prods[flat]), reverse=True)
+    got = semitriton.top_paths(out, x, k=5, index=idx)
+    assert [p.source_index for p in got] == [idx] * len(got)
+    for a, b in zip([p.weight for p in got], per[:5]):
+        assert a == pytest.approx(b, rel=1e-10)
+
+
+@pytest.mark.parametrize("make", PROGS, ids=["residual_mlp", "gqa_causal", "attention"])
+def test_signed_top_path_equals_brute_force(make):
+    prog = make()
+    prods = _products(prog)
+    x, out = _run(prog)
+    (p,) = semitriton.top_paths(out, x, k=1, semiring="max")
+    best = max(max(ps) for ps in prods.values() if ps)
+    assert p.weight == pytest.approx(best, rel=1e-10)
+    assert p.product == pytest.approx(p.weight, rel=1e-12)
+    (m,) = semitriton.grad(out, x, semiring="max")
+    assert m.max().item() == pytest.approx(best, rel=1e-10)
+    # per scalar
+    for flat in (0, 5):
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(x.shape)))
+        (q,) = semitriton.top_paths(out, x, semiring="max", index=idx)
+        assert q.weight == pytest.approx(max(prods[flat]), rel=1e-10)
+
+
+def test_sampling_matches_exact_path_probabilities():
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 2, generator=g, dtype=torch.float64)
+    W = torch.randn(2, 2, generator=g, dtype=torch.float64)
+    prog = Program("small", {"x": x0}, [
+        Step("a", lambda x: x @ W, ("x",)), Step("b", lambda a: torch.tanh(a), ("a",)),
+        Step("c", lambda b, x: b * x, ("b", "x")), Step("out", lambda c: c.sum(), ("c",))], None)
+    paths = enumerate_paths(prog, "x")
+    x = x0.clone().requires_grad_()
+    out = (torch.tanh(x @ W) * x).sum()
+    idx = (0, 1)
+    flat = 1
+    exact = [abs(math.prod(p)) for p in paths[flat]]
+    z = sum(exact)
+    n = 4000
+    samples = semitriton.sample_paths(out, x, n=n, index=idx, seed=0)
+    keys = Counter(tuple(round(abs(s.weight), 12) for s in [p]) for p in samples)
+    for w in set(round(e, 12) for e in exact):
+        expected = sum(e for e in exact if round(e, 12) == w) / z
+        observed = keys.get((w,), 0) / n
+        assert abs(observed - expected) < 4 * math.sqrt(expected * (1 - expected) / n) + 1e-3
+    # the entropy of that distribution is the entropy semiring's readout
+    (h,) = semitriton.grad(out, x, semiring="entropy")
+    ent = -sum(e / z * math.log(e / z) for e in exact)
+    assert h[idx].item() == pytest.approx(ent, rel=1e-9)
+    # drawing from any scalar: start in proportion to Z
+    anyp = semitriton.sample_paths(out, x, n=2000, seed=1)
+    (zz,) = semitriton.grad(out, x, semiring="abs")
+    start = Counter(p.source_index for p in anyp)
+    frac = start[(0, 1)] / 2000
+    exp = (zz[0, 1] / zz.sum()).item()
+    assert abs(frac - exp) < 4 * math.sqrt(exp * (1 - exp) / 2000) + 1e-3
+
+
+def test_paths_name_modules_on_a_patched_model():
+    transformers = pytest.importorskip("transformers")
+    from hf_models import build, embeds_and_output
+    model = semitriton.patch(build("llama", "sdpa"))
+    emb, score = embeds_and_output(model, "llama", torch.tensor([[3, 5, 7, 9]]))
+    (p,) = semitriton.top_paths(score[0], emb, k=1)
+    mods = [s.module for s in p.steps if s.module]
+    assert any("layers." in m for m in mods) and p.steps[-1].shape == ()
+    assert abs(p.product) == pytest.approx(p.weight, rel=1e-6)
+    (m,) = semitriton.grad(score[0], emb, semiring="maxabs")
+    assert p.weight == pytest.approx(m.max().item(), rel=1e-5)
+    (s,) = semitriton.top_paths(score[0], emb, semiring="max")
+    (mp,) = semitriton.grad(score[0], emb, semiring="max")
+    assert s.weight == pytest.approx(mp.max().item(), rel=1e-5)
+    # JSON round trip
+    q = semitriton.Path.from_dict(p.to_dict())
+    assert q.weight == p.weight and len(q.steps) == len(p.steps)
+
+
+def test_top_paths_arguments():
+    x = torch.randn(3, requires_grad=True)
+    out = (x * 2).sum()
+    with pytest.raises(ValueError, match="k must be between 1 and 16"):
+        semitriton.top_paths(out, x, k=17)
+    with pytest.raises(ValueError, match="k=1"):
+        semitriton.top_paths(out, x, k=2, semiring="max")
+    with pytest.raises(ValueError, match="maxabs"):
+        semitriton.top_paths(out, x, semiring="abs")
