@@ -28,7 +28,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .engine import GradientGraph, compute_dtype, propagate, run
+from .backend import use as _backend_use
+from .engine import GradientGraph, propagate
 from .errors import SemitritonError
 from .rules import RuleContext, rule_for
 from .rules.attention import is_attention_node
@@ -229,41 +230,30 @@ def discover(graph: GradientGraph) -> list:
 
 # ---- attribution ------------------------------------------------------------------------------------
 def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semiring] = "maxabs",
-                       heads: bool = False, backend: Optional[str] = None, keep: Optional[dict] = None,
-                       graph: Optional[GradientGraph] = None) -> BranchAttribution:
+                       heads: bool = False, backend: Optional[str] = None,
+                       graph=None) -> BranchAttribution:
     """Top-path weight through each branch (query, key, value, skip; MLP and
     skip) per layer and position, from one semiring pass (see the module
     docstring). ``inputs``: the tensor the graph is walked to (usually the
-    input embeddings). ``semiring``: "maxabs" (|product|) or "max" (signed M+)."""
-    sr = get(semiring)
+    input embeddings). ``semiring``: "maxabs" (|product|) or "max" (signed M+).
+    ``graph``: a :class:`semitriton.PathGraph` built with that semiring, to reuse
+    its pass (and share it with :func:`semitriton.top_paths`)."""
+    from .paths import PathGraph
+    if graph is None:
+        graph = PathGraph(output, inputs, semiring, backend=backend)
+    sr = graph.sr
     if sr.name not in ("maxabs", "max"):
         raise ValueError("branch attribution reads top paths: use semiring 'maxabs' or 'max'")
-    graph = graph if graph is not None else GradientGraph(output, [inputs])
-    dtype = compute_dtype(output, [inputs])
-    if keep is None:
-        keep = {}
-        contrib: dict = {}
-
-        def route(node, i, val):
-            f = node.next_functions[i]
-            key = (f[0], f[1])
-            if key in watch:
-                contrib.setdefault(key, []).append((node, i, val))
-            return val
-
-        sites = discover(graph)
-        watch = {s.residual for s in sites} | {s.mlp_residual for s in sites if s.mlp_residual}
-        run(output, [inputs], sr, backend=backend, keep=keep, route=route, graph=graph)
-    else:
-        raise ValueError("pass keep=None; branch_attribution runs its own pass")
+    g, keep, dtype = graph.graph, graph.keep, graph.dtype
+    sites = discover(g)
     if not sites:
         raise SemitritonError("no transformer layers with query/key/value projections were found in the "
                               "graph (is the model tracked, and does the output depend on the layers?)")
     res = BranchAttribution(sr.name, [s.index for s in sites])
 
     def value_of(ref):
-        g = keep.get(ref[0])
-        v = None if g is None else g[ref[1]]
+        gr = keep.get(ref[0])
+        v = None if gr is None else gr[ref[1]]
         if v is None:
             meta = ref[0]._input_metadata[ref[1]]
             v = sr.zero(tuple(meta.shape), dtype, meta.device)
@@ -272,8 +262,14 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
     def token(v):
         return sr.readout(sr.sum(v, -1)).double().cpu()
 
-    def contribution(ref, pick):
-        vals = [v for node, i, v in contrib.get(ref, []) if pick(node, i)]
+    def edge_value(node, i):
+        """The contribution of consumer ``node`` through its input ``i`` (its rule re-run)."""
+        needs = [j == i for j in range(len(node.next_functions))]
+        with _backend_use(backend):
+            return rule_for(node)(RuleContext(node, keep[node], needs, sr, dtype))[i]
+
+    def combine(vals, ref):
+        vals = [v for v in vals if v is not None]
         if not vals:
             meta = ref[0]._input_metadata[ref[1]]
             return sr.zero(tuple(meta.shape), dtype, meta.device)
@@ -287,17 +283,19 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
             res.modules[s.index] = s.attention
             br = {}
             for b, entry in s.entries.items():
-                br[b] = token(propagate({entry: value_of(entry)}, s.residual, sr, dtype, graph.labels, backend))
-            skip = contribution(s.residual, lambda n, i, s=s: (n, i) == s.attn_skip)
-            br["skip"] = token(skip)
+                br[b] = token(propagate({entry: value_of(entry)}, s.residual, sr, dtype, g.labels, backend))
+            br["skip"] = token(combine([edge_value(*s.attn_skip)], s.residual))
             res.attention[s.index] = br
             res.total[s.index] = token(value_of(s.residual))
             if s.mlp_residual is not None:
-                mskip = contribution(s.mlp_residual, lambda n, i, s=s: (n, i) == s.mlp_skip)
-                mlp = contribution(s.mlp_residual, lambda n, i, s=s: (n, i) != s.mlp_skip)
-                res.mlp[s.index] = {"mlp": token(mlp), "skip": token(mskip)}
+                cons = g.consumers.get(s.mlp_residual, [])
+                res.mlp[s.index] = {
+                    "mlp": token(combine([edge_value(n, i) for n, i in cons if (n, i) != s.mlp_skip],
+                                         s.mlp_residual)),
+                    "skip": token(combine([edge_value(*s.mlp_skip)], s.mlp_residual)),
+                }
             if heads and s.attn_node is not None:
-                res.heads[s.index] = _head_weights(s, keep, sr, dtype, graph, backend, value_of, token)
+                res.heads[s.index] = _head_weights(s, keep, sr, dtype, g, backend, value_of, token)
     return res
 
 

@@ -1,0 +1,194 @@
+"""One analysed input: per-token statistics, branch attribution, top paths."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..branches import ATTN_BRANCHES, BranchAttribution, branch_attribution
+from ..engine import grad_values
+from ..errors import SemitritonError
+from ..paths import Path, PathGraph, top_paths
+from ..readouts import token_readout
+
+STATS = {
+    "entropy": "entropy of the path distribution (nats)",
+    "log_flow": "log Z, total |w| path flow (log scale)",
+    "top_path": "largest |path product| (maxabs)",
+}
+
+
+@dataclass
+class Analysis:
+    """Everything read off one input. ``stats[name][t]`` per token;
+    ``branches`` per layer and branch; ``paths`` the top paths; ``spans``
+    named token groups (e.g. subject, attractor)."""
+
+    tokens: list
+    score: float
+    description: str = ""
+    stats: dict = field(default_factory=dict)
+    branches: Optional[BranchAttribution] = None
+    paths: list = field(default_factory=list)
+    spans: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    # -- tables ------------------------------------------------------------------------------
+    def token_table(self) -> list:
+        """One row per token: the token, its per-token statistics, and per layer
+        the branch its top path takes at the attention input."""
+        rows = []
+        for t, tok in enumerate(self.tokens):
+            row = {"index": t, "token": tok}
+            row.update({k: v[t] for k, v in self.stats.items()})
+            if self.branches is not None:
+                for L in self.branches.layers:
+                    row[f"L{L}"] = ATTN_BRANCHES[int(self.branches.top_branch(L)[0, t])]
+            for name, idx in self.spans.items():
+                row[name] = t in idx
+            rows.append(row)
+        return rows
+
+    def layer_table(self, tokens: Optional[Sequence[int]] = None) -> list:
+        """One row per layer: mean top-path weight per branch over ``tokens``
+        (all by default) and the fraction of those tokens whose top path takes
+        each branch."""
+        if self.branches is None:
+            return []
+        toks = list(range(len(self.tokens))) if tokens is None else list(tokens)
+        rows = []
+        for L in self.branches.layers:
+            row = {"layer": L}
+            tb = self.branches.top_branch(L)[0]
+            for i, b in enumerate(ATTN_BRANCHES):
+                vals = self.branches.attention[L][b][0]
+                row[b] = float(vals[toks].mean()) if toks else float("nan")
+                row[f"frac_{b}"] = float((tb[toks] == i).float().mean()) if toks else float("nan")
+            rows.append(row)
+        return rows
+
+    # -- JSON -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"tokens": list(self.tokens), "score": self.score, "description": self.description,
+                "stats": {k: [float(x) for x in v] for k, v in self.stats.items()},
+                "branches": None if self.branches is None else self.branches.to_dict(),
+                "paths": [p.to_dict() for p in self.paths],
+                "spans": {k: list(v) for k, v in self.spans.items()}, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d) -> "Analysis":
+        return cls(list(d["tokens"]), d["score"], d.get("description", ""),
+                   {k: list(v) for k, v in d.get("stats", {}).items()},
+                   None if d.get("branches") is None else BranchAttribution.from_dict(d["branches"]),
+                   [Path.from_dict(p) for p in d.get("paths", [])],
+                   {k: list(v) for k, v in d.get("spans", {}).items()}, d.get("meta", {}))
+
+    def to_json(self, path=None, **kw) -> str:
+        s = json.dumps(self.to_dict(), **kw)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(s)
+        return s
+
+    @classmethod
+    def from_json(cls, s_or_path) -> "Analysis":
+        s = s_or_path
+        if not str(s).lstrip().startswith("{"):
+            with open(s_or_path) as f:
+                s = f.read()
+        return cls.from_dict(json.loads(s))
+
+    # -- views --------------------------------------------------------------------------------------
+    def milestones(self, path: Path) -> list:
+        return path_milestones(path, len(self.tokens))
+
+    def to_html(self, title: str = "semitriton analysis") -> str:
+        from .html import analysis_html
+        return analysis_html(self, title)
+
+
+def _layer_of(module: str) -> Optional[int]:
+    nums = re.findall(r"\.(\d+)(?:\.|$)", module or "")
+    return int(nums[-1]) if nums else None
+
+
+def _position(shape: tuple, index: tuple, T: int, op: str) -> Optional[int]:
+    """The sequence position a scalar belongs to, from its tensor's shape."""
+    if op.startswith("attention.") and len(shape) == 4:
+        return int(index[2])                      # query position of S/P/O
+    if len(shape) >= 3 and shape[-2] == T and len(shape) == 4:
+        return int(index[-2])                     # [B, H, T, D]
+    if len(shape) >= 2 and shape[1] == T:
+        return int(index[1])                      # [B, T, ...]
+    if len(shape) == 2 and T and shape[0] % T == 0:
+        return int(index[0]) % T                  # flattened [B*T, D]
+    return None
+
+
+def path_milestones(path: Path, T: int) -> list:
+    """Where a path is, layer by layer: [(layer, position, branch, head)]. The
+    branch at a layer is query/key/value when the path enters that layer's q/k/v
+    projection, "skip" otherwise; the head is read off the attention steps."""
+    out = []
+    pos = path.source_index[1] if len(path.source_index) >= 2 else 0
+    cur = {"layer": -1, "position": int(pos), "branch": "input", "head": None}
+    out.append(dict(cur))
+    for s in path.steps:
+        L = _layer_of(s.module)
+        p = _position(s.shape, s.index, T, s.op)
+        last = s.module.rsplit(".", 1)[-1] if s.module else ""
+        branch = {"q_proj": "query", "query": "query", "k_proj": "key", "key": "key",
+                  "v_proj": "value", "value": "value"}.get(last)
+        if L is not None and L != cur["layer"]:
+            cur = {"layer": L, "position": cur["position"], "branch": "skip", "head": None}
+            out.append(cur)
+        if branch and cur["branch"] == "skip":
+            cur["branch"] = branch
+        if s.op == "attention.scores" and len(s.index) == 4:
+            cur["head"] = int(s.index[1])
+            if cur["branch"] == "skip":
+                cur["branch"] = "query" if cur["position"] == int(s.index[2]) else "key"
+        if s.op == "attention.values" and len(s.index) == 4 and cur["head"] is None:
+            cur["head"] = int(s.index[1])
+            if cur["branch"] == "skip":
+                cur["branch"] = "value"
+        if p is not None:
+            cur["position"] = p
+    out.append({"layer": "out", "position": cur["position"], "branch": "output", "head": None})
+    return out
+
+
+def analyze(output: Tensor, embeds: Tensor, tokens: Optional[Sequence[str]] = None, k: int = 4,
+            heads: bool = False, branches: bool = True, backend: Optional[str] = None,
+            description: str = "", spans: Optional[dict] = None, meta: Optional[dict] = None) -> Analysis:
+    """Per-token entropy, log flow and top-path weight; branch attribution per
+    layer (if the model is tracked/patched); the ``k`` best paths. ``output``: a
+    scalar; ``embeds``: [1, T, D] input embeddings that require grad."""
+    if output.numel() != 1:
+        raise ValueError("analyze() reads one scalar output; pass e.g. logits[0, -1, a] - logits[0, -1, b]")
+    if embeds.dim() != 3 or embeds.shape[0] != 1:
+        raise ValueError(f"embeds must be [1, T, D], got {tuple(embeds.shape)}")
+    T = embeds.shape[1]
+    tokens = list(tokens) if tokens is not None else [str(i) for i in range(T)]
+    pg = PathGraph(output.reshape(()) if output.dim() else output, embeds, "maxabs", backend=backend)
+    (ent,) = grad_values(output, embeds, "entropy", backend=backend)
+    (flow,) = grad_values(output, embeds, "abs", backend=backend)
+    stats = {
+        "entropy": token_readout(ent, "entropy")[0].double().tolist(),
+        "log_flow": flow[0].logsumexp(-1)[0].double().tolist(),
+        "top_path": token_readout(pg.input_value, "maxabs")[0].double().tolist(),
+    }
+    attribution = None
+    if branches:
+        try:
+            attribution = branch_attribution(output, embeds, heads=heads, backend=backend, graph=pg)
+        except SemitritonError:
+            attribution = None
+    paths = top_paths(output, embeds, k=k, graph=pg) if k else []
+    return Analysis(tokens, float(output.detach().reshape(-1)[0]), description, stats, attribution, paths,
+                    {k_: list(v) for k_, v in (spans or {}).items()}, dict(meta or {}))

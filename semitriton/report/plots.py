@@ -1,0 +1,95 @@
+"""Matplotlib plots (Agg backend; each function returns the figure and saves
+it when given a path)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..branches import ATTN_BRANCHES
+
+_COLORS = {"query": "#1f77b4", "key": "#ff7f0e", "value": "#2ca02c", "skip": "#7f7f7f"}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path):
+    if path is not None:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def plot_branch_weights(groups: dict, path=None, title: str = "mean top-path weight by branch"):
+    """``groups``: {group name: layer_table rows}. One panel per group; per
+    layer the mean top-path weight through each branch (log scale)."""
+    plt = _plt()
+    names = [g for g, rows in groups.items() if rows]
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.4), squeeze=False)
+    for ax, g in zip(axes[0], names):
+        rows = groups[g]
+        layers = [r["layer"] for r in rows]
+        for b in ATTN_BRANCHES:
+            vals = [r[b] for r in rows]
+            if any(v > 0 for v in vals):
+                ax.plot(layers, vals, marker="o", ms=3, label=b, color=_COLORS[b])
+        ax.set_yscale("log")
+        ax.set_title(g)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("top-path weight")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_branch_fractions(rows: list, path=None, title: str = "branch taken by the top path"):
+    """Stacked bars: per layer, the fraction of tokens whose top path takes
+    each branch at the attention input."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.25 * len(rows) + 2), 3.2))
+    layers = [r["layer"] for r in rows]
+    bottom = [0.0] * len(rows)
+    for b in ATTN_BRANCHES:
+        vals = [r.get(f"frac_{b}", 0.0) for r in rows]
+        ax.bar(layers, vals, bottom=bottom, color=_COLORS[b], label=b, width=0.85)
+        bottom = [x + y for x, y in zip(bottom, vals)]
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of tokens")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_token_heatmap(analysis, path=None, title: Optional[str] = None):
+    """Tokens × layers: log10 top-path weight at the layer input, with the
+    branch the top path takes (Q/K/V/S) written in each cell."""
+    import math
+    plt = _plt()
+    br = analysis.branches
+    if br is None:
+        raise ValueError("this analysis has no branch attribution")
+    T = len(analysis.tokens)
+    data = [[math.log10(max(float(br.total[L][0, t]), 1e-300)) for L in br.layers] for t in range(T)]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(br.layers) + 2), max(2.5, 0.3 * T + 1)))
+    im = ax.imshow(data, aspect="auto", cmap="viridis")
+    for j, L in enumerate(br.layers):
+        top = br.top_branch(L)[0]
+        for t in range(T):
+            ax.text(j, t, ATTN_BRANCHES[int(top[t])][0].upper(), ha="center", va="center", fontsize=6,
+                    color="white")
+    ax.set_yticks(range(T))
+    ax.set_yticklabels([repr(x)[1:-1][:14] for x in analysis.tokens], fontsize=7)
+    ax.set_xticks(range(len(br.layers)))
+    ax.set_xticklabels(br.layers, fontsize=7)
+    ax.set_xlabel("layer")
+    fig.colorbar(im, ax=ax, label="log10 top-path weight")
+    ax.set_title(title or analysis.description or "top-path weight per token and layer", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
