@@ -91,6 +91,19 @@ class BranchAttribution:
         flat = h.flatten(-2).argmax(-1)
         return torch.stack([flat // h.shape[-1], flat % h.shape[-1]], -1)
 
+    def select(self, batch: int, length: Optional[int] = None) -> "BranchAttribution":
+        """The attribution of one example of a batch (positions [:length])."""
+        sl = slice(None) if length is None else slice(0, length)
+
+        def cut(x):
+            return x[batch:batch + 1, sl]
+        return BranchAttribution(
+            self.semiring, list(self.layers),
+            {L: {b: cut(v) for b, v in d.items()} for L, d in self.attention.items()},
+            {L: {b: cut(v) for b, v in d.items()} for L, d in self.mlp.items()},
+            {L: {b: cut(v) for b, v in d.items()} for L, d in self.heads.items()},
+            {L: cut(v) for L, v in self.total.items()}, dict(self.modules))
+
     def table(self, layer: int, batch: int = 0) -> dict:
         return {b: self.attention[layer][b][batch].tolist() for b in ATTN_BRANCHES}
 
@@ -231,13 +244,19 @@ def discover(graph: GradientGraph) -> list:
 # ---- attribution ------------------------------------------------------------------------------------
 def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semiring] = "maxabs",
                        heads: bool = False, backend: Optional[str] = None,
-                       graph=None) -> BranchAttribution:
+                       graph=None, at: str = "residual") -> BranchAttribution:
     """Top-path weight through each branch (query, key, value, skip; MLP and
     skip) per layer and position, from one semiring pass (see the module
     docstring). ``inputs``: the tensor the graph is walked to (usually the
     input embeddings). ``semiring``: "maxabs" (|product|) or "max" (signed M+).
     ``graph``: a :class:`semitriton.PathGraph` built with that semiring, to reuse
-    its pass (and share it with :func:`semitriton.top_paths`)."""
+    its pass (and share it with :func:`semitriton.top_paths`). ``at``:
+    "residual" reads each branch per position of R_L; "inputs" pulls each
+    branch's value further down to ``inputs`` and reads it per *source* token
+    (the best path from token t's input embedding that takes branch b at layer
+    L; costs a pass through the layers below L per branch)."""
+    if at not in ("residual", "inputs"):
+        raise ValueError(f"at must be 'residual' or 'inputs', not {at!r}")
     from .paths import PathGraph
     if graph is None:
         graph = PathGraph(output, inputs, semiring, backend=backend)
@@ -259,7 +278,11 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
             v = sr.zero(tuple(meta.shape), dtype, meta.device)
         return v
 
-    def token(v):
+    source = g.target_of(0)
+
+    def token(v, ref=None):
+        if at == "inputs" and ref is not None and ref != source:
+            v = propagate({ref: v}, source, sr, dtype, g.labels, backend)
         return sr.readout(sr.sum(v, -1)).double().cpu()
 
     def edge_value(node, i):
@@ -283,16 +306,17 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
             res.modules[s.index] = s.attention
             br = {}
             for b, entry in s.entries.items():
-                br[b] = token(propagate({entry: value_of(entry)}, s.residual, sr, dtype, g.labels, backend))
-            br["skip"] = token(combine([edge_value(*s.attn_skip)], s.residual))
+                br[b] = token(propagate({entry: value_of(entry)}, s.residual, sr, dtype, g.labels, backend),
+                              s.residual)
+            br["skip"] = token(combine([edge_value(*s.attn_skip)], s.residual), s.residual)
             res.attention[s.index] = br
-            res.total[s.index] = token(value_of(s.residual))
+            res.total[s.index] = token(value_of(s.residual), s.residual)
             if s.mlp_residual is not None:
                 cons = g.consumers.get(s.mlp_residual, [])
                 res.mlp[s.index] = {
                     "mlp": token(combine([edge_value(n, i) for n, i in cons if (n, i) != s.mlp_skip],
-                                         s.mlp_residual)),
-                    "skip": token(combine([edge_value(*s.mlp_skip)], s.mlp_residual)),
+                                         s.mlp_residual), s.mlp_residual),
+                    "skip": token(combine([edge_value(*s.mlp_skip)], s.mlp_residual), s.mlp_residual),
                 }
             if heads and s.attn_node is not None:
                 res.heads[s.index] = _head_weights(s, keep, sr, dtype, g, backend, value_of, token)
@@ -322,5 +346,6 @@ def _head_weights(site, keep, sr, dtype, graph, backend, value_of, token) -> dic
                 out[b].append(torch.zeros(1))
                 continue
             ref = nexts[i]
-            out[b].append(token(propagate({ref: vals[i]}, site.residual, sr, dtype, graph.labels, backend)))
+            out[b].append(token(propagate({ref: vals[i]}, site.residual, sr, dtype, graph.labels, backend),
+                                site.residual))
     return {b: torch.stack(v, -1) for b, v in out.items()}

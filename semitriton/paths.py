@@ -306,9 +306,10 @@ def _scalar(t: Tensor, idx: tuple) -> float:
 # ---- top paths ---------------------------------------------------------------------------------------
 def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs",
               index: Optional[Sequence[int]] = None, backend: Optional[str] = None,
-              graph: Optional[PathGraph] = None) -> list:
+              graph: Optional[PathGraph] = None, batch: Optional[int] = None) -> list:
     """The ``k`` highest-weighted paths from any scalar of ``input`` (or from
-    ``input[index]``) to ``output``, best first.
+    ``input[index]``, or from any scalar of ``input[batch]``) to ``output``,
+    best first.
 
     ``semiring="maxabs"``: weights are |Π w|, exact k-best (k ≤ 16).
     ``semiring="max"``: the path with the largest signed product (k = 1).
@@ -330,9 +331,9 @@ def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs
         if len(index) != input.dim():
             raise IndexError(f"index {index} has {len(index)} dims, input has {input.dim()}")
     if name == "max":
-        p = _signed_top_path(pg, index)
+        p = _signed_top_path(pg, index, batch)
         return [] if p is None else [p]
-    return _kbest(pg, k, index)
+    return _kbest(pg, k, index, batch)
 
 
 def _potential(pg: PathGraph, ref, idx) -> float:
@@ -341,7 +342,7 @@ def _potential(pg: PathGraph, ref, idx) -> float:
     return _scalar(pg.value(ref)[0], idx)
 
 
-def _kbest(pg: PathGraph, k: int, index) -> list:
+def _kbest(pg: PathGraph, k: int, index, batch=None) -> list:
     """Best-first search with exact potentials. A heap item is "partial path P
     (log weight g, head h) extended by the r-th best successor of h", with
     priority g + log|w_r| + pot(u_r) — an exact bound on its best completion.
@@ -369,9 +370,12 @@ def _kbest(pg: PathGraph, k: int, index) -> list:
     if index is not None:
         starts = [(_scalar(src_val, index), index)]
     else:
-        flat = src_val.reshape(-1)
+        flat = (src_val if batch is None else src_val[batch]).reshape(-1)
+        shape = tuple(src_val.shape if batch is None else src_val.shape[1:])
         order = torch.argsort(flat, descending=True)[: 4 * k]
-        starts = [(float(flat[i]), _unravel(int(i), tuple(src_val.shape))) for i in order.tolist()]
+        starts = [(float(flat[i]), _unravel(int(i), shape)) for i in order.tolist()]
+        if batch is not None:
+            starts = [(v, (batch,) + idx) for v, idx in starts]
     starts = [(pot, (("start", idx),), idx) for pot, idx in starts if pot != NEG]
     tie = itertools.count()
     heap: list = []
@@ -414,14 +418,16 @@ def _make_path(pg: PathGraph, steps, semiring: str) -> Path:
     return Path(weight, tuple(int(i) for i in source), tuple(pg.input.shape), out_steps, semiring)
 
 
-def _signed_top_path(pg: PathGraph, index) -> Optional[Path]:
+def _signed_top_path(pg: PathGraph, index, batch=None) -> Optional[Path]:
     """Follow M+ (or M- after a negative edge) greedily; exact for k = 1."""
-    NEG, POS = float("-inf"), float("inf")
+    NEG = float("-inf")
     src = pg.source
     vp, _ = pg.value(src)
     if index is None:
-        flat = int(torch.argmax(vp.reshape(-1)))
-        index = _unravel(flat, tuple(vp.shape))
+        part = vp if batch is None else vp[batch]
+        index = _unravel(int(torch.argmax(part.reshape(-1))), tuple(part.shape))
+        if batch is not None:
+            index = (batch,) + index
     if _scalar(vp, index) == NEG:
         return None
     steps = [("start", index)]

