@@ -1,6 +1,15 @@
 import os
 import sys
 
+# Without a GPU the Triton kernels are tested with the interpreter; it must be
+# chosen before triton is first imported.
+try:
+    import torch as _torch
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
 import numpy as np
 import pytest
 import torch

@@ -27,12 +27,22 @@ def test_programs_agree_forward(prog):
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def _triton_ok():
+    from semitriton import backend
+    return backend.triton_available() and (torch.cuda.is_available() or backend.interpreting())
+
+
+BACKENDS = [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32)]
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=["f64", "f32", "triton-f32"])
 @pytest.mark.parametrize("semiring", SEMIRINGS)
 @pytest.mark.parametrize("prog", PROGRAMS, ids=[p.name for p in PROGRAMS])
-def test_engine_matches_oracle(prog, semiring, dtype):
+def test_engine_matches_oracle(prog, semiring, backend, dtype):
+    if backend == "triton" and not _triton_ok():
+        pytest.skip("triton unavailable (or no GPU and TRITON_INTERPRET unset)")
     expected = oracle(prog, semiring, token=True)
-    vals, out = _engine(prog, semiring, dtype)
+    vals, out = _engine(prog, semiring, dtype, backend=backend)
     sr = semitriton.semirings.get(semiring)
     for name, v in vals.items():
         assert v[0].dtype == dtype

@@ -1,0 +1,536 @@
+"""Semiring matmul kernels (op ``"matmul"``):
+``out[..., i, k] = ⊕_j v[..., i, j] ⊗ edge(w[..., j, k])``.
+
+- abs      (value log Z):   out = log( exp(l - rowmax) @ |W| ) + rowmax        (tensor cores)
+- entropy  (log z, μ):      z = a@|W|, s = (a·μ)@|W| + a@E, E = -|W|log|W|,
+                            a = exp(l - rowmax); l' = log z + rowmax, μ' = s/z     (tensor cores)
+- maxabs   (log m):         out = max_j l[i,j] + log|W[j,k]|                   (SIMT max-plus)
+- max      (M+, M-):        M+ = max_j max(w·p, w·n), M- = min_j min(w·p, w·n) over live
+                            edges (w ≠ 0) and live values (p ≠ -inf)           (SIMT)
+
+``v`` components are fp32 ``[..., I, J]`` (any strides: rmatmul passes
+transposed views); ``w`` is 2-D ``[J, K]`` (any leading dims of v: rows are
+flattened, or a batch grid axis with a stride-0 weight when the rows of a
+strided view cannot be flattened) or batched ``[..., J, K]`` with exactly v's
+leading dims. Anything else (broadcast batch patterns, float64 values,
+empty sizes, offsets beyond int32) returns ``NotImplemented`` and the torch
+reference runs. ``real`` stays with cuBLAS (not registered).
+
+Precision: fp32 weights contract with ``input_precision="ieee"`` (fp32
+FMA, no TF32). bf16/fp16 weights contract in that dtype on the tensor cores
+with fp32 accumulation; the fp32 exp tile (and a·μ, and E = -|W|log|W|) is
+split into a hi and a lo part in the weight dtype, so the result keeps fp32
+accuracy (SEMITRITON_LOWP_SPLIT=0: one rounded product, ~3e-3 relative).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import weight_cache
+from ._common import aot_entry, bucket, choose, fits_int32, interpreting
+from .registry import register
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_ids(pid, I, K, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped (L2-friendly) ordering of the output tiles."""
+    num_m = tl.cdiv(I, BM)
+    num_n = tl.cdiv(K, BN)
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % per_group) % size_m)
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _logsum_mm_kernel(
+        l_ptr, mu_ptr, m_ptr, w_ptr, e_ptr, elo_ptr, ol_ptr, omu_ptr,
+        I, J, K,
+        s_lb, s_li, s_lj, s_ub, s_ui, s_uj,
+        s_wb, s_wj, s_wk, s_eb, s_ej, s_ek,
+        ENTROPY: tl.constexpr, LOWP: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """abs:     ol[b,i,k] = log( Σ_j exp(l[b,i,j] - m[b,i]) · |w[b,j,k]| ) + m[b,i]
+    entropy: with a = exp(l - m):  z = Σ_j a·|w|,  s = Σ_j a·μ·|w| + Σ_j a·e
+             (e = -|w| log|w| precomputed), ol = log z + m, omu = s/z (0 where z = 0
+             or ol = -inf).
+    m[b,i] is the row max of l (0 for rows that are all -inf), so a ∈ [0, 1].
+    LOWP (bf16/fp16 weights): the a and a·μ tiles are cast to the weight dtype for
+    the tensor cores (fp32 accumulation); with SPLIT they are split into hi + lo
+    parts (and e into e + elo, elo = e - e_hi precomputed), which brings the
+    contraction to fp32 accuracy for 2 (abs) or 6 (entropy) dots instead of 1 or 3."""
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    pid_m, pid_n = _tile_ids(pid, I, K, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    mask_m = offs_m < I
+    mask_n = offs_n < K
+
+    m = tl.load(m_ptr + bid * I + offs_m, mask=mask_m, other=0.0)
+    l_ptrs = l_ptr + bid * s_lb + offs_m[:, None] * s_li + offs_k[None, :] * s_lj
+    w_ptrs = w_ptr + bid * s_wb + offs_k[:, None] * s_wj + offs_n[None, :] * s_wk
+    if ENTROPY:
+        mu_ptrs = mu_ptr + bid * s_ub + offs_m[:, None] * s_ui + offs_k[None, :] * s_uj
+        e_off = bid * s_eb + offs_k[:, None] * s_ej + offs_n[None, :] * s_ek
+        acc_s = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_z = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, J, BK):
+        kmask = (k0 + offs_k) < J
+        amask = mask_m[:, None] & kmask[None, :]
+        bmask = kmask[:, None] & mask_n[None, :]
+        lt = tl.load(l_ptrs, mask=amask, other=float("-inf"))
+        a = tl.exp(lt - m[:, None])
+        wt = tl.abs(tl.load(w_ptrs, mask=bmask, other=0.0))
+        if ENTROPY:
+            mut = tl.load(mu_ptrs, mask=amask, other=0.0)
+            am = a * mut
+            et = tl.load(e_ptr + e_off, mask=bmask, other=0.0)
+        if LOWP:
+            a_hi = a.to(wt.dtype)
+            if SPLIT:
+                a_lo = (a - a_hi.to(tl.float32)).to(wt.dtype)
+            if ENTROPY:
+                am_hi = am.to(wt.dtype)
+                if SPLIT:
+                    am_lo = (am - am_hi.to(tl.float32)).to(wt.dtype)
+                    elo = tl.load(elo_ptr + e_off, mask=bmask, other=0.0)
+            if UPCAST:   # interpreter: its low-precision tl.dot is unreliable; same rounding
+                a_hi = a_hi.to(tl.float32)
+                wt = wt.to(tl.float32)
+                if SPLIT:
+                    a_lo = a_lo.to(tl.float32)
+                if ENTROPY:
+                    am_hi = am_hi.to(tl.float32)
+                    et = et.to(tl.float32)
+                    if SPLIT:
+                        am_lo = am_lo.to(tl.float32)
+                        elo = elo.to(tl.float32)
+            acc_z = tl.dot(a_hi, wt, acc_z, input_precision=PREC)
+            if SPLIT:
+                acc_z = tl.dot(a_lo, wt, acc_z, input_precision=PREC)
+            if ENTROPY:
+                acc_s = tl.dot(am_hi, wt, acc_s, input_precision=PREC)
+                acc_s = tl.dot(a_hi, et, acc_s, input_precision=PREC)
+                if SPLIT:
+                    acc_s = tl.dot(am_lo, wt, acc_s, input_precision=PREC)
+                    acc_s = tl.dot(a_lo, et, acc_s, input_precision=PREC)
+                    acc_s = tl.dot(a_hi, elo, acc_s, input_precision=PREC)
+        else:
+            acc_z = tl.dot(a, wt, acc_z, input_precision=PREC)
+            if ENTROPY:
+                acc_s = tl.dot(am, wt, acc_s, input_precision=PREC)
+                acc_s = tl.dot(a, et, acc_s, input_precision=PREC)
+        if ENTROPY:
+            mu_ptrs += BK * s_uj
+            e_off += BK * s_ej
+        l_ptrs += BK * s_lj
+        w_ptrs += BK * s_wj
+
+    out_l = tl.log(acc_z) + m[:, None]
+    o_off = bid * I * K + offs_m[:, None] * K + offs_n[None, :]
+    omask = mask_m[:, None] & mask_n[None, :]
+    tl.store(ol_ptr + o_off, out_l, mask=omask)
+    if ENTROPY:
+        nz = acc_z != 0.0
+        mu_o = tl.where(nz, acc_s / tl.where(nz, acc_z, 1.0), 0.0)
+        mu_o = tl.where(out_l == float("-inf"), 0.0, mu_o)
+        tl.store(omu_ptr + o_off, mu_o, mask=omask)
+
+
+@triton.jit
+def _maxplus_mm_kernel(
+        l_ptr, w_ptr, o_ptr,
+        I, J, K,
+        s_lb, s_li, s_lj, s_wb, s_wj, s_wk,
+        W_LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Max-plus (tropical) product: o[b,i,k] = max_j ( l[b,i,j] + lw[b,j,k] ), with
+    lw = w when W_LOG (a cached log|W|) else lw = log|w| computed on the fly.
+    Rank-1 updates over j; the left operand should be i-contiguous (K-major) so
+    that each column load is coalesced."""
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    pid_m, pid_n = _tile_ids(pid, I, K, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_m = offs_m < I
+    mask_n = offs_n < K
+    l_ptrs = l_ptr + bid * s_lb + offs_m * s_li
+    w_ptrs = w_ptr + bid * s_wb + offs_n * s_wk
+    acc = tl.full((BM, BN), float("-inf"), dtype=tl.float32)
+    for j in range(0, J):
+        a = tl.load(l_ptrs, mask=mask_m, other=float("-inf"))
+        if W_LOG:
+            b = tl.load(w_ptrs, mask=mask_n, other=float("-inf"))
+        else:
+            b = tl.log(tl.abs(tl.load(w_ptrs, mask=mask_n, other=0.0).to(tl.float32)))
+        acc = tl.maximum(acc, a[:, None] + b[None, :])
+        l_ptrs += s_lj
+        w_ptrs += s_wj
+    o_off = bid * I * K + offs_m[:, None] * K + offs_n[None, :]
+    tl.store(o_ptr + o_off, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _signed_max_mm_kernel(
+        p_ptr, n_ptr, w_ptr, op_ptr, on_ptr,
+        I, J, K,
+        s_pb, s_pi, s_pj, s_nb, s_ni, s_nj, s_wb, s_wj, s_wk,
+        BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Signed extreme products: op[b,i,k] = max_j max(w·p, w·n), on[b,i,k] = min_j min(w·p, w·n)
+    over edges w[b,j,k] ≠ 0 and live values p[b,i,j] ≠ -inf (p ≥ n, so these pick
+    w·M+ / w·M- by the sign of w). Excluded terms are turned into NaN, which
+    tl.maximum/tl.minimum (maxnum/minnum: NaN-ignoring) drop; the accumulators
+    start at (-inf, +inf), so a NaN never reaches the output."""
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    pid_m, pid_n = _tile_ids(pid, I, K, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_m = offs_m < I
+    mask_n = offs_n < K
+    p_ptrs = p_ptr + bid * s_pb + offs_m * s_pi
+    n_ptrs = n_ptr + bid * s_nb + offs_m * s_ni
+    w_ptrs = w_ptr + bid * s_wb + offs_n * s_wk
+    acc_p = tl.full((BM, BN), float("-inf"), dtype=tl.float32)
+    acc_n = tl.full((BM, BN), float("inf"), dtype=tl.float32)
+    for j in range(0, J):
+        p = tl.load(p_ptrs, mask=mask_m, other=float("-inf"))
+        n = tl.load(n_ptrs, mask=mask_m, other=float("inf"))
+        w = tl.load(w_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+        live = p != float("-inf")
+        p = tl.where(live, p, float("nan"))
+        n = tl.where(live, n, float("nan"))
+        w = tl.where(w != 0.0, w, float("nan"))
+        x = p[:, None] * w[None, :]
+        y = n[:, None] * w[None, :]
+        acc_p = tl.maximum(acc_p, tl.maximum(x, y))
+        acc_n = tl.minimum(acc_n, tl.minimum(x, y))
+        p_ptrs += s_pj
+        n_ptrs += s_nj
+        w_ptrs += s_wj
+    o_off = bid * I * K + offs_m[:, None] * K + offs_n[None, :]
+    omask = mask_m[:, None] & mask_n[None, :]
+    tl.store(op_ptr + o_off, acc_p, mask=omask)
+    tl.store(on_ptr + o_off, acc_n, mask=omask)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configurations
+# ---------------------------------------------------------------------------------------------
+def _cfg(BM, BN, BK=None, warps=4, stages=3):
+    c = {"BM": BM, "BN": BN, "num_warps": warps, "num_stages": stages}
+    if BK is not None:
+        c["BK"] = BK
+    return c
+
+
+def _dot_configs(entropy: bool, lowp: bool, I: int, gpu: bool = False, split: bool = False):
+    """Candidates, best guess first (the first two are in ``aot_specs``). ptxas
+    (sm_90, 16-divisible shapes, triton 3.6 and 3.9): no spills except the second
+    fp32 entropy candidate (72 bytes; num_stages=3 instead of 2)."""
+    if interpreting() and not gpu:
+        return [_cfg(16, 16, 16, 1, 1)]
+    if entropy and lowp and split:
+        cs = [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)]
+    elif entropy:
+        cs = ([_cfg(64, 128, 32, 8, 3), _cfg(64, 64, 64, 4, 3)] if lowp else
+              [_cfg(64, 128, 16, 8, 2), _cfg(64, 128, 16, 8, 3)])
+    else:
+        cs = ([_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 3), _cfg(64, 128, 64, 4, 3)] if lowp else
+              [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 16, 8, 3), _cfg(64, 128, 32, 4, 3)])
+    if I <= 32:
+        bk = 32 if lowp else 16
+        cs = [_cfg(32, 128, bk, 4, 3), _cfg(16, 128, bk, 4, 3)] + cs[:1]
+    return cs
+
+
+def _simt_configs(two_acc: bool, I: int, gpu: bool = False):
+    """Rank-1-update kernels. ptxas (sm_90): maxplus 128x128/4 warps 165 regs,
+    no spill (the anchor tile); signed max 256x64/8 warps 255 regs and 128x64/4
+    warps (8 bytes spill), 128x128/4 warps spills heavily (two accumulators)."""
+    if interpreting() and not gpu:
+        return [_cfg(16, 16, None, 1, 1)]
+    if I <= 32:
+        bm = max(16, 1 << (max(1, I) - 1).bit_length())
+        return [_cfg(bm, 128, None, 4, 3), _cfg(bm, 256, None, 8, 3)]
+    if two_acc:
+        return [_cfg(256, 64, None, 8, 1), _cfg(128, 64, None, 4, 1), _cfg(64, 128, None, 4, 3)]
+    return [_cfg(128, 128, None, 4, 3), _cfg(256, 64, None, 4, 3), _cfg(64, 128, None, 4, 3)]
+
+
+GROUP_M = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+def _batched(v, w):
+    """Views of the components as [B, I, J] and of w as [B, J, K] (2-D w: batch
+    stride 0). None when the pattern is not supported."""
+    import torch
+
+    c0 = v[0]
+    if c0.dtype != torch.float32 or c0.dim() < 2 or any(c.shape != c0.shape or c.dtype != c0.dtype
+                                                         for c in v):
+        return None
+    if w.device != c0.device or w.dtype not in (torch.float32, torch.float64, torch.bfloat16,
+                                                torch.float16):
+        return None
+    I, J = c0.shape[-2:]
+    if w.dim() < 2 or w.shape[-2] != J:
+        return None
+    K = w.shape[-1]
+    lead = tuple(c0.shape[:-2])
+    if w.dim() == 2:
+        try:
+            comps = [c.view(1, -1, J) for c in v]
+        except RuntimeError:
+            comps = [c.reshape(-1, I, J) for c in v]
+        w3 = w.unsqueeze(0)
+        wstride0 = True
+    elif tuple(w.shape[:-2]) == lead:
+        comps = [c.reshape(-1, I, J) for c in v]
+        w3 = w.reshape(-1, J, K)
+        wstride0 = False
+    else:
+        return None
+    B, Ib = comps[0].shape[0], comps[0].shape[1]
+    if B == 0 or Ib == 0 or J == 0 or K == 0 or B > 65535:
+        return None
+    return comps, w3, wstride0, B, Ib, J, K, lead, I
+
+
+def _wstrides(w3, wstride0):
+    return (0 if wstride0 else w3.stride(0)), w3.stride(1), w3.stride(2)
+
+
+def _finish(outs, lead, I, K):
+    return tuple(o.reshape(*lead, I, K) for o in outs)
+
+
+def _row_max(l3):
+    """finite_amax over j: the row shift (0 for rows that are all -inf)."""
+    import torch
+    m = torch.amax(l3, dim=-1)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m)).contiguous()
+
+
+def _neg_xlogx_f32(w):
+    import torch
+    a = w.float().abs()
+    return torch.where(a > 0, -a * torch.log(torch.where(a > 0, a, torch.ones_like(a))), torch.zeros_like(a))
+
+
+def _neg_xlogx(w):
+    """E = -|w| log|w| (0 where w = 0), in fp32 math, stored in the contraction dtype."""
+    import torch
+    return _neg_xlogx_f32(w).to(w.dtype if w.dtype in (torch.bfloat16, torch.float16) else torch.float32)
+
+
+def _neg_xlogx_lo(w):
+    """The low part E - E_hi of E in the weight's low-precision dtype (SPLIT)."""
+    e = _neg_xlogx_f32(w)
+    return (e - e.to(w.dtype).float()).to(w.dtype)
+
+
+def lowp_split() -> bool:
+    """bf16/fp16 weights: split the fp32 a and a·μ tiles (and E) into hi + lo parts
+    in the weight dtype, so the tensor-core contraction keeps fp32-level accuracy
+    (~1e-5 vs float64, instead of ~3e-3 with one rounded product) for 2x (abs) /
+    2x (entropy) the tensor-core work. On by default; SEMITRITON_LOWP_SPLIT=0
+    gives the single low-precision product."""
+    import os
+    return os.environ.get("SEMITRITON_LOWP_SPLIT", "1") not in ("", "0")
+
+
+def _log_abs(w):
+    import torch
+    return torch.log(torch.abs(w.float())).contiguous()
+
+
+def _logsum_matmul(v, w, entropy: bool):
+    import torch
+
+    prep = _batched(v, w)
+    if prep is None:
+        return NotImplemented
+    comps, w3, wstride0, B, I, J, K, lead, I_out = prep
+    if w3.dtype == torch.float64:
+        w3 = w3.float()
+    lowp = w3.dtype in (torch.bfloat16, torch.float16)
+    l3 = comps[0]
+    mu3 = comps[1] if entropy else l3
+    split = lowp and lowp_split()
+    e3 = elo3 = w3
+    if entropy:
+        if wstride0:
+            e3 = weight_cache.transform(w, "neg_xlogx", _neg_xlogx).unsqueeze(0)
+            if split:
+                elo3 = weight_cache.transform(w, "neg_xlogx_lo", _neg_xlogx_lo).unsqueeze(0)
+        else:
+            e3 = _neg_xlogx(w3)
+            if split:
+                elo3 = _neg_xlogx_lo(w3)
+        if split:
+            assert elo3.stride() == e3.stride()
+    if not fits_int32(l3[0], mu3[0], w3[0], e3[0]) or I * K > 2**31 - 1:
+        return NotImplemented
+    m = _row_max(l3)
+    out_l = torch.empty((B, I, K), dtype=torch.float32, device=l3.device)
+    out_mu = torch.empty_like(out_l) if entropy else out_l
+    s_wb, s_wj, s_wk = _wstrides(w3, wstride0)
+    s_eb, s_ej, s_ek = _wstrides(e3, wstride0)
+    upcast = lowp and interpreting()
+    prec = "tf32" if lowp and not upcast else "ieee"
+
+    def launch(cfg):
+        meta = dict(cfg)
+        grid = (triton.cdiv(I, meta["BM"]) * triton.cdiv(K, meta["BN"]), B)
+        _logsum_mm_kernel[grid](
+            l3, mu3, m, w3, e3, elo3, out_l, out_mu, I, J, K,
+            l3.stride(0), l3.stride(1), l3.stride(2), mu3.stride(0), mu3.stride(1), mu3.stride(2),
+            s_wb, s_wj, s_wk, s_eb, s_ej, s_ek,
+            ENTROPY=entropy, LOWP=lowp, SPLIT=split, UPCAST=upcast, PREC=prec, GROUP_M=GROUP_M, **meta)
+
+    key = ("logsum_mm", entropy, split, str(w3.dtype), bucket(I), bucket(J), bucket(K), B > 1, str(l3.device))
+    launch(choose(key, _dot_configs(entropy, lowp, I, split=split), launch))
+    outs = (out_l, out_mu) if entropy else (out_l,)
+    return _finish(outs, lead, I_out, K)
+
+
+def _k_major(c):
+    """The same values with the i index contiguous (coalesced column loads)."""
+    if c.shape[1] > 1 and c.stride(1) != 1:
+        c = c.transpose(1, 2).contiguous().transpose(1, 2)
+    return c
+
+
+def _n_major(w3):
+    if w3.shape[2] > 1 and w3.stride(2) != 1:
+        w3 = w3.contiguous()
+    return w3
+
+
+@register("matmul", "abs")
+def abs_matmul(v, w):
+    """abs: out = log( exp(l - rowmax) @ |W| ) + rowmax."""
+    return _logsum_matmul(v, w, entropy=False)
+
+
+@register("matmul", "entropy")
+def entropy_matmul(v, w):
+    """entropy: z = a@|W|, s = (a·μ)@|W| - a@(|W|log|W|), a = exp(l - rowmax);
+    (log z + rowmax, s/z)."""
+    return _logsum_matmul(v, w, entropy=True)
+
+
+@register("matmul", "maxabs")
+def maxabs_matmul(v, w):
+    """maxabs: out = max_j l[i,j] + log|W[j,k]| (log|W| cached for 2-D weights)."""
+    import torch
+
+    prep = _batched(v, w)
+    if prep is None:
+        return NotImplemented
+    comps, w3, wstride0, B, I, J, K, lead, I_out = prep
+    l3 = _k_major(comps[0])
+    if wstride0:
+        lw3 = weight_cache.transform(w, "log_abs", _log_abs).unsqueeze(0)
+        w_log = True
+    else:
+        lw3 = _n_major(w3)
+        w_log = False
+    if not fits_int32(l3[0], lw3[0]) or I * K > 2**31 - 1:
+        return NotImplemented
+    out = torch.empty((B, I, K), dtype=torch.float32, device=l3.device)
+    s_wb, s_wj, s_wk = _wstrides(lw3, wstride0)
+
+    def launch(cfg):
+        meta = dict(cfg)
+        grid = (triton.cdiv(I, meta["BM"]) * triton.cdiv(K, meta["BN"]), B)
+        _maxplus_mm_kernel[grid](l3, lw3, out, I, J, K, l3.stride(0), l3.stride(1), l3.stride(2),
+                                 s_wb, s_wj, s_wk, W_LOG=w_log, GROUP_M=GROUP_M, **meta)
+
+    key = ("maxplus_mm", w_log, str(lw3.dtype), bucket(I), bucket(J), bucket(K), B > 1, str(l3.device))
+    launch(choose(key, _simt_configs(False, I), launch))
+    return _finish((out,), lead, I_out, K)
+
+
+@register("matmul", "max")
+def max_matmul(v, w):
+    """max: (max_j max(w·M+, w·M-), min_j min(w·M+, w·M-)) over live edges and values."""
+    import torch
+
+    prep = _batched(v, w)
+    if prep is None:
+        return NotImplemented
+    comps, w3, wstride0, B, I, J, K, lead, I_out = prep
+    p3, n3 = _k_major(comps[0]), _k_major(comps[1])
+    if w3.dtype == torch.float64:
+        w3 = w3.float()
+    w3 = _n_major(w3)
+    if not fits_int32(p3[0], n3[0], w3[0]) or I * K > 2**31 - 1:
+        return NotImplemented
+    out_p = torch.empty((B, I, K), dtype=torch.float32, device=p3.device)
+    out_n = torch.empty_like(out_p)
+    s_wb, s_wj, s_wk = _wstrides(w3, wstride0)
+
+    def launch(cfg):
+        meta = dict(cfg)
+        grid = (triton.cdiv(I, meta["BM"]) * triton.cdiv(K, meta["BN"]), B)
+        _signed_max_mm_kernel[grid](p3, n3, w3, out_p, out_n, I, J, K,
+                                    p3.stride(0), p3.stride(1), p3.stride(2),
+                                    n3.stride(0), n3.stride(1), n3.stride(2), s_wb, s_wj, s_wk,
+                                    GROUP_M=GROUP_M, **meta)
+
+    key = ("signed_max_mm", str(w3.dtype), bucket(I), bucket(J), bucket(K), B > 1, str(p3.device))
+    launch(choose(key, _simt_configs(True, I), launch))
+    return _finish((out_p, out_n), lead, I_out, K)
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time compile specs (no torch needed)
+# ---------------------------------------------------------------------------------------------
+def aot_specs():
+    """(kernel, signature, constexprs, options) for representative Hopper builds:
+    the first launch candidates, with the unit strides and 16-divisibility that
+    Triton's runtime specialisation gives transformer shapes."""
+    specs = []
+    ptrs = ("l_ptr", "mu_ptr", "m_ptr", "ol_ptr", "omu_ptr")
+    variants = [(e, "fp32", False) for e in (False, True)]
+    variants += [(e, "bf16", sp) for e in (False, True) for sp in (False, True)]
+    for entropy, wdt, split in variants:
+        lowp = wdt != "fp32"
+        cfgs = _dot_configs(entropy, lowp, 4096, gpu=True, split=split)[:2]
+        cfgs += _dot_configs(entropy, lowp, 8, gpu=True, split=split)[:1]        # few live rows
+        for c in cfgs:
+            for unit in (("s_lj", "s_uj"), ("s_li", "s_ui")):     # row-major v / transposed view
+                const = dict(ENTROPY=entropy, LOWP=lowp, SPLIT=split, UPCAST=False,
+                             PREC="tf32" if lowp else "ieee", GROUP_M=GROUP_M,
+                             BM=c["BM"], BN=c["BN"], BK=c["BK"], s_wk=1, s_ek=1)
+                const.update({u: 1 for u in unit})
+                types = {p: "*fp32" for p in ptrs}
+                types.update({"w_ptr": "*" + wdt, "e_ptr": "*" + wdt, "elo_ptr": "*" + wdt})
+                specs.append(aot_entry(_logsum_mm_kernel, types, const, c["num_warps"], c["num_stages"]))
+    for w_log, wdt in ((True, "fp32"), (False, "fp32"), (False, "bf16")):
+        for c in _simt_configs(False, 4096, gpu=True)[:2] + _simt_configs(False, 8, gpu=True)[:1]:
+            const = dict(W_LOG=w_log, BM=c["BM"], BN=c["BN"], GROUP_M=GROUP_M, s_li=1, s_wk=1)
+            types = {"l_ptr": "*fp32", "w_ptr": "*" + wdt, "o_ptr": "*fp32"}
+            specs.append(aot_entry(_maxplus_mm_kernel, types, const, c["num_warps"], c["num_stages"]))
+    for wdt in ("fp32", "bf16"):
+        for c in _simt_configs(True, 4096, gpu=True)[:2] + _simt_configs(True, 8, gpu=True)[:1]:
+            const = dict(BM=c["BM"], BN=c["BN"], GROUP_M=GROUP_M, s_pi=1, s_ni=1, s_wk=1)
+            types = {"p_ptr": "*fp32", "n_ptr": "*fp32", "w_ptr": "*" + wdt, "op_ptr": "*fp32",
+                     "on_ptr": "*fp32"}
+            specs.append(aot_entry(_signed_max_mm_kernel, types, const, c["num_warps"], c["num_stages"]))
+    return specs

@@ -1,0 +1,245 @@
+"""Layer-norm and RMS-norm kernels (ops ``"layer_norm"`` and ``"rms_norm"``,
+``fn(v, xhat, rstd, weight)``; v, xhat ``[..., n]``, rstd ``[..., 1]``,
+weight ``[n]`` or None).
+
+The dense per-row Jacobian is w_ij = γ_j·rstd·(δ_ij − (c + x̂_i x̂_j)/n)
+(c = 1 layer norm, c = 0 RMS norm), contracted per row:
+``out_i = ⊕_j edge(w_ij) ⊗ v_j``. Entries are generated in registers, tile by
+tile ([BI, BJ], O(n²) per row, no n×n matrix in memory). With
+t'_ij = (c + x̂_i x̂_j)/n − δ_ij we have w_ij = −rstd·γ_j·t'_ij, so
+
+- abs:     out_i = log( Σ_j |t'_ij|·e_j ) + log rstd + m,
+           e_j = exp(l_j + log|γ_j| − m), m = finite max_j (l_j + log|γ_j|)
+- maxabs:  out_i = log( max_j |t'_ij|·e_j ) + log rstd + m (same e_j); rows whose
+           linear-space max is below 2^-100 (possible underflow) are redone in
+           log space: max_j (log|t'_ij| + l_j + log|γ_j|) + log rstd (exact)
+- entropy: z_i = Σ_j |t'|e_j, s_i = Σ_j |t'|e_j (μ_j − log|γ_j| − log rstd) − Σ_j |t'|e_j log|t'|;
+           (log z_i + log rstd + m, s_i/z_i)
+- max:     M+_i = max_j max(t'·q_j, t'·r_j), M-_i = min_j min(t'·q_j, t'·r_j) with
+           q_j = −rstd·γ_j·M+_j, r_j = −rstd·γ_j·M-_j; edges with t' = 0 or γ_j = 0
+           and zero values (M+_j = -inf) excluded.
+
+``real`` stays in torch (not registered).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import aot_entry, bucket, choose, interpreting
+from .registry import register
+
+SR_ABS, SR_MAXABS, SR_MAX, SR_ENTROPY = 1, 2, 3, 4
+_CODES = {"abs": SR_ABS, "maxabs": SR_MAXABS, "max": SR_MAX, "entropy": SR_ENTROPY}
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _tprime(a_i, x_row, offs_i, offs_j, mj, i0, j0, inv_n, cn,
+            BI: tl.constexpr, BJ: tl.constexpr):
+    """t'_ij = (c + x̂_i x̂_j)/n − δ_ij for a [BI, BJ] tile."""
+    bj = tl.load(x_row + offs_j, mask=mj, other=0.0).to(tl.float32) * inv_n
+    t = a_i[:, None] * bj[None, :] + cn
+    if (j0 < i0 + BI) & (j0 + BJ > i0):
+        t = tl.where(offs_i[:, None] == offs_j[None, :], t - 1.0, t)
+    return t
+
+
+@triton.jit
+def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
+                 N, s_c0, s_c1, s_x, s_o,
+                 SR: tl.constexpr, CENTERED: tl.constexpr, HAS_G: tl.constexpr,
+                 BI: tl.constexpr, BJ: tl.constexpr):
+    """One row, BI outputs: out_i = ⊕_j edge(w_ij) ⊗ v_j with
+    w_ij = γ_j·rstd·(δ_ij − (c + x̂_i x̂_j)/n); see the module docstring for the
+    per-semiring forms (SR: 1 abs, 2 maxabs, 3 max, 4 entropy)."""
+    row = tl.program_id(0).to(tl.int64)
+    i0 = tl.program_id(1) * BI
+    offs_i = i0 + tl.arange(0, BI)
+    mi = offs_i < N
+    jr = tl.arange(0, BJ)
+    rs = tl.load(rstd_ptr + row).to(tl.float32)
+    inv_n = 1.0 / N
+    if CENTERED:
+        cn = inv_n
+    else:
+        cn = inv_n * 0.0
+    x_row = x_ptr + row * s_x
+    c0_row = c0_ptr + row * s_c0
+    c1_row = c1_ptr + row * s_c1
+    a_i = tl.load(x_row + offs_i, mask=mi, other=0.0).to(tl.float32)
+
+    if SR == 3:
+        acc_p = tl.full((BI, BJ), float("-inf"), dtype=tl.float32)
+        acc_n = tl.full((BI, BJ), float("inf"), dtype=tl.float32)
+        for j0 in range(0, N, BJ):
+            offs_j = j0 + jr
+            mj = offs_j < N
+            t = _tprime(a_i, x_row, offs_i, offs_j, mj, i0, j0, inv_n, cn, BI, BJ)
+            pj = tl.load(c0_row + offs_j, mask=mj, other=float("-inf"))
+            nj = tl.load(c1_row + offs_j, mask=mj, other=float("inf"))
+            if HAS_G:
+                sg = rs * tl.load(g_ptr + offs_j, mask=mj, other=0.0).to(tl.float32)
+            else:
+                sg = tl.full((BJ,), 1.0, dtype=tl.float32) * rs
+            ok = (pj != float("-inf")) & (sg != 0.0)
+            q = tl.where(ok, -(sg * pj), float("nan"))
+            r = tl.where(ok, -(sg * nj), float("nan"))
+            tz = tl.where(t == 0.0, float("nan"), t)
+            x = tz * q[None, :]
+            y = tz * r[None, :]
+            acc_p = tl.maximum(acc_p, tl.maximum(x, y))
+            acc_n = tl.minimum(acc_n, tl.minimum(x, y))
+        tl.store(o0_ptr + row * s_o + offs_i, tl.max(acc_p, 1), mask=mi)
+        tl.store(o1_ptr + row * s_o + offs_i, tl.min(acc_n, 1), mask=mi)
+    else:
+        # the shift: m = finite max_j (l_j + log|γ_j|)
+        mv = tl.full((BJ,), float("-inf"), dtype=tl.float32)
+        for j0 in range(0, N, BJ):
+            offs_j = j0 + jr
+            mj = offs_j < N
+            lj = tl.load(c0_row + offs_j, mask=mj, other=float("-inf"))
+            if HAS_G:
+                lj = lj + tl.log(tl.abs(tl.load(g_ptr + offs_j, mask=mj, other=1.0).to(tl.float32)))
+            mv = tl.maximum(mv, lj)
+        m = tl.max(mv, 0)
+        m = tl.where(tl.abs(m) < float("inf"), m, 0.0)
+        lrs = tl.log(rs)
+        acc = tl.zeros((BI, BJ), dtype=tl.float32)
+        if SR == 4:
+            acc_s1 = tl.zeros((BI, BJ), dtype=tl.float32)
+            acc_s2 = tl.zeros((BI, BJ), dtype=tl.float32)
+        for j0 in range(0, N, BJ):
+            offs_j = j0 + jr
+            mj = offs_j < N
+            t = _tprime(a_i, x_row, offs_i, offs_j, mj, i0, j0, inv_n, cn, BI, BJ)
+            lj = tl.load(c0_row + offs_j, mask=mj, other=float("-inf"))
+            if HAS_G:
+                lg = tl.log(tl.abs(tl.load(g_ptr + offs_j, mask=mj, other=1.0).to(tl.float32)))
+            else:
+                lg = tl.zeros((BJ,), dtype=tl.float32)
+            ej = tl.exp(lj + lg - m)
+            at = tl.abs(t)
+            u = at * ej[None, :]
+            if SR == 1:
+                acc += u
+            elif SR == 2:
+                acc = tl.maximum(acc, u)
+            else:
+                muj = tl.load(c1_row + offs_j, mask=mj, other=0.0)
+                cj = tl.where(ej > 0, muj - lg - lrs, 0.0)
+                acc += u
+                acc_s1 += u * cj[None, :]
+                acc_s2 += u * tl.log2(tl.maximum(at, 1e-30))
+        if SR == 2:
+            mx = tl.max(acc, 1)
+            out = tl.log(mx) + lrs + m
+            need = mi & (mx < 7.888609052210118e-31)      # 2^-100: exp may have underflowed
+            if tl.sum(need.to(tl.int32), 0) > 0:
+                accl = tl.full((BI, BJ), float("-inf"), dtype=tl.float32)
+                for j0 in range(0, N, BJ):
+                    offs_j = j0 + jr
+                    mj = offs_j < N
+                    t = _tprime(a_i, x_row, offs_i, offs_j, mj, i0, j0, inv_n, cn, BI, BJ)
+                    lj = tl.load(c0_row + offs_j, mask=mj, other=float("-inf"))
+                    if HAS_G:
+                        lj = lj + tl.log(tl.abs(tl.load(g_ptr + offs_j, mask=mj, other=1.0).to(tl.float32)))
+                    accl = tl.maximum(accl, tl.log(tl.abs(t)) + lj[None, :])
+                out = tl.where(need, tl.max(accl, 1) + lrs, out)
+            tl.store(o0_ptr + row * s_o + offs_i, out, mask=mi)
+        else:
+            z = tl.sum(acc, 1)
+            out = tl.log(z) + lrs + m
+            tl.store(o0_ptr + row * s_o + offs_i, out, mask=mi)
+            if SR == 4:
+                s = tl.sum(acc_s1, 1) - LN2 * tl.sum(acc_s2, 1)
+                nz = z != 0.0
+                mu = tl.where(nz, s / tl.where(nz, z, 1.0), 0.0)
+                mu = tl.where(out == float("-inf"), 0.0, mu)
+                tl.store(o1_ptr + row * s_o + offs_i, mu, mask=mi)
+
+
+def _configs(sr: int):
+    if interpreting():
+        return [dict(BI=16, BJ=16, num_warps=1, num_stages=1)]
+    if sr in (SR_ABS, SR_MAXABS):
+        return [dict(BI=64, BJ=64, num_warps=4, num_stages=3), dict(BI=128, BJ=64, num_warps=8, num_stages=3),
+                dict(BI=64, BJ=128, num_warps=8, num_stages=3)]
+    return [dict(BI=64, BJ=32, num_warps=4, num_stages=3), dict(BI=64, BJ=64, num_warps=8, num_stages=3),
+            dict(BI=32, BJ=64, num_warps=4, num_stages=3)]
+
+
+def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
+    import torch
+
+    c0 = v[0]
+    if c0.dtype != torch.float32 or c0.dim() == 0 or any(c.shape != c0.shape or c.dtype != c0.dtype
+                                                          for c in v):
+        return NotImplemented
+    n = c0.shape[-1]
+    if n == 0 or c0.numel() == 0 or xhat.shape != c0.shape or rstd.numel() * n != c0.numel():
+        return NotImplemented
+    if weight is not None and weight.numel() != n:
+        return NotImplemented
+    R = c0.numel() // n
+    comps = [c.reshape(R, n).contiguous() for c in v]
+    x = xhat.reshape(R, n)
+    x = (x.float() if x.dtype == torch.float64 else x).contiguous()
+    rs = rstd.reshape(R)
+    rs = (rs.float() if rs.dtype == torch.float64 else rs).contiguous()
+    g = None
+    if weight is not None:
+        g = weight.reshape(n)
+        g = (g.float() if g.dtype == torch.float64 else g).contiguous()
+    outs = [torch.empty_like(c) for c in comps]
+    sr = _CODES[kind]
+    a = comps[0]
+    b = comps[1] if len(comps) > 1 else a
+    o0 = outs[0]
+    o1 = outs[1] if len(outs) > 1 else o0
+
+    def launch(cfg):
+        meta = dict(cfg)
+        grid = (R, triton.cdiv(n, meta["BI"]))
+        _norm_kernel[grid](a, b, x, rs, g if g is not None else x, o0, o1, n,
+                           a.stride(0), b.stride(0), x.stride(0), o0.stride(0),
+                           SR=sr, CENTERED=centered, HAS_G=g is not None, **meta)
+
+    key = ("norm", sr, centered, g is not None, bucket(R), bucket(n), str(a.device))
+    launch(choose(key, _configs(sr), launch))
+    shape = c0.shape
+    return tuple(o.reshape(shape) for o in outs)
+
+
+def _make(kind: str, centered: bool):
+    def fn(v, xhat, rstd, weight):
+        return _norm(v, xhat, rstd, weight, centered, kind)
+
+    fn.__name__ = f"{kind}_{'layer_norm' if centered else 'rms_norm'}"
+    fn.__doc__ = (f"{kind} {'layer' if centered else 'RMS'} norm: out_i = ⊕_j edge(γ_j rstd "
+                  f"(δ_ij − ({1 if centered else 0} + x̂_i x̂_j)/n)) ⊗ v_j.")
+    return fn
+
+
+for _kind in ("abs", "maxabs", "max", "entropy"):
+    register("layer_norm", _kind)(_make(_kind, True))
+    register("rms_norm", _kind)(_make(_kind, False))
+
+
+def aot_specs():
+    """(kernel, signature, constexprs, options): each semiring × (layer, RMS) with
+    fp32 γ, plus bf16 x̂/γ, no γ, and a second tile shape per semiring."""
+    specs = []
+    kern = _norm_kernel
+    for kind, sr in _CODES.items():
+        cfgs = ((64, 64, 4), (128, 64, 8)) if sr in (SR_ABS, SR_MAXABS) else ((64, 32, 4), (64, 64, 8))
+        runs = [(True, True, "fp32", cfgs[0]), (False, True, "fp32", cfgs[0]), (True, True, "bf16", cfgs[0]),
+                (True, False, "fp32", cfgs[0]), (False, True, "fp32", cfgs[1])]
+        for centered, has_g, dt, (bi, bj, nw) in runs:
+            const = dict(SR=sr, CENTERED=centered, HAS_G=has_g, BI=bi, BJ=bj)
+            types = {n: "i32" for n in kern.arg_names}
+            types.update({"c0_ptr": "*fp32", "c1_ptr": "*fp32", "x_ptr": "*" + dt, "rstd_ptr": "*fp32",
+                          "g_ptr": "*" + dt, "o0_ptr": "*fp32", "o1_ptr": "*fp32"})
+            specs.append(aot_entry(kern, types, const, nw, 3))
+    return specs

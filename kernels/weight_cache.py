@@ -1,0 +1,121 @@
+"""A small cache of per-weight transforms (|W|·log|W|, log|W|, ...).
+
+A weight is used by every semiring backward pass through its layer; its
+elementwise transforms are computed once and kept. The cache is keyed on
+(data_ptr, storage offset, shape, stride, dtype, device, transform) and every
+hit is validated:
+
+- a weak reference to the tensor's storage must still be alive (so the memory
+  cannot have been freed and reused by another tensor), and it must be the
+  same storage;
+- the tensor's version counter (``_version``) must be the one recorded, so an
+  in-place update (``w.mul_()``, ``optimizer.step()``, ``w.copy_()`` under
+  no_grad) invalidates the entry.
+
+Caveat: writes through ``w.data`` bypass the version counter; call
+:func:`clear` after modifying weights that way.
+
+Only 2-D tensors without an autograd history are cached (parameters, buffers,
+constants): activations are new tensors on every forward pass and are
+transformed on the fly instead. Bounded by entry count and bytes (LRU):
+``SEMITRITON_WEIGHT_CACHE_ENTRIES`` (default 512) and
+``SEMITRITON_WEIGHT_CACHE_MB`` (default 4096).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+
+_lock = threading.Lock()
+_cache: "OrderedDict[tuple, _Entry]" = OrderedDict()
+_bytes = 0
+
+
+class _Entry:
+    __slots__ = ("ref", "cdata", "version", "value", "nbytes")
+
+    def __init__(self, ref, cdata, version, value, nbytes):
+        self.ref, self.cdata, self.version, self.value, self.nbytes = ref, cdata, version, value, nbytes
+
+
+def _limits():
+    n = int(os.environ.get("SEMITRITON_WEIGHT_CACHE_ENTRIES", "512"))
+    mb = float(os.environ.get("SEMITRITON_WEIGHT_CACHE_MB", "4096"))
+    return n, int(mb * 2**20)
+
+
+def clear() -> None:
+    """Drop every cached transform."""
+    global _bytes
+    with _lock:
+        _cache.clear()
+        _bytes = 0
+
+
+def stats() -> dict:
+    with _lock:
+        return {"entries": len(_cache), "bytes": _bytes}
+
+
+def cacheable(t) -> bool:
+    if t.dim() != 2 or t.numel() == 0:
+        return False
+    base = t._base if t._base is not None else t
+    if base.grad_fn is not None:         # an activation: new every forward pass
+        return False
+    try:
+        t._version                       # inference tensors have no version counter
+    except RuntimeError:
+        return False
+    return True
+
+
+def _weak(storage):
+    from torch.multiprocessing.reductions import StorageWeakRef
+    return StorageWeakRef(storage)
+
+
+def _drop(key):
+    global _bytes
+    e = _cache.pop(key, None)
+    if e is not None:
+        _bytes -= e.nbytes
+
+
+def transform(t, name: str, fn):
+    """``fn(t)`` for the transform called ``name``, cached when ``t`` is a weight."""
+    global _bytes
+    import torch
+
+    if not cacheable(t):
+        with torch.no_grad():
+            return fn(t)
+    storage = t.untyped_storage()
+    key = (t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
+           str(t.device), name)
+    version = t._version
+    with _lock:
+        e = _cache.get(key)
+        if e is not None:
+            if not e.ref.expired() and e.cdata == storage._cdata and e.version == version:
+                _cache.move_to_end(key)
+                return e.value
+            _drop(key)
+    with torch.no_grad():
+        value = fn(t)
+    nbytes = value.numel() * value.element_size()
+    max_n, max_bytes = _limits()
+    if nbytes > max_bytes or max_n <= 0:
+        return value
+    entry = _Entry(_weak(storage), storage._cdata, version, value, nbytes)
+    with _lock:
+        for k in [k for k, v in _cache.items() if v.ref.expired()]:
+            _drop(k)
+        _drop(key)
+        _cache[key] = entry
+        _bytes += nbytes
+        while _cache and (len(_cache) > max_n or _bytes > max_bytes):
+            _drop(next(iter(_cache)))
+    return value

@@ -1,0 +1,296 @@
+"""The fused Triton attention backward (kernels/attention.py) against the torch
+reference rule (``Semiring.attention`` under ``use_backend("torch")``), for
+every built-in semiring.
+
+CPU tests run the kernels under the Triton interpreter (TRITON_INTERPRET=1, set
+here before triton is imported) at small shapes. The ``gpu`` tests run the
+compiled kernels on CUDA tensors at larger shapes; run them with
+``TRITON_INTERPRET=0 pytest -m gpu tests/test_kernels_attention.py``.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import semitriton  # noqa: E402
+from conftest import SEMIRINGS, assert_semiring_close  # noqa: E402
+from semitriton.rules.attention import sdpa_bias  # noqa: E402
+from semitriton.semirings import get  # noqa: E402
+
+katt = pytest.importorskip("semitriton.kernels.attention")
+from semitriton.kernels.registry import KERNELS  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+cpu_only = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TRITON_INTERPRET=1")
+NEG, POS = float("-inf"), float("inf")
+
+
+# ------------------------------------------------------------------ inputs
+def _seed(*parts) -> int:
+    return zlib.crc32("/".join(parts).encode())
+
+
+def make_vo(semiring, shape, g, device="cpu"):
+    """A random value of O with some semiring zeros (nodes without a path)."""
+    a = torch.randn(shape, generator=g)
+    dead = torch.rand(shape, generator=g) < 0.1
+    dead[..., 0, :] = False
+    dead[..., 1, :] = True                            # a whole dead output row
+    if semiring == "real":
+        vo = (torch.where(dead, 0.0, a),)
+    elif semiring in ("abs", "maxabs"):
+        vo = (torch.where(dead, NEG, 2 * a),)
+    elif semiring == "entropy":
+        mu = torch.randn(shape, generator=g)
+        vo = (torch.where(dead, NEG, 2 * a), torch.where(dead, 0.0, mu))
+    else:  # max
+        b = torch.randn(shape, generator=g)
+        p, n = torch.maximum(a, b), torch.minimum(a, b)
+        n = torch.where(torch.rand(shape, generator=g) < 0.1, p, n)   # single-path values: M+ == M-
+        vo = (torch.where(dead, NEG, p), torch.where(dead, POS, n))
+    return tuple(c.to(device) for c in vo)
+
+
+def make_case(name, g, device="cpu", big=False):
+    """(q, k, v, bias, causal) for a named scenario."""
+    B, H, HK, Tq, Tk, D, dtype = 1, 2, 2, 32, 32, 16, torch.float32
+    bias, causal = None, False
+    if name == "plain":                     # no mask, sizes multiples of the block
+        pass
+    elif name == "boolmask":                # boolean mask: fully masked keys and one fully masked row
+        B, H, HK, Tq, Tk = 2, 1, 1, 19, 27
+    elif name == "floatbias":               # float bias, finite and -inf, zeros in q/k/v, D=32
+        H, HK, Tq, Tk, D = 2, 1, 21, 18, 32
+    elif name == "causal_gqa":              # causal with Tq < Tk, GQA H=4, Hk=2
+        H, HK, Tq, Tk = 4, 2, 23, 37
+        causal = True
+    elif name == "causal_long_q":           # causal with Tq > Tk (rows past Tk see every key)
+        H, HK, Tq, Tk = 2, 1, 37, 20
+        causal = True
+    elif name == "bf16":                    # bf16 q/k/v, GQA, causal and a float bias
+        H, HK, Tq, Tk, dtype = 4, 2, 21, 26, torch.bfloat16
+        causal = True
+    elif name == "fp16":
+        Tq, Tk, dtype = 17, 20, torch.float16
+    else:
+        raise ValueError(name)
+    if big:
+        B, H, HK, Tq, Tk, D = 2, 2 * H, 2 * HK, 8 * Tq + 3, 8 * Tk + 5, 64
+    q = torch.randn(B, H, Tq, D, generator=g)
+    k = torch.randn(B, HK, Tk, D, generator=g)
+    v = torch.randn(B, HK, Tk, D, generator=g)
+    if name in ("floatbias", "causal_gqa", "bf16"):
+        q[0, 0, 2, :3] = 0.0
+        q[..., 5, 1] = 0.0
+        k[0, 0, 4, :] = 0.0                  # a key with no edges to q
+        v[0, 0, 3, :] = 0.0                  # a value row with no edges to O
+        v[..., 7, 2] = 0.0
+    if name == "boolmask":
+        mask = torch.rand(B, 1, Tq, Tk, generator=g) > 0.3
+        mask[..., 3] = False                 # fully masked keys
+        mask[..., Tk - 1] = False
+        mask[1, 0, 5, :] = False             # a fully masked query row (P = 0, no edges)
+        mask[..., 0] = mask[..., 0] | (torch.arange(Tq) != 5)   # every other row sees key 0
+        bias = sdpa_bias(mask, Tq, Tk, torch.float32)
+    elif name in ("floatbias", "bf16"):
+        bias = torch.randn(1, H, Tq, Tk, generator=g)
+        bias = bias.masked_fill(torch.rand(1, H, Tq, Tk, generator=g) < 0.2, NEG)
+        bias[..., 2] = NEG
+        bias[..., 0] = 0.0
+    if big and bias is not None and bias.shape[0] == 1:
+        bias = bias.expand(B, *bias.shape[1:])
+    q, k, v = (t.to(dtype).to(device) for t in (q, k, v))
+    if bias is not None:
+        bias = bias.to(device)
+    return q, k, v, bias, causal
+
+
+def small_gqa(g, bias=False):
+    """A small causal GQA case (H=2, Hk=1, Tq=17 < Tk=20, D=16), zeros in q/k/v,
+    optionally a float bias with -inf entries."""
+    q = torch.randn(1, 2, 17, 16, generator=g)
+    k = torch.randn(1, 1, 20, 16, generator=g)
+    v = torch.randn(1, 1, 20, 16, generator=g)
+    q[0, 0, 3, :4] = 0.0
+    k[0, 0, 2, :] = 0.0
+    v[0, 0, 5, 1] = 0.0
+    b = None
+    if bias:
+        b = torch.randn(1, 2, 17, 20, generator=g).masked_fill(torch.rand(1, 2, 17, 20, generator=g) < 0.2, NEG)
+        b[..., 0] = 0.0
+    return q, k, v, b, True
+
+
+# ------------------------------------------------------------------ comparison
+def compare(semiring, got, ref, what, rtol=1e-4):
+    """Readout-level comparison: infinities exactly; abs/maxabs (exp of log
+    values) and max elementwise relative; real and entropy μ normwise."""
+    assert (got is None) == (ref is None), what
+    if ref is None:
+        return
+    assert len(got) == len(ref), what
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.float32, (what, a.shape, b.shape, a.dtype)
+        a, b = a.detach().double().cpu(), b.detach().double().cpu()
+        if semiring in ("abs", "maxabs") or (semiring == "entropy" and i == 0):
+            a, b, kind = torch.exp(a), torch.exp(b), "abs"
+        elif semiring == "entropy":
+            kind = "entropy"
+        else:
+            kind = semiring
+        assert_semiring_close(a, b.numpy(), kind, rtol, f"{what}[{i}]")
+
+
+def run_both(semiring, vo, q, k, v, bias, causal, scale, needs):
+    sr = get(semiring)
+    with semitriton.use_backend("torch"):
+        ref = sr.attention(vo, q, k, v, bias, causal, scale, needs)
+    got = KERNELS[("attention", semiring)](vo, q, k, v, bias, causal, scale, needs)
+    assert got is not NotImplemented, "the kernel declined a supported case"
+    return got, ref
+
+
+# ------------------------------------------------------------------ CPU (interpreter)
+CASES = ["plain", "boolmask", "floatbias", "causal_gqa", "causal_long_q", "bf16"]
+
+
+def test_all_semirings_registered():
+    for s in SEMIRINGS:
+        assert ("attention", s) in KERNELS
+
+
+@cpu_only
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_kernel_matches_reference(semiring, case):
+    g = torch.Generator().manual_seed(_seed(semiring, case))
+    q, k, v, bias, causal = make_case(case, g)
+    vo = make_vo(semiring, (*q.shape[:-1], v.shape[-1]), g)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    got, ref = run_both(semiring, vo, q, k, v, bias, causal, scale, (True, True, True))
+    for name, a, b in zip("qkv", got, ref):
+        compare(semiring, a, b, f"{semiring}/{case}/{name}")
+
+
+@cpu_only
+@pytest.mark.parametrize("needs", [(True, False, True), (False, True, False), (False, False, True)],
+                         ids=["qv", "k", "v"])
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_needs_subsets(semiring, needs):
+    g = torch.Generator().manual_seed(7)
+    q, k, v, bias, causal = small_gqa(g)
+    vo = make_vo(semiring, (*q.shape[:-1], v.shape[-1]), g)
+    got, ref = run_both(semiring, vo, q, k, v, bias, causal, 0.3, needs)
+    for name, a, b, n in zip("qkv", got, ref, needs):
+        assert (a is None) == (not n)
+        compare(semiring, a, b, f"{semiring}/needs{needs}/{name}")
+
+
+@cpu_only
+@pytest.mark.parametrize("semiring", ["maxabs", "max"])
+def test_tropical_rank1_path(semiring, monkeypatch):
+    """The GPU code path of the tropical contractions (CHUNK = 1: rank-1 updates)."""
+    monkeypatch.setattr(katt, "TROPICAL_CHUNK", 1)
+    g = torch.Generator().manual_seed(11)
+    q, k, v, bias, causal = small_gqa(g, bias=True)
+    vo = make_vo(semiring, (*q.shape[:-1], v.shape[-1]), g)
+    got, ref = run_both(semiring, vo, q, k, v, bias, causal, 0.25, (True, True, True))
+    for name, a, b in zip("qkv", got, ref):
+        compare(semiring, a, b, f"{semiring}/rank1/{name}")
+
+
+@cpu_only
+def test_fp16_and_value_head_dim():
+    """fp16 q/k/v, and a value head dim different from the query/key one."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, bias, causal = make_case("fp16", g)
+    v = torch.randn(*v.shape[:-1], 24, generator=g).to(v.dtype)
+    for semiring in ("real", "entropy"):
+        vo = make_vo(semiring, (*q.shape[:-1], v.shape[-1]), g)
+        got, ref = run_both(semiring, vo, q, k, v, None, False, 0.2, (True, True, True))
+        for name, a, b in zip("qkv", got, ref):
+            compare(semiring, a, b, f"{semiring}/fp16/{name}")
+
+
+@cpu_only
+def test_dispatch_uses_kernel():
+    """sr.attention under the triton backend gives the kernel's result."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v, bias, causal = small_gqa(g, bias=True)
+    vo = make_vo("abs", (*q.shape[:-1], v.shape[-1]), g)
+    sr = get("abs")
+    with semitriton.use_backend("triton"):
+        out = sr.attention(vo, q, k, v, bias, causal, 0.25, (True, True, True))
+    direct = KERNELS[("attention", "abs")](vo, q, k, v, bias, causal, 0.25, (True, True, True))
+    for a, b in zip(out, direct):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0, equal_nan=False)
+
+
+def test_declines_unsupported():
+    """float64 values, mismatched dtypes, head counts that do not divide: NotImplemented."""
+    q = torch.randn(1, 2, 4, 16)
+    k = torch.randn(1, 2, 5, 16)
+    v = torch.randn(1, 2, 5, 16)
+    vo = (torch.randn(1, 2, 4, 16),)
+    f = KERNELS[("attention", "real")]
+    assert f((vo[0].double(),), q, k, v, None, False, 0.25, (True, True, True)) is NotImplemented
+    assert f(vo, q.double(), k.double(), v.double(), None, False, 0.25, (True, True, True)) is NotImplemented
+    assert f(vo, q, k.half(), v, None, False, 0.25, (True, True, True)) is NotImplemented
+    q3 = torch.randn(1, 3, 4, 16)
+    assert f((torch.randn(1, 3, 4, 16),), q3, k, v, None, False, 0.25, (True, True, True)) is NotImplemented
+    assert f(vo, q, k, v, None, False, 0.25, (False, False, False)) is NotImplemented
+
+
+def test_aot_specs_shape():
+    specs = katt.aot_specs()
+    assert specs
+    names = set()
+    for fn, sig, constexprs in specs:
+        assert list(sig) == list(fn.arg_names)
+        assert all(sig[c] == "constexpr" for c in constexprs)
+        names.add(fn.__name__)
+    assert {"_attn_lse_kernel", "_attn_bwd_real_kernel", "_attn_bwd_sum_kernel",
+            "_attn_bwd_maxabs_kernel", "_attn_bwd_max_kernel"} <= names
+    assert all(len(spec) == 4 and set(spec[3]) == {"num_warps", "num_stages"}
+               for spec in katt.aot_specs(options=True))
+
+
+# ------------------------------------------------------------------ GPU
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
+                                reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", ["plain", "boolmask", "floatbias", "causal_gqa", "bf16"])
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_kernel_matches_reference_gpu(semiring, case):
+    g = torch.Generator().manual_seed(_seed(semiring, case, "gpu"))
+    q, k, v, bias, causal = make_case(case, g, device="cuda", big=True)
+    vo = make_vo(semiring, (*q.shape[:-1], v.shape[-1]), g, device="cuda")
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    got, ref = run_both(semiring, vo, q, k, v, bias, causal, scale, (True, True, True))
+    for name, a, b in zip("qkv", got, ref):
+        compare(semiring, a, b, f"gpu/{semiring}/{case}/{name}")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_needs_subsets_gpu(semiring):
+    g = torch.Generator().manual_seed(17)
+    q, k, v, bias, causal = make_case("causal_gqa", g, device="cuda", big=True)
+    vo = make_vo(semiring, (*q.shape[:-1], v.shape[-1]), g, device="cuda")
+    for needs in [(True, False, False), (False, True, True)]:
+        got, ref = run_both(semiring, vo, q, k, v, bias, causal, 0.125, needs)
+        for name, a, b in zip("qkv", got, ref):
+            compare(semiring, a, b, f"gpu/{semiring}/needs{needs}/{name}")

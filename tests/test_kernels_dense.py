@@ -1,0 +1,411 @@
+"""The dense Triton kernels (matmul, softmax/log-softmax, layer/RMS norm)
+against the torch reference methods of the semirings.
+
+On the CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1,
+set here before triton is imported) at small shapes with small blocks; the
+``gpu``-marked variants run the compiled kernels on CUDA tensors (run them
+with TRITON_INTERPRET=0 on a machine with a GPU).
+
+Note: under the interpreter tl.dot of fp32 is exact numpy math, so these
+tests prove the algebra and the masking, not the compiled precision (the
+``gpu`` variants check that).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import semitriton  # noqa: E402
+from semitriton.semirings import BUILTIN  # noqa: E402
+
+try:
+    from semitriton.kernels import registry, weight_cache  # noqa: E402
+except Exception as e:  # pragma: no cover - triton broken
+    pytest.skip(f"semitriton.kernels not importable: {e}", allow_module_level=True)
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+NINF, PINF = float("-inf"), float("inf")
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERP, reason="CPU kernels need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available() or INTERP,
+        reason="needs a CUDA GPU and TRITON_INTERPRET=0 (compiled kernels)")]),
+]
+
+# components: "log" (log-space, compare |Δ| ≤ rtol·max(1,|ref|)), "mu" (entropy mean,
+# normwise), "lin" (signed linear, elementwise relative), "real" (normwise)
+KINDS = {"real": ("real",), "abs": ("log",), "maxabs": ("log",), "entropy": ("log", "mu"),
+         "max": ("lin", "lin")}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def kernel(op, sr):
+    return registry.KERNELS[(op, sr)]
+
+
+def gen_values(name, shape, device, g, dead=0.2, dead_index=(0,), scale=3.0):
+    """A semiring value of ``shape``: random, with zero entries and one
+    entirely-zero slice ``x[..., dead_index]`` along dim -2 when given."""
+    def rn():
+        return torch.randn(shape, generator=g, dtype=torch.float64).float()
+    mask = torch.rand(shape, generator=g) < dead
+    if dead_index is not None and len(shape) >= 2:
+        sl = [slice(None)] * len(shape)
+        sl[-2] = list(dead_index)
+        mask[tuple(sl)] = True
+    if name == "real":
+        v = (rn(),)
+    elif name == "max":
+        a, b = rn() * scale, rn() * scale
+        p, n = torch.maximum(a, b), torch.minimum(a, b)
+        p[mask], n[mask] = NINF, PINF
+        v = (p, n)
+    else:
+        l = rn() * scale
+        l[mask] = NINF
+        v = (l, torch.where(mask, 0.0, rn() * 2)) if name == "entropy" else (l,)
+    return tuple(c.to(device) for c in v)
+
+
+def check(out, ref, name, rtol, mu_rtol=None, what=""):
+    assert out is not NotImplemented, f"{what}: kernel declined"
+    assert len(out) == len(ref)
+    kinds = KINDS[name]
+    for k, (a, b) in enumerate(zip(out, ref)):
+        a = a.detach().double().cpu()
+        b = b.detach().double().cpu()
+        assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        assert not torch.isnan(a).any(), f"{what}: NaN in component {k}"
+        kind = kinds[k]
+        if kind == "mu":
+            live = torch.isfinite(out[0].detach().double().cpu())
+            assert (a[~live] == 0).all(), f"{what}: μ not 0 where log z = -inf"
+            if live.any():
+                err = (a[live] - b[live]).abs().max() / max(1.0, b[live].abs().max().item())
+                assert err <= (mu_rtol or rtol), f"{what}: μ normwise error {err:.3g}"
+            continue
+        fa, fb = torch.isfinite(a), torch.isfinite(b)
+        assert torch.equal(fa, fb) and torch.equal(a[~fa], b[~fb]), \
+            f"{what}: infinite entries differ in component {k}\n{a}\n{b}"
+        if not fa.any():
+            continue
+        x, y = a[fa], b[fb]
+        if kind == "real":
+            err = ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
+        elif kind == "log":
+            err = ((x - y).abs() / y.abs().clamp_min(1.0)).max().item()
+        else:
+            err = ((x - y).abs() / y.abs().clamp_min(1e-30)).max().item()
+        assert err <= rtol, f"{what}: component {k} relative error {err:.3g} > {rtol}"
+
+
+def reference(method, *args):
+    with semitriton.use_backend("torch"):
+        return method(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# matmul
+# ---------------------------------------------------------------------------------------------
+MM_SEMIRINGS = ("abs", "entropy", "maxabs", "max")
+
+
+def _weights(shape, dtype, device, g, zeros=0.2):
+    """Random weights with exact zeros (not edges), and one all-zero slice
+    ``w[..., 0]`` (an output column / input row without edges)."""
+    w = torch.randn(shape, generator=g, dtype=torch.float64).float()
+    w[torch.rand(shape, generator=g) < zeros] = 0.0
+    w[..., 0] = 0.0
+    return w.to(dtype).to(device)
+
+
+def _mm_cases(device):
+    """(label, v shape, v as a transposed view?, w shape (before the transpose), transpose w?,
+    w dtype)."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    if device == "cpu":
+        return [
+            ("rows", (2, 3, 13, 37), False, (37, 21), False, f32),
+            ("rmatmul-view", (2, 13, 37), True, (21, 37), True, f32),
+            ("batched", (3, 13, 37), False, (3, 37, 21), False, f32),
+            ("batched-4d-wT", (2, 2, 9, 20), False, (2, 2, 17, 20), True, f32),
+            ("J=1", (11, 1), False, (1, 18), False, f32),
+            ("bf16", (13, 40), False, (40, 33), False, bf16),
+        ]
+    return [
+        ("rows", (3, 100, 300), False, (300, 257), False, f32),
+        ("rmatmul-view", (190, 300), True, (257, 300), True, f32),
+        ("batched", (6, 130, 64), False, (6, 64, 129), False, f32),
+        ("bf16", (257, 768), False, (768, 300), False, bf16),
+        ("fp16", (129, 200), False, (200, 70), False, torch.float16),
+        ("few-rows", (3, 1000), False, (1000, 600), False, f32),
+    ]
+
+
+def _mm_tol(name, wdtype, device):
+    if wdtype in (torch.bfloat16, torch.float16) and name in ("abs", "entropy"):
+        return (2e-5, 5e-5) if device == "cpu" else (5e-5, 1e-4)     # hi+lo split (the default)
+    if name in ("max", "maxabs"):
+        return (1e-6 if device == "cpu" else 1e-5), None
+    return (2e-6 if device == "cpu" else 2e-5), (1e-5 if device == "cpu" else 1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", MM_SEMIRINGS)
+def test_matmul(name, device):
+    sr = BUILTIN[name]
+    g = torch.Generator().manual_seed(1)
+    fn = kernel("matmul", name)
+    for label, vs, vt, ws, wt, wdt in _mm_cases(device):
+        vshape = vs if not vt else vs[:-2] + (vs[-1], vs[-2])
+        v = gen_values(name, vshape, device, g)
+        if vt:
+            v = tuple(c.transpose(-1, -2) for c in v)
+        w = _weights(ws, wdt, device, g)
+        if wt:
+            w = w.transpose(-1, -2)
+        ref = reference(sr.matmul, v, w)
+        out = fn(v, w)
+        rtol, mu_rtol = _mm_tol(name, wdt, device)
+        check(out, ref, name, rtol, mu_rtol, f"matmul/{name}/{label}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ("abs", "entropy"))
+def test_matmul_lowp_single_product(name, device, monkeypatch):
+    """SEMITRITON_LOWP_SPLIT=0: bf16 weights with one rounded bf16 product of the
+    exp tile (bf16 accuracy, ~3e-3)."""
+    monkeypatch.setenv("SEMITRITON_LOWP_SPLIT", "0")
+    sr = BUILTIN[name]
+    g = torch.Generator().manual_seed(9)
+    I, J, K = (13, 70, 33) if device == "cpu" else (300, 768, 257)
+    v = gen_values(name, (I, J), device, g)
+    for wt in (False, True):
+        w = _weights((K, J) if wt else (J, K), torch.bfloat16, device, g)
+        w = w.transpose(0, 1) if wt else w
+        check(kernel("matmul", name)(v, w), reference(sr.matmul, v, w), name, 1e-2, 2e-2,
+              f"single/{name}/wT={wt}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", MM_SEMIRINGS)
+def test_matmul_dispatch_and_rmatmul(name, device):
+    """Through the semiring methods (backend switch), including rmatmul, which
+    serves the kernel transposed views; ties and -inf entries everywhere."""
+    sr = BUILTIN[name]
+    g = torch.Generator().manual_seed(2)
+    v = gen_values(name, (2, 19, 23), device, g, dead=0.4, dead_index=(0, 5))
+    w = _weights((23, 17), torch.float32, device, g, zeros=0.5)
+    a = _weights((19, 11), torch.float32, device, g, zeros=0.3)
+    ref = reference(sr.matmul, v, w)
+    ref_r = reference(sr.rmatmul, a.transpose(0, 1), v)
+    with semitriton.use_backend("triton"):
+        out = sr.matmul(v, w)
+        out_r = sr.rmatmul(a.transpose(0, 1), v)
+    check(out, ref, name, 2e-5, 1e-4, f"{name} matmul")
+    check(out_r, ref_r, name, 2e-5, 1e-4, f"{name} rmatmul")
+
+
+@pytest.mark.parametrize("name", MM_SEMIRINGS)
+def test_matmul_declines(name):
+    fn = kernel("matmul", name)
+    g = torch.Generator().manual_seed(3)
+    v = gen_values(name, (3, 5, 7), "cpu", g)
+    w = _weights((1, 7, 4), torch.float32, "cpu", g)        # broadcast batch: not supported
+    assert fn(v, w) is NotImplemented
+    v64 = tuple(c.double() for c in v)
+    assert fn(v64, w[0].double()) is NotImplemented
+    # the semiring method still works (falls back to the torch reference)
+    sr = BUILTIN[name]
+    if INTERP:
+        with semitriton.use_backend("triton"):
+            out = sr.matmul(v, w)
+        check(out, reference(sr.matmul, v, w), name, 1e-6, 1e-6, "fallback")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ("entropy", "maxabs"))
+def test_weight_cache_invalidation(name, device):
+    """Cached per-weight transforms follow in-place updates and freed tensors."""
+    sr = BUILTIN[name]
+    fn = kernel("matmul", name)
+    g = torch.Generator().manual_seed(4)
+    v = gen_values(name, (9, 20), device, g)
+    weight = torch.nn.Parameter(_weights((20, 12), torch.float32, device, g))
+    rt, mt = (2e-6, 1e-5) if device == "cpu" else (2e-5, 1e-4)
+    w = weight.detach()                      # shares storage and version counter
+    check(fn(v, w), reference(sr.matmul, v, w), name, rt, mt, "first")
+    n0 = weight_cache.stats()["entries"]
+    check(fn(v, w), reference(sr.matmul, v, w), name, rt, mt, "hit")
+    assert weight_cache.stats()["entries"] == n0
+    with torch.no_grad():
+        weight.mul_(-3.0)
+        weight[0, 0] = 0.0
+    check(fn(v, w), reference(sr.matmul, v, w), name, rt, mt, "after in-place update")
+    del weight, w
+    w2 = _weights((20, 12), torch.float32, device, g)
+    check(fn(v, w2), reference(sr.matmul, v, w2), name, rt, mt, "new tensor")
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax / log-softmax
+# ---------------------------------------------------------------------------------------------
+SM_SEMIRINGS = ("real", "abs", "entropy", "maxabs", "max")
+
+
+def _probs(shape, dim, device, g, log=False, ydtype=torch.float32):
+    x = torch.randn(shape, generator=g, dtype=torch.float64).float() * 2
+    x[torch.rand(shape, generator=g) < 0.2] = NINF                  # masked: y = 0 exactly
+    xm = x.movedim(dim, -1)
+    xm[..., 0] = torch.where(torch.isfinite(xm).any(-1), xm[..., 0], torch.zeros_like(xm[..., 0]))
+    if xm.shape[-1] > 1 and xm.numel() >= 2 * xm.shape[-1]:
+        row = xm.reshape(-1, xm.shape[-1])
+        row[1] = NINF
+        row[1, 1] = 0.0                                             # one-hot row: y = 1 exactly
+    y = torch.softmax(x, dim)
+    return y.to(ydtype).to(device)
+
+
+def _sm_cases(device):
+    """(shape, dim): short rows (registers), long rows (streamed), dim not last."""
+    if device == "cpu":
+        return [((3, 5, 7), -1), ((4, 50), -1), ((3, 100), 1), ((3, 9, 4), 1), ((5, 1), -1), ((2, 64), -1)]
+    return [((7, 33, 128), -1), ((64, 512), -1), ((5, 5000), -1), ((4, 300, 6), 1), ((9, 1), -1),
+            ((3, 30522), -1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ("softmax", "log_softmax"))
+@pytest.mark.parametrize("name", SM_SEMIRINGS)
+def test_softmax(name, op, device):
+    sr = BUILTIN[name]
+    g = torch.Generator().manual_seed(5)
+    fn = kernel(op, name)
+    rtol = 2e-5 if device == "cpu" else 5e-5
+    for shape, dim in _sm_cases(device):
+        for ydt in (torch.float32, torch.bfloat16):
+            y = _probs(shape, dim, device, g, ydtype=ydt)
+            vmoved = gen_values(name, tuple(torch.empty(shape).movedim(dim, -1).shape[:-1]) + (shape[dim],),
+                                "cpu", g, dead_index=None)
+            v = tuple(c.movedim(-1, dim).to(device) for c in vmoved)
+            # one entirely-zero row
+            v = tuple(c.clone() for c in v)
+            zero = sr.zero((), torch.float32, "cpu")
+            if name != "real":
+                for c, z in zip(v, zero):
+                    c.movedim(dim, -1).reshape(-1, shape[dim])[0] = z.item()
+            ref = reference(getattr(sr, op), v, y, dim)
+            out = fn(v, y, dim)
+            check(out, ref, name, rtol, 10 * rtol, f"{op}/{name}/{shape}/dim{dim}/{ydt}")
+
+
+# ---------------------------------------------------------------------------------------------
+# layer norm / RMS norm
+# ---------------------------------------------------------------------------------------------
+NORM_SEMIRINGS = ("abs", "entropy", "maxabs", "max")
+
+
+def _norm_inputs(lead, n, centered, device, g, gdtype=torch.float32, weight=True):
+    x = torch.randn(*lead, n, generator=g, dtype=torch.float64).float()
+    if centered:
+        mean = x.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        xhat = (x - mean) * rstd
+    else:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        xhat = x * rstd
+    gamma = None
+    if weight:
+        gamma = torch.randn(n, generator=g, dtype=torch.float64).float()
+        gamma[torch.rand(n, generator=g) < 0.2] = 0.0
+        gamma = gamma.to(gdtype).to(device)
+    return xhat.to(device), rstd.to(device), gamma
+
+
+def _norm_cases(device):
+    if device == "cpu":
+        return [((2, 3), 24), ((4,), 40), ((1,), 16), ((3,), 1)]
+    return [((4, 33), 768), ((64,), 576), ((8,), 100), ((2,), 3072)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ("layer_norm", "rms_norm"))
+@pytest.mark.parametrize("name", NORM_SEMIRINGS)
+def test_norm(name, op, device):
+    sr = BUILTIN[name]
+    g = torch.Generator().manual_seed(6)
+    fn = kernel(op, name)
+    centered = op == "layer_norm"
+    rtol = 2e-5 if device == "cpu" else 5e-5
+    for lead, n in _norm_cases(device):
+        for gdt, has_w in ((torch.float32, True), (torch.bfloat16, True), (torch.float32, False)):
+            xhat, rstd, gamma = _norm_inputs(lead, n, centered, device, g, gdt, has_w)
+            v = gen_values(name, lead + (n,), "cpu", g, dead_index=None)
+            v = tuple(c.clone() for c in v)
+            for c, z in zip(v, sr.zero((), torch.float32, "cpu")):
+                c.reshape(-1, n)[0] = z.item()                       # an all-zero row
+            v = tuple(c.to(device) for c in v)
+            ref = reference(getattr(sr, op), v, xhat, rstd, gamma)
+            out = fn(v, xhat, rstd, gamma)
+            check(out, ref, name, rtol, 10 * rtol, f"{op}/{name}/{lead}x{n}/{gdt}/w={has_w}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_maxabs_norm_underflow_fallback(device):
+    """A row where the winning term is e^-200 below the row's largest value
+    (x̂_0 = 0 leaves only the diagonal edge for unit 0 in RMS norm): the
+    linear-space shortcut underflows and the kernel redoes the row in log space."""
+    sr = BUILTIN["maxabs"]
+    g = torch.Generator().manual_seed(7)
+    n = 20
+    xhat, rstd, gamma = _norm_inputs((3,), n, False, "cpu", g)
+    xhat[:, 0] = 0.0
+    l = torch.randn(3, n, generator=g)
+    l[:, 0] = -200.0
+    args = ((l.to(device),), xhat.to(device), rstd.to(device), gamma.to(device))
+    ref = reference(sr.rms_norm, *args)
+    out = kernel("rms_norm", "maxabs")(*args)
+    assert torch.isfinite(ref[0][:, 0]).all()
+    check(out, ref, "maxabs", 2e-5, None, "underflow row")
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine end to end
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ("abs", "entropy", "maxabs", "max"))
+def test_engine_backends_agree(name, device):
+    """A tiny block (linear -> layer norm -> softmax attention-ish -> linear ->
+    log-softmax) through semitriton.grad with both backends."""
+    g = torch.Generator().manual_seed(8)
+    d, h, t = 12, 20, 5
+    lin1 = torch.nn.Linear(d, h).to(device)
+    ln = torch.nn.LayerNorm(h).to(device)
+    lin2 = torch.nn.Linear(h, 7).to(device)
+    with torch.no_grad():
+        for p in (*lin1.parameters(), *ln.parameters(), *lin2.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g).to(device))
+        lin1.weight[0, :3] = 0.0
+    x = torch.randn(t, d, generator=g).to(device).requires_grad_()
+    hdn = ln(lin1(x))
+    att = torch.softmax(hdn @ hdn.T / 4.0, -1) @ hdn
+    out = torch.log_softmax(lin2(att), -1)[2, 3]
+    res = {}
+    for backend in ("torch", "triton"):
+        res[backend] = semitriton.grad_values(out, [x], semiring=name, backend=backend)[0]
+    check(res["triton"], res["torch"], name, 1e-4, 1e-3, f"engine/{name}")
