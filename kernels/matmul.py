@@ -28,7 +28,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import weight_cache
 from ._common import aot_entry, bucket, choose, fits_int32, interpreting
 from .registry import register
 
@@ -36,6 +35,11 @@ from .registry import register
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
+def _weight_cache():
+    from semitriton import weight_cache  # torch-only module; imported at call time
+    return weight_cache
+
+
 @triton.jit
 def _tile_ids(pid, I, K, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped (L2-friendly) ordering of the output tiles."""
@@ -374,9 +378,9 @@ def _logsum_matmul(v, w, entropy: bool):
     e3 = elo3 = w3
     if entropy:
         if wstride0:
-            e3 = weight_cache.transform(w, "neg_xlogx", _neg_xlogx).unsqueeze(0)
+            e3 = _weight_cache().transform(w, "neg_xlogx", _neg_xlogx).unsqueeze(0)
             if split:
-                elo3 = weight_cache.transform(w, "neg_xlogx_lo", _neg_xlogx_lo).unsqueeze(0)
+                elo3 = _weight_cache().transform(w, "neg_xlogx_lo", _neg_xlogx_lo).unsqueeze(0)
         else:
             e3 = _neg_xlogx(w3)
             if split:
@@ -445,7 +449,7 @@ def maxabs_matmul(v, w):
     comps, w3, wstride0, B, I, J, K, lead, I_out = prep
     l3 = _k_major(comps[0])
     if wstride0:
-        lw3 = weight_cache.transform(w, "log_abs", _log_abs).unsqueeze(0)
+        lw3 = _weight_cache().transform(w, "log_abs", _log_abs).unsqueeze(0)
         w_log = True
     else:
         lw3 = _n_major(w3)

@@ -23,6 +23,7 @@ output O) so paths are reported scalar by scalar.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -104,6 +105,7 @@ class Path:
         return "\n".join(lines)
 
 
+@functools.lru_cache(maxsize=None)
 def op_kind(node_name: str) -> str:
     """Friendly op name of an autograd node type ("AddmmBackward0" -> "addmm")."""
     base = re.sub(r"Backward\d*$", "", node_name)
@@ -139,6 +141,7 @@ class PathGraph:
         self.sink_ref = ("t", self.graph.root, output.output_nr) if self.graph.root is not None else None
         self._columns: dict = {}
         self._attn: dict = {}
+        self._flat: dict = {}
 
     # -- tensors ---------------------------------------------------------------------------------
     def shape(self, ref) -> tuple:
@@ -185,52 +188,55 @@ class PathGraph:
                                     "group": group, "hk": k.shape[-3]}
         return a
 
-    def _attention_edges(self, node, slot: int, idx: tuple):
-        """Out-edges of q/k/v element ``idx`` into S or O of attention ``node``."""
+    def _attention_edges(self, node, slot: int, idx: tuple) -> list:
+        """Out-edges of q/k/v element ``idx`` into S (scores) or O of attention
+        ``node``, as edge groups."""
         a = self._attention(node)
         q, k, v, p, s, g = a["q"], a["k"], a["v"], a["p"], a["scale"], a["group"]
-        B, H, Tq, Tk = p.shape
+        shape = tuple(p.shape)                           # [..., H, Tq, Tk]
+        Tq, Tk = shape[-2:]
         lead = idx[:-3]
-        if slot == 0:                                   # q[.., h, i, d] -> S[.., h, i, j] = k[j, d]·s
+        groups = []
+        if slot == 0:                                    # q[.., h, i, d] -> S[.., h, i, j]: k[j, d]·s
             h, i, d = idx[-3:]
             w = k[lead + (h, slice(None), d)] * s
-            outs = [(("S", node), lead + (h, i, j), float(w[j])) for j in range(Tk)]
-        elif slot == 1:                                 # k[.., hk, j, d] -> S[.., h, i, j] = q[i, d]·s
+            flat = _ravel_t(lead + (h, i), shape[:-1]) * Tk + torch.arange(Tk)
+            groups.append((("S", node), flat, w, "attention.scores"))
+        elif slot == 1:                                  # k[.., hk, j, d] -> S[.., h, i, j]: q[i, d]·s
             hk, j, d = idx[-3:]
-            outs = []
             for h in range(hk * g, hk * g + g):
                 w = q[lead + (h, slice(None), d)] * s
-                outs += [(("S", node), lead + (h, i, j), float(w[i])) for i in range(Tq)]
-        elif slot == 2:                                 # v[.., hk, j, d] -> O[.., h, i, d] = P[i, j]
+                flat = (_ravel_t(lead + (h,), shape[:-2]) * Tq + torch.arange(Tq)) * Tk + j
+                groups.append((("S", node), flat, w, "attention.scores"))
+        elif slot == 2:                                  # v[.., hk, j, d] -> O[.., h, i, d]: P[i, j]
             hk, j, d = idx[-3:]
-            outs = []
+            D = v.shape[-1]
             for h in range(hk * g, hk * g + g):
                 w = p[lead + (h, slice(None), j)]
-                outs += [(("t", node, 0), lead + (h, i, d), float(w[i])) for i in range(Tq)]
-        else:
-            outs = []
-        return [(r, u, w, op) for (r, u, w), op in zip(outs, itertools.repeat(
-            "attention.values" if slot == 2 else "attention.scores"))]
+                flat = (_ravel_t(lead + (h,), shape[:-2]) * Tq + torch.arange(Tq)) * D + d
+                groups.append((("t", node, 0), flat, w, "attention.values"))
+        return groups
 
-    def _internal_edges(self, ref, idx: tuple):
+    def _internal_edges(self, ref, idx: tuple) -> list:
         node = ref[1]
         a = self._attention(node)
         p, v = a["p"], a["v"]
         lead, (h, i, j) = idx[:-3], idx[-3:]
-        if ref[0] == "S":                               # S[i, j] -> P[i, j'] = P_ij' (δ - P_ij)
+        if ref[0] == "S":                                # S[i, j] -> P[i, j']: P_ij' (δ - P_ij)
             row = p[lead + (h, i)]
             w = -row * row[j]
             w[j] = row[j] * (1 - row[j])
-            return [(("P", node), lead + (h, i, jj), float(w[jj]), "attention.softmax")
-                    for jj in range(row.shape[0])]
-        vrow = v[lead + (h, j)]                          # P[i, j] -> O[i, d] = v[j, d]
-        return [(("t", node, 0), lead + (h, i, d), float(vrow[d]), "attention.values")
-                for d in range(vrow.shape[0])]
+            flat = _ravel_t(lead + (h, i), tuple(p.shape[:-1])) * row.shape[0] + torch.arange(row.shape[0])
+            return [(("P", node), flat, w, "attention.softmax")]
+        vrow = v[lead + (h, j)]                           # P[i, j] -> O[i, d]: v[j, d]
+        D = vrow.shape[0]
+        flat = _ravel_t(lead + (h, i), tuple(p.shape[:-1])) * D + torch.arange(D)
+        return [(("t", node, 0), flat, vrow, "attention.values")]
 
     # -- local Jacobian columns -------------------------------------------------------------------------
-    def _column(self, node, slot: int, flat: int):
+    def _column(self, node, slot: int, flat: int) -> list:
         """Non-zero entries J[u, x] of ``node``'s Jacobian for input ``slot``,
-        element ``flat``: [(out_slot, flat_u, w)]."""
+        element ``flat``: [(out_slot, flat indices u, weights)]."""
         key = (node, slot, flat)
         col = self._columns.get(key)
         if col is not None:
@@ -241,47 +247,70 @@ class PathGraph:
         needs = [i == slot for i in range(len(node.next_functions))]
         ctx = RuleContext(node, [(g,) for g in gs], needs, _REAL, self.dtype)
         fn = rule_for(node)
+        col = []
         with torch.enable_grad():
             res = fn(ctx)[slot]
-            if res is None:
-                self._columns[key] = []
-                return []
-            sel = res[0].reshape(-1)[flat]
-            grads = torch.autograd.grad(sel, gs, allow_unused=True)
-        col = []
-        for o, gr in enumerate(grads):
-            if gr is None:
-                continue
-            gr = gr.reshape(-1)
-            nz = torch.nonzero(gr, as_tuple=True)[0]
-            col += [(o, int(u), float(gr[u])) for u in nz.tolist()]
+            if res is not None:
+                sel = res[0].reshape(-1)[flat]
+                grads = torch.autograd.grad(sel, gs, allow_unused=True)
+                for o, gr in enumerate(grads):
+                    if gr is None:
+                        continue
+                    gr = gr.detach().reshape(-1)
+                    nz = torch.nonzero(gr, as_tuple=True)[0]
+                    col.append((o, nz.cpu(), gr[nz].double().cpu()))
         self._columns[key] = col
         return col
 
     # -- successors --------------------------------------------------------------------------------
-    def edges(self, ref, idx: tuple):
-        """All out-edges of scalar ``idx`` of tensor ``ref``:
-        [(ref_u, idx_u, weight, op, node name, module)]."""
+    def edge_groups(self, ref, idx: tuple) -> list:
+        """All out-edges of scalar ``idx`` of tensor ``ref``, vectorised:
+        [(ref_u, flat indices of u, weights, op, node name, module)]."""
         if ref == self.sink_ref:
-            return [(_SINK, (), 1.0, "output", "", "")]
+            return [(_SINK, torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.float64),
+                     "output", "", "")]
+        out = []
         if ref[0] in ("S", "P"):
             node = ref[1]
-            return [(r, u, w, op, type(node).__name__, self.module_of(node))
-                    for r, u, w, op in self._internal_edges(ref, idx) if w != 0.0]
-        out = []
-        shape = self.shape(ref)
-        flat = _ravel(idx, shape)
+            name, mod = type(node).__name__, self.module_of(node)
+            return [(r, f.cpu(), w.detach().double().cpu(), op, name, mod)
+                    for r, f, w, op in self._internal_edges(ref, idx)]
+        flat = _ravel(idx, self.shape(ref))
         for cons, i in self.graph.consumers.get((ref[1], ref[2]), ()):
-            name = type(cons).__name__
-            mod = self.module_of(cons)
+            name, mod = type(cons).__name__, self.module_of(cons)
             if is_attention_node(cons):
-                out += [(r, u, w, op, name, mod) for r, u, w, op in self._attention_edges(cons, i, idx)
-                        if w != 0.0]
+                out += [(r, f.cpu(), w.detach().double().cpu(), op, name, mod)
+                        for r, f, w, op in self._attention_edges(cons, i, idx)]
                 continue
             for o, fu, w in self._column(cons, i, flat):
-                oshape = tuple(cons._input_metadata[o].shape)
-                out.append((("t", cons, o), _unravel(fu, oshape), w, op_kind(name), name, mod))
+                out.append((("t", cons, o), fu, w, op_kind(name), name, mod))
         return out
+
+    def potentials(self, ref, component: int = 0) -> Tensor:
+        """The stored value component of tensor ``ref``, flat, float64, on the CPU."""
+        key = (ref, component)
+        t = self._flat.get(key)
+        if t is None:
+            if ref == _SINK:
+                t = torch.full((1,), 0.0 if self.sr.name != "max" else 1.0, dtype=torch.float64)
+            else:
+                t = self.value(ref)[component].detach().reshape(-1).double().cpu()
+            self._flat[key] = t
+        return t
+
+    def edges(self, ref, idx: tuple) -> list:
+        """All out-edges as tuples (ref_u, idx_u, weight, op, node name, module)."""
+        out = []
+        for r, flat, w, op, name, mod in self.edge_groups(ref, idx):
+            shape = () if r == _SINK else self.shape(r)
+            for f, ww in zip(flat.tolist(), w.tolist()):
+                if ww != 0.0:
+                    out.append((r, _unravel(f, shape), ww, op, name, mod))
+        return out
+
+
+def _ravel_t(idx, shape) -> int:
+    return _ravel(tuple(int(i) for i in idx), tuple(shape))
 
 
 def _ravel(idx, shape) -> int:
@@ -336,10 +365,42 @@ def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs
     return _kbest(pg, k, index, batch)
 
 
-def _potential(pg: PathGraph, ref, idx) -> float:
-    if ref == _SINK:
-        return 0.0
-    return _scalar(pg.value(ref)[0], idx)
+class _Ranked:
+    """The out-edges of one scalar ranked by log|w| + potential(u), best first;
+    entries are materialised only when accessed."""
+
+    def __init__(self, pg: PathGraph, ref, idx):
+        self.pg = pg
+        keys, lws, gids, pos = [], [], [], []
+        self.groups = pg.edge_groups(ref, idx)
+        for gi, (r, flat, w, *_rest) in enumerate(self.groups):
+            pot = pg.potentials(r)[flat]
+            lw = torch.log(w.abs())
+            key = lw + pot
+            keep = torch.isfinite(key)
+            keys.append(key[keep])
+            lws.append(lw[keep])
+            gids.append(torch.full((int(keep.sum()),), gi, dtype=torch.long))
+            pos.append(torch.nonzero(keep, as_tuple=True)[0])
+        if keys:
+            key = torch.cat(keys)
+            order = torch.argsort(key, descending=True, stable=True)
+            self.key, self.lw = key[order], torch.cat(lws)[order]
+            self.gid, self.pos = torch.cat(gids)[order], torch.cat(pos)[order]
+        else:
+            self.key = torch.zeros(0, dtype=torch.float64)
+
+    def __len__(self) -> int:
+        return int(self.key.numel())
+
+    def step(self, i: int) -> tuple:
+        r, flat, w, op, name, mod = self.groups[int(self.gid[i])]
+        j = int(self.pos[i])
+        u = () if r == _SINK else _unravel(int(flat[j]), self.pg.shape(r))
+        return (op, name, mod, r, u, float(w[j]))
+
+    def __getitem__(self, i: int) -> tuple:
+        return float(self.key[i]), float(self.lw[i]), self.step(i)
 
 
 def _kbest(pg: PathGraph, k: int, index, batch=None) -> list:
@@ -355,14 +416,7 @@ def _kbest(pg: PathGraph, k: int, index, batch=None) -> list:
     def successors(ref, idx):
         s = succ_cache.get((ref, idx))
         if s is None:
-            s = []
-            for r, u, w, op, node, mod in pg.edges(ref, idx):
-                pot = _potential(pg, r, u)
-                if pot != NEG:
-                    lw = math.log(abs(w))
-                    s.append((lw + pot, lw, (op, node, mod, r, u, w)))
-            s.sort(key=lambda e: -e[0])
-            succ_cache[(ref, idx)] = s
+            s = succ_cache[(ref, idx)] = _Ranked(pg, ref, idx)
         return s
 
     # the start scalars (a virtual source joined to each by weight 1); only the
@@ -434,22 +488,24 @@ def _signed_top_path(pg: PathGraph, index, batch=None) -> Optional[Path]:
     ref, idx, want_pos = src, index, True
     while ref != _SINK:
         best = None
-        for r, u, w, op, node, mod in pg.edges(ref, idx):
-            if r == _SINK:
-                p = n = 1.0
+        for r, flat, w, op, node, mod in pg.edge_groups(ref, idx):
+            p, n = pg.potentials(r, 0)[flat], pg.potentials(r, 1 if r != _SINK else 0)[flat]
+            live = (p != NEG) & (w != 0)
+            if not bool(live.any()):
+                continue
+            if want_pos:          # continue with M+ after a positive edge, M- after a negative one
+                cand = torch.where(live, torch.where(w > 0, w * p, w * n), torch.full_like(w, NEG))
+                j = int(torch.argmax(cand))
+                better = best is None or float(cand[j]) > best[0]
+                nxt = bool(w[j] > 0)
             else:
-                pv, nv = pg.value(r)
-                p, n = _scalar(pv, u), _scalar(nv, u)
-                if p == NEG:
-                    continue
-            if want_pos:
-                cand, nxt = (w * p, True) if w > 0 else (w * n, False)
-                better = best is None or cand > best[0]
-            else:
-                cand, nxt = (w * n, False) if w > 0 else (w * p, True)
-                better = best is None or cand < best[0]
+                cand = torch.where(live, torch.where(w > 0, w * n, w * p), torch.full_like(w, float("inf")))
+                j = int(torch.argmin(cand))
+                better = best is None or float(cand[j]) < best[0]
+                nxt = not bool(w[j] > 0)
             if better:
-                best = (cand, r, u, w, op, node, mod, nxt)
+                u = () if r == _SINK else _unravel(int(flat[j]), pg.shape(r))
+                best = (float(cand[j]), r, u, float(w[j]), op, node, mod, nxt)
         if best is None:
             return None
         _, r, u, w, op, node, mod, want_pos = best
@@ -476,17 +532,10 @@ def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Se
     succ_cache: dict = {}
 
     def successors(ref, idx):
-        key = (ref, idx)
-        s = succ_cache.get(key)
+        s = succ_cache.get((ref, idx))
         if s is None:
-            items = []
-            for r, u, w, op, node, mod in pg.edges(ref, idx):
-                lz = 0.0 if r == _SINK else _scalar(pg.value(r)[0], u)
-                if lz == float("-inf"):
-                    continue
-                items.append((math.log(abs(w)) + lz, r, u, w, op, node, mod))
-            logits = torch.tensor([it[0] for it in items], dtype=torch.float64)
-            s = succ_cache[key] = (items, torch.softmax(logits, 0) if items else None)
+            ranked = _Ranked(pg, ref, idx)
+            s = succ_cache[(ref, idx)] = (ranked, torch.softmax(ranked.key, 0) if len(ranked) else None)
         return s
 
     paths = []
@@ -500,12 +549,11 @@ def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Se
         steps = [("start", sidx)]
         ref, idx = pg.source, sidx
         while ref != _SINK:
-            items, probs = successors(ref, idx)
-            if not items:
+            ranked, probs = successors(ref, idx)
+            if probs is None:
                 break
-            j = int(torch.multinomial(probs, 1, generator=gen))
-            _, r, u, w, op, node, mod = items[j]
-            steps.append((op, node, mod, r, u, w))
-            ref, idx = r, u
+            step = ranked.step(int(torch.multinomial(probs, 1, generator=gen)))
+            steps.append(step)
+            ref, idx = step[3], step[4]
         paths.append(_make_path(pg, steps, "abs"))
     return paths

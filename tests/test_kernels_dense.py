@@ -27,7 +27,8 @@ import semitriton  # noqa: E402
 from semitriton.semirings import BUILTIN  # noqa: E402
 
 try:
-    from semitriton.kernels import registry, weight_cache  # noqa: E402
+    from semitriton.kernels import registry  # noqa: E402
+    from semitriton import weight_cache  # noqa: E402
 except Exception as e:  # pragma: no cover - triton broken
     pytest.skip(f"semitriton.kernels not importable: {e}", allow_module_level=True)
 

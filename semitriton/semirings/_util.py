@@ -19,6 +19,15 @@ def log_abs(w: Tensor) -> Tensor:
     return torch.log(torch.abs(w))
 
 
+def weight(w: Tensor, kind: str, dtype: torch.dtype) -> Tensor:
+    """A per-weight transform in ``dtype``, cached across passes for parameters:
+    "abs" |w|, "log_abs" log|w|, "xlogx" |w| log|w|, "same" w."""
+    from .. import weight_cache
+    fns = {"abs": lambda t: torch.abs(t.to(dtype)), "log_abs": lambda t: log_abs(t.to(dtype)),
+           "xlogx": lambda t: xlogx(torch.abs(t.to(dtype))), "same": lambda t: t.to(dtype)}
+    return weight_cache.transform(w, f"ref:{kind}:{dtype}", fns[kind])
+
+
 def finite_amax(x: Tensor, dim, keepdim: bool = True) -> Tensor:
     """Max over ``dim``; rows that are all -inf get 0 (a neutral shift)."""
     m = torch.amax(x, dim=dim, keepdim=keepdim)

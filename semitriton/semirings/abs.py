@@ -9,7 +9,7 @@ import torch
 from ..dispatch import kernel_op, rmatmul_via_matmul
 
 from ._util import (NEG_INF, exclusive_sum, finite_amax, log_abs, log_matmul,
-                    log_rmatmul)
+                    log_rmatmul, weight)
 from .base import Semiring, Value
 
 
@@ -52,7 +52,7 @@ class Abs(Semiring):
 
     @kernel_op("matmul")
     def matmul(self, v, w):
-        return (log_matmul(v[0], torch.abs(w.to(v[0].dtype))),)
+        return (log_matmul(v[0], weight(w, "abs", v[0].dtype)),)
 
     @rmatmul_via_matmul
     def rmatmul(self, w, v):
@@ -84,3 +84,13 @@ class Abs(Semiring):
         off = torch.log(p) + torch.log(exclusive_sum(torch.exp(l - m), dim)) + m
         diag = torch.log1p(-p) + l
         return (torch.logaddexp(off, diag),)
+
+    @kernel_op("rms_norm")
+    def rms_norm(self, v, xhat, rstd, weight):
+        """Z_i = |d_i| Z_i + |a_i| Σ_{j≠i} |b_j| Z_j (see Semiring.rms_factors)."""
+        l = v[0]
+        d, a, b = self.rms_factors(xhat, rstd, weight, l.dtype)
+        t = log_abs(b) + l
+        m = finite_amax(t, -1)
+        off = log_abs(a) + torch.log(exclusive_sum(torch.exp(t - m), -1)) + m
+        return (torch.logaddexp(off, log_abs(d) + l),)

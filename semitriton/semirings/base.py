@@ -243,6 +243,17 @@ class Semiring:
         ``γ_j rstd (δ_ij - x̂_i x̂_j / n)``."""
         return self._norm(v, xhat, rstd, weight, centered=False)
 
+    @staticmethod
+    def rms_factors(xhat: Tensor, rstd: Tensor, weight, dtype) -> tuple:
+        """RMS norm's Jacobian w_ij = γ_j r (δ_ij - x̂_i x̂_j / n) written as
+        d_i on the diagonal and a_i b_j off it: d = γ r (1 - x̂²/n),
+        a = -r x̂ / n, b = γ x̂ (so closed forms are O(n) per row)."""
+        xh = xhat.to(dtype)
+        r = rstd.to(dtype)
+        n = xh.shape[-1]
+        g = torch.ones((), dtype=dtype, device=xh.device) if weight is None else weight.to(dtype)
+        return g * r * (1 - xh * xh / n), -r * xh / n, g * xh
+
     def _norm(self, v, xhat, rstd, weight, centered):
         dt = v[0].dtype
         n = xhat.shape[-1]

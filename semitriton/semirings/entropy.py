@@ -18,7 +18,7 @@ import torch
 from ..dispatch import kernel_op, rmatmul_via_matmul
 
 from ._util import (NEG_INF, exclusive_sum, exclusive_sum_signed, finite_amax, log_abs,
-                    safe_div, xlogx)
+                    safe_div, weight, xlogx)
 from .base import Semiring, Value
 
 
@@ -89,9 +89,9 @@ class Entropy(Semiring):
 
     @kernel_op("matmul")
     def matmul(self, v, w):
-        w = w.to(v[0].dtype)
-        A = torch.abs(w)
-        z, s, m = self._contract(v, A, xlogx(A), lambda x, y: torch.matmul(x, y), -1)
+        dt = v[0].dtype
+        A, B = weight(w, "abs", dt), weight(w, "xlogx", dt)
+        z, s, m = self._contract(v, A, B, lambda x, y: torch.matmul(x, y), -1)
         return _clean(torch.log(z) + m, safe_div(s, z))
 
     @rmatmul_via_matmul
@@ -148,6 +148,31 @@ class Entropy(Semiring):
         ld = torch.log1p(-p)
         l_diag = ld + l
         mu_diag = mu - torch.where(torch.isfinite(ld), ld, torch.zeros_like(ld))
+        L = torch.logaddexp(l_off, l_diag)
+        shift = torch.where(L == NEG_INF, torch.zeros_like(L), L)
+        return _clean(L, torch.exp(l_off - shift) * mu_off + torch.exp(l_diag - shift) * mu_diag)
+
+    @kernel_op("rms_norm")
+    def rms_norm(self, v, xhat, rstd, weight):
+        """Off-diagonal |w| = |a_i||b_j|, diagonal |d_i| (Semiring.rms_factors):
+        z_i = |a_i| B_i + |d_i| z_i, B_i = Σ_{j≠i} |b_j| z_j;
+        z_i μ_i = |a_i| (A_i - log|a_i| B_i) + |d_i| z_i (μ_i - log|d_i|),
+        A_i = Σ_{j≠i} |b_j| z_j (μ_j - log|b_j|)."""
+        l, mu = v
+        d, a, b = self.rms_factors(xhat, rstd, weight, l.dtype)
+        lb, la, ld = log_abs(b), log_abs(a), log_abs(d)
+        t_log = l + lb
+        m = finite_amax(t_log, -1)
+        t = torch.exp(t_log - m)
+        lb0 = torch.where(torch.isfinite(lb), lb, torch.zeros_like(lb))
+        la0 = torch.where(torch.isfinite(la), la, torch.zeros_like(la))
+        ld0 = torch.where(torch.isfinite(ld), ld, torch.zeros_like(ld))
+        B = exclusive_sum(t, -1)
+        A = exclusive_sum_signed(t * (mu - lb0), t, -1)
+        l_off = la + torch.log(B) + m
+        mu_off = safe_div(A, B) - la0
+        l_diag = ld + l
+        mu_diag = mu - ld0
         L = torch.logaddexp(l_off, l_diag)
         shift = torch.where(L == NEG_INF, torch.zeros_like(L), L)
         return _clean(L, torch.exp(l_off - shift) * mu_off + torch.exp(l_diag - shift) * mu_diag)

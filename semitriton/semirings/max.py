@@ -7,7 +7,7 @@ import torch
 
 from ..dispatch import kernel_op, rmatmul_via_matmul
 
-from ._util import NEG_INF, POS_INF, exclusive_max, exclusive_min, signed_max_matmul
+from ._util import NEG_INF, POS_INF, exclusive_max, exclusive_min, signed_max_matmul, weight
 from .base import Semiring, Value
 
 
@@ -60,7 +60,7 @@ class Max(Semiring):
 
     @kernel_op("matmul")
     def matmul(self, v, w):
-        return signed_max_matmul(v[0], v[1], w.to(v[0].dtype))
+        return signed_max_matmul(v[0], v[1], weight(w, "same", v[0].dtype))
 
     @rmatmul_via_matmul
     def rmatmul(self, w, v):
@@ -105,4 +105,23 @@ class Max(Semiring):
         off_n = torch.nan_to_num(off_n, nan=POS_INF, posinf=POS_INF, neginf=NEG_INF)
         dp = torch.where(has_d, d * mp, NEG_INF)
         dn = torch.where(has_d, d * mn, POS_INF)
+        return (torch.maximum(off_p, dp), torch.minimum(off_n, dn))
+
+    @kernel_op("rms_norm")
+    def rms_norm(self, v, xhat, rstd, weight):
+        """Off-diagonal edges a_i b_j: with P_j = max(b_j M+_j, b_j M-_j) and
+        N_j = min(...), M+_i gets a_i max_{j≠i} P_j (a_i > 0) or a_i min_{j≠i} N_j."""
+        mp, mn = v
+        d, a, b = self.rms_factors(xhat, rstd, weight, mp.dtype)
+        live = (mp != NEG_INF) & (b != 0)
+        bp, bn = torch.where(live, b * mp, 0.0), torch.where(live, b * mn, 0.0)
+        P = torch.where(live, torch.maximum(bp, bn), NEG_INF)
+        N = torch.where(live, torch.minimum(bp, bn), POS_INF)
+        hi, lo = exclusive_max(P, -1), exclusive_min(N, -1)
+        has = (a != 0) & (hi != NEG_INF)
+        off_p = torch.where(has, torch.where(a > 0, a * torch.where(has, hi, 0.0), a * torch.where(has, lo, 0.0)),
+                            NEG_INF)
+        off_n = torch.where(has, torch.where(a > 0, a * torch.where(has, lo, 0.0), a * torch.where(has, hi, 0.0)),
+                            POS_INF)
+        dp, dn = self.scale(v, d)
         return (torch.maximum(off_p, dp), torch.minimum(off_n, dn))

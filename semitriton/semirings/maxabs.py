@@ -6,7 +6,7 @@ import torch
 
 from ..dispatch import kernel_op, rmatmul_via_matmul
 
-from ._util import NEG_INF, exclusive_max, log_abs, tropical_matmul
+from ._util import NEG_INF, exclusive_max, log_abs, tropical_matmul, weight
 from .base import Semiring, Value
 
 
@@ -50,7 +50,7 @@ class MaxAbs(Semiring):
 
     @kernel_op("matmul")
     def matmul(self, v, w):
-        return (tropical_matmul(v[0], log_abs(w.to(v[0].dtype))),)
+        return (tropical_matmul(v[0], weight(w, "log_abs", v[0].dtype)),)
 
     @rmatmul_via_matmul
     def rmatmul(self, w, v):
@@ -76,3 +76,11 @@ class MaxAbs(Semiring):
         l = v[0]
         p = p.to(l.dtype)
         return (torch.maximum(torch.log(p) + exclusive_max(l, dim), torch.log1p(-p) + l),)
+
+    @kernel_op("rms_norm")
+    def rms_norm(self, v, xhat, rstd, weight):
+        """m_i = max(|d_i| m_i, |a_i| max_{j≠i} |b_j| m_j): a row top-2."""
+        l = v[0]
+        d, a, b = self.rms_factors(xhat, rstd, weight, l.dtype)
+        off = log_abs(a) + exclusive_max(log_abs(b) + l, -1)
+        return (torch.maximum(off, log_abs(d) + l),)
