@@ -11,6 +11,7 @@ so one forward can be queried with several semirings.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Optional, Sequence, Union
 
@@ -20,7 +21,7 @@ from torch import Tensor
 from . import backend as _backend
 from .errors import GraphError, UnsupportedNodeError
 from .rules import RuleContext, rule_for
-from .semirings import Semiring, Value, get
+from .semirings import Real, Semiring, Value, get
 from .tracking import ModuleLabels
 
 TensorOrTensors = Union[Tensor, Sequence[Tensor]]
@@ -145,6 +146,56 @@ def _unsupported(graph: GradientGraph, node) -> UnsupportedNodeError:
         "replace the op, or register a rule with semitriton.rules.rule('" + name + "')")
 
 
+class RuleProfile:
+    """Per-rule time of semiring passes run inside ``with RuleProfile() as prof``:
+    device time per autograd node type (CUDA events, no synchronisation inside
+    the pass) and the wall time of each pass; ``python_overhead_ms`` is the
+    part of the wall time when the device had no rule work to do."""
+
+    _active: Optional["RuleProfile"] = None
+
+    def __init__(self):
+        self.events: list = []          # (node type, start event, end event) or (node type, seconds)
+        self.walls: list = []
+        self.calls: dict = {}
+
+    def __enter__(self):
+        RuleProfile._active = self
+        return self
+
+    def __exit__(self, *exc):
+        RuleProfile._active = None
+        return False
+
+    def start(self, device):
+        if device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def stop(self, name, t0, device):
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.events.append((name, t0, e))
+        else:
+            self.events.append((name, time.perf_counter() - t0))
+
+    def summary(self) -> dict:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        per: dict = {}
+        for ev in self.events:
+            ms = ev[1].elapsed_time(ev[2]) if len(ev) == 3 else ev[1] * 1e3
+            per[ev[0]] = per.get(ev[0], 0.0) + ms
+        rules = sum(per.values())
+        wall = sum(self.walls) * 1e3
+        return {"wall_ms": wall, "rule_ms": rules, "python_overhead_ms": max(0.0, wall - rules),
+                "per_rule_ms": dict(sorted(per.items(), key=lambda kv: -kv[1])), "calls": dict(self.calls)}
+
+
 def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route=None,
           progress: bool = False) -> dict:
     """The generalised backward over ``graph`` (relevant nodes, in-degrees,
@@ -176,6 +227,10 @@ def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route
         if fn is None:
             raise _unsupported(graph, node)
         ctx = RuleContext(node, grads, needs, sr, dtype)
+        prof = RuleProfile._active
+        if prof is not None:
+            dev = node._input_metadata[0].device if node._input_metadata else torch.device("cpu")
+            t0 = prof.start(dev)
         try:
             outs = fn(ctx)
         except UnsupportedNodeError as exc:
@@ -183,6 +238,8 @@ def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route
             if where and "module" not in str(exc):
                 raise UnsupportedNodeError(f"{exc} (in module {where})") from None
             raise
+        if prof is not None:
+            prof.stop(type(node).__name__, t0, dev)
         if len(outs) != len(nexts):
             raise RuntimeError(f"rule for {type(node).__name__} returned {len(outs)} values for "
                                f"{len(nexts)} inputs")
@@ -228,7 +285,12 @@ def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] 
         if graph.root is not None:
             seed = [None] * len(graph.root._input_metadata)
             seed[output.output_nr] = sr.one(tuple(output.shape), dtype, output.device)
+            t0 = time.perf_counter()
             captured = _walk(graph, {graph.root: seed}, sr, dtype, keep, route, progress)
+            if RuleProfile._active is not None:
+                if output.is_cuda:
+                    torch.cuda.synchronize(output.device)
+                RuleProfile._active.walls.append(time.perf_counter() - t0)
             for node, lst in graph.targets.items():
                 for slot, i in lst:
                     results[i] = captured.get((node, slot))
@@ -305,9 +367,39 @@ def grad_values(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Se
     return run(output, inputs, semiring, backend=backend, progress=progress)
 
 
+def _native_real(output: Tensor, inputs: tuple) -> Optional[tuple]:
+    """The real semiring through PyTorch's own autograd engine (it *is* the
+    gradient), keeping the graph. None when the walk is needed instead:
+    half-precision graphs (statistics are accumulated in float32 here)."""
+    dtype = compute_dtype(output, inputs)
+    if any(t.dtype != dtype for t in inputs) or output.dtype != dtype:
+        return None
+    if not output.requires_grad:
+        return None                       # let the walk raise its error
+    for i, t in enumerate(inputs):
+        if not t.requires_grad:
+            raise GraphError(f"inputs[{i}] (shape {tuple(t.shape)}) does not require grad, so it cannot be in "
+                             "the gradient graph; call .requires_grad_() on it before the forward pass")
+    try:
+        grads = torch.autograd.grad(output, inputs, grad_outputs=torch.ones_like(output), retain_graph=True,
+                                    allow_unused=True)
+    except RuntimeError as exc:
+        if "second time" in str(exc) or "freed" in str(exc):
+            from .errors import GraphFreedError
+            raise GraphFreedError("the autograd graph of output was already freed by an earlier backward pass; "
+                                  "run the forward again, or pass retain_graph=True to the earlier backward") \
+                from None
+        raise
+    for i, g in enumerate(grads):
+        if g is None and inputs[i] is not output:
+            raise GraphError(f"inputs[{i}] (shape {tuple(inputs[i].shape)}) is not part of the gradient graph "
+                             "of output: output does not depend on it")
+    return grads
+
+
 def grad(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] = "real",
          backend: Optional[str] = None, progress: bool = False,
-         log_space: bool = False) -> tuple[Tensor, ...]:
+         log_space: bool = False, fast_real: bool = True) -> tuple[Tensor, ...]:
     """Generalised ``torch.autograd.grad``: one semiring backward pass from
     ``output`` to each of ``inputs``; returns the semiring's readout per input
     (same shape as the input).
@@ -327,8 +419,17 @@ def grad(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring]
     graphs, float64 for float64 ones), except abs and maxabs, which are kept
     in log space inside and returned in float64 (Z of a 12-layer model is far
     beyond float32's range); ``log_space=True`` returns their logarithms in
-    the compute dtype instead. ``backend``: "auto" | "torch" | "triton"."""
+    the compute dtype instead. ``backend``: "auto" | "torch" | "triton".
+
+    ``real`` on float32/float64 graphs runs PyTorch's autograd engine (the
+    gradient is the real semiring's value); ``fast_real=False`` forces the
+    semiring walk (the tests compare the two)."""
     sr = get(semiring)
+    _backend.resolve(backend)                     # reject an unknown backend name early
+    if fast_real and type(sr) is Real:
+        fast = _native_real(output, _as_tuple(inputs))
+        if fast is not None:
+            return fast
     vals = run(output, inputs, sr, backend=backend, progress=progress)
     if log_space:
         if not hasattr(sr, "log_readout"):

@@ -16,8 +16,10 @@ single custom autograd node carrying its semiring rule:
 A swapped module is a copy of the original object whose class is a subclass
 of the original class (so ``isinstance`` checks and ``state_dict`` keys are
 unchanged, and it shares the original's parameters); ``unpatch`` puts the
-original objects back and restores the config. Linear and LayerNorm are left
-alone: their aten nodes are already canonical single primitives.
+original objects back and restores the config. LayerNorm's aten node is
+already one canonical primitive and stays; nn.Linear (and GPT-2's Conv1D)
+is swapped only with ``linear=True``: its aten graph is canonical too, the
+swap only removes nodes from the walk (see bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .fused import CanonicalElementwise, CanonicalRMSNorm, fused_attention
+from .fused import CanonicalElementwise, CanonicalLinear, CanonicalRMSNorm, fused_attention
 from .tracking import track, untrack
 
 log = logging.getLogger("semitriton")
@@ -122,6 +124,10 @@ def _patched_rms_forward(self, x):
     return CanonicalRMSNorm.apply(x, weight, impl, eps, self._semitriton_offset)
 
 
+def _patched_linear_forward(self, x):
+    return CanonicalLinear.apply(x, self.weight, self.bias, self._semitriton_transposed)
+
+
 def _patched_activation_forward(self, x):
     cls = self._semitriton_original_class
     return CanonicalElementwise.apply(x, functools.partial(cls.forward, self))
@@ -129,7 +135,8 @@ def _patched_activation_forward(self, x):
 
 @functools.lru_cache(maxsize=None)
 def _patched_class(cls, kind: str):
-    forward = {"rms_norm": _patched_rms_forward, "activation": _patched_activation_forward}[kind]
+    forward = {"rms_norm": _patched_rms_forward, "activation": _patched_activation_forward,
+               "linear": _patched_linear_forward}[kind]
     return type("Semiring" + cls.__name__, (cls,), {
         "forward": forward,
         "_semitriton_original_class": cls,
@@ -218,10 +225,15 @@ class PatchRecord:
         return "semitriton.patch: " + (", ".join(parts) if parts else "nothing to swap (aten rules apply)")
 
 
+def _conv1d_class():
+    return _load("transformers.pytorch_utils", "Conv1D")
+
+
 def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, attention: bool = True,
-          verbose: bool = False) -> nn.Module:
+          linear: bool = False, verbose: bool = False) -> nn.Module:
     """Swap non-canonical modules of ``model`` in place (see module docstring);
-    returns ``model``. Patching twice changes nothing. ``verbose`` prints the
+    returns ``model``. ``linear=True`` also records each nn.Linear / GPT-2
+    Conv1D as one node instead of view/addmm/view (fewer nodes to walk). Patching twice changes nothing. ``verbose`` prints the
     summary (also in ``patch_summary(model)``); module names are tracked for
     error messages and path readouts."""
     if getattr(model, _RECORD, None) is not None:
@@ -244,6 +256,10 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
                                        "forward differs from γ·x·rsqrt(mean(x²)+eps)")
             elif activations and isinstance(child, acts) and cls in acts:
                 new = _swap(child, "activation")
+            elif linear and cls is nn.Linear:
+                new = _swap(child, "linear", _semitriton_transposed=False)
+            elif linear and _conv1d_class() is not None and cls is _conv1d_class():
+                new = _swap(child, "linear", _semitriton_transposed=True)
             if new is not None:
                 parent._modules[name] = new
                 rec.swapped.append((parent, name, child, new))

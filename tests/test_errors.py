@@ -40,7 +40,7 @@ def test_unknown_node_without_tracking_says_how_to_name_module():
     x = torch.randn(2, 4, requires_grad=True)
     out = torch.cumsum(x, 0).sum()
     with pytest.raises(UnsupportedNodeError, match=r"CumsumBackward0.*semitriton.track"):
-        semitriton.grad(out, x)
+        semitriton.grad(out, x, semiring="abs")
 
 
 def test_custom_function_without_rule():
@@ -55,7 +55,7 @@ def test_custom_function_without_rule():
 
     x = torch.randn(3, requires_grad=True)
     with pytest.raises(UnsupportedNodeError, match="TwiceBackward"):
-        semitriton.grad(Twice.apply(x).sum(), x)
+        semitriton.grad(Twice.apply(x).sum(), x, semiring="abs")
 
 
 def test_input_not_in_graph():
@@ -109,7 +109,7 @@ def test_attention_dropout_on_cpu_follows_the_recorded_mask():
     torch.manual_seed(0)
     o = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
     (ref,) = torch.autograd.grad(o.sum(), q, retain_graph=True)
-    (got,) = semitriton.grad(o.sum(), q)
+    (got,) = semitriton.grad(o.sum(), q, fast_real=False)
     torch.testing.assert_close(got, ref)
 
 
@@ -119,7 +119,20 @@ def test_inputs_are_not_modified_and_graph_reusable():
     out = torch.softmax(x @ torch.randn(3, 3), -1).pow(2).sum()
     for s in semitriton.semirings.NAMES:
         semitriton.grad(out, x, semiring=s)
-    (ours,) = semitriton.grad(out, x)
+    (ours,) = semitriton.grad(out, x, fast_real=False)
     assert torch.equal(x.detach(), before) and x.grad is None
     (g,) = torch.autograd.grad(out, x)          # the graph was not freed by semitriton
     torch.testing.assert_close(ours, g)
+
+
+def test_fast_real_is_the_autograd_gradient_and_keeps_the_graph():
+    x = torch.randn(3, 4, requires_grad=True)
+    out = torch.tanh(x @ torch.randn(4, 2)).sum()
+    (a,) = semitriton.grad(out, x)                    # autograd engine
+    (b,) = semitriton.grad(out, x, fast_real=False)   # the semiring walk
+    torch.testing.assert_close(a, b)
+    (c,) = semitriton.grad(out, x, semiring="abs")    # the graph is still there
+    assert torch.isfinite(c).all()
+    out.backward()
+    with pytest.raises(GraphFreedError):
+        semitriton.grad(out, x)

@@ -209,7 +209,7 @@ def test_nn_rmsnorm_and_custom_modules():
     assert semitriton.patch_summary(model)["swapped"] == {"RMSNorm": 1}
     after = model(x)
     torch.testing.assert_close(after, before)
-    (g,) = semitriton.grad(after.sum(), x)
+    (g,) = semitriton.grad(after.sum(), x, fast_real=False)
     torch.testing.assert_close(g, torch.autograd.grad(before.sum(), x)[0], rtol=1e-5, atol=1e-6)
     for s in SEMIRINGS:
         assert torch.isfinite(semitriton.grad(after.sum(), x, semiring=s)[0]).all()
@@ -224,4 +224,34 @@ def test_unsupported_node_inside_patched_model_names_module():
     semitriton.patch(model)
     x = torch.randn(2, 4, requires_grad=True)
     with pytest.raises(semitriton.UnsupportedNodeError, match=r"CumsumBackward0.*module 1 \(Weird\)"):
-        semitriton.grad(model(x).sum(), x)
+        semitriton.grad(model(x).sum(), x, semiring="maxabs")
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_linear_swap_same_outputs_statistics_and_gradients(kind):
+    model = _model(kind, dtype=torch.float64)
+    before = _logits(model)
+    emb, score = embeds_and_output(model, kind, IDS, MASK)
+    ref = {s: semitriton.grad_values(score, emb, semiring=s)[0] for s in SEMIRINGS}
+    semitriton.patch(model, norms=False, activations=False, attention=False, linear=True)
+    assert sum(semitriton.patch_summary(model)["swapped"].values()) > 0
+    torch.testing.assert_close(_logits(model), before, rtol=1e-12, atol=1e-12)
+    emb2, score2 = embeds_and_output(model, kind, IDS, MASK)
+    for s in SEMIRINGS:
+        (got,) = semitriton.grad_values(score2, emb2, semiring=s)
+        for a, b in zip(got, ref[s]):
+            fin = torch.isfinite(b)
+            torch.testing.assert_close(a[fin], b[fin], rtol=1e-9, atol=1e-12)
+    model.train()
+    torch.manual_seed(7)
+    out = model(input_ids=IDS, attention_mask=MASK).logits
+    (out ** 2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    semitriton.unpatch(model)
+    model.zero_grad()
+    torch.manual_seed(7)
+    out = model(input_ids=IDS, attention_mask=MASK).logits
+    (out ** 2).mean().backward()
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)

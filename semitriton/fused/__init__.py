@@ -8,6 +8,7 @@ semiring rule: one canonical primitive with its exact Jacobian.
 
 from .attention import FusedAttention, fused_attention
 from .elementwise import CanonicalElementwise
+from .linear import CanonicalLinear
 from .rms_norm import CanonicalRMSNorm
 
-__all__ = ["FusedAttention", "fused_attention", "CanonicalRMSNorm", "CanonicalElementwise"]
+__all__ = ["FusedAttention", "fused_attention", "CanonicalRMSNorm", "CanonicalElementwise", "CanonicalLinear"]

@@ -23,8 +23,16 @@ class FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, causal: bool, scale: Optional[float]):
         gqa = q.shape[-3] != k.shape[-3]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                             **({"enable_gqa": True} if gqa else {}))
+        kw = {"enable_gqa": True} if gqa else {}
+        if any(ctx.needs_input_grad[:3]):
+            # keep SDPA's own graph for the ordinary backward (no recomputation)
+            with torch.enable_grad():
+                inner = [t.detach().requires_grad_(need) for t, need in zip((q, k, v), ctx.needs_input_grad)]
+                out = F.scaled_dot_product_attention(*inner, attn_mask=mask, is_causal=causal, scale=scale, **kw)
+            ctx.inner = (inner, out)
+            out = out.detach()
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, **kw)
         ctx.save_for_backward(q, k, v, mask)
         ctx.causal = bool(causal)
         ctx.scale = scale
@@ -32,13 +40,10 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, mask = ctx.saved_tensors
-        gqa = q.shape[-3] != k.shape[-3]
-        with torch.enable_grad():
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=ctx.causal,
-                                                 scale=ctx.scale, **({"enable_gqa": True} if gqa else {}))
-            gq, gk, gv = torch.autograd.grad(out, (qq, kk, vv), grad_out)
+        inner, out = ctx.inner
+        wanted = [t for t in inner if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, retain_graph=True))
+        gq, gk, gv = (next(grads) if t.requires_grad else None for t in inner)
         return gq, gk, gv, None, None, None
 
     @staticmethod

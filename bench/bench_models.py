@@ -1,0 +1,249 @@
+"""Model-level benchmark: forward + semitriton.grad per semiring against
+forward + torch.autograd.grad to the input embeddings (parameters frozen), in
+the same run, on random-weight BERT-base (batch 32, seq 128) and a
+SmolLM2-135M-config LLaMA (batch 8, seq 512), fp32 and bf16.
+
+    python bench/bench_models.py --out bench/out/models.json --md bench/out/models.md
+    python bench/bench_models.py --quick          # smaller shapes (a CPU dry run)
+
+Per configuration and semiring it records the median time of forward +
+backward, the backward time (minus the forward) and its ratio to the native
+input backward, peak memory and its ratio to native, a correctness check of
+the Triton backend against the torch reference rules on the same graph
+(relative error of the readouts), and where the time goes: device time per
+rule type and the Python overhead (wall time minus GPU busy time from the
+torch profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+SEMIRINGS = ("real", "real-walk", "abs", "entropy", "maxabs", "max")
+TARGETS = {"real": 1.05, "real-walk": 1.05, "abs": 1.2, "entropy": 1.5, "maxabs": 1.6, "max": 3.0}
+
+
+def _grad(score, emb, s, **kw):
+    """``real-walk``: the real semiring through the semiring walk instead of
+    PyTorch's autograd engine (what every other semiring pays)."""
+    import semitriton
+    if s == "real-walk":
+        return semitriton.grad(score, emb, semiring="real", fast_real=False, **kw)
+    return semitriton.grad(score, emb, semiring=s, **kw)
+
+
+def build(name: str, quick: bool):
+    import transformers as t
+    torch.manual_seed(0)
+    if name == "bert-base":
+        cfg = t.BertConfig() if not quick else t.BertConfig(num_hidden_layers=2, hidden_size=128,
+                                                             num_attention_heads=2, intermediate_size=256)
+        cfg._attn_implementation = "sdpa"
+        return t.BertForMaskedLM(cfg), (32, 128) if not quick else (2, 16)
+    cfg = t.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+                        tie_word_embeddings=True, max_position_embeddings=2048)
+    if quick:
+        cfg.num_hidden_layers, cfg.vocab_size = 2, 1000
+    cfg._attn_implementation = "sdpa"
+    return t.LlamaForCausalLM(cfg), (8, 512) if not quick else (2, 16)
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev, warmup=2, reps=5):
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def peak(fn, dev):
+    if dev.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    fn()
+    _sync(dev)
+    return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+
+
+def gpu_busy_ms(fn, dev):
+    """Sum of device kernel time of one call (torch profiler)."""
+    if dev.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync(dev)
+    total = 0.0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            total += getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+    return total / 1e3
+
+
+def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5):
+    import semitriton
+    from semitriton.engine import RuleProfile
+    model, (B, T) = build(name, quick)
+    model = model.to(dev, dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(5, min(1000, model.config.vocab_size), (B, T), generator=gen).to(dev)
+    with torch.no_grad():
+        emb0 = model.get_input_embeddings()(ids)
+
+    def forward(m):
+        emb = emb0.detach().clone().requires_grad_()
+        logits = m(inputs_embeds=emb).logits
+        score = logits[:, -1, 7].float() - logits[:, -1, 3].float()          # [B]: per-example outputs
+        return emb, score
+
+    def native():
+        emb, score = forward(model)
+        torch.autograd.grad(score.sum(), emb)
+
+    def fwd_only():
+        with torch.no_grad():
+            forward(model)
+
+    rows = []
+    fwd_ms = timed(fwd_only, dev)
+    nat_ms = timed(native, dev)
+    nat_peak = peak(native, dev)
+    nat_bwd = nat_ms - fwd_ms
+    log(f"{name} {dtype}: forward {fwd_ms:.2f} ms, forward+input backward {nat_ms:.2f} ms")
+    base = {"model": name, "dtype": str(dtype).replace("torch.", ""), "batch": B, "seq": T,
+            "native_forward_ms": fwd_ms, "native_ms": nat_ms, "native_backward_ms": nat_bwd,
+            "native_peak_mb": nat_peak}
+    semitriton.patch(model, linear=linear)
+    base["variant"] = "patch(linear=True)" if linear else "patch()"
+    pf_ms = timed(lambda: forward(model) and None, dev)
+    for s in semirings:
+        row = dict(base, semiring=s, patched_forward_ms=pf_ms)
+        try:
+            def ours():
+                emb, score = forward(model)
+                _grad(score, emb, s)
+
+            ms = timed(ours, dev, reps=reps)
+            row.update(ms=ms, backward_ms=ms - pf_ms, ratio=(ms - pf_ms) / nat_bwd if nat_bwd > 0 else None,
+                       target=TARGETS[s], peak_mb=peak(ours, dev))
+            if nat_peak and row["peak_mb"]:
+                row["peak_ratio"] = row["peak_mb"] / nat_peak
+            emb, score = forward(model)
+            with RuleProfile() as prof:
+                _grad(score, emb, s)
+            summ = prof.summary()
+            busy = gpu_busy_ms(lambda: _grad(score, emb, s), dev)
+            row.update(walk_wall_ms=summ["wall_ms"], gpu_busy_ms=busy,
+                       python_overhead_ms=None if busy is None else max(0.0, summ["wall_ms"] - busy),
+                       nodes=sum(summ["calls"].values()),
+                       top_rules={k: round(v, 3) for k, v in list(summ["per_rule_ms"].items())[:8]})
+            # the Triton backend against the torch reference on this very graph
+            if dev.type == "cuda" and s != "real":
+                (a,) = _grad(score, emb, s, backend="triton")
+                (b,) = _grad(score, emb, s, backend="torch")
+                fin = torch.isfinite(b)
+                same_inf = bool(torch.equal(fin, torch.isfinite(a)))
+                a, b = a[fin].double(), b[fin].double()
+                den = b.abs().max().clamp_min(1e-300) if s in ("real-walk", "entropy") else b.abs().clamp_min(1e-300)
+                row["triton_vs_torch_rel_err"] = float(((a - b).abs() / den).max()) if a.numel() else 0.0
+                row["triton_vs_torch_same_infinities"] = same_inf
+            log(f"  {s:8s} fwd+bwd {ms:8.2f} ms  backward ratio {row['ratio']:.2f} (target {TARGETS[s]})  "
+                f"peak {row.get('peak_ratio') or 0:.2f}x  python overhead {row.get('python_overhead_ms') or 0:.1f} ms"
+                f"  triton-vs-torch {row.get('triton_vs_torch_rel_err', float('nan')):.1e}")
+        except Exception as exc:                      # record and go on
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            log(f"  {s:8s} ERROR {row['error'][:300]}")
+            traceback.print_exc()
+        rows.append(row)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    semitriton.unpatch(model)
+    del model
+    return rows
+
+
+def markdown(rows, device_name, date) -> str:
+    out = [f"Card: {device_name}; date {date}; times are medians of 5 after 2 warm-ups.", "",
+           "| model | dtype | variant | semiring | native fwd+bwd ms | ours fwd+bwd ms | backward ratio (target) | "
+           "peak MiB (ratio) | walk: Python overhead / wall ms | Triton vs torch rel. err. |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['model']} | {r['dtype']} | {r.get('variant', '')} | {r['semiring']} | "
+                       f"{r['native_ms']:.1f} | error: {r['error'][:80]} | | | | |")
+            continue
+        pk = f"{r['peak_mb']:.0f} ({r.get('peak_ratio', float('nan')):.2f}x)" if r.get("peak_mb") else "-"
+        po = (f"{r['python_overhead_ms']:.1f} / {r['walk_wall_ms']:.1f}"
+              if r.get("python_overhead_ms") is not None else "-")
+        te = f"{r['triton_vs_torch_rel_err']:.1e}" if "triton_vs_torch_rel_err" in r else "-"
+        out.append(f"| {r['model']} | {r['dtype']} | {r.get('variant', '')} | {r['semiring']} | "
+                   f"{r['native_ms']:.1f} | {r['ms']:.1f} | "
+                   f"{r['ratio']:.2f} ({r['target']}) | {pk} | {po} | {te} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (dry run)")
+    ap.add_argument("--models", default="bert-base,smollm2-135m")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--semirings", default=",".join(SEMIRINGS))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--md", default=None)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--linear-variant", action="store_true",
+                    help="also time BERT-base fp32 with patch(linear=True) (one node per Linear)")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+
+    def log(m):
+        print(m, flush=True)
+
+    rows = []
+    plan = [(m, dt, False) for dt in args.dtypes.split(",") for m in args.models.split(",")]
+    if args.linear_variant:
+        plan.insert(1, (args.models.split(",")[0], args.dtypes.split(",")[0], True))
+    for mname, dt, linear in plan:
+        if True:
+            try:
+                rows += run_config(mname, getattr(torch, dt), dev, args.quick, args.semirings.split(","), log,
+                                   linear=linear, reps=args.reps)
+            except Exception as exc:
+                log(f"{mname} {dt}: ERROR {type(exc).__name__}: {exc}")
+                traceback.print_exc()
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump({"device": name, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+    md = markdown(rows, name, time.strftime("%Y-%m-%d"))
+    print(md)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

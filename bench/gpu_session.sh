@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device session: install, GPU tests, model-level and kernel benchmarks.
+# Everything lands in $OUT (8 files at most come back from the device tool):
+#   env.txt gpu_tests.log models.json models.md models.log kernels.json kernels.md kernel_tests.log
+# Each step has its own time limit (seconds, overridable), so a slow step
+# cannot starve the others. DRY=1: tiny shapes (a CPU rehearsal).
+set -u
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+Q=""; [ "${DRY:-0}" = 1 ] && Q="--quick"
+{
+  date -u
+  python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
+  nvidia-smi -L 2>&1
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+} > "$OUT/env.txt" 2>&1
+step() {  # name limit command...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@"
+  echo "step $name rc=$? seconds=$(( $(date +%s) - t0 ))" >> "$OUT/env.txt"
+}
+XDIST=""; python3 -c "import xdist" 2>/dev/null && XDIST="-n 4"
+step gpu_tests "${T_TESTS:-130}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu tests/test_gpu.py \
+  > "$OUT/gpu_tests.log" 2>&1
+step models "${T_MODELS:-230}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
+  --out "$OUT/models.json" --md "$OUT/models.md" > "$OUT/models.log" 2>&1
+step kernels "${T_KERNELS:-170}" python3 bench/run_kernels.py $Q --quick --out "$OUT/kernels.json" \
+  --md "$OUT/kernels.md" > "$OUT/kernels.log" 2>&1
+step kernel_tests "${T_KTESTS:-60}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+  tests/test_kernels_dense.py tests/test_kernels_attention.py > "$OUT/kernel_tests.log" 2>&1
+cat "$OUT/env.txt"; tail -n 5 "$OUT/gpu_tests.log"; cat "$OUT/models.md" 2>/dev/null; cat "$OUT/kernels.md" 2>/dev/null
+tail -n 3 "$OUT/kernel_tests.log"

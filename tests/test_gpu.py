@@ -1,0 +1,138 @@
+"""The engine on CUDA (skipped without a GPU): the SDPA node types of every CUDA
+backend, real == autograd, the Triton backend against the torch reference
+rules on whole models, bf16, and float32-vs-float64 on a full-depth model."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import semitriton
+from conftest import SEMIRINGS, assert_semiring_close
+
+CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and TRITON_INTERPRET=0")]
+transformers = pytest.importorskip("transformers")
+
+IDS = torch.tensor([[3, 5, 7, 9, 11, 2, 4, 6], [4, 6, 8, 10, 12, 14, 16, 18]])
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+
+
+def _model(kind, attn="sdpa", dtype=torch.float32, patched=False):
+    from hf_models import build
+    m = build(kind, attn, dtype=dtype).cuda()
+    return semitriton.patch(m) if patched else m
+
+
+def _fwd(m, kind):
+    from hf_models import embeds_and_output
+    return embeds_and_output(m, kind, IDS.cuda(), MASK.cuda())
+
+
+def _close(a, b, semiring, tol, what):
+    assert_semiring_close(a.float().cpu(), b.double().cpu().numpy(), semiring, tol, what)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_real_equals_autograd(kind, attn):
+    m = _model(kind, attn)
+    emb, score = _fwd(m, kind)
+    (ref,) = torch.autograd.grad(score.sum(), emb, retain_graph=True)
+    (got,) = semitriton.grad(score, emb, fast_real=False)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["aten", "patched"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_triton_backend_equals_torch_reference(kind, patched):
+    m = _model(kind, patched=patched)
+    emb, score = _fwd(m, kind)
+    for s in SEMIRINGS:
+        (a,) = semitriton.grad(score, emb, semiring=s, backend="triton", fast_real=False)
+        (b,) = semitriton.grad(score, emb, semiring=s, backend="torch", fast_real=False)
+        _close(a, b, s, 1e-4, f"{kind}/{s}")
+
+
+def _sdpa_stats(backend_enum, dtype, semiring):
+    from torch.nn.attention import sdpa_kernel
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 4, 64, 32, device="cuda", generator=g).to(dtype).requires_grad_()
+    mask = torch.rand(2, 1, 64, 64, device="cuda", generator=g) > 0.3
+    mask[..., 0] = True
+    with sdpa_kernel([backend_enum]):
+        o = F.scaled_dot_product_attention(q, q * 0.5, q, attn_mask=None if backend_enum.name == "FLASH_ATTENTION"
+                                           else mask, is_causal=backend_enum.name == "FLASH_ATTENTION")
+    node = type(o.grad_fn).__name__
+    w = torch.randn(o.shape, device="cuda", generator=g).to(dtype)
+    (v,) = semitriton.grad_values((o * w).float().sum(), q, semiring=semiring)
+    return node, v
+
+
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_every_cuda_sdpa_backend_gives_the_math_statistics(semiring):
+    from torch.nn.attention import SDPBackend
+    seen = set()
+    for be, dtype in ((SDPBackend.EFFICIENT_ATTENTION, torch.float32), (SDPBackend.CUDNN_ATTENTION, torch.float16),
+                      (SDPBackend.FLASH_ATTENTION, torch.float16), (SDPBackend.EFFICIENT_ATTENTION, torch.float16)):
+        try:
+            node, v = _sdpa_stats(be, dtype, semiring)
+        except RuntimeError as exc:                 # backend not available for these inputs
+            if "No available kernel" in str(exc) or "not supported" in str(exc).lower():
+                continue
+            raise
+        seen.add(node)
+        _, ref = _sdpa_stats(SDPBackend.MATH, dtype, semiring)
+        for a, b in zip(v, ref):
+            fin = torch.isfinite(b)
+            assert torch.equal(fin, torch.isfinite(a)), node
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(a[fin], b[fin], rtol=tol, atol=tol * max(1.0, float(b[fin].abs().max())))
+    assert "ScaledDotProductEfficientAttentionBackward0" in seen
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_bf16_models(kind):
+    m = _model(kind, dtype=torch.bfloat16, patched=True)
+    emb, score = _fwd(m, kind)
+    (flow,) = semitriton.grad(score, emb, semiring="abs")
+    has = flow > 0
+    for s in SEMIRINGS:
+        (a,) = semitriton.grad(score, emb, semiring=s, backend="triton", fast_real=False)
+        (b,) = semitriton.grad(score, emb, semiring=s, backend="torch", fast_real=False)
+        assert a.dtype in (torch.float32, torch.float64) and torch.isfinite(a[has]).all()
+        _close(a[has], b[has], s, 1e-3, f"bf16 {kind}/{s}")
+
+
+def test_readouts_on_cuda():
+    m = _model("llama", patched=True)
+    emb, score = _fwd(m, "llama")
+    (p,) = semitriton.top_paths(score[1], emb, k=1)
+    (mx,) = semitriton.grad(score[1], emb, semiring="maxabs")
+    assert p.weight == pytest.approx(float(mx.max()), rel=1e-4)
+    attr = semitriton.branch_attribution(score, emb, heads=True)
+    tot = torch.stack([attr.attention[0][b] for b in semitriton.ATTN_BRANCHES]).amax(0)
+    torch.testing.assert_close(tot, attr.total[0])
+
+
+def test_full_depth_float32_triton_vs_float64():
+    """BERT-base, 12 layers: the Triton kernels' float32 statistics against a
+    float64 torch-reference run of the same model."""
+    cfg = transformers.BertConfig()
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(cfg).eval().cuda()
+    ids = torch.randint(5, 1000, (2, 32), device="cuda")
+    stats = {}
+    for dt, be in ((torch.float32, "triton"), (torch.float64, "torch")):
+        m = model.to(dt)
+        emb = m.get_input_embeddings()(ids).detach().requires_grad_()
+        logits = m(inputs_embeds=emb).logits
+        score = logits[:, -1, 7] - logits[:, -1, 3]
+        stats[dt] = {s: semitriton.grad(score, emb, semiring=s, backend=be, fast_real=False)[0]
+                     for s in SEMIRINGS}
+    for s in SEMIRINGS:
+        a, b = stats[torch.float32][s], stats[torch.float64][s]
+        assert torch.isfinite(a).all() and ((a != 0) | (b == 0)).all(), s
+        _close(a, b, s, 5e-4 if s == "abs" else 1e-4, f"bert-base {s}")
