@@ -18,6 +18,7 @@ torch profiler).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -177,6 +178,7 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5):
             log(f"  {s:8s} ERROR {row['error'][:300]}")
             traceback.print_exc()
         rows.append(row)
+        gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     semitriton.unpatch(model)

@@ -22,13 +22,22 @@ step() {  # name limit command...
   echo "step $name rc=$? seconds=$(( $(date +%s) - t0 ))" >> "$OUT/env.txt"
 }
 XDIST=""; python3 -c "import xdist" 2>/dev/null && XDIST="-n 4"
-step gpu_tests "${T_TESTS:-130}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu tests/test_gpu.py \
-  > "$OUT/gpu_tests.log" 2>&1
-step models "${T_MODELS:-230}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
-  --out "$OUT/models.json" --md "$OUT/models.md" > "$OUT/models.log" 2>&1
-step kernels "${T_KERNELS:-170}" python3 bench/run_kernels.py $Q --quick --out "$OUT/kernels.json" \
-  --md "$OUT/kernels.md" > "$OUT/kernels.log" 2>&1
-step kernel_tests "${T_KTESTS:-60}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
-  tests/test_kernels_dense.py tests/test_kernels_attention.py > "$OUT/kernel_tests.log" 2>&1
+STEPS=${STEPS:-gpu_tests,models,kernels,kernel_tests}
+for s in ${STEPS//,/ }; do
+  case $s in
+    gpu_tests) step gpu_tests "${T_TESTS:-130}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+                 ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1 ;;
+    models) step models "${T_MODELS:-230}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
+              --reps "${REPS:-5}" ${DTYPES:+--dtypes $DTYPES} --out "$OUT/models.json" --md "$OUT/models.md" \
+              > "$OUT/models.log" 2>&1 ;;
+    kernels) step kernels "${T_KERNELS:-170}" python3 bench/run_kernels.py $Q --quick --out "$OUT/kernels.json" \
+               --md "$OUT/kernels.md" > "$OUT/kernels.log" 2>&1 ;;
+    attn_long) step attn_long "${T_ATTN:-60}" python3 bench/run_kernels.py --only attention \
+                 --attention-shapes long-4096 --dtypes float32 --out "$OUT/kernels.json" --md "$OUT/kernels.md" \
+                 > "$OUT/kernels.log" 2>&1 ;;
+    kernel_tests) step kernel_tests "${T_KTESTS:-60}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+                    tests/test_kernels_dense.py tests/test_kernels_attention.py > "$OUT/kernel_tests.log" 2>&1 ;;
+  esac
+done
 cat "$OUT/env.txt"; tail -n 5 "$OUT/gpu_tests.log"; cat "$OUT/models.md" 2>/dev/null; cat "$OUT/kernels.md" 2>/dev/null
 tail -n 3 "$OUT/kernel_tests.log"

@@ -34,9 +34,10 @@ SHAPES = {
 }
 
 
-def cases(quick: bool) -> list:
-    """quick: BERT-base and SmolLM2 shapes; full: also the T=4096 shape."""
-    shapes = ["bert-base", "smollm2-135m"] if quick else list(SHAPES)
+def cases(quick: bool, shapes=None) -> list:
+    """quick: BERT-base and SmolLM2 shapes; full: also the T=4096 shape;
+    ``shapes``: an explicit list of SHAPES names."""
+    shapes = list(shapes) if shapes else (["bert-base", "smollm2-135m"] if quick else list(SHAPES))
     return [dict(kernel="attention", semiring=s, shape=name, dtype=dt)
             for name in shapes for dt in ("float32", "bfloat16") for s in SEMIRINGS]
 

@@ -46,6 +46,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="dense,attention")
+    ap.add_argument("--attention-shapes", default=None,
+                    help="comma-separated attention shapes (bert-base, smollm2-135m, long-4096)")
+    ap.add_argument("--dtypes", default=None, help="restrict attention cases to these dtypes")
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
@@ -56,7 +59,13 @@ def main(argv=None):
     mods = [m for name, m in (("dense", kernels_dense), ("attention", kernels_attention))
             if name in args.only.split(",")]
     for mod in mods:
-        for case in mod.cases(args.quick):
+        if mod is kernels_attention and args.attention_shapes:
+            todo = mod.cases(args.quick, args.attention_shapes.split(","))
+        else:
+            todo = mod.cases(args.quick)
+        if args.dtypes:
+            todo = [c for c in todo if c.get("dtype") in args.dtypes.split(",")]
+        for case in todo:
             try:
                 r = mod.run(case)
             except Exception as exc:

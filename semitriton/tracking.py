@@ -43,8 +43,14 @@ def _make_hook(qualname: str):
             return None
         ins = tuple({id(t.grad_fn): t.grad_fn for t in itertools.chain(_tensors(args), _tensors(kwargs))
                      if isinstance(t, torch.Tensor) and t.grad_fn is not None}.values())
+        in_ids = {id(g) for g in ins}
         entry = (qualname, type(module).__name__, next(_counter), ins)
         for gf in {id(g): g for g in outs}.values():
+            # A module that returns one of its inputs (dropout in eval, a pass-through)
+            # would make the node reference itself through its metadata: a reference
+            # cycle that keeps the whole graph alive until the cyclic GC runs.
+            if id(gf) in in_ids:
+                continue
             try:
                 gf.metadata.setdefault(_TAG, []).append(entry)
             except (AttributeError, RuntimeError):

@@ -255,3 +255,22 @@ def test_linear_swap_same_outputs_statistics_and_gradients(kind):
     for n, p in model.named_parameters():
         if n in grads:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_patched_graphs_are_freed_without_the_cyclic_gc():
+    """Tracking tags must not create reference cycles (a module returning its
+    input, e.g. dropout in eval, once made a node reference itself)."""
+    import gc
+    import weakref
+    model = semitriton.patch(_model("bert"))
+    gc.disable()
+    try:
+        refs = []
+        for _ in range(2):
+            emb, score = embeds_and_output(model, "bert", IDS, MASK)
+            semitriton.grad(score, emb, semiring="abs")
+            refs.append(weakref.ref(emb))
+            del emb, score
+        assert not any(r() is not None for r in refs)
+    finally:
+        gc.enable()

@@ -17,14 +17,19 @@ def _sr_matmul_left(ctx, v, b):
     return ctx.sr.matmul(v, w)
 
 
+#: the row-skipping check costs a device sync; it pays for vocabulary-sized outputs
+LIVE_ROWS_MIN_FEATURES = 8192
+
+
 def live_rows_matmul(sr, v, w, max_live: float = 0.5):
     """``sr.matmul(v, w)`` computed only on the rows of ``v`` that are not the
-    semiring zero (e.g. a language-model head where only the scored position
-    has a value); the other rows read the zero."""
+    semiring zero (a language-model head where only the scored position has a
+    value); the other rows read the zero. Only tried for outputs with at least
+    ``LIVE_ROWS_MIN_FEATURES`` features: counting live rows synchronises the GPU."""
     lead, J = v[0].shape[:-1], v[0].shape[-1]
     flat = sr.map(v, lambda c: c.reshape(-1, J))
     R = flat[0].shape[0]
-    if R < 2:
+    if R < 2 or J < LIVE_ROWS_MIN_FEATURES:
         return sr.matmul(v, w)
     live = ~sr.is_zero(flat).all(-1)
     n_live = int(live.sum())
