@@ -224,7 +224,7 @@ def _make(kind: str, centered: bool):
 
 for _kind in ("abs", "maxabs", "max", "entropy"):
     register("layer_norm", _kind)(_make(_kind, True))
-    register("rms_norm", _kind)(_make(_kind, False))
+    register("rms_norm_dense", _kind)(_make(_kind, False))   # O(n²); the engine uses the O(n) closed forms
 
 
 def aot_specs():

@@ -25,14 +25,21 @@ class CanonicalRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        """The ordinary gradient in closed form (at least float32 inside, like
+        the forward): with g' = g·γ, dx = r (g' - x̂ mean(g' x̂)), dγ = Σ g x̂."""
         x, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_()
-            out = ctx.impl(xx)
-            targets = [xx] + ([weight] if weight is not None and weight.requires_grad else [])
-            grads = torch.autograd.grad(out, targets, grad_out, allow_unused=True)
-        gw = grads[1] if len(grads) > 1 else None
-        return grads[0], gw, None, None, None
+        dt = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dt)
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
+        xhat = xf * r
+        g = grad_out.to(dt)
+        gg = g if weight is None else g * (weight.to(dt) + ctx.offset)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = (r * (gg - xhat * (gg * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            gw = (g * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(weight.dtype)
+        return gx, gw, None, None, None
 
     @staticmethod
     def semiring_backward(rc):
