@@ -22,13 +22,15 @@ def main():
     ap.add_argument("--quick", action="store_true", help="the reduced setting used by the tests")
     ap.add_argument("--n-eval", type=int, default=1000, help="held-out positive examples to analyse")
     ap.add_argument("--semiring", default="maxabs", choices=["maxabs", "max"])
+    ap.add_argument("--at", default="inputs", choices=["inputs", "residual"],
+                    help="paths from each token's input embedding (default) or from the attention input")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = ap.parse_args()
     model, _, test, metrics = task.trained_model(cache_dir=args.cache_dir, quick=args.quick)
     print(f"model: held-out accuracy {metrics.get('eval_accuracy', float('nan')):.3f} "
           f"after {metrics.get('epochs')} epochs{' (cached)' if metrics.get('cached') else ''}")
-    res = branch_means(model, test, n=args.n_eval, semiring=args.semiring, progress=True)
+    res = branch_means(model, test, n=args.n_eval, semiring=args.semiring, progress=True, at=args.at)
     print(format_table(res))
     if args.json:
         with open(args.json, "w") as f:
