@@ -11,11 +11,15 @@ def _blocks(lang):
     return re.findall(r"```" + lang + r"\n(.*?)```", text, flags=re.S)
 
 
-def test_python_examples_run():
+def test_python_examples_run(tmp_path, monkeypatch):
+    """The Python blocks run in order, in one namespace (later ones continue earlier ones)."""
+    monkeypatch.chdir(tmp_path)
     blocks = _blocks("python")
-    assert blocks
+    assert len(blocks) >= 2
+    ns: dict = {}
     for code in blocks:
-        exec(compile(code, "README.md", "exec"), {})
+        exec(compile(code, "README.md", "exec"), ns)
+    assert (tmp_path / "report.html").read_text().startswith("<!doctype html>")
 
 
 def test_ci_runs_the_readme_test_command():
