@@ -182,7 +182,6 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5):
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     semitriton.unpatch(model)
-    del model
     return rows
 
 

@@ -33,7 +33,7 @@ from .engine import GradientGraph, propagate
 from .errors import SemitritonError
 from .rules import RuleContext, rule_for
 from .rules.attention import is_attention_node
-from .semirings import Semiring, get
+from .semirings import Semiring
 from .tracking import _TAG
 
 ATTN_BRANCHES = ("query", "key", "value", "skip")

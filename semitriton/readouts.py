@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Union
 
-import torch
 from torch import Tensor
 
 from .semirings import Semiring, Value, get

@@ -3,7 +3,6 @@ oracle in float64 for every semiring."""
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings

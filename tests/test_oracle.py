@@ -7,7 +7,7 @@ import torch
 import semitriton
 from conftest import SEMIRINGS, assert_semiring_close
 from oracle import brute_force, enumerate_paths, oracle, run_steps
-from programs import all_programs, broadcast_gating, intermediate_input, mha, residual_mlp
+from programs import all_programs, intermediate_input, mha, residual_mlp
 
 PROGRAMS = all_programs()
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}

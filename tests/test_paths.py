@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import semitriton
-from oracle import Program, Step, enumerate_paths, oracle
-from programs import mha, residual_mlp
+from oracle import Program, Step, enumerate_paths
+from programs import residual_mlp
 
 
 def _tiny_attention(mask="causal", group=2, seed=0):
@@ -145,7 +145,7 @@ def test_sampling_matches_exact_path_probabilities():
 
 
 def test_paths_name_modules_on_a_patched_model():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from hf_models import build, embeds_and_output
     model = semitriton.patch(build("llama", "sdpa"))
     emb, score = embeds_and_output(model, "llama", torch.tensor([[3, 5, 7, 9]]))

@@ -7,7 +7,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from ..branches import ATTN_BRANCHES, BranchAttribution, branch_attribution

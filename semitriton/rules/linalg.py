@@ -4,8 +4,6 @@ weight A[i,j]."""
 
 from __future__ import annotations
 
-import torch
-
 from . import rule
 
 

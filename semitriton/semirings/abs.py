@@ -7,48 +7,22 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import kernel_op, rmatmul_via_matmul
-
-from ._util import (NEG_INF, exclusive_sum, finite_amax, log_abs, log_matmul,
+from ._util import (exclusive_sum, finite_amax, log_abs, log_matmul,
                     log_rmatmul, weight)
-from .base import Semiring, Value
+from .logspace import LogSpaceSemiring
 
 
-class Abs(Semiring):
+class Abs(LogSpaceSemiring):
     """Value = log Z. ⊕ = logaddexp, ⊗ = +, edge(w) = log|w|, readout = Z."""
 
     name = "abs"
     components = ("log_z",)
 
-    def zero(self, shape, dtype, device) -> Value:
-        return (torch.full(shape, NEG_INF, dtype=dtype, device=device),)
-
-    def one(self, shape, dtype, device) -> Value:
-        return (torch.zeros(shape, dtype=dtype, device=device),)
-
     def plus(self, a, b):
         return (torch.logaddexp(a[0], b[0]),)
 
-    def times(self, a, b):
-        return (a[0] + b[0],)
-
-    def edge(self, w):
-        return (log_abs(w),)
-
-    def readout(self, v):
-        """Z, in float64: Z spans far beyond float32's range on deep models
-        (log Z ≈ 171 on BERT-base, ≈ 350 on a 30-layer LLaMA)."""
-        return torch.exp(v[0].double())
-
-    def log_readout(self, v):
-        return v[0]
-
     def sum(self, v, dims, keepdim=False):
         return (torch.logsumexp(v[0], dims, keepdim=keepdim),)
-
-    def scale(self, v, w):
-        if not isinstance(w, torch.Tensor):
-            w = torch.tensor(float(w), dtype=v[0].dtype, device=v[0].device)
-        return (v[0] + log_abs(w.to(v[0].dtype)),)
 
     @kernel_op("matmul")
     def matmul(self, v, w):

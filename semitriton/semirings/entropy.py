@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import kernel_op, rmatmul_via_matmul
-
 from ._util import (NEG_INF, exclusive_sum, exclusive_sum_signed, finite_amax, log_abs,
                     safe_div, weight, xlogx)
 from .base import Semiring, Value

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import kernel_op, rmatmul_via_matmul
-
 from ._util import NEG_INF, POS_INF, exclusive_max, exclusive_min, signed_max_matmul, weight
 from .base import Semiring, Value
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import kernel_op, rmatmul_via_matmul
+from ._util import exclusive_max, log_abs, tropical_matmul, weight
+from .logspace import LogSpaceSemiring
 
-from ._util import NEG_INF, exclusive_max, log_abs, tropical_matmul, weight
-from .base import Semiring, Value
 
-
-class MaxAbs(Semiring):
+class MaxAbs(LogSpaceSemiring):
     """Value = log max_paths Π|w|. ⊕ = max, ⊗ = +, edge(w) = log|w|,
     readout = the largest |path product|."""
 
@@ -18,35 +17,11 @@ class MaxAbs(Semiring):
     components = ("log_m",)
     idempotent = True
 
-    def zero(self, shape, dtype, device) -> Value:
-        return (torch.full(shape, NEG_INF, dtype=dtype, device=device),)
-
-    def one(self, shape, dtype, device) -> Value:
-        return (torch.zeros(shape, dtype=dtype, device=device),)
-
     def plus(self, a, b):
         return (torch.maximum(a[0], b[0]),)
 
-    def times(self, a, b):
-        return (a[0] + b[0],)
-
-    def edge(self, w):
-        return (log_abs(w),)
-
-    def readout(self, v):
-        """The largest |path product|, in float64 (kept in log space inside)."""
-        return torch.exp(v[0].double())
-
-    def log_readout(self, v):
-        return v[0]
-
     def sum(self, v, dims, keepdim=False):
         return (torch.amax(v[0], dims, keepdim=keepdim),)
-
-    def scale(self, v, w):
-        if not isinstance(w, torch.Tensor):
-            w = torch.tensor(float(w), dtype=v[0].dtype, device=v[0].device)
-        return (v[0] + log_abs(w.to(v[0].dtype)),)
 
     @kernel_op("matmul")
     def matmul(self, v, w):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import kernel_op, rmatmul_via_matmul
-from torch import Tensor
-
 from .base import Semiring, Value, attention_probs
 
 
