@@ -101,7 +101,9 @@ def gpu_busy_ms(fn, dev):
     return total / 1e3
 
 
-def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5):
+def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on_row=None):
+    """Rows for one model/dtype; ``on_row(row)`` is called as each one is done
+    (so a time limit loses at most the row in progress)."""
     import semitriton
     from semitriton.engine import RuleProfile
     model, (B, T) = build(name, quick)
@@ -178,6 +180,8 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5):
             log(f"  {s:8s} ERROR {row['error'][:300]}")
             traceback.print_exc()
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -224,20 +228,24 @@ def main(argv=None):
         print(m, flush=True)
 
     rows = []
+
+    def save(row=None):
+        if row is not None:
+            rows.append(row)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": name, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+
     plan = [(m, dt, False) for dt in args.dtypes.split(",") for m in args.models.split(",")]
     if args.linear_variant:
         plan.insert(1, (args.models.split(",")[0], args.dtypes.split(",")[0], True))
     for mname, dt, linear in plan:
-        if True:
-            try:
-                rows += run_config(mname, getattr(torch, dt), dev, args.quick, args.semirings.split(","), log,
-                                   linear=linear, reps=args.reps)
-            except Exception as exc:
-                log(f"{mname} {dt}: ERROR {type(exc).__name__}: {exc}")
-                traceback.print_exc()
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump({"device": name, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+        try:
+            run_config(mname, getattr(torch, dt), dev, args.quick, args.semirings.split(","), log,
+                       linear=linear, reps=args.reps, on_row=save)
+        except Exception as exc:
+            log(f"{mname} {dt}: ERROR {type(exc).__name__}: {exc}")
+            traceback.print_exc()
     md = markdown(rows, name, time.strftime("%Y-%m-%d"))
     print(md)
     if args.md:
