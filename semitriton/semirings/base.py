@@ -195,7 +195,7 @@ class Semiring:
             yr = yf[r0:r1]
             return yr.unsqueeze(-2) * (eye - yr.unsqueeze(-1))   # [r, i, j] = y_j (δ_ij - y_i)
 
-        out = self._rowwise_chunked(v, jac_fn=jac_fn)
+        out = self._rowwise_chunked(v, jac_fn)
         return self.map(out, lambda c: c.movedim(-1, dim))
 
     @kernel_op("log_softmax")
@@ -211,21 +211,19 @@ class Semiring:
         def jac_fn(r0, r1):
             return eye - pf[r0:r1].unsqueeze(-1)                    # [r, i, j] = δ_ij - p_i
 
-        out = self._rowwise_chunked(v, jac_fn=jac_fn)
+        out = self._rowwise_chunked(v, jac_fn)
         return self.map(out, lambda c: c.movedim(-1, dim))
 
-    def _rowwise_chunked(self, v: Value, jac: Tensor | None = None, jac_fn=None) -> Value:
+    def _rowwise_chunked(self, v: Value, jac_fn) -> Value:
+        """``rowwise`` over the rows of ``v`` [..., n] in chunks; ``jac_fn(r0, r1)``
+        builds the per-row Jacobians [r1 - r0, n, n] of rows r0..r1 (flattened)."""
         rows = v[0].shape[:-1]
         n = v[0].shape[-1]
         flat_v = self.map(v, lambda c: c.reshape(-1, n))
         R = flat_v[0].shape[0]
-        if jac is not None:
-            jac = jac.reshape(R, n, -1)
         step = max(1, _CHUNK_ELEMS // max(1, n * n))
-        outs = []
-        for r0 in range(0, R, step):
-            j = jac[r0:r0 + step] if jac is not None else jac_fn(r0, min(R, r0 + step))
-            outs.append(self.rowwise(j, self.map(flat_v, lambda c: c[r0:r0 + step])))
+        outs = [self.rowwise(jac_fn(r0, min(R, r0 + step)), self.map(flat_v, lambda c: c[r0:r0 + step]))
+                for r0 in range(0, R, step)]
         if not outs:
             return self.map(v, lambda c: c.clone())
         out = tuple(torch.cat(cs, 0) for cs in zip(*outs))
@@ -237,7 +235,6 @@ class Semiring:
         ``rstd`` ([..., 1]). Edge x_i -> y_j: ``γ_j rstd (δ_ij - (1 + x̂_i x̂_j)/n)``."""
         return self._norm(v, xhat, rstd, weight, centered=True)
 
-    @kernel_op("rms_norm")
     def rms_norm(self, v: Value, xhat: Tensor, rstd: Tensor, weight: Tensor | None) -> Value:
         """RMS norm over the last dim, ``xhat = x*rstd``. Edge x_i -> y_j:
         ``γ_j rstd (δ_ij - x̂_i x̂_j / n)``."""
@@ -270,7 +267,7 @@ class Semiring:
                 j = j * g
             return j
 
-        return self._rowwise_chunked(v, jac_fn=jac_fn)
+        return self._rowwise_chunked(v, jac_fn)
 
     @kernel_op("attention")
     def attention(self, vo: Value, q: Tensor, k: Tensor, vv: Tensor, bias: Tensor | None,

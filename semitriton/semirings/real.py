@@ -66,7 +66,6 @@ class Real(Semiring):
         mgx = (g * xh).sum(-1, keepdim=True) / n
         return (rstd.to(g.dtype) * (g - mg - xh * mgx),)
 
-    @kernel_op("rms_norm")
     def rms_norm(self, v, xhat, rstd, weight):
         g = v[0] if weight is None else v[0] * weight.to(v[0].dtype)
         xh = xhat.to(g.dtype)
