@@ -28,3 +28,15 @@ def test_ci_runs_the_readme_test_command():
     test_cmd = [c for c in cmds if "pytest" in c]
     assert len(test_cmd) == 1
     assert test_cmd[0] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_package_is_shipped():
+    """pyproject lists packages explicitly: each package directory must be in it."""
+    import tomllib
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    found = {"semitriton." + ".".join(p.parent.relative_to(ROOT / "semitriton").parts)
+             if p.parent != ROOT / "semitriton" else "semitriton"
+             for p in (ROOT / "semitriton").rglob("__init__.py")}
+    assert found <= listed, f"not shipped: {sorted(found - listed)}"
+    assert "semitriton.kernels" in listed and cfg["package-dir"]["semitriton.kernels"] == "kernels"
