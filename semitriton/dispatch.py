@@ -46,12 +46,17 @@ def kernel(op: str, semiring: str, t: torch.Tensor) -> Optional[Callable]:
     return registry.KERNELS.get((op, semiring))
 
 
-def call(op: str, semiring: str, t: torch.Tensor, *args):
-    """Run the kernel for (op, semiring) if one applies; ``NotImplemented`` otherwise."""
-    k = kernel(op, semiring, t)
+def call(op: str, semiring: str, v, *args):
+    """Run the kernel for (op, semiring) on value ``v`` if one applies and the
+    measured policy (``PREFER_REFERENCE``) does not prefer the torch reference;
+    ``NotImplemented`` otherwise (the kernel may also decline a case)."""
+    k = kernel(op, semiring, v[0])
     if k is None:
         return NotImplemented
-    return k(*args)
+    pref = PREFER_REFERENCE.get((op, semiring))
+    if pref is not None and v[0].is_cuda and pref(v, *args):
+        return NotImplemented
+    return k(v, *args)
 
 
 def kernel_op(op: str):
@@ -62,15 +67,8 @@ def kernel_op(op: str):
     def deco(method):
         @functools.wraps(method)
         def wrapper(self, v, *args):
-            k = kernel(op, self.name, v[0])
-            pref = PREFER_REFERENCE.get((op, self.name))
-            if k is not None and pref is not None and v[0].is_cuda and pref(v, *args):
-                k = None
-            if k is not None:
-                r = k(v, *args)
-                if r is not NotImplemented:
-                    return r
-            return method(self, v, *args)
+            r = call(op, self.name, v, *args)
+            return method(self, v, *args) if r is NotImplemented else r
 
         return wrapper
 
@@ -83,14 +81,9 @@ def rmatmul_via_matmul(method):
 
     @functools.wraps(method)
     def wrapper(self, w, v):
-        k = kernel("matmul", self.name, v[0])
-        pref = PREFER_REFERENCE.get(("matmul", self.name))
-        if k is not None and pref is not None and v[0].is_cuda and pref(v, w):
-            k = None
-        if k is not None:
-            r = k(tuple(c.transpose(-1, -2) for c in v), w.transpose(-1, -2))
-            if r is not NotImplemented:
-                return tuple(c.transpose(-1, -2) for c in r)
-        return method(self, w, v)
+        r = call("matmul", self.name, tuple(c.transpose(-1, -2) for c in v), w.transpose(-1, -2))
+        if r is NotImplemented:
+            return method(self, w, v)
+        return tuple(c.transpose(-1, -2) for c in r)
 
     return wrapper

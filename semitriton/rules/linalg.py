@@ -25,10 +25,10 @@ def live_rows_matmul(sr, v, w, max_live: float = 0.5):
     value); the other rows read the zero. Only tried for outputs with at least
     ``LIVE_ROWS_MIN_FEATURES`` features: counting live rows synchronises the GPU."""
     lead, J = v[0].shape[:-1], v[0].shape[-1]
+    if J < LIVE_ROWS_MIN_FEATURES or v[0].numel() < 2 * J:
+        return sr.matmul(v, w)
     flat = sr.map(v, lambda c: c.reshape(-1, J))
     R = flat[0].shape[0]
-    if R < 2 or J < LIVE_ROWS_MIN_FEATURES:
-        return sr.matmul(v, w)
     live = ~sr.is_zero(flat).all(-1)
     n_live = int(live.sum())
     if n_live > max_live * R:
