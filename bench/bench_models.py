@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
+import os
 import statistics
 import sys
 import time
 import traceback
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _output import finish, save_json  # noqa: E402
 
 SEMIRINGS = ("real", "real-walk", "abs", "entropy", "maxabs", "max")
 TARGETS = {"real": 1.05, "real-walk": 1.05, "abs": 1.2, "entropy": 1.5, "maxabs": 1.6, "max": 3.0}
@@ -232,9 +235,7 @@ def main(argv=None):
     def save(row=None):
         if row is not None:
             rows.append(row)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"device": name, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+        save_json(args.out, name, time.strftime("%Y-%m-%d"), rows)
 
     plan = [(m, dt, False) for dt in args.dtypes.split(",") for m in args.models.split(",")]
     if args.linear_variant:
@@ -246,12 +247,7 @@ def main(argv=None):
         except Exception as exc:
             log(f"{mname} {dt}: ERROR {type(exc).__name__}: {exc}")
             traceback.print_exc()
-    md = markdown(rows, name, time.strftime("%Y-%m-%d"))
-    print(md)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(md)
-    return 0
+    return finish(markdown(rows, name, time.strftime("%Y-%m-%d")), args.md)
 
 
 if __name__ == "__main__":

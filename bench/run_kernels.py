@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import kernels_attention  # noqa: E402
 import kernels_dense  # noqa: E402
+from _output import finish, save_json  # noqa: E402
 
 
 def _f(x, spec=".3g"):
@@ -73,15 +74,8 @@ def main(argv=None):
                 traceback.print_exc()
             rows.append(r)
             print(json.dumps(r), flush=True)
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump({"device": device, "date": date, "rows": rows}, f, indent=1)
-    md = markdown(rows, device, date)
-    print(md)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(md)
-    return 0
+            save_json(args.out, device, date, rows)
+    return finish(markdown(rows, device, date), args.md)
 
 
 if __name__ == "__main__":
