@@ -9,9 +9,9 @@ kernel takes the same arguments as the semiring method and returns the same
 value (or ``NotImplemented`` to decline a case, e.g. an unsupported dtype).
 
 Ops: ``matmul(v, w)``, ``softmax(v, y, dim)``, ``log_softmax(v, p, dim)``,
-``layer_norm(v, xhat, rstd, weight)``, ``attention(vo, q, k, v, bias, causal,
-scale, needs)``. (RMS norm has O(n) closed forms in torch for every built-in
-semiring; the dense Triton kernel is registered as ``rms_norm_dense``.)
+``layer_norm(v, xhat, rstd, weight)``, ``rms_norm(v, xhat, rstd, weight)``
+(the O(n) closed forms, one row per program; the dense O(n²) kernel is kept
+as ``rms_norm_dense``), ``attention(vo, q, k, v, bias, causal, scale, needs)``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ single custom autograd node carrying its semiring rule:
   MistralRMSNorm, and Gemma's ``1 + weight`` form) -> :class:`CanonicalRMSNorm`;
 * composed elementwise activations (GPT-2's tanh-GELU ``NewGELUActivation``
   and friends) -> :class:`CanonicalElementwise`;
+* rotary position embeddings of attention modules that call their modeling
+  file's standard ``apply_rotary_pos_emb`` (LLaMA, Mistral, Qwen2/3, Gemma)
+  -> one :class:`RotaryEmbedding` node per q/k instead of seven aten nodes
+  (same numerics and statistics, fewer nodes to walk);
 * attention of Hugging Face models that dispatch through
   ``ALL_ATTENTION_FUNCTIONS`` (BERT, GPT-2, LLaMA, ...) -> one
   :class:`FusedAttention` node per call, by registering a ``"semitriton"``
@@ -24,15 +28,19 @@ swap only removes nodes from the walk (see bench/RESULTS.md).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import logging
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .fused import CanonicalElementwise, CanonicalLinear, CanonicalRMSNorm, fused_attention
+from .fused import CanonicalElementwise, CanonicalLinear, CanonicalRMSNorm, apply_rotary, fused_attention
 from .tracking import track, untrack
 
 log = logging.getLogger("semitriton")
@@ -136,10 +144,11 @@ def _patched_activation_forward(self, x):
 @functools.lru_cache(maxsize=None)
 def _patched_class(cls, kind: str):
     forward = {"rms_norm": _patched_rms_forward, "activation": _patched_activation_forward,
-               "linear": _patched_linear_forward}[kind]
+               "linear": _patched_linear_forward, "rope": _patched_rope_forward}[kind]
     return type("Semiring" + cls.__name__, (cls,), {
         "forward": forward,
         "_semitriton_original_class": cls,
+        "_semitriton_kind": kind,
         "__module__": cls.__module__,
         "__doc__": f"{cls.__name__} recorded as one canonical semiring node (semitriton.patch).",
     })
@@ -151,6 +160,121 @@ def _swap(module: nn.Module, kind: str, **attrs) -> nn.Module:
     for k, v in attrs.items():
         object.__setattr__(new, k, v)
     return new
+
+
+# ---- rotary position embedding ----------------------------------------------------------------
+# A patched attention module runs its original forward with a thread-local
+# flag set; the modeling file's ``apply_rotary_pos_emb`` is replaced (while any
+# patched module uses it) by a dispatcher that records one RotaryEmbedding node
+# per tensor when the flag is set and calls the original otherwise, so other
+# models in the process are unaffected.
+_ROPE_FN = "apply_rotary_pos_emb"
+_ROPE_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
+_rope_state = threading.local()
+_rope_installed: dict = {}          # modeling module name -> [original function, patched modules using it]
+_rope_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _rope_active():
+    _rope_state.depth = getattr(_rope_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _rope_state.depth -= 1
+
+
+def _rope_fusable(q, k, cos, sin, args, kwargs) -> bool:
+    if len(args) > 1 or set(kwargs) - {"unsqueeze_dim"}:
+        return False
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, cos, sin)):
+        return False
+    if cos.requires_grad or sin.requires_grad or not torch.is_grad_enabled():
+        return False
+    if not (q.requires_grad or k.requires_grad) or not (q.is_floating_point() and k.is_floating_point()):
+        return False
+    d = q.shape[-1]
+    return d % 2 == 0 and k.shape[-1] == d and cos.shape[-1] == d and sin.shape[-1] == d
+
+
+def _rope_dispatcher(original):
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if getattr(_rope_state, "depth", 0) and _rope_fusable(q, k, cos, sin, args, kwargs):
+            return apply_rotary(q, k, cos, sin, args[0] if args else kwargs.get("unsqueeze_dim", 1))
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._semitriton_original = original
+    return apply_rotary_pos_emb
+
+
+def _current_rope_fn(modname: str):
+    fn = getattr(sys.modules.get(modname), _ROPE_FN, None)
+    return getattr(fn, "_semitriton_original", fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_formula_matches(fn) -> bool:
+    """The modeling file's function is the standard form: same signature and
+    bit-identical outputs to :func:`apply_rotary` on a small random input."""
+    try:
+        if list(inspect.signature(fn).parameters) != _ROPE_PARAMS:
+            return False
+        g = torch.Generator().manual_seed(0)
+        q, k = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 3, 8, generator=g)
+        cos, sin = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+        with torch.no_grad():
+            want = fn(q, k, cos, sin)
+        got = apply_rotary(q.requires_grad_(), k.requires_grad_(), cos, sin)
+        return all(torch.equal(a, b) for a, b in zip(want, got))
+    except Exception:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_module(cls) -> Optional[str]:
+    """The modeling module whose standard ``apply_rotary_pos_emb`` this
+    attention class calls, or None."""
+    modname = getattr(cls, "__module__", "")
+    fn = _current_rope_fn(modname)
+    if fn is None or not callable(fn):
+        return None
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return None
+    if _ROPE_FN + "(" not in src or not _rope_formula_matches(fn):
+        return None
+    return modname
+
+
+def _install_rope(modname: str) -> None:
+    with _rope_lock:
+        entry = _rope_installed.get(modname)
+        if entry is None:
+            mod = sys.modules[modname]
+            original = getattr(mod, _ROPE_FN)
+            entry = _rope_installed[modname] = [original, 0]
+            setattr(mod, _ROPE_FN, _rope_dispatcher(original))
+        entry[1] += 1
+
+
+def _uninstall_rope(modname: str) -> None:
+    with _rope_lock:
+        entry = _rope_installed.get(modname)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            mod = sys.modules.get(modname)
+            if mod is not None and getattr(getattr(mod, _ROPE_FN, None), "_semitriton_original", None) is entry[0]:
+                setattr(mod, _ROPE_FN, entry[0])
+            del _rope_installed[modname]
+
+
+def _patched_rope_forward(self, *args, **kwargs):
+    with _rope_active():
+        return self._semitriton_original_class.forward(self, *args, **kwargs)
 
 
 # ---- attention ---------------------------------------------------------------------------------
@@ -190,9 +314,9 @@ def _register_attention() -> bool:
 
 
 def _uses_attention_interface(module: nn.Module) -> bool:
-    import inspect
+    cls = getattr(type(module), "_semitriton_original_class", type(module))
     try:
-        src = inspect.getsource(type(module).forward)
+        src = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
     return "ALL_ATTENTION_FUNCTIONS" in src
@@ -204,14 +328,17 @@ class PatchRecord:
     swapped: list = field(default_factory=list)          # (parent, name, original, patched)
     attention_configs: list = field(default_factory=list)  # (config, previous implementation)
     attention_modules: int = 0
+    rope_modules: list = field(default_factory=list)        # modeling module name per patched attention
     tracked_here: bool = False
     skipped: list = field(default_factory=list)
 
     def summary(self) -> dict:
         kinds: dict = {}
-        for _, _, orig, _ in self.swapped:
-            kinds[type(orig).__name__] = kinds.get(type(orig).__name__, 0) + 1
+        for _, _, orig, new in self.swapped:
+            if getattr(type(new), "_semitriton_kind", None) != "rope":
+                kinds[type(orig).__name__] = kinds.get(type(orig).__name__, 0) + 1
         return {"swapped": kinds, "attention_modules": self.attention_modules,
+                "rotary_modules": len(self.rope_modules),
                 "attention_implementation": ATTN_NAME if self.attention_configs else None,
                 "skipped": list(self.skipped)}
 
@@ -220,6 +347,8 @@ class PatchRecord:
         parts = [f"{n}× {k}" for k, n in sorted(s["swapped"].items())]
         if s["attention_modules"]:
             parts.append(f"{s['attention_modules']}× attention -> one fused node each")
+        if s["rotary_modules"]:
+            parts.append(f"{s['rotary_modules']}× rotary embedding -> one node per q/k")
         if s["skipped"]:
             parts.append(f"left as is: {'; '.join(s['skipped'])}")
         return "semitriton.patch: " + (", ".join(parts) if parts else "nothing to swap (aten rules apply)")
@@ -230,10 +359,12 @@ def _conv1d_class():
 
 
 def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, attention: bool = True,
-          linear: bool = False, verbose: bool = False) -> nn.Module:
+          rope: bool = True, linear: bool = False, verbose: bool = False) -> nn.Module:
     """Swap non-canonical modules of ``model`` in place (see module docstring);
-    returns ``model``. ``linear=True`` also records each nn.Linear / GPT-2
-    Conv1D as one node instead of view/addmm/view (fewer nodes to walk). Patching twice changes nothing. ``verbose`` prints the
+    returns ``model``. ``rope=False`` leaves rotary embeddings as aten nodes.
+    ``linear=True`` also records each nn.Linear / GPT-2 Conv1D as one node
+    instead of view/addmm/view (fewer nodes to walk). Patching twice changes
+    nothing. ``verbose`` prints the
     summary (also in ``patch_summary(model)``); module names are tracked for
     error messages and path readouts."""
     if getattr(model, _RECORD, None) is not None:
@@ -260,6 +391,11 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
                 new = _swap(child, "linear", _semitriton_transposed=False)
             elif linear and _conv1d_class() is not None and cls is _conv1d_class():
                 new = _swap(child, "linear", _semitriton_transposed=True)
+            elif rope and isinstance(child, nn.Module) and _rope_module(cls) is not None:
+                modname = _rope_module(cls)
+                _install_rope(modname)
+                rec.rope_modules.append(modname)
+                new = _swap(child, "rope")
             if new is not None:
                 parent._modules[name] = new
                 rec.swapped.append((parent, name, child, new))
@@ -291,6 +427,8 @@ def unpatch(model: nn.Module) -> nn.Module:
             parent._modules[name] = orig
     for cfg, prev in rec.attention_configs:
         cfg._attn_implementation = prev
+    for modname in rec.rope_modules:
+        _uninstall_rope(modname)
     if rec.tracked_here:
         untrack(model)
     object.__delattr__(model, _RECORD)

@@ -18,8 +18,10 @@ Caveat: writes through ``w.data`` bypass the version counter; call
 Only 2-D tensors without an autograd history are cached (parameters, buffers,
 constants): activations are new tensors on every forward pass and are
 transformed on the fly instead. Bounded by entry count and bytes (LRU):
-``SEMITRITON_WEIGHT_CACHE_ENTRIES`` (default 512) and
-``SEMITRITON_WEIGHT_CACHE_MB`` (default 4096).
+``SEMITRITON_WEIGHT_CACHE_ENTRIES`` (default 4096) and
+``SEMITRITON_WEIGHT_CACHE_MB`` (default 4096). Entries whose weight has been
+freed are swept in amortised O(1) per insertion (a full sweep after as many
+insertions as the cache holds entries), not on every insertion.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections import OrderedDict
 _lock = threading.Lock()
 _cache: "OrderedDict[tuple, _Entry]" = OrderedDict()
 _bytes = 0
+_inserts_since_sweep = 0
 
 
 class _Entry:
@@ -41,17 +44,18 @@ class _Entry:
 
 
 def _limits():
-    n = int(os.environ.get("SEMITRITON_WEIGHT_CACHE_ENTRIES", "512"))
+    n = int(os.environ.get("SEMITRITON_WEIGHT_CACHE_ENTRIES", "4096"))
     mb = float(os.environ.get("SEMITRITON_WEIGHT_CACHE_MB", "4096"))
     return n, int(mb * 2**20)
 
 
 def clear() -> None:
     """Drop every cached transform."""
-    global _bytes
+    global _bytes, _inserts_since_sweep
     with _lock:
         _cache.clear()
         _bytes = 0
+        _inserts_since_sweep = 0
 
 
 def stats() -> dict:
@@ -84,9 +88,17 @@ def _drop(key):
         _bytes -= e.nbytes
 
 
+def _sweep_dead():
+    """Drop the entries whose weight storage has been freed (caller holds the lock)."""
+    global _inserts_since_sweep
+    for k in [k for k, v in _cache.items() if v.ref.expired()]:
+        _drop(k)
+    _inserts_since_sweep = 0
+
+
 def transform(t, name: str, fn):
     """``fn(t)`` for the transform called ``name``, cached when ``t`` is a weight."""
-    global _bytes
+    global _bytes, _inserts_since_sweep
     import torch
 
     if not cacheable(t):
@@ -111,11 +123,14 @@ def transform(t, name: str, fn):
         return value
     entry = _Entry(_weak(storage), storage._cdata, version, value, nbytes)
     with _lock:
-        for k in [k for k, v in _cache.items() if v.ref.expired()]:
-            _drop(k)
+        _inserts_since_sweep += 1
+        if _inserts_since_sweep >= max(64, len(_cache)):
+            _sweep_dead()
         _drop(key)
         _cache[key] = entry
         _bytes += nbytes
+        if len(_cache) > max_n or _bytes > max_bytes:
+            _sweep_dead()                  # dead weights go before live ones are evicted
         while _cache and (len(_cache) > max_n or _bytes > max_bytes):
             _drop(next(iter(_cache)))
     return value

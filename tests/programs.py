@@ -137,8 +137,9 @@ def mha(dtype=torch.float64, seed=1, mask: str = "none", eager: bool = False, ze
 
 
 # ---------------------------------------------------------------------------------------------
-def llama_block(dtype=torch.float64, seed=2, gqa_mode: str = "sdpa", zeros=0.0):
-    """Composed RMS norm, RoPE (slice/neg/cat), causal grouped-query attention,
+def llama_block(dtype=torch.float64, seed=2, gqa_mode: str = "sdpa", zeros=0.0, fused_rope: bool = False):
+    """Composed RMS norm, RoPE (slice/neg/cat; or semitriton's one-node
+    RotaryEmbedding with ``fused_rope``), causal grouped-query attention,
     SwiGLU gating, residuals, final norm, log-softmax head and a logit
     difference at the last position (select/index)."""
     g = torch.Generator().manual_seed(seed)
@@ -220,6 +221,9 @@ def llama_block(dtype=torch.float64, seed=2, gqa_mode: str = "sdpa", zeros=0.0):
 
     def rope(t):
         c, s = _p(cos, t.dtype), _p(sin, t.dtype)
+        if fused_rope:
+            from semitriton.fused import RotaryEmbedding
+            return RotaryEmbedding.apply(t, c, s)
         rot = torch.cat([-t[..., Dh // 2:], t[..., : Dh // 2]], -1)
         return t * c + rot * s
 
@@ -242,7 +246,7 @@ def llama_block(dtype=torch.float64, seed=2, gqa_mode: str = "sdpa", zeros=0.0):
         last = logp[0, -1]
         return last[3] - last[5]
 
-    return Program(f"llama_block_{gqa_mode}", {"x": x}, steps, engine)
+    return Program(f"llama_block_{gqa_mode}" + ("_fused_rope" if fused_rope else ""), {"x": x}, steps, engine)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,5 +318,6 @@ def all_programs(zeros=0.0):
         mha(mask="causal", zeros=zeros), mha(mask="bool", eager=True, zeros=zeros),
         mha(mask="float", eager=True, zeros=zeros),
         llama_block(zeros=zeros), llama_block(gqa_mode="repeat_kv", zeros=zeros),
+        llama_block(zeros=zeros, fused_rope=True),
         broadcast_gating(zeros=zeros),
     ]

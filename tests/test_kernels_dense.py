@@ -366,6 +366,49 @@ def test_norm(name, op, device):
             check(out, ref, name, rtol, 10 * rtol, f"{op}/{name}/{lead}x{n}/{gdt}/w={has_w}")
 
 
+def _rms_closed_cases(device):
+    if device == "cpu":
+        return [((2, 3), 24), ((4,), 37), ((1,), 16), ((3,), 1), ((2,), 2)]
+    return [((4, 33), 576), ((64,), 768), ((8,), 100), ((2,), 3072), ((3,), 9000)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", NORM_SEMIRINGS)
+def test_rms_norm_closed_form(name, device):
+    """The O(n) closed-form RMS-norm kernel (op "rms_norm", what the engine
+    dispatches) against the torch closed forms, with zero values, an all-zero
+    row, zero γ entries, an exactly-zero x̂ (a_i = 0, only the diagonal edge)
+    and one dominant term per row (the exclusive sums drop it exactly)."""
+    sr = BUILTIN[name]
+    g = torch.Generator().manual_seed(16)
+    fn = kernel("rms_norm", name)
+    rtol = 2e-5 if device == "cpu" else 5e-5
+    for lead, n in _rms_closed_cases(device):
+        for gdt, has_w in ((torch.float32, True), (torch.bfloat16, True), (torch.float32, False)):
+            xhat, rstd, gamma = _norm_inputs(lead, n, False, "cpu", g, gdt, has_w)
+            xhat.reshape(-1, n)[-1, 0] = 0.0
+            v = gen_values(name, lead + (n,), "cpu", g, dead_index=None)
+            v = tuple(c.clone() for c in v)
+            for c, z in zip(v, sr.zero((), torch.float32, "cpu")):
+                c.reshape(-1, n)[0] = z.item()                       # an all-zero row
+            if name != "max" and n > 2:
+                v[0].reshape(-1, n)[-1, 1] = 60.0                     # one term dominates its row
+            dev = lambda t: None if t is None else t.to(device)     # noqa: E731
+            args = (tuple(c.to(device) for c in v), dev(xhat), dev(rstd), dev(gamma))
+            ref = reference(sr.rms_norm, *args)
+            out = fn(*args)
+            check(out, ref, name, rtol, 10 * rtol, f"rms closed/{name}/{lead}x{n}/{gdt}/w={has_w}")
+
+
+def test_rms_norm_is_dispatched_to_the_closed_form_kernel():
+    from semitriton import dispatch
+    for name in NORM_SEMIRINGS:
+        assert registry.KERNELS[("rms_norm", name)].__name__ == f"{name}_rms_norm"
+    v = (torch.zeros(2, 4),)
+    with semitriton.use_backend("triton"):
+        assert dispatch.kernel("rms_norm", "abs", v[0]) is registry.KERNELS[("rms_norm", "abs")]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_maxabs_norm_underflow_fallback(device):
     """A row where the winning term is e^-200 below the row's largest value

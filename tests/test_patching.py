@@ -274,3 +274,77 @@ def test_patched_graphs_are_freed_without_the_cyclic_gc():
         assert not any(r() is not None for r in refs)
     finally:
         gc.enable()
+
+
+def _node_types(t):
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        names.append(type(n).__name__)
+        stack.extend(f for f, _ in n.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gemma"])
+def test_rotary_node_same_outputs_and_statistics(kind):
+    """RoPE as one RotaryEmbedding node per q/k: bit-identical outputs, the
+    statistics of the composed aten graph (its edges are the same cos/±sin),
+    unpatched models in the same process untouched, and unpatch restores the
+    modeling file's function."""
+    import sys
+    model = _model(kind, dtype=torch.float64)
+    other = _model(kind, dtype=torch.float64)
+    modname = type(model.model.layers[0].self_attn).__module__
+    original = sys.modules[modname].apply_rotary_pos_emb
+    emb, score = embeds_and_output(model, "llama", IDS, MASK)
+    ref = {s: semitriton.grad_values(score, emb, semiring=s)[0] for s in SEMIRINGS}
+    assert "RotaryEmbeddingBackward" not in _node_types(score)
+
+    semitriton.patch(model, norms=False, activations=False, attention=False)
+    assert semitriton.patch_summary(model)["rotary_modules"] == 2
+    assert semitriton.patch_summary(model)["swapped"] == {}
+    emb2, score2 = embeds_and_output(model, "llama", IDS, MASK)
+    assert torch.equal(score2, score)
+    types = _node_types(score2)
+    assert types.count("RotaryEmbeddingBackward") == 4           # q and k of two layers
+    assert "NegBackward0" not in types
+    for s in SEMIRINGS:
+        got = semitriton.grad_values(score2, emb2, semiring=s)[0]
+        assert_semiring_close(got, ref[s], s, 1e-10, f"{kind} rope {s}")
+    # ordinary gradients through the node
+    (g2,) = torch.autograd.grad(score2.sum(), emb2)
+    (g1,) = torch.autograd.grad(score.sum(), emb)
+    torch.testing.assert_close(g2, g1, rtol=1e-12, atol=1e-12)
+    # another model of the same family, not patched, keeps its aten graph
+    e3, s3 = embeds_and_output(other, "llama", IDS, MASK)
+    assert "RotaryEmbeddingBackward" not in _node_types(s3)
+
+    semitriton.unpatch(model)
+    assert sys.modules[modname].apply_rotary_pos_emb is original
+    e4, s4 = embeds_and_output(model, "llama", IDS, MASK)
+    assert "RotaryEmbeddingBackward" not in _node_types(s4) and torch.equal(s4, score)
+
+
+def test_rotary_dispatcher_shared_by_two_patched_models():
+    import sys
+    a, b = _model("llama"), _model("llama")
+    modname = type(a.model.layers[0].self_attn).__module__
+    original = sys.modules[modname].apply_rotary_pos_emb
+    semitriton.patch(a)
+    semitriton.patch(b)
+    semitriton.unpatch(a)
+    e, s = embeds_and_output(b, "llama", IDS, MASK)
+    assert "RotaryEmbeddingBackward" in _node_types(s)          # b still patched
+    semitriton.unpatch(b)
+    assert sys.modules[modname].apply_rotary_pos_emb is original
+
+
+def test_rotary_not_fused_without_grad_or_with_rope_false():
+    model = semitriton.patch(_model("llama"), rope=False)
+    assert semitriton.patch_summary(model)["rotary_modules"] == 0
+    e, s = embeds_and_output(model, "llama", IDS, MASK)
+    assert "RotaryEmbeddingBackward" not in _node_types(s)
+    semitriton.unpatch(model)

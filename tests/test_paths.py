@@ -13,8 +13,10 @@ from oracle import Program, Step, enumerate_paths
 from programs import residual_mlp
 
 
-def _tiny_attention(mask="causal", group=2, seed=0):
-    """A tiny GQA attention block with residual fan-out (few enough paths to enumerate)."""
+def _tiny_attention(mask="causal", group=2, seed=0, rope=False):
+    """A tiny GQA attention block with residual fan-out (few enough paths to
+    enumerate); ``rope``: rotary embedding of q and k (composed for the
+    oracle, semitriton's one-node RotaryEmbedding in the engine)."""
     g = torch.Generator().manual_seed(seed)
     B, H, T, D = 1, 2, 3, 2
     Hk = H // group
@@ -26,9 +28,18 @@ def _tiny_attention(mask="causal", group=2, seed=0):
     r = torch.randn(H * D, generator=g, dtype=torch.float64)
     scale = 1 / math.sqrt(D)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * torch.tensor([0.7, 0.7], dtype=torch.float64)
+    cos, sin = ang.cos(), ang.sin()                  # sin = 0 at position 0: no edge
 
     def heads(n):
         return lambda t: t.reshape(B, T, n, D).transpose(1, 2)
+
+    def rot(t):
+        return torch.cat([-t[..., D // 2:], t[..., : D // 2]], -1) * sin
+
+    def rope_steps(name):
+        return [Step(name + "c", lambda t: t * cos, (name,)), Step(name + "r", rot, (name,)),
+                Step(name + "e", lambda a, b: a + b, (name + "c", name + "r"))]
 
     def scores(q, k):
         s = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * scale
@@ -36,8 +47,11 @@ def _tiny_attention(mask="causal", group=2, seed=0):
 
     steps = [Step("q", lambda x: x @ Wq, ("x",)), Step("k", lambda x: x @ Wk, ("x",)),
              Step("v", lambda x: x @ Wv, ("x",)),
-             Step("qh", heads(H), ("q",)), Step("kh", heads(Hk), ("k",)), Step("vh", heads(Hk), ("v",)),
-             Step("s", scores, ("qh", "kh")), Step("p", lambda s: torch.softmax(s, -1), ("s",)),
+             Step("qh", heads(H), ("q",)), Step("kh", heads(Hk), ("k",)), Step("vh", heads(Hk), ("v",))]
+    if rope:
+        steps += rope_steps("qh") + rope_steps("kh")
+    qn, kn = ("qhe", "khe") if rope else ("qh", "kh")
+    steps += [Step("s", scores, (qn, kn)), Step("p", lambda s: torch.softmax(s, -1), ("s",)),
              Step("oh", lambda p, v: p @ v.repeat_interleave(group, 1), ("p", "vh")),
              Step("o", lambda o: o.transpose(1, 2).reshape(B, T, H * D), ("oh",)),
              Step("res", lambda o, x: o + x, ("o", "x")),
@@ -45,13 +59,18 @@ def _tiny_attention(mask="causal", group=2, seed=0):
 
     def engine(x):
         q, k, v = heads(H)(x @ Wq), heads(Hk)(x @ Wk), heads(Hk)(x @ Wv)
+        if rope:
+            from semitriton.fused import RotaryEmbedding
+            q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal", enable_gqa=group > 1)
         return ((o.transpose(1, 2).reshape(B, T, H * D) + x) * r).sum()
 
     return Program("tiny_attention", {"x": x}, steps, engine)
 
 
-PROGS = [residual_mlp, lambda: _tiny_attention("causal", 2), lambda: _tiny_attention("none", 1)]
+PROGS = [residual_mlp, lambda: _tiny_attention("causal", 2), lambda: _tiny_attention("none", 1),
+         lambda: _tiny_attention("causal", 2, rope=True)]
+IDS = ["residual_mlp", "gqa_causal", "attention", "gqa_causal_rope"]
 
 
 def _products(prog):
@@ -64,7 +83,7 @@ def _run(prog):
     return x, prog.engine(x)
 
 
-@pytest.mark.parametrize("make", PROGS, ids=["residual_mlp", "gqa_causal", "attention"])
+@pytest.mark.parametrize("make", PROGS, ids=IDS)
 def test_kbest_equals_brute_force(make):
     prog = make()
     prods = _products(prog)
@@ -92,7 +111,7 @@ def test_kbest_equals_brute_force(make):
         assert a == pytest.approx(b, rel=1e-10)
 
 
-@pytest.mark.parametrize("make", PROGS, ids=["residual_mlp", "gqa_causal", "attention"])
+@pytest.mark.parametrize("make", PROGS, ids=IDS)
 def test_signed_top_path_equals_brute_force(make):
     prog = make()
     prods = _products(prog)

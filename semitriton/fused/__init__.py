@@ -10,5 +10,7 @@ from .attention import FusedAttention, fused_attention
 from .elementwise import CanonicalElementwise
 from .linear import CanonicalLinear
 from .rms_norm import CanonicalRMSNorm
+from .rope import RotaryEmbedding, apply_rotary
 
-__all__ = ["FusedAttention", "fused_attention", "CanonicalRMSNorm", "CanonicalElementwise", "CanonicalLinear"]
+__all__ = ["FusedAttention", "fused_attention", "CanonicalRMSNorm", "CanonicalElementwise", "CanonicalLinear",
+           "RotaryEmbedding", "apply_rotary"]

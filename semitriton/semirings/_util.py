@@ -23,6 +23,8 @@ def weight(w: Tensor, kind: str, dtype: torch.dtype) -> Tensor:
     """A per-weight transform in ``dtype``, cached across passes for parameters:
     "abs" |w|, "log_abs" log|w|, "xlogx" |w| log|w|, "same" w."""
     from .. import weight_cache
+    if kind == "same" and w.dtype == dtype:
+        return w
     fns = {"abs": lambda t: torch.abs(t.to(dtype)), "log_abs": lambda t: log_abs(t.to(dtype)),
            "xlogx": lambda t: xlogx(torch.abs(t.to(dtype))), "same": lambda t: t.to(dtype)}
     return weight_cache.transform(w, f"ref:{kind}:{dtype}", fns[kind])

@@ -59,6 +59,7 @@ class Abs(LogSpaceSemiring):
         diag = torch.log1p(-p) + l
         return (torch.logaddexp(off, diag),)
 
+    @kernel_op("rms_norm")
     def rms_norm(self, v, xhat, rstd, weight):
         """Z_i = |d_i| Z_i + |a_i| Σ_{j≠i} |b_j| Z_j (see Semiring.rms_factors)."""
         l = v[0]

@@ -151,6 +151,7 @@ class Entropy(Semiring):
         shift = torch.where(L == NEG_INF, torch.zeros_like(L), L)
         return _clean(L, torch.exp(l_off - shift) * mu_off + torch.exp(l_diag - shift) * mu_diag)
 
+    @kernel_op("rms_norm")
     def rms_norm(self, v, xhat, rstd, weight):
         """Off-diagonal |w| = |a_i||b_j|, diagonal |d_i| (Semiring.rms_factors):
         z_i = |a_i| B_i + |d_i| z_i, B_i = Σ_{j≠i} |b_j| z_j;

@@ -106,6 +106,7 @@ class Max(Semiring):
         dn = torch.where(has_d, d * mn, POS_INF)
         return (torch.maximum(off_p, dp), torch.minimum(off_n, dn))
 
+    @kernel_op("rms_norm")
     def rms_norm(self, v, xhat, rstd, weight):
         """Off-diagonal edges a_i b_j: with P_j = max(b_j M+_j, b_j M-_j) and
         N_j = min(...), M+_i gets a_i max_{j≠i} P_j (a_i > 0) or a_i min_{j≠i} N_j."""

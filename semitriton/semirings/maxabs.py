@@ -52,6 +52,7 @@ class MaxAbs(LogSpaceSemiring):
         p = p.to(l.dtype)
         return (torch.maximum(torch.log(p) + exclusive_max(l, dim), torch.log1p(-p) + l),)
 
+    @kernel_op("rms_norm")
     def rms_norm(self, v, xhat, rstd, weight):
         """m_i = max(|d_i| m_i, |a_i| max_{j≠i} |b_j| m_j): a row top-2."""
         l = v[0]

@@ -1,0 +1,76 @@
+"""Rotary position embedding as one canonical node.
+
+``y = x·cos + rotate_half(x)·sin`` with ``rotate_half(x) = cat(-x[h:], x[:h])``
+(h = D/2, the LLaMA/Mistral/Qwen/Gemma form). RoPE is linear in x; its edges
+(DESIGN.md §1) are
+
+    x[j] -> y[j]      weight cos[j]
+    x[j] -> y[j + h]  weight  sin[j + h]   (j < h)
+    x[j] -> y[j - h]  weight -sin[j - h]   (j ≥ h)
+
+The aten graph of the same formula is seven nodes (two slices, neg, cat, two
+muls, add) with the same paths and products; this node has the same forward
+numerics and statistics and is one step of the walk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._saved import pad, saved_tensors
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """cat(-x[..., h:], x[..., :h]) (as transformers writes it)."""
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _partner(t: torch.Tensor) -> torch.Tensor:
+    """t[..., (j + h) mod D]: the value each input element meets through the sin edge."""
+    h = t.shape[-1] // 2
+    return torch.cat((t[..., h:], t[..., :h]), dim=-1)
+
+
+def partner_weight(sin: torch.Tensor) -> torch.Tensor:
+    """Weight of the edge x[j] -> y[(j + h) mod D]: +sin for j < h, -sin for j ≥ h."""
+    h = sin.shape[-1] // 2
+    return torch.cat((sin[..., h:], -sin[..., :h]), dim=-1)
+
+
+class RotaryEmbedding(torch.autograd.Function):
+    """``forward(x, cos, sin)``: x·cos + rotate_half(x)·sin; ``cos``/``sin``
+    broadcast to x and carry no gradient (they are functions of positions)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_shape = x.shape
+        return (x * cos) + (rotate_half(x) * sin)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        gs = g * sin
+        h = gs.shape[-1] // 2
+        gx = g * cos + torch.cat((gs[..., h:], -gs[..., :h]), dim=-1)
+        return gx.sum_to_size(ctx.x_shape), None, None
+
+    @staticmethod
+    def semiring_backward(rc):
+        if not rc.needs[0]:
+            return pad([], len(rc.needs))
+        cos, sin = saved_tensors(rc.node)
+        sr, v = rc.sr, rc.grad(0)
+        direct = sr.scale(v, cos.to(rc.dtype))
+        crossed = sr.scale(sr.map(v, _partner), partner_weight(sin.to(rc.dtype)))
+        return pad([sr.sum_to_shape(sr.plus(direct, crossed), tuple(rc.node.x_shape))], len(rc.needs))
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)``
+    with one :class:`RotaryEmbedding` node per tensor."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
