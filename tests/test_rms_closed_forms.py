@@ -1,5 +1,6 @@
-"""The O(n) closed forms of the RMS-norm rule equal the dense per-row
-Jacobian contraction (the generic definition) for every built-in semiring."""
+"""The closed forms of the norm rules equal the dense per-row Jacobian
+contraction (the generic definition): O(n) RMS norm for every built-in
+semiring, and the O(n log n) sorted layer norm of the abs semiring."""
 
 import pytest
 import torch
@@ -44,3 +45,49 @@ def test_rms_closed_form_equals_dense(semiring, zeros):
         mode = "real" if semiring in ("real", "entropy") else "abs"   # normwise vs elementwise
         for a, b in zip(fast, dense):
             assert_semiring_close(a, b, mode, 1e-10, semiring)
+
+
+def _layer_norm_rows(g, shape):
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    x[0, 1] = x[0, 2] = x[0, 3]                           # ties in x̂
+    x[1, :] = torch.arange(shape[-1], dtype=torch.float64)  # evenly spaced: pairs near 1 + x̂_i x̂_j = 0
+    x[2, 0] = 50.0                                        # one element carries the variance
+    mean = x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    xhat = (x - mean) * rstd
+    xhat[3, 4] = 0.0                                      # x̂ exactly 0: every off-diagonal term is e_j
+    return xhat, rstd
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 9, 200])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_abs_layer_norm_sorted_closed_form_equals_dense(n, dtype):
+    sr = BUILTIN["abs"]
+    g = torch.Generator().manual_seed(n)
+    shape = (6, n)
+    if n >= 5:
+        xhat, rstd = _layer_norm_rows(g, shape)
+    else:
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        xhat = (x - x.mean(-1, keepdim=True)) * rstd
+    w = torch.randn(n, generator=g, dtype=torch.float64)
+    w[:: 3] = 0.0
+    l = 4 * torch.randn(*shape, generator=g, dtype=torch.float64)
+    l[torch.rand(*shape, generator=g) < 0.2] = float("-inf")
+    l[4] = float("-inf")                                  # a row without paths
+    l[5, 0] = 80.0                                        # one term dominates its row
+    for weight in (w, None):
+        args = ((l.to(dtype),), xhat.to(dtype), rstd.to(dtype), None if weight is None else weight.to(dtype))
+        got = sr.layer_norm(*args)
+        # dense, in float64, on the same (rounded) inputs: x̂ = ±1 rows (n = 2) make
+        # 1 + x̂_i x̂_j ill-conditioned in x̂ itself, whatever computes the rule
+        args64 = ((args[0][0].double(),),) + tuple(None if t is None else t.double() for t in args[1:])
+        want = Semiring.layer_norm(sr, *args64)
+        a, b = got[0].double(), want[0]
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+        fin = torch.isfinite(b)
+        if not fin.any():
+            continue
+        err = ((a - b).abs()[fin] / b.abs()[fin].clamp_min(1.0)).max().item()
+        assert err <= (1e-12 if dtype == torch.float64 else 1e-6), (n, dtype, weight is None, err)
