@@ -104,17 +104,16 @@ def transform(t, name: str, fn):
     if not cacheable(t):
         with torch.no_grad():
             return fn(t)
-    storage = t.untyped_storage()
-    key = (t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
-           str(t.device), name)
+    key = (t.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t.device, name)
     version = t._version
     with _lock:
         e = _cache.get(key)
         if e is not None:
-            if not e.ref.expired() and e.cdata == storage._cdata and e.version == version:
+            if e.version == version and not e.ref.expired() and e.cdata == t.untyped_storage()._cdata:
                 _cache.move_to_end(key)
                 return e.value
             _drop(key)
+    storage = t.untyped_storage()
     with torch.no_grad():
         value = fn(t)
     nbytes = value.numel() * value.element_size()

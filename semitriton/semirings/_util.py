@@ -3,6 +3,7 @@ row reductions, chunked broadcast contractions)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,15 +26,25 @@ def weight(w: Tensor, kind: str, dtype: torch.dtype) -> Tensor:
     from .. import weight_cache
     if kind == "same" and w.dtype == dtype:
         return w
+    name, fn = _transform(kind, dtype)
+    return weight_cache.transform(w, name, fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _transform(kind: str, dtype: torch.dtype):
     fns = {"abs": lambda t: torch.abs(t.to(dtype)), "log_abs": lambda t: log_abs(t.to(dtype)),
            "xlogx": lambda t: xlogx(torch.abs(t.to(dtype))), "same": lambda t: t.to(dtype)}
-    return weight_cache.transform(w, f"ref:{kind}:{dtype}", fns[kind])
+    return f"ref:{kind}:{dtype}", fns[kind]
+
+
+def finite_or_zero(t: Tensor) -> Tensor:
+    """t where finite, 0 where ±inf or NaN (one kernel)."""
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def finite_amax(x: Tensor, dim, keepdim: bool = True) -> Tensor:
     """Max over ``dim``; rows that are all -inf get 0 (a neutral shift)."""
-    m = torch.amax(x, dim=dim, keepdim=keepdim)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return finite_or_zero(torch.amax(x, dim=dim, keepdim=keepdim))
 
 
 def xlogx(a: Tensor) -> Tensor:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import kernel_op, rmatmul_via_matmul
-from ._util import (NEG_INF, exclusive_sum, exclusive_sum_signed, finite_amax, log_abs,
-                    safe_div, weight, xlogx)
+from ._util import (NEG_INF, exclusive_sum, exclusive_sum_signed, finite_amax, finite_or_zero,
+                    log_abs, safe_div, weight, xlogx)
 from .base import Semiring, Value
 
 
@@ -125,7 +125,7 @@ class Entropy(Semiring):
         mu_off = safe_div(A, B) - ly0
         ld = ly + torch.log1p(-y)
         l_diag = ld + l
-        mu_diag = mu - torch.where(torch.isfinite(ld), ld, torch.zeros_like(ld))
+        mu_diag = mu - finite_or_zero(ld)
         L = torch.logaddexp(l_off, l_diag)
         shift = torch.where(L == NEG_INF, torch.zeros_like(L), L)
         w_off = torch.exp(l_off - shift)
@@ -146,7 +146,7 @@ class Entropy(Semiring):
         mu_off = safe_div(A, B) - torch.where(p > 0, lp, torch.zeros_like(lp))
         ld = torch.log1p(-p)
         l_diag = ld + l
-        mu_diag = mu - torch.where(torch.isfinite(ld), ld, torch.zeros_like(ld))
+        mu_diag = mu - finite_or_zero(ld)
         L = torch.logaddexp(l_off, l_diag)
         shift = torch.where(L == NEG_INF, torch.zeros_like(L), L)
         return _clean(L, torch.exp(l_off - shift) * mu_off + torch.exp(l_diag - shift) * mu_diag)
@@ -163,9 +163,9 @@ class Entropy(Semiring):
         t_log = l + lb
         m = finite_amax(t_log, -1)
         t = torch.exp(t_log - m)
-        lb0 = torch.where(torch.isfinite(lb), lb, torch.zeros_like(lb))
-        la0 = torch.where(torch.isfinite(la), la, torch.zeros_like(la))
-        ld0 = torch.where(torch.isfinite(ld), ld, torch.zeros_like(ld))
+        lb0 = finite_or_zero(lb)
+        la0 = finite_or_zero(la)
+        ld0 = finite_or_zero(ld)
         B = exclusive_sum(t, -1)
         A = exclusive_sum_signed(t * (mu - lb0), t, -1)
         l_off = la + torch.log(B) + m
