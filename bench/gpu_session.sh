@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device session: install, GPU tests, model-level and kernel benchmarks.
 # Everything lands in $OUT (8 files at most come back from the device tool):
-#   env.txt gpu_tests.log models.json models.md models.log kernels.json kernels.md kernel_tests.log
+#   env.txt tests.log models.json models.md models.log kernels.json kernels.md ab.md
+# One call is limited to 600 s: run it twice, e.g. STEPS=models,ab then
+# STEPS=gpu_tests,kernel_tests,kernels (tests.log is appended to).
 # Each step has its own time limit (seconds, overridable), so a slow step
 # cannot starve the others. DRY=1: tiny shapes (a CPU rehearsal).
 set -u
@@ -26,7 +28,7 @@ STEPS=${STEPS:-gpu_tests,models,kernels,kernel_tests}
 for s in ${STEPS//,/ }; do
   case $s in
     gpu_tests) step gpu_tests "${T_TESTS:-130}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
-                 ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1 ;;
+                 ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu.py >> "$OUT/tests.log" 2>&1 ;;
     models) step models "${T_MODELS:-230}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
               --reps "${REPS:-5}" ${DTYPES:+--dtypes $DTYPES} --out "$OUT/models.json" --md "$OUT/models.md" \
               > "$OUT/models.log" 2>&1 ;;
@@ -35,9 +37,19 @@ for s in ${STEPS//,/ }; do
     attn_long) step attn_long "${T_ATTN:-60}" python3 bench/run_kernels.py --only attention \
                  --attention-shapes long-4096 --dtypes float32 --out "$OUT/kernels.json" --md "$OUT/kernels.md" \
                  > "$OUT/kernels.log" 2>&1 ;;
-    kernel_tests) step kernel_tests "${T_KTESTS:-60}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
-                    tests/test_kernels_dense.py tests/test_kernels_attention.py > "$OUT/kernel_tests.log" 2>&1 ;;
+    kernel_tests) step kernel_tests "${T_KTESTS:-120}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+                    tests/test_kernels_dense.py tests/test_kernels_attention.py >> "$OUT/tests.log" 2>&1 ;;
+    # A/B of dispatch choices at model level (BERT-base fp32): the O(n log n) torch
+    # layer norm vs the O(n²) kernel for abs, and the fused abs/entropy matmul
+    # kernels vs exp + cuBLAS + log (the current fp32 policy)
+    ab) { SEMITRITON_FORCE_REFERENCE=layer_norm:abs timeout "${T_AB:-60}" python3 bench/bench_models.py \
+            $Q --models bert-base --dtypes float32 --semirings abs --reps 3 --md /dev/null 2>&1 \
+            | grep -E "^\| bert" | sed 's/patch()/LN abs: torch closed form/'
+          SEMITRITON_FORCE_KERNEL=matmul:abs,matmul:entropy timeout "${T_AB:-60}" python3 bench/bench_models.py \
+            $Q --models bert-base --dtypes float32 --semirings abs,entropy --reps 3 --md /dev/null 2>&1 \
+            | grep -E "^\| bert" | sed 's/patch()/fp32 matmul: Triton kernel/'
+        } > "$OUT/ab.md"; echo "step ab done" >> "$OUT/env.txt" ;;
   esac
 done
-cat "$OUT/env.txt"; tail -n 5 "$OUT/gpu_tests.log"; cat "$OUT/models.md" 2>/dev/null; cat "$OUT/kernels.md" 2>/dev/null
-tail -n 3 "$OUT/kernel_tests.log"
+cat "$OUT/env.txt"; tail -n 8 "$OUT/tests.log" 2>/dev/null; cat "$OUT/models.md" 2>/dev/null
+cat "$OUT/kernels.md" 2>/dev/null; cat "$OUT/ab.md" 2>/dev/null

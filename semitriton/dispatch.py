@@ -16,6 +16,8 @@ as ``rms_norm_dense``), ``attention(vo, q, k, v, bias, causal, scale, needs)``.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Callable, Optional
 
 import torch
@@ -36,6 +38,17 @@ PREFER_REFERENCE = {("matmul", "abs"): _fp32_gemm_prefers_cublas,
                     ("matmul", "entropy"): _fp32_gemm_prefers_cublas}
 
 
+@functools.lru_cache(maxsize=8)
+def _pairs(spec: str) -> frozenset:
+    return frozenset(tuple(p.strip().split(":", 1)) for p in spec.split(",") if ":" in p)
+
+
+def _overridden(var: str, op: str, semiring: str) -> bool:
+    """``op:semiring`` listed in the environment variable ``var`` (comma-separated)."""
+    spec = os.environ.get(var, "")
+    return bool(spec) and (op, semiring) in _pairs(spec)
+
+
 def kernel(op: str, semiring: str, t: torch.Tensor) -> Optional[Callable]:
     if not backend.use_triton(t):
         return None
@@ -49,12 +62,18 @@ def kernel(op: str, semiring: str, t: torch.Tensor) -> Optional[Callable]:
 def call(op: str, semiring: str, v, *args):
     """Run the kernel for (op, semiring) on value ``v`` if one applies and the
     measured policy (``PREFER_REFERENCE``) does not prefer the torch reference;
-    ``NotImplemented`` otherwise (the kernel may also decline a case)."""
+    ``NotImplemented`` otherwise (the kernel may also decline a case).
+    For A/B measurements, ``SEMITRITON_FORCE_REFERENCE`` and
+    ``SEMITRITON_FORCE_KERNEL`` (e.g. ``"layer_norm:abs,matmul:entropy"``)
+    override the policy per (op, semiring)."""
     k = kernel(op, semiring, v[0])
     if k is None:
         return NotImplemented
+    if _overridden("SEMITRITON_FORCE_REFERENCE", op, semiring):
+        return NotImplemented
     pref = PREFER_REFERENCE.get((op, semiring))
-    if pref is not None and v[0].is_cuda and pref(v, *args):
+    if (pref is not None and v[0].is_cuda and pref(v, *args)
+            and not _overridden("SEMITRITON_FORCE_KERNEL", op, semiring)):
         return NotImplemented
     return k(v, *args)
 
@@ -62,7 +81,6 @@ def call(op: str, semiring: str, v, *args):
 def kernel_op(op: str):
     """Decorate a semiring method ``method(self, value, ...)``: try the Triton
     kernel for (op, self.name) first."""
-    import functools
 
     def deco(method):
         @functools.wraps(method)
@@ -77,7 +95,6 @@ def kernel_op(op: str):
 
 def rmatmul_via_matmul(method):
     """``rmatmul(w, v) = matmul(vᵀ, wᵀ)ᵀ``: let the matmul kernel serve it."""
-    import functools
 
     @functools.wraps(method)
     def wrapper(self, w, v):

@@ -453,3 +453,25 @@ def test_engine_backends_agree(name, device):
     for backend in ("torch", "triton"):
         res[backend] = semitriton.grad_values(out, [x], semiring=name, backend=backend)[0]
     check(res["triton"], res["torch"], name, 1e-4, 1e-3, f"engine/{name}")
+
+
+def test_environment_overrides_the_kernel_policy(monkeypatch):
+    """SEMITRITON_FORCE_REFERENCE / SEMITRITON_FORCE_KERNEL pick the torch
+    reference or the kernel per (op, semiring), for A/B measurements."""
+    from semitriton import dispatch
+    sr = BUILTIN["maxabs"]
+    g = torch.Generator().manual_seed(3)
+    v = gen_values("maxabs", (5, 8), "cpu", g)
+    w = torch.randn(8, 4, generator=g)
+    calls = []
+    k = registry.KERNELS[("matmul", "maxabs")]
+    monkeypatch.setitem(registry.KERNELS, ("matmul", "maxabs"), lambda *a: calls.append(1) or k(*a))
+    with semitriton.use_backend("triton"):
+        sr.matmul(v, w)
+        assert len(calls) == 1
+        monkeypatch.setenv("SEMITRITON_FORCE_REFERENCE", "softmax:abs, matmul:maxabs")
+        ref = sr.matmul(v, w)
+        assert len(calls) == 1
+    check(ref, reference(sr.matmul, v, w), "maxabs", 0.0, None, "forced reference")
+    assert dispatch._overridden("SEMITRITON_FORCE_REFERENCE", "softmax", "abs")
+    assert not dispatch._overridden("SEMITRITON_FORCE_KERNEL", "matmul", "maxabs")
