@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
+from .embedded import accumulate, materialize
 from .errors import GraphError, UnsupportedNodeError
 from .rules import RuleContext, rule_for
 from .semirings import Real, Semiring, Value, get
@@ -208,7 +209,7 @@ def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route
     bar = _progress(graph.n_nodes) if progress else None
     while queue:
         node = queue.popleft()
-        grads = pending.pop(node)
+        grads = [materialize(sr, g) for g in pending.pop(node)]
         if bar is not None:
             bar.update(1)
         if keep is not None:
@@ -226,7 +227,7 @@ def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route
         fn = rule_for(node)
         if fn is None:
             raise _unsupported(graph, node)
-        ctx = RuleContext(node, grads, needs, sr, dtype)
+        ctx = RuleContext(node, grads, needs, sr, dtype, lazy=True)
         prof = RuleProfile._active
         if prof is not None:
             dev = node._input_metadata[0].device if node._input_metadata else torch.device("cpu")
@@ -248,12 +249,12 @@ def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route
             if not need:
                 continue
             if route is not None and val is not None:
-                val = route(node, i, val)
+                val = route(node, i, materialize(sr, val))
             slots = pending.get(f)
             if slots is None:
                 slots = pending[f] = [None] * len(f._input_metadata)
             if val is not None:
-                slots[nr] = val if slots[nr] is None else sr.plus(slots[nr], val)
+                slots[nr] = accumulate(sr, slots[nr], val)
             indeg[f] -= 1
             if indeg[f] == 0:
                 queue.append(f)

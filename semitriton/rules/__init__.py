@@ -43,10 +43,12 @@ def _freed(node, exc: Exception) -> GraphFreedError:
 class RuleContext:
     """What a rule sees of one node."""
 
-    __slots__ = ("node", "grads", "needs", "sr", "dtype", "name")
+    __slots__ = ("node", "grads", "needs", "sr", "dtype", "name", "lazy")
 
     def __init__(self, node, grads: list[Optional[Value]], needs: list[bool], sr: Semiring,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, lazy: bool = False):
+        #: the walk accepts an EmbeddedValue from select/slice rules (semitriton.embedded)
+        self.lazy = lazy
         self.node = node
         self.grads = grads
         self.needs = needs

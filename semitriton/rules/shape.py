@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from ..embedded import EmbeddedValue, worth_embedding
 from ..errors import GraphError
 from ..semirings.base import scatter_plus
 from . import RuleContext, rule
@@ -70,12 +71,17 @@ def to_copy(ctx):
 
 
 def _embed(ctx, shape, index_fn):
-    """A zero value of ``shape`` with the output value written at ``index_fn(c)``."""
+    """A zero value of ``shape`` with the output value written at ``index_fn(c)``
+    (one allocation per component: a language-model head's [B, T, V] value is
+    the largest tensor of the pass). Inside the walk, a large one is returned
+    unbuilt (:class:`~semitriton.embedded.EmbeddedValue`)."""
     v = ctx.grad()
-    z = ctx.sr.zero(shape, ctx.dtype, v[0].device)
+    if ctx.lazy and worth_embedding(shape, v):
+        return EmbeddedValue.single(shape, index_fn, v)
+    z = ctx.sr.zero((1,) * len(shape), ctx.dtype, v[0].device)
     out = []
     for zc, vc in zip(z, v):
-        zc = zc.clone()
+        zc = zc.expand(shape).clone()
         index_fn(zc).copy_(vc)
         out.append(zc)
     return tuple(out)

@@ -50,6 +50,9 @@ class Entropy(Semiring):
     def times(self, a, b):
         return _clean(a[0] + b[0], a[1] + b[1])
 
+    def is_zero(self, v):
+        return v[0] == NEG_INF                 # μ is 0 wherever log z = -inf
+
     def edge(self, w):
         lw = log_abs(w)
         return _clean(lw, -lw)

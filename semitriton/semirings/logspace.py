@@ -22,6 +22,9 @@ class LogSpaceSemiring(Semiring):
     def times(self, a, b):
         return (a[0] + b[0],)
 
+    def is_zero(self, v):
+        return v[0] == NEG_INF
+
     def edge(self, w):
         return (log_abs(w),)
 

@@ -38,6 +38,9 @@ class Max(Semiring):
         n = torch.where(za | zb, POS_INF, c.amin(0))
         return (p, n)
 
+    def is_zero(self, v):
+        return v[0] == NEG_INF                 # no path: M+ = -inf (and M- = +inf)
+
     def edge(self, w):
         nz = w != 0
         return (torch.where(nz, w, NEG_INF), torch.where(nz, w, POS_INF))
