@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 
 #: embed lazily only into tensors of at least this many elements
 LAZY_MIN_NUMEL = 1 << 20
