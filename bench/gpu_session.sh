@@ -29,8 +29,8 @@ for s in ${STEPS//,/ }; do
   case $s in
     gpu_tests) step gpu_tests "${T_TESTS:-130}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                  ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu.py >> "$OUT/tests.log" 2>&1 ;;
-    models) step models "${T_MODELS:-230}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
-              --reps "${REPS:-5}" ${DTYPES:+--dtypes $DTYPES} --out "$OUT/models.json" --md "$OUT/models.md" \
+    models) step models "${T_MODELS:-460}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
+              --reps "${REPS:-3}" ${DTYPES:+--dtypes $DTYPES} --out "$OUT/models.json" --md "$OUT/models.md" \
               > "$OUT/models.log" 2>&1 ;;
     kernels) step kernels "${T_KERNELS:-170}" python3 bench/run_kernels.py $Q --quick --out "$OUT/kernels.json" \
                --md "$OUT/kernels.md" > "$OUT/kernels.log" 2>&1 ;;
@@ -42,10 +42,10 @@ for s in ${STEPS//,/ }; do
     # A/B of dispatch choices at model level (BERT-base fp32): the O(n log n) torch
     # layer norm vs the O(n²) kernel for abs, and the fused abs/entropy matmul
     # kernels vs exp + cuBLAS + log (the current fp32 policy)
-    ab) { SEMITRITON_FORCE_REFERENCE=layer_norm:abs timeout "${T_AB:-60}" python3 bench/bench_models.py \
+    ab) { SEMITRITON_FORCE_REFERENCE=layer_norm:abs timeout "${T_AB:-55}" python3 bench/bench_models.py \
             $Q --models bert-base --dtypes float32 --semirings abs --reps 3 --md /dev/null 2>&1 \
             | grep -E "^\| bert" | sed 's/patch()/LN abs: torch closed form/'
-          SEMITRITON_FORCE_KERNEL=matmul:abs,matmul:entropy timeout "${T_AB:-60}" python3 bench/bench_models.py \
+          SEMITRITON_FORCE_KERNEL=matmul:abs,matmul:entropy timeout "${T_AB:-55}" python3 bench/bench_models.py \
             $Q --models bert-base --dtypes float32 --semirings abs,entropy --reps 3 --md /dev/null 2>&1 \
             | grep -E "^\| bert" | sed 's/patch()/fp32 matmul: Triton kernel/'
         } > "$OUT/ab.md"; echo "step ab done" >> "$OUT/env.txt" ;;
