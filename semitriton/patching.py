@@ -391,7 +391,7 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
                 new = _swap(child, "linear", _semitriton_transposed=False)
             elif linear and _conv1d_class() is not None and cls is _conv1d_class():
                 new = _swap(child, "linear", _semitriton_transposed=True)
-            elif rope and isinstance(child, nn.Module) and _rope_module(cls) is not None:
+            elif rope and _rope_module(cls) is not None:
                 modname = _rope_module(cls)
                 _install_rope(modname)
                 rec.rope_modules.append(modname)
