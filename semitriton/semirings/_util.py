@@ -13,6 +13,7 @@ NEG_INF = float("-inf")
 POS_INF = float("inf")
 
 _CHUNK_ELEMS = 1 << 22
+_CPU_CHUNK_ELEMS = 1 << 19
 
 
 def log_abs(w: Tensor) -> Tensor:
@@ -22,7 +23,8 @@ def log_abs(w: Tensor) -> Tensor:
 
 def weight(w: Tensor, kind: str, dtype: torch.dtype) -> Tensor:
     """A per-weight transform in ``dtype``, cached across passes for parameters:
-    "abs" |w|, "log_abs" log|w|, "xlogx" |w| log|w|, "same" w."""
+    "abs" |w|, "log_abs" log|w|, "xlogx" |w| log|w|, "same" w; the ``_t``
+    kinds ("log_abs_t", "same_t") are transposed to a contiguous [K, J]."""
     from .. import weight_cache
     if kind == "same" and w.dtype == dtype:
         return w
@@ -33,7 +35,9 @@ def weight(w: Tensor, kind: str, dtype: torch.dtype) -> Tensor:
 @functools.lru_cache(maxsize=None)
 def _transform(kind: str, dtype: torch.dtype):
     fns = {"abs": lambda t: torch.abs(t.to(dtype)), "log_abs": lambda t: log_abs(t.to(dtype)),
-           "xlogx": lambda t: xlogx(torch.abs(t.to(dtype))), "same": lambda t: t.to(dtype)}
+           "xlogx": lambda t: xlogx(torch.abs(t.to(dtype))), "same": lambda t: t.to(dtype),
+           "log_abs_t": lambda t: log_abs(t.to(dtype)).transpose(-1, -2).contiguous(),
+           "same_t": lambda t: t.to(dtype).transpose(-1, -2).contiguous()}
     return f"ref:{kind}:{dtype}", fns[kind]
 
 
@@ -114,53 +118,67 @@ def log_rmatmul(w_abs: Tensor, l: Tensor) -> Tensor:
     return torch.log(z) + m
 
 
-def _k_chunks(I: int, J: int, K: int, lead) -> list[tuple[int, int]]:
+def _k_chunks(I: int, J: int, K: int, lead, budget: int = _CHUNK_ELEMS) -> list[tuple[int, int]]:
     per_k = max(1, math.prod(lead) * I * J)
-    step = max(1, _CHUNK_ELEMS // per_k)
+    step = max(1, budget // per_k)
     return [(k0, min(K, k0 + step)) for k0 in range(0, K, step)]
 
 
-def tropical_matmul(l: Tensor, lw: Tensor) -> Tensor:
+def _kj(w: Tensor, w_t) -> Tensor:
+    """``w`` [..., J, K] as a contiguous [..., K, J] tensor (``w_t`` when given)."""
+    if w_t is not None:
+        return w_t
+    t = w.transpose(-1, -2)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _budget(t: Tensor) -> int:
+    """Elements per chunk of a broadcast contraction: large on GPUs, cache-sized on CPUs."""
+    return _CHUNK_ELEMS if t.is_cuda else _CPU_CHUNK_ELEMS
+
+
+def tropical_matmul(l: Tensor, lw: Tensor, lw_t: Tensor | None = None) -> Tensor:
     """Max-plus product ``out[..., i, k] = max_j l[..., i, j] + lw[..., j, k]``
-    (reference: chunked broadcast)."""
+    (reference: chunked broadcast, reduced over the contiguous last dim;
+    ``lw_t``: ``lw`` already transposed to a contiguous [..., K, J])."""
     lead = torch.broadcast_shapes(l.shape[:-2], lw.shape[:-2])
     I, J = l.shape[-2:]
     K = lw.shape[-1]
-    l = l.expand(*lead, I, J).unsqueeze(-1)
-    lw = lw.expand(*lead, J, K)
-    if J == 0:
+    if J == 0 or I == 0 or K == 0:
         return l.new_full((*lead, I, K), NEG_INF)
-    outs = [torch.amax(l + lw[..., k0:k1].unsqueeze(-3), dim=-2)
-            for k0, k1 in _k_chunks(I, J, K, lead)]
-    if not outs:
-        return l.new_full((*lead, I, K), NEG_INF)
+    lt = _kj(lw, lw_t).expand(*lead, K, J)
+    l = l.expand(*lead, I, J).unsqueeze(-2)                       # [..., I, 1, J]
+    outs = [torch.amax(l + lt[..., k0:k1, :].unsqueeze(-3), dim=-1)
+            for k0, k1 in _k_chunks(I, J, K, lead, _budget(l))]
     return torch.cat(outs, -1)
 
 
-def signed_max_matmul(p: Tensor, n: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+def signed_max_matmul(p: Tensor, n: Tensor, w: Tensor, w_t: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Signed extreme products through a matrix of edges:
     ``P[i,k] = max_j (w_jk>0 ? w_jk p_ij : w_jk<0 ? w_jk n_ij : -inf)`` and
     ``N[i,k] = min_j (w_jk>0 ? w_jk n_ij : w_jk<0 ? w_jk p_ij : +inf)``.
 
     Since p ≥ n, the right candidate is max(w p, w n) (min for N) whenever the
     edge and the value exist; missing edges (w = 0) and zero values (p = -inf)
-    are excluded by an additive -inf penalty (reference: chunked broadcast)."""
+    are excluded by an additive -inf penalty (reference: chunked broadcast,
+    reduced over the contiguous last dim; ``w_t``: ``w`` as a contiguous
+    [..., K, J])."""
     lead = torch.broadcast_shapes(p.shape[:-2], w.shape[:-2])
     I, J = p.shape[-2:]
     K = w.shape[-1]
     if J == 0 or I == 0 or K == 0:
         return (p.new_full((*lead, I, K), NEG_INF), p.new_full((*lead, I, K), POS_INF))
     live = p != NEG_INF
-    pen_v = torch.where(live, 0.0, NEG_INF).to(p.dtype).expand(*lead, I, J).unsqueeze(-1)
-    pe = torch.where(live, p, 0.0).expand(*lead, I, J).unsqueeze(-1)
-    ne = torch.where(live, n, 0.0).expand(*lead, I, J).unsqueeze(-1)
-    w = w.expand(*lead, J, K)
-    pen_w = torch.where(w != 0, 0.0, NEG_INF).to(p.dtype)
+    pen_v = torch.where(live, 0.0, NEG_INF).to(p.dtype).expand(*lead, I, J).unsqueeze(-2)   # [..., I, 1, J]
+    pe = torch.where(live, p, 0.0).expand(*lead, I, J).unsqueeze(-2)
+    ne = torch.where(live, n, 0.0).expand(*lead, I, J).unsqueeze(-2)
+    wt = _kj(w, w_t).expand(*lead, K, J)
+    pen_w = torch.where(wt != 0, 0.0, NEG_INF).to(p.dtype)
     ps, ns = [], []
-    for k0, k1 in _k_chunks(I, J, K, lead):
-        wc = w[..., k0:k1].unsqueeze(-3)
-        pen = pen_v + pen_w[..., k0:k1].unsqueeze(-3)
+    for k0, k1 in _k_chunks(I, J, K, lead, _budget(p)):
+        wc = wt[..., k0:k1, :].unsqueeze(-3)                      # [..., 1, kc, J]
+        pen = pen_v + pen_w[..., k0:k1, :].unsqueeze(-3)
         a, b = wc * pe, wc * ne
-        ps.append(torch.amax(torch.maximum(a, b) + pen, dim=-2))
-        ns.append(torch.amin(torch.minimum(a, b) - pen, dim=-2))
+        ps.append(torch.amax(torch.maximum(a, b) + pen, dim=-1))
+        ns.append(torch.amin(torch.minimum(a, b) - pen, dim=-1))
     return torch.cat(ps, -1), torch.cat(ns, -1)

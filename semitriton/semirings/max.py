@@ -62,7 +62,7 @@ class Max(Semiring):
 
     @kernel_op("matmul")
     def matmul(self, v, w):
-        return signed_max_matmul(v[0], v[1], weight(w, "same", v[0].dtype))
+        return signed_max_matmul(v[0], v[1], w, w_t=weight(w, "same_t", v[0].dtype))
 
     @rmatmul_via_matmul
     def rmatmul(self, w, v):

@@ -25,7 +25,8 @@ class MaxAbs(LogSpaceSemiring):
 
     @kernel_op("matmul")
     def matmul(self, v, w):
-        return (tropical_matmul(v[0], weight(w, "log_abs", v[0].dtype)),)
+        dt = v[0].dtype
+        return (tropical_matmul(v[0], w, lw_t=weight(w, "log_abs_t", dt)),)
 
     @rmatmul_via_matmul
     def rmatmul(self, w, v):
