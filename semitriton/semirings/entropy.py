@@ -41,11 +41,11 @@ class Entropy(Semiring):
                 torch.zeros(shape, dtype=dtype, device=device))
 
     def plus(self, a, b):
+        # where l = -inf both weights are exp(-inf) = 0 and μ (0 there, finite
+        # everywhere: every rule's output is clean) gives μ = 0 without a mask
         l = torch.logaddexp(a[0], b[0])
-        shift = torch.where(l == NEG_INF, torch.zeros_like(l), l)
-        wa = torch.exp(a[0] - shift)
-        wb = torch.exp(b[0] - shift)
-        return _clean(l, wa * a[1] + wb * b[1])
+        shift = finite_or_zero(l)
+        return l, torch.exp(a[0] - shift) * a[1] + torch.exp(b[0] - shift) * b[1]
 
     def times(self, a, b):
         return _clean(a[0] + b[0], a[1] + b[1])
