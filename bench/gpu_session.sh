@@ -2,8 +2,8 @@
 # One device session: install, GPU tests, model-level and kernel benchmarks.
 # Everything lands in $OUT (8 files at most come back from the device tool):
 #   env.txt tests.log models.json models.md models.log kernels.json kernels.md ab.md
-# One call is limited to 600 s: run it twice, e.g. STEPS=models,ab then
-# STEPS=gpu_tests,kernel_tests,kernels (tests.log is appended to).
+# One call is limited to 600 s: run it twice, STEPS=models then
+# STEPS=ab,gpu_tests,kernel_tests,kernels (tests.log is appended to).
 # Each step has its own time limit (seconds, overridable), so a slow step
 # cannot starve the others. DRY=1: tiny shapes (a CPU rehearsal).
 set -u
@@ -29,7 +29,7 @@ for s in ${STEPS//,/ }; do
   case $s in
     gpu_tests) step gpu_tests "${T_TESTS:-130}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                  ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu.py >> "$OUT/tests.log" 2>&1 ;;
-    models) step models "${T_MODELS:-460}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
+    models) step models "${T_MODELS:-560}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
               --reps "${REPS:-3}" ${DTYPES:+--dtypes $DTYPES} --out "$OUT/models.json" --md "$OUT/models.md" \
               > "$OUT/models.log" 2>&1 ;;
     kernels) step kernels "${T_KERNELS:-170}" python3 bench/run_kernels.py $Q --quick --out "$OUT/kernels.json" \
@@ -39,15 +39,19 @@ for s in ${STEPS//,/ }; do
                  > "$OUT/kernels.log" 2>&1 ;;
     kernel_tests) step kernel_tests "${T_KTESTS:-120}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                     tests/test_kernels_dense.py tests/test_kernels_attention.py >> "$OUT/tests.log" 2>&1 ;;
-    # A/B of dispatch choices at model level (BERT-base fp32): the O(n log n) torch
-    # layer norm vs the O(n²) kernel for abs, and the fused abs/entropy matmul
-    # kernels vs exp + cuBLAS + log (the current fp32 policy)
+    # A/B of dispatch choices at model level (BERT-base fp32), against the models
+    # table: the O(n log n) torch layer norm vs the O(n²) kernel for abs; for the
+    # fp32 abs/entropy matmuls the fused Triton GEMM, and exp/log fused around
+    # cuBLAS, vs the torch exp + cuBLAS + log of the current policy
     ab) { SEMITRITON_FORCE_REFERENCE=layer_norm:abs timeout "${T_AB:-55}" python3 bench/bench_models.py \
             $Q --models bert-base --dtypes float32 --semirings abs --reps 3 --md /dev/null 2>&1 \
             | grep -E "^\| bert" | sed 's/patch()/LN abs: torch closed form/'
           SEMITRITON_FORCE_KERNEL=matmul:abs,matmul:entropy timeout "${T_AB:-55}" python3 bench/bench_models.py \
             $Q --models bert-base --dtypes float32 --semirings abs,entropy --reps 3 --md /dev/null 2>&1 \
             | grep -E "^\| bert" | sed 's/patch()/fp32 matmul: Triton kernel/'
+          SEMITRITON_FORCE_KERNEL=matmul_cublas:abs,matmul_cublas:entropy timeout "${T_AB:-55}" \
+            python3 bench/bench_models.py $Q --models bert-base --dtypes float32 --semirings abs,entropy --reps 3 \
+            --md /dev/null 2>&1 | grep -E "^\| bert" | sed 's/patch()/fp32 matmul: fused exp\/log + cuBLAS/'
         } > "$OUT/ab.md"; echo "step ab done" >> "$OUT/env.txt" ;;
   esac
 done

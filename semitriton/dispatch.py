@@ -11,7 +11,9 @@ value (or ``NotImplemented`` to decline a case, e.g. an unsupported dtype).
 Ops: ``matmul(v, w)``, ``softmax(v, y, dim)``, ``log_softmax(v, p, dim)``,
 ``layer_norm(v, xhat, rstd, weight)``, ``rms_norm(v, xhat, rstd, weight)``
 (the O(n) closed forms, one row per program; the dense O(n²) kernel is kept
-as ``rms_norm_dense``), ``attention(vo, q, k, v, bias, causal, scale, needs)``.
+as ``rms_norm_dense``), ``attention(vo, q, k, v, bias, causal, scale, needs)``,
+and ``matmul_cublas(v, w)`` (abs/entropy with fp32 weights: exp/log fused
+around cuBLAS; see ``REFERENCE_ALTERNATIVE``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def _fp32_gemm_prefers_cublas(v, w, *rest) -> bool:
 #: (op, semiring) -> predicate on the call's arguments; True = use the torch reference
 PREFER_REFERENCE = {("matmul", "abs"): _fp32_gemm_prefers_cublas,
                     ("matmul", "entropy"): _fp32_gemm_prefers_cublas}
+#: where the reference is preferred, an implementation of the same math with fewer
+#: launches (exp-shift and log fused around cuBLAS; kernels/logspace_gemm.py). Not
+#: yet measured on a GPU, so only used when SEMITRITON_FORCE_KERNEL names it
+#: (e.g. "matmul_cublas:abs,matmul_cublas:entropy").
+REFERENCE_ALTERNATIVE = {("matmul", "abs"): "matmul_cublas", ("matmul", "entropy"): "matmul_cublas"}
 
 
 @functools.lru_cache(maxsize=8)
@@ -74,6 +81,9 @@ def call(op: str, semiring: str, v, *args):
     pref = PREFER_REFERENCE.get((op, semiring))
     if (pref is not None and v[0].is_cuda and pref(v, *args)
             and not _overridden("SEMITRITON_FORCE_KERNEL", op, semiring)):
+        alt = REFERENCE_ALTERNATIVE.get((op, semiring))
+        if alt is not None and _overridden("SEMITRITON_FORCE_KERNEL", alt, semiring):
+            return kernel(alt, semiring, v[0])(v, *args)
         return NotImplemented
     return k(v, *args)
 

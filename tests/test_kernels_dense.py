@@ -475,3 +475,42 @@ def test_environment_overrides_the_kernel_policy(monkeypatch):
     check(ref, reference(sr.matmul, v, w), "maxabs", 0.0, None, "forced reference")
     assert dispatch._overridden("SEMITRITON_FORCE_REFERENCE", "softmax", "abs")
     assert not dispatch._overridden("SEMITRITON_FORCE_KERNEL", "matmul", "maxabs")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ("abs", "entropy"))
+def test_matmul_cublas_fused_elementwise(name, device):
+    """exp-shift + cuBLAS + log with the elementwise parts in two Triton
+    launches (op "matmul_cublas") against the torch reference: zero values, an
+    all-zero row, exact zeros in W, leading batch dims, a J larger than one
+    prologue block."""
+    sr = BUILTIN[name]
+    g = torch.Generator().manual_seed(21)
+    fn = kernel("matmul_cublas", name)
+    rtol = 2e-6 if device == "cpu" else 1e-5
+    for lead, J, K in (((7,), 20, 12), ((2, 3), 33, 5), ((1,), 1100, 9)):
+        v = gen_values(name, lead + (J,), device, g)
+        if J > 1024:                       # the row maximum sits in the second prologue block
+            v[0][..., -1, 1050] = 150.0    # (a shift that missed it would overflow exp in fp32)
+        w = _weights((J, K), torch.float32, device, g)
+        out = fn(v, w)
+        check(out, reference(sr.matmul, v, w), name, rtol, 10 * rtol, f"{name}/{lead}x{J}x{K}")
+    assert fn(v, w.to(torch.bfloat16)) is NotImplemented        # fp32 weights only
+
+
+def test_matmul_cublas_is_opt_in(monkeypatch):
+    """On CUDA with fp32 weights the policy picks the torch reference; the
+    fused-elementwise path runs only when SEMITRITON_FORCE_KERNEL names it."""
+    from semitriton import dispatch
+    calls = []
+    monkeypatch.setitem(registry.KERNELS, ("matmul_cublas", "abs"), lambda *a: calls.append(1) or "alt")
+
+    class FakeCuda:
+        is_cuda = True
+        dtype = torch.float32
+
+    v, w = (FakeCuda(),), torch.zeros(2, 2)
+    monkeypatch.setattr(dispatch, "kernel", lambda op, sr, t: registry.KERNELS.get((op, sr)))
+    assert dispatch.call("matmul", "abs", v, w) is NotImplemented and not calls
+    monkeypatch.setenv("SEMITRITON_FORCE_KERNEL", "matmul_cublas:abs")
+    assert dispatch.call("matmul", "abs", v, w) == "alt" and calls
