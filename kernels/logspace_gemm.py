@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import aot_entry, next_pow2
+from .matmul import _neg_xlogx_f32
 from .registry import register
 
 BLOCK_ROW = 1024
@@ -142,9 +143,7 @@ def abs_matmul_cublas(v, w):
 def _abs_stack(w):
     import torch
 
-    aw = torch.abs(w)
-    xl = torch.where(aw > 0, aw * torch.log(torch.where(aw > 0, aw, torch.ones_like(aw))), torch.zeros_like(aw))
-    return torch.cat([aw, -xl], 0)                                  # [2J, K]: |W| over −|W| log|W|
+    return torch.cat([torch.abs(w), _neg_xlogx_f32(w)], 0)        # [2J, K]: |W| over −|W| log|W|
 
 
 @register("matmul_cublas", "entropy")

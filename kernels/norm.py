@@ -170,29 +170,37 @@ def _configs(sr: int):
             dict(BI=32, BJ=64, num_warps=4, num_stages=3)]
 
 
-def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
+def row_inputs(v, xhat, rstd, weight, max_n=None):
+    """The per-row arguments of the norm kernels: value components, x̂ and γ as
+    contiguous [R, n] / [n] (float64 inputs cast to fp32), rstd as [R], and
+    empty outputs; None where the kernel declines (non-fp32 values, mismatched
+    shapes, n = 0 or above ``max_n``)."""
     import torch
 
     c0 = v[0]
     if c0.dtype != torch.float32 or c0.dim() == 0 or any(c.shape != c0.shape or c.dtype != c0.dtype
                                                           for c in v):
-        return NotImplemented
+        return None
     n = c0.shape[-1]
     if n == 0 or c0.numel() == 0 or xhat.shape != c0.shape or rstd.numel() * n != c0.numel():
-        return NotImplemented
-    if weight is not None and weight.numel() != n:
-        return NotImplemented
+        return None
+    if (max_n is not None and n > max_n) or (weight is not None and weight.numel() != n):
+        return None
     R = c0.numel() // n
+
+    def f32(t):
+        return (t.float() if t.dtype == torch.float64 else t).contiguous()
+
     comps = [c.reshape(R, n).contiguous() for c in v]
-    x = xhat.reshape(R, n)
-    x = (x.float() if x.dtype == torch.float64 else x).contiguous()
-    rs = rstd.reshape(R)
-    rs = (rs.float() if rs.dtype == torch.float64 else rs).contiguous()
-    g = None
-    if weight is not None:
-        g = weight.reshape(n)
-        g = (g.float() if g.dtype == torch.float64 else g).contiguous()
-    outs = [torch.empty_like(c) for c in comps]
+    g = None if weight is None else f32(weight.reshape(n))
+    return R, n, comps, f32(xhat.reshape(R, n)), f32(rstd.reshape(R)), g, [torch.empty_like(c) for c in comps]
+
+
+def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
+    rows = row_inputs(v, xhat, rstd, weight)
+    if rows is None:
+        return NotImplemented
+    R, n, comps, x, rs, g, outs = rows
     sr = _CODES[kind]
     a = comps[0]
     b = comps[1] if len(comps) > 1 else a
@@ -208,8 +216,7 @@ def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
 
     key = ("norm", sr, centered, g is not None, bucket(R), bucket(n), str(a.device))
     launch(choose(key, _configs(sr), launch))
-    shape = c0.shape
-    return tuple(o.reshape(shape) for o in outs)
+    return tuple(o.reshape(v[0].shape) for o in outs)
 
 
 def _make(kind: str, centered: bool):

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import aot_entry, next_pow2
+from .norm import row_inputs
 from .registry import register
 
 SR_ABS, SR_MAXABS, SR_MAX, SR_ENTROPY = 1, 2, 3, 4
@@ -134,28 +135,10 @@ def _warps(block: int) -> int:
 
 
 def _rms_norm(v, xhat, rstd, weight, kind: str):
-    import torch
-
-    c0 = v[0]
-    if c0.dtype != torch.float32 or c0.dim() == 0 or any(c.shape != c0.shape or c.dtype != c0.dtype
-                                                          for c in v):
+    rows = row_inputs(v, xhat, rstd, weight, max_n=MAX_BLOCK)
+    if rows is None:
         return NotImplemented
-    n = c0.shape[-1]
-    if n == 0 or n > MAX_BLOCK or xhat.shape != c0.shape or rstd.numel() * n != c0.numel():
-        return NotImplemented
-    if weight is not None and weight.numel() != n:
-        return NotImplemented
-    R = c0.numel() // n
-    comps = [c.reshape(R, n).contiguous() for c in v]
-    x = xhat.reshape(R, n)
-    x = (x.float() if x.dtype == torch.float64 else x).contiguous()
-    rs = rstd.reshape(R)
-    rs = (rs.float() if rs.dtype == torch.float64 else rs).contiguous()
-    g = None
-    if weight is not None:
-        g = weight.reshape(n)
-        g = (g.float() if g.dtype == torch.float64 else g).contiguous()
-    outs = [torch.empty_like(c) for c in comps]
+    R, n, comps, x, rs, g, outs = rows
     a = comps[0]
     b = comps[1] if len(comps) > 1 else a
     o0 = outs[0]
@@ -164,7 +147,7 @@ def _rms_norm(v, xhat, rstd, weight, kind: str):
     _rms_closed_kernel[(R,)](a, b, x, rs, g if g is not None else x, o0, o1, n,
                              a.stride(0), b.stride(0), x.stride(0), o0.stride(0),
                              SR=_CODES[kind], HAS_G=g is not None, BLOCK=block, num_warps=_warps(block))
-    return tuple(o.reshape(c0.shape) for o in outs)
+    return tuple(o.reshape(v[0].shape) for o in outs)
 
 
 def _make(kind: str):

@@ -391,8 +391,7 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
                 new = _swap(child, "linear", _semitriton_transposed=False)
             elif linear and _conv1d_class() is not None and cls is _conv1d_class():
                 new = _swap(child, "linear", _semitriton_transposed=True)
-            elif rope and _rope_module(cls) is not None:
-                modname = _rope_module(cls)
+            elif rope and (modname := _rope_module(cls)) is not None:
                 _install_rope(modname)
                 rec.rope_modules.append(modname)
                 new = _swap(child, "rope")

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import kernel_op
+from ._util import finite_amax
 
 Value = tuple  # tuple[Tensor, ...]: the components of a semiring value
 
@@ -321,7 +322,7 @@ def attention_probs(q: Tensor, k: Tensor, bias: Tensor | None, causal: bool, sca
         tq, tk = s.shape[-2:]
         keep = torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
-    m = torch.nan_to_num(s.amax(-1, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
+    m = finite_amax(s, -1)
     e = torch.exp(s - m)
     den = e.sum(-1, keepdim=True)
     return torch.where(den > 0, e / den.clamp_min(torch.finfo(e.dtype).tiny), torch.zeros_like(e))
