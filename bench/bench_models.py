@@ -192,6 +192,30 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
     return rows
 
 
+def warm(name, dtype, dev, quick, semirings, log):
+    """One untimed forward + semitriton.grad per semiring on the patched model
+    (compiles the Triton kernels these shapes need into Triton's disk cache)."""
+    import semitriton
+    model, (B, T) = build(name, quick)
+    model = semitriton.patch(model.to(dev, dtype).eval())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(5, min(1000, model.config.vocab_size), (B, T)).to(dev)
+    for s in semirings:
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                emb0 = model.get_input_embeddings()(ids)
+            emb = emb0.clone().requires_grad_()
+            logits = model(inputs_embeds=emb).logits
+            _grad(logits[:, -1, 7].float() - logits[:, -1, 3].float(), emb, s)
+            _sync(dev)
+            log(f"warm {name} {dtype} {s}: {time.perf_counter() - t0:.1f} s")
+        except Exception as exc:
+            log(f"warm {name} {dtype} {s}: ERROR {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+
+
 def markdown(rows, device_name, date) -> str:
     out = [f"Card: {device_name}; date {date}; times are medians of 5 after 2 warm-ups.", "",
            "| model | dtype | variant | semiring | native fwd+bwd ms | ours fwd+bwd ms | backward ratio (target) | "
@@ -221,14 +245,19 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warm-only", action="store_true",
+                    help="one untimed pass per semiring and exit (fills the Triton kernel cache; run several "
+                         "of these in parallel before the timed run so that compiling is not timed)")
     ap.add_argument("--linear-variant", action="store_true",
                     help="also time BERT-base fp32 with patch(linear=True) (one node per Linear)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
 
+    t_start = time.perf_counter()
+
     def log(m):
-        print(m, flush=True)
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {m}", flush=True)
 
     rows = []
 
@@ -237,6 +266,11 @@ def main(argv=None):
             rows.append(row)
         save_json(args.out, name, time.strftime("%Y-%m-%d"), rows)
 
+    if args.warm_only:
+        for mname in args.models.split(","):
+            for dt in args.dtypes.split(","):
+                warm(mname, getattr(torch, dt), dev, args.quick, args.semirings.split(","), log)
+        return 0
     plan = [(m, dt, False) for dt in args.dtypes.split(",") for m in args.models.split(",")]
     if args.linear_variant:
         plan.insert(1, (args.models.split(",")[0], args.dtypes.split(",")[0], True))

@@ -49,7 +49,10 @@ def main(argv=None):
     ap.add_argument("--only", default="dense,attention")
     ap.add_argument("--attention-shapes", default=None,
                     help="comma-separated attention shapes (bert-base, smollm2-135m, long-4096)")
-    ap.add_argument("--dtypes", default=None, help="restrict attention cases to these dtypes")
+    ap.add_argument("--dtypes", default=None, help="restrict the cases to these dtypes")
+    ap.add_argument("--kernels", default=None,
+                    help="restrict the cases to these kernels (matmul, softmax, log_softmax, layer_norm, rms_norm, "
+                         "attention)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
@@ -66,6 +69,8 @@ def main(argv=None):
             todo = mod.cases(args.quick)
         if args.dtypes:
             todo = [c for c in todo if c.get("dtype") in args.dtypes.split(",")]
+        if args.kernels:
+            todo = [c for c in todo if c.get("kernel") in args.kernels.split(",")]
         for case in todo:
             try:
                 r = mod.run(case)

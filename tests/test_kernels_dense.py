@@ -498,9 +498,11 @@ def test_matmul_cublas_fused_elementwise(name, device):
     assert fn(v, w.to(torch.bfloat16)) is NotImplemented        # fp32 weights only
 
 
-def test_matmul_cublas_is_opt_in(monkeypatch):
-    """On CUDA with fp32 weights the policy picks the torch reference; the
-    fused-elementwise path runs only when SEMITRITON_FORCE_KERNEL names it."""
+def test_fp32_abs_matmul_policy_picks_the_cublas_path(monkeypatch):
+    """On CUDA with fp32 weights the policy skips the Triton GEMM and runs the
+    exp/log-around-cuBLAS path (op "matmul_cublas"); SEMITRITON_FORCE_REFERENCE
+    naming it gives the torch reference, SEMITRITON_FORCE_KERNEL naming the
+    GEMM gives the Triton GEMM; bf16 weights keep the Triton GEMM."""
     from semitriton import dispatch
     calls = []
     monkeypatch.setitem(registry.KERNELS, ("matmul_cublas", "abs"), lambda *a: calls.append(1) or "alt")
@@ -510,7 +512,13 @@ def test_matmul_cublas_is_opt_in(monkeypatch):
         dtype = torch.float32
 
     v, w = (FakeCuda(),), torch.zeros(2, 2)
+    monkeypatch.setitem(registry.KERNELS, ("matmul", "abs"), lambda *a: "gemm")
     monkeypatch.setattr(dispatch, "kernel", lambda op, sr, t: registry.KERNELS.get((op, sr)))
-    assert dispatch.call("matmul", "abs", v, w) is NotImplemented and not calls
-    monkeypatch.setenv("SEMITRITON_FORCE_KERNEL", "matmul_cublas:abs")
-    assert dispatch.call("matmul", "abs", v, w) == "alt" and calls
+    assert dispatch.call("matmul", "abs", v, w) == "alt" and len(calls) == 1
+    monkeypatch.setenv("SEMITRITON_FORCE_REFERENCE", "matmul_cublas:abs")
+    assert dispatch.call("matmul", "abs", v, w) is NotImplemented and len(calls) == 1
+    monkeypatch.setenv("SEMITRITON_FORCE_KERNEL", "matmul:abs")
+    monkeypatch.delenv("SEMITRITON_FORCE_REFERENCE")
+    assert dispatch.call("matmul", "abs", v, w) == "gemm" and len(calls) == 1
+    monkeypatch.delenv("SEMITRITON_FORCE_KERNEL")
+    assert dispatch.call("matmul", "abs", v, w.to(torch.bfloat16)) == "gemm" and len(calls) == 1
