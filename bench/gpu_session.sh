@@ -9,6 +9,10 @@
 #   models   the model table (fp32 then bf16; BERT-base, SmolLM2 config);
 #   ab       dispatch alternatives on BERT-base fp32 (see below);
 #   kernels_new  the kernel rows of the kernels added since the last GPU run.
+# Other steps: gpu_tests, kernel_tests, kernels (the quick kernel table),
+# kernels_sel (KSEL kernels, fp32), attn_long. Knobs: WARM_DTYPES, WARM_TESTS,
+# WARM_AB (empty: no A/B warm-up), DTYPES, REPS, CHECK (semirings checked
+# against the torch reference in the models step), T_<STEP> limits.
 # Each step has its own time limit (seconds, overridable), so a slow step
 # cannot starve the others. DRY=1: tiny shapes (a CPU rehearsal).
 set -u
@@ -35,14 +39,15 @@ for s in ${STEPS//,/ }; do
   case $s in
     warm) t0=$(date +%s)
           export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-          timeout "${T_WARM:-150}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu tests/test_gpu.py \
-            tests/test_kernels_dense.py tests/test_kernels_attention.py >> "$OUT/tests.log" 2>&1 &
-          for m in bert-base smollm2-135m; do for dt in float32 bfloat16; do
+          timeout "${T_WARM:-150}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+            ${WARM_TESTS:-tests/test_gpu.py tests/test_kernels_dense.py tests/test_kernels_attention.py} \
+            >> "$OUT/tests.log" 2>&1 &
+          for m in bert-base smollm2-135m; do for dt in ${WARM_DTYPES:-float32 bfloat16}; do
             for g in real-walk,abs,maxabs entropy,max; do
               OMP_NUM_THREADS=2 timeout "${T_WARM:-150}" python3 $M $Q --warm-only --models $m --dtypes $dt \
                 --semirings $g >> "$OUT/warm.log" 2>&1 &
             done; done; done
-          for f in matmul:abs,matmul:entropy; do
+          for f in ${WARM_AB-matmul:abs,matmul:entropy}; do
             SEMITRITON_FORCE_KERNEL=$f OMP_NUM_THREADS=2 timeout "${T_WARM:-150}" python3 $M $Q --warm-only \
               --models bert-base --dtypes float32 --semirings abs,entropy >> "$OUT/warm.log" 2>&1 &
           done
@@ -51,12 +56,15 @@ for s in ${STEPS//,/ }; do
             export SEMITRITON_FORCE_REFERENCE=rms_norm:abs,rms_norm:entropy,rms_norm:maxabs,rms_norm:max
             echo "rms_norm kernel failed its GPU test: the models step uses the torch closed forms" >> "$OUT/env.txt"; }
           echo "step warm seconds=$(( $(date +%s) - t0 ))" >> "$OUT/env.txt" ;;
+    kernels_sel) step kernels_sel "${T_KSEL:-40}" python3 bench/run_kernels.py $Q --quick \
+                   --kernels "${KSEL:-layer_norm,softmax,attention}" --dtypes fp32,float32 \
+                   --attention-shapes "${KSHAPES:-bert-base,smollm2-135m}" --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
     kernels_new) step kernels_new "${T_KNEW:-40}" python3 bench/run_kernels.py $Q --only dense --kernels rms_norm \
                    --dtypes fp32 --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
     gpu_tests) step gpu_tests "${T_TESTS:-130}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                  ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu.py >> "$OUT/tests.log" 2>&1 ;;
     models) step models "${T_MODELS:-210}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
-              --reps "${REPS:-3}" ${DTYPES:+--dtypes $DTYPES} --out "$OUT/models.json" --md "$OUT/models.md" \
+              --reps "${REPS:-3}" ${DTYPES:+--dtypes $DTYPES} ${CHECK:+--check $CHECK} --out "$OUT/models.json" --md "$OUT/models.md" \
               > "$OUT/models.log" 2>&1 ;;
     kernels) step kernels "${T_KERNELS:-170}" python3 bench/run_kernels.py $Q --quick --out "$OUT/kernels.json" \
                --md "$OUT/kernels.md" > "$OUT/kernels.log" 2>&1 ;;

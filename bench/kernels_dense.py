@@ -1,5 +1,5 @@
 """Benchmarks of the dense semiring kernels (matmul, softmax/log-softmax,
-layer/RMS norm) on a CUDA GPU.
+layer/RMS norm, fused GELU/SiLU rules) on a CUDA GPU.
 
     from bench import kernels_dense as kd
     for case in kd.cases(quick=True):
@@ -19,7 +19,7 @@ flat dict with the keys
 - ``baseline_ms``: the same-shape native op in the same run: cuBLAS
   ``torch.matmul`` (fp32 operands with TF32 off, or bf16 operands when the
   weights are bf16); ``torch.softmax``/``log_softmax`` forward+backward;
-  ``F.layer_norm``/``F.rms_norm`` backward.
+  ``F.layer_norm``/``F.rms_norm`` backward; GELU/SiLU backward (activation).
 - ``reference_ms``: the torch reference rule of the semiring
   (``semitriton.use_backend("torch")``).
 - ``ratio_to_baseline`` = ms / baseline_ms and ``ratio_to_reference`` =
@@ -63,12 +63,15 @@ _ROWS = [
     ("log_softmax", "SmolLM2 LM head", (4096, 49152)),
     ("layer_norm", "BERT layer norm", (4096, 768)),
     ("rms_norm", "SmolLM2 RMS norm", (4096, 576)),
+    ("activation", "BERT FFN GELU", (4096, 3072)),
+    ("activation", "SmolLM2 MLP SiLU", (4096, 1536)),
 ]
 MM_SEMIRINGS = ("abs", "entropy", "maxabs", "max")
 ROW_SEMIRINGS = {"softmax": ("real", "abs", "entropy", "maxabs", "max"),
                  "log_softmax": ("real", "abs", "entropy", "maxabs", "max"),
                  "layer_norm": ("abs", "entropy", "maxabs", "max"),
-                 "rms_norm": ("abs", "entropy", "maxabs", "max")}
+                 "rms_norm": ("abs", "entropy", "maxabs", "max"),
+                 "activation": ("abs", "entropy", "maxabs", "max")}
 
 
 def cases(quick: bool = False) -> list:
@@ -82,7 +85,7 @@ def cases(quick: bool = False) -> list:
         for sr in ("abs", "entropy"):
             out.append(dict(kernel="matmul", semiring=sr, label="BERT FFN W1 (3072 -> 768)",
                             shape=(1, 4096, 3072, 768), dtype="bf16"))
-        for kernel, label, shape in (_ROWS[0], _ROWS[2], _ROWS[4]):
+        for kernel, label, shape in (_ROWS[0], _ROWS[2], _ROWS[4], _ROWS[6]):
             for sr in ROW_SEMIRINGS[kernel]:
                 out.append(dict(kernel=kernel, semiring=sr, label=label, shape=shape, dtype="fp32"))
         return out
@@ -165,6 +168,18 @@ def _row_inputs(case, sr, device, gen):
     dt = _torch_dtype(case["dtype"])
     kernel = case["kernel"]
     x = torch.randn(R, n, generator=gen, device=device)
+    if kernel == "activation":
+        kind = "gelu" if "GELU" in case["label"] else "silu"
+        xa = (x * 2).to(dt)
+        args = (xa, kind)
+        g = torch.randn(R, n, generator=gen, device=device)
+        xg = xa.clone().requires_grad_()
+        act = torch.nn.functional.gelu if kind == "gelu" else torch.nn.functional.silu
+        ya = act(xg)
+
+        def baseline():
+            torch.autograd.grad(ya, xg, g, retain_graph=True)
+        return args, baseline, R * n * xa.element_size()
     if kernel in ("softmax", "log_softmax"):
         y = torch.softmax(x, -1)
         args = (y.to(dt), -1)

@@ -8,4 +8,4 @@ environment with triton but without torch.
 """
 
 from . import registry  # noqa: F401
-from . import attention, logspace_gemm, matmul, norm, rms_norm, softmax  # noqa: F401,E402  (registration side effects)
+from . import attention, elementwise, logspace_gemm, matmul, norm, rms_norm, softmax  # noqa: F401,E402  (registration side effects)

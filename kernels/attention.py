@@ -40,7 +40,9 @@ Precision: S = q kᵀ is exact for bf16/fp16 inputs (native tensor-core dot,
 fp32 accumulation) and an fp32 dot for fp32 inputs; every other dot has fp32
 operands. fp32 dots use ``input_precision`` "tf32x3" in the dot-heavy kernels
 and "ieee" in the tropical ones on the GPU (see ``_config``; ``DOT_PRECISION``
-overrides); the interpreter computes them exactly.
+overrides); the interpreter computes them exactly. Logs taken per score use
+the SFU's lg2.approx (``_fastmath.py``: ~1e-7 relative in the number a log
+stands for); logs per row / per output stay accurate.
 
 Declined (``NotImplemented``, the torch reference runs): values not float32;
 q/k/v not float32/bfloat16/float16 or of different dtypes; fewer than 3 dims;
@@ -57,6 +59,7 @@ import os
 import triton
 import triton.language as tl
 
+from ._fastmath import fast_log, fast_log_normal
 from .registry import register
 
 _NEG = float("-inf")
@@ -360,7 +363,7 @@ def _attn_stats_sum_kernel(q_ptr, k_ptr, va_ptr, vx_ptr, ar_ptr, amr_ptr, mo_ptr
         va = tl.load(va_ptr + (bhk * Tk + offs_n[:, None]) * DV + offs_dv[None, :],
                      mask=nm[:, None] & dvmask[None, :], other=0.0)
         zp = tl.dot(a, tl.trans(va), input_precision=PREC)
-        lt = logp + tl.log(zp)
+        lt = logp + fast_log(zp)
         bm = tl.max(lt, 1)
         bj = tl.argmax(lt, 1)
         isj = tl.arange(0, BN)[None, :] == bj[:, None]
@@ -480,7 +483,7 @@ def _attn_bwd_sum_kernel(q_ptr, k_ptr, va_ptr, vx_ptr, ar_ptr, amr_ptr, ac_ptr, 
                 rr = tl.load(st_ptr + 4 * s_st + row, mask=mm, other=0.0)
                 jrow = tl.load(ji_ptr + row, mask=mm, other=-1)
                 live = tm > float("-inf")
-                t = tl.exp(logp + tl.log(zp) - tl.where(live, tm, 0.0)[:, None])
+                t = tl.exp(logp + fast_log(zp) - tl.where(live, tm, 0.0)[:, None])
                 isj = offs_n[None, :] == jrow[:, None]
                 tot = tl.where(live, 1.0 + rr, 0.0)
                 bb = tl.where(isj, rr[:, None], tl.maximum(tot[:, None] - t, 0.0))
@@ -496,7 +499,7 @@ def _attn_bwd_sum_kernel(q_ptr, k_ptr, va_ptr, vx_ptr, ar_ptr, amr_ptr, ac_ptr, 
                     sa = tl.where(live, ra + aj, 0.0)
                     aa = tl.where(isj, ra[:, None], sa[:, None] - t * (mup - logp0))
                     om = 1.0 - p
-                    ld = tl.where((p > 0) & (om > 0), logp0 + tl.log(tl.where(om > 0, om, 1.0)), 0.0)
+                    ld = tl.where((p > 0) & (om > 0), logp0 + fast_log_normal(tl.where(om > 0, om, 1.0)), 0.0)
                     y = p * (aa - logp0 * bb) + om * t * (mup - ld)
                 if NEED_Q:
                     qmask = mm[:, None] & dmask[None, :]
@@ -510,7 +513,7 @@ def _attn_bwd_sum_kernel(q_ptr, k_ptr, va_ptr, vx_ptr, ar_ptr, amr_ptr, ac_ptr, 
                     qa = tl.load(qa_ptr + row[:, None] * D + offs_d[None, :], mask=mm[:, None] & dmask[None, :],
                                  other=0.0)
                     xpos = x > 0
-                    lvs = tl.where(xpos, mi[:, None] + tl.log(tl.where(xpos, x, 1.0)), float("-inf"))
+                    lvs = tl.where(xpos, mi[:, None] + fast_log(tl.where(xpos, x, 1.0)), float("-inf"))
                     new = tl.maximum(shk, tl.max(lvs, 0))
                     ss = tl.where(new == float("-inf"), 0.0, new)
                     alpha = tl.exp(shk - ss)
@@ -660,7 +663,7 @@ def _attn_bwd_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, lvo_ptr, lq_ptr, lk
                 isj = offs_n[None, :] == jrow[:, None]
                 off = logp + tl.where(isj, t2[:, None], t1[:, None])
                 om = 1.0 - p
-                diag = logp + tl.log(tl.where(om > 0, om, 0.0)) + lvp
+                diag = logp + fast_log_normal(tl.where(om > 0, om, 0.0)) + lvp
                 tl.store(scr + BM * BN + tile, tl.maximum(off, diag))
             tl.debug_barrier()
             n_rows = tl.minimum(BM, Tq - m0)

@@ -10,7 +10,8 @@ t'_ij = (c + x̂_i x̂_j)/n − δ_ij we have w_ij = −rstd·γ_j·t'_ij, so
 
 - abs:     out_i = log( Σ_j |t'_ij|·e_j ) + log rstd + m,
            e_j = exp(l_j + log|γ_j| − m), m = finite max_j (l_j + log|γ_j|)
-- maxabs:  out_i = log( max_j |t'_ij|·e_j ) + log rstd + m (same e_j); rows whose
+- maxabs:  out_i = log( max_j |t'_ij|·e_j ) + log rstd + m (same e_j; the product
+           formed as x̂_i·(x̂_j e_j/n) + c e_j/n − δ_ij e_j, one FMA per pair); rows whose
            linear-space max is below 2^-100 (possible underflow) are redone in
            log space: max_j (log|t'_ij| + l_j + log|γ_j|) + log rstd (exact)
 - entropy: z_i = Σ_j |t'|e_j, s_i = Σ_j |t'|e_j (μ_j − log|γ_j| − log rstd) − Σ_j |t'|e_j log|t'|;
@@ -28,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import aot_entry, bucket, choose, interpreting
+from ._fastmath import fast_log, fast_log2_normal
 from .registry import register
 
 SR_ABS, SR_MAXABS, SR_MAX, SR_ENTROPY = 1, 2, 3, 4
@@ -36,11 +38,32 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _tprime(a_i, x_row, offs_i, offs_j, mj, i0, j0, inv_n, cn,
+def _col_tile(x_row, c0_row, c1_row, g_ptr, j0, jr, N, SR: tl.constexpr, HAS_G: tl.constexpr):
+    """The per-column inputs of the j tile at j0: x̂_j, value components
+    (l_j, μ_j for entropy; M+_j, M-_j for max) and γ_j (1 without γ);
+    padding columns read as a zero value (l = -inf / M+ = -inf)."""
+    offs_j = j0 + jr
+    mj = offs_j < N
+    xj = tl.load(x_row + offs_j, mask=mj, other=0.0).to(tl.float32)
+    c0 = tl.load(c0_row + offs_j, mask=mj, other=float("-inf"))
+    if SR == 3:
+        c1 = tl.load(c1_row + offs_j, mask=mj, other=float("inf"))
+    elif SR == 4:
+        c1 = tl.load(c1_row + offs_j, mask=mj, other=0.0)
+    else:
+        c1 = c0
+    if HAS_G:
+        g = tl.load(g_ptr + offs_j, mask=mj, other=1.0).to(tl.float32)
+    else:
+        g = tl.full(jr.shape, 1.0, tl.float32)
+    return xj, c0, c1, g
+
+
+@triton.jit
+def _tprime(a_i, xj, offs_i, offs_j, i0, j0, inv_n, cn,
             BI: tl.constexpr, BJ: tl.constexpr):
     """t'_ij = (c + x̂_i x̂_j)/n − δ_ij for a [BI, BJ] tile."""
-    bj = tl.load(x_row + offs_j, mask=mj, other=0.0).to(tl.float32) * inv_n
-    t = a_i[:, None] * bj[None, :] + cn
+    t = a_i[:, None] * (xj * inv_n)[None, :] + cn
     if (j0 < i0 + BI) & (j0 + BJ > i0):
         t = tl.where(offs_i[:, None] == offs_j[None, :], t - 1.0, t)
     return t
@@ -53,7 +76,10 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
                  BI: tl.constexpr, BJ: tl.constexpr):
     """One row, BI outputs: out_i = ⊕_j edge(w_ij) ⊗ v_j with
     w_ij = γ_j·rstd·(δ_ij − (c + x̂_i x̂_j)/n); see the module docstring for the
-    per-semiring forms (SR: 1 abs, 2 maxabs, 3 max, 4 entropy)."""
+    per-semiring forms (SR: 1 abs, 2 maxabs, 3 max, 4 entropy). The j loop
+    loads the next column tile before computing on the current one (the
+    loads' latency hides behind the O(BI·BJ) work), and per-pair / per-column
+    logs use the SFU (``fast_log2``)."""
     row = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BI
     offs_i = i0 + tl.arange(0, BI)
@@ -73,16 +99,12 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
     if SR == 3:
         acc_p = tl.full((BI, BJ), float("-inf"), dtype=tl.float32)
         acc_n = tl.full((BI, BJ), float("inf"), dtype=tl.float32)
+        xj, pj, nj, gj = _col_tile(x_row, c0_row, c1_row, g_ptr, 0, jr, N, SR, HAS_G)
         for j0 in range(0, N, BJ):
             offs_j = j0 + jr
-            mj = offs_j < N
-            t = _tprime(a_i, x_row, offs_i, offs_j, mj, i0, j0, inv_n, cn, BI, BJ)
-            pj = tl.load(c0_row + offs_j, mask=mj, other=float("-inf"))
-            nj = tl.load(c1_row + offs_j, mask=mj, other=float("inf"))
-            if HAS_G:
-                sg = rs * tl.load(g_ptr + offs_j, mask=mj, other=0.0).to(tl.float32)
-            else:
-                sg = tl.full((BJ,), 1.0, dtype=tl.float32) * rs
+            xn, pn, nn, gn = _col_tile(x_row, c0_row, c1_row, g_ptr, j0 + BJ, jr, N, SR, HAS_G)
+            t = _tprime(a_i, xj, offs_i, offs_j, i0, j0, inv_n, cn, BI, BJ)
+            sg = rs * gj
             ok = (pj != float("-inf")) & (sg != 0.0)
             q = tl.where(ok, -(sg * pj), float("nan"))
             r = tl.where(ok, -(sg * nj), float("nan"))
@@ -91,6 +113,7 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
             y = tz * r[None, :]
             acc_p = tl.maximum(acc_p, tl.maximum(x, y))
             acc_n = tl.minimum(acc_n, tl.minimum(x, y))
+            xj, pj, nj, gj = xn, pn, nn, gn
         tl.store(o0_ptr + row * s_o + offs_i, tl.max(acc_p, 1), mask=mi)
         tl.store(o1_ptr + row * s_o + offs_i, tl.min(acc_n, 1), mask=mi)
     else:
@@ -101,7 +124,7 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
             mj = offs_j < N
             lj = tl.load(c0_row + offs_j, mask=mj, other=float("-inf"))
             if HAS_G:
-                lj = lj + tl.log(tl.abs(tl.load(g_ptr + offs_j, mask=mj, other=1.0).to(tl.float32)))
+                lj = lj + fast_log(tl.abs(tl.load(g_ptr + offs_j, mask=mj, other=1.0).to(tl.float32)))
             mv = tl.maximum(mv, lj)
         m = tl.max(mv, 0)
         m = tl.where(tl.abs(m) < float("inf"), m, 0.0)
@@ -110,28 +133,33 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
         if SR == 4:
             acc_s1 = tl.zeros((BI, BJ), dtype=tl.float32)
             acc_s2 = tl.zeros((BI, BJ), dtype=tl.float32)
+        xj, lj, muj, gj = _col_tile(x_row, c0_row, c1_row, g_ptr, 0, jr, N, SR, HAS_G)
         for j0 in range(0, N, BJ):
             offs_j = j0 + jr
-            mj = offs_j < N
-            t = _tprime(a_i, x_row, offs_i, offs_j, mj, i0, j0, inv_n, cn, BI, BJ)
-            lj = tl.load(c0_row + offs_j, mask=mj, other=float("-inf"))
+            xn, ln, mun, gn = _col_tile(x_row, c0_row, c1_row, g_ptr, j0 + BJ, jr, N, SR, HAS_G)
             if HAS_G:
-                lg = tl.log(tl.abs(tl.load(g_ptr + offs_j, mask=mj, other=1.0).to(tl.float32)))
+                lg = fast_log(tl.abs(gj))
             else:
-                lg = tl.zeros((BJ,), dtype=tl.float32)
+                lg = gj * 0.0
             ej = tl.exp(lj + lg - m)
-            at = tl.abs(t)
-            u = at * ej[None, :]
+            if SR == 2:
+                # |t'_ij|·e_j = |x̂_i (x̂_j e_j / n) + c e_j / n − δ_ij e_j|: one FMA per pair
+                tt = a_i[:, None] * (xj * inv_n * ej)[None, :] + (cn * ej)[None, :]
+                if (j0 < i0 + BI) & (j0 + BJ > i0):
+                    tt = tl.where(offs_i[:, None] == offs_j[None, :], tt - ej[None, :], tt)
+                acc = tl.maximum(acc, tl.abs(tt))
+            else:
+                t = _tprime(a_i, xj, offs_i, offs_j, i0, j0, inv_n, cn, BI, BJ)
+                at = tl.abs(t)
+                u = at * ej[None, :]
             if SR == 1:
                 acc += u
-            elif SR == 2:
-                acc = tl.maximum(acc, u)
-            else:
-                muj = tl.load(c1_row + offs_j, mask=mj, other=0.0)
+            elif SR == 4:
                 cj = tl.where(ej > 0, muj - lg - lrs, 0.0)
                 acc += u
                 acc_s1 += u * cj[None, :]
-                acc_s2 += u * tl.log2(tl.maximum(at, 1e-30))
+                acc_s2 += u * fast_log2_normal(tl.maximum(at, 1e-30))
+            xj, lj, muj, gj = xn, ln, mun, gn
         if SR == 2:
             mx = tl.max(acc, 1)
             out = tl.log(mx) + lrs + m
@@ -140,11 +168,10 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
                 accl = tl.full((BI, BJ), float("-inf"), dtype=tl.float32)
                 for j0 in range(0, N, BJ):
                     offs_j = j0 + jr
-                    mj = offs_j < N
-                    t = _tprime(a_i, x_row, offs_i, offs_j, mj, i0, j0, inv_n, cn, BI, BJ)
-                    lj = tl.load(c0_row + offs_j, mask=mj, other=float("-inf"))
+                    xj, lj, muj, gj = _col_tile(x_row, c0_row, c1_row, g_ptr, j0, jr, N, SR, HAS_G)
+                    t = _tprime(a_i, xj, offs_i, offs_j, i0, j0, inv_n, cn, BI, BJ)
                     if HAS_G:
-                        lj = lj + tl.log(tl.abs(tl.load(g_ptr + offs_j, mask=mj, other=1.0).to(tl.float32)))
+                        lj = lj + tl.log(tl.abs(gj))
                     accl = tl.maximum(accl, tl.log(tl.abs(t)) + lj[None, :])
                 out = tl.where(need, tl.max(accl, 1) + lrs, out)
             tl.store(o0_ptr + row * s_o + offs_i, out, mask=mi)

@@ -20,7 +20,8 @@ weight δ_ij - p_i (off-diagonal |w| = p_i, diagonal 1 - p_i). Let f = y
            -y_j M-_j and y_j M+_j (softmax) or of M+_j and -M-_j (log-softmax).
 
 One program handles ``BR`` rows; rows up to ``BN`` long live in registers
-(``SINGLE``), longer rows are streamed in blocks (2 or 3 passes).
+(``SINGLE``), longer rows are streamed in blocks (2 or 3 passes). Per-element
+logs use the SFU's lg2.approx (``_fastmath.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import aot_entry, interpreting, next_pow2
+from ._fastmath import fast_log, fast_log_normal
 from .registry import register
 
 BIG = 2**30
@@ -131,7 +133,7 @@ def _softmax_real_kernel(g_ptr, y_ptr, o_ptr, R, N, s_g, s_y, s_o,
 @triton.jit
 def _sum_terms(l, mu, y, ENTROPY: tl.constexpr, LOGSM: tl.constexpr):
     """key k_j (the log of the summed term before the shift) and u_j."""
-    lf = tl.log(y)
+    lf = fast_log(y)
     if LOGSM:
         key = l
         uu = mu
@@ -145,12 +147,12 @@ def _sum_terms(l, mu, y, ENTROPY: tl.constexpr, LOGSM: tl.constexpr):
 def _sum_out(l, mu, y, t, u, cols, m, S, I1, RT, SU, RU, ENTROPY: tl.constexpr, LOGSM: tl.constexpr):
     is_max = cols[None, :] == I1[:, None]
     excl_t = tl.where(is_max, RT[:, None], tl.maximum(S[:, None] - t, 0.0))
-    lf = tl.log(y)
-    l_off = lf + tl.log(excl_t) + m[:, None]
+    lf = fast_log(y)
+    l_off = lf + fast_log(excl_t) + m[:, None]
     if LOGSM:
-        ld = tl.log(1.0 - y)
+        ld = fast_log_normal(1.0 - y)
     else:
-        ld = lf + tl.log(1.0 - y)
+        ld = lf + fast_log_normal(1.0 - y)
     l_diag = ld + l
     L = _logaddexp(l_off, l_diag)
     mu_o = L
@@ -219,7 +221,7 @@ def _softmax_sum_kernel(l_ptr, mu_ptr, y_ptr, ol_ptr, omu_ptr, R, N, s_l, s_mu, 
                 key = l
             else:
                 y = _load_rows(y_ptr, rows64, cols, s_y, mask, 0.0).to(tl.float32)
-                key = l + tl.log(y)
+                key = l + fast_log(y)
             mv = tl.maximum(mv, key)
         m = tl.max(mv, 1)
         m = tl.where(_isfinite(m), m, 0.0)
@@ -301,7 +303,7 @@ def _top2_keys(a, b, y, SIGNED: tl.constexpr, LOGSM: tl.constexpr):
         if LOGSM:
             ka = a
         else:
-            ka = tl.log(y) + a
+            ka = fast_log(y) + a
         kb = ka
     return ka, kb
 
@@ -334,11 +336,11 @@ def _top2_out(a, b, y, cols, V1a, I1a, V2a, V1b, I1b, V2b, SIGNED: tl.constexpr,
             op = tl.where(live, tl.maximum(off_p, dp), float("-inf"))
             on = tl.where(live, tl.minimum(off_n, dn), float("inf"))
     else:
-        lf = tl.log(y)
+        lf = fast_log(y)
         if LOGSM:
-            ld = tl.log(1.0 - y)
+            ld = fast_log_normal(1.0 - y)
         else:
-            ld = lf + tl.log(1.0 - y)
+            ld = lf + fast_log_normal(1.0 - y)
         op = tl.maximum(lf + ea, ld + a)
         on = op
     return op, on

@@ -27,7 +27,7 @@ os.environ["TRITON_INTERPRET"] = "0"          # real JITFunctions, not the inter
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ("matmul", "softmax", "norm", "rms_norm", "logspace_gemm", "attention")
+MODULES = ("matmul", "softmax", "norm", "rms_norm", "logspace_gemm", "attention", "elementwise")
 
 
 def load_kernels():

@@ -134,17 +134,19 @@ def dropout(ctx):
 
 
 # ---- unary functions: edge weight f'(x) --------------------------------------------------
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+def _activation(name, kind_of):
+    """GELU / SiLU: the semiring's fused ``activation`` op (derivative and ⊗ in one pass)."""
+    @rule(name)
+    def _r(ctx):
+        out = [None] * ctx.n_inputs
+        if ctx.needs[0]:
+            x = ctx.saved("self", cast=False)
+            v = ctx.sr.activation(ctx.grad(0), x, kind_of(ctx))
+            out[0] = ctx.sr.sum_to_shape(v, ctx.input_shape(0))
+        return out
 
-
-def _gelu_grad(x, approximate: str):
-    if approximate == "tanh":
-        inner = _SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
-        t = torch.tanh(inner)
-        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2.0)))
-    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-    return cdf + x * pdf
+    _r.__name__ = name
+    return _r
 
 
 def _unary(name, fn):
@@ -162,8 +164,8 @@ def _sig(x):
     return torch.sigmoid(x)
 
 
-_unary("GeluBackward0", lambda c: _gelu_grad(c.saved("self"), c.saved("approximate")))
-_unary("SiluBackward0", lambda c: (lambda x: _sig(x) * (1 + x * (1 - _sig(x))))(c.saved("self")))
+_activation("GeluBackward0", lambda c: "gelu_tanh" if c.saved("approximate") == "tanh" else "gelu")
+_activation("SiluBackward0", lambda c: "silu")
 _unary("ReluBackward0", lambda c: (c.saved("result") > 0).to(c.dtype))
 _unary("TanhBackward0", lambda c: 1 - c.saved("result") ** 2)
 _unary("SigmoidBackward0", lambda c: (lambda y: y * (1 - y))(c.saved("result")))

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import kernel_op
-from ._util import finite_amax
+from ._util import activation_derivative, finite_amax
 
 Value = tuple  # tuple[Tensor, ...]: the components of a semiring value
 
@@ -144,6 +144,12 @@ class Semiring:
         shape = torch.broadcast_shapes(v[0].shape, w.shape)
         v = self.map(v, lambda c: c.expand(shape))
         return self.times(v, self.edge(w.to(v[0].dtype).expand(shape)))
+
+    @kernel_op("activation")
+    def activation(self, v: Value, x: Tensor, kind: str) -> Value:
+        """``v ⊗ edge(f'(x))`` elementwise for y = f(x), f = ``gelu``, ``gelu_tanh``
+        or ``silu`` (one fused pass on the GPU; here: the derivative, then ``scale``)."""
+        return self.scale(v, activation_derivative(x.to(v[0].dtype), kind))
 
     def scale_to(self, v: Value, w, shape) -> Value:
         """Pull ``v`` back through an elementwise edge to an input of ``shape``

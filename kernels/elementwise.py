@@ -1,0 +1,154 @@
+"""Fused activation rules (op ``"activation"``, ``fn(v, x, kind)``): the edge
+x_i -> y_i of y = f(x) has weight w_i = f'(x_i); one pass reads x and the
+value, forms w in registers and writes v ⊗ edge(w) (the torch reference
+computes w with ~8 ops and applies ⊗ with 3 to 8 more, each a pass over
+memory). ``kind``:
+
+- ``gelu``:      w = Φ(x) + x φ(x) = ½ erfc(-x/√2) + x e^{-x²/2}/√(2π)
+- ``gelu_tanh``: w = ½(1 + t) + ½ x (1 - t²) √(2/π) (1 + 3·0.044715 x²),
+                 t = tanh(√(2/π)(x + 0.044715 x³))
+- ``silu``:      w = σ(x) (1 + x σ(-x))
+
+(written so that they keep their relative accuracy where f' is tiny; see
+``semitriton.semirings._util.activation_derivative``)
+
+and ⊗ edge(w) per semiring: real g·w; abs, maxabs l + log|w| (log 0 = -inf:
+no edge); entropy (l + log|w|, μ - log|w|), μ = 0 where l = -inf; max
+(w·M+, w·M-) for w > 0, (w·M-, w·M+) for w < 0, the zero (-inf, +inf) for
+w = 0. Values fp32, contiguous (x any float dtype, cast to fp32 here).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import aot_entry, interpreting
+from .registry import register
+
+KINDS = {"gelu": 1, "gelu_tanh": 2, "silu": 3}
+SR_REAL, SR_LOG, SR_ENTROPY, SR_MAX = 0, 1, 2, 3
+_CODES = {"real": SR_REAL, "abs": SR_LOG, "maxabs": SR_LOG, "entropy": SR_ENTROPY, "max": SR_MAX}
+#: below this many elements a CUDA call stays with the torch reference (a Triton
+#: launch costs more host time than the few small torch ops it would replace)
+MIN_NUMEL_CUDA = 1 << 16
+
+
+@triton.jit
+def _half_erfc(z):
+    """½ erfc(z) for z ≥ 0 (relative error < 1.2e-7: the Chebyshev fit of
+    Numerical Recipes, erfc(z) = t exp(-z² + P(t)), t = 1/(1 + z/2))."""
+    t = 1.0 / (1.0 + 0.5 * z)
+    p = -0.82215223 + t * 0.17087277
+    p = 1.48851587 + t * p
+    p = -1.13520398 + t * p
+    p = 0.27886807 + t * p
+    p = -0.18628806 + t * p
+    p = 0.09678418 + t * p
+    p = 0.37409196 + t * p
+    p = 1.00002368 + t * p
+    p = -1.26551223 + t * p
+    return 0.5 * t * tl.exp(p - z * z)
+
+
+@triton.jit
+def _derivative(x, KIND: tl.constexpr):
+    """f'(x) in fp32 for the activation KIND (1 gelu, 2 gelu_tanh, 3 silu), in
+    the tail-accurate forms of ``semitriton.semirings._util.activation_derivative``."""
+    if KIND == 1:
+        h = _half_erfc(tl.abs(x) * 0.7071067811865476)
+        cdf = tl.where(x < 0, h, 1.0 - h)
+        w = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+    elif KIND == 2:
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        e = tl.exp(-2.0 * tl.abs(u))
+        r = 1.0 / (1.0 + e)
+        w = tl.where(u >= 0, r, e * r) + 2.0 * x * e * r * r * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    else:
+        e = tl.exp(-tl.abs(x))
+        r = 1.0 / (1.0 + e)
+        s = tl.where(x >= 0, r, e * r)               # σ(x)
+        sm = tl.where(x >= 0, e * r, r)              # σ(-x)
+        w = s * (1.0 + x * sm)
+    return w
+
+
+@triton.jit
+def _activation_kernel(x_ptr, c0_ptr, c1_ptr, o0_ptr, o1_ptr, N,
+                       SR: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """out = v ⊗ edge(f'(x)) elementwise over N entries (see the module docstring)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    w = _derivative(x, KIND)
+    c0 = tl.load(c0_ptr + offs, mask=m, other=0.0)
+    if SR == 0:
+        tl.store(o0_ptr + offs, c0 * w, mask=m)
+    elif SR == 1:
+        tl.store(o0_ptr + offs, c0 + tl.log(tl.abs(w)), mask=m)
+    elif SR == 2:
+        lw = tl.log(tl.abs(w))
+        l = c0 + lw
+        mu = tl.load(c1_ptr + offs, mask=m, other=0.0) - lw
+        tl.store(o0_ptr + offs, l, mask=m)
+        tl.store(o1_ptr + offs, tl.where(l == float("-inf"), 0.0, mu), mask=m)
+    else:
+        c1 = tl.load(c1_ptr + offs, mask=m, other=0.0)
+        pos = w > 0
+        neg = w < 0
+        p = tl.where(pos, w * c0, tl.where(neg, w * c1, float("-inf")))
+        n = tl.where(pos, w * c1, tl.where(neg, w * c0, float("inf")))
+        tl.store(o0_ptr + offs, p, mask=m)
+        tl.store(o1_ptr + offs, n, mask=m)
+
+
+def _block() -> int:
+    return 128 if interpreting() else 1024
+
+
+def _activation(v, x, kind: str, semiring: str):
+    import torch
+
+    c0 = v[0]
+    if (kind not in KINDS or not isinstance(x, torch.Tensor) or c0.dtype != torch.float32
+            or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.device != c0.device
+            or any(c.shape != c0.shape or c.dtype != c0.dtype for c in v) or x.shape != c0.shape):
+        return NotImplemented
+    n = c0.numel()
+    if n == 0 or (c0.is_cuda and n < MIN_NUMEL_CUDA):
+        return NotImplemented
+    comps = [c.contiguous() for c in v]
+    xc = x.contiguous()
+    outs = [torch.empty_like(c) for c in comps]
+    c1 = comps[1] if len(comps) > 1 else comps[0]
+    o1 = outs[1] if len(outs) > 1 else outs[0]
+    block = _block()
+    _activation_kernel[(triton.cdiv(n, block),)](xc, comps[0], c1, outs[0], o1, n, SR=_CODES[semiring],
+                                                 KIND=KINDS[kind], BLOCK=block, num_warps=4)
+    return tuple(outs)
+
+
+def _make(semiring: str):
+    def fn(v, x, kind):
+        return _activation(v, x, kind, semiring)
+
+    fn.__name__ = f"{semiring}_activation"
+    fn.__doc__ = f"{semiring}: v ⊗ edge(f'(x)) for f = gelu / gelu_tanh / silu, one pass."
+    return fn
+
+
+for _sr in _CODES:
+    register("activation", _sr)(_make(_sr))
+
+
+def aot_specs():
+    """(kernel, signature, constexprs, options): every semiring code × kind with
+    fp32 x, plus bf16 x."""
+    specs = []
+    for sr in sorted(set(_CODES.values())):
+        for kind in KINDS.values():
+            for dt in ("fp32", "bf16") if kind == 1 else ("fp32",):
+                types = {"x_ptr": "*" + dt, "c0_ptr": "*fp32", "c1_ptr": "*fp32", "o0_ptr": "*fp32",
+                         "o1_ptr": "*fp32"}
+                specs.append(aot_entry(_activation_kernel, types, dict(SR=sr, KIND=kind, BLOCK=1024), 4, 1))
+    return specs
