@@ -2,19 +2,23 @@
 # One device session: install, GPU tests, model-level and kernel benchmarks.
 # Everything lands in $OUT (8 files at most come back from the device tool):
 #   env.txt tests.log warm.log models.json models.md models.log ab.md kernels.md
-# The default STEPS fit one call (≈ 8 minutes):
-#   warm     the GPU tests, and one untimed pass per model/dtype/semiring in
-#            parallel processes, so that Triton compiles (CPU-bound) on all
-#            cores at once and no timed run pays for compiling;
+# The default STEPS fit one call (≈ 9 minutes):
+#   kernel_tests, gpu_tests  the compiled-kernel and engine tests (pytest -m gpu,
+#            xdist), first and alone: sharing the CPU with compiling processes
+#            left them unfinished in the 2026-11-26 runs;
+#   warm     one untimed pass per model/dtype/semiring in parallel processes,
+#            so that Triton compiles (CPU-bound) on all cores at once;
 #   models   the model table (fp32 then bf16; BERT-base, SmolLM2 config);
-#   ab       dispatch alternatives on BERT-base fp32 (see below);
-#   kernels_new  the kernel rows of the kernels added since the last GPU run.
-# Other steps: gpu_tests, kernel_tests, kernels (the quick kernel table),
-# kernels_sel (KSEL kernels, fp32), attn_long. Knobs: WARM_DTYPES, WARM_TESTS,
-# WARM_AB (empty: no A/B warm-up), DTYPES, REPS, CHECK (semirings checked
-# against the torch reference in the models step), T_<STEP> limits.
-# Each step has its own time limit (seconds, overridable), so a slow step
-# cannot starve the others. DRY=1: tiny shapes (a CPU rehearsal).
+#   kernels_sel  kernel rows for KSEL (default: layer norm, GELU/SiLU rules,
+#            attention; fp32, BERT shapes).
+# Other steps: ab (dispatch alternatives on BERT-base fp32, see below),
+# kernels (the quick kernel table), kernels_new (RMS-norm rows), attn_long.
+# Knobs: WARM_DTYPES, WARM_TESTS (tests to run beside the warm-up), WARM_AB
+# (A/B variants to warm up; empty: none), DTYPES, REPS, CHECK (semirings
+# checked against the torch reference in the models step), XDIST_N,
+# T_<STEP> limits (seconds).
+# Each step has its own time limit, so a slow step cannot starve the others.
+# DRY=1: tiny shapes (a CPU rehearsal).
 set -u
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-bench/out}
@@ -32,23 +36,22 @@ step() {  # name limit command...
   timeout "$limit" "$@"
   echo "step $name rc=$? seconds=$(( $(date +%s) - t0 ))" >> "$OUT/env.txt"
 }
-XDIST=""; python3 -c "import xdist" 2>/dev/null && XDIST="-n ${XDIST_N:-6}"
-STEPS=${STEPS:-warm,models,ab,kernels_new}
+XDIST=""; python3 -c "import xdist" 2>/dev/null && XDIST="-n ${XDIST_N:-8}"
+STEPS=${STEPS:-kernel_tests,gpu_tests,warm,models,kernels_sel}
 M=bench/bench_models.py
 for s in ${STEPS//,/ }; do
   case $s in
     warm) t0=$(date +%s)
           export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-          timeout "${T_WARM:-150}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
-            ${WARM_TESTS:-tests/test_gpu.py tests/test_kernels_dense.py tests/test_kernels_attention.py} \
-            >> "$OUT/tests.log" 2>&1 &
+          [ -n "${WARM_TESTS:-}" ] && timeout "${T_WARM:-60}" python3 -m pytest -q -p no:cacheprovider $XDIST \
+            -m gpu $WARM_TESTS >> "$OUT/tests.log" 2>&1 &
           for m in bert-base smollm2-135m; do for dt in ${WARM_DTYPES:-float32 bfloat16}; do
             for g in real-walk,abs,maxabs entropy,max; do
-              OMP_NUM_THREADS=2 timeout "${T_WARM:-150}" python3 $M $Q --warm-only --models $m --dtypes $dt \
+              OMP_NUM_THREADS=2 timeout "${T_WARM:-60}" python3 $M $Q --warm-only --models $m --dtypes $dt \
                 --semirings $g >> "$OUT/warm.log" 2>&1 &
             done; done; done
-          for f in ${WARM_AB-matmul:abs,matmul:entropy}; do
-            SEMITRITON_FORCE_KERNEL=$f OMP_NUM_THREADS=2 timeout "${T_WARM:-150}" python3 $M $Q --warm-only \
+          for f in ${WARM_AB:-}; do
+            SEMITRITON_FORCE_KERNEL=$f OMP_NUM_THREADS=2 timeout "${T_WARM:-60}" python3 $M $Q --warm-only \
               --models bert-base --dtypes float32 --semirings abs,entropy >> "$OUT/warm.log" 2>&1 &
           done
           wait
@@ -57,13 +60,13 @@ for s in ${STEPS//,/ }; do
             echo "rms_norm kernel failed its GPU test: the models step uses the torch closed forms" >> "$OUT/env.txt"; }
           echo "step warm seconds=$(( $(date +%s) - t0 ))" >> "$OUT/env.txt" ;;
     kernels_sel) step kernels_sel "${T_KSEL:-40}" python3 bench/run_kernels.py $Q --quick \
-                   --kernels "${KSEL:-layer_norm,softmax,attention}" --dtypes fp32,float32 \
-                   --attention-shapes "${KSHAPES:-bert-base,smollm2-135m}" --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
+                   --kernels "${KSEL:-layer_norm,activation,attention}" --dtypes fp32,float32 \
+                   --attention-shapes "${KSHAPES:-bert-base}" --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
     kernels_new) step kernels_new "${T_KNEW:-40}" python3 bench/run_kernels.py $Q --only dense --kernels rms_norm \
                    --dtypes fp32 --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
-    gpu_tests) step gpu_tests "${T_TESTS:-130}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+    gpu_tests) step gpu_tests "${T_TESTS:-100}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                  ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu.py >> "$OUT/tests.log" 2>&1 ;;
-    models) step models "${T_MODELS:-210}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
+    models) step models "${T_MODELS:-215}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
               --reps "${REPS:-3}" ${DTYPES:+--dtypes $DTYPES} ${CHECK:+--check $CHECK} --out "$OUT/models.json" --md "$OUT/models.md" \
               > "$OUT/models.log" 2>&1 ;;
     kernels) step kernels "${T_KERNELS:-170}" python3 bench/run_kernels.py $Q --quick --out "$OUT/kernels.json" \
