@@ -218,8 +218,8 @@ def warm(name, dtype, dev, quick, semirings, log):
             traceback.print_exc()
 
 
-def markdown(rows, device_name, date) -> str:
-    out = [f"Card: {device_name}; date {date}; times are medians of 5 after 2 warm-ups.", "",
+def markdown(rows, device_name, date, reps: int = 5) -> str:
+    out = [f"Card: {device_name}; date {date}; times are medians of {reps} after 2 warm-ups.", "",
            "| model | dtype | variant | semiring | native fwd+bwd ms | ours fwd+bwd ms | backward ratio (target) | "
            "peak MiB (ratio) | walk: Python overhead / wall ms | Triton vs torch rel. err. |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -287,7 +287,7 @@ def main(argv=None):
         except Exception as exc:
             log(f"{mname} {dt}: ERROR {type(exc).__name__}: {exc}")
             traceback.print_exc()
-    return finish(markdown(rows, name, time.strftime("%Y-%m-%d")), args.md)
+    return finish(markdown(rows, name, time.strftime("%Y-%m-%d"), args.reps), args.md)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
     per-semiring forms (SR: 1 abs, 2 maxabs, 3 max, 4 entropy). The j loop
     loads the next column tile before computing on the current one (the
     loads' latency hides behind the O(BI·BJ) work), and per-pair / per-column
-    logs use the SFU (``fast_log2``)."""
+    logs use the SFU (``_fastmath.py``)."""
     row = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BI
     offs_i = i0 + tl.arange(0, BI)

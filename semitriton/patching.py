@@ -65,6 +65,9 @@ _ACTIVATIONS = [
     ("transformers.activations", "QuickGELUActivation"),
     ("transformers.activations", "GELUTanh"),
 ]
+#: the ones that compute a function with a fused rule (``Semiring.activation``):
+#: 0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³))), FastGELU's constant 0.7978845608 included
+_ACTIVATION_KINDS = {"NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh"}
 
 
 def _load(path: str, name: str):
@@ -138,7 +141,8 @@ def _patched_linear_forward(self, x):
 
 def _patched_activation_forward(self, x):
     cls = self._semitriton_original_class
-    return CanonicalElementwise.apply(x, functools.partial(cls.forward, self))
+    return CanonicalElementwise.apply(x, functools.partial(cls.forward, self),
+                                      _ACTIVATION_KINDS.get(cls.__name__))
 
 
 @functools.lru_cache(maxsize=None)

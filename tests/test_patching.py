@@ -196,6 +196,30 @@ def test_patched_statistics_follow_canonical_definitions(semiring, norm):
     assert_semiring_close(got, expected, semiring, tol, "patched rmsnorm+gelu")
 
 
+@pytest.mark.parametrize("cls_name, kind", [("NewGELUActivation", "gelu_tanh"), ("FastGELUActivation", "gelu_tanh"),
+                                             ("QuickGELUActivation", None)])
+def test_known_composed_activations_use_the_fused_rule(cls_name, kind):
+    """Patched tanh-GELU modules record their kind, so their rule is the fused
+    ``activation`` op; the statistics equal those from autograd's derivative of
+    the module's own formula (the generic path, which QuickGELU keeps)."""
+    import transformers.activations as acts
+    torch.manual_seed(1)
+    mod = nn.Sequential(getattr(acts, cls_name)()).double()
+    semitriton.patch(mod)
+    # |x| <= 4: beyond, the generic path's naive float64 1 + tanh loses digits (and
+    # reads as 0 from x ≈ -9 on) where the fused rule's stable form does not
+    x = (torch.randn(3, 40, dtype=torch.float64) * 1.5).clamp(-4, 4).requires_grad_()
+    y = mod(x)
+    assert type(y.grad_fn).__name__ == "CanonicalElementwiseBackward" and y.grad_fn.kind == kind
+    out = (y * torch.linspace(-1, 1, 40, dtype=torch.float64)).sum()
+    y.grad_fn.kind = None                   # the generic path: f'(x) by autograd of the formula
+    generic = {s: semitriton.grad(out, x, semiring=s)[0] for s in SEMIRINGS}
+    y.grad_fn.kind = kind
+    for s in SEMIRINGS:
+        (got,) = semitriton.grad(out, x, semiring=s)
+        assert_semiring_close(got, generic[s].numpy(), s, 1e-9, f"{cls_name}/{s}")
+
+
 def test_nn_rmsnorm_and_custom_modules():
     class Custom(nn.Module):          # unknown custom module: aten rules apply
         def forward(self, x):
