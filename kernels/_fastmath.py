@@ -34,15 +34,7 @@ if interpreting() or os.environ.get("SEMITRITON_ACCURATE_LOG", "0") not in ("", 
         """ln(x) (interpreter: the accurate tl.log)."""
         return tl.log(x)
 
-    @triton.jit
-    def fast_log2_normal(x):
-        """log2(x) for x = 0 or x >= 2^-126 (interpreter: tl.log2)."""
-        return tl.log2(x)
-
-    @triton.jit
-    def fast_log_normal(x):
-        """ln(x) for x = 0 or x >= 2^-126 (interpreter: tl.log)."""
-        return tl.log(x)
+    fast_log2_normal, fast_log_normal = fast_log2, fast_log
 else:
     @triton.jit
     def fast_log2(x):
