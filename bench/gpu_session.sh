@@ -15,7 +15,8 @@
 # kernels (the quick kernel table), kernels_new (RMS-norm rows), attn_long.
 # Knobs: WARM_DTYPES, WARM_TESTS (tests to run beside the warm-up), WARM_AB
 # (A/B variants to warm up; empty: none), DTYPES, REPS, CHECK (semirings
-# checked against the torch reference in the models step), XDIST_N,
+# checked against the torch reference in the models step), LINEAR=1 (also
+# BERT-base fp32 with patch(linear=True), ~40 s more), XDIST_N,
 # T_<STEP> limits (seconds).
 # Each step has its own time limit, so a slow step cannot starve the others.
 # DRY=1: tiny shapes (a CPU rehearsal).
@@ -67,7 +68,7 @@ for s in ${STEPS//,/ }; do
     gpu_tests) step gpu_tests "${T_TESTS:-100}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                  ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu.py >> "$OUT/tests.log" 2>&1 ;;
     models) step models "${T_MODELS:-215}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
-              --reps "${REPS:-3}" ${DTYPES:+--dtypes $DTYPES} ${CHECK:+--check $CHECK} --out "$OUT/models.json" --md "$OUT/models.md" \
+              --reps "${REPS:-3}" ${DTYPES:+--dtypes $DTYPES} ${CHECK:+--check $CHECK} ${LINEAR:+--linear-variant} --out "$OUT/models.json" --md "$OUT/models.md" \
               > "$OUT/models.log" 2>&1 ;;
     kernels) step kernels "${T_KERNELS:-170}" python3 bench/run_kernels.py $Q --quick --out "$OUT/kernels.json" \
                --md "$OUT/kernels.md" > "$OUT/kernels.log" 2>&1 ;;
