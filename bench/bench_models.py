@@ -104,13 +104,9 @@ def gpu_busy_ms(fn, dev):
     return total / 1e3
 
 
-def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on_row=None, check=None):
-    """Rows for one model/dtype; ``on_row(row)`` is called as each one is done
-    (so a time limit loses at most the row in progress). ``check``: the
-    semirings whose Triton result is compared with the torch reference on the
-    same graph (None: all)."""
-    import semitriton
-    from semitriton.engine import RuleProfile
+def setup(name, dtype, dev, quick):
+    """The model in eval mode with frozen parameters, and the input embeddings of
+    a fixed random batch."""
     model, (B, T) = build(name, quick)
     model = model.to(dev, dtype).eval()
     for p in model.parameters():
@@ -119,12 +115,28 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
     ids = torch.randint(5, min(1000, model.config.vocab_size), (B, T), generator=gen).to(dev)
     with torch.no_grad():
         emb0 = model.get_input_embeddings()(ids)
+    return model, emb0
+
+
+def forward_score(model, emb0):
+    """(embeddings requiring grad, [B] per-example logit differences)."""
+    emb = emb0.detach().clone().requires_grad_()
+    logits = model(inputs_embeds=emb).logits
+    return emb, logits[:, -1, 7].float() - logits[:, -1, 3].float()
+
+
+def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on_row=None, check=None):
+    """Rows for one model/dtype; ``on_row(row)`` is called as each one is done
+    (so a time limit loses at most the row in progress). ``check``: the
+    semirings whose Triton result is compared with the torch reference on the
+    same graph (None: all)."""
+    import semitriton
+    from semitriton.engine import RuleProfile
+    model, emb0 = setup(name, dtype, dev, quick)
+    B, T = emb0.shape[:2]
 
     def forward(m):
-        emb = emb0.detach().clone().requires_grad_()
-        logits = m(inputs_embeds=emb).logits
-        score = logits[:, -1, 7].float() - logits[:, -1, 3].float()          # [B]: per-example outputs
-        return emb, score
+        return forward_score(m, emb0)
 
     def native():
         emb, score = forward(model)
@@ -198,19 +210,13 @@ def warm(name, dtype, dev, quick, semirings, log):
     """One untimed forward + semitriton.grad per semiring on the patched model
     (compiles the Triton kernels these shapes need into Triton's disk cache)."""
     import semitriton
-    model, (B, T) = build(name, quick)
-    model = semitriton.patch(model.to(dev, dtype).eval())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    ids = torch.randint(5, min(1000, model.config.vocab_size), (B, T)).to(dev)
+    model, emb0 = setup(name, dtype, dev, quick)
+    semitriton.patch(model)
     for s in semirings:
         t0 = time.perf_counter()
         try:
-            with torch.no_grad():
-                emb0 = model.get_input_embeddings()(ids)
-            emb = emb0.clone().requires_grad_()
-            logits = model(inputs_embeds=emb).logits
-            _grad(logits[:, -1, 7].float() - logits[:, -1, 3].float(), emb, s)
+            emb, score = forward_score(model, emb0)
+            _grad(score, emb, s)
             _sync(dev)
             log(f"warm {name} {dtype} {s}: {time.perf_counter() - t0:.1f} s")
         except Exception as exc:
