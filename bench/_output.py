@@ -17,3 +17,29 @@ def finish(md: str, path) -> int:
         with open(path, "w") as f:
             f.write(md)
     return 0
+
+
+def config_label(c: dict) -> str:
+    """A launch config as BMxBN/warps (and the split-J slice count)."""
+    s = f"{c.get('BM')}x{c.get('BN')}/{c.get('num_warps')}w"
+    return s + (f" S={c['SPLIT']}" if c.get("SPLIT", 1) > 1 else "")
+
+
+def candidates_cell(cands: list) -> str:
+    """[(config, ms or None)] -> 'cfg ms, cfg ms*' (* = the fastest)."""
+    ok = [i for i, c in enumerate(cands) if c[1] is not None]
+    best = min(ok, key=lambda i: cands[i][1]) if ok else None
+    return ", ".join(f"{config_label(c)} {'-' if t is None else format(t, '.3g')}{'*' if i == best else ''}"
+                     for i, (c, t) in enumerate(cands))
+
+
+def autotune_table(timings: dict) -> str:
+    """Markdown of the autotuner's measurements (kernels/_common.timings):
+    one row per launch key with every candidate's median ms."""
+    if not timings:
+        return ""
+    out = ["", "Autotuner candidates per launch key (BMxBN/warps, S = split-J slices; median ms as "
+               "the autotuner timed them; * = chosen):", "", "| key | candidates |", "|---|---|"]
+    for key, cands in timings.items():
+        out.append(f"| {' '.join(str(k) for k in key)} | {candidates_cell(cands)} |")
+    return "\n".join(out) + "\n"

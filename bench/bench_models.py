@@ -28,7 +28,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _output import finish, save_json  # noqa: E402
+from _output import autotune_table, finish, save_json  # noqa: E402
 
 SEMIRINGS = ("real", "real-walk", "abs", "entropy", "maxabs", "max")
 TARGETS = {"real": 1.05, "real-walk": 1.05, "abs": 1.2, "entropy": 1.5, "maxabs": 1.6, "max": 3.0}
@@ -293,7 +293,18 @@ def main(argv=None):
         except Exception as exc:
             log(f"{mname} {dt}: ERROR {type(exc).__name__}: {exc}")
             traceback.print_exc()
-    return finish(markdown(rows, name, time.strftime("%Y-%m-%d"), args.reps), args.md)
+    return finish(markdown(rows, name, time.strftime("%Y-%m-%d"), args.reps) + autotune_table(_autotune_timings()),
+                  args.md)
+
+
+def _autotune_timings() -> dict:
+    """What the kernels' autotuner measured in this process (which launch
+    configs, e.g. split-J matmuls, won at the models' shapes)."""
+    try:
+        from semitriton.kernels import _common
+    except Exception:  # noqa: BLE001 - no triton
+        return {}
+    return dict(_common.timings)
 
 
 if __name__ == "__main__":

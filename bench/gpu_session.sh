@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session: install, GPU tests, model-level and kernel benchmarks.
 # Everything lands in $OUT (8 files at most come back from the device tool):
-#   env.txt tests.log warm.log models.json models.md models.log ab.md kernels.md
+#   env.txt tests.log warm.log models.json models.md models.log kernels.md, and
+#   ab.md or mm.md when those steps run
 # The default STEPS fit one call (≈ 9 minutes):
 #   kernel_tests, gpu_tests  the compiled-kernel and engine tests (pytest -m gpu,
 #            xdist), first and alone: sharing the CPU with compiling processes
@@ -12,7 +13,10 @@
 #   kernels_sel  kernel rows for KSEL (default: layer norm, GELU/SiLU rules,
 #            attention; fp32, BERT shapes).
 # Other steps: ab (dispatch alternatives on BERT-base fp32, see below),
-# kernels (the quick kernel table), kernels_new (RMS-norm rows), attn_long.
+# kernels (the quick kernel table), kernels_new (RMS-norm rows), attn_long,
+# mm_models (maxabs/max matmuls at the models' shapes with every autotuner
+# candidate's time, split-J included; mm.md, ~1 min).
+# The models step also appends the autotuner's measurements to models.md.
 # Knobs: WARM_DTYPES, WARM_TESTS (tests to run beside the warm-up), WARM_AB
 # (A/B variants to warm up; empty: none), DTYPES, REPS, CHECK (semirings
 # checked against the torch reference in the models step), LINEAR=1 (also
@@ -63,6 +67,10 @@ for s in ${STEPS//,/ }; do
     kernels_sel) step kernels_sel "${T_KSEL:-40}" python3 bench/run_kernels.py $Q --quick \
                    --kernels "${KSEL:-layer_norm,activation,attention}" --dtypes fp32,float32 \
                    --attention-shapes "${KSHAPES:-bert-base}" --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
+    mm_models) step mm_models "${T_MM:-60}" python3 bench/run_kernels.py $Q --only dense --kernels matmul \
+                 --semirings "${MM_SEMIRINGS:-maxabs,max}" --dtypes fp32 --no-reference \
+                 --labels "BERT q/k/v/o,BERT FFN,32 live rows,SmolLM2 q/o,SmolLM2 k/v,SmolLM2 MLP,8 live rows" \
+                 --md "$OUT/mm.md" > /dev/null 2>&1 ;;
     kernels_new) step kernels_new "${T_KNEW:-40}" python3 bench/run_kernels.py $Q --only dense --kernels rms_norm \
                    --dtypes fp32 --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
     gpu_tests) step gpu_tests "${T_TESTS:-100}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
@@ -97,4 +105,4 @@ for s in ${STEPS//,/ }; do
 done
 cat "$OUT/env.txt"; tail -n 8 "$OUT/tests.log" 2>/dev/null; grep -c ERROR "$OUT/warm.log" 2>/dev/null
 cat "$OUT/models.md" 2>/dev/null
-cat "$OUT/kernels.md" 2>/dev/null; cat "$OUT/ab.md" 2>/dev/null
+cat "$OUT/kernels.md" 2>/dev/null; cat "$OUT/ab.md" 2>/dev/null; cat "$OUT/mm.md" 2>/dev/null

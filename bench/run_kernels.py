@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import kernels_attention  # noqa: E402
 import kernels_dense  # noqa: E402
-from _output import finish, save_json  # noqa: E402
+from _output import candidates_cell, finish, save_json  # noqa: E402
 
 
 def _f(x, spec=".3g"):
@@ -40,6 +40,14 @@ def markdown(rows, device, date) -> str:
         out.append(f"| {r['kernel']} | {r['semiring']} | {shape} | {r['dtype']} | {_f(r['ms'])} | "
                    f"{_f(r['throughput'])} {r['unit']} | {_f(r['ratio_to_baseline'], '.2f')} | "
                    f"{_f(r['ratio_to_reference'], '.3f')} |")
+    tuned = [r for r in rows if r.get("candidates")]
+    if tuned:
+        out += ["", "Autotuner candidates (BMxBN/warps, S = split-J slices; median ms as the autotuner timed "
+                    "them; * = chosen):", "", "| kernel | semiring | shape | candidates |", "|---|---|---|---|"]
+        for r in tuned:
+            for cands in r["candidates"]:
+                cell = candidates_cell([(c["config"], c["ms"]) for c in cands])
+                out.append(f"| {r['kernel']} | {r['semiring']} | {r.get('label') or r.get('shape')} | {cell} |")
     return "\n".join(out) + "\n"
 
 
@@ -53,6 +61,11 @@ def main(argv=None):
     ap.add_argument("--kernels", default=None,
                     help="restrict the cases to these kernels (matmul, softmax, log_softmax, layer_norm, rms_norm, "
                          "attention)")
+    ap.add_argument("--semirings", default=None, help="restrict the cases to these semirings")
+    ap.add_argument("--labels", default=None,
+                    help="restrict the cases to those whose label contains one of these (comma-separated)")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip timing the torch reference rule of max/maxabs matmuls (seconds per case)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
@@ -71,6 +84,12 @@ def main(argv=None):
             todo = [c for c in todo if c.get("dtype") in args.dtypes.split(",")]
         if args.kernels:
             todo = [c for c in todo if c.get("kernel") in args.kernels.split(",")]
+        if args.semirings:
+            todo = [c for c in todo if c.get("semiring") in args.semirings.split(",")]
+        if args.labels:
+            todo = [c for c in todo if any(p in c.get("label", "") for p in args.labels.split(","))]
+        if args.no_reference:
+            todo = [dict(c, reference=False) for c in todo]
         for case in todo:
             try:
                 r = mod.run(case)

@@ -43,6 +43,9 @@ def fits_int32(*tensors) -> bool:
 
 # ---- launch-config choice --------------------------------------------------------------
 _best: dict = {}
+#: key -> [(candidate config, measured ms or None if it failed)], for benchmarks
+#: and reports (which candidate won, by how much)
+timings: dict = {}
 _lock = threading.Lock()
 
 
@@ -65,17 +68,21 @@ def choose(key, candidates, launch):
             return _best[key]
     import triton.testing
     best, best_ms = None, float("inf")
+    measured = []
     for cfg in candidates:
         try:
             ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
         except Exception:  # noqa: BLE001 - e.g. OutOfResources for one config
+            measured.append((dict(cfg), None))
             continue
+        measured.append((dict(cfg), ms))
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
         best = candidates[0]
     with _lock:
         _best[key] = best
+        timings[key] = measured
     return best
 
 

@@ -8,6 +8,11 @@
 - max      (M+, M-):        M+ = max_j max(w·p, w·n), M- = min_j min(w·p, w·n) over live
                             edges (w ≠ 0) and live values (p ≠ -inf)           (SIMT)
 
+The SIMT kernels can split the contraction index over several programs
+(split-J: partial results per slice, combined with the semiring's ⊕, i.e.
+max / min), which the autotuner is offered where the output grid alone is too
+small to fill the GPU (model shapes, a language-model head's few live rows).
+
 ``v`` components are fp32 ``[..., I, J]`` (any strides: rmatmul passes
 transposed views); ``w`` is 2-D ``[J, K]`` (any leading dims of v: rows are
 flattened, or a batch grid axis with a stride-0 weight when the rows of a
@@ -24,6 +29,8 @@ accuracy (SEMITRITON_LOWP_SPLIT=0: one rounded product, ~3e-3 relative).
 """
 
 from __future__ import annotations
+
+import functools
 
 import triton
 import triton.language as tl
@@ -152,26 +159,43 @@ def _logsum_mm_kernel(
 
 
 @triton.jit
+def _j_range(J, J_PER):
+    """The slice [j0, j1) of the contraction index that program_id(2) covers
+    (split-J: several programs share one output tile, each writing a partial
+    result that the launcher combines with the semiring's ⊕)."""
+    j0 = tl.program_id(2) * J_PER
+    return j0, min(J, j0 + J_PER)
+
+
+@triton.jit
+def _partial_offset(bid, I, K):
+    """Element offset of output tile row 0 of batch ``bid`` in split slice program_id(2)."""
+    return (tl.program_id(2).to(tl.int64) * tl.num_programs(1) + bid) * I * K
+
+
+@triton.jit
 def _maxplus_mm_kernel(
         l_ptr, w_ptr, o_ptr,
-        I, J, K,
+        I, J, K, J_PER,
         s_lb, s_li, s_lj, s_wb, s_wj, s_wk,
         W_LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """Max-plus (tropical) product: o[b,i,k] = max_j ( l[b,i,j] + lw[b,j,k] ), with
-    lw = w when W_LOG (a cached log|W|) else lw = log|w| computed on the fly.
-    Rank-1 updates over j; the left operand should be i-contiguous (K-major) so
-    that each column load is coalesced."""
+    """Max-plus (tropical) product: o[s,b,i,k] = max_{j in slice s} ( l[b,i,j] + lw[b,j,k] ),
+    with lw = w when W_LOG (a cached log|W|) else lw = log|w| computed on the fly;
+    slice s = program_id(2) covers j in [s·J_PER, (s+1)·J_PER) (one slice: the whole
+    product). Rank-1 updates over j; the left operand should be i-contiguous
+    (K-major) so that each column load is coalesced."""
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
     pid_m, pid_n = _tile_ids(pid, I, K, BM, BN, GROUP_M)
+    j0, j1 = _j_range(J, J_PER)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_m = offs_m < I
     mask_n = offs_n < K
-    l_ptrs = l_ptr + bid * s_lb + offs_m * s_li
-    w_ptrs = w_ptr + bid * s_wb + offs_n * s_wk
+    l_ptrs = l_ptr + bid * s_lb + offs_m * s_li + j0 * s_lj
+    w_ptrs = w_ptr + bid * s_wb + offs_n * s_wk + j0 * s_wj
     acc = tl.full((BM, BN), float("-inf"), dtype=tl.float32)
-    for j in range(0, J):
+    for j in range(j0, j1):
         a = tl.load(l_ptrs, mask=mask_m, other=float("-inf"))
         if W_LOG:
             b = tl.load(w_ptrs, mask=mask_n, other=float("-inf"))
@@ -180,34 +204,36 @@ def _maxplus_mm_kernel(
         acc = tl.maximum(acc, a[:, None] + b[None, :])
         l_ptrs += s_lj
         w_ptrs += s_wj
-    o_off = bid * I * K + offs_m[:, None] * K + offs_n[None, :]
+    o_off = _partial_offset(bid, I, K) + offs_m[:, None] * K + offs_n[None, :]
     tl.store(o_ptr + o_off, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _signed_max_mm_kernel(
         p_ptr, n_ptr, w_ptr, op_ptr, on_ptr,
-        I, J, K,
+        I, J, K, J_PER,
         s_pb, s_pi, s_pj, s_nb, s_ni, s_nj, s_wb, s_wj, s_wk,
         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """Signed extreme products: op[b,i,k] = max_j max(w·p, w·n), on[b,i,k] = min_j min(w·p, w·n)
-    over edges w[b,j,k] ≠ 0 and live values p[b,i,j] ≠ -inf (p ≥ n, so these pick
-    w·M+ / w·M- by the sign of w). Excluded terms are turned into NaN, which
+    """Signed extreme products: op[s,b,i,k] = max_j max(w·p, w·n), on[s,b,i,k] =
+    min_j min(w·p, w·n) over j in slice s (as in the max-plus kernel), edges
+    w[b,j,k] ≠ 0 and live values p[b,i,j] ≠ -inf (p ≥ n, so these pick w·M+ / w·M-
+    by the sign of w). Excluded terms are turned into NaN, which
     tl.maximum/tl.minimum (maxnum/minnum: NaN-ignoring) drop; the accumulators
     start at (-inf, +inf), so a NaN never reaches the output."""
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
     pid_m, pid_n = _tile_ids(pid, I, K, BM, BN, GROUP_M)
+    j0, j1 = _j_range(J, J_PER)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_m = offs_m < I
     mask_n = offs_n < K
-    p_ptrs = p_ptr + bid * s_pb + offs_m * s_pi
-    n_ptrs = n_ptr + bid * s_nb + offs_m * s_ni
-    w_ptrs = w_ptr + bid * s_wb + offs_n * s_wk
+    p_ptrs = p_ptr + bid * s_pb + offs_m * s_pi + j0 * s_pj
+    n_ptrs = n_ptr + bid * s_nb + offs_m * s_ni + j0 * s_nj
+    w_ptrs = w_ptr + bid * s_wb + offs_n * s_wk + j0 * s_wj
     acc_p = tl.full((BM, BN), float("-inf"), dtype=tl.float32)
     acc_n = tl.full((BM, BN), float("inf"), dtype=tl.float32)
-    for j in range(0, J):
+    for j in range(j0, j1):
         p = tl.load(p_ptrs, mask=mask_m, other=float("-inf"))
         n = tl.load(n_ptrs, mask=mask_m, other=float("inf"))
         w = tl.load(w_ptrs, mask=mask_n, other=0.0).to(tl.float32)
@@ -222,7 +248,7 @@ def _signed_max_mm_kernel(
         p_ptrs += s_pj
         n_ptrs += s_nj
         w_ptrs += s_wj
-    o_off = bid * I * K + offs_m[:, None] * K + offs_n[None, :]
+    o_off = _partial_offset(bid, I, K) + offs_m[:, None] * K + offs_n[None, :]
     omask = mask_m[:, None] & mask_n[None, :]
     tl.store(op_ptr + o_off, acc_p, mask=omask)
     tl.store(on_ptr + o_off, acc_n, mask=omask)
@@ -273,6 +299,46 @@ def _simt_configs(two_acc: bool, I: int, gpu: bool = False):
 
 
 GROUP_M = 8
+
+#: split-J candidates: at most this many programs per SM in all, at least this
+#: many rank-1 steps per slice, and this many bytes of partial results
+SPLIT_MAX_PROGRAMS_PER_SM = 6
+SPLIT_MIN_STEPS = 64
+SPLIT_MAX_BYTES = 256 * 2**20
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    import torch
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _with_splits(cfgs, B: int, I: int, J: int, K: int, n_acc: int, device):
+    """Add split-J variants (``SPLIT`` = number of j slices, combined with ⊕
+    afterwards) of the first candidate when its grid is too small to fill the
+    GPU: model shapes such as 4096 rows x 768 outputs give 192 tiles of 128x128
+    for 132 SMs, and a language-model head's few live rows give a handful of
+    programs with tens of thousands of steps each. The autotuner keeps a split
+    only where it measures faster."""
+    if not cfgs or device.type != "cuda" or interpreting():
+        return cfgs
+    n_sm = _sm_count(device.index if device.index is not None else 0)
+    base = cfgs[0]
+    tiles = B * triton.cdiv(I, base["BM"]) * triton.cdiv(K, base["BN"])
+    extra = []
+    s = 2
+    while (tiles * s <= SPLIT_MAX_PROGRAMS_PER_SM * n_sm and J // s >= SPLIT_MIN_STEPS
+           and n_acc * s * B * I * K * 4 <= SPLIT_MAX_BYTES):
+        extra.append(dict(base, SPLIT=s))
+        s *= 2
+    return cfgs + extra
+
+
+def _split_of(cfg: dict, J: int) -> tuple:
+    """(number of j slices, slice length) of a launch config."""
+    s = max(1, min(int(cfg.get("SPLIT", 1)), J))
+    per = triton.cdiv(J, s)
+    return triton.cdiv(J, per), per
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,17 +522,21 @@ def maxabs_matmul(v, w):
         w_log = False
     if not fits_int32(l3[0], lw3[0]) or I * K > 2**31 - 1:
         return NotImplemented
-    out = torch.empty((B, I, K), dtype=torch.float32, device=l3.device)
     s_wb, s_wj, s_wk = _wstrides(lw3, wstride0)
 
     def launch(cfg):
         meta = dict(cfg)
-        grid = (triton.cdiv(I, meta["BM"]) * triton.cdiv(K, meta["BN"]), B)
-        _maxplus_mm_kernel[grid](l3, lw3, out, I, J, K, l3.stride(0), l3.stride(1), l3.stride(2),
+        S, per = _split_of(meta, J)
+        meta.pop("SPLIT", None)
+        out = torch.empty((S, B, I, K), dtype=torch.float32, device=l3.device)
+        grid = (triton.cdiv(I, meta["BM"]) * triton.cdiv(K, meta["BN"]), B, S)
+        _maxplus_mm_kernel[grid](l3, lw3, out, I, J, K, per, l3.stride(0), l3.stride(1), l3.stride(2),
                                  s_wb, s_wj, s_wk, W_LOG=w_log, GROUP_M=GROUP_M, **meta)
+        return out[0] if S == 1 else torch.amax(out, 0)
 
     key = ("maxplus_mm", w_log, str(lw3.dtype), bucket(I), bucket(J), bucket(K), B > 1, str(l3.device))
-    launch(choose(key, _simt_configs(False, I), launch))
+    cfgs = _with_splits(_simt_configs(False, I), B, I, J, K, 1, l3.device)
+    out = launch(choose(key, cfgs, launch))
     return _finish((out,), lead, I_out, K)
 
 
@@ -485,20 +555,26 @@ def max_matmul(v, w):
     w3 = _n_major(w3)
     if not fits_int32(p3[0], n3[0], w3[0]) or I * K > 2**31 - 1:
         return NotImplemented
-    out_p = torch.empty((B, I, K), dtype=torch.float32, device=p3.device)
-    out_n = torch.empty_like(out_p)
     s_wb, s_wj, s_wk = _wstrides(w3, wstride0)
 
     def launch(cfg):
         meta = dict(cfg)
-        grid = (triton.cdiv(I, meta["BM"]) * triton.cdiv(K, meta["BN"]), B)
-        _signed_max_mm_kernel[grid](p3, n3, w3, out_p, out_n, I, J, K,
+        S, per = _split_of(meta, J)
+        meta.pop("SPLIT", None)
+        out_p = torch.empty((S, B, I, K), dtype=torch.float32, device=p3.device)
+        out_n = torch.empty_like(out_p)
+        grid = (triton.cdiv(I, meta["BM"]) * triton.cdiv(K, meta["BN"]), B, S)
+        _signed_max_mm_kernel[grid](p3, n3, w3, out_p, out_n, I, J, K, per,
                                     p3.stride(0), p3.stride(1), p3.stride(2),
                                     n3.stride(0), n3.stride(1), n3.stride(2), s_wb, s_wj, s_wk,
                                     GROUP_M=GROUP_M, **meta)
+        if S == 1:
+            return out_p[0], out_n[0]
+        return torch.amax(out_p, 0), torch.amin(out_n, 0)
 
     key = ("signed_max_mm", str(w3.dtype), bucket(I), bucket(J), bucket(K), B > 1, str(p3.device))
-    launch(choose(key, _simt_configs(True, I), launch))
+    cfgs = _with_splits(_simt_configs(True, I), B, I, J, K, 2, p3.device)
+    out_p, out_n = launch(choose(key, cfgs, launch))
     return _finish((out_p, out_n), lead, I_out, K)
 
 

@@ -187,6 +187,60 @@ def test_matmul(name, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ("maxabs", "max"))
+def test_matmul_split_j(name, device, monkeypatch):
+    """Split-J launches (slices of the contraction index in separate programs,
+    combined with ⊕) give the unsplit result: slice counts that do not divide J,
+    more slices than steps, a batched weight and a transposed view; dead rows and
+    zero weights fall in some slices only."""
+    from semitriton.kernels import matmul as mm
+
+    sr = BUILTIN[name]
+    g = torch.Generator().manual_seed(11)
+    fn = kernel("matmul", name)
+    base = mm._simt_configs(name == "max", 64, gpu=device == "cuda")[0]
+    cases = [((2, 13, 37), None, 3), ((13, 37), None, 5), ((11, 5), None, 8), ((3, 13, 37), 3, 4),
+             ((19, 40), "view", 7)]
+    for vs, batched, split in cases:
+        monkeypatch.setattr(mm, "_simt_configs", lambda *a, **k: [dict(base, SPLIT=split)])
+        v = gen_values(name, vs, device, g, dead=0.3)
+        if batched == "view":
+            w = _weights((21, vs[-1]), torch.float32, device, g, zeros=0.4).transpose(0, 1)
+        elif batched:
+            w = _weights((batched, vs[-1], 21), torch.float32, device, g, zeros=0.4)
+        else:
+            w = _weights((vs[-1], 21), torch.float32, device, g, zeros=0.4)
+        check(fn(v, w), reference(sr.matmul, v, w), name, 1e-6 if device == "cpu" else 1e-5, None,
+              f"split/{name}/{vs}/S={split}")
+
+
+def test_split_j_candidates_only_for_small_grids(monkeypatch):
+    """The autotuner is offered split-J variants only where the unsplit grid
+    leaves SMs idle, with at least SPLIT_MIN_STEPS steps per slice and bounded
+    partial buffers; never under the interpreter or off the GPU."""
+    from semitriton.kernels import matmul as mm
+
+    cfgs = [mm._cfg(128, 128, None, 4, 3), mm._cfg(64, 128, None, 4, 3)]
+    assert mm._with_splits(cfgs, 1, 4096, 768, 768, 1, torch.device("cpu")) == cfgs
+    monkeypatch.setattr(mm, "interpreting", lambda: False)
+    monkeypatch.setattr(mm, "_sm_count", lambda i: 132)
+    cuda = torch.device("cuda", 0)
+    bert_qkv = mm._with_splits(cfgs, 1, 4096, 768, 768, 1, cuda)       # 192 tiles
+    assert [c.get("SPLIT", 1) for c in bert_qkv] == [1, 1, 2, 4]
+    assert all(c["BM"] == 128 and c["BN"] == 128 for c in bert_qkv[2:])
+    square = mm._with_splits(cfgs, 1, 4096, 4096, 4096, 1, cuda)       # 1024 tiles: none
+    assert square == cfgs
+    head = mm._with_splits([mm._cfg(32, 128, None, 4, 3)], 1, 32, 30522, 768, 1, cuda)
+    splits = [c.get("SPLIT", 1) for c in head]
+    assert splits[0] == 1 and max(splits) >= 64 and all(30522 // s >= mm.SPLIT_MIN_STEPS for s in splits)
+    short = mm._with_splits(cfgs, 1, 4096, 100, 768, 1, cuda)            # J too short to split
+    assert short == cfgs
+    assert mm._split_of({"SPLIT": 5}, 7) == (4, 2)          # no empty slices
+    assert mm._split_of({"SPLIT": 9}, 3) == (3, 1)
+    assert mm._split_of({}, 10) == (1, 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ("abs", "entropy"))
 def test_matmul_lowp_single_product(name, device, monkeypatch):
     """SEMITRITON_LOWP_SPLIT=0: bf16 weights with one rounded bf16 product of the
