@@ -22,7 +22,7 @@ def finish(md: str, path) -> int:
 def config_label(c: dict) -> str:
     """A launch config as BMxBN/warps (and the split-J slice count)."""
     s = f"{c.get('BM')}x{c.get('BN')}/{c.get('num_warps')}w"
-    return s + (f" S={c['SPLIT']}" if c.get("SPLIT", 1) > 1 else "")
+    return s + (f" S={c['SPLIT_J']}" if c.get("SPLIT_J", 1) > 1 else "")
 
 
 def candidates_cell(cands: list) -> str:

@@ -21,8 +21,9 @@ leading dims. Anything else (broadcast batch patterns, float64 values,
 empty sizes, offsets beyond int32) returns ``NotImplemented`` and the torch
 reference runs. ``real`` stays with cuBLAS (not registered).
 
-Precision: fp32 weights contract with ``input_precision="ieee"`` (fp32
-FMA, no TF32). bf16/fp16 weights contract in that dtype on the tensor cores
+Precision: fp32 weights contract with ``input_precision="tf32x3"`` (three
+TF32 tensor-core products per tile, ~1e-6 relative error; never plain TF32;
+``SEMITRITON_FP32_DOT=ieee`` gives fp32 FMA code instead). bf16/fp16 weights contract in that dtype on the tensor cores
 with fp32 accumulation; the fp32 exp tile (and a·μ, and E = -|W|log|W|) is
 split into a hi and a lo part in the weight dtype, so the result keeps fp32
 accuracy (SEMITRITON_LOWP_SPLIT=0: one rounded product, ~3e-3 relative).
@@ -264,19 +265,26 @@ def _cfg(BM, BN, BK=None, warps=4, stages=3):
     return c
 
 
-def _dot_configs(entropy: bool, lowp: bool, I: int, gpu: bool = False, split: bool = False):
+def _dot_configs(entropy: bool, lowp: bool, I: int, gpu: bool = False, split: bool = False,
+                 prec: str = "tf32x3"):
     """Candidates, best guess first (the first two are in ``aot_specs``). ptxas
-    (sm_90, 16-divisible shapes, triton 3.6 and 3.9): no spills except the second
-    fp32 entropy candidate (72 bytes; num_stages=3 instead of 2)."""
+    (sm_90, 16-divisible shapes, triton 3.6 and 3.9): no spills. fp32 weights
+    with "tf32x3" (tensor cores): abs 128x128x32/8 warps 230 registers, entropy
+    128x64x32/8 warps 255; with "ieee" (FMA code): the second entropy candidate
+    spills 72 bytes."""
     if interpreting() and not gpu:
         return [_cfg(16, 16, 16, 1, 1)]
     if entropy and lowp and split:
         cs = [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)]
+    elif entropy and lowp:
+        cs = [_cfg(64, 128, 32, 8, 3), _cfg(64, 64, 64, 4, 3)]
     elif entropy:
-        cs = ([_cfg(64, 128, 32, 8, 3), _cfg(64, 64, 64, 4, 3)] if lowp else
+        cs = ([_cfg(128, 64, 32, 8, 3), _cfg(128, 64, 16, 8, 3), _cfg(64, 64, 16, 4, 3)] if prec == "tf32x3" else
               [_cfg(64, 128, 16, 8, 2), _cfg(64, 128, 16, 8, 3)])
+    elif lowp:
+        cs = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 3), _cfg(64, 128, 64, 4, 3)]
     else:
-        cs = ([_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 3), _cfg(64, 128, 64, 4, 3)] if lowp else
+        cs = ([_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 16, 8, 3), _cfg(128, 64, 32, 4, 3)] if prec == "tf32x3" else
               [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 16, 8, 3), _cfg(64, 128, 32, 4, 3)])
     if I <= 32:
         bk = 32 if lowp else 16
@@ -314,7 +322,7 @@ def _sm_count(device_index: int) -> int:
 
 
 def _with_splits(cfgs, B: int, I: int, J: int, K: int, n_acc: int, device):
-    """Add split-J variants (``SPLIT`` = number of j slices, combined with ⊕
+    """Add split-J variants (``SPLIT_J`` = number of j slices, combined with ⊕
     afterwards) of the first candidate when its grid is too small to fill the
     GPU: model shapes such as 4096 rows x 768 outputs give 192 tiles of 128x128
     for 132 SMs, and a language-model head's few live rows give a handful of
@@ -329,14 +337,14 @@ def _with_splits(cfgs, B: int, I: int, J: int, K: int, n_acc: int, device):
     s = 2
     while (tiles * s <= SPLIT_MAX_PROGRAMS_PER_SM * n_sm and J // s >= SPLIT_MIN_STEPS
            and n_acc * s * B * I * K * 4 <= SPLIT_MAX_BYTES):
-        extra.append(dict(base, SPLIT=s))
+        extra.append(dict(base, SPLIT_J=s))
         s *= 2
     return cfgs + extra
 
 
 def _split_of(cfg: dict, J: int) -> tuple:
     """(number of j slices, slice length) of a launch config."""
-    s = max(1, min(int(cfg.get("SPLIT", 1)), J))
+    s = max(1, min(int(cfg.get("SPLIT_J", 1)), J))
     per = triton.cdiv(J, s)
     return triton.cdiv(J, per), per
 
@@ -423,6 +431,19 @@ def lowp_split() -> bool:
     return os.environ.get("SEMITRITON_LOWP_SPLIT", "1") not in ("", "0")
 
 
+def fp32_dot_precision() -> str:
+    """input_precision of the abs/entropy GEMM with fp32 weights: "tf32x3" (the
+    default: three TF32 tensor-core products per tile, a = a_hi + a_lo and
+    w = w_hi + w_lo with the lo·lo term dropped, ~1e-6 relative error, far
+    below the 1e-4 bar; plain TF32 is never used) or "ieee" (fp32 FMA code,
+    SEMITRITON_FP32_DOT=ieee). The interpreter computes both exactly."""
+    import os
+    p = os.environ.get("SEMITRITON_FP32_DOT", "tf32x3").strip().lower()
+    if p not in ("tf32x3", "ieee"):
+        raise ValueError(f"SEMITRITON_FP32_DOT={p!r}: use tf32x3 or ieee")
+    return p
+
+
 def _log_abs(w):
     import torch
     return torch.log(torch.abs(w.float())).contiguous()
@@ -461,7 +482,7 @@ def _logsum_matmul(v, w, entropy: bool):
     s_wb, s_wj, s_wk = _wstrides(w3, wstride0)
     s_eb, s_ej, s_ek = _wstrides(e3, wstride0)
     upcast = lowp and interpreting()
-    prec = "tf32" if lowp and not upcast else "ieee"
+    prec = "tf32" if lowp and not upcast else ("ieee" if lowp else fp32_dot_precision())
 
     def launch(cfg):
         meta = dict(cfg)
@@ -472,8 +493,9 @@ def _logsum_matmul(v, w, entropy: bool):
             s_wb, s_wj, s_wk, s_eb, s_ej, s_ek,
             ENTROPY=entropy, LOWP=lowp, SPLIT=split, UPCAST=upcast, PREC=prec, GROUP_M=GROUP_M, **meta)
 
-    key = ("logsum_mm", entropy, split, str(w3.dtype), bucket(I), bucket(J), bucket(K), B > 1, str(l3.device))
-    launch(choose(key, _dot_configs(entropy, lowp, I, split=split), launch))
+    key = ("logsum_mm", entropy, split, prec, str(w3.dtype), bucket(I), bucket(J), bucket(K), B > 1,
+           str(l3.device))
+    launch(choose(key, _dot_configs(entropy, lowp, I, split=split, prec=prec), launch))
     outs = (out_l, out_mu) if entropy else (out_l,)
     return _finish(outs, lead, I_out, K)
 
@@ -527,7 +549,7 @@ def maxabs_matmul(v, w):
     def launch(cfg):
         meta = dict(cfg)
         S, per = _split_of(meta, J)
-        meta.pop("SPLIT", None)
+        meta.pop("SPLIT_J", None)
         out = torch.empty((S, B, I, K), dtype=torch.float32, device=l3.device)
         grid = (triton.cdiv(I, meta["BM"]) * triton.cdiv(K, meta["BN"]), B, S)
         _maxplus_mm_kernel[grid](l3, lw3, out, I, J, K, per, l3.stride(0), l3.stride(1), l3.stride(2),
@@ -560,7 +582,7 @@ def max_matmul(v, w):
     def launch(cfg):
         meta = dict(cfg)
         S, per = _split_of(meta, J)
-        meta.pop("SPLIT", None)
+        meta.pop("SPLIT_J", None)
         out_p = torch.empty((S, B, I, K), dtype=torch.float32, device=p3.device)
         out_n = torch.empty_like(out_p)
         grid = (triton.cdiv(I, meta["BM"]) * triton.cdiv(K, meta["BN"]), B, S)
@@ -589,14 +611,17 @@ def aot_specs():
     ptrs = ("l_ptr", "mu_ptr", "m_ptr", "ol_ptr", "omu_ptr")
     variants = [(e, "fp32", False) for e in (False, True)]
     variants += [(e, "bf16", sp) for e in (False, True) for sp in (False, True)]
+    variants += [(e, "fp32-ieee", False) for e in (False, True)]
     for entropy, wdt, split in variants:
-        lowp = wdt != "fp32"
-        cfgs = _dot_configs(entropy, lowp, 4096, gpu=True, split=split)[:2]
-        cfgs += _dot_configs(entropy, lowp, 8, gpu=True, split=split)[:1]        # few live rows
+        lowp = not wdt.startswith("fp32")
+        prec = "tf32" if lowp else ("ieee" if wdt == "fp32-ieee" else "tf32x3")
+        wdt = wdt.split("-")[0]
+        cfgs = _dot_configs(entropy, lowp, 4096, gpu=True, split=split, prec=prec)[:2]
+        cfgs += _dot_configs(entropy, lowp, 8, gpu=True, split=split, prec=prec)[:1]        # few live rows
         for c in cfgs:
             for unit in (("s_lj", "s_uj"), ("s_li", "s_ui")):     # row-major v / transposed view
                 const = dict(ENTROPY=entropy, LOWP=lowp, SPLIT=split, UPCAST=False,
-                             PREC="tf32" if lowp else "ieee", GROUP_M=GROUP_M,
+                             PREC=prec, GROUP_M=GROUP_M,
                              BM=c["BM"], BN=c["BN"], BK=c["BK"], s_wk=1, s_ek=1)
                 const.update({u: 1 for u in unit})
                 types = {p: "*fp32" for p in ptrs}

@@ -43,9 +43,16 @@ PREFER_REFERENCE = {("matmul", "abs"): _fp32_gemm_prefers_cublas,
 #: the same math as the torch reference with fewer launches: exp-shift and log
 #: fused around cuBLAS (kernels/logspace_gemm.py; fp32 weights only). Measured
 #: on BERT-base fp32 (H200, 2026-11-26): backward ratio abs 2.53 vs 2.69 for the
-#: torch reference and 2.95 for the Triton GEMM; entropy 6.90 vs 7.51 and 7.54.
-#: ``SEMITRITON_FORCE_REFERENCE=matmul_cublas:abs`` (etc.) selects the torch reference.
+#: torch reference and 2.95 for the Triton GEMM (then fp32 FMA code); entropy
+#: 6.90 vs 7.51 and 7.54. ``SEMITRITON_FORCE_REFERENCE=matmul_cublas:abs``
+#: (etc.) selects the torch reference.
 REFERENCE_ALTERNATIVE = {("matmul", "abs"): "matmul_cublas", ("matmul", "entropy"): "matmul_cublas"}
+#: pairs whose kernel is timed against the alternative at the first call per
+#: shape (the faster is kept, like a launch config): the Triton GEMM now runs
+#: fp32 weights on the tensor cores ("tf32x3"), which has not been measured
+#: against cuBLAS fp32 at the models' shapes. SEMITRITON_AUTOTUNE=0 keeps the
+#: alternative (the measured default).
+RACE = {("matmul", "abs"), ("matmul", "entropy")}
 
 
 @functools.lru_cache(maxsize=8)
@@ -88,9 +95,63 @@ def call(op: str, semiring: str, v, *args):
         if alt is not None and not _overridden("SEMITRITON_FORCE_REFERENCE", alt, semiring):
             ka = kernel(alt, semiring, v[0])
             if ka is not None:
+                if (op, semiring) in RACE:
+                    return _race(op, semiring, (ka, k), v, args)
                 return ka(v, *args)
         return NotImplemented
     return k(v, *args)
+
+
+def _shape_key(v, args) -> tuple:
+    """Power-of-two buckets of the operands' sizes (rows flattened), dtypes and device."""
+    from .kernels._common import bucket
+
+    def dims(t):
+        shape = getattr(t, "shape", None)
+        if shape is None:
+            return (type(t).__name__,)
+        if len(shape) == 0:
+            return (str(t.dtype),)
+        rows = 1
+        for d in shape[:-1]:
+            rows *= int(d)
+        return (bucket(rows), bucket(shape[-1]), str(t.dtype))
+
+    return tuple(dims(c) for c in v) + tuple(dims(a) for a in args) + (str(v[0].device),)
+
+
+class _Declined(Exception):
+    pass
+
+
+def _race(op: str, semiring: str, impls, v, args):
+    """Run the faster of ``impls`` (first = the default) for this call's shape
+    bucket: both are timed once per bucket by the kernels' autotuner (their
+    outputs are discarded; an implementation that declines is skipped)."""
+    from .kernels._common import autotune_enabled, choose
+
+    if not autotune_enabled():
+        return impls[0](v, *args)
+
+    def launch(cfg):
+        r = impls[cfg["impl"]](v, *args)
+        if r is NotImplemented:
+            raise _Declined
+        return r
+
+    key = ("dispatch", op, semiring) + _shape_key(v, args)
+    cands = [{"impl": i} for i in range(len(impls))]
+    best = choose(key, cands, launch)
+    try:
+        return launch(best)
+    except _Declined:
+        for c in cands:
+            if c != best:
+                try:
+                    return launch(c)
+                except _Declined:
+                    pass
+        return NotImplemented
 
 
 def kernel_op(op: str):

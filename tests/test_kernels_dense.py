@@ -202,7 +202,7 @@ def test_matmul_split_j(name, device, monkeypatch):
     cases = [((2, 13, 37), None, 3), ((13, 37), None, 5), ((11, 5), None, 8), ((3, 13, 37), 3, 4),
              ((19, 40), "view", 7)]
     for vs, batched, split in cases:
-        monkeypatch.setattr(mm, "_simt_configs", lambda *a, **k: [dict(base, SPLIT=split)])
+        monkeypatch.setattr(mm, "_simt_configs", lambda *a, **k: [dict(base, SPLIT_J=split)])
         v = gen_values(name, vs, device, g, dead=0.3)
         if batched == "view":
             w = _weights((21, vs[-1]), torch.float32, device, g, zeros=0.4).transpose(0, 1)
@@ -226,17 +226,17 @@ def test_split_j_candidates_only_for_small_grids(monkeypatch):
     monkeypatch.setattr(mm, "_sm_count", lambda i: 132)
     cuda = torch.device("cuda", 0)
     bert_qkv = mm._with_splits(cfgs, 1, 4096, 768, 768, 1, cuda)       # 192 tiles
-    assert [c.get("SPLIT", 1) for c in bert_qkv] == [1, 1, 2, 4]
+    assert [c.get("SPLIT_J", 1) for c in bert_qkv] == [1, 1, 2, 4]
     assert all(c["BM"] == 128 and c["BN"] == 128 for c in bert_qkv[2:])
     square = mm._with_splits(cfgs, 1, 4096, 4096, 4096, 1, cuda)       # 1024 tiles: none
     assert square == cfgs
     head = mm._with_splits([mm._cfg(32, 128, None, 4, 3)], 1, 32, 30522, 768, 1, cuda)
-    splits = [c.get("SPLIT", 1) for c in head]
+    splits = [c.get("SPLIT_J", 1) for c in head]
     assert splits[0] == 1 and max(splits) >= 64 and all(30522 // s >= mm.SPLIT_MIN_STEPS for s in splits)
     short = mm._with_splits(cfgs, 1, 4096, 100, 768, 1, cuda)            # J too short to split
     assert short == cfgs
-    assert mm._split_of({"SPLIT": 5}, 7) == (4, 2)          # no empty slices
-    assert mm._split_of({"SPLIT": 9}, 3) == (3, 1)
+    assert mm._split_of({"SPLIT_J": 5}, 7) == (4, 2)          # no empty slices
+    assert mm._split_of({"SPLIT_J": 9}, 3) == (3, 1)
     assert mm._split_of({}, 10) == (1, 10)
 
 
@@ -576,6 +576,52 @@ def test_fp32_abs_matmul_policy_picks_the_cublas_path(monkeypatch):
     assert dispatch.call("matmul", "abs", v, w) == "gemm" and len(calls) == 1
     monkeypatch.delenv("SEMITRITON_FORCE_KERNEL")
     assert dispatch.call("matmul", "abs", v, w.to(torch.bfloat16)) == "gemm" and len(calls) == 1
+
+
+def test_fp32_gemm_race_keeps_the_faster_path(monkeypatch):
+    """With the autotuner on (the GPU), fp32 abs/entropy matmuls time the
+    exp/log-around-cuBLAS path against the Triton GEMM once per shape bucket and
+    keep the faster; a path that declines is skipped; SEMITRITON_AUTOTUNE=0
+    keeps the measured default (cuBLAS)."""
+    import triton.testing
+    from semitriton import dispatch
+    from semitriton.kernels import _common
+
+    class FakeCuda:
+        is_cuda = True
+        dtype = torch.float32
+        device = "cuda:0"
+
+        def __init__(self, *shape):
+            self.shape = shape
+
+    ran = []
+    speed = {"alt": 2.0, "gemm": 1.0}
+    monkeypatch.setitem(registry.KERNELS, ("matmul_cublas", "abs"), lambda v, w: ran.append("alt") or "alt")
+    monkeypatch.setitem(registry.KERNELS, ("matmul", "abs"),
+                        lambda v, w: ran.append("gemm") or ("gemm" if v[0].shape[0] < 1000 else NotImplemented))
+    monkeypatch.setattr(dispatch, "kernel", lambda op, sr, t: registry.KERNELS.get((op, sr)))
+    monkeypatch.setattr(_common, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(_common, "_best", {})
+    monkeypatch.setattr(_common, "timings", {})
+
+    def fake_bench(fn, **kw):
+        n = len(ran)
+        fn()
+        return speed[ran[n]]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    w = torch.zeros(64, 32)
+    assert dispatch.call("matmul", "abs", (FakeCuda(100, 64),), w) == "gemm"        # timed: gemm faster
+    assert ran == ["alt", "gemm", "gemm"]
+    assert dispatch.call("matmul", "abs", (FakeCuda(120, 64),), w) == "gemm"        # same bucket: cached
+    assert ran[3:] == ["gemm"]
+    speed.update(alt=0.5)
+    assert dispatch.call("matmul", "abs", (FakeCuda(3000, 64),), w) == "alt"        # gemm declines there
+    assert [t for _, t in next(v for k, v in _common.timings.items() if 4096 in k[3])] == [0.5, None]
+    monkeypatch.setattr(_common, "autotune_enabled", lambda: False)
+    del ran[:]
+    assert dispatch.call("matmul", "abs", (FakeCuda(100, 64),), w) == "alt" and ran == ["alt"]
 
 
 # ---------------------------------------------------------------------------------------------
