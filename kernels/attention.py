@@ -38,9 +38,10 @@ goes through a small per-program scratch buffer (BM×BN floats per tile).
 
 Precision: S = q kᵀ is exact for bf16/fp16 inputs (native tensor-core dot,
 fp32 accumulation) and an fp32 dot for fp32 inputs; every other dot has fp32
-operands. fp32 dots use ``input_precision`` "tf32x3" in the dot-heavy kernels
-and "ieee" in the tropical ones on the GPU (see ``_config``; ``DOT_PRECISION``
-overrides); the interpreter computes them exactly. Logs taken per score use
+operands. fp32 dots use ``input_precision`` "tf32x3" on the GPU (the first
+launch plan of every semiring; the tropical kernels' earlier "ieee" score dot
+is still a candidate, see ``_plans``; ``DOT_PRECISION`` overrides); the
+interpreter computes them exactly. Logs taken per score use
 the SFU's lg2.approx (``_fastmath.py``: ~1e-7 relative in the number a log
 stands for); logs per row / per output stay accurate.
 
@@ -59,6 +60,7 @@ import os
 import triton
 import triton.language as tl
 
+from ._common import bucket, choose
 from ._fastmath import fast_log, fast_log_normal
 from .registry import register
 
@@ -953,7 +955,7 @@ TROPICAL_CHUNK = None
 
 
 #: Override of the input_precision of the fp32 tl.dot calls on the GPU
-#: ("ieee" or "tf32x3"); None = the per-semiring default of ``_config``.
+#: ("ieee" or "tf32x3"); None = the per-plan default of ``_plans``.
 #: Ignored by the interpreter (numpy dots are exact fp32).
 DOT_PRECISION = None
 
@@ -964,33 +966,57 @@ def _chunk() -> int:
     return 16 if _interpreting() else 1
 
 
-def _config(semiring: str, bd: int, bdv: int, gpu: bool | None = None):
-    """(BM, BN, num_warps, num_stages, dot precision) for one semiring and the
-    padded head dims.
+def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None) -> list:
+    """Launch plans, best guess first; on the GPU the launcher times each once
+    per shape (``_common.choose``) and keeps the fastest. A plan is
+    ``{"cfg": (BM, BN, num_warps, num_stages, precision), "split": bool}``
+    (split: entropy's q/k and v outputs in two launches of the backward kernel,
+    which recompute the scores but hold fewer tiles).
 
-    GPU choices, from ptxas reports of sm_90 compiles (no timing yet): Triton
-    lowers fp32 ``input_precision="ieee"`` dots to FMA code that keeps whole
-    operand rows in registers; the dot-heavy kernels (real, abs, entropy: 4 to
-    13 dots per tile) then spill tens of KB per thread, so they use "tf32x3"
-    (three TF32 tensor-core products, ~1e-6 relative error, far below the 1e-4
-    bar; plain TF32 is not used) with one pipeline stage to stay within
-    shared memory. The tropical kernels have one dot (q kᵀ) and keep "ieee"."""
+    Chosen from ptxas reports of sm_90 compiles with triton 3.6 (the GPU image)
+    and 3.9, head dim 64 (registers / spill bytes per thread of the backward
+    kernel, triton 3.6): fp32 dots are "tf32x3" everywhere (three TF32 tensor-
+    core products, ~1e-6 relative error, far below the 1e-4 bar; plain TF32 is
+    never used; "ieee" FMA dots keep whole operand rows in registers and spill).
+
+    - real, abs: 16x64, 8 warps (spills 20 / 12 bytes) first; the earlier
+      64x64 (2316 / 2872 bytes of spills) stays a candidate;
+    - entropy: 16x64, 8 warps, q/k and v split (276 and 0 bytes) first; the
+      earlier single 32x64 launch (2452 bytes) stays a candidate;
+    - maxabs, max: 64x32, 8 warps, tf32x3 score dot (0 / 36 bytes) first; the
+      earlier 64x64 "ieee" (488 / 588 bytes) stays a candidate.
+
+    Not yet timed on a GPU: the autotuner measures the candidates."""
     if gpu is None:
         gpu = not _interpreting()
     if not gpu:
-        return 16, 16, 4, 1, "ieee"
+        return [{"cfg": (16, 16, 4, 1, "ieee"), "split": False}]
     wide = max(bd, bdv) > 64
     if semiring in ("real", "abs"):
-        cfg = (64, 64, 8, 1, "tf32x3") if not wide else (32, 64, 8, 1, "tf32x3")
+        cfgs = [(32, 64, 8, 1, "tf32x3")] if wide else [(16, 64, 8, 1, "tf32x3"), (64, 64, 8, 1, "tf32x3")]
+        plans = [{"cfg": c, "split": False} for c in cfgs]
     elif semiring == "entropy":
-        cfg = (32, 64, 8, 1, "tf32x3") if not wide else (32, 32, 8, 1, "tf32x3")
+        plans = ([{"cfg": (32, 32, 8, 1, "tf32x3"), "split": False}] if wide else
+                 [{"cfg": (16, 64, 8, 1, "tf32x3"), "split": True},
+                  {"cfg": (32, 64, 8, 1, "tf32x3"), "split": False}])
     else:
         # tropical: SIMT rank-1 updates, scratch round trips (num_stages=1: no
         # software pipelining across the scratch barriers)
-        cfg = (64, 64, 8, 1, "ieee") if not wide else (32, 32, 4, 1, "ieee")
+        plans = ([{"cfg": (32, 32, 4, 1, "ieee"), "split": False}] if wide else
+                 [{"cfg": (64, 32, 8, 1, "tf32x3"), "split": False},
+                  {"cfg": (64, 64, 8, 1, "ieee"), "split": False}])
     if DOT_PRECISION is not None:
-        cfg = cfg[:4] + (DOT_PRECISION,)
-    return cfg
+        plans = [dict(p, cfg=p["cfg"][:4] + (DOT_PRECISION,)) for p in plans]
+    return plans
+
+
+def _choose_plan(semiring: str, P, needs, run):
+    """The plan for this call: timed once per shape key on the GPU (each run
+    allocates and fills its own outputs, so timing runs are harmless)."""
+    plans = _plans(semiring, P.BD, P.BDV)
+    key = ("attention", semiring, bucket(P.Tq), bucket(P.Tk), P.D, P.DV, P.G, P.causal, P.bias is not P.q,
+           P.ieee, tuple(needs), str(P.device))
+    return choose(key, plans, run)
 
 
 class _Prep:
@@ -1130,19 +1156,24 @@ def attention_real(vo, q, k, v, bias, causal, scale, needs=(True, True, True)):
     if not _check(vo, q, k, v, bias, needs):
         return NotImplemented
     P = _Prep(vo, q, k, v, bias, causal, scale)
-    cfg = _config("real", P.BD, P.BDV)
-    BM, BN, nw, ns, prec = cfg
-    do = P.vo[0]
-    st = _launch_lse(P, cfg, delta=needs[0] or needs[1], do=do)
     dev, f32 = P.device, torch.float32
-    dq = torch.zeros((P.B * P.H, P.Tq, P.D), dtype=f32, device=dev) if needs[0] else P.q
-    dk = torch.empty((P.B * P.HK, P.Tk, P.D), dtype=f32, device=dev) if needs[1] else P.q
-    dv = torch.empty((P.B * P.HK, P.Tk, P.DV), dtype=f32, device=dev) if needs[2] else P.q
-    grid = (triton.cdiv(P.Tk, BN), P.B * P.HK)
-    _attn_bwd_real_kernel[grid](P.q, P.k, P.v, do, P.bias, st, dq, dk, dv, *P.common(),
-                                G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
-                                NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
-                                BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, num_warps=nw, num_stages=ns)
+    do = P.vo[0]
+
+    def run(plan):
+        cfg = plan["cfg"]
+        BM, BN, nw, ns, prec = cfg
+        st = _launch_lse(P, cfg, delta=needs[0] or needs[1], do=do)
+        dq = torch.zeros((P.B * P.H, P.Tq, P.D), dtype=f32, device=dev) if needs[0] else P.q
+        dk = torch.empty((P.B * P.HK, P.Tk, P.D), dtype=f32, device=dev) if needs[1] else P.q
+        dv = torch.empty((P.B * P.HK, P.Tk, P.DV), dtype=f32, device=dev) if needs[2] else P.q
+        grid = (triton.cdiv(P.Tk, BN), P.B * P.HK)
+        _attn_bwd_real_kernel[grid](P.q, P.k, P.v, do, P.bias, st, dq, dk, dv, *P.common(),
+                                    G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
+                                    NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
+                                    BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, num_warps=nw, num_stages=ns)
+        return dq, dk, dv
+
+    dq, dk, dv = run(_choose_plan("real", P, needs, run))
     return ((P.out_q(dq),) if needs[0] else None,
             (P.out_k(dk),) if needs[1] else None,
             (P.out_v(dv),) if needs[2] else None)
@@ -1156,28 +1187,20 @@ def _attention_sum(vo, q, k, v, bias, causal, scale, needs, entropy: bool):
     if entropy and len(vo) != 2:
         return NotImplemented
     P = _Prep(vo, q, k, v, bias, causal, scale)
-    cfg = _config("entropy" if entropy else "abs", P.BD, P.BDV)
-    BM, BN, nw, ns, prec = cfg
     dev, f32 = P.device, torch.float32
     need_sm = needs[0] or needs[1]
     lvo = P.vo[0]
     muo = P.vo[1] if entropy else None
     dummy = P.q
-    st = _st_with(P, _launch_lse(P, cfg, delta=False), 7 if entropy else 5)
-    ji = torch.empty((P.s_st,), dtype=torch.int32, device=dev)
-    ar = amr = ac = amc = mvo = va = vx = qa = qx = ka = kx = dummy
+    # per-call operands (independent of the launch plan)
+    mo = ar = amr = ac = amc = mvo = va = vx = qa = qx = ka = kx = dummy
     if need_sm:
-        mo = _finite_amax(lvo, -1)                                 # [BH, Tq]
+        mo = _finite_amax(lvo, -1).contiguous()                    # [BH, Tq]
         ar = torch.exp(lvo - mo.unsqueeze(-1)).contiguous()
         va = P.v.to(f32).abs().contiguous()
         if entropy:
             amr = (ar * muo).contiguous()
             vx = _xlogx(va).contiguous()
-        grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
-        _attn_stats_sum_kernel[grid](P.q, P.k, va, vx, ar, amr, mo.contiguous(), P.bias, st, ji, *P.common(),
-                                     G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
-                                     ENTROPY=entropy, BM=BM, BN=BN, BD=P.BD, BDV=P.BDV,
-                                     num_warps=nw, num_stages=ns)
     if needs[2]:
         mvo = _finite_amax(lvo, -2).contiguous()                  # [BH, DV]
         ac = torch.exp(lvo - mvo.unsqueeze(-2)).contiguous()
@@ -1191,18 +1214,38 @@ def _attention_sum(vo, q, k, v, bias, causal, scale, needs, entropy: bool):
         qa = (P.q.to(f32) * P.scale).abs().contiguous()
         if entropy:
             qx = _xlogx(qa).contiguous()
-    zq = torch.zeros((P.B * P.H, P.Tq, P.D), dtype=f32, device=dev) if needs[0] else dummy
-    sq = torch.zeros_like(zq) if (needs[0] and entropy) else dummy
-    lk = torch.full((P.B * P.HK, P.Tk, P.D), _NEG, dtype=f32, device=dev) if needs[1] else dummy
-    muk = torch.zeros_like(lk) if (needs[1] and entropy) else dummy
-    lv = torch.full((P.B * P.HK, P.Tk, P.DV), _NEG, dtype=f32, device=dev) if needs[2] else dummy
-    muv = torch.zeros_like(lv) if (needs[2] and entropy) else dummy
-    grid = (triton.cdiv(P.Tk, BN), P.B * P.HK)
-    _attn_bwd_sum_kernel[grid](P.q, P.k, va, vx, ar, amr, ac, amc, mvo, qa, qx, ka, kx, P.bias, st, ji,
-                               zq, sq, lk, muk, lv, muv, *P.common(),
-                               G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
-                               ENTROPY=entropy, NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
-                               BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, num_warps=nw, num_stages=ns)
+
+    def run(plan):
+        cfg = plan["cfg"]
+        BM, BN, nw, ns, prec = cfg
+        st = _st_with(P, _launch_lse(P, cfg, delta=False), 7 if entropy else 5)
+        ji = torch.empty((P.s_st,), dtype=torch.int32, device=dev)
+        if need_sm:
+            grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
+            _attn_stats_sum_kernel[grid](P.q, P.k, va, vx, ar, amr, mo, P.bias, st, ji, *P.common(),
+                                         G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee,
+                                         PREC=prec, ENTROPY=entropy, BM=BM, BN=BN, BD=P.BD, BDV=P.BDV,
+                                         num_warps=nw, num_stages=ns)
+        zq = torch.zeros((P.B * P.H, P.Tq, P.D), dtype=f32, device=dev) if needs[0] else dummy
+        sq = torch.zeros_like(zq) if (needs[0] and entropy) else dummy
+        lk = torch.full((P.B * P.HK, P.Tk, P.D), _NEG, dtype=f32, device=dev) if needs[1] else dummy
+        muk = torch.zeros_like(lk) if (needs[1] and entropy) else dummy
+        lv = torch.full((P.B * P.HK, P.Tk, P.DV), _NEG, dtype=f32, device=dev) if needs[2] else dummy
+        muv = torch.zeros_like(lv) if (needs[2] and entropy) else dummy
+        grid = (triton.cdiv(P.Tk, BN), P.B * P.HK)
+        # one launch, or (split) the q/k outputs and the v output in two
+        parts = [(needs[0], needs[1], False), (False, False, needs[2])] if plan["split"] else [needs]
+        for nq, nk, nv in parts:
+            if not (nq or nk or nv):
+                continue
+            _attn_bwd_sum_kernel[grid](P.q, P.k, va, vx, ar, amr, ac, amc, mvo, qa, qx, ka, kx, P.bias, st, ji,
+                                       zq, sq, lk, muk, lv, muv, *P.common(),
+                                       G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
+                                       ENTROPY=entropy, NEED_Q=nq, NEED_K=nk, NEED_V=nv,
+                                       BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, num_warps=nw, num_stages=ns)
+        return st, zq, sq, lk, muk, lv, muv
+
+    st, zq, sq, lk, muk, lv, muv = run(_choose_plan("entropy" if entropy else "abs", P, needs, run))
     vq = vk = vv = None
     if needs[0]:
         mi = st[3].view(P.B * P.H, P.Tq, 1)
@@ -1240,36 +1283,43 @@ def attention_maxabs(vo, q, k, v, bias, causal, scale, needs=(True, True, True))
     if not _check(vo, q, k, v, bias, needs):
         return NotImplemented
     P = _Prep(vo, q, k, v, bias, causal, scale)
-    cfg = _config("maxabs", P.BD, P.BDV)
-    BM, BN, nw, ns, prec = cfg
     dev, f32 = P.device, torch.float32
     need_sm = needs[0] or needs[1]
     lvo = P.vo[0]
     dummy = P.q
-    st = _st_with(P, _launch_lse(P, cfg, delta=False), 4)
-    ji = torch.empty((P.s_st,), dtype=torch.int32, device=dev)
     lvoT = lvT = lq = lk = dummy
     if need_sm:
         lvoT = lvo.transpose(-1, -2).contiguous()                            # [BH, DV, Tq]
         lvT = torch.log(P.v.to(f32).abs()).transpose(-1, -2).contiguous()    # [BHk, DV, Tk]
-        grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
-        _attn_stats_maxabs_kernel[grid](P.q, P.k, lvoT, lvT, P.bias, st, ji, *P.common(),
-                                        G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
-                                        BM=BM, BN=BN, BD=P.BD, CHUNK=_chunk(), num_warps=nw, num_stages=ns)
     if needs[0]:
         lk = torch.log((P.k.to(f32) * P.scale).abs()).contiguous()
     if needs[1]:
         lq = torch.log((P.q.to(f32) * P.scale).abs()).contiguous()
-    dq = torch.full((P.B * P.H, P.Tq, P.D), _NEG, dtype=f32, device=dev) if needs[0] else dummy
-    dk = torch.empty((P.B * P.HK, P.Tk, P.D), dtype=f32, device=dev) if needs[1] else dummy
-    dv = torch.empty((P.B * P.HK, P.Tk, P.DV), dtype=f32, device=dev) if needs[2] else dummy
-    grid = (triton.cdiv(P.Tk, BN), P.B * P.HK)
-    scr = torch.empty((grid[0] * grid[1] * 2 * BM * BN,), dtype=f32, device=dev)
-    _attn_bwd_maxabs_kernel[grid](P.q, P.k, lvoT, lvT, lvo, lq, lk, P.bias, st, ji, scr, dq, dk, dv, *P.common(),
-                                  G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
-                                  NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
-                                  BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(), num_warps=nw,
-                                  num_stages=ns)
+
+    def run(plan):
+        cfg = plan["cfg"]
+        BM, BN, nw, ns, prec = cfg
+        st = _st_with(P, _launch_lse(P, cfg, delta=False), 4)
+        ji = torch.empty((P.s_st,), dtype=torch.int32, device=dev)
+        if need_sm:
+            grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
+            _attn_stats_maxabs_kernel[grid](P.q, P.k, lvoT, lvT, P.bias, st, ji, *P.common(),
+                                            G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee,
+                                            PREC=prec, BM=BM, BN=BN, BD=P.BD, CHUNK=_chunk(), num_warps=nw,
+                                            num_stages=ns)
+        dq = torch.full((P.B * P.H, P.Tq, P.D), _NEG, dtype=f32, device=dev) if needs[0] else dummy
+        dk = torch.empty((P.B * P.HK, P.Tk, P.D), dtype=f32, device=dev) if needs[1] else dummy
+        dv = torch.empty((P.B * P.HK, P.Tk, P.DV), dtype=f32, device=dev) if needs[2] else dummy
+        grid = (triton.cdiv(P.Tk, BN), P.B * P.HK)
+        scr = torch.empty((grid[0] * grid[1] * 2 * BM * BN,), dtype=f32, device=dev)
+        _attn_bwd_maxabs_kernel[grid](P.q, P.k, lvoT, lvT, lvo, lq, lk, P.bias, st, ji, scr, dq, dk, dv,
+                                      *P.common(), G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal,
+                                      IEEE=P.ieee, PREC=prec, NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
+                                      BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(), num_warps=nw,
+                                      num_stages=ns)
+        return dq, dk, dv
+
+    dq, dk, dv = run(_choose_plan("maxabs", P, needs, run))
     return ((P.out_q(dq),) if needs[0] else None,
             (P.out_k(dk),) if needs[1] else None,
             (P.out_v(dv),) if needs[2] else None)
@@ -1283,23 +1333,15 @@ def attention_max(vo, q, k, v, bias, causal, scale, needs=(True, True, True)):
     if not _check(vo, q, k, v, bias, needs) or len(vo) != 2:
         return NotImplemented
     P = _Prep(vo, q, k, v, bias, causal, scale)
-    cfg = _config("max", P.BD, P.BDV)
-    BM, BN, nw, ns, prec = cfg
     dev, f32 = P.device, torch.float32
     need_sm = needs[0] or needs[1]
     vop, von = P.vo
     dummy = P.q
-    st = _st_with(P, _launch_lse(P, cfg, delta=False), 6)
-    ji = torch.empty((2, P.s_st), dtype=torch.int32, device=dev)
     voTp = voTn = vT = qs = ks = dummy
     if need_sm:
         voTp = vop.transpose(-1, -2).contiguous()
         voTn = von.transpose(-1, -2).contiguous()
         vT = P.v.to(f32).transpose(-1, -2).contiguous()
-        grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
-        _attn_stats_max_kernel[grid](P.q, P.k, voTp, voTn, vT, P.bias, st, ji, *P.common(),
-                                     G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
-                                     BM=BM, BN=BN, BD=P.BD, CHUNK=_chunk(), num_warps=nw, num_stages=ns)
     if needs[0]:
         ks = (P.k.to(f32) * P.scale).contiguous()
     if needs[1]:
@@ -1310,17 +1352,31 @@ def attention_max(vo, q, k, v, bias, causal, scale, needs=(True, True, True)):
             return dummy, dummy
         return (torch.full(shape, _NEG, dtype=f32, device=dev), torch.full(shape, _POS, dtype=f32, device=dev))
 
-    dqp, dqn = pair((P.B * P.H, P.Tq, P.D), needs[0])
-    dkp, dkn = pair((P.B * P.HK, P.Tk, P.D), needs[1])
-    dvp, dvn = pair((P.B * P.HK, P.Tk, P.DV), needs[2])
-    grid = (triton.cdiv(P.Tk, BN), P.B * P.HK)
-    scr = torch.empty((grid[0] * grid[1] * 3 * BM * BN,), dtype=f32, device=dev)
-    _attn_bwd_max_kernel[grid](P.q, P.k, voTp, voTn, vT, vop, von, qs, ks, P.bias, st, ji, scr,
-                               dqp, dqn, dkp, dkn, dvp, dvn, *P.common(),
-                               G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
-                               NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
-                               BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(), num_warps=nw,
-                               num_stages=ns)
+    def run(plan):
+        cfg = plan["cfg"]
+        BM, BN, nw, ns, prec = cfg
+        st = _st_with(P, _launch_lse(P, cfg, delta=False), 6)
+        ji = torch.empty((2, P.s_st), dtype=torch.int32, device=dev)
+        if need_sm:
+            grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
+            _attn_stats_max_kernel[grid](P.q, P.k, voTp, voTn, vT, P.bias, st, ji, *P.common(),
+                                         G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee,
+                                         PREC=prec, BM=BM, BN=BN, BD=P.BD, CHUNK=_chunk(), num_warps=nw,
+                                         num_stages=ns)
+        dqp, dqn = pair((P.B * P.H, P.Tq, P.D), needs[0])
+        dkp, dkn = pair((P.B * P.HK, P.Tk, P.D), needs[1])
+        dvp, dvn = pair((P.B * P.HK, P.Tk, P.DV), needs[2])
+        grid = (triton.cdiv(P.Tk, BN), P.B * P.HK)
+        scr = torch.empty((grid[0] * grid[1] * 3 * BM * BN,), dtype=f32, device=dev)
+        _attn_bwd_max_kernel[grid](P.q, P.k, voTp, voTn, vT, vop, von, qs, ks, P.bias, st, ji, scr,
+                                   dqp, dqn, dkp, dkn, dvp, dvn, *P.common(),
+                                   G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
+                                   NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
+                                   BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(), num_warps=nw,
+                                   num_stages=ns)
+        return dqp, dqn, dkp, dkn, dvp, dvn
+
+    dqp, dqn, dkp, dkn, dvp, dvn = run(_choose_plan("max", P, needs, run))
     return ((P.out_q(dqp), P.out_q(dqn)) if needs[0] else None,
             (P.out_k(dkp), P.out_k(dkn)) if needs[1] else None,
             (P.out_v(dvp), P.out_v(dvn)) if needs[2] else None)
@@ -1366,7 +1422,8 @@ def aot_specs(options: bool = False):
     checks, ``triton.compile(ASTSource(fn, signature, constexprs),
     target=GPUTarget("cuda", 90, 32))``: every kernel of every semiring, for
     fp32 and bf16 q/k/v, with the launcher's GPU block sizes at head dim 64
-    (the LSE pre-pass once per dtype, with the Δ branch of ``real``).
+    (the LSE pre-pass once per dtype, with the Δ branch of ``real``), for
+    every launch plan of :func:`_plans`.
     ``options=True`` appends a 4th element, the launcher's
     ``{"num_warps", "num_stages"}`` for ``triton.compile(..., options=)``.
     Needs triton only (no torch); compile with TRITON_INTERPRET unset or 0."""
@@ -1377,13 +1434,18 @@ def aot_specs(options: bool = False):
         base = dict(HAS_BIAS=True, CAUSAL=dtype == "bf16", IEEE=ieee)
         needs = dict(NEED_Q=True, NEED_K=True, NEED_V=True)
 
-        def add(fn, semiring, c, native=()):
-            bm, bn, nw, ns, prec = _config(semiring, bd, bdv, gpu=True)
-            c = dict(c, BM=bm, BN=bn, BD=bd, PREC=prec)
-            if "BDV" in fn.arg_names:
-                c["BDV"] = bdv
-            spec = (fn, _signature(fn, dtype, c, native=native), c)
-            specs.append(spec + ({"num_warps": nw, "num_stages": ns},) if options else spec)
+        def add(fn, semiring, c0, native=()):
+            for plan in _plans(semiring, bd, bdv, gpu=True):      # every candidate the GPU may time
+                bm, bn, nw, ns, prec = plan["cfg"]
+                c = dict(c0, BM=bm, BN=bn, BD=bd, PREC=prec)
+                if "BDV" in fn.arg_names:
+                    c["BDV"] = bdv
+                variants = [c]
+                if plan["split"] and "NEED_V" in c:             # the q/k launch and the v launch
+                    variants = [dict(c, NEED_V=False), dict(c, NEED_Q=False, NEED_K=False)]
+                for c in variants:
+                    spec = (fn, _signature(fn, dtype, c, native=native), c)
+                    specs.append(spec + ({"num_warps": nw, "num_stages": ns},) if options else spec)
 
         add(_attn_lse_kernel, "real", dict(base, G=2, DELTA=True), native=("v_ptr",))
         add(_attn_bwd_real_kernel, "real", dict(base, G=2, **needs), native=("v_ptr",))

@@ -88,6 +88,15 @@ def variant_key(spec):
     return (kernel.__name__, consts, ptrs)
 
 
+def specs_of(mod) -> list:
+    """The module's compile specs with their launch options (num_warps,
+    num_stages) where its ``aot_specs`` can add them (``options=True``)."""
+    import inspect
+    if "options" in inspect.signature(mod.aot_specs).parameters:
+        return mod.aot_specs(options=True)
+    return mod.aot_specs()
+
+
 def compile_one(args):
     mod_name, idx, want_ptxas = args
     import triton
@@ -95,7 +104,7 @@ def compile_one(args):
 
     pkg = sys.modules.get("_st_kernels") or load_kernels()
     mod = getattr(pkg, mod_name)
-    spec = mod.aot_specs()[idx]
+    spec = specs_of(mod)[idx]
     kernel, sig, const = spec[:3]
     opts = dict(spec[3]) if len(spec) > 3 else {}
     divisible = opts.pop("_divisible_by_16", [])
@@ -136,7 +145,7 @@ def main(argv=None):
     for name in a.only.split(","):
         mod = getattr(pkg, name)
         seen = set()
-        for i, spec in enumerate(mod.aot_specs()):
+        for i, spec in enumerate(specs_of(mod)):
             if a.quick:
                 key = variant_key(spec)
                 if key in seen:

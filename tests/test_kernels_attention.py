@@ -208,6 +208,28 @@ def test_tropical_rank1_path(semiring, monkeypatch):
 
 
 @cpu_only
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_gpu_launch_plans(semiring, monkeypatch):
+    """Every launch plan the GPU autotuner may pick (tile sizes, warps, dot
+    precision, entropy's split q/k + v launches; abs also split), run under the
+    interpreter against the reference, with GQA, a bias and a subset of outputs."""
+    plans = katt._plans(semiring, 64, 64, gpu=True)
+    if semiring in ("abs", "entropy"):
+        plans = plans + [dict(p, split=not p["split"]) for p in plans]
+    if semiring in ("maxabs", "max"):
+        monkeypatch.setattr(katt, "TROPICAL_CHUNK", 1)
+    g = torch.Generator().manual_seed(13)
+    q, k, v, bias, causal = small_gqa(g, bias=True)
+    vo = make_vo(semiring, (*q.shape[:-1], v.shape[-1]), g)
+    for plan in plans:
+        monkeypatch.setattr(katt, "_plans", lambda *a, _p=plan, **kw: [_p])
+        for needs in ((True, True, True), (False, True, True), (True, False, False)):
+            got, ref = run_both(semiring, vo, q, k, v, bias, causal, 0.25, needs)
+            for name, a, b in zip("qkv", got, ref):
+                compare(semiring, a, b, f"{semiring}/{plan}/{needs}/{name}")
+
+
+@cpu_only
 def test_fp16_and_value_head_dim():
     """fp16 q/k/v, and a value head dim different from the query/key one."""
     g = torch.Generator().manual_seed(3)
@@ -281,6 +303,24 @@ def test_kernel_matches_reference_gpu(semiring, case):
     got, ref = run_both(semiring, vo, q, k, v, bias, causal, scale, (True, True, True))
     for name, a, b in zip("qkv", got, ref):
         compare(semiring, a, b, f"gpu/{semiring}/{case}/{name}")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", ["causal_gqa", "floatbias", "bf16"])
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_every_launch_plan_gpu(semiring, case, monkeypatch):
+    """Each launch plan the autotuner may pick, compiled, against the reference
+    (the autotuner times them all but would otherwise only ever run the winner here)."""
+    g = torch.Generator().manual_seed(_seed(semiring, case, "plans"))
+    q, k, v, bias, causal = make_case(case, g, device="cuda", big=True)
+    vo = make_vo(semiring, (*q.shape[:-1], v.shape[-1]), g, device="cuda")
+    plans = katt._plans(semiring, katt._pow2(q.shape[-1]), katt._pow2(v.shape[-1]), gpu=True)
+    for plan in plans:
+        monkeypatch.setattr(katt, "_plans", lambda *a, _p=plan, **kw: [_p])
+        got, ref = run_both(semiring, vo, q, k, v, bias, causal, 0.125, (True, True, True))
+        for name, a, b in zip("qkv", got, ref):
+            compare(semiring, a, b, f"gpu/{semiring}/{case}/{plan}/{name}")
 
 
 @gpu
