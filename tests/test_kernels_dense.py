@@ -192,17 +192,19 @@ def test_matmul_split_j(name, device, monkeypatch):
     """Split-J launches (slices of the contraction index in separate programs,
     combined with ⊕) give the unsplit result: slice counts that do not divide J,
     more slices than steps, a batched weight and a transposed view; dead rows and
-    zero weights fall in some slices only."""
+    zero weights fall in some slices only; with and without the loads of the
+    next step issued ahead (PIPE), down to one- and two-step loops."""
     from semitriton.kernels import matmul as mm
 
     sr = BUILTIN[name]
     g = torch.Generator().manual_seed(11)
     fn = kernel("matmul", name)
     base = mm._simt_configs(name == "max", 64, gpu=device == "cuda")[0]
-    cases = [((2, 13, 37), None, 3), ((13, 37), None, 5), ((11, 5), None, 8), ((3, 13, 37), 3, 4),
-             ((19, 40), "view", 7)]
-    for vs, batched, split in cases:
-        monkeypatch.setattr(mm, "_simt_configs", lambda *a, **k: [dict(base, SPLIT_J=split)])
+    cases = [((2, 13, 37), None, 3, True), ((13, 37), None, 5, False), ((11, 5), None, 8, True),
+             ((3, 13, 37), 3, 4, False), ((19, 40), "view", 7, True), ((7, 1), None, 1, True),
+             ((7, 2), None, 1, False)]
+    for vs, batched, split, pipe in cases:           # pipe: loads one step ahead (PIPE)
+        monkeypatch.setattr(mm, "_simt_configs", lambda *a, **k: [dict(base, SPLIT_J=split, PIPE=pipe)])
         v = gen_values(name, vs, device, g, dead=0.3)
         if batched == "view":
             w = _weights((21, vs[-1]), torch.float32, device, g, zeros=0.4).transpose(0, 1)
@@ -211,7 +213,7 @@ def test_matmul_split_j(name, device, monkeypatch):
         else:
             w = _weights((vs[-1], 21), torch.float32, device, g, zeros=0.4)
         check(fn(v, w), reference(sr.matmul, v, w), name, 1e-6 if device == "cpu" else 1e-5, None,
-              f"split/{name}/{vs}/S={split}")
+              f"split/{name}/{vs}/S={split}/pipe={pipe}")
 
 
 def test_split_j_candidates_only_for_small_grids(monkeypatch):
