@@ -1,0 +1,118 @@
+"""Host (Python) time of the semiring walk on the GPU code path, measured on
+the CPU: the Triton backend under the interpreter with every kernel launch
+stubbed out (outputs stay uninitialised, so the numbers are meaningless and
+only the time counts), on a model with a real model's graph but tiny widths,
+so that torch's CPU ops cost little. Reports µs per node and per rule type.
+
+    python bench/bench_host.py                     # SmolLM2 graph (30 layers), all semirings
+    python bench/bench_host.py --model bert-base --semirings abs,entropy
+
+What it leaves out: the launch cost of the real Triton and CUDA launchers, the
+device itself, and the dispatch choices made only for CUDA tensors (fp32
+abs/entropy linears take the Triton GEMM's launcher here, not
+exp/log-around-cuBLAS); what it keeps: the engine loop, the rules, the
+dispatch and the kernel launchers' own Python, which is what a host-bound
+pass pays per node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["SEMITRITON_BACKEND"] = "triton"
+
+SEMIRINGS = ("real", "abs", "entropy", "maxabs", "max")
+
+
+def build(name: str):
+    import torch
+    import transformers as t
+    torch.manual_seed(0)
+    if name == "bert-base":
+        cfg = t.BertConfig(vocab_size=100, hidden_size=48, num_attention_heads=12, intermediate_size=32)
+        cfg._attn_implementation = "sdpa"
+        return t.BertForMaskedLM(cfg).eval()
+    cfg = t.LlamaConfig(vocab_size=100, hidden_size=72, intermediate_size=32, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    cfg._attn_implementation = "sdpa"
+    return t.LlamaForCausalLM(cfg).eval()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", choices=("smollm2-135m", "bert-base"))
+    ap.add_argument("--semirings", default=",".join(SEMIRINGS))
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args(argv)
+
+    import torch
+    from triton.runtime import interpreter
+
+    import semitriton
+    import semitriton.engine as engine
+
+    torch.set_num_threads(1)
+    interpreter.InterpretedFunction.run = lambda self, *a, **k: None       # stub every launch
+    model = build(args.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    semitriton.patch(model)
+    ids = torch.randint(5, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+    logits = model(inputs_embeds=emb).logits
+    score = (logits[:, -1, 7] - logits[:, -1, 3]).sum()
+    graph = engine.GradientGraph(score, (emb,))
+
+    per_rule: dict = {}
+    calls: dict = {}
+    rule_for = engine.rule_for
+
+    def timed_rule_for(node):
+        fn = rule_for(node)
+        if fn is None:
+            return None
+        name = type(node).__name__
+
+        def timed(ctx):
+            t0 = time.perf_counter()
+            try:
+                return fn(ctx)
+            finally:
+                per_rule[name] = per_rule.get(name, 0.0) + time.perf_counter() - t0
+                calls[name] = calls.get(name, 0) + 1
+        return timed
+
+    print(f"{args.model} graph: {graph.n_nodes} nodes; Triton launches stubbed; "
+          f"min of {args.reps} passes\n")
+    print("| semiring | walk ms | µs per node | rules ms | engine ms | top rules (µs per call) |")
+    print("|---|---|---|---|---|---|")
+    for sr in args.semirings.split(","):
+        engine.rule_for = rule_for
+        engine.run(score, (emb,), sr, graph=graph)                          # warm caches
+        walls = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            engine.run(score, (emb,), sr, graph=graph)
+            walls.append(time.perf_counter() - t0)
+        engine.rule_for = timed_rule_for
+        per_rule.clear()
+        calls.clear()
+        t0 = time.perf_counter()
+        engine.run(score, (emb,), sr, graph=graph)
+        wall_i = time.perf_counter() - t0
+        engine.rule_for = rule_for
+        rules = sum(per_rule.values())
+        top = sorted(per_rule.items(), key=lambda kv: -kv[1])[:4]
+        tops = ", ".join(f"{k} {v / calls[k] * 1e6:.0f}" for k, v in top)
+        wall = min(walls)
+        print(f"| {sr} | {wall * 1e3:.1f} | {wall / graph.n_nodes * 1e6:.0f} | {rules * 1e3:.1f} | "
+              f"{(wall_i - rules) * 1e3:.1f} | {tops} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
