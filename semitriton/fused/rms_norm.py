@@ -11,6 +11,19 @@ import torch
 from ._saved import pad, saved_tensors
 
 
+def _input_grad_kernel(x, grad_out, weight, eps: float, offset: float):
+    """dx from the fused Triton kernel, or None (torch closed form) where the
+    backend switch keeps torch (CPU tensors by default) or the kernel declines."""
+    from .. import backend
+    if not backend.use_triton(x):
+        return None
+    try:
+        from ..kernels.rms_norm import rms_norm_input_grad
+    except ImportError:  # triton missing or broken
+        return None
+    return rms_norm_input_grad(x, grad_out, weight, eps, offset)
+
+
 class CanonicalRMSNorm(torch.autograd.Function):
     """``forward(x, weight, impl, eps, offset)``: ``impl(x)`` is the original
     module's forward (so outputs are bit-identical); γ = weight + offset
@@ -26,16 +39,21 @@ class CanonicalRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         """The ordinary gradient in closed form (at least float32 inside, like
-        the forward): with g' = g·γ, dx = r (g' - x̂ mean(g' x̂)), dγ = Σ g x̂."""
+        the forward): with g' = g·γ, dx = r (g' - x̂ mean(g' x̂)), dγ = Σ g x̂.
+        dx is one Triton launch where the backend switch picks Triton (CUDA)."""
         x, weight = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = _input_grad_kernel(x, grad_out, weight, ctx.eps, ctx.offset)
+        if gx is not None and not (weight is not None and ctx.needs_input_grad[1]):
+            return gx, None, None, None, None
         dt = torch.promote_types(x.dtype, torch.float32)
         xf = x.to(dt)
         r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
         xhat = xf * r
         g = grad_out.to(dt)
-        gg = g if weight is None else g * (weight.to(dt) + ctx.offset)
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and gx is None:
+            gg = g if weight is None else g * (weight.to(dt) + ctx.offset)
             gx = (r * (gg - xhat * (gg * xhat).mean(-1, keepdim=True))).to(x.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             gw = (g * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(weight.dtype)
