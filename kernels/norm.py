@@ -70,16 +70,18 @@ def _tprime(a_i, xj, offs_i, offs_j, i0, j0, inv_n, cn,
 
 
 @triton.jit
-def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
+def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr,
                  N, s_c0, s_c1, s_x, s_o,
                  SR: tl.constexpr, CENTERED: tl.constexpr, HAS_G: tl.constexpr,
-                 BI: tl.constexpr, BJ: tl.constexpr):
+                 BI: tl.constexpr, BJ: tl.constexpr, ROW_SHIFT: tl.constexpr):
     """One row, BI outputs: out_i = ⊕_j edge(w_ij) ⊗ v_j with
     w_ij = γ_j·rstd·(δ_ij − (c + x̂_i x̂_j)/n); see the module docstring for the
     per-semiring forms (SR: 1 abs, 2 maxabs, 3 max, 4 entropy). The j loop
     loads the next column tile before computing on the current one (the
     loads' latency hides behind the O(BI·BJ) work), and per-pair / per-column
-    logs use the SFU (``_fastmath.py``)."""
+    logs use the SFU (``_fastmath.py``). ROW_SHIFT: the row shift m is read
+    from m_ptr (computed once per row by the launcher) instead of by a pass
+    over the row in every one of the row's programs."""
     row = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BI
     offs_i = i0 + tl.arange(0, BI)
@@ -118,16 +120,19 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
         tl.store(o1_ptr + row * s_o + offs_i, tl.min(acc_n, 1), mask=mi)
     else:
         # the shift: m = finite max_j (l_j + log|γ_j|)
-        mv = tl.full((BJ,), float("-inf"), dtype=tl.float32)
-        for j0 in range(0, N, BJ):
-            offs_j = j0 + jr
-            mj = offs_j < N
-            lj = tl.load(c0_row + offs_j, mask=mj, other=float("-inf"))
-            if HAS_G:
-                lj = lj + fast_log(tl.abs(tl.load(g_ptr + offs_j, mask=mj, other=1.0).to(tl.float32)))
-            mv = tl.maximum(mv, lj)
-        m = tl.max(mv, 0)
-        m = tl.where(tl.abs(m) < float("inf"), m, 0.0)
+        if ROW_SHIFT:
+            m = tl.load(m_ptr + row)
+        else:
+            mv = tl.full((BJ,), float("-inf"), dtype=tl.float32)
+            for j0 in range(0, N, BJ):
+                offs_j = j0 + jr
+                mj = offs_j < N
+                lj = tl.load(c0_row + offs_j, mask=mj, other=float("-inf"))
+                if HAS_G:
+                    lj = lj + fast_log(tl.abs(tl.load(g_ptr + offs_j, mask=mj, other=1.0).to(tl.float32)))
+                mv = tl.maximum(mv, lj)
+            m = tl.max(mv, 0)
+            m = tl.where(tl.abs(m) < float("inf"), m, 0.0)
         lrs = tl.log(rs)
         acc = tl.zeros((BI, BJ), dtype=tl.float32)
         if SR == 4:
@@ -188,13 +193,30 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
 
 
 def _configs(sr: int):
+    """Launch candidates, best guess first. ROW_SHIFT (the row shift computed
+    once per row by the launcher, not in each of the row's n/BI programs; SASS
+    of the abs kernel at 64x64: the per-program shift pass was 12 x 65
+    instructions per thread against ~12 x 84 for the O(n²) loop itself) is not
+    yet timed on a GPU: the first tile is also offered without it."""
     if interpreting():
-        return [dict(BI=16, BJ=16, num_warps=1, num_stages=1)]
+        return [dict(BI=16, BJ=16, num_warps=1, num_stages=1, ROW_SHIFT=True)]
     if sr in (SR_ABS, SR_MAXABS):
-        return [dict(BI=64, BJ=64, num_warps=4, num_stages=3), dict(BI=128, BJ=64, num_warps=8, num_stages=3),
-                dict(BI=64, BJ=128, num_warps=8, num_stages=3)]
-    return [dict(BI=64, BJ=32, num_warps=4, num_stages=3), dict(BI=64, BJ=64, num_warps=8, num_stages=3),
-            dict(BI=32, BJ=64, num_warps=4, num_stages=3)]
+        cs = [dict(BI=64, BJ=64, num_warps=4, num_stages=3), dict(BI=128, BJ=64, num_warps=8, num_stages=3),
+              dict(BI=64, BJ=128, num_warps=8, num_stages=3)]
+    else:
+        cs = [dict(BI=64, BJ=32, num_warps=4, num_stages=3), dict(BI=64, BJ=64, num_warps=8, num_stages=3),
+              dict(BI=32, BJ=64, num_warps=4, num_stages=3)]
+    if sr == SR_MAX:                      # no shift in the signed semiring
+        return [dict(c, ROW_SHIFT=False) for c in cs]
+    return [dict(cs[0], ROW_SHIFT=True), dict(cs[0], ROW_SHIFT=False)] + [dict(c, ROW_SHIFT=True) for c in cs[1:]]
+
+
+def _row_shift(l, g):
+    """m_r = finite max_j (l_rj + log|γ_j|) (0 for rows without a finite term), [R]."""
+    import torch
+    t = l if g is None else l + torch.log(torch.abs(g.float()))
+    m = torch.amax(t, dim=-1)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m)).contiguous()
 
 
 def row_inputs(v, xhat, rstd, weight, max_n=None):
@@ -237,7 +259,8 @@ def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
     def launch(cfg):
         meta = dict(cfg)
         grid = (R, triton.cdiv(n, meta["BI"]))
-        _norm_kernel[grid](a, b, x, rs, g if g is not None else x, o0, o1, n,
+        m = _row_shift(a, g) if meta["ROW_SHIFT"] else rs
+        _norm_kernel[grid](a, b, x, rs, g if g is not None else x, o0, o1, m, n,
                            a.stride(0), b.stride(0), x.stride(0), o0.stride(0),
                            SR=sr, CENTERED=centered, HAS_G=g is not None, **meta)
 
@@ -263,17 +286,21 @@ for _kind in ("abs", "maxabs", "max", "entropy"):
 
 def aot_specs():
     """(kernel, signature, constexprs, options): each semiring × (layer, RMS) with
-    fp32 γ, plus bf16 x̂/γ, no γ, and a second tile shape per semiring."""
+    fp32 γ, plus bf16 x̂/γ, no γ, a second tile shape per semiring, and the
+    variant that computes the row shift per program."""
     specs = []
     kern = _norm_kernel
     for kind, sr in _CODES.items():
         cfgs = ((64, 64, 4), (128, 64, 8)) if sr in (SR_ABS, SR_MAXABS) else ((64, 32, 4), (64, 64, 8))
         runs = [(True, True, "fp32", cfgs[0]), (False, True, "fp32", cfgs[0]), (True, True, "bf16", cfgs[0]),
                 (True, False, "fp32", cfgs[0]), (False, True, "fp32", cfgs[1])]
-        for centered, has_g, dt, (bi, bj, nw) in runs:
-            const = dict(SR=sr, CENTERED=centered, HAS_G=has_g, BI=bi, BJ=bj)
+        runs = [r + (sr != SR_MAX,) for r in runs]
+        if sr != SR_MAX:
+            runs.append((True, True, "fp32", cfgs[0], False))          # the shift computed per program
+        for centered, has_g, dt, (bi, bj, nw), row_shift in runs:
+            const = dict(SR=sr, CENTERED=centered, HAS_G=has_g, BI=bi, BJ=bj, ROW_SHIFT=row_shift)
             types = {n: "i32" for n in kern.arg_names}
             types.update({"c0_ptr": "*fp32", "c1_ptr": "*fp32", "x_ptr": "*" + dt, "rstd_ptr": "*fp32",
-                          "g_ptr": "*" + dt, "o0_ptr": "*fp32", "o1_ptr": "*fp32"})
+                          "g_ptr": "*" + dt, "o0_ptr": "*fp32", "o1_ptr": "*fp32", "m_ptr": "*fp32"})
             specs.append(aot_entry(kern, types, const, nw, 3))
     return specs
