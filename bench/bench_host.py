@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m", choices=("smollm2-135m", "bert-base"))
     ap.add_argument("--semirings", default=",".join(SEMIRINGS))
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--linear", action="store_true", help="patch(linear=True): one node per Linear")
     args = ap.parse_args(argv)
 
     import torch
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     model = build(args.model)
     for p in model.parameters():
         p.requires_grad_(False)
-    semitriton.patch(model)
+    semitriton.patch(model, linear=args.linear)
     ids = torch.randint(5, 100, (2, 8), generator=torch.Generator().manual_seed(0))
     emb = model.get_input_embeddings()(ids).detach().requires_grad_()
     logits = model(inputs_embeds=emb).logits
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
                 calls[name] = calls.get(name, 0) + 1
         return timed
 
-    print(f"{args.model} graph: {graph.n_nodes} nodes; Triton launches stubbed; "
+    print(f"{args.model} graph{' (patch(linear=True))' if args.linear else ''}: {graph.n_nodes} nodes; "
+          "Triton launches stubbed; "
           f"min of {args.reps} passes\n")
     print("| semiring | walk ms | µs per node | rules ms | engine ms | top rules (µs per call) |")
     print("|---|---|---|---|---|---|")
