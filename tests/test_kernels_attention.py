@@ -223,7 +223,7 @@ def test_gpu_launch_plans(semiring, monkeypatch):
     vo = make_vo(semiring, (*q.shape[:-1], v.shape[-1]), g)
     for plan in plans:
         monkeypatch.setattr(katt, "_plans", lambda *a, _p=plan, **kw: [_p])
-        for needs in ((True, True, True), (False, True, True), (True, False, False)):
+        for needs in ((True, True, True), (False, True, True), (True, False, False), (False, False, True)):
             got, ref = run_both(semiring, vo, q, k, v, bias, causal, 0.25, needs)
             for name, a, b in zip("qkv", got, ref):
                 compare(semiring, a, b, f"{semiring}/{plan}/{needs}/{name}")
