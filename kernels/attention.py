@@ -981,8 +981,9 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None) -> list:
 
     - real, abs: 16x64, 8 warps (spills 20 / 12 bytes) first; the earlier
       64x64 (2316 / 2872 bytes of spills) stays a candidate;
-    - entropy: 16x64, 8 warps, q/k and v split (276 and 0 bytes) first; the
-      earlier single 32x64 launch (2452 bytes) stays a candidate;
+    - entropy: q/k and v in two launches, 16x32 and 16x64, 8 warps (56 and 0
+      bytes) first, then both at 16x64 (276 and 0); the earlier single 32x64
+      launch (2452 bytes) stays a candidate;
     - maxabs, max: 64x32, 8 warps, tf32x3 score dot (0 / 36 bytes) first; the
       earlier 64x64 "ieee" (488 / 588 bytes) stays a candidate.
 
@@ -997,7 +998,8 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None) -> list:
         plans = [{"cfg": c, "split": False} for c in cfgs]
     elif semiring == "entropy":
         plans = ([{"cfg": (32, 32, 8, 1, "tf32x3"), "split": False}] if wide else
-                 [{"cfg": (16, 64, 8, 1, "tf32x3"), "split": True},
+                 [{"cfg": (16, 64, 8, 1, "tf32x3"), "split": True, "qk_cfg": (16, 32, 8, 1, "tf32x3")},
+                  {"cfg": (16, 64, 8, 1, "tf32x3"), "split": True},
                   {"cfg": (32, 64, 8, 1, "tf32x3"), "split": False}])
     else:
         # tropical: SIMT rank-1 updates, scratch round trips (num_stages=1: no
@@ -1232,17 +1234,21 @@ def _attention_sum(vo, q, k, v, bias, causal, scale, needs, entropy: bool):
         muk = torch.zeros_like(lk) if (needs[1] and entropy) else dummy
         lv = torch.full((P.B * P.HK, P.Tk, P.DV), _NEG, dtype=f32, device=dev) if needs[2] else dummy
         muv = torch.zeros_like(lv) if (needs[2] and entropy) else dummy
-        grid = (triton.cdiv(P.Tk, BN), P.B * P.HK)
-        # one launch, or (split) the q/k outputs and the v output in two
-        parts = [(needs[0], needs[1], False), (False, False, needs[2])] if plan["split"] else [needs]
-        for nq, nk, nv in parts:
+        # one launch, or (split) the q/k outputs and the v output in two, the
+        # q/k one with its own tile (``qk_cfg``) where the plan gives one
+        if plan["split"]:
+            parts = [((needs[0], needs[1], False), plan.get("qk_cfg", cfg)), ((False, False, needs[2]), cfg)]
+        else:
+            parts = [(needs, cfg)]
+        for (nq, nk, nv), (bm, bn, w, stg, pr) in parts:
             if not (nq or nk or nv):
                 continue
+            grid = (triton.cdiv(P.Tk, bn), P.B * P.HK)
             _attn_bwd_sum_kernel[grid](P.q, P.k, va, vx, ar, amr, ac, amc, mvo, qa, qx, ka, kx, P.bias, st, ji,
                                        zq, sq, lk, muk, lv, muv, *P.common(),
-                                       G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
+                                       G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=pr,
                                        ENTROPY=entropy, NEED_Q=nq, NEED_K=nk, NEED_V=nv,
-                                       BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, num_warps=nw, num_stages=ns)
+                                       BM=bm, BN=bn, BD=P.BD, BDV=P.BDV, num_warps=w, num_stages=stg)
         return st, zq, sq, lk, muk, lv, muv
 
     st, zq, sq, lk, muk, lv, muv = run(_choose_plan("entropy" if entropy else "abs", P, needs, run))
@@ -1435,15 +1441,20 @@ def aot_specs(options: bool = False):
         needs = dict(NEED_Q=True, NEED_K=True, NEED_V=True)
 
         def add(fn, semiring, c0, native=()):
+            seen = set()
             for plan in _plans(semiring, bd, bdv, gpu=True):      # every candidate the GPU may time
-                bm, bn, nw, ns, prec = plan["cfg"]
-                c = dict(c0, BM=bm, BN=bn, BD=bd, PREC=prec)
-                if "BDV" in fn.arg_names:
-                    c["BDV"] = bdv
-                variants = [c]
-                if plan["split"] and "NEED_V" in c:             # the q/k launch and the v launch
-                    variants = [dict(c, NEED_V=False), dict(c, NEED_Q=False, NEED_K=False)]
-                for c in variants:
+                launches = [(plan["cfg"], {})]
+                if plan["split"] and "NEED_V" in c0:            # the q/k launch and the v launch
+                    launches = [(plan.get("qk_cfg", plan["cfg"]), dict(NEED_V=False)),
+                                (plan["cfg"], dict(NEED_Q=False, NEED_K=False))]
+                for (bm, bn, nw, ns, prec), extra in launches:
+                    c = dict(c0, BM=bm, BN=bn, BD=bd, PREC=prec, **extra)
+                    if "BDV" in fn.arg_names:
+                        c["BDV"] = bdv
+                    key = (tuple(sorted(c.items())), nw, ns)
+                    if key in seen:
+                        continue
+                    seen.add(key)
                     spec = (fn, _signature(fn, dtype, c, native=native), c)
                     specs.append(spec + ({"num_warps": nw, "num_stages": ns},) if options else spec)
 
