@@ -83,7 +83,7 @@ for s in ${STEPS//,/ }; do
     attn_long) step attn_long "${T_ATTN:-60}" python3 bench/run_kernels.py --only attention \
                  --attention-shapes long-4096 --dtypes float32 --out "$OUT/kernels.json" --md "$OUT/kernels.md" \
                  > "$OUT/kernels.log" 2>&1 ;;
-    kernel_tests) step kernel_tests "${T_KTESTS:-120}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+    kernel_tests) step kernel_tests "${T_KTESTS:-150}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                     tests/test_kernels_dense.py tests/test_kernels_attention.py >> "$OUT/tests.log" 2>&1 ;;
     # A/B of dispatch choices at model level (BERT-base fp32), against the models
     # table: the O(n log n) torch layer norm vs the O(n²) kernel for abs; for the

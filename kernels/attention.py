@@ -560,6 +560,82 @@ def _attn_bwd_sum_kernel(q_ptr, k_ptr, va_ptr, vx_ptr, ar_ptr, amr_ptr, ac_ptr, 
             tl.store(lv_ptr + vofs, lv_n, mask=vmask)
 
 
+# ------------------------------------------------------------------ abs / entropy pre- and post-passes
+@triton.jit
+def _finite0(m):
+    return tl.where(tl.abs(m) < float("inf"), m, 0.0)
+
+
+@triton.jit
+def _attn_prep_vo_kernel(lvo_ptr, muo_ptr, mo_ptr, ar_ptr, amr_ptr, mvo_ptr, ac_ptr, amc_ptr, Tq, DV,
+                         ROWS: tl.constexpr, COLS: tl.constexpr, ENTROPY: tl.constexpr,
+                         BT: tl.constexpr, BDV: tl.constexpr):
+    """One (batch, head): the row- and column-shifted exps of O's log value l
+    [Tq, DV] (μ = O's entropy mean): ROWS: mo_t = finite max_d l_td,
+    ar = exp(l - mo), amr = ar·μ; COLS: mvo_d = finite max_t l_td,
+    ac = exp(l - mvo), amc = ac·μ (finite max: 0 where the max is ±inf)."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BDV)
+    dm = offs_d < DV
+    base = bh * Tq * DV
+    cmax = tl.full([BDV], float("-inf"), tl.float32)
+    if COLS:
+        for t0 in range(0, Tq, BT):
+            offs_t = t0 + tl.arange(0, BT)
+            msk = (offs_t < Tq)[:, None] & dm[None, :]
+            l = tl.load(lvo_ptr + base + offs_t[:, None] * DV + offs_d[None, :], mask=msk, other=float("-inf"))
+            cmax = tl.maximum(cmax, tl.max(l, 0))
+        cmax = _finite0(cmax)
+        tl.store(mvo_ptr + bh * DV + offs_d, cmax, mask=dm)
+    for t0 in range(0, Tq, BT):
+        offs_t = t0 + tl.arange(0, BT)
+        tm = offs_t < Tq
+        msk = tm[:, None] & dm[None, :]
+        off = base + offs_t[:, None] * DV + offs_d[None, :]
+        l = tl.load(lvo_ptr + off, mask=msk, other=float("-inf"))
+        if ENTROPY:
+            mu = tl.load(muo_ptr + off, mask=msk, other=0.0)
+        if ROWS:
+            rmax = _finite0(tl.max(l, 1))
+            tl.store(mo_ptr + bh * Tq + offs_t, rmax, mask=tm)
+            ar = tl.exp(l - rmax[:, None])
+            tl.store(ar_ptr + off, ar, mask=msk)
+            if ENTROPY:
+                tl.store(amr_ptr + off, ar * mu, mask=msk)
+        if COLS:
+            ac = tl.exp(l - cmax[None, :])
+            tl.store(ac_ptr + off, ac, mask=msk)
+            if ENTROPY:
+                tl.store(amc_ptr + off, ac * mu, mask=msk)
+
+
+@triton.jit
+def _abs_scaled_kernel(x_ptr, a_ptr, ax_ptr, n, scale, XLOGX: tl.constexpr, BLOCK: tl.constexpr):
+    """a = |x·scale| in fp32 and, with XLOGX, ax = a·log a (0 where a = 0)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    a = tl.abs(tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) * scale)
+    tl.store(a_ptr + offs, a, mask=m)
+    if XLOGX:
+        pos = a > 0
+        tl.store(ax_ptr + offs, tl.where(pos, a * tl.log(tl.where(pos, a, 1.0)), 0.0), mask=m)
+
+
+@triton.jit
+def _attn_finish_q_kernel(z_ptr, s_ptr, mi_ptr, l_ptr, mu_ptr, n, D, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    """q's value from the accumulated sums: log z + MI_row (-inf where z = 0)
+    and, for entropy, μ = s / z (0 where z = 0)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    z = tl.load(z_ptr + offs, mask=m, other=0.0)
+    mi = tl.load(mi_ptr + offs // D, mask=m, other=0.0)
+    pos = z > 0
+    tl.store(l_ptr + offs, tl.where(pos, tl.log(tl.where(pos, z, 1.0)) + mi, float("-inf")), mask=m)
+    if ENTROPY:
+        sq = tl.load(s_ptr + offs, mask=m, other=0.0)
+        tl.store(mu_ptr + offs, tl.where(pos, sq / tl.where(pos, z, 1.0), 0.0), mask=m)
+
+
 # ------------------------------------------------------------------ maxabs
 @triton.jit
 def _attn_stats_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, bias_ptr, st_ptr, ji_ptr,
@@ -1114,15 +1190,23 @@ def _check(vo, q, k, v, bias, needs):
     return any(needs[:3])
 
 
-def _finite_amax(x, dim):
-    import torch
-    m = torch.amax(x, dim=dim)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+#: rows per step of the O pre-pass; elements per program of the flat passes
+_PREP_ROWS = 32
+_FLAT_BLOCK = 1024
 
 
-def _xlogx(a):
+def _abs_scaled(x, scale: float, xlogx: bool):
+    """(|x·scale|, its a·log a) as contiguous fp32 in one launch (without
+    ``xlogx`` the second is the first)."""
     import torch
-    return torch.where(a > 0, a * torch.log(torch.where(a > 0, a, torch.ones_like(a))), torch.zeros_like(a))
+    xc = x.contiguous()
+    a = torch.empty(xc.shape, dtype=torch.float32, device=xc.device)
+    ax = torch.empty_like(a) if xlogx else a
+    n = a.numel()
+    if n:
+        _abs_scaled_kernel[(triton.cdiv(n, _FLAT_BLOCK),)](xc, a, ax, n, float(scale), XLOGX=xlogx,
+                                                         BLOCK=_FLAT_BLOCK, num_warps=4)
+    return a, ax
 
 
 def _launch_lse(P, cfg, delta: bool, do=None):
@@ -1194,28 +1278,27 @@ def _attention_sum(vo, q, k, v, bias, causal, scale, needs, entropy: bool):
     lvo = P.vo[0]
     muo = P.vo[1] if entropy else None
     dummy = P.q
-    # per-call operands (independent of the launch plan)
+    # per-call operands (independent of the launch plan), in four launches
     mo = ar = amr = ac = amc = mvo = va = vx = qa = qx = ka = kx = dummy
+    BH = P.B * P.H
     if need_sm:
-        mo = _finite_amax(lvo, -1).contiguous()                    # [BH, Tq]
-        ar = torch.exp(lvo - mo.unsqueeze(-1)).contiguous()
-        va = P.v.to(f32).abs().contiguous()
-        if entropy:
-            amr = (ar * muo).contiguous()
-            vx = _xlogx(va).contiguous()
+        mo = torch.empty((BH, P.Tq), dtype=f32, device=dev)
+        ar = torch.empty_like(lvo)
+        amr = torch.empty_like(lvo) if entropy else dummy
     if needs[2]:
-        mvo = _finite_amax(lvo, -2).contiguous()                  # [BH, DV]
-        ac = torch.exp(lvo - mvo.unsqueeze(-2)).contiguous()
-        if entropy:
-            amc = (ac * muo).contiguous()
+        mvo = torch.empty((BH, P.DV), dtype=f32, device=dev)
+        ac = torch.empty_like(lvo)
+        amc = torch.empty_like(lvo) if entropy else dummy
+    if need_sm or needs[2]:
+        _attn_prep_vo_kernel[(BH,)](lvo, muo if entropy else lvo, mo, ar, amr, mvo, ac, amc, P.Tq, P.DV,
+                                    ROWS=need_sm, COLS=needs[2], ENTROPY=entropy,
+                                    BT=_PREP_ROWS, BDV=P.BDV, num_warps=4)
+    if need_sm:
+        va, vx = _abs_scaled(P.v, 1.0, entropy)
     if needs[0]:
-        ka = (P.k.to(f32) * P.scale).abs().contiguous()
-        if entropy:
-            kx = _xlogx(ka).contiguous()
+        ka, kx = _abs_scaled(P.k, P.scale, entropy)
     if needs[1]:
-        qa = (P.q.to(f32) * P.scale).abs().contiguous()
-        if entropy:
-            qx = _xlogx(qa).contiguous()
+        qa, qx = _abs_scaled(P.q, P.scale, entropy)
 
     def run(plan):
         cfg = plan["cfg"]
@@ -1254,14 +1337,12 @@ def _attention_sum(vo, q, k, v, bias, causal, scale, needs, entropy: bool):
     st, zq, sq, lk, muk, lv, muv = run(_choose_plan("entropy" if entropy else "abs", P, needs, run))
     vq = vk = vv = None
     if needs[0]:
-        mi = st[3].view(P.B * P.H, P.Tq, 1)
-        pos = zq > 0
-        lq = torch.where(pos, torch.log(torch.where(pos, zq, torch.ones_like(zq))) + mi, torch.full_like(zq, _NEG))
-        if entropy:
-            mq = torch.where(pos, sq / torch.where(pos, zq, torch.ones_like(zq)), torch.zeros_like(sq))
-            vq = (P.out_q(lq), P.out_q(mq))
-        else:
-            vq = (P.out_q(lq),)
+        lq = torch.empty_like(zq)
+        mq = torch.empty_like(zq) if entropy else lq
+        n = zq.numel()
+        _attn_finish_q_kernel[(triton.cdiv(n, _FLAT_BLOCK),)](zq, sq if entropy else zq, st[3], lq, mq, n, P.D,
+                                                             ENTROPY=entropy, BLOCK=_FLAT_BLOCK, num_warps=4)
+        vq = (P.out_q(lq), P.out_q(mq)) if entropy else (P.out_q(lq),)
     if needs[1]:
         vk = (P.out_k(lk), P.out_k(muk)) if entropy else (P.out_k(lk),)
     if needs[2]:
@@ -1389,7 +1470,7 @@ def attention_max(vo, q, k, v, bias, causal, scale, needs=(True, True, True)):
 
 
 # ------------------------------------------------------------------ ahead-of-time compile specs
-_INT_ARGS = {"H", "HK", "Tq", "Tk", "D", "DV", "sbb", "sbh", "sbm", "sbn", "s_st"}
+_INT_ARGS = {"H", "HK", "Tq", "Tk", "D", "DV", "sbb", "sbh", "sbm", "sbn", "s_st", "n"}
 _NATIVE_PTRS = {"q_ptr", "k_ptr"}          # q/k in their input dtype; v too for real / lse
 
 
@@ -1467,4 +1548,14 @@ def aot_specs(options: bool = False):
         add(_attn_bwd_maxabs_kernel, "maxabs", dict(base, G=2, CHUNK=1, **needs))
         add(_attn_stats_max_kernel, "max", dict(base, G=1, CHUNK=1))
         add(_attn_bwd_max_kernel, "max", dict(base, G=1, CHUNK=1, **needs))
+        # the abs / entropy pre- and post-passes (fixed launch shapes)
+        flat = {"num_warps": 4, "num_stages": 1}
+        extra = [(_abs_scaled_kernel, dict(XLOGX=xl, BLOCK=_FLAT_BLOCK), ("x_ptr",)) for xl in (False, True)]
+        if dtype == "fp32":
+            extra += [(_attn_prep_vo_kernel, dict(ROWS=r, COLS=c, ENTROPY=e, BT=_PREP_ROWS, BDV=bdv), ())
+                      for e in (False, True) for r, c in ((True, True), (True, False), (False, True))]
+            extra += [(_attn_finish_q_kernel, dict(ENTROPY=e, BLOCK=_FLAT_BLOCK), ()) for e in (False, True)]
+        for fn, c, native in extra:
+            spec = (fn, _signature(fn, dtype, c, native=native), c)
+            specs.append(spec + (flat,) if options else spec)
     return specs
