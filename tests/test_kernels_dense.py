@@ -527,6 +527,13 @@ def test_rms_norm_ordinary_backward_kernel(device):
     for a, b in zip(grads["torch"], ref):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     assert rms_norm_input_grad(x, go[:, :5], w, 1e-6, 0.0) is None          # shapes differ: declined
+    # create_graph=True: the closed form keeps its graph, so second derivatives stay right
+    with semitriton.use_backend("triton"):
+        (dx,) = torch.autograd.grad(CanonicalRMSNorm.apply(x, w, impl, 1e-6, 0.0), x, go, create_graph=True)
+        (ddx,) = torch.autograd.grad(dx.pow(2).sum(), x)
+    (dx_ref,) = torch.autograd.grad(impl(x), x, go, create_graph=True)
+    (ddx_ref,) = torch.autograd.grad(dx_ref.pow(2).sum(), x)
+    assert torch.allclose(ddx, ddx_ref, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -13,9 +13,11 @@ from ._saved import pad, saved_tensors
 
 def _input_grad_kernel(x, grad_out, weight, eps: float, offset: float):
     """dx from the fused Triton kernel, or None (torch closed form) where the
-    backend switch keeps torch (CPU tensors by default) or the kernel declines."""
+    backend switch keeps torch (CPU tensors by default), the kernel declines,
+    or the backward itself is differentiated (create_graph=True: the kernel's
+    output would carry no graph)."""
     from .. import backend
-    if not backend.use_triton(x):
+    if torch.is_grad_enabled() or not backend.use_triton(x):
         return None
     try:
         from ..kernels.rms_norm import rms_norm_input_grad
