@@ -23,10 +23,11 @@ reference runs. ``real`` stays with cuBLAS (not registered).
 
 Precision: fp32 weights contract with ``input_precision="tf32x3"`` (three
 TF32 tensor-core products per tile, ~1e-6 relative error; never plain TF32;
-``SEMITRITON_FP32_DOT=ieee`` gives fp32 FMA code instead). bf16/fp16 weights contract in that dtype on the tensor cores
-with fp32 accumulation; the fp32 exp tile (and a·μ, and E = -|W|log|W|) is
-split into a hi and a lo part in the weight dtype, so the result keeps fp32
-accuracy (SEMITRITON_LOWP_SPLIT=0: one rounded product, ~3e-3 relative).
+``SEMITRITON_FP32_DOT=ieee`` gives fp32 FMA code instead). bf16/fp16
+weights contract in that dtype on the tensor cores with fp32 accumulation;
+the fp32 exp tile (and a·μ, and E = -|W|log|W|) is split into a hi and a lo
+part in the weight dtype, so the result keeps fp32 accuracy
+(SEMITRITON_LOWP_SPLIT=0: one rounded product, ~3e-3 relative).
 """
 
 from __future__ import annotations
