@@ -1,4 +1,4 @@
-"""Fused activation rules (op ``"activation"``, ``fn(v, x, kind)``): the edge
+"""Fused elementwise rules. Op ``"activation"``, ``fn(v, x, kind)``: the edge
 x_i -> y_i of y = f(x) has weight w_i = f'(x_i); one pass reads x and the
 value, forms w in registers and writes v ⊗ edge(w) (the torch reference
 computes w with ~8 ops and applies ⊗ with 3 to 8 more, each a pass over
@@ -8,6 +8,8 @@ memory). ``kind``:
 - ``gelu_tanh``: w = ½(1 + t) + ½ x (1 - t²) √(2/π) (1 + 3·0.044715 x²),
                  t = tanh(√(2/π)(x + 0.044715 x³))
 - ``silu``:      w = σ(x) (1 + x σ(-x))
+- ``identity``:  w = x (op ``"scale"``, ``fn(v, w)``: v ⊗ edge(w) for a weight
+                 of v's shape, e.g. the other factor of a product)
 
 (written so that they keep their relative accuracy where f' is tiny; see
 ``semitriton.semirings._util.activation_derivative``)
@@ -26,7 +28,7 @@ import triton.language as tl
 from ._common import aot_entry, interpreting
 from .registry import register
 
-KINDS = {"gelu": 1, "gelu_tanh": 2, "silu": 3}
+KINDS = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 SR_REAL, SR_LOG, SR_ENTROPY, SR_MAX = 0, 1, 2, 3
 _CODES = {"real": SR_REAL, "abs": SR_LOG, "maxabs": SR_LOG, "entropy": SR_ENTROPY, "max": SR_MAX}
 #: below this many elements a CUDA call stays with the torch reference (a Triton
@@ -54,8 +56,11 @@ def _half_erfc(z):
 @triton.jit
 def _derivative(x, KIND: tl.constexpr):
     """f'(x) in fp32 for the activation KIND (1 gelu, 2 gelu_tanh, 3 silu), in
-    the tail-accurate forms of ``semitriton.semirings._util.activation_derivative``."""
-    if KIND == 1:
+    the tail-accurate forms of ``semitriton.semirings._util.activation_derivative``;
+    KIND 0: x itself (the edge weight is given: op ``scale``)."""
+    if KIND == 0:
+        w = x
+    elif KIND == 1:
         h = _half_erfc(tl.abs(x) * 0.7071067811865476)
         cdf = tl.where(x < 0, h, 1.0 - h)
         w = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
@@ -128,6 +133,15 @@ def _activation(v, x, kind: str, semiring: str):
     return tuple(outs)
 
 
+def _scale(v, w, semiring: str):
+    """``v ⊗ edge(w)`` for a weight of exactly v's shape (broadcast weights and
+    scalars stay with the torch reference)."""
+    import torch
+    if not isinstance(w, torch.Tensor) or w.shape != v[0].shape:
+        return NotImplemented
+    return _activation(v, w, "identity", semiring)
+
+
 def _make(semiring: str):
     def fn(v, x, kind):
         return _activation(v, x, kind, semiring)
@@ -141,13 +155,26 @@ for _sr in _CODES:
     register("activation", _sr)(_make(_sr))
 
 
+def _make_scale(semiring: str):
+    def fn(v, w):
+        return _scale(v, w, semiring)
+
+    fn.__name__ = f"{semiring}_scale"
+    fn.__doc__ = f"{semiring}: v ⊗ edge(w) elementwise, w of v's shape, one pass."
+    return fn
+
+
+for _sr in ("abs", "maxabs", "entropy", "max"):     # real: one torch multiply already
+    register("scale", _sr)(_make_scale(_sr))
+
+
 def aot_specs():
     """(kernel, signature, constexprs, options): every semiring code × kind with
     fp32 x, plus bf16 x."""
     specs = []
     for sr in sorted(set(_CODES.values())):
         for kind in KINDS.values():
-            for dt in ("fp32", "bf16") if kind == 1 else ("fp32",):
+            for dt in ("fp32", "bf16") if kind in (0, 1) else ("fp32",):
                 types = {"x_ptr": "*" + dt, "c0_ptr": "*fp32", "c1_ptr": "*fp32", "o0_ptr": "*fp32",
                          "o1_ptr": "*fp32"}
                 specs.append(aot_entry(_activation_kernel, types, dict(SR=sr, KIND=kind, BLOCK=1024), 4, 1))

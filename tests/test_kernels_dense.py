@@ -714,6 +714,42 @@ def _act_inputs(shape, dtype, device, g):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ("abs", "entropy", "maxabs", "max"))
+def test_scale(name, device, monkeypatch):
+    """v ⊗ edge(w) for a weight of v's shape (op "scale", the fused
+    activation kernel with w given) against the torch reference: exact zeros
+    and negative weights, zero values, bf16 weights, a non-contiguous value;
+    broadcast weights and scalars are declined; the semiring method dispatches
+    to the kernel."""
+    from semitriton import dispatch
+    from semitriton.kernels import elementwise
+    monkeypatch.setattr(elementwise, "MIN_NUMEL_CUDA", 0)
+    sr = BUILTIN[name]
+    g = torch.Generator().manual_seed(31)
+    fn = kernel("scale", name)
+    for shape, wdt, transposed in (((3, 7, 11), torch.float32, False), ((5, 130), torch.bfloat16, False),
+                                   ((9, 6), torch.float32, True)):
+        v = gen_values(name, shape, device, g)
+        w = torch.randn(shape, generator=g) * 3
+        w[torch.rand(shape, generator=g) < 0.2] = 0.0
+        w = w.to(wdt).to(device)
+        if transposed:
+            v = tuple(c.t() for c in v)
+            w = w.t()
+        check(fn(v, w), reference(sr.scale, v, w), name, 1e-6, 1e-6, f"scale/{name}/{shape}/{wdt}")
+    v = gen_values(name, (4, 5), device, g)
+    assert fn(v, torch.ones(5, device=device)) is NotImplemented          # broadcast weight
+    assert fn(v, 2.0) is NotImplemented
+    calls = []
+    monkeypatch.setitem(registry.KERNELS, ("scale", name), lambda *a: calls.append(1) or fn(*a))
+    if device == "cpu":
+        with semitriton.use_backend("triton"):
+            sr.scale(v, torch.ones(4, 5))
+        assert calls == [1]
+        assert dispatch.kernel("scale", "real", v[0]) is None            # real keeps the torch multiply
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ACT_KINDS)
 @pytest.mark.parametrize("name", ("real", "abs", "entropy", "maxabs", "max"))
 def test_activation(name, kind, device):

@@ -73,6 +73,7 @@ class Entropy(Semiring):
             wmu = wmu.squeeze(dims) if isinstance(dims, int) else wmu.squeeze(tuple(dims))
         return _clean(L, wmu)
 
+    @kernel_op("scale")
     def scale(self, v, w):
         if not isinstance(w, torch.Tensor):
             w = torch.tensor(float(w), dtype=v[0].dtype, device=v[0].device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..dispatch import kernel_op
 from ._util import NEG_INF, log_abs
 from .base import Semiring, Value
 
@@ -37,6 +38,7 @@ class LogSpaceSemiring(Semiring):
     def log_readout(self, v):
         return v[0]
 
+    @kernel_op("scale")
     def scale(self, v, w):
         if not isinstance(w, torch.Tensor):
             w = torch.tensor(float(w), dtype=v[0].dtype, device=v[0].device)

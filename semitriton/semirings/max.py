@@ -51,6 +51,7 @@ class Max(Semiring):
     def sum(self, v, dims, keepdim=False):
         return (torch.amax(v[0], dims, keepdim=keepdim), torch.amin(v[1], dims, keepdim=keepdim))
 
+    @kernel_op("scale")
     def scale(self, v, w):
         p, n = v
         if not isinstance(w, torch.Tensor):
