@@ -107,6 +107,142 @@ def _activation_kernel(x_ptr, c0_ptr, c1_ptr, o0_ptr, o1_ptr, N,
         tl.store(o1_ptr + offs, n, mask=m)
 
 
+# ---- rotary embedding rule (op "rope") -------------------------------------------------
+_ROPE_CODES = {"real": 0, "abs": 1, "entropy": 2, "max": 3, "maxabs": 4}
+
+
+@triton.jit
+def _times_edge(c0, c1, w, SR: tl.constexpr):
+    """v ⊗ edge(w) for SR 0 real, 1 abs / 4 maxabs (log space), 2 entropy, 3 max."""
+    if SR == 0:
+        o0 = c0 * w
+        o1 = c1
+    elif SR == 2:
+        lw = tl.log(tl.abs(w))
+        o0 = c0 + lw
+        o1 = tl.where(o0 == float("-inf"), 0.0, c1 - lw)
+    elif SR == 3:
+        pos = w > 0
+        neg = w < 0
+        o0 = tl.where(pos, w * c0, tl.where(neg, w * c1, float("-inf")))
+        o1 = tl.where(pos, w * c1, tl.where(neg, w * c0, float("inf")))
+    else:
+        o0 = c0 + tl.log(tl.abs(w))
+        o1 = c1
+    return o0, o1
+
+
+@triton.jit
+def _logaddexp(a, b):
+    mx = tl.maximum(a, b)
+    mn = tl.minimum(a, b)
+    return tl.where(mx == float("-inf"), mx, mx + tl.log(1.0 + tl.exp(mn - mx)))
+
+
+@triton.jit
+def _plus(a0, a1, b0, b1, SR: tl.constexpr):
+    """a ⊕ b (SR as in ``_times_edge``); entropy: (logaddexp, softmax-weighted μ)."""
+    if SR == 0:
+        o0 = a0 + b0
+        o1 = a1
+    elif SR == 1:
+        o0 = _logaddexp(a0, b0)
+        o1 = a1
+    elif SR == 2:
+        o0 = _logaddexp(a0, b0)
+        sh = tl.where(tl.abs(o0) < float("inf"), o0, 0.0)
+        o1 = tl.exp(a0 - sh) * a1 + tl.exp(b0 - sh) * b1
+    elif SR == 3:
+        o0 = tl.maximum(a0, b0)
+        o1 = tl.minimum(a1, b1)
+    else:
+        o0 = tl.maximum(a0, b0)
+        o1 = a1
+    return o0, o1
+
+
+@triton.jit
+def _rope_kernel(c0_ptr, c1_ptr, cos_ptr, sin_ptr, o0_ptr, o1_ptr, N, H, T, D,
+                 sc_b, sc_h, sc_t, sc_d, ss_b, ss_h, ss_t, ss_d,
+                 SR: tl.constexpr, TWO: tl.constexpr, BLOCK: tl.constexpr):
+    """Rotary embedding rule over v [B, H, T, D] (contiguous; cos/sin by
+    strides, 0 where broadcast): out[j] = v[j] ⊗ edge(cos[j]) ⊕
+    v[p] ⊗ edge(±sin[p]), p = (j + D/2) mod D, + for j < D/2. TWO: two components."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    d = offs % D
+    r = offs // D
+    t = r % T
+    r = r // T
+    hh = r % H
+    b = r // H
+    half = D // 2
+    lo = d < half
+    pd = tl.where(lo, d + half, d - half)
+    cs = tl.load(cos_ptr + b * sc_b + hh * sc_h + t * sc_t + d * sc_d, mask=m, other=1.0).to(tl.float32)
+    sn = tl.load(sin_ptr + b * ss_b + hh * ss_h + t * ss_t + pd * ss_d, mask=m, other=0.0).to(tl.float32)
+    pw = tl.where(lo, sn, -sn)
+    poffs = offs - d + pd
+    a0 = tl.load(c0_ptr + offs, mask=m, other=0.0)
+    b0 = tl.load(c0_ptr + poffs, mask=m, other=0.0)
+    if TWO:
+        a1 = tl.load(c1_ptr + offs, mask=m, other=0.0)
+        b1 = tl.load(c1_ptr + poffs, mask=m, other=0.0)
+    else:
+        a1 = a0
+        b1 = b0
+    x0, x1 = _times_edge(a0, a1, cs, SR)
+    y0, y1 = _times_edge(b0, b1, pw, SR)
+    o0, o1 = _plus(x0, x1, y0, y1, SR)
+    tl.store(o0_ptr + offs, o0, mask=m)
+    if TWO:
+        tl.store(o1_ptr + offs, o1, mask=m)
+
+
+def _rope(v, cos, sin, semiring: str):
+    import torch
+
+    c0 = v[0]
+    ok = (torch.float32, torch.bfloat16, torch.float16)
+    if (c0.dtype != torch.float32 or c0.dim() != 4 or any(c.shape != c0.shape or c.dtype != c0.dtype for c in v)
+            or not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor)
+            or cos.dtype not in ok or sin.dtype not in ok or c0.shape[-1] % 2
+            or cos.device != c0.device or sin.device != c0.device):
+        return NotImplemented
+    n = c0.numel()
+    if n == 0 or (c0.is_cuda and n < MIN_NUMEL_CUDA):
+        return NotImplemented
+    try:
+        if torch.broadcast_shapes(cos.shape, sin.shape, c0.shape) != c0.shape:
+            return NotImplemented
+    except RuntimeError:
+        return NotImplemented
+    cs = cos.expand(c0.shape)
+    sn = sin.expand(c0.shape)
+    comps = [c.contiguous() for c in v]
+    outs = [torch.empty_like(c) for c in comps]
+    B, H, T, D = c0.shape
+    two = len(comps) > 1
+    block = _block()
+    _rope_kernel[(triton.cdiv(n, block),)](comps[0], comps[1] if two else comps[0], cs, sn, outs[0],
+                                           outs[1] if two else outs[0], n, H, T, D, *cs.stride(), *sn.stride(),
+                                           SR=_ROPE_CODES[semiring], TWO=two, BLOCK=block, num_warps=4)
+    return tuple(outs)
+
+
+def _make_rope(semiring: str):
+    def fn(v, cos, sin):
+        return _rope(v, cos, sin, semiring)
+
+    fn.__name__ = f"{semiring}_rope"
+    fn.__doc__ = f"{semiring}: the rotary-embedding rule v[j] ⊗ edge(cos) ⊕ v[partner] ⊗ edge(±sin), one pass."
+    return fn
+
+
+for _sr in _ROPE_CODES:
+    register("rope", _sr)(_make_rope(_sr))
+
+
 def _block() -> int:
     return 128 if interpreting() else 1024
 
@@ -178,4 +314,12 @@ def aot_specs():
                 types = {"x_ptr": "*" + dt, "c0_ptr": "*fp32", "c1_ptr": "*fp32", "o0_ptr": "*fp32",
                          "o1_ptr": "*fp32"}
                 specs.append(aot_entry(_activation_kernel, types, dict(SR=sr, KIND=kind, BLOCK=1024), 4, 1))
+    for name, code in _ROPE_CODES.items():
+        for dt in ("fp32", "bf16") if code == 2 else ("fp32",):
+            types = {"c0_ptr": "*fp32", "c1_ptr": "*fp32", "cos_ptr": "*" + dt, "sin_ptr": "*" + dt,
+                     "o0_ptr": "*fp32", "o1_ptr": "*fp32"}
+            const = dict(SR=code, TWO=name in ("entropy", "max"), BLOCK=1024)
+            specs.append(aot_entry(_rope_kernel, types, const, 4, 1,
+                                   divisible=["c0_ptr", "c1_ptr", "cos_ptr", "sin_ptr", "o0_ptr", "o1_ptr", "N",
+                                              "D", "sc_t", "ss_t"]))
     return specs

@@ -582,6 +582,22 @@ def test_engine_backends_agree(name, device):
     check(res["triton"], res["torch"], name, 1e-4, 1e-3, f"engine/{name}")
 
 
+@pytest.mark.skipif(not INTERP, reason="CPU kernels need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("name", ("real", "abs", "entropy", "maxabs", "max"))
+def test_patched_llama_backends_agree(name):
+    """A patched tiny LLaMA (RMS norm, RoPE, SwiGLU product, fused GQA
+    attention, linears) through semitriton.grad with every kernel against the
+    torch reference rules on the same graph."""
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from hf_models import build, embeds_and_output
+    m = semitriton.patch(build("llama"))
+    ids = torch.tensor([[3, 5, 7, 9, 11, 2], [4, 6, 8, 10, 12, 14]])
+    emb, score = embeds_and_output(m, "llama", ids)
+    (a,) = semitriton.grad_values(score, emb, semiring=name, backend="triton")
+    (b,) = semitriton.grad_values(score, emb, semiring=name, backend="torch")
+    check(a, b, name, 1e-4, 1e-3, f"patched llama/{name}")
+
+
 def test_environment_overrides_the_kernel_policy(monkeypatch):
     """SEMITRITON_FORCE_REFERENCE / SEMITRITON_FORCE_KERNEL pick the torch
     reference or the kernel per (op, semiring), for A/B measurements."""
@@ -711,6 +727,34 @@ def _act_inputs(shape, dtype, device, g):
     flat[:7] = torch.tensor([0.0, -0.0, 40.0, -40.0, 1e-4, -1e-4, -0.75])
     flat[7:11] = torch.tensor([-20.0, 20.0, -15.0, 15.0])
     return x.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ("real", "abs", "entropy", "maxabs", "max"))
+def test_rope(name, device, monkeypatch):
+    """The rotary-embedding rule (op "rope": v ⊗ edge(cos) ⊕ partner(v) ⊗
+    edge(±sin) in one pass) against the torch reference: cos/sin broadcast
+    over heads and batch, bf16 cos/sin, exact zeros in both, dead values;
+    declined: an odd head dim, a weight that does not broadcast to v."""
+    from semitriton.kernels import elementwise
+    monkeypatch.setattr(elementwise, "MIN_NUMEL_CUDA", 0)
+    sr = BUILTIN[name]
+    g = torch.Generator().manual_seed(41)
+    fn = kernel("rope", name)
+    for vshape, cshape, cdt in (((2, 3, 5, 8), (2, 1, 5, 8), torch.float32), ((1, 2, 7, 16), (1, 1, 7, 16),
+                                                                              torch.bfloat16),
+                                ((2, 2, 3, 4), (2, 2, 3, 4), torch.float32)):
+        v = gen_values(name, vshape, device, g)
+        ang = torch.randn(cshape, generator=g) * 3
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        cos.view(-1)[:3] = 0.0
+        sin.view(-1)[3:6] = 0.0
+        cos, sin = cos.to(cdt).to(device), sin.to(cdt).to(device)
+        check(fn(v, cos, sin), reference(sr.rope, v, cos, sin), name, 1e-6, 1e-6, f"rope/{name}/{vshape}/{cdt}")
+    v = gen_values(name, (1, 1, 2, 5), device, g)
+    assert fn(v, torch.ones(1, 1, 2, 5, device=device), torch.ones(1, 1, 2, 5, device=device)) is NotImplemented
+    v = gen_values(name, (1, 1, 2, 4), device, g)
+    assert fn(v, torch.ones(1, 3, 2, 4, device=device), torch.ones(1, 1, 2, 4, device=device)) is NotImplemented
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..semirings._util import rope_partner, rope_partner_weight
 from ._saved import pad, saved_tensors
 
 
@@ -26,16 +27,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def _partner(t: torch.Tensor) -> torch.Tensor:
-    """t[..., (j + h) mod D]: the value each input element meets through the sin edge."""
-    h = t.shape[-1] // 2
-    return torch.cat((t[..., h:], t[..., :h]), dim=-1)
-
-
-def partner_weight(sin: torch.Tensor) -> torch.Tensor:
-    """Weight of the edge x[j] -> y[(j + h) mod D]: +sin for j < h, -sin for j ≥ h."""
-    h = sin.shape[-1] // 2
-    return torch.cat((sin[..., h:], -sin[..., :h]), dim=-1)
+_partner = rope_partner
+partner_weight = rope_partner_weight
 
 
 class RotaryEmbedding(torch.autograd.Function):
@@ -61,10 +54,8 @@ class RotaryEmbedding(torch.autograd.Function):
         if not rc.needs[0]:
             return pad([], len(rc.needs))
         cos, sin = saved_tensors(rc.node)
-        sr, v = rc.sr, rc.grad(0)
-        direct = sr.scale(v, cos.to(rc.dtype))
-        crossed = sr.scale(sr.map(v, _partner), partner_weight(sin.to(rc.dtype)))
-        return pad([sr.sum_to_shape(sr.plus(direct, crossed), tuple(rc.node.x_shape))], len(rc.needs))
+        sr = rc.sr
+        return pad([sr.sum_to_shape(sr.rope(rc.grad(0), cos, sin), tuple(rc.node.x_shape))], len(rc.needs))
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

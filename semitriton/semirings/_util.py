@@ -208,3 +208,16 @@ def signed_max_matmul(p: Tensor, n: Tensor, w: Tensor, w_t: Tensor | None = None
         ps.append(torch.amax(torch.maximum(a, b) + pen, dim=-1))
         ns.append(torch.amin(torch.minimum(a, b) - pen, dim=-1))
     return torch.cat(ps, -1), torch.cat(ns, -1)
+
+
+def rope_partner(t: Tensor) -> Tensor:
+    """t[..., (j + D/2) mod D]: the value each input element of a rotary
+    embedding meets through its sin edge."""
+    h = t.shape[-1] // 2
+    return torch.cat((t[..., h:], t[..., :h]), dim=-1)
+
+
+def rope_partner_weight(sin: Tensor) -> Tensor:
+    """Weight of the rotary edge x[j] -> y[(j + D/2) mod D]: +sin for j < D/2, -sin for j ≥ D/2."""
+    h = sin.shape[-1] // 2
+    return torch.cat((sin[..., h:], -sin[..., :h]), dim=-1)

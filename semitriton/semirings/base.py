@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import kernel_op
-from ._util import activation_derivative, finite_amax
+from ._util import activation_derivative, finite_amax, rope_partner, rope_partner_weight
 
 Value = tuple  # tuple[Tensor, ...]: the components of a semiring value
 
@@ -150,6 +150,17 @@ class Semiring:
         """``v ⊗ edge(f'(x))`` elementwise for y = f(x), f = ``gelu``, ``gelu_tanh``
         or ``silu`` (one fused pass on the GPU; here: the derivative, then ``scale``)."""
         return self.scale(v, activation_derivative(x.to(v[0].dtype), kind))
+
+    @kernel_op("rope")
+    def rope(self, v: Value, cos: Tensor, sin: Tensor) -> Value:
+        """Value of x for a rotary embedding y = x·cos + rotate_half(x)·sin
+        (rotate_half(x) = cat(-x[h:], x[:h]), h = D/2), from the value ``v`` of y:
+        x[j] = v[j] ⊗ edge(cos[j]) ⊕ v[(j+h) mod D] ⊗ edge(±sin[(j+h) mod D])
+        (+ for j < h); in v's shape (one fused pass on the GPU)."""
+        dt = v[0].dtype
+        direct = self.scale(v, cos.to(dt))
+        crossed = self.scale(self.map(v, rope_partner), rope_partner_weight(sin.to(dt)))
+        return self.plus(direct, crossed)
 
     def scale_to(self, v: Value, w, shape) -> Value:
         """Pull ``v`` back through an elementwise edge to an input of ``shape``
