@@ -588,7 +588,7 @@ def test_patched_llama_backends_agree(name):
     """A patched tiny LLaMA (RMS norm, RoPE, SwiGLU product, fused GQA
     attention, linears) through semitriton.grad with every kernel against the
     torch reference rules on the same graph."""
-    transformers = pytest.importorskip("transformers")  # noqa: F841
+    pytest.importorskip("transformers")
     from hf_models import build, embeds_and_output
     m = semitriton.patch(build("llama"))
     ids = torch.tensor([[3, 5, 7, 9, 11, 2], [4, 6, 8, 10, 12, 14]])
