@@ -730,6 +730,34 @@ def _act_inputs(shape, dtype, device, g):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_entropy_plus(device, monkeypatch):
+    """entropy ⊕ in one pass (op "plus") against the torch reference: zero
+    values (-inf, 0) on either side and on both, a non-contiguous operand;
+    broadcast shapes are declined; the semiring method dispatches to it."""
+    from semitriton.kernels import elementwise
+    monkeypatch.setattr(elementwise, "MIN_NUMEL_CUDA", 0)
+    sr = BUILTIN["entropy"]
+    g = torch.Generator().manual_seed(51)
+    fn = kernel("plus", "entropy")
+    for shape, transposed in (((3, 5, 7), False), ((6, 9), True)):
+        a = gen_values("entropy", shape, device, g, dead=0.3)
+        b = gen_values("entropy", shape, device, g, dead=0.3)
+        if transposed:
+            a = tuple(c.t() for c in a)
+            b = tuple(c.t() for c in b)
+        check(fn(a, b), reference(sr.plus, a, b), "entropy", 1e-6, 1e-6, f"plus/{shape}")
+    a = gen_values("entropy", (4, 5), device, g)
+    b = gen_values("entropy", (1, 5), device, g)
+    assert fn(a, b) is NotImplemented
+    if device == "cpu":
+        calls = []
+        monkeypatch.setitem(registry.KERNELS, ("plus", "entropy"), lambda *x: calls.append(1) or fn(*x))
+        with semitriton.use_backend("triton"):
+            sr.plus(a, a)
+        assert calls == [1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ("real", "abs", "entropy", "maxabs", "max"))
 def test_rope(name, device, monkeypatch):
     """The rotary-embedding rule (op "rope": v ⊗ edge(cos) ⊕ partner(v) ⊗

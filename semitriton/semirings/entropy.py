@@ -40,6 +40,7 @@ class Entropy(Semiring):
         return (torch.zeros(shape, dtype=dtype, device=device),
                 torch.zeros(shape, dtype=dtype, device=device))
 
+    @kernel_op("plus")
     def plus(self, a, b):
         # where l = -inf both weights are exp(-inf) = 0 and μ (0 there, finite
         # everywhere: every rule's output is clean) gives μ = 0 without a mask
