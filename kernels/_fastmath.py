@@ -1,4 +1,5 @@
-"""Hardware logarithms for hot loops.
+"""Hardware logarithms for hot loops, and the small log-space helpers the
+kernel modules share (``logaddexp``, ``finite_or_zero``).
 
 ``tl.log`` / ``tl.log2`` compile to libdevice's accurate software logarithm
 (~20 FMA-pipe instructions each); ``fast_log2`` / ``fast_log`` use the SFU's
@@ -22,6 +23,23 @@ import triton.language as tl
 from ._common import interpreting
 
 LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def logaddexp(a, b):
+    """log(e^a + e^b), -inf when both are -inf (no NaN on the way)."""
+    mx = tl.maximum(a, b)
+    mn = tl.minimum(a, b)
+    none = mx == float("-inf")
+    safe = tl.where(none, 0.0, mx)
+    r = safe + tl.log(1.0 + tl.exp(mn - safe))
+    return tl.where(none, float("-inf"), r)
+
+
+@triton.jit
+def finite_or_zero(t):
+    """t where it is finite, else 0 (a row shift for rows without a finite term)."""
+    return tl.where(tl.abs(t) < float("inf"), t, 0.0)
 
 if interpreting() or os.environ.get("SEMITRITON_ACCURATE_LOG", "0") not in ("", "0"):
     @triton.jit

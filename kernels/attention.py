@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from ._common import bucket, choose
-from ._fastmath import fast_log, fast_log_normal
+from ._fastmath import fast_log, fast_log_normal, finite_or_zero, logaddexp
 from .registry import register
 
 _NEG = float("-inf")
@@ -96,13 +96,6 @@ def _probs(s, rm, rl):
     logl = tl.log(tl.where(rl > 0, rl, 1.0))
     logp = tl.where(p > 0, s - rm[:, None] - logl[:, None], float("-inf"))
     return p, logp
-
-
-@triton.jit
-def _logaddexp(a, b):
-    mx = tl.maximum(a, b)
-    mn = tl.minimum(a, b)
-    return tl.where(mx == float("-inf"), mx, mx + tl.log(1.0 + tl.exp(mn - mx)))
 
 
 @triton.jit
@@ -535,7 +528,7 @@ def _attn_bwd_sum_kernel(q_ptr, k_ptr, va_ptr, vx_ptr, ar_ptr, amr_ptr, ac_ptr, 
             lk_h = tl.where(zk > 0, tl.log(tl.where(zk > 0, zk, 1.0)) + shk[:, None], float("-inf"))
             tl.debug_barrier()
             lk_o = tl.load(lk_ptr + kofs, mask=kmask, other=float("-inf"))
-            lk_n = _logaddexp(lk_o, lk_h)
+            lk_n = logaddexp(lk_o, lk_h)
             if ENTROPY:
                 mu_h = tl.where(zk > 0, sk / tl.where(zk > 0, zk, 1.0), 0.0)
                 mu_o = tl.load(muk_ptr + kofs, mask=kmask, other=0.0)
@@ -550,7 +543,7 @@ def _attn_bwd_sum_kernel(q_ptr, k_ptr, va_ptr, vx_ptr, ar_ptr, amr_ptr, ac_ptr, 
             lv_h = tl.where(zv > 0, tl.log(tl.where(zv > 0, zv, 1.0)) + mvo[None, :], float("-inf"))
             tl.debug_barrier()
             lv_o = tl.load(lv_ptr + vofs, mask=vmask, other=float("-inf"))
-            lv_n = _logaddexp(lv_o, lv_h)
+            lv_n = logaddexp(lv_o, lv_h)
             if ENTROPY:
                 mu_h = tl.where(zv > 0, sv / tl.where(zv > 0, zv, 1.0), 0.0)
                 mu_o = tl.load(muv_ptr + vofs, mask=vmask, other=0.0)
@@ -561,11 +554,6 @@ def _attn_bwd_sum_kernel(q_ptr, k_ptr, va_ptr, vx_ptr, ar_ptr, amr_ptr, ac_ptr, 
 
 
 # ------------------------------------------------------------------ abs / entropy pre- and post-passes
-@triton.jit
-def _finite0(m):
-    return tl.where(tl.abs(m) < float("inf"), m, 0.0)
-
-
 @triton.jit
 def _attn_prep_vo_kernel(lvo_ptr, muo_ptr, mo_ptr, ar_ptr, amr_ptr, mvo_ptr, ac_ptr, amc_ptr, Tq, DV,
                          ROWS: tl.constexpr, COLS: tl.constexpr, ENTROPY: tl.constexpr,
@@ -585,7 +573,7 @@ def _attn_prep_vo_kernel(lvo_ptr, muo_ptr, mo_ptr, ar_ptr, amr_ptr, mvo_ptr, ac_
             msk = (offs_t < Tq)[:, None] & dm[None, :]
             l = tl.load(lvo_ptr + base + offs_t[:, None] * DV + offs_d[None, :], mask=msk, other=float("-inf"))
             cmax = tl.maximum(cmax, tl.max(l, 0))
-        cmax = _finite0(cmax)
+        cmax = finite_or_zero(cmax)
         tl.store(mvo_ptr + bh * DV + offs_d, cmax, mask=dm)
     for t0 in range(0, Tq, BT):
         offs_t = t0 + tl.arange(0, BT)
@@ -596,7 +584,7 @@ def _attn_prep_vo_kernel(lvo_ptr, muo_ptr, mo_ptr, ar_ptr, amr_ptr, mvo_ptr, ac_
         if ENTROPY:
             mu = tl.load(muo_ptr + off, mask=msk, other=0.0)
         if ROWS:
-            rmax = _finite0(tl.max(l, 1))
+            rmax = finite_or_zero(tl.max(l, 1))
             tl.store(mo_ptr + bh * Tq + offs_t, rmax, mask=tm)
             ar = tl.exp(l - rmax[:, None])
             tl.store(ar_ptr + off, ar, mask=msk)

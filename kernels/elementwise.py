@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import aot_entry, interpreting
+from ._fastmath import logaddexp
 from .registry import register
 
 KINDS = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
@@ -37,6 +38,22 @@ _CODES = {"real": SR_REAL, "abs": SR_LOG, "maxabs": SR_LOG, "entropy": SR_ENTROP
 #: below this many elements a CUDA call stays with the torch reference (a Triton
 #: launch costs more host time than the few small torch ops it would replace)
 MIN_NUMEL_CUDA = 1 << 16
+
+
+def _block() -> int:
+    return 128 if interpreting() else 1024
+
+
+def _register_per_semiring(op: str, impl, semirings, doc: str) -> None:
+    """Register ``impl(*args, semiring)`` as ``op`` for each semiring, as
+    functions named ``<semiring>_<op>``."""
+    for semiring in semirings:
+        def fn(*args, _sr=semiring):
+            return impl(*args, _sr)
+
+        fn.__name__ = f"{semiring}_{op}"
+        fn.__doc__ = f"{semiring}: {doc}"
+        register(op, semiring)(fn)
 
 
 @triton.jit
@@ -136,23 +153,16 @@ def _times_edge(c0, c1, w, SR: tl.constexpr):
 
 
 @triton.jit
-def _logaddexp(a, b):
-    mx = tl.maximum(a, b)
-    mn = tl.minimum(a, b)
-    return tl.where(mx == float("-inf"), mx, mx + tl.log(1.0 + tl.exp(mn - mx)))
-
-
-@triton.jit
 def _plus(a0, a1, b0, b1, SR: tl.constexpr):
     """a ⊕ b (SR as in ``_times_edge``); entropy: (logaddexp, softmax-weighted μ)."""
     if SR == 0:
         o0 = a0 + b0
         o1 = a1
     elif SR == 1:
-        o0 = _logaddexp(a0, b0)
+        o0 = logaddexp(a0, b0)
         o1 = a1
     elif SR == 2:
-        o0 = _logaddexp(a0, b0)
+        o0 = logaddexp(a0, b0)
         sh = tl.where(tl.abs(o0) < float("inf"), o0, 0.0)
         o1 = tl.exp(a0 - sh) * a1 + tl.exp(b0 - sh) * b1
     elif SR == 3:
@@ -269,21 +279,8 @@ def _rope(v, cos, sin, semiring: str):
     return tuple(outs)
 
 
-def _make_rope(semiring: str):
-    def fn(v, cos, sin):
-        return _rope(v, cos, sin, semiring)
-
-    fn.__name__ = f"{semiring}_rope"
-    fn.__doc__ = f"{semiring}: the rotary-embedding rule v[j] ⊗ edge(cos) ⊕ v[partner] ⊗ edge(±sin), one pass."
-    return fn
-
-
-for _sr in _ROPE_CODES:
-    register("rope", _sr)(_make_rope(_sr))
-
-
-def _block() -> int:
-    return 128 if interpreting() else 1024
+_register_per_semiring("rope", _rope, _ROPE_CODES,
+                       "the rotary-embedding rule v[j] ⊗ edge(cos) ⊕ v[partner] ⊗ edge(±sin), one pass.")
 
 
 def _activation(v, x, kind: str, semiring: str):
@@ -317,30 +314,10 @@ def _scale(v, w, semiring: str):
     return _activation(v, w, "identity", semiring)
 
 
-def _make(semiring: str):
-    def fn(v, x, kind):
-        return _activation(v, x, kind, semiring)
-
-    fn.__name__ = f"{semiring}_activation"
-    fn.__doc__ = f"{semiring}: v ⊗ edge(f'(x)) for f = gelu / gelu_tanh / silu, one pass."
-    return fn
-
-
-for _sr in _CODES:
-    register("activation", _sr)(_make(_sr))
-
-
-def _make_scale(semiring: str):
-    def fn(v, w):
-        return _scale(v, w, semiring)
-
-    fn.__name__ = f"{semiring}_scale"
-    fn.__doc__ = f"{semiring}: v ⊗ edge(w) elementwise, w of v's shape, one pass."
-    return fn
-
-
-for _sr in ("abs", "maxabs", "entropy", "max"):     # real: one torch multiply already
-    register("scale", _sr)(_make_scale(_sr))
+_register_per_semiring("activation", _activation, _CODES,
+                       "v ⊗ edge(f'(x)) for f = gelu / gelu_tanh / silu, one pass.")
+_register_per_semiring("scale", _scale, ("abs", "maxabs", "entropy", "max"),   # real: one torch multiply
+                       "v ⊗ edge(w) elementwise, w of v's shape, one pass.")
 
 
 def aot_specs():

@@ -26,24 +26,13 @@ import triton
 import triton.language as tl
 
 from ._common import aot_entry, next_pow2
+from ._fastmath import finite_or_zero, logaddexp
 from .norm import row_inputs
 from .registry import register
 
 SR_ABS, SR_MAXABS, SR_MAX, SR_ENTROPY = 1, 2, 3, 4
 _CODES = {"abs": SR_ABS, "maxabs": SR_MAXABS, "max": SR_MAX, "entropy": SR_ENTROPY}
 MAX_BLOCK = 16384
-
-
-@triton.jit
-def _finite_or_zero(t):
-    return tl.where(tl.abs(t) < float("inf"), t, 0.0)
-
-
-@triton.jit
-def _logaddexp(x, y):
-    hi = tl.maximum(x, y)
-    lo = tl.minimum(x, y)
-    return tl.where(hi == float("-inf"), float("-inf"), hi + tl.log(1.0 + tl.exp(lo - hi)))
 
 
 @triton.jit
@@ -113,18 +102,18 @@ def _rms_closed_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
             off = la + _excl_max(t_log, offs)
             tl.store(o0_ptr + o_row + offs, tl.maximum(off, ld + l), mask=m)
         else:
-            mx = _finite_or_zero(tl.max(t_log, 0))
+            mx = finite_or_zero(tl.max(t_log, 0))
             t = tl.exp(t_log - mx)
             B = tl.maximum(_excl_sum(t, t, offs), 0.0)
             l_off = la + tl.log(B) + mx
             l_diag = ld + l
-            L = _logaddexp(l_off, l_diag)
+            L = logaddexp(l_off, l_diag)
             tl.store(o0_ptr + o_row + offs, L, mask=m)
             if SR == 4:
                 mu = tl.load(c1_row + offs, mask=m, other=0.0)
-                A = _excl_sum(t * (mu - _finite_or_zero(lb)), t, offs)
-                mu_off = tl.where(B != 0.0, A / tl.where(B != 0.0, B, 1.0), 0.0) - _finite_or_zero(la)
-                mu_diag = mu - _finite_or_zero(ld)
+                A = _excl_sum(t * (mu - finite_or_zero(lb)), t, offs)
+                mu_off = tl.where(B != 0.0, A / tl.where(B != 0.0, B, 1.0), 0.0) - finite_or_zero(la)
+                mu_diag = mu - finite_or_zero(ld)
                 shift = tl.where(L == float("-inf"), 0.0, L)
                 mu_out = tl.exp(l_off - shift) * mu_off + tl.exp(l_diag - shift) * mu_diag
                 tl.store(o1_ptr + o_row + offs, tl.where(L == float("-inf"), 0.0, mu_out), mask=m)

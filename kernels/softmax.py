@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import aot_entry, interpreting, next_pow2
-from ._fastmath import fast_log, fast_log_normal
+from ._fastmath import fast_log, fast_log_normal, logaddexp
 from .registry import register
 
 BIG = 2**30
@@ -42,17 +42,6 @@ BIG = 2**30
 @triton.jit
 def _isfinite(x):
     return tl.abs(x) < float("inf")
-
-
-@triton.jit
-def _logaddexp(a, b):
-    """log(e^a + e^b), -inf when both are -inf."""
-    mx = tl.maximum(a, b)
-    mn = tl.minimum(a, b)
-    none = mx == float("-inf")
-    safe = tl.where(none, 0.0, mx)
-    r = safe + tl.log(1.0 + tl.exp(mn - safe))
-    return tl.where(none, float("-inf"), r)
 
 
 @triton.jit
@@ -154,7 +143,7 @@ def _sum_out(l, mu, y, t, u, cols, m, S, I1, RT, SU, RU, ENTROPY: tl.constexpr, 
     else:
         ld = lf + fast_log_normal(1.0 - y)
     l_diag = ld + l
-    L = _logaddexp(l_off, l_diag)
+    L = logaddexp(l_off, l_diag)
     mu_o = L
     if ENTROPY:
         excl_u = tl.where(is_max, RU[:, None], SU[:, None] - u)
