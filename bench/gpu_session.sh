@@ -3,11 +3,12 @@
 # Everything lands in $OUT (8 files at most come back from the device tool):
 #   env.txt tests.log warm.log models.json models.md models.log kernels.md, and
 #   ab.md or mm.md when those steps run
-# The default STEPS fit one call (≈ 9 minutes):
+# The default STEPS fit one call (≈ 9.5 minutes; limits 150 + 90 + 90 + 215 + 30 s):
 #   kernel_tests, gpu_tests  the compiled-kernel and engine tests (pytest -m gpu,
 #            xdist), first and alone: sharing the CPU with compiling processes
 #            left them unfinished in the 2026-11-26 runs;
-#   warm     one untimed pass per model/dtype/semiring in parallel processes,
+#   warm     one untimed pass per model/dtype/semiring in parallel processes
+#            (compiles every autotune candidate: attention plans, PIPE, split-J),
 #            so that Triton compiles (CPU-bound) on all cores at once;
 #   models   the model table (fp32 then bf16; BERT-base, SmolLM2 config);
 #   kernels_sel  kernel rows for KSEL (default: layer norm, GELU/SiLU rules,
@@ -48,15 +49,15 @@ for s in ${STEPS//,/ }; do
   case $s in
     warm) t0=$(date +%s)
           export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-          [ -n "${WARM_TESTS:-}" ] && timeout "${T_WARM:-60}" python3 -m pytest -q -p no:cacheprovider $XDIST \
+          [ -n "${WARM_TESTS:-}" ] && timeout "${T_WARM:-90}" python3 -m pytest -q -p no:cacheprovider $XDIST \
             -m gpu $WARM_TESTS >> "$OUT/tests.log" 2>&1 &
           for m in bert-base smollm2-135m; do for dt in ${WARM_DTYPES:-float32 bfloat16}; do
             for g in real-walk,abs,maxabs entropy,max; do
-              OMP_NUM_THREADS=2 timeout "${T_WARM:-60}" python3 $M $Q --warm-only --models $m --dtypes $dt \
+              OMP_NUM_THREADS=2 timeout "${T_WARM:-90}" python3 $M $Q --warm-only --models $m --dtypes $dt \
                 --semirings $g >> "$OUT/warm.log" 2>&1 &
             done; done; done
           for f in ${WARM_AB:-}; do
-            SEMITRITON_FORCE_KERNEL=$f OMP_NUM_THREADS=2 timeout "${T_WARM:-60}" python3 $M $Q --warm-only \
+            SEMITRITON_FORCE_KERNEL=$f OMP_NUM_THREADS=2 timeout "${T_WARM:-90}" python3 $M $Q --warm-only \
               --models bert-base --dtypes float32 --semirings abs,entropy >> "$OUT/warm.log" 2>&1 &
           done
           wait
@@ -64,7 +65,7 @@ for s in ${STEPS//,/ }; do
             export SEMITRITON_FORCE_REFERENCE=rms_norm:abs,rms_norm:entropy,rms_norm:maxabs,rms_norm:max
             echo "rms_norm kernel failed its GPU test: the models step uses the torch closed forms" >> "$OUT/env.txt"; }
           echo "step warm seconds=$(( $(date +%s) - t0 ))" >> "$OUT/env.txt" ;;
-    kernels_sel) step kernels_sel "${T_KSEL:-40}" python3 bench/run_kernels.py $Q --quick \
+    kernels_sel) step kernels_sel "${T_KSEL:-30}" python3 bench/run_kernels.py $Q --quick \
                    --kernels "${KSEL:-layer_norm,activation,attention}" --dtypes fp32,float32 \
                    --attention-shapes "${KSHAPES:-bert-base}" --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
     mm_models) step mm_models "${T_MM:-60}" python3 bench/run_kernels.py $Q --only dense --kernels matmul \
@@ -73,7 +74,7 @@ for s in ${STEPS//,/ }; do
                  --md "$OUT/mm.md" > /dev/null 2>&1 ;;
     kernels_new) step kernels_new "${T_KNEW:-40}" python3 bench/run_kernels.py $Q --only dense --kernels rms_norm \
                    --dtypes fp32 --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
-    gpu_tests) step gpu_tests "${T_TESTS:-100}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+    gpu_tests) step gpu_tests "${T_TESTS:-90}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                  ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu.py >> "$OUT/tests.log" 2>&1 ;;
     models) step models "${T_MODELS:-215}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
               --reps "${REPS:-3}" ${DTYPES:+--dtypes $DTYPES} ${CHECK:+--check $CHECK} ${LINEAR:+--linear-variant} --out "$OUT/models.json" --md "$OUT/models.md" \
