@@ -20,9 +20,26 @@ def finish(md: str, path) -> int:
 
 
 def config_label(c: dict) -> str:
-    """A launch config as BMxBN/warps (and the split-J slice count)."""
-    s = f"{c.get('BM')}x{c.get('BN')}/{c.get('num_warps')}w"
-    return s + (f" S={c['SPLIT_J']}" if c.get("SPLIT_J", 1) > 1 else "")
+    """A launch config as BMxBN/warps with its variant flags (split-J slices,
+    PIPE, ROW_SHIFT), an attention plan as BMxBN/warps precision (split:
+    q/k and v in two launches), a dispatch choice by its index."""
+    if "cfg" in c:                                          # attention launch plan
+        bm, bn, nw, _, prec = c["cfg"]
+        s = f"{bm}x{bn}/{nw}w {prec}"
+        if c.get("split"):
+            qk = c.get("qk_cfg")
+            s += " split" + (f" (q/k {qk[0]}x{qk[1]})" if qk else "")
+        return s
+    if "impl" in c:                                         # dispatch race
+        return str(c.get("name", f"impl {c['impl']}"))
+    s = f"{c.get('BM', c.get('BI'))}x{c.get('BN', c.get('BJ'))}/{c.get('num_warps')}w"
+    if c.get("SPLIT_J", 1) > 1:
+        s += f" S={c['SPLIT_J']}"
+    if c.get("PIPE") is False:
+        s += " no-PIPE"
+    if c.get("ROW_SHIFT") is False:
+        s += " shift-per-program"
+    return s
 
 
 def candidates_cell(cands: list) -> str:
@@ -38,8 +55,9 @@ def autotune_table(timings: dict) -> str:
     one row per launch key with every candidate's median ms."""
     if not timings:
         return ""
-    out = ["", "Autotuner candidates per launch key (BMxBN/warps, S = split-J slices; median ms as "
-               "the autotuner timed them; * = chosen):", "", "| key | candidates |", "|---|---|"]
+    out = ["", "Autotuner candidates per launch key (BMxBN/warps, S = split-J slices, attention plans "
+               "with their dot precision, dispatch choices by implementation; median ms as the autotuner "
+               "timed them; * = chosen):", "", "| key | candidates |", "|---|---|"]
     for key, cands in timings.items():
         out.append(f"| {' '.join(str(k) for k in key)} | {candidates_cell(cands)} |")
     return "\n".join(out) + "\n"

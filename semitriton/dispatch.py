@@ -140,7 +140,7 @@ def _race(op: str, semiring: str, impls, v, args):
         return r
 
     key = ("dispatch", op, semiring) + _shape_key(v, args)
-    cands = [{"impl": i} for i in range(len(impls))]
+    cands = [{"impl": i, "name": getattr(f, "__name__", str(i))} for i, f in enumerate(impls)]
     best = choose(key, cands, launch)
     try:
         return launch(best)
