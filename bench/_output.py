@@ -19,10 +19,16 @@ def finish(md: str, path) -> int:
     return 0
 
 
+#: the legend of the autotuner tables
+AUTOTUNE_LEGEND = ("Autotuner candidates (BMxBN/warps, S = split-J slices, attention plans with their dot "
+                   "precision, dispatch choices by implementation; median ms as the autotuner timed them; "
+                   "* = chosen):")
+
+
 def config_label(c: dict) -> str:
     """A launch config as BMxBN/warps with its variant flags (split-J slices,
     PIPE, ROW_SHIFT), an attention plan as BMxBN/warps precision (split:
-    q/k and v in two launches), a dispatch choice by its index."""
+    q/k and v in two launches), a dispatch choice by its implementation."""
     if "cfg" in c:                                          # attention launch plan
         bm, bn, nw, _, prec = c["cfg"]
         s = f"{bm}x{bn}/{nw}w {prec}"
@@ -50,14 +56,28 @@ def candidates_cell(cands: list) -> str:
                      for i, (c, t) in enumerate(cands))
 
 
+def autotune_keys() -> set:
+    """The launch keys the kernels' autotuner has timed so far in this process."""
+    try:
+        from semitriton.kernels import _common
+    except Exception:  # noqa: BLE001 - no triton
+        return set()
+    return set(_common.timings)
+
+
+def autotune_since(before: set) -> list:
+    """The autotuner's measurements for the keys timed since ``before``
+    (``autotune_keys()``), as JSON-able [[{"config", "ms"}, ...] per key]."""
+    from semitriton.kernels import _common
+    return [[{"config": c, "ms": t} for c, t in _common.timings[k]] for k in _common.timings if k not in before]
+
+
 def autotune_table(timings: dict) -> str:
     """Markdown of the autotuner's measurements (kernels/_common.timings):
     one row per launch key with every candidate's median ms."""
     if not timings:
         return ""
-    out = ["", "Autotuner candidates per launch key (BMxBN/warps, S = split-J slices, attention plans "
-               "with their dot precision, dispatch choices by implementation; median ms as the autotuner "
-               "timed them; * = chosen):", "", "| key | candidates |", "|---|---|"]
+    out = ["", AUTOTUNE_LEGEND, "", "| key | candidates |", "|---|---|"]
     for key, cands in timings.items():
         out.append(f"| {' '.join(str(k) for k in key)} | {candidates_cell(cands)} |")
     return "\n".join(out) + "\n"

@@ -25,6 +25,11 @@ for a dry run of this file under TRITON_INTERPRET=1 (plain timer, no peaks).
 from __future__ import annotations
 
 import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _output import autotune_keys, autotune_since  # noqa: E402
 
 SEMIRINGS = ("real", "abs", "entropy", "maxabs", "max")
 SHAPES = {
@@ -125,13 +130,11 @@ def run(case) -> dict:
     def call():
         return kern(vo, q, k, v, None, causal, scale, needs)
 
-    from semitriton.kernels import _common
-    before = set(_common.timings)
+    before = autotune_keys()
     out = call()                                           # compile + time the launch plans
     assert out is not NotImplemented
     del out
-    candidates = [[{"config": c, "ms": t} for c, t in _common.timings[key]]
-                  for key in _common.timings if key not in before]
+    candidates = autotune_since(before)
     ms = _bench(call, dev)
     peak = _peak(call, dev)
 

@@ -33,6 +33,11 @@ runs at import time; only ``run`` needs CUDA.
 from __future__ import annotations
 
 import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _output import autotune_keys, autotune_since  # noqa: E402
 
 # Model shapes. BERT-base: batch 32 x seq 128 = 4096 rows, d 768, FFN 3072, 12
 # heads, vocab 30522. SmolLM2-135M: batch 8 x seq 512 = 4096 rows, d 576, FFN
@@ -136,13 +141,11 @@ def _run_matmul(case, sr, fn, device, gen):
     wshape = (B, J, K) if B > 1 else (J, K)
     v = _values(sr.name, vshape, device, gen)
     w = (torch.randn(wshape, generator=gen, device=device) * 0.05).to(wdt)
-    from semitriton.kernels import _common
-    before = set(_common.timings)
+    before = autotune_keys()
     out = fn(v, w)                                        # compile + autotune
     assert out is not NotImplemented, "kernel declined the case"
     torch.cuda.synchronize()
-    case["candidates"] = [[{"config": c, "ms": t} for c, t in _common.timings[k]]
-                          for k in _common.timings if k not in before]
+    case["candidates"] = autotune_since(before)
     ms = _bench(lambda: fn(v, w))
     macs = B * I * J * K
     # cuBLAS baseline on the same shape

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import kernels_attention  # noqa: E402
 import kernels_dense  # noqa: E402
-from _output import candidates_cell, finish, save_json  # noqa: E402
+from _output import AUTOTUNE_LEGEND, candidates_cell, finish, save_json  # noqa: E402
 
 
 def _f(x, spec=".3g"):
@@ -42,8 +42,7 @@ def markdown(rows, device, date) -> str:
                    f"{_f(r['ratio_to_reference'], '.3f')} |")
     tuned = [r for r in rows if r.get("candidates")]
     if tuned:
-        out += ["", "Autotuner candidates (BMxBN/warps, S = split-J slices; median ms as the autotuner timed "
-                    "them; * = chosen):", "", "| kernel | semiring | shape | candidates |", "|---|---|---|---|"]
+        out += ["", AUTOTUNE_LEGEND, "", "| kernel | semiring | shape | candidates |", "|---|---|---|---|"]
         for r in tuned:
             for cands in r["candidates"]:
                 cell = candidates_cell([(c["config"], c["ms"]) for c in cands])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from ..semirings._util import rope_partner, rope_partner_weight
 from ._saved import pad, saved_tensors
 
 
@@ -25,10 +24,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """cat(-x[..., h:], x[..., :h]) (as transformers writes it)."""
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
-_partner = rope_partner
-partner_weight = rope_partner_weight
 
 
 class RotaryEmbedding(torch.autograd.Function):
