@@ -41,6 +41,7 @@ def finite_or_zero(t):
     """t where it is finite, else 0 (a row shift for rows without a finite term)."""
     return tl.where(tl.abs(t) < float("inf"), t, 0.0)
 
+
 if interpreting() or os.environ.get("SEMITRITON_ACCURATE_LOG", "0") not in ("", "0"):
     @triton.jit
     def fast_log2(x):

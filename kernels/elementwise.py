@@ -1,26 +1,27 @@
-"""Fused elementwise rules. Op ``"activation"``, ``fn(v, x, kind)``: the edge
-x_i -> y_i of y = f(x) has weight w_i = f'(x_i); one pass reads x and the
-value, forms w in registers and writes v ⊗ edge(w) (the torch reference
-computes w with ~8 ops and applies ⊗ with 3 to 8 more, each a pass over
-memory). ``kind``:
+"""Fused elementwise rules.
+
+Op ``"activation"``, ``fn(v, x, kind)``: the edge x_i -> y_i of y = f(x) has
+weight w_i = f'(x_i); one pass reads x and the value, forms w in registers
+and writes v ⊗ edge(w) (the torch reference computes w with ~8 ops and
+applies ⊗ with 3 to 8 more, each a pass over memory). ``kind``:
 
 - ``gelu``:      w = Φ(x) + x φ(x) = ½ erfc(-x/√2) + x e^{-x²/2}/√(2π)
 - ``gelu_tanh``: w = ½(1 + t) + ½ x (1 - t²) √(2/π) (1 + 3·0.044715 x²),
                  t = tanh(√(2/π)(x + 0.044715 x³))
 - ``silu``:      w = σ(x) (1 + x σ(-x))
-- ``identity``:  w = x (op ``"scale"``, ``fn(v, w)``: v ⊗ edge(w) for a weight
-                 of v's shape, e.g. the other factor of a product)
+
+(written so that they keep their relative accuracy where f' is tiny; see
+``semitriton.semirings._util.activation_derivative``), and ``identity``,
+w = x: op ``"scale"``, ``fn(v, w)``, v ⊗ edge(w) for a weight of v's shape
+(e.g. the other factor of a product).
+
+⊗ edge(w) per semiring: real g·w; abs, maxabs l + log|w| (log 0 = -inf: no
+edge); entropy (l + log|w|, μ - log|w|), μ = 0 where l = -inf; max (w·M+,
+w·M-) for w > 0, (w·M-, w·M+) for w < 0, the zero (-inf, +inf) for w = 0.
+Values fp32, contiguous (x any float dtype, cast to fp32 here).
 
 Also here: op ``"rope"`` (the rotary-embedding rule, both edges and ⊕ in one
 pass) and op ``"plus"`` for entropy (⊕ of two values of one shape).
-
-(written so that they keep their relative accuracy where f' is tiny; see
-``semitriton.semirings._util.activation_derivative``)
-
-and ⊗ edge(w) per semiring: real g·w; abs, maxabs l + log|w| (log 0 = -inf:
-no edge); entropy (l + log|w|, μ - log|w|), μ = 0 where l = -inf; max
-(w·M+, w·M-) for w > 0, (w·M-, w·M+) for w < 0, the zero (-inf, +inf) for
-w = 0. Values fp32, contiguous (x any float dtype, cast to fp32 here).
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ import triton
 import triton.language as tl
 
 from ._common import aot_entry, interpreting
-from ._fastmath import logaddexp
+from ._fastmath import finite_or_zero, logaddexp
 from .registry import register
 
 KINDS = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
-SR_REAL, SR_LOG, SR_ENTROPY, SR_MAX = 0, 1, 2, 3
-_CODES = {"real": SR_REAL, "abs": SR_LOG, "maxabs": SR_LOG, "entropy": SR_ENTROPY, "max": SR_MAX}
+#: semiring codes of the kernels here (abs and maxabs share ⊗ edge, not ⊕)
+_CODES = {"real": 0, "abs": 1, "entropy": 2, "max": 3, "maxabs": 4}
 #: below this many elements a CUDA call stays with the torch reference (a Triton
 #: launch costs more host time than the few small torch ops it would replace)
 MIN_NUMEL_CUDA = 1 << 16
@@ -99,39 +100,6 @@ def _derivative(x, KIND: tl.constexpr):
 
 
 @triton.jit
-def _activation_kernel(x_ptr, c0_ptr, c1_ptr, o0_ptr, o1_ptr, N,
-                       SR: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
-    """out = v ⊗ edge(f'(x)) elementwise over N entries (see the module docstring)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < N
-    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    w = _derivative(x, KIND)
-    c0 = tl.load(c0_ptr + offs, mask=m, other=0.0)
-    if SR == 0:
-        tl.store(o0_ptr + offs, c0 * w, mask=m)
-    elif SR == 1:
-        tl.store(o0_ptr + offs, c0 + tl.log(tl.abs(w)), mask=m)
-    elif SR == 2:
-        lw = tl.log(tl.abs(w))
-        l = c0 + lw
-        mu = tl.load(c1_ptr + offs, mask=m, other=0.0) - lw
-        tl.store(o0_ptr + offs, l, mask=m)
-        tl.store(o1_ptr + offs, tl.where(l == float("-inf"), 0.0, mu), mask=m)
-    else:
-        c1 = tl.load(c1_ptr + offs, mask=m, other=0.0)
-        pos = w > 0
-        neg = w < 0
-        p = tl.where(pos, w * c0, tl.where(neg, w * c1, float("-inf")))
-        n = tl.where(pos, w * c1, tl.where(neg, w * c0, float("inf")))
-        tl.store(o0_ptr + offs, p, mask=m)
-        tl.store(o1_ptr + offs, n, mask=m)
-
-
-# ---- rotary embedding rule (op "rope") -------------------------------------------------
-_ROPE_CODES = {"real": 0, "abs": 1, "entropy": 2, "max": 3, "maxabs": 4}
-
-
-@triton.jit
 def _times_edge(c0, c1, w, SR: tl.constexpr):
     """v ⊗ edge(w) for SR 0 real, 1 abs / 4 maxabs (log space), 2 entropy, 3 max."""
     if SR == 0:
@@ -153,6 +121,26 @@ def _times_edge(c0, c1, w, SR: tl.constexpr):
 
 
 @triton.jit
+def _activation_kernel(x_ptr, c0_ptr, c1_ptr, o0_ptr, o1_ptr, N,
+                       SR: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """out = v ⊗ edge(f'(x)) elementwise over N entries (see the module docstring)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    w = _derivative(x, KIND)
+    c0 = tl.load(c0_ptr + offs, mask=m, other=0.0)
+    if SR == 2 or SR == 3:                                 # two components
+        c1 = tl.load(c1_ptr + offs, mask=m, other=0.0)
+    else:
+        c1 = c0
+    o0, o1 = _times_edge(c0, c1, w, SR)
+    tl.store(o0_ptr + offs, o0, mask=m)
+    if SR == 2 or SR == 3:
+        tl.store(o1_ptr + offs, o1, mask=m)
+
+
+# ---- rotary embedding rule (op "rope"), entropy ⊕ (op "plus") -------------------------
+@triton.jit
 def _plus(a0, a1, b0, b1, SR: tl.constexpr):
     """a ⊕ b (SR as in ``_times_edge``); entropy: (logaddexp, softmax-weighted μ)."""
     if SR == 0:
@@ -163,7 +151,7 @@ def _plus(a0, a1, b0, b1, SR: tl.constexpr):
         o1 = a1
     elif SR == 2:
         o0 = logaddexp(a0, b0)
-        sh = tl.where(tl.abs(o0) < float("inf"), o0, 0.0)
+        sh = finite_or_zero(o0)
         o1 = tl.exp(a0 - sh) * a1 + tl.exp(b0 - sh) * b1
     elif SR == 3:
         o0 = tl.maximum(a0, b0)
@@ -241,7 +229,7 @@ def entropy_plus(a, b):
     ins = [c.contiguous() for c in (*a, *b)]
     outs = [torch.empty_like(ins[0]), torch.empty_like(ins[0])]
     block = _block()
-    _plus_kernel[(triton.cdiv(n, block),)](*ins, *outs, n, SR=_ROPE_CODES["entropy"], BLOCK=block, num_warps=4)
+    _plus_kernel[(triton.cdiv(n, block),)](*ins, *outs, n, SR=_CODES["entropy"], BLOCK=block, num_warps=4)
     return tuple(outs)
 
 
@@ -275,11 +263,11 @@ def _rope(v, cos, sin, semiring: str):
     block = _block()
     _rope_kernel[(triton.cdiv(n, block),)](comps[0], comps[1] if two else comps[0], cs, sn, outs[0],
                                            outs[1] if two else outs[0], n, H, T, D, *cs.stride(), *sn.stride(),
-                                           SR=_ROPE_CODES[semiring], TWO=two, BLOCK=block, num_warps=4)
+                                           SR=_CODES[semiring], TWO=two, BLOCK=block, num_warps=4)
     return tuple(outs)
 
 
-_register_per_semiring("rope", _rope, _ROPE_CODES,
+_register_per_semiring("rope", _rope, _CODES,
                        "the rotary-embedding rule v[j] ⊗ edge(cos) ⊕ v[partner] ⊗ edge(±sin), one pass.")
 
 
@@ -324,15 +312,15 @@ def aot_specs():
     """(kernel, signature, constexprs, options): every semiring code × kind with
     fp32 x, plus bf16 x."""
     specs = []
-    for sr in sorted(set(_CODES.values())):
+    for sr in range(4):                                       # maxabs (4) compiles as abs (1)
         for kind in KINDS.values():
             for dt in ("fp32", "bf16") if kind in (0, 1) else ("fp32",):
                 types = {"x_ptr": "*" + dt, "c0_ptr": "*fp32", "c1_ptr": "*fp32", "o0_ptr": "*fp32",
                          "o1_ptr": "*fp32"}
                 specs.append(aot_entry(_activation_kernel, types, dict(SR=sr, KIND=kind, BLOCK=1024), 4, 1))
     types = {p: "*fp32" for p in ("a0_ptr", "a1_ptr", "b0_ptr", "b1_ptr", "o0_ptr", "o1_ptr")}
-    specs.append(aot_entry(_plus_kernel, types, dict(SR=_ROPE_CODES["entropy"], BLOCK=1024), 4, 1))
-    for name, code in _ROPE_CODES.items():
+    specs.append(aot_entry(_plus_kernel, types, dict(SR=_CODES["entropy"], BLOCK=1024), 4, 1))
+    for name, code in _CODES.items():
         for dt in ("fp32", "bf16") if code == 2 else ("fp32",):
             types = {"c0_ptr": "*fp32", "c1_ptr": "*fp32", "cos_ptr": "*" + dt, "sin_ptr": "*" + dt,
                      "o0_ptr": "*fp32", "o1_ptr": "*fp32"}

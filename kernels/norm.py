@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import aot_entry, bucket, choose, interpreting
-from ._fastmath import fast_log, fast_log2_normal
+from ._fastmath import fast_log, fast_log2_normal, finite_or_zero
 from .registry import register
 
 SR_ABS, SR_MAXABS, SR_MAX, SR_ENTROPY = 1, 2, 3, 4
@@ -131,8 +131,7 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr,
                 if HAS_G:
                     lj = lj + fast_log(tl.abs(tl.load(g_ptr + offs_j, mask=mj, other=1.0).to(tl.float32)))
                 mv = tl.maximum(mv, lj)
-            m = tl.max(mv, 0)
-            m = tl.where(tl.abs(m) < float("inf"), m, 0.0)
+            m = finite_or_zero(tl.max(mv, 0))
         lrs = tl.log(rs)
         acc = tl.zeros((BI, BJ), dtype=tl.float32)
         if SR == 4:

@@ -142,16 +142,12 @@ def _race(op: str, semiring: str, impls, v, args):
     key = ("dispatch", op, semiring) + _shape_key(v, args)
     cands = [{"impl": i, "name": getattr(f, "__name__", str(i))} for i, f in enumerate(impls)]
     best = choose(key, cands, launch)
-    try:
-        return launch(best)
-    except _Declined:
-        for c in cands:
-            if c != best:
-                try:
-                    return launch(c)
-                except _Declined:
-                    pass
-        return NotImplemented
+    for c in [best] + [c for c in cands if c != best]:       # the chosen one may decline this exact shape
+        try:
+            return launch(c)
+        except _Declined:
+            pass
+    return NotImplemented
 
 
 def kernel_op(op: str):
