@@ -1048,10 +1048,14 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None) -> list:
     - entropy: q/k and v in two launches, 16x32 and 16x64, 8 warps (56 and 0
       bytes) first, then both at 16x64 (276 and 0); the earlier single 32x64
       launch (2452 bytes) stays a candidate;
-    - maxabs, max: 64x32, 8 warps, tf32x3 score dot (0 / 36 bytes) first; the
-      earlier 64x64 "ieee" (488 / 588 bytes) stays a candidate.
+    - maxabs, max: 64x64 "ieee" (488 / 588 bytes) first, then 64x64 and 64x32
+      (0 / 36 bytes) with a tf32x3 score dot.
 
-    Not yet timed on a GPU: the autotuner measures the candidates."""
+    Timed on an H100 (fifth session, RESULTS.md): the 16-row real/abs plans and
+    the split entropy plan won (1.15-1.5x); for maxabs/max 64x64 "ieee" beat
+    64x32 tf32x3 by 1.15-1.55x (the max-plus products, not the score dot, set
+    their time, and 64-column tiles load half the operands per accumulator);
+    64x64 tf32x3 is not yet timed."""
     if gpu is None:
         gpu = not _interpreting()
     if not gpu:
@@ -1069,8 +1073,9 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None) -> list:
         # tropical: SIMT rank-1 updates, scratch round trips (num_stages=1: no
         # software pipelining across the scratch barriers)
         plans = ([{"cfg": (32, 32, 4, 1, "ieee"), "split": False}] if wide else
-                 [{"cfg": (64, 32, 8, 1, "tf32x3"), "split": False},
-                  {"cfg": (64, 64, 8, 1, "ieee"), "split": False}])
+                 [{"cfg": (64, 64, 8, 1, "ieee"), "split": False},
+                  {"cfg": (64, 64, 8, 1, "tf32x3"), "split": False},
+                  {"cfg": (64, 32, 8, 1, "tf32x3"), "split": False}])
     if DOT_PRECISION is not None:
         plans = [dict(p, cfg=p["cfg"][:4] + (DOT_PRECISION,)) for p in plans]
     return plans

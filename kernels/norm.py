@@ -20,6 +20,11 @@ t'_ij = (c + x̂_i x̂_j)/n − δ_ij we have w_ij = −rstd·γ_j·t'_ij, so
            q_j = −rstd·γ_j·M+_j, r_j = −rstd·γ_j·M-_j; edges with t' = 0 or γ_j = 0
            and zero values (M+_j = -inf) excluded.
 
+PRE (abs, maxabs, entropy): the per-column factors (the row shift m, e_j and
+x̂_j e_j / n, or entropy's e_j and μ_j − log|γ_j| − log rstd) are computed once
+per row by ``_norm_cols_kernel`` instead of by each of the row's n/BI programs
+on every tile, so that the O(n²) loop only loads them.
+
 ``real`` stays in torch (not registered).
 """
 
@@ -28,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import aot_entry, bucket, choose, interpreting
+from ._common import aot_entry, bucket, choose, interpreting, next_pow2
 from ._fastmath import fast_log, fast_log2_normal, finite_or_zero
 from .registry import register
 
@@ -70,10 +75,56 @@ def _tprime(a_i, xj, offs_i, offs_j, i0, j0, inv_n, cn,
 
 
 @triton.jit
-def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr,
-                 N, s_c0, s_c1, s_x, s_o,
+def _norm_cols_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, m_ptr, p0_ptr, p1_ptr,
+                      N, s_c0, s_c1, s_x, s_p,
+                      SR: tl.constexpr, HAS_G: tl.constexpr, BLOCK: tl.constexpr):
+    """The column factors of one row (PRE), one row per program:
+    lg_j = log|γ_j| (0 without γ), m = finite max_j (l_j + lg_j),
+    e_j = exp(l_j + lg_j − m); stores m and
+    abs / maxabs: p0_j = x̂_j e_j / n, p1_j = e_j;
+    entropy:      p0_j = e_j, p1_j = μ_j − lg_j − log rstd (0 where e_j = 0)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mk = offs < N
+    l = tl.load(c0_ptr + row * s_c0 + offs, mask=mk, other=float("-inf"))
+    if HAS_G:
+        lg = tl.log(tl.abs(tl.load(g_ptr + offs, mask=mk, other=1.0).to(tl.float32)))
+    else:
+        lg = tl.zeros([BLOCK], tl.float32)
+    t = l + lg
+    m = finite_or_zero(tl.max(t, 0))
+    e = tl.exp(t - m)
+    tl.store(m_ptr + row, m)
+    if SR == 4:
+        mu = tl.load(c1_ptr + row * s_c1 + offs, mask=mk, other=0.0)
+        lrs = tl.log(tl.load(rstd_ptr + row).to(tl.float32))
+        tl.store(p0_ptr + row * s_p + offs, e, mask=mk)
+        tl.store(p1_ptr + row * s_p + offs, tl.where(e > 0, mu - lg - lrs, 0.0), mask=mk)
+    else:
+        x = tl.load(x_ptr + row * s_x + offs, mask=mk, other=0.0).to(tl.float32)
+        tl.store(p0_ptr + row * s_p + offs, x * (e / N), mask=mk)
+        tl.store(p1_ptr + row * s_p + offs, e, mask=mk)
+
+
+@triton.jit
+def _pre_tile(x_row, p0_row, p1_row, j0, jr, N, SR: tl.constexpr):
+    """The precomputed column factors of the j tile at j0 (PRE): (x̂_j e_j/n,
+    e_j, unused) for abs/maxabs, (x̂_j, e_j, μ_j − log|γ_j| − log rstd) for
+    entropy; padding columns read e_j = 0 (no contribution)."""
+    offs_j = j0 + jr
+    mj = offs_j < N
+    a = tl.load(p0_row + offs_j, mask=mj, other=0.0)
+    b = tl.load(p1_row + offs_j, mask=mj, other=0.0)
+    if SR == 4:
+        return tl.load(x_row + offs_j, mask=mj, other=0.0).to(tl.float32), a, b
+    return a, b, b
+
+
+@triton.jit
+def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, p0_ptr, p1_ptr,
+                 N, s_c0, s_c1, s_x, s_o, s_p,
                  SR: tl.constexpr, CENTERED: tl.constexpr, HAS_G: tl.constexpr,
-                 BI: tl.constexpr, BJ: tl.constexpr, ROW_SHIFT: tl.constexpr):
+                 BI: tl.constexpr, BJ: tl.constexpr, ROW_SHIFT: tl.constexpr, PRE: tl.constexpr):
     """One row, BI outputs: out_i = ⊕_j edge(w_ij) ⊗ v_j with
     w_ij = γ_j·rstd·(δ_ij − (c + x̂_i x̂_j)/n); see the module docstring for the
     per-semiring forms (SR: 1 abs, 2 maxabs, 3 max, 4 entropy). The j loop
@@ -81,7 +132,9 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr,
     loads' latency hides behind the O(BI·BJ) work), and per-pair / per-column
     logs use the SFU (``_fastmath.py``). ROW_SHIFT: the row shift m is read
     from m_ptr (computed once per row by the launcher) instead of by a pass
-    over the row in every one of the row's programs."""
+    over the row in every one of the row's programs. PRE (not max): m and the
+    per-column factors are read from ``_norm_cols_kernel``'s output, so the
+    loop does no per-column logs or exps."""
     row = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BI
     offs_i = i0 + tl.arange(0, BI)
@@ -120,7 +173,7 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr,
         tl.store(o1_ptr + row * s_o + offs_i, tl.min(acc_n, 1), mask=mi)
     else:
         # the shift: m = finite max_j (l_j + log|γ_j|)
-        if ROW_SHIFT:
+        if ROW_SHIFT or PRE:
             m = tl.load(m_ptr + row)
         else:
             mv = tl.full((BJ,), float("-inf"), dtype=tl.float32)
@@ -137,33 +190,56 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr,
         if SR == 4:
             acc_s1 = tl.zeros((BI, BJ), dtype=tl.float32)
             acc_s2 = tl.zeros((BI, BJ), dtype=tl.float32)
-        xj, lj, muj, gj = _col_tile(x_row, c0_row, c1_row, g_ptr, 0, jr, N, SR, HAS_G)
-        for j0 in range(0, N, BJ):
-            offs_j = j0 + jr
-            xn, ln, mun, gn = _col_tile(x_row, c0_row, c1_row, g_ptr, j0 + BJ, jr, N, SR, HAS_G)
-            if HAS_G:
-                lg = fast_log(tl.abs(gj))
-            else:
-                lg = gj * 0.0
-            ej = tl.exp(lj + lg - m)
-            if SR == 2:
-                # |t'_ij|·e_j = |x̂_i (x̂_j e_j / n) + c e_j / n − δ_ij e_j|: one FMA per pair
-                tt = a_i[:, None] * (xj * inv_n * ej)[None, :] + (cn * ej)[None, :]
-                if (j0 < i0 + BI) & (j0 + BJ > i0):
-                    tt = tl.where(offs_i[:, None] == offs_j[None, :], tt - ej[None, :], tt)
-                acc = tl.maximum(acc, tl.abs(tt))
-            else:
-                t = _tprime(a_i, xj, offs_i, offs_j, i0, j0, inv_n, cn, BI, BJ)
-                at = tl.abs(t)
-                u = at * ej[None, :]
-            if SR == 1:
-                acc += u
-            elif SR == 4:
-                cj = tl.where(ej > 0, muj - lg - lrs, 0.0)
-                acc += u
-                acc_s1 += u * cj[None, :]
-                acc_s2 += u * fast_log2_normal(tl.maximum(at, 1e-30))
-            xj, lj, muj, gj = xn, ln, mun, gn
+        if PRE:
+            p0_row = p0_ptr + row * s_p
+            p1_row = p1_ptr + row * s_p
+            ua, ub, uc = _pre_tile(x_row, p0_row, p1_row, 0, jr, N, SR)
+            for j0 in range(0, N, BJ):
+                offs_j = j0 + jr
+                na, nb, nc = _pre_tile(x_row, p0_row, p1_row, j0 + BJ, jr, N, SR)
+                if SR == 4:                                   # ua = x̂_j, ub = e_j, uc = c_j
+                    at = tl.abs(_tprime(a_i, ua, offs_i, offs_j, i0, j0, inv_n, cn, BI, BJ))
+                    u = at * ub[None, :]
+                    acc += u
+                    acc_s1 += u * uc[None, :]
+                    acc_s2 += u * fast_log2_normal(tl.maximum(at, 1e-30))
+                else:                                         # ua = x̂_j e_j / n, ub = e_j
+                    tt = a_i[:, None] * ua[None, :] + (cn * ub)[None, :]
+                    if (j0 < i0 + BI) & (j0 + BJ > i0):
+                        tt = tl.where(offs_i[:, None] == offs_j[None, :], tt - ub[None, :], tt)
+                    if SR == 2:
+                        acc = tl.maximum(acc, tl.abs(tt))
+                    else:
+                        acc += tl.abs(tt)
+                ua, ub, uc = na, nb, nc
+        else:
+            xj, lj, muj, gj = _col_tile(x_row, c0_row, c1_row, g_ptr, 0, jr, N, SR, HAS_G)
+            for j0 in range(0, N, BJ):
+                offs_j = j0 + jr
+                xn, ln, mun, gn = _col_tile(x_row, c0_row, c1_row, g_ptr, j0 + BJ, jr, N, SR, HAS_G)
+                if HAS_G:
+                    lg = fast_log(tl.abs(gj))
+                else:
+                    lg = gj * 0.0
+                ej = tl.exp(lj + lg - m)
+                if SR == 2:
+                    # |t'_ij|·e_j = |x̂_i (x̂_j e_j / n) + c e_j / n − δ_ij e_j|: one FMA per pair
+                    tt = a_i[:, None] * (xj * inv_n * ej)[None, :] + (cn * ej)[None, :]
+                    if (j0 < i0 + BI) & (j0 + BJ > i0):
+                        tt = tl.where(offs_i[:, None] == offs_j[None, :], tt - ej[None, :], tt)
+                    acc = tl.maximum(acc, tl.abs(tt))
+                else:
+                    t = _tprime(a_i, xj, offs_i, offs_j, i0, j0, inv_n, cn, BI, BJ)
+                    at = tl.abs(t)
+                    u = at * ej[None, :]
+                if SR == 1:
+                    acc += u
+                elif SR == 4:
+                    cj = tl.where(ej > 0, muj - lg - lrs, 0.0)
+                    acc += u
+                    acc_s1 += u * cj[None, :]
+                    acc_s2 += u * fast_log2_normal(tl.maximum(at, 1e-30))
+                xj, lj, muj, gj = xn, ln, mun, gn
         if SR == 2:
             mx = tl.max(acc, 1)
             out = tl.log(mx) + lrs + m
@@ -191,14 +267,22 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr,
                 tl.store(o1_ptr + row * s_o + offs_i, mu, mask=mi)
 
 
-def _configs(sr: int):
-    """Launch candidates, best guess first. ROW_SHIFT (the row shift computed
-    once per row by the launcher, not in each of the row's n/BI programs; SASS
+#: the widest row the column-factor pass (PRE) takes in one program
+PRE_MAX_N = 8192
+
+
+def _configs(sr: int, n: int | None = None):
+    """Launch candidates, best guess first. ROW_SHIFT: the row shift computed
+    once per row by the launcher, not in each of the row's n/BI programs (SASS
     of the abs kernel at 64x64: the per-program shift pass was 12 x 65
-    instructions per thread against ~12 x 84 for the O(n²) loop itself) is not
-    yet timed on a GPU: the first tile is also offered without it."""
+    instructions per thread against ~12 x 84 for the O(n²) loop itself); PRE
+    (not max; rows up to PRE_MAX_N): the shift and every per-column factor
+    computed once per row by ``_norm_cols_kernel``, which takes the per-column
+    logs and exps out of the loop. On an H100 (fifth session) the layer-norm
+    times did not move with ROW_SHIFT; PRE is not yet timed."""
+    pre = sr != SR_MAX and (n is None or n <= PRE_MAX_N)
     if interpreting():
-        return [dict(BI=16, BJ=16, num_warps=1, num_stages=1, ROW_SHIFT=True)]
+        return [dict(BI=16, BJ=16, num_warps=1, num_stages=1, ROW_SHIFT=True, PRE=pre)]
     if sr in (SR_ABS, SR_MAXABS):
         cs = [dict(BI=64, BJ=64, num_warps=4, num_stages=3), dict(BI=128, BJ=64, num_warps=8, num_stages=3),
               dict(BI=64, BJ=128, num_warps=8, num_stages=3)]
@@ -206,8 +290,14 @@ def _configs(sr: int):
         cs = [dict(BI=64, BJ=32, num_warps=4, num_stages=3), dict(BI=64, BJ=64, num_warps=8, num_stages=3),
               dict(BI=32, BJ=64, num_warps=4, num_stages=3)]
     if sr == SR_MAX:                      # no shift in the signed semiring
-        return [dict(c, ROW_SHIFT=False) for c in cs]
-    return [dict(cs[0], ROW_SHIFT=True), dict(cs[0], ROW_SHIFT=False)] + [dict(c, ROW_SHIFT=True) for c in cs[1:]]
+        return [dict(c, ROW_SHIFT=False, PRE=False) for c in cs]
+    plain = ([dict(cs[0], ROW_SHIFT=True, PRE=False), dict(cs[0], ROW_SHIFT=False, PRE=False)]
+             + [dict(c, ROW_SHIFT=True, PRE=False) for c in cs[1:]])
+    return ([dict(c, ROW_SHIFT=True, PRE=True) for c in cs[:2]] if pre else []) + plain
+
+
+def _cols_warps(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
 def _row_shift(l, g):
@@ -245,6 +335,8 @@ def row_inputs(v, xhat, rstd, weight, max_n=None):
 
 
 def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
+    import torch
+
     rows = row_inputs(v, xhat, rstd, weight)
     if rows is None:
         return NotImplemented
@@ -255,16 +347,29 @@ def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
     o0 = outs[0]
     o1 = outs[1] if len(outs) > 1 else o0
 
+    gp = g if g is not None else x
+
     def launch(cfg):
         meta = dict(cfg)
+        meta.setdefault("PRE", False)
         grid = (R, triton.cdiv(n, meta["BI"]))
-        m = _row_shift(a, g) if meta["ROW_SHIFT"] else rs
-        _norm_kernel[grid](a, b, x, rs, g if g is not None else x, o0, o1, m, n,
-                           a.stride(0), b.stride(0), x.stride(0), o0.stride(0),
+        p0 = p1 = x
+        if meta["PRE"]:
+            m = torch.empty((R,), dtype=torch.float32, device=a.device)
+            p0 = torch.empty((R, n), dtype=torch.float32, device=a.device)
+            p1 = torch.empty_like(p0)
+            block = max(16, next_pow2(n))
+            _norm_cols_kernel[(R,)](a, b, x, rs, gp, m, p0, p1, n, a.stride(0), b.stride(0), x.stride(0),
+                                    p0.stride(0), SR=sr, HAS_G=g is not None, BLOCK=block,
+                                    num_warps=_cols_warps(block))
+        else:
+            m = _row_shift(a, g) if meta["ROW_SHIFT"] else rs
+        _norm_kernel[grid](a, b, x, rs, gp, o0, o1, m, p0, p1, n,
+                           a.stride(0), b.stride(0), x.stride(0), o0.stride(0), p0.stride(0),
                            SR=sr, CENTERED=centered, HAS_G=g is not None, **meta)
 
     key = ("norm", sr, centered, g is not None, bucket(R), bucket(n), str(a.device))
-    launch(choose(key, _configs(sr), launch))
+    launch(choose(key, _configs(sr, n), launch))
     return tuple(o.reshape(v[0].shape) for o in outs)
 
 
@@ -285,21 +390,33 @@ for _kind in ("abs", "maxabs", "max", "entropy"):
 
 def aot_specs():
     """(kernel, signature, constexprs, options): each semiring × (layer, RMS) with
-    fp32 γ, plus bf16 x̂/γ, no γ, a second tile shape per semiring, and the
-    variant that computes the row shift per program."""
+    fp32 γ, plus bf16 x̂/γ, no γ, a second tile shape per semiring, the variant
+    that computes the row shift per program, the PRE variants and the
+    column-factor kernel (rows up to 1024 and 4096 wide)."""
     specs = []
     kern = _norm_kernel
     for kind, sr in _CODES.items():
         cfgs = ((64, 64, 4), (128, 64, 8)) if sr in (SR_ABS, SR_MAXABS) else ((64, 32, 4), (64, 64, 8))
         runs = [(True, True, "fp32", cfgs[0]), (False, True, "fp32", cfgs[0]), (True, True, "bf16", cfgs[0]),
                 (True, False, "fp32", cfgs[0]), (False, True, "fp32", cfgs[1])]
-        runs = [r + (sr != SR_MAX,) for r in runs]
+        runs = [r + (sr != SR_MAX, False) for r in runs]
         if sr != SR_MAX:
-            runs.append((True, True, "fp32", cfgs[0], False))          # the shift computed per program
-        for centered, has_g, dt, (bi, bj, nw), row_shift in runs:
-            const = dict(SR=sr, CENTERED=centered, HAS_G=has_g, BI=bi, BJ=bj, ROW_SHIFT=row_shift)
+            runs.append((True, True, "fp32", cfgs[0], False, False))   # the shift computed per program
+            runs += [(True, True, "fp32", cfgs[0], True, True), (True, True, "bf16", cfgs[0], True, True),
+                     (False, False, "fp32", cfgs[1], True, True)]       # PRE
+        for centered, has_g, dt, (bi, bj, nw), row_shift, pre in runs:
+            const = dict(SR=sr, CENTERED=centered, HAS_G=has_g, BI=bi, BJ=bj, ROW_SHIFT=row_shift, PRE=pre)
             types = {n: "i32" for n in kern.arg_names}
             types.update({"c0_ptr": "*fp32", "c1_ptr": "*fp32", "x_ptr": "*" + dt, "rstd_ptr": "*fp32",
-                          "g_ptr": "*" + dt, "o0_ptr": "*fp32", "o1_ptr": "*fp32", "m_ptr": "*fp32"})
+                          "g_ptr": "*" + dt, "o0_ptr": "*fp32", "o1_ptr": "*fp32", "m_ptr": "*fp32",
+                          "p0_ptr": "*fp32", "p1_ptr": "*fp32"})
             specs.append(aot_entry(kern, types, const, nw, 3))
+        if sr == SR_MAX:
+            continue
+        for has_g, dt, block in ((True, "fp32", 1024), (True, "bf16", 1024), (False, "fp32", 4096)):
+            types = {n: "i32" for n in _norm_cols_kernel.arg_names}
+            types.update({"c0_ptr": "*fp32", "c1_ptr": "*fp32", "x_ptr": "*" + dt, "rstd_ptr": "*fp32",
+                          "g_ptr": "*" + dt, "m_ptr": "*fp32", "p0_ptr": "*fp32", "p1_ptr": "*fp32"})
+            specs.append(aot_entry(_norm_cols_kernel, types, dict(SR=sr, HAS_G=has_g, BLOCK=block),
+                                   _cols_warps(block), 1))
     return specs

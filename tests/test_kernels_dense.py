@@ -403,13 +403,18 @@ def _norm_cases(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", ("layer_norm", "rms_norm"))
 @pytest.mark.parametrize("name", NORM_SEMIRINGS)
-@pytest.mark.parametrize("row_shift", (True, False), ids=("shift-in", "shift-per-program"))
-def test_norm(name, op, device, row_shift, monkeypatch):
+@pytest.mark.parametrize("variant", ("shift-in", "shift-per-program", "columns-precomputed"))
+def test_norm(name, op, device, variant, monkeypatch):
     """The O(n²) norm kernels against the reference, with the row shift
-    computed by the launcher (ROW_SHIFT) or in each program."""
+    computed by the launcher (ROW_SHIFT) or in each program, or the shift and
+    the per-column factors computed once per row (PRE; max has neither)."""
     from semitriton.kernels import norm as knorm
     base = knorm._configs(knorm._CODES[name])[0]
-    monkeypatch.setattr(knorm, "_configs", lambda sr: [dict(base, ROW_SHIFT=row_shift and sr != knorm.SR_MAX)])
+    flags = {"shift-in": (True, False), "shift-per-program": (False, False),
+             "columns-precomputed": (True, True)}[variant]
+    if name == "max":
+        flags = (False, False)
+    monkeypatch.setattr(knorm, "_configs", lambda sr, n=None: [dict(base, ROW_SHIFT=flags[0], PRE=flags[1])])
     sr = BUILTIN[name]
     g = torch.Generator().manual_seed(6)
     fn = kernel(op if op == "layer_norm" else "rms_norm_dense", name)
