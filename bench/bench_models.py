@@ -104,6 +104,25 @@ def gpu_busy_ms(fn, dev):
     return total / 1e3
 
 
+def top_kernels(fn, dev, k: int = 8) -> list:
+    """The k device kernels with the most total time in one call of ``fn``
+    (torch profiler): [[name, ms, calls], ...]."""
+    if dev.type != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync(dev)
+    tot: dict = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+            ms, n = tot.get(e.name, (0.0, 0))
+            tot[e.name] = (ms + t / 1e3, n + 1)
+    top = sorted(tot.items(), key=lambda kv: -kv[1][0])[:k]
+    return [[name[:90], round(ms, 3), n] for name, (ms, n) in top]
+
+
 def setup(name, dtype, dev, quick):
     """The model in eval mode with frozen parameters, and the input embeddings of
     a fixed random batch."""
@@ -155,6 +174,9 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
     base = {"model": name, "dtype": str(dtype).replace("torch.", ""), "batch": B, "seq": T,
             "native_forward_ms": fwd_ms, "native_ms": nat_ms, "native_backward_ms": nat_bwd,
             "native_peak_mb": nat_peak}
+    if "real" in semirings:        # where the native backward's device time goes (vs the patched model's)
+        emb, score = forward(model)
+        native_top = top_kernels(lambda: torch.autograd.grad(score.sum(), emb), dev)
     semitriton.patch(model, linear=linear)
     base["variant"] = "patch(linear=True)" if linear else "patch()"
     pf_ms = timed(lambda: forward(model) and None, dev)
@@ -179,6 +201,12 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
                        python_overhead_ms=None if busy is None else max(0.0, summ["wall_ms"] - busy),
                        nodes=sum(summ["calls"].values()),
                        top_rules={k: round(v, 3) for k, v in list(summ["per_rule_ms"].items())[:8]})
+            if s == "real":
+                row["native_top_kernels"] = native_top
+                row["top_kernels"] = top_kernels(lambda: _grad(score, emb, s), dev)
+                for label, top in (("native", native_top), ("patched", row["top_kernels"])):
+                    log(f"  real, {label} backward, top device kernels (ms, calls): "
+                        + "; ".join(f"{n} {ms:.2f} x{c}" for n, ms, c in top))
             # the Triton backend against the torch reference on this very graph
             if dev.type == "cuda" and s != "real" and (check is None or s in check):
                 (a,) = _grad(score, emb, s, backend="triton")
