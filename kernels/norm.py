@@ -121,6 +121,34 @@ def _pre_tile(x_row, p0_row, p1_row, j0, jr, N, SR: tl.constexpr):
 
 
 @triton.jit
+def _pre_step(acc, acc_s1, acc_s2, a_i, ua, ub, uc, offs_i, offs_j, inv_n, cn,
+              SR: tl.constexpr, DIAG: tl.constexpr):
+    """One [BI, BJ] tile of the PRE loop (tile factors from ``_pre_tile``);
+    DIAG: the tile may hold diagonal pairs (i = j, the −δ_ij term).
+    abs / maxabs: acc ⊕= |x̂_i (x̂_j e_j/n) + c e_j/n − δ_ij e_j| (sum / max);
+    entropy: with t = |t'_ij|, acc += t e_j, acc_s1 += t e_j c_j,
+    acc_s2 += t e_j log2 t."""
+    if SR == 4:                                       # ua = x̂_j, ub = e_j, uc = c_j
+        t = a_i[:, None] * (ua * inv_n)[None, :] + cn
+        if DIAG:
+            t = tl.where(offs_i[:, None] == offs_j[None, :], t - 1.0, t)
+        at = tl.abs(t)
+        u = at * ub[None, :]
+        acc += u
+        acc_s1 += u * uc[None, :]
+        acc_s2 += u * fast_log2_normal(tl.maximum(at, 1e-30))
+    else:                                             # ua = x̂_j e_j / n, ub = e_j
+        tt = a_i[:, None] * ua[None, :] + (cn * ub)[None, :]
+        if DIAG:
+            tt = tl.where(offs_i[:, None] == offs_j[None, :], tt - ub[None, :], tt)
+        if SR == 2:
+            acc = tl.maximum(acc, tl.abs(tt))
+        else:
+            acc += tl.abs(tt)
+    return acc, acc_s1, acc_s2
+
+
+@triton.jit
 def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, p0_ptr, p1_ptr,
                  N, s_c0, s_c1, s_x, s_o, s_p,
                  SR: tl.constexpr, CENTERED: tl.constexpr, HAS_G: tl.constexpr,
@@ -190,27 +218,33 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, 
         if SR == 4:
             acc_s1 = tl.zeros((BI, BJ), dtype=tl.float32)
             acc_s2 = tl.zeros((BI, BJ), dtype=tl.float32)
+        else:
+            acc_s1 = acc                  # unused outside entropy
+            acc_s2 = acc
         if PRE:
+            # three loops: the tiles left of the diagonal block, the tiles that
+            # hold diagonal entries (δ_ij), the rest; the δ test (an integer
+            # compare and a select per pair, which the compiler would otherwise
+            # predicate into every tile) runs only in the middle one
             p0_row = p0_ptr + row * s_p
             p1_row = p1_ptr + row * s_p
+            d_lo = (i0 // BJ) * BJ
+            d_hi = tl.minimum(tl.cdiv(i0 + BI, BJ), tl.cdiv(N, BJ)) * BJ
             ua, ub, uc = _pre_tile(x_row, p0_row, p1_row, 0, jr, N, SR)
-            for j0 in range(0, N, BJ):
-                offs_j = j0 + jr
+            for j0 in range(0, d_lo, BJ):
                 na, nb, nc = _pre_tile(x_row, p0_row, p1_row, j0 + BJ, jr, N, SR)
-                if SR == 4:                                   # ua = x̂_j, ub = e_j, uc = c_j
-                    at = tl.abs(_tprime(a_i, ua, offs_i, offs_j, i0, j0, inv_n, cn, BI, BJ))
-                    u = at * ub[None, :]
-                    acc += u
-                    acc_s1 += u * uc[None, :]
-                    acc_s2 += u * fast_log2_normal(tl.maximum(at, 1e-30))
-                else:                                         # ua = x̂_j e_j / n, ub = e_j
-                    tt = a_i[:, None] * ua[None, :] + (cn * ub)[None, :]
-                    if (j0 < i0 + BI) & (j0 + BJ > i0):
-                        tt = tl.where(offs_i[:, None] == offs_j[None, :], tt - ub[None, :], tt)
-                    if SR == 2:
-                        acc = tl.maximum(acc, tl.abs(tt))
-                    else:
-                        acc += tl.abs(tt)
+                acc, acc_s1, acc_s2 = _pre_step(acc, acc_s1, acc_s2, a_i, ua, ub, uc, offs_i, j0 + jr,
+                                                inv_n, cn, SR, False)
+                ua, ub, uc = na, nb, nc
+            for j0 in range(d_lo, d_hi, BJ):
+                na, nb, nc = _pre_tile(x_row, p0_row, p1_row, j0 + BJ, jr, N, SR)
+                acc, acc_s1, acc_s2 = _pre_step(acc, acc_s1, acc_s2, a_i, ua, ub, uc, offs_i, j0 + jr,
+                                                inv_n, cn, SR, True)
+                ua, ub, uc = na, nb, nc
+            for j0 in range(d_hi, N, BJ):
+                na, nb, nc = _pre_tile(x_row, p0_row, p1_row, j0 + BJ, jr, N, SR)
+                acc, acc_s1, acc_s2 = _pre_step(acc, acc_s1, acc_s2, a_i, ua, ub, uc, offs_i, j0 + jr,
+                                                inv_n, cn, SR, False)
                 ua, ub, uc = na, nb, nc
         else:
             xj, lj, muj, gj = _col_tile(x_row, c0_row, c1_row, g_ptr, 0, jr, N, SR, HAS_G)

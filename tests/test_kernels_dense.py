@@ -435,6 +435,26 @@ def test_norm(name, op, device, variant, monkeypatch):
             check(out, ref, name, rtol, 10 * rtol, f"{op}/{name}/{lead}x{n}/{gdt}/w={has_w}")
 
 
+@pytest.mark.parametrize("name", ("abs", "entropy", "maxabs"))
+@pytest.mark.parametrize("tile", ((32, 16), (16, 32), (16, 16)), ids=("BI>BJ", "BI<BJ", "BI=BJ"))
+def test_norm_precomputed_columns_tiles(name, tile, monkeypatch):
+    """PRE with the diagonal block split over several j tiles (BI > BJ), or
+    one j tile holding several i blocks' diagonals (BI < BJ), rows that are not
+    a multiple of either (the three j loops' bounds), under the interpreter."""
+    from semitriton.kernels import norm as knorm
+    bi, bj = tile
+    monkeypatch.setattr(knorm, "_configs", lambda sr, n=None: [dict(BI=bi, BJ=bj, num_warps=1, num_stages=1,
+                                                                    ROW_SHIFT=True, PRE=True)])
+    sr = BUILTIN[name]
+    g = torch.Generator().manual_seed(21)
+    fn = kernel("layer_norm", name)
+    for lead, n in (((3,), 70), ((2,), 33), ((1,), 7)):
+        xhat, rstd, gamma = _norm_inputs(lead, n, True, "cpu", g)
+        v = gen_values(name, lead + (n,), "cpu", g, dead_index=None)
+        check(fn(v, xhat, rstd, gamma), reference(sr.layer_norm, v, xhat, rstd, gamma), name, 2e-5, 2e-4,
+              f"pre/{name}/{tile}/{lead}x{n}")
+
+
 def _rms_closed_cases(device):
     if device == "cpu":
         return [((2, 3), 24), ((4,), 37), ((1,), 16), ((3,), 1), ((2,), 2)]
