@@ -121,6 +121,26 @@ def _pre_tile(x_row, p0_row, p1_row, j0, jr, N, SR: tl.constexpr):
 
 
 @triton.jit
+def _max_step(acc_p, acc_n, a_i, xj, pj, nj, gj, rs, offs_i, offs_j, inv_n, cn, DIAG: tl.constexpr):
+    """One [BI, BJ] tile of the signed max semiring: with q_j = −rstd γ_j M+_j,
+    r_j = −rstd γ_j M-_j and t' = (c + x̂_i x̂_j)/n − δ_ij (DIAG: the tile may
+    hold i = j), acc_p = max(acc_p, t'q_j, t'r_j), acc_n = min(acc_n, t'q_j, t'r_j);
+    edges with t' = 0 or γ_j = 0 and zero values (M+_j = −inf) give NaN, which
+    max/min skip."""
+    t = a_i[:, None] * (xj * inv_n)[None, :] + cn
+    if DIAG:
+        t = tl.where(offs_i[:, None] == offs_j[None, :], t - 1.0, t)
+    sg = rs * gj
+    ok = (pj != float("-inf")) & (sg != 0.0)
+    q = tl.where(ok, -(sg * pj), float("nan"))
+    r = tl.where(ok, -(sg * nj), float("nan"))
+    tz = tl.where(t == 0.0, float("nan"), t)
+    x = tz * q[None, :]
+    y = tz * r[None, :]
+    return tl.maximum(acc_p, tl.maximum(x, y)), tl.minimum(acc_n, tl.minimum(x, y))
+
+
+@triton.jit
 def _pre_step(acc, acc_s1, acc_s2, a_i, ua, ub, uc, offs_i, offs_j, inv_n, cn,
               SR: tl.constexpr, DIAG: tl.constexpr):
     """One [BI, BJ] tile of the PRE loop (tile factors from ``_pre_tile``);
@@ -182,20 +202,21 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, 
     if SR == 3:
         acc_p = tl.full((BI, BJ), float("-inf"), dtype=tl.float32)
         acc_n = tl.full((BI, BJ), float("inf"), dtype=tl.float32)
+        # three loops as in the PRE path: the δ test only in the diagonal tiles
+        d_lo = (i0 // BJ) * BJ
+        d_hi = tl.minimum(tl.cdiv(i0 + BI, BJ), tl.cdiv(N, BJ)) * BJ
         xj, pj, nj, gj = _col_tile(x_row, c0_row, c1_row, g_ptr, 0, jr, N, SR, HAS_G)
-        for j0 in range(0, N, BJ):
-            offs_j = j0 + jr
+        for j0 in range(0, d_lo, BJ):
             xn, pn, nn, gn = _col_tile(x_row, c0_row, c1_row, g_ptr, j0 + BJ, jr, N, SR, HAS_G)
-            t = _tprime(a_i, xj, offs_i, offs_j, i0, j0, inv_n, cn, BI, BJ)
-            sg = rs * gj
-            ok = (pj != float("-inf")) & (sg != 0.0)
-            q = tl.where(ok, -(sg * pj), float("nan"))
-            r = tl.where(ok, -(sg * nj), float("nan"))
-            tz = tl.where(t == 0.0, float("nan"), t)
-            x = tz * q[None, :]
-            y = tz * r[None, :]
-            acc_p = tl.maximum(acc_p, tl.maximum(x, y))
-            acc_n = tl.minimum(acc_n, tl.minimum(x, y))
+            acc_p, acc_n = _max_step(acc_p, acc_n, a_i, xj, pj, nj, gj, rs, offs_i, j0 + jr, inv_n, cn, False)
+            xj, pj, nj, gj = xn, pn, nn, gn
+        for j0 in range(d_lo, d_hi, BJ):
+            xn, pn, nn, gn = _col_tile(x_row, c0_row, c1_row, g_ptr, j0 + BJ, jr, N, SR, HAS_G)
+            acc_p, acc_n = _max_step(acc_p, acc_n, a_i, xj, pj, nj, gj, rs, offs_i, j0 + jr, inv_n, cn, True)
+            xj, pj, nj, gj = xn, pn, nn, gn
+        for j0 in range(d_hi, N, BJ):
+            xn, pn, nn, gn = _col_tile(x_row, c0_row, c1_row, g_ptr, j0 + BJ, jr, N, SR, HAS_G)
+            acc_p, acc_n = _max_step(acc_p, acc_n, a_i, xj, pj, nj, gj, rs, offs_i, j0 + jr, inv_n, cn, False)
             xj, pj, nj, gj = xn, pn, nn, gn
         tl.store(o0_ptr + row * s_o + offs_i, tl.max(acc_p, 1), mask=mi)
         tl.store(o1_ptr + row * s_o + offs_i, tl.min(acc_n, 1), mask=mi)

@@ -435,16 +435,18 @@ def test_norm(name, op, device, variant, monkeypatch):
             check(out, ref, name, rtol, 10 * rtol, f"{op}/{name}/{lead}x{n}/{gdt}/w={has_w}")
 
 
-@pytest.mark.parametrize("name", ("abs", "entropy", "maxabs"))
+@pytest.mark.parametrize("name", ("abs", "entropy", "maxabs", "max"))
 @pytest.mark.parametrize("tile", ((32, 16), (16, 32), (16, 16)), ids=("BI>BJ", "BI<BJ", "BI=BJ"))
-def test_norm_precomputed_columns_tiles(name, tile, monkeypatch):
-    """PRE with the diagonal block split over several j tiles (BI > BJ), or
-    one j tile holding several i blocks' diagonals (BI < BJ), rows that are not
-    a multiple of either (the three j loops' bounds), under the interpreter."""
+def test_norm_diagonal_tiles(name, tile, monkeypatch):
+    """The three j loops (left of the diagonal block, the tiles holding i = j,
+    the rest) of the PRE path and of max: the diagonal block split over several
+    j tiles (BI > BJ), one j tile holding several i blocks' diagonals (BI < BJ),
+    rows that are not a multiple of either, under the interpreter."""
     from semitriton.kernels import norm as knorm
     bi, bj = tile
+    pre = name != "max"
     monkeypatch.setattr(knorm, "_configs", lambda sr, n=None: [dict(BI=bi, BJ=bj, num_warps=1, num_stages=1,
-                                                                    ROW_SHIFT=True, PRE=True)])
+                                                                    ROW_SHIFT=pre, PRE=pre)])
     sr = BUILTIN[name]
     g = torch.Generator().manual_seed(21)
     fn = kernel("layer_norm", name)
