@@ -35,6 +35,8 @@ def config_label(c: dict) -> str:
         if c.get("split"):
             qk = c.get("qk_cfg")
             s += " split" + (f" (q/k {qk[0]}x{qk[1]})" if qk else "")
+        if c.get("pipe"):
+            s += " pipe"
         return s
     if "impl" in c:                                         # dispatch race
         return str(c.get("name", f"impl {c['impl']}"))

@@ -3,7 +3,7 @@
 # Everything lands in $OUT (8 files at most come back from the device tool):
 #   env.txt tests.log warm.log models.json models.md models.log kernels.md, and
 #   ab.md or mm.md when those steps run
-# The default STEPS fit one call (≈ 9.5 minutes; limits 175 + 70 + 70 + 220 + 25 s; on the
+# The default STEPS fit one call (≈ 9.5 minutes; limits 175 + 70 + 90 + 205 + 25 s; on the
 # H100 of the fifth session the kernel tests took ~150 s with a cold Triton cache and
 # 112 s warm, the engine tests 53 s, the warm-up 62 s, the fp32 model rows 130 s):
 #   kernel_tests, gpu_tests  the compiled-kernel and engine tests (pytest -m gpu,
@@ -51,15 +51,15 @@ for s in ${STEPS//,/ }; do
   case $s in
     warm) t0=$(date +%s)
           export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-          [ -n "${WARM_TESTS:-}" ] && timeout "${T_WARM:-70}" python3 -m pytest -q -p no:cacheprovider $XDIST \
+          [ -n "${WARM_TESTS:-}" ] && timeout "${T_WARM:-90}" python3 -m pytest -q -p no:cacheprovider $XDIST \
             -m gpu $WARM_TESTS >> "$OUT/tests.log" 2>&1 &
           for m in bert-base smollm2-135m; do for dt in ${WARM_DTYPES:-float32 bfloat16}; do
             for g in real-walk,abs,maxabs entropy,max; do
-              OMP_NUM_THREADS=2 timeout "${T_WARM:-70}" python3 $M $Q --warm-only --models $m --dtypes $dt \
+              OMP_NUM_THREADS=2 timeout "${T_WARM:-90}" python3 $M $Q --warm-only --models $m --dtypes $dt \
                 --semirings $g >> "$OUT/warm.log" 2>&1 &
             done; done; done
           for f in ${WARM_AB:-}; do
-            SEMITRITON_FORCE_KERNEL=$f OMP_NUM_THREADS=2 timeout "${T_WARM:-70}" python3 $M $Q --warm-only \
+            SEMITRITON_FORCE_KERNEL=$f OMP_NUM_THREADS=2 timeout "${T_WARM:-90}" python3 $M $Q --warm-only \
               --models bert-base --dtypes float32 --semirings abs,entropy >> "$OUT/warm.log" 2>&1 &
           done
           wait
@@ -78,7 +78,7 @@ for s in ${STEPS//,/ }; do
                    --dtypes fp32 --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
     gpu_tests) step gpu_tests "${T_TESTS:-70}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                  ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu.py >> "$OUT/tests.log" 2>&1 ;;
-    models) step models "${T_MODELS:-220}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
+    models) step models "${T_MODELS:-205}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
               --reps "${REPS:-3}" ${DTYPES:+--dtypes $DTYPES} ${CHECK:+--check $CHECK} ${LINEAR:+--linear-variant} --out "$OUT/models.json" --md "$OUT/models.md" \
               > "$OUT/models.log" 2>&1 ;;
     kernels) step kernels "${T_KERNELS:-170}" python3 bench/run_kernels.py $Q --quick --out "$OUT/kernels.json" \

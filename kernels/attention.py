@@ -114,18 +114,104 @@ def _top2_merge(t1, t2, idx, x, n0, BN: tl.constexpr):
 
 
 @triton.jit
+def _mp_rank1(acc, a_ptr, a_step, a_offs, a_mask, b_ptr, b_step, b_offs, b_mask, n, PIPE: tl.constexpr):
+    """acc[x, y] = max(acc[x, y], max_{t<n} a_t[x] + b_t[y]): rank-1 max-plus
+    updates with a_t = a_ptr[t·a_step + a_offs], b_t = b_ptr[t·b_step + b_offs]
+    (masked entries read -inf). PIPE: step t+1's loads are issued before step
+    t's update, so their latency hides behind it (the step bound enters the
+    masks as ``t + 1 + 0·offs < n``: a tensor under the interpreter too, where
+    t is a Python int)."""
+    if PIPE:
+        a = tl.load(a_ptr + a_offs, mask=a_mask & (0 * a_offs < n), other=float("-inf"))
+        b = tl.load(b_ptr + b_offs, mask=b_mask & (0 * b_offs < n), other=float("-inf"))
+        for t in range(0, n):
+            a_next = tl.load(a_ptr + (t + 1) * a_step + a_offs,
+                             mask=a_mask & (t + 1 + 0 * a_offs < n), other=float("-inf"))
+            b_next = tl.load(b_ptr + (t + 1) * b_step + b_offs,
+                             mask=b_mask & (t + 1 + 0 * b_offs < n), other=float("-inf"))
+            acc = tl.maximum(acc, a[:, None] + b[None, :])
+            a, b = a_next, b_next
+    else:
+        for t in range(0, n):
+            a = tl.load(a_ptr + t * a_step + a_offs, mask=a_mask, other=float("-inf"))
+            b = tl.load(b_ptr + t * b_step + b_offs, mask=b_mask, other=float("-inf"))
+            acc = tl.maximum(acc, a[:, None] + b[None, :])
+    return acc
+
+
+@triton.jit
+def _smax_rank1(accp, accn, ap_ptr, an_ptr, a_step, a_offs, a_mask, w_ptr, w_step, w_offs, w_mask, n,
+                PIPE: tl.constexpr):
+    """Signed max-times rank-1 updates: for t < n, values (ap_t, an_t)[x] (at
+    t·a_step + a_offs) and edges w_t[y] (at t·w_step + w_offs), accp = max(accp,
+    cand_p), accn = min(accn, cand_n) (``_smax_cand``); PIPE as in ``_mp_rank1``."""
+    if PIPE:
+        ap = tl.load(ap_ptr + a_offs, mask=a_mask & (0 * a_offs < n), other=float("-inf"))
+        an = tl.load(an_ptr + a_offs, mask=a_mask & (0 * a_offs < n), other=float("inf"))
+        w = tl.load(w_ptr + w_offs, mask=w_mask & (0 * w_offs < n), other=0.0)
+        for t in range(0, n):
+            ap_next = tl.load(ap_ptr + (t + 1) * a_step + a_offs,
+                              mask=a_mask & (t + 1 + 0 * a_offs < n), other=float("-inf"))
+            an_next = tl.load(an_ptr + (t + 1) * a_step + a_offs,
+                              mask=a_mask & (t + 1 + 0 * a_offs < n), other=float("inf"))
+            w_next = tl.load(w_ptr + (t + 1) * w_step + w_offs, mask=w_mask & (t + 1 + 0 * w_offs < n), other=0.0)
+            cp, cn = _smax_cand(w[None, :], ap[:, None], an[:, None])
+            accp = tl.maximum(accp, cp)
+            accn = tl.minimum(accn, cn)
+            ap, an, w = ap_next, an_next, w_next
+    else:
+        for t in range(0, n):
+            ap = tl.load(ap_ptr + t * a_step + a_offs, mask=a_mask, other=float("-inf"))
+            an = tl.load(an_ptr + t * a_step + a_offs, mask=a_mask, other=float("inf"))
+            w = tl.load(w_ptr + t * w_step + w_offs, mask=w_mask, other=0.0)
+            cp, cn = _smax_cand(w[None, :], ap[:, None], an[:, None])
+            accp = tl.maximum(accp, cp)
+            accn = tl.minimum(accn, cn)
+    return accp, accn
+
+
+@triton.jit
+def _pmax_rank1(accp, accn, p_ptr, p_step, p_offs, p_mask, vp_ptr, vn_ptr, v_step, v_offs, v_mask, n,
+                PIPE: tl.constexpr):
+    """Edges p_t[x] ≥ 0 (at t·p_step + p_offs; p = 0: no edge) times values
+    (vp_t, vn_t)[y]: accp = max(accp, p vp), accn = min(accn, p vn) over t < n;
+    PIPE as in ``_mp_rank1``."""
+    if PIPE:
+        p = tl.load(p_ptr + p_offs, mask=p_mask & (0 * p_offs < n), other=0.0)
+        vp = tl.load(vp_ptr + v_offs, mask=v_mask & (0 * v_offs < n), other=float("-inf"))
+        vn = tl.load(vn_ptr + v_offs, mask=v_mask & (0 * v_offs < n), other=float("inf"))
+        for t in range(0, n):
+            p_next = tl.load(p_ptr + (t + 1) * p_step + p_offs, mask=p_mask & (t + 1 + 0 * p_offs < n), other=0.0)
+            vp_next = tl.load(vp_ptr + (t + 1) * v_step + v_offs,
+                              mask=v_mask & (t + 1 + 0 * v_offs < n), other=float("-inf"))
+            vn_next = tl.load(vn_ptr + (t + 1) * v_step + v_offs,
+                              mask=v_mask & (t + 1 + 0 * v_offs < n), other=float("inf"))
+            pl = p[:, None] > 0
+            accp = tl.maximum(accp, tl.where(pl, p[:, None] * vp[None, :], float("-inf")))
+            accn = tl.minimum(accn, tl.where(pl, p[:, None] * vn[None, :], float("inf")))
+            p, vp, vn = p_next, vp_next, vn_next
+    else:
+        for t in range(0, n):
+            p = tl.load(p_ptr + t * p_step + p_offs, mask=p_mask, other=0.0)
+            vp = tl.load(vp_ptr + t * v_step + v_offs, mask=v_mask, other=float("-inf"))
+            vn = tl.load(vn_ptr + t * v_step + v_offs, mask=v_mask, other=float("inf"))
+            pl = p[:, None] > 0
+            accp = tl.maximum(accp, tl.where(pl, p[:, None] * vp[None, :], float("-inf")))
+            accn = tl.minimum(accn, tl.where(pl, p[:, None] * vn[None, :], float("inf")))
+    return accp, accn
+
+
+@triton.jit
 def _maxplus_outer(a_ptr, b_ptr, offs_m, offs_n, Tq, Tk, K, BM: tl.constexpr, BN: tl.constexpr,
-                   CHUNK: tl.constexpr):
+                   CHUNK: tl.constexpr, PIPE: tl.constexpr):
     """out[i, j] = max_d a[d, i] + b[d, j] (a: [K, Tq], b: [K, Tk], -inf = zero):
-    K rank-1 updates (CHUNK = 1) or CHUNK-wide broadcast-and-reduce steps."""
+    K rank-1 updates (CHUNK = 1; PIPE: loads one step ahead) or CHUNK-wide
+    broadcast-and-reduce steps."""
     acc = tl.full([BM, BN], float("-inf"), tl.float32)
     mm = offs_m < Tq
     nm = offs_n < Tk
     if CHUNK == 1:
-        for d in range(0, K):
-            a = tl.load(a_ptr + d * Tq + offs_m, mask=mm, other=float("-inf"))
-            b = tl.load(b_ptr + d * Tk + offs_n, mask=nm, other=float("-inf"))
-            acc = tl.maximum(acc, a[:, None] + b[None, :])
+        acc = _mp_rank1(acc, a_ptr, Tq, offs_m, mm, b_ptr, Tk, offs_n, nm, K, PIPE)
     else:
         for d0 in range(0, K, CHUNK):
             dd = d0 + tl.arange(0, CHUNK)
@@ -153,22 +239,17 @@ def _smax_cand(w, p, n):
 
 @triton.jit
 def _smax_outer(ap_ptr, an_ptr, w_ptr, offs_m, offs_n, Tq, Tk, K, BM: tl.constexpr, BN: tl.constexpr,
-                CHUNK: tl.constexpr):
+                CHUNK: tl.constexpr, PIPE: tl.constexpr):
     """Signed max-times product over d of values (ap, an)[d, i] ([K, Tq]) and
     edges w[d, j] ([K, Tk]): (max_d cand_p, min_d cand_n); rank-1 updates
-    (CHUNK = 1) or CHUNK-wide broadcast-and-reduce steps."""
+    (CHUNK = 1; PIPE: loads one step ahead) or CHUNK-wide broadcast-and-reduce
+    steps."""
     accp = tl.full([BM, BN], float("-inf"), tl.float32)
     accn = tl.full([BM, BN], float("inf"), tl.float32)
     mm = offs_m < Tq
     nm = offs_n < Tk
     if CHUNK == 1:
-        for d in range(0, K):
-            ap = tl.load(ap_ptr + d * Tq + offs_m, mask=mm, other=float("-inf"))
-            an = tl.load(an_ptr + d * Tq + offs_m, mask=mm, other=float("inf"))
-            w = tl.load(w_ptr + d * Tk + offs_n, mask=nm, other=0.0)
-            cp, cn = _smax_cand(w[None, :], ap[:, None], an[:, None])
-            accp = tl.maximum(accp, cp)
-            accn = tl.minimum(accn, cn)
+        accp, accn = _smax_rank1(accp, accn, ap_ptr, an_ptr, Tq, offs_m, mm, w_ptr, Tk, offs_n, nm, K, PIPE)
     else:
         for d0 in range(0, K, CHUNK):
             dd = d0 + tl.arange(0, CHUNK)
@@ -630,7 +711,7 @@ def _attn_stats_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, bias_ptr, st_ptr,
                               H, HK, Tq, Tk, D, DV, scale, sbb, sbh, sbm, sbn, s_st,
                               G: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                               IEEE: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                              BD: tl.constexpr, CHUNK: tl.constexpr):
+                              BD: tl.constexpr, CHUNK: tl.constexpr, PIPE: tl.constexpr):
     """Row top-2 of u_ij = log P_ij + log m_P,ij, where log m_P,ij =
     max_d log m_O,id + log|v_jd| (max-plus, rank-1 updates over d), with the
     first argmax J. Writes st[2] = top1, st[3] = top2, ji = J."""
@@ -661,7 +742,7 @@ def _attn_stats_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, bias_ptr, st_ptr,
         s = _score(q, k, offs_m, offs_n, Tq, Tk, scale, bias_base, sbm, sbn, HAS_BIAS, CAUSAL, IEEE, PREC)
         p, logp = _probs(s, rm, rl)
         lvp = _maxplus_outer(lvoT_ptr + bh * DV * Tq, lvT_ptr + bhk * DV * Tk, offs_m, offs_n, Tq, Tk, DV,
-                             BM, BN, CHUNK)
+                             BM, BN, CHUNK, PIPE)
         t1, t2, jj = _top2_merge(t1, t2, jj, logp + lvp, n0, BN)
     tl.store(st_ptr + 2 * s_st + row, t1, mask=mm)
     tl.store(st_ptr + 3 * s_st + row, t2, mask=mm)
@@ -675,7 +756,7 @@ def _attn_bwd_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, lvo_ptr, lq_ptr, lk
                             G: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                             IEEE: tl.constexpr, PREC: tl.constexpr, NEED_Q: tl.constexpr, NEED_K: tl.constexpr,
                             NEED_V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                            BD: tl.constexpr, BDV: tl.constexpr, CHUNK: tl.constexpr):
+                            BD: tl.constexpr, BDV: tl.constexpr, CHUNK: tl.constexpr, PIPE: tl.constexpr):
     """Largest |path product| (max-plus in log space). Per tile: log m_P
     (max-plus over d), log m_S,ij = max(log P_ij + top_{j'≠j}, log P_ij +
     log(1 - P_ij) + log m_P,ij) from the row top-2; then
@@ -722,7 +803,7 @@ def _attn_bwd_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, lvo_ptr, lq_ptr, lk
                 tl.store(scr + tile, logp)
             if NEED_Q or NEED_K:
                 lvp = _maxplus_outer(lvoT_ptr + bh * DV * Tq, lvT_ptr + bhk * DV * Tk, offs_m, offs_n,
-                                     Tq, Tk, DV, BM, BN, CHUNK)
+                                     Tq, Tk, DV, BM, BN, CHUNK, PIPE)
                 t1 = tl.load(st_ptr + 2 * s_st + row, mask=mm, other=float("-inf"))
                 t2 = tl.load(st_ptr + 3 * s_st + row, mask=mm, other=float("-inf"))
                 jrow = tl.load(ji_ptr + row, mask=mm, other=-1)
@@ -734,17 +815,14 @@ def _attn_bwd_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, lvo_ptr, lq_ptr, lk
             tl.debug_barrier()
             n_rows = tl.minimum(BM, Tq - m0)
             if NEED_V or NEED_K:
-                if CHUNK == 1:
-                    for r in range(0, n_rows):
-                        qrow = bh * Tq + m0 + r
-                        if NEED_V:
-                            lp_r = tl.load(scr + r * BN + ar_n)
-                            lo_r = tl.load(lvo_ptr + qrow * DV + offs_dv, mask=dvmask, other=float("-inf"))
-                            acc_v = tl.maximum(acc_v, lp_r[:, None] + lo_r[None, :])
-                        if NEED_K:
-                            ls_r = tl.load(scr + BM * BN + r * BN + ar_n)
-                            lq_r = tl.load(lq_ptr + qrow * D + offs_d, mask=dmask, other=float("-inf"))
-                            acc_k = tl.maximum(acc_k, ls_r[:, None] + lq_r[None, :])
+                if CHUNK == 1:          # rank-1 updates over the tile's rows r
+                    q0 = bh * Tq + m0
+                    if NEED_V:          # acc_v[j, e] ⊕= log P_rj + log m_O,re
+                        acc_v = _mp_rank1(acc_v, scr, BN, ar_n, ar_n < BN, lvo_ptr + q0 * DV, DV, offs_dv,
+                                          dvmask, n_rows, PIPE)
+                    if NEED_K:          # acc_k[j, d] ⊕= log m_S,rj + log|q_rd s|
+                        acc_k = _mp_rank1(acc_k, scr + BM * BN, BN, ar_n, ar_n < BN, lq_ptr + q0 * D, D, offs_d,
+                                          dmask, n_rows, PIPE)
                 else:
                     for r0 in range(0, n_rows, CHUNK):
                         rr = r0 + tl.arange(0, CHUNK)
@@ -765,12 +843,9 @@ def _attn_bwd_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, lvo_ptr, lq_ptr, lk
             if NEED_Q:
                 acc_q = tl.full([BM, BD], float("-inf"), tl.float32)
                 n_cols = tl.minimum(BN, Tk - pid_n * BN)
-                if CHUNK == 1:
-                    for c in range(0, n_cols):
-                        ls_c = tl.load(scr + BM * BN + ar_m * BN + c)
-                        lk_c = tl.load(lk_ptr + (bhk * Tk + pid_n * BN + c) * D + offs_d, mask=dmask,
-                                       other=float("-inf"))
-                        acc_q = tl.maximum(acc_q, ls_c[:, None] + lk_c[None, :])
+                if CHUNK == 1:          # acc_q[i, d] ⊕= log m_S,ic + log|k_cd s| over the tile's columns c
+                    acc_q = _mp_rank1(acc_q, scr + BM * BN, 1, ar_m * BN, ar_m < BM,
+                                      lk_ptr + (bhk * Tk + pid_n * BN) * D, D, offs_d, dmask, n_cols, PIPE)
                 else:
                     for c0 in range(0, n_cols, CHUNK):
                         cc = c0 + tl.arange(0, CHUNK)
@@ -794,7 +869,7 @@ def _attn_stats_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, bias_ptr, s
                            H, HK, Tq, Tk, D, DV, scale, sbb, sbh, sbm, sbn, s_st,
                            G: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                            IEEE: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                           CHUNK: tl.constexpr):
+                           CHUNK: tl.constexpr, PIPE: tl.constexpr):
     """Row statistics of the signed max softmax rule: with the P node's value
     (M+, M-)_ij = signed max-times over d of (v_jd, value of O_id),
     cp_ij = -P_ij M-_ij and cn_ij = -P_ij M+_ij (P > 0 only): row top-2 of cp
@@ -829,7 +904,7 @@ def _attn_stats_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, bias_ptr, s
         s = _score(q, k, offs_m, offs_n, Tq, Tk, scale, bias_base, sbm, sbn, HAS_BIAS, CAUSAL, IEEE, PREC)
         p, logp = _probs(s, rm, rl)
         vpp, vpn = _smax_outer(voTp_ptr + bh * DV * Tq, voTn_ptr + bh * DV * Tq, vT_ptr + bhk * DV * Tk,
-                               offs_m, offs_n, Tq, Tk, DV, BM, BN, CHUNK)
+                               offs_m, offs_n, Tq, Tk, DV, BM, BN, CHUNK, PIPE)
         live = p > 0
         cp = tl.where(live, -p * vpn, float("-inf"))
         ncn = tl.where(live, p * vpp, float("-inf"))      # -cn
@@ -851,7 +926,7 @@ def _attn_bwd_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, vop_ptr, von_
                          G: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                          IEEE: tl.constexpr, PREC: tl.constexpr, NEED_Q: tl.constexpr, NEED_K: tl.constexpr,
                          NEED_V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         BD: tl.constexpr, BDV: tl.constexpr, CHUNK: tl.constexpr):
+                         BD: tl.constexpr, BDV: tl.constexpr, CHUNK: tl.constexpr, PIPE: tl.constexpr):
     """Signed max semiring (M+, M-). Per tile: the P node's pair (signed
     max-times over d), the S node's pair M+_ij = max(P_ij top_{j'≠j} cp,
     P(1-P) M+_P,ij), M-_ij = min(P_ij bottom_{j'≠j} cn, P(1-P) M-_P,ij)
@@ -901,7 +976,7 @@ def _attn_bwd_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, vop_ptr, von_
                 tl.store(scr + tile, p)
             if NEED_Q or NEED_K:
                 vpp, vpn = _smax_outer(voTp_ptr + bh * DV * Tq, voTn_ptr + bh * DV * Tq, vT_ptr + bhk * DV * Tk,
-                                       offs_m, offs_n, Tq, Tk, DV, BM, BN, CHUNK)
+                                       offs_m, offs_n, Tq, Tk, DV, BM, BN, CHUNK, PIPE)
                 tp1 = tl.load(st_ptr + 2 * s_st + row, mask=mm, other=float("-inf"))
                 tp2 = tl.load(st_ptr + 3 * s_st + row, mask=mm, other=float("-inf"))
                 bn1 = tl.load(st_ptr + 4 * s_st + row, mask=mm, other=float("inf"))
@@ -919,23 +994,15 @@ def _attn_bwd_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, vop_ptr, von_
             tl.debug_barrier()
             n_rows = tl.minimum(BM, Tq - m0)
             if NEED_V or NEED_K:
-                if CHUNK == 1:
-                    for r in range(0, n_rows):
-                        qrow = bh * Tq + m0 + r
-                        if NEED_V:
-                            p_r = tl.load(scr + r * BN + ar_n)
-                            vop = tl.load(vop_ptr + qrow * DV + offs_dv, mask=dvmask, other=float("-inf"))
-                            von = tl.load(von_ptr + qrow * DV + offs_dv, mask=dvmask, other=float("inf"))
-                            pl = p_r[:, None] > 0
-                            acc_vp = tl.maximum(acc_vp, tl.where(pl, p_r[:, None] * vop[None, :], float("-inf")))
-                            acc_vn = tl.minimum(acc_vn, tl.where(pl, p_r[:, None] * von[None, :], float("inf")))
-                        if NEED_K:
-                            sp_r = tl.load(scr + BM * BN + r * BN + ar_n)
-                            sn_r = tl.load(scr + 2 * BM * BN + r * BN + ar_n)
-                            w = tl.load(qs_ptr + qrow * D + offs_d, mask=dmask, other=0.0)
-                            cp, cn = _smax_cand(w[None, :], sp_r[:, None], sn_r[:, None])
-                            acc_kp = tl.maximum(acc_kp, cp)
-                            acc_kn = tl.minimum(acc_kn, cn)
+                if CHUNK == 1:          # rank-1 updates over the tile's rows r
+                    q0 = bh * Tq + m0
+                    if NEED_V:          # edges P_rj to the O values (vop, von)_re
+                        acc_vp, acc_vn = _pmax_rank1(acc_vp, acc_vn, scr, BN, ar_n, ar_n < BN,
+                                                     vop_ptr + q0 * DV, von_ptr + q0 * DV, DV, offs_dv, dvmask,
+                                                     n_rows, PIPE)
+                    if NEED_K:          # S values (sp, sn)_rj over edges q_rd·s
+                        acc_kp, acc_kn = _smax_rank1(acc_kp, acc_kn, scr + BM * BN, scr + 2 * BM * BN, BN, ar_n,
+                                                     ar_n < BN, qs_ptr + q0 * D, D, offs_d, dmask, n_rows, PIPE)
                 else:
                     for r0 in range(0, n_rows, CHUNK):
                         rr = r0 + tl.arange(0, CHUNK)
@@ -967,14 +1034,10 @@ def _attn_bwd_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, vop_ptr, von_
                 acc_qp = tl.full([BM, BD], float("-inf"), tl.float32)
                 acc_qn = tl.full([BM, BD], float("inf"), tl.float32)
                 n_cols = tl.minimum(BN, Tk - pid_n * BN)
-                if CHUNK == 1:
-                    for c in range(0, n_cols):
-                        sp_c = tl.load(scr + BM * BN + ar_m * BN + c)
-                        sn_c = tl.load(scr + 2 * BM * BN + ar_m * BN + c)
-                        w = tl.load(ks_ptr + (bhk * Tk + pid_n * BN + c) * D + offs_d, mask=dmask, other=0.0)
-                        cp, cn = _smax_cand(w[None, :], sp_c[:, None], sn_c[:, None])
-                        acc_qp = tl.maximum(acc_qp, cp)
-                        acc_qn = tl.minimum(acc_qn, cn)
+                if CHUNK == 1:          # S values (sp, sn)_ic over edges k_cd·s, over the tile's columns c
+                    acc_qp, acc_qn = _smax_rank1(acc_qp, acc_qn, scr + BM * BN, scr + 2 * BM * BN, 1, ar_m * BN,
+                                                 ar_m < BM, ks_ptr + (bhk * Tk + pid_n * BN) * D, D, offs_d, dmask,
+                                                 n_cols, PIPE)
                 else:
                     for c0 in range(0, n_cols, CHUNK):
                         cc = c0 + tl.arange(0, CHUNK)
@@ -1035,7 +1098,8 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None) -> list:
     per shape (``_common.choose``) and keeps the fastest. A plan is
     ``{"cfg": (BM, BN, num_warps, num_stages, precision), "split": bool}``
     (split: entropy's q/k and v outputs in two launches of the backward kernel,
-    which recompute the scores but hold fewer tiles).
+    which recompute the scores but hold fewer tiles), plus ``"pipe": True``
+    for the tropical kernels' software-pipelined rank-1 loops.
 
     Chosen from ptxas reports of sm_90 compiles with triton 3.6 (the GPU image)
     and 3.9, head dim 64 (registers / spill bytes per thread of the backward
@@ -1048,14 +1112,16 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None) -> list:
     - entropy: q/k and v in two launches, 16x32 and 16x64, 8 warps (56 and 0
       bytes) first, then both at 16x64 (276 and 0); the earlier single 32x64
       launch (2452 bytes) stays a candidate;
-    - maxabs, max: 64x64 "ieee" (488 / 588 bytes) first, then 64x64 and 64x32
-      (0 / 36 bytes) with a tf32x3 score dot.
+    - maxabs, max: 64x64 "ieee" (488 / 588 bytes) first, then with "pipe"
+      (the rank-1 max-plus / max-times loops issue step t+1's loads before
+      step t's update, as the matmul kernels' PIPE): 64x64 "ieee", 64x64 and
+      64x32 with a tf32x3 score dot.
 
     Timed on an H100 (fifth session, RESULTS.md): the 16-row real/abs plans and
     the split entropy plan won (1.15-1.5x); for maxabs/max 64x64 "ieee" beat
     64x32 tf32x3 by 1.15-1.55x (the max-plus products, not the score dot, set
     their time, and 64-column tiles load half the operands per accumulator);
-    64x64 tf32x3 is not yet timed."""
+    the "pipe" plans are not yet timed."""
     if gpu is None:
         gpu = not _interpreting()
     if not gpu:
@@ -1074,8 +1140,9 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None) -> list:
         # software pipelining across the scratch barriers)
         plans = ([{"cfg": (32, 32, 4, 1, "ieee"), "split": False}] if wide else
                  [{"cfg": (64, 64, 8, 1, "ieee"), "split": False},
-                  {"cfg": (64, 64, 8, 1, "tf32x3"), "split": False},
-                  {"cfg": (64, 32, 8, 1, "tf32x3"), "split": False}])
+                  {"cfg": (64, 64, 8, 1, "ieee"), "split": False, "pipe": True},
+                  {"cfg": (64, 64, 8, 1, "tf32x3"), "split": False, "pipe": True},
+                  {"cfg": (64, 32, 8, 1, "tf32x3"), "split": False, "pipe": True}])
     if DOT_PRECISION is not None:
         plans = [dict(p, cfg=p["cfg"][:4] + (DOT_PRECISION,)) for p in plans]
     return plans
@@ -1379,13 +1446,14 @@ def attention_maxabs(vo, q, k, v, bias, causal, scale, needs=(True, True, True))
     def run(plan):
         cfg = plan["cfg"]
         BM, BN, nw, ns, prec = cfg
+        pipe = bool(plan.get("pipe", False))
         st = _st_with(P, _launch_lse(P, cfg, delta=False), 4)
         ji = torch.empty((P.s_st,), dtype=torch.int32, device=dev)
         if need_sm:
             grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
             _attn_stats_maxabs_kernel[grid](P.q, P.k, lvoT, lvT, P.bias, st, ji, *P.common(),
                                             G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee,
-                                            PREC=prec, BM=BM, BN=BN, BD=P.BD, CHUNK=_chunk(), num_warps=nw,
+                                            PREC=prec, BM=BM, BN=BN, BD=P.BD, CHUNK=_chunk(), PIPE=pipe, num_warps=nw,
                                             num_stages=ns)
         dq = torch.full((P.B * P.H, P.Tq, P.D), _NEG, dtype=f32, device=dev) if needs[0] else dummy
         dk = torch.empty((P.B * P.HK, P.Tk, P.D), dtype=f32, device=dev) if needs[1] else dummy
@@ -1395,7 +1463,7 @@ def attention_maxabs(vo, q, k, v, bias, causal, scale, needs=(True, True, True))
         _attn_bwd_maxabs_kernel[grid](P.q, P.k, lvoT, lvT, lvo, lq, lk, P.bias, st, ji, scr, dq, dk, dv,
                                       *P.common(), G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal,
                                       IEEE=P.ieee, PREC=prec, NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
-                                      BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(), num_warps=nw,
+                                      BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(), PIPE=pipe, num_warps=nw,
                                       num_stages=ns)
         return dq, dk, dv
 
@@ -1435,13 +1503,14 @@ def attention_max(vo, q, k, v, bias, causal, scale, needs=(True, True, True)):
     def run(plan):
         cfg = plan["cfg"]
         BM, BN, nw, ns, prec = cfg
+        pipe = bool(plan.get("pipe", False))
         st = _st_with(P, _launch_lse(P, cfg, delta=False), 6)
         ji = torch.empty((2, P.s_st), dtype=torch.int32, device=dev)
         if need_sm:
             grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
             _attn_stats_max_kernel[grid](P.q, P.k, voTp, voTn, vT, P.bias, st, ji, *P.common(),
                                          G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee,
-                                         PREC=prec, BM=BM, BN=BN, BD=P.BD, CHUNK=_chunk(), num_warps=nw,
+                                         PREC=prec, BM=BM, BN=BN, BD=P.BD, CHUNK=_chunk(), PIPE=pipe, num_warps=nw,
                                          num_stages=ns)
         dqp, dqn = pair((P.B * P.H, P.Tq, P.D), needs[0])
         dkp, dkn = pair((P.B * P.HK, P.Tk, P.D), needs[1])
@@ -1452,7 +1521,7 @@ def attention_max(vo, q, k, v, bias, causal, scale, needs=(True, True, True)):
                                    dqp, dqn, dkp, dkn, dvp, dvn, *P.common(),
                                    G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
                                    NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
-                                   BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(), num_warps=nw,
+                                   BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(), PIPE=pipe, num_warps=nw,
                                    num_stages=ns)
         return dqp, dqn, dkp, dkn, dvp, dvn
 
@@ -1523,6 +1592,8 @@ def aot_specs(options: bool = False):
                                 (plan["cfg"], dict(NEED_Q=False, NEED_K=False))]
                 for (bm, bn, nw, ns, prec), extra in launches:
                     c = dict(c0, BM=bm, BN=bn, BD=bd, PREC=prec, **extra)
+                    if "PIPE" in fn.arg_names:
+                        c["PIPE"] = bool(plan.get("pipe", False))
                     if "BDV" in fn.arg_names:
                         c["BDV"] = bdv
                     key = (tuple(sorted(c.items())), nw, ns)
