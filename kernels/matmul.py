@@ -327,22 +327,24 @@ def _dot_configs(entropy: bool, lowp: bool, I: int, gpu: bool = False, split: bo
 
 
 def _simt_configs(two_acc: bool, I: int, gpu: bool = False):
-    """Rank-1-update kernels. ptxas (sm_90): maxplus 128x128/4 warps 165 regs,
-    no spill (the anchor tile); signed max 256x64/8 warps 255 regs and 128x64/4
-    warps (8 bytes spill), 128x128/4 warps spills heavily (two accumulators)."""
+    """Rank-1-update kernels, every one with PIPE (the loads of step j + 1
+    issued before step j computes). ptxas (sm_90): maxplus 128x128/4 warps 165
+    regs, no spill; signed max 128x64/4 warps (8 bytes spill) and 256x64/8
+    warps 255 regs; 128x128/4 warps spills heavily (two accumulators).
+    Timed on an H100 (fifth session, BERT and SmolLM2 linears): PIPE won or
+    tied everywhere (1.0-1.4x); signed max 128x64/4w beat 256x64/8w at every
+    unsplit shape; 64x128 tiles were 2x (maxabs) to 300x (signed max, spills)
+    slower and are no longer offered."""
     if interpreting() and not gpu:
         return [dict(_cfg(16, 16, None, 1, 1), PIPE=True)]
     if I <= 32:
         bm = max(16, 1 << (max(1, I) - 1).bit_length())
         cs = [_cfg(bm, 128, None, 4, 3), _cfg(bm, 256, None, 8, 3)]
     elif two_acc:
-        cs = [_cfg(256, 64, None, 8, 1), _cfg(128, 64, None, 4, 1), _cfg(64, 128, None, 4, 3)]
+        cs = [_cfg(128, 64, None, 4, 1), _cfg(256, 64, None, 8, 1)]
     else:
-        cs = [_cfg(128, 128, None, 4, 3), _cfg(256, 64, None, 4, 3), _cfg(64, 128, None, 4, 3)]
-    # PIPE (loads of step j + 1 issued before step j computes) is new and not yet
-    # timed on a GPU: every tile gets it, and the first tile is also offered
-    # without it (the variant measured at 8.1 / 2.4 T/s on the H100)
-    return [dict(cs[0], PIPE=True), dict(cs[0], PIPE=False)] + [dict(c, PIPE=True) for c in cs[1:]]
+        cs = [_cfg(128, 128, None, 4, 3), _cfg(256, 64, None, 4, 3)]
+    return [dict(c, PIPE=True) for c in cs]
 
 
 GROUP_M = 8
@@ -360,24 +362,25 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _with_splits(cfgs, B: int, I: int, J: int, K: int, n_acc: int, device):
+def _with_splits(cfgs, B: int, I: int, J: int, K: int, n_acc: int, device, bases: int = 2):
     """Add split-J variants (``SPLIT_J`` = number of j slices, combined with ⊕
-    afterwards) of the first candidate when its grid is too small to fill the
-    GPU: model shapes such as 4096 rows x 768 outputs give 192 tiles of 128x128
-    for 132 SMs, and a language-model head's few live rows give a handful of
-    programs with tens of thousands of steps each. The autotuner keeps a split
-    only where it measures faster."""
+    afterwards) of the first ``bases`` candidates where a grid is too small to
+    fill the GPU: model shapes such as 4096 rows x 768 outputs give 192 tiles of
+    128x128 for 132 SMs, and a language-model head's few live rows give a
+    handful of programs with tens of thousands of steps each. The autotuner
+    keeps a split only where it measures faster (H100, fifth session: 1.1-1.5x
+    on the models' linears, up to 93x on an LM head's live rows)."""
     if not cfgs or device.type != "cuda" or interpreting():
         return cfgs
     n_sm = _sm_count(device.index if device.index is not None else 0)
-    base = cfgs[0]
-    tiles = B * triton.cdiv(I, base["BM"]) * triton.cdiv(K, base["BN"])
     extra = []
-    s = 2
-    while (tiles * s <= SPLIT_MAX_PROGRAMS_PER_SM * n_sm and J // s >= SPLIT_MIN_STEPS
-           and n_acc * s * B * I * K * 4 <= SPLIT_MAX_BYTES):
-        extra.append(dict(base, SPLIT_J=s))
-        s *= 2
+    for base in cfgs[:bases]:
+        tiles = B * triton.cdiv(I, base["BM"]) * triton.cdiv(K, base["BN"])
+        s = 2
+        while (tiles * s <= SPLIT_MAX_PROGRAMS_PER_SM * n_sm and J // s >= SPLIT_MIN_STEPS
+               and n_acc * s * B * I * K * 4 <= SPLIT_MAX_BYTES):
+            extra.append(dict(base, SPLIT_J=s))
+            s *= 2
     return cfgs + extra
 
 
@@ -596,7 +599,7 @@ def maxabs_matmul(v, w):
         return out[0] if S == 1 else torch.amax(out, 0)
 
     key = ("maxplus_mm", w_log, str(lw3.dtype), bucket(I), bucket(J), bucket(K), B > 1, str(l3.device))
-    cfgs = _with_splits(_simt_configs(False, I), B, I, J, K, 1, l3.device)
+    cfgs = _with_splits(_simt_configs(False, I), B, I, J, K, 1, l3.device, bases=1 if I <= 32 else 2)
     out = launch(choose(key, cfgs, launch))
     return _finish((out,), lead, I_out, K)
 
@@ -634,7 +637,7 @@ def max_matmul(v, w):
         return torch.amax(out_p, 0), torch.amin(out_n, 0)
 
     key = ("signed_max_mm", str(w3.dtype), bucket(I), bucket(J), bucket(K), B > 1, str(p3.device))
-    cfgs = _with_splits(_simt_configs(True, I), B, I, J, K, 2, p3.device)
+    cfgs = _with_splits(_simt_configs(True, I), B, I, J, K, 2, p3.device, bases=1 if I <= 32 else 2)
     out_p, out_n = launch(choose(key, cfgs, launch))
     return _finish((out_p, out_n), lead, I_out, K)
 
@@ -667,12 +670,14 @@ def aot_specs():
                 types.update({"w_ptr": "*" + wdt, "e_ptr": "*" + wdt, "elo_ptr": "*" + wdt})
                 specs.append(aot_entry(_logsum_mm_kernel, types, const, c["num_warps"], c["num_stages"]))
     for w_log, wdt in ((True, "fp32"), (False, "fp32"), (False, "bf16")):
-        for c in _simt_configs(False, 4096, gpu=True)[:3] + _simt_configs(False, 8, gpu=True)[:1]:
+        cs = _simt_configs(False, 4096, gpu=True)
+        for c in cs + [dict(cs[0], PIPE=False)] + _simt_configs(False, 8, gpu=True)[:1]:
             const = dict(W_LOG=w_log, BM=c["BM"], BN=c["BN"], GROUP_M=GROUP_M, PIPE=c["PIPE"], s_li=1, s_wk=1)
             types = {"l_ptr": "*fp32", "w_ptr": "*" + wdt, "o_ptr": "*fp32"}
             specs.append(aot_entry(_maxplus_mm_kernel, types, const, c["num_warps"], c["num_stages"]))
     for wdt in ("fp32", "bf16"):
-        for c in _simt_configs(True, 4096, gpu=True)[:3] + _simt_configs(True, 8, gpu=True)[:1]:
+        cs = _simt_configs(True, 4096, gpu=True)
+        for c in cs + [dict(cs[0], PIPE=False)] + _simt_configs(True, 8, gpu=True)[:1]:
             const = dict(BM=c["BM"], BN=c["BN"], GROUP_M=GROUP_M, PIPE=c["PIPE"], s_pi=1, s_ni=1, s_wk=1)
             types = {"p_ptr": "*fp32", "n_ptr": "*fp32", "w_ptr": "*" + wdt, "op_ptr": "*fp32",
                      "on_ptr": "*fp32"}

@@ -227,9 +227,9 @@ def test_split_j_candidates_only_for_small_grids(monkeypatch):
     monkeypatch.setattr(mm, "interpreting", lambda: False)
     monkeypatch.setattr(mm, "_sm_count", lambda i: 132)
     cuda = torch.device("cuda", 0)
-    bert_qkv = mm._with_splits(cfgs, 1, 4096, 768, 768, 1, cuda)       # 192 tiles
-    assert [c.get("SPLIT_J", 1) for c in bert_qkv] == [1, 1, 2, 4]
-    assert all(c["BM"] == 128 and c["BN"] == 128 for c in bert_qkv[2:])
+    bert_qkv = mm._with_splits(cfgs, 1, 4096, 768, 768, 1, cuda)       # 192 and 384 tiles
+    assert [(c["BM"], c.get("SPLIT_J", 1)) for c in bert_qkv] == [(128, 1), (64, 1), (128, 2), (128, 4), (64, 2)]
+    assert mm._with_splits(cfgs, 1, 4096, 768, 768, 1, cuda, bases=1) == bert_qkv[:4]
     square = mm._with_splits(cfgs, 1, 4096, 4096, 4096, 1, cuda)       # 1024 tiles: none
     assert square == cfgs
     head = mm._with_splits([mm._cfg(32, 128, None, 4, 3)], 1, 32, 30522, 768, 1, cuda)
