@@ -107,6 +107,81 @@ def _norm_cols_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, m_ptr, p0_ptr, p1_
 
 
 @triton.jit
+def _ln_abs_sorted_kernel(l_ptr, x_ptr, rstd_ptr, g_ptr, o_ptr, ys_ptr, ce_ptr, cs_ptr, R, N,
+                          s_l, s_x, s_o, HAS_G: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    """abs layer norm in O(n log n) per row (rows pid, pid + P, ...; P = grid
+    size), the closed form of ``Abs.layer_norm``: with e_j = |γ_j| exp(l_j − m)
+    and the row sorted by x̂ (ys, prefix sums F of e and G of e·x̂, float64),
+    S(s) = Σ_j e_j |1 + s x̂_j| = ±[(F_tot − F_k) + s (G_tot − G_k) − (F_k + s G_k)],
+    k = #{x̂_j < −1/s} (binary search, STEPS halvings; the sign is that of s),
+    Z_i = max(S(x̂_i) − e_i q_i, 0)/n + e_i |1 − q_i/n|, q_i = 1 + x̂_i²,
+    out_i = log Z_i + log rstd + m. The sorted row and its prefix sums pass
+    through this program's scratch rows (ys, ce, cs: [P, n])."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    mk = offs < N
+    scr = pid.to(tl.int64) * N
+    for it in range(0, tl.cdiv(R - pid, n_prog)):
+        row = pid + it * n_prog
+        r64 = row.to(tl.int64)
+        l_row = l_ptr + r64 * s_l
+        x_row = x_ptr + r64 * s_x
+        lg = tl.load(l_row + offs, mask=mk, other=float("-inf"))
+        if HAS_G:
+            lg = lg + tl.log(tl.abs(tl.load(g_ptr + offs, mask=mk, other=1.0).to(tl.float32)))
+        m = finite_or_zero(tl.max(lg, 0))
+        x = tl.load(x_row + offs, mask=mk, other=0.0).to(tl.float32)
+        # sort x̂ ascending, carrying the column: order-preserving int32 key in the
+        # high word, the column in the low word (padding sorts last as +inf)
+        bits = tl.where(mk, x, float("inf")).to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        packed = tl.sort((key.to(tl.int64) << 32) | offs.to(tl.int64), 0)
+        col = (packed & 0xFFFFFFFF).to(tl.int32)
+        live = col < N
+        ys = tl.load(x_row + col, mask=live, other=float("inf")).to(tl.float32)
+        le = tl.load(l_row + col, mask=live, other=float("-inf"))
+        if HAS_G:
+            le = le + tl.log(tl.abs(tl.load(g_ptr + col, mask=live, other=1.0).to(tl.float32)))
+        fe = tl.exp(le - m).to(tl.float64)
+        fy = tl.where(live, fe * ys.to(tl.float64), 0.0)
+        ce = tl.cumsum(fe, 0)
+        cs = tl.cumsum(fy, 0)
+        tot_e = tl.sum(fe, 0)
+        tot_es = tl.sum(fy, 0)
+        tl.debug_barrier()                       # the previous row's searches are done
+        tl.store(ys_ptr + scr + offs, ys, mask=mk)
+        tl.store(ce_ptr + scr + offs, ce, mask=mk)
+        tl.store(cs_ptr + scr + offs, cs, mask=mk)
+        tl.debug_barrier()
+        # k_i = #{x̂_j < τ_i}, τ_i = −1/x̂_i in float64 (exact sides for terms
+        # with 1 + x̂_i x̂_j at fp32 rounding level); x̂_i = 0: τ = −inf, S = F_tot
+        s64 = x.to(tl.float64)
+        tau = tl.where(s64 != 0.0, -1.0 / tl.where(s64 != 0.0, s64, 1.0), float("-inf"))
+        lo = tl.zeros([BLOCK], tl.int32)
+        hi = tl.zeros([BLOCK], tl.int32) + N
+        for _ in range(STEPS):
+            act = lo < hi
+            mid = (lo + hi) // 2
+            v = tl.load(ys_ptr + scr + mid, mask=act, other=float("inf")).to(tl.float64)
+            go = act & (v < tau)
+            lo = tl.where(go, mid + 1, lo)
+            hi = tl.where(act & (v >= tau), mid, hi)
+        has = (lo > 0) & mk
+        below_e = tl.load(ce_ptr + scr + lo - 1, mask=has, other=0.0)
+        below_es = tl.load(cs_ptr + scr + lo - 1, mask=has, other=0.0)
+        above = (tot_e - below_e) + s64 * (tot_es - below_es)
+        below = below_e + s64 * below_es
+        S = tl.where(s64 >= 0, above - below, below - above)
+        q = 1.0 + s64 * s64
+        ei = tl.exp(tl.where(mk, lg, float("-inf")) - m).to(tl.float64)
+        total = tl.maximum(S - ei * q, 0.0) / N + ei * tl.abs(1.0 - q / N)
+        rs = tl.load(rstd_ptr + row).to(tl.float64)
+        out = tl.log(total) + tl.log(rs) + m
+        tl.store(o_ptr + r64 * s_o + offs, out.to(tl.float32), mask=mk)
+
+
+@triton.jit
 def _pre_tile(x_row, p0_row, p1_row, j0, jr, N, SR: tl.constexpr):
     """The precomputed column factors of the j tile at j0 (PRE): (x̂_j e_j/n,
     e_j, unused) for abs/maxabs, (x̂_j, e_j, μ_j − log|γ_j| − log rstd) for
@@ -326,18 +401,25 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, 
 PRE_MAX_N = 8192
 
 
-def _configs(sr: int, n: int | None = None):
+def _configs(sr: int, n: int | None = None, centered: bool = True):
     """Launch candidates, best guess first. ROW_SHIFT: the row shift computed
     once per row by the launcher, not in each of the row's n/BI programs (SASS
     of the abs kernel at 64x64: the per-program shift pass was 12 x 65
     instructions per thread against ~12 x 84 for the O(n²) loop itself); PRE
     (not max; rows up to PRE_MAX_N): the shift and every per-column factor
     computed once per row by ``_norm_cols_kernel``, which takes the per-column
-    logs and exps out of the loop. On an H100 (fifth session) the layer-norm
-    times did not move with ROW_SHIFT; PRE is not yet timed."""
+    logs and exps out of the loop; SORTED (abs layer norm): the O(n log n)
+    closed form ``_ln_abs_sorted_kernel``. On an H100 (fifth session) the
+    layer-norm times did not move with ROW_SHIFT; PRE and SORTED are not yet
+    timed."""
     pre = sr != SR_MAX and (n is None or n <= PRE_MAX_N)
     if interpreting():
         return [dict(BI=16, BJ=16, num_warps=1, num_stages=1, ROW_SHIFT=True, PRE=pre)]
+    if sr == SR_ABS and centered and (n is None or n <= PRE_MAX_N):
+        block = max(16, next_pow2(n or 1024))
+        sort = [dict(SORTED=True, BLOCK=block, num_warps=_cols_warps(block), num_stages=1)]
+    else:
+        sort = []
     if sr in (SR_ABS, SR_MAXABS):
         cs = [dict(BI=64, BJ=64, num_warps=4, num_stages=3), dict(BI=128, BJ=64, num_warps=8, num_stages=3),
               dict(BI=64, BJ=128, num_warps=8, num_stages=3)]
@@ -348,7 +430,7 @@ def _configs(sr: int, n: int | None = None):
         return [dict(c, ROW_SHIFT=False, PRE=False) for c in cs]
     plain = ([dict(cs[0], ROW_SHIFT=True, PRE=False), dict(cs[0], ROW_SHIFT=False, PRE=False)]
              + [dict(c, ROW_SHIFT=True, PRE=False) for c in cs[1:]])
-    return ([dict(c, ROW_SHIFT=True, PRE=True) for c in cs[:2]] if pre else []) + plain
+    return sort + ([dict(c, ROW_SHIFT=True, PRE=True) for c in cs[:2]] if pre else []) + plain
 
 
 def _cols_warps(block: int) -> int:
@@ -389,6 +471,27 @@ def row_inputs(v, xhat, rstd, weight, max_n=None):
     return R, n, comps, f32(xhat.reshape(R, n)), f32(rstd.reshape(R)), g, [torch.empty_like(c) for c in comps]
 
 
+def _sorted_programs(R: int, device) -> int:
+    """Programs of the sorted abs kernel (each owns one scratch row and loops
+    over rows): 8 per SM on a GPU."""
+    if device.type != "cuda":
+        return max(1, min(R, 4))
+    import torch
+    return max(1, min(R, 8 * torch.cuda.get_device_properties(device).multi_processor_count))
+
+
+def _launch_sorted(l, x, rs, g, out, R: int, n: int, cfg: dict):
+    import torch
+    P = _sorted_programs(R, l.device)
+    ys = torch.empty((P, n), dtype=torch.float32, device=l.device)
+    ce = torch.empty((P, n), dtype=torch.float64, device=l.device)
+    cs = torch.empty_like(ce)
+    _ln_abs_sorted_kernel[(P,)](l, x, rs, g if g is not None else x, out, ys, ce, cs, R, n,
+                                l.stride(0), x.stride(0), out.stride(0), HAS_G=g is not None,
+                                BLOCK=cfg["BLOCK"], STEPS=int(cfg["BLOCK"]).bit_length(),
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
 def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
     import torch
 
@@ -405,6 +508,9 @@ def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
     gp = g if g is not None else x
 
     def launch(cfg):
+        if cfg.get("SORTED"):
+            _launch_sorted(a, x, rs, g, o0, R, n, cfg)
+            return
         meta = dict(cfg)
         meta.setdefault("PRE", False)
         grid = (R, triton.cdiv(n, meta["BI"]))
@@ -424,7 +530,7 @@ def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
                            SR=sr, CENTERED=centered, HAS_G=g is not None, **meta)
 
     key = ("norm", sr, centered, g is not None, bucket(R), bucket(n), str(a.device))
-    launch(choose(key, _configs(sr, n), launch))
+    launch(choose(key, _configs(sr, n, centered), launch))
     return tuple(o.reshape(v[0].shape) for o in outs)
 
 
@@ -446,8 +552,9 @@ for _kind in ("abs", "maxabs", "max", "entropy"):
 def aot_specs():
     """(kernel, signature, constexprs, options): each semiring × (layer, RMS) with
     fp32 γ, plus bf16 x̂/γ, no γ, a second tile shape per semiring, the variant
-    that computes the row shift per program, the PRE variants and the
-    column-factor kernel (rows up to 1024 and 4096 wide)."""
+    that computes the row shift per program, the PRE variants, the
+    column-factor kernel and the sorted abs layer norm (rows up to 1024 and
+    4096 wide)."""
     specs = []
     kern = _norm_kernel
     for kind, sr in _CODES.items():
@@ -468,6 +575,14 @@ def aot_specs():
             specs.append(aot_entry(kern, types, const, nw, 3))
         if sr == SR_MAX:
             continue
+        if sr == SR_ABS:                  # the O(n log n) layer norm
+            for has_g, dt, block in ((True, "fp32", 1024), (True, "bf16", 1024), (False, "fp32", 4096)):
+                types = {n: "i32" for n in _ln_abs_sorted_kernel.arg_names}
+                types.update({"l_ptr": "*fp32", "x_ptr": "*" + dt, "rstd_ptr": "*fp32", "g_ptr": "*" + dt,
+                              "o_ptr": "*fp32", "ys_ptr": "*fp32", "ce_ptr": "*fp64", "cs_ptr": "*fp64"})
+                specs.append(aot_entry(_ln_abs_sorted_kernel, types,
+                                       dict(HAS_G=has_g, BLOCK=block, STEPS=block.bit_length()),
+                                       _cols_warps(block), 1))
         for has_g, dt, block in ((True, "fp32", 1024), (True, "bf16", 1024), (False, "fp32", 4096)):
             types = {n: "i32" for n in _norm_cols_kernel.arg_names}
             types.update({"c0_ptr": "*fp32", "c1_ptr": "*fp32", "x_ptr": "*" + dt, "rstd_ptr": "*fp32",

@@ -11,6 +11,7 @@ tests prove the algebra and the masking, not the compiled precision (the
 ``gpu`` variants check that).
 """
 
+import math
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -414,7 +415,7 @@ def test_norm(name, op, device, variant, monkeypatch):
              "columns-precomputed": (True, True)}[variant]
     if name == "max":
         flags = (False, False)
-    monkeypatch.setattr(knorm, "_configs", lambda sr, n=None: [dict(base, ROW_SHIFT=flags[0], PRE=flags[1])])
+    monkeypatch.setattr(knorm, "_configs", lambda *a, **k: [dict(base, ROW_SHIFT=flags[0], PRE=flags[1])])
     sr = BUILTIN[name]
     g = torch.Generator().manual_seed(6)
     fn = kernel(op if op == "layer_norm" else "rms_norm_dense", name)
@@ -435,6 +436,43 @@ def test_norm(name, op, device, variant, monkeypatch):
             check(out, ref, name, rtol, 10 * rtol, f"{op}/{name}/{lead}x{n}/{gdt}/w={has_w}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_norm_abs_sorted(device, monkeypatch):
+    """The O(n log n) abs layer-norm kernel (SORTED: sort, float64 prefix sums,
+    binary search) against the float64 reference: fp32 / bf16 / no γ with zero
+    entries, an all-zero row, a row 150 above exp's range, exact zeros in x̂
+    (threshold −1/0), a spike row (one x̂ near √n, its edges to the rest
+    nearly cancel), n = 1 and n not a power of two; more rows than programs
+    (each program loops over rows)."""
+    from semitriton.kernels import norm as knorm
+    from semitriton.kernels._common import next_pow2
+    monkeypatch.setattr(knorm, "_configs", lambda sr, n=None, centered=True: [
+        dict(SORTED=True, BLOCK=max(16, next_pow2(n)), num_warps=1 if device == "cpu" else 4, num_stages=1)])
+    sr = BUILTIN["abs"]
+    g = torch.Generator().manual_seed(23)
+    fn = kernel("layer_norm", "abs")
+    cases = _norm_cases(device) + ([((9,), 5)] if device == "cpu" else [((300,), 768)])
+    for lead, n in cases:
+        for gdt, has_w in ((torch.float32, True), (torch.bfloat16, True), (torch.float32, False)):
+            xhat, rstd, gamma = _norm_inputs(lead, n, True, device, g, gdt, has_w)
+            x2 = xhat.reshape(-1, n).clone()
+            if x2.shape[0] > 2 and n > 3:
+                x2[1, :2] = 0.0                                       # x̂_i = 0: every edge positive
+                spike = torch.full((n,), -1.0 / math.sqrt(n - 1), device=device)
+                spike[0] = 0.999 * math.sqrt(n - 1)     # near a unit-variance spike: 1 + x̂_0 x̂_j = 0.001
+                x2[2] = spike
+            xhat = x2.reshape(xhat.shape)
+            v = gen_values("abs", lead + (n,), "cpu", g, dead_index=None)
+            v = tuple(c.clone() for c in v)
+            v[0].reshape(-1, n)[0] = float("-inf")                   # an all-zero row
+            if v[0].reshape(-1, n).shape[0] > 1:
+                v[0].reshape(-1, n)[-1] += 150.0
+            v = tuple(c.to(device) for c in v)
+            ref = reference(sr.layer_norm, v, xhat, rstd, gamma)
+            check(fn(v, xhat, rstd, gamma), ref, "abs", 2e-5 if device == "cpu" else 5e-5, 2e-4,
+                  f"sorted/{lead}x{n}/{gdt}/w={has_w}")
+
+
 @pytest.mark.parametrize("name", ("abs", "entropy", "maxabs", "max"))
 @pytest.mark.parametrize("tile", ((32, 16), (16, 32), (16, 16)), ids=("BI>BJ", "BI<BJ", "BI=BJ"))
 def test_norm_diagonal_tiles(name, tile, monkeypatch):
@@ -445,8 +483,8 @@ def test_norm_diagonal_tiles(name, tile, monkeypatch):
     from semitriton.kernels import norm as knorm
     bi, bj = tile
     pre = name != "max"
-    monkeypatch.setattr(knorm, "_configs", lambda sr, n=None: [dict(BI=bi, BJ=bj, num_warps=1, num_stages=1,
-                                                                    ROW_SHIFT=pre, PRE=pre)])
+    monkeypatch.setattr(knorm, "_configs", lambda *a, **k: [dict(BI=bi, BJ=bj, num_warps=1, num_stages=1,
+                                                                ROW_SHIFT=pre, PRE=pre)])
     sr = BUILTIN[name]
     g = torch.Generator().manual_seed(21)
     fn = kernel("layer_norm", name)
