@@ -442,7 +442,7 @@ def _row_shift(l, g):
     import torch
     t = l if g is None else l + torch.log(torch.abs(g.float()))
     m = torch.amax(t, dim=-1)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m)).contiguous()
+    return torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0).contiguous()     # one op, not four
 
 
 def row_inputs(v, xhat, rstd, weight, max_n=None):
