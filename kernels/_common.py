@@ -9,6 +9,7 @@ need it.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -22,6 +23,13 @@ def interpreting() -> bool:
 
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``device_index`` (cached)."""
+    import torch
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def bucket(n: int) -> int:

@@ -32,12 +32,11 @@ part in the weight dtype, so the result keeps fp32 accuracy
 
 from __future__ import annotations
 
-import functools
 
 import triton
 import triton.language as tl
 
-from ._common import aot_entry, bucket, choose, fits_int32, interpreting
+from ._common import aot_entry, bucket, choose, fits_int32, interpreting, sm_count
 from .registry import register
 
 
@@ -356,12 +355,6 @@ SPLIT_MIN_STEPS = 64
 SPLIT_MAX_BYTES = 256 * 2**20
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    import torch
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _with_splits(cfgs, B: int, I: int, J: int, K: int, n_acc: int, device, bases: int = 2):
     """Add split-J variants (``SPLIT_J`` = number of j slices, combined with ⊕
     afterwards) of the first ``bases`` candidates where a grid is too small to
@@ -372,7 +365,7 @@ def _with_splits(cfgs, B: int, I: int, J: int, K: int, n_acc: int, device, bases
     on the models' linears, up to 93x on an LM head's live rows)."""
     if not cfgs or device.type != "cuda" or interpreting():
         return cfgs
-    n_sm = _sm_count(device.index if device.index is not None else 0)
+    n_sm = sm_count(device.index if device.index is not None else 0)
     extra = []
     for base in cfgs[:bases]:
         tiles = B * triton.cdiv(I, base["BM"]) * triton.cdiv(K, base["BN"])

@@ -25,6 +25,10 @@ x̂_j e_j / n, or entropy's e_j and μ_j − log|γ_j| − log rstd) are compute
 per row by ``_norm_cols_kernel`` instead of by each of the row's n/BI programs
 on every tile, so that the O(n²) loop only loads them.
 
+abs layer norm also has an O(n log n) closed form (``_ln_abs_sorted_kernel``,
+the one of ``Abs.layer_norm``): sort the row by x̂, and Σ_j e_j |1 + x̂_i x̂_j|
+splits at x̂_j = −1/x̂_i into prefix sums of e and e·x̂.
+
 ``real`` stays in torch (not registered).
 """
 
@@ -33,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import aot_entry, bucket, choose, interpreting, next_pow2
+from ._common import aot_entry, bucket, choose, interpreting, next_pow2, sm_count
 from ._fastmath import fast_log, fast_log2_normal, finite_or_zero
 from .registry import register
 
@@ -476,8 +480,7 @@ def _sorted_programs(R: int, device) -> int:
     over rows): 8 per SM on a GPU."""
     if device.type != "cuda":
         return max(1, min(R, 4))
-    import torch
-    return max(1, min(R, 8 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(R, 8 * sm_count(device.index if device.index is not None else 0)))
 
 
 def _launch_sorted(l, x, rs, g, out, R: int, n: int, cfg: dict):

@@ -226,7 +226,7 @@ def test_split_j_candidates_only_for_small_grids(monkeypatch):
     cfgs = [mm._cfg(128, 128, None, 4, 3), mm._cfg(64, 128, None, 4, 3)]
     assert mm._with_splits(cfgs, 1, 4096, 768, 768, 1, torch.device("cpu")) == cfgs
     monkeypatch.setattr(mm, "interpreting", lambda: False)
-    monkeypatch.setattr(mm, "_sm_count", lambda i: 132)
+    monkeypatch.setattr(mm, "sm_count", lambda i: 132)
     cuda = torch.device("cuda", 0)
     bert_qkv = mm._with_splits(cfgs, 1, 4096, 768, 768, 1, cuda)       # 192 and 384 tiles
     assert [(c["BM"], c.get("SPLIT_J", 1)) for c in bert_qkv] == [(128, 1), (64, 1), (128, 2), (128, 4), (64, 2)]
