@@ -419,11 +419,7 @@ def _configs(sr: int, n: int | None = None, centered: bool = True):
     pre = sr != SR_MAX and (n is None or n <= PRE_MAX_N)
     if interpreting():
         return [dict(BI=16, BJ=16, num_warps=1, num_stages=1, ROW_SHIFT=True, PRE=pre)]
-    if sr == SR_ABS and centered and (n is None or n <= PRE_MAX_N):
-        block = max(16, next_pow2(n or 1024))
-        sort = [dict(SORTED=True, BLOCK=block, num_warps=_cols_warps(block), num_stages=1)]
-    else:
-        sort = []
+    sort = [dict(SORTED=True)] if sr == SR_ABS and centered and (n is None or n <= PRE_MAX_N) else []
     if sr in (SR_ABS, SR_MAXABS):
         cs = [dict(BI=64, BJ=64, num_warps=4, num_stages=3), dict(BI=128, BJ=64, num_warps=8, num_stages=3),
               dict(BI=64, BJ=128, num_warps=8, num_stages=3)]
@@ -483,16 +479,18 @@ def _sorted_programs(R: int, device) -> int:
     return max(1, min(R, 8 * sm_count(device.index if device.index is not None else 0)))
 
 
-def _launch_sorted(l, x, rs, g, out, R: int, n: int, cfg: dict):
+def _launch_sorted(l, x, rs, g, out, R: int, n: int):
+    """``_ln_abs_sorted_kernel`` on [R, n] rows (the whole row in one block)."""
     import torch
     P = _sorted_programs(R, l.device)
+    block = max(16, next_pow2(n))
     ys = torch.empty((P, n), dtype=torch.float32, device=l.device)
     ce = torch.empty((P, n), dtype=torch.float64, device=l.device)
     cs = torch.empty_like(ce)
     _ln_abs_sorted_kernel[(P,)](l, x, rs, g if g is not None else x, out, ys, ce, cs, R, n,
                                 l.stride(0), x.stride(0), out.stride(0), HAS_G=g is not None,
-                                BLOCK=cfg["BLOCK"], STEPS=int(cfg["BLOCK"]).bit_length(),
-                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                BLOCK=block, STEPS=block.bit_length(),
+                                num_warps=1 if interpreting() else _cols_warps(block), num_stages=1)
 
 
 def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
@@ -511,8 +509,10 @@ def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
     gp = g if g is not None else x
 
     def launch(cfg):
-        if cfg.get("SORTED"):
-            _launch_sorted(a, x, rs, g, o0, R, n, cfg)
+        if cfg.get("SORTED"):                   # abs layer norm only (see _configs)
+            if not (centered and sr == SR_ABS):
+                raise ValueError("the sorted closed form is the abs layer norm's only")
+            _launch_sorted(a, x, rs, g, o0, R, n)
             return
         meta = dict(cfg)
         meta.setdefault("PRE", False)

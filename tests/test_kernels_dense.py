@@ -410,7 +410,7 @@ def test_norm(name, op, device, variant, monkeypatch):
     computed by the launcher (ROW_SHIFT) or in each program, or the shift and
     the per-column factors computed once per row (PRE; max has neither)."""
     from semitriton.kernels import norm as knorm
-    base = knorm._configs(knorm._CODES[name])[0]
+    base = next(c for c in knorm._configs(knorm._CODES[name], 768) if not c.get("SORTED"))
     flags = {"shift-in": (True, False), "shift-per-program": (False, False),
              "columns-precomputed": (True, True)}[variant]
     if name == "max":
@@ -436,6 +436,29 @@ def test_norm(name, op, device, variant, monkeypatch):
             check(out, ref, name, rtol, 10 * rtol, f"{op}/{name}/{lead}x{n}/{gdt}/w={has_w}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERP, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("op", ("layer_norm", "rms_norm"))
+@pytest.mark.parametrize("name", NORM_SEMIRINGS)
+def test_norm_every_candidate_gpu(name, op, monkeypatch):
+    """Every launch candidate the GPU autotuner may pick for the O(n²) norm
+    kernels (tiles, ROW_SHIFT, PRE, the sorted abs layer norm), compiled, at
+    BERT's width and at a width that is not a multiple of the tiles."""
+    from semitriton.kernels import norm as knorm
+    sr = BUILTIN[name]
+    g = torch.Generator().manual_seed(29)
+    fn = kernel(op if op == "layer_norm" else "rms_norm_dense", name)
+    centered = op == "layer_norm"
+    for n in (768, 300):
+        cands = knorm._configs(knorm._CODES[name], n, centered)
+        xhat, rstd, gamma = _norm_inputs((64,), n, centered, "cuda", g)
+        v = tuple(c.to("cuda") for c in gen_values(name, (64, n), "cpu", g, dead_index=None))
+        ref = reference(getattr(sr, op), v, xhat, rstd, gamma)
+        for cfg in cands:
+            monkeypatch.setattr(knorm, "_configs", lambda *a, _c=cfg, **k: [_c])
+            check(fn(v, xhat, rstd, gamma), ref, name, 5e-5, 5e-4, f"{op}/{name}/{n}/{cfg}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_norm_abs_sorted(device, monkeypatch):
     """The O(n log n) abs layer-norm kernel (SORTED: sort, float64 prefix sums,
@@ -445,9 +468,7 @@ def test_layer_norm_abs_sorted(device, monkeypatch):
     nearly cancel), n = 1 and n not a power of two; more rows than programs
     (each program loops over rows)."""
     from semitriton.kernels import norm as knorm
-    from semitriton.kernels._common import next_pow2
-    monkeypatch.setattr(knorm, "_configs", lambda sr, n=None, centered=True: [
-        dict(SORTED=True, BLOCK=max(16, next_pow2(n)), num_warps=1 if device == "cpu" else 4, num_stages=1)])
+    monkeypatch.setattr(knorm, "_configs", lambda sr, n=None, centered=True: [dict(SORTED=True)])
     sr = BUILTIN["abs"]
     g = torch.Generator().manual_seed(23)
     fn = kernel("layer_norm", "abs")
