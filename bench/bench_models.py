@@ -289,6 +289,9 @@ def main(argv=None):
                          "of these in parallel before the timed run so that compiling is not timed)")
     ap.add_argument("--linear-variant", action="store_true",
                     help="also time BERT-base fp32 with patch(linear=True) (one node per Linear)")
+    ap.add_argument("--linear-only", action="store_true",
+                    help="only patch(linear=True) rows, for every model and dtype given (fewer, larger "
+                         "nodes: what it does to a host-bound walk such as SmolLM2's abs)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
@@ -310,8 +313,8 @@ def main(argv=None):
             for dt in args.dtypes.split(","):
                 warm(mname, getattr(torch, dt), dev, args.quick, args.semirings.split(","), log)
         return 0
-    plan = [(m, dt, False) for dt in args.dtypes.split(",") for m in args.models.split(",")]
-    if args.linear_variant:
+    plan = [(m, dt, args.linear_only) for dt in args.dtypes.split(",") for m in args.models.split(",")]
+    if args.linear_variant and not args.linear_only:
         plan.insert(1, (args.models.split(",")[0], args.dtypes.split(",")[0], True))
     for mname, dt, linear in plan:
         try:

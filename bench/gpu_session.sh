@@ -15,7 +15,8 @@
 #   models   the model table (fp32 then bf16; BERT-base, SmolLM2 config);
 #   kernels_sel  kernel rows for KSEL (default: layer norm, GELU/SiLU rules,
 #            attention; fp32, BERT shapes).
-# Other steps: ab (dispatch alternatives on BERT-base fp32, see below),
+# Other steps: linear (patch(linear=True): SmolLM2 and BERT-base fp32, real-walk /
+# abs / entropy; linear.md, ~90 s), ab (dispatch alternatives on BERT-base fp32, see below),
 # kernels (the quick kernel table), kernels_new (RMS-norm rows), attn_long,
 # mm_models (maxabs/max matmuls at the models' shapes with every autotuner
 # candidate's time, split-J included; mm.md, ~1 min).
@@ -74,6 +75,9 @@ for s in ${STEPS//,/ }; do
                  --semirings "${MM_SEMIRINGS:-maxabs,max}" --dtypes fp32 --no-reference \
                  --labels "BERT q/k/v/o,BERT FFN,32 live rows,SmolLM2 q/o,SmolLM2 k/v,SmolLM2 MLP,8 live rows" \
                  --md "$OUT/mm.md" > /dev/null 2>&1 ;;
+    linear) step linear "${T_LINEAR:-90}" python3 bench/bench_models.py $Q --models smollm2-135m,bert-base \
+              --dtypes float32 --semirings real-walk,abs,entropy --reps "${REPS:-3}" --linear-only --check none \
+              --out "$OUT/linear.json" --md "$OUT/linear.md" > "$OUT/linear.log" 2>&1 ;;
     kernels_new) step kernels_new "${T_KNEW:-40}" python3 bench/run_kernels.py $Q --only dense --kernels rms_norm \
                    --dtypes fp32 --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
     gpu_tests) step gpu_tests "${T_TESTS:-70}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
@@ -109,3 +113,4 @@ done
 cat "$OUT/env.txt"; tail -n 8 "$OUT/tests.log" 2>/dev/null; grep -c ERROR "$OUT/warm.log" 2>/dev/null
 cat "$OUT/models.md" 2>/dev/null
 cat "$OUT/kernels.md" 2>/dev/null; cat "$OUT/ab.md" 2>/dev/null; cat "$OUT/mm.md" 2>/dev/null
+cat "$OUT/linear.md" 2>/dev/null
