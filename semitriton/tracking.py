@@ -11,8 +11,6 @@ small dict update per module call.
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
-
 import torch
 from torch import nn
 
@@ -21,31 +19,36 @@ _HANDLES = "_semitriton_track_handles"
 _counter = itertools.count()
 
 
-def _tensors(obj, depth: int = 0) -> Iterable[torch.Tensor]:
-    if depth > 4:
-        return
+def _grad_fns(obj, acc: list, depth: int = 0) -> list:
+    """Append the grad_fn of every tensor in ``obj`` (tensors, lists, tuples,
+    dicts and transformers ModelOutputs, nested up to 4 levels) to ``acc``."""
     if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o, depth + 1)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o, depth + 1)
-    elif hasattr(obj, "to_tuple"):          # transformers ModelOutput
-        yield from _tensors(obj.to_tuple(), depth + 1)
+        g = obj.grad_fn
+        if g is not None:
+            acc.append(g)
+    elif depth <= 4:
+        if isinstance(obj, (list, tuple)):
+            for o in obj:
+                _grad_fns(o, acc, depth + 1)
+        elif isinstance(obj, dict):
+            for o in obj.values():
+                _grad_fns(o, acc, depth + 1)
+        elif hasattr(obj, "to_tuple"):          # transformers ModelOutput
+            _grad_fns(obj.to_tuple(), acc, depth + 1)
+    return acc
 
 
 def _make_hook(qualname: str):
     def hook(module, args, kwargs, output):
-        outs = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+        if not torch.is_grad_enabled():          # no graph is being recorded
+            return None
+        outs = _grad_fns(output, [])
         if not outs:
             return None
-        ins = tuple({id(t.grad_fn): t.grad_fn for t in itertools.chain(_tensors(args), _tensors(kwargs))
-                     if isinstance(t, torch.Tensor) and t.grad_fn is not None}.values())
+        ins = tuple(dict.fromkeys(_grad_fns(kwargs, _grad_fns(args, []))))
         in_ids = {id(g) for g in ins}
         entry = (qualname, type(module).__name__, next(_counter), ins)
-        for gf in {id(g): g for g in outs}.values():
+        for gf in dict.fromkeys(outs):
             # A module that returns one of its inputs (dropout in eval, a pass-through)
             # would make the node reference itself through its metadata: a reference
             # cycle that keeps the whole graph alive until the cyclic GC runs.
