@@ -25,6 +25,12 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def broadcasts_to(shape, target) -> bool:
+    """``shape`` broadcasts to ``target`` (every trailing-aligned dim is 1 or
+    equal; plain ints, far cheaper than ``torch.broadcast_shapes``)."""
+    return len(shape) <= len(target) and all(a == 1 or a == b for a, b in zip(reversed(shape), reversed(target)))
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device_index: int) -> int:
     """Streaming multiprocessors of CUDA device ``device_index`` (cached)."""

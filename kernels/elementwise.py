@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import aot_entry, interpreting
+from ._common import aot_entry, broadcasts_to, interpreting
 from ._fastmath import finite_or_zero, logaddexp
 from .registry import register
 
@@ -249,10 +249,7 @@ def _rope(v, cos, sin, semiring: str):
     n = c0.numel()
     if n == 0 or (c0.is_cuda and n < MIN_NUMEL_CUDA):
         return NotImplemented
-    try:
-        if torch.broadcast_shapes(cos.shape, sin.shape, c0.shape) != c0.shape:
-            return NotImplemented
-    except RuntimeError:
+    if not (broadcasts_to(cos.shape, c0.shape) and broadcasts_to(sin.shape, c0.shape)):
         return NotImplemented
     cs = cos.expand(c0.shape)
     sn = sin.expand(c0.shape)
