@@ -2,7 +2,7 @@
 # One device session: install, GPU tests, model-level and kernel benchmarks.
 # Everything lands in $OUT (8 files at most come back from the device tool):
 #   env.txt tests.log warm.log models.json models.md models.log kernels.md, and
-#   ab.md or mm.md when those steps run
+#   ab.md, mm.md, linear.md + linear.log when those steps run
 # The default STEPS fit one call (≈ 9.5 minutes; limits 175 + 70 + 90 + 205 + 25 s; on the
 # H100 of the fifth session the kernel tests took ~150 s with a cold Triton cache and
 # 112 s warm, the engine tests 53 s, the warm-up 62 s, the fp32 model rows 130 s):
@@ -77,7 +77,7 @@ for s in ${STEPS//,/ }; do
                  --md "$OUT/mm.md" > /dev/null 2>&1 ;;
     linear) step linear "${T_LINEAR:-90}" python3 bench/bench_models.py $Q --models smollm2-135m,bert-base \
               --dtypes float32 --semirings real-walk,abs,entropy --reps "${REPS:-3}" --linear-only --check none \
-              --out "$OUT/linear.json" --md "$OUT/linear.md" > "$OUT/linear.log" 2>&1 ;;
+              --md "$OUT/linear.md" > "$OUT/linear.log" 2>&1 ;;
     kernels_new) step kernels_new "${T_KNEW:-40}" python3 bench/run_kernels.py $Q --only dense --kernels rms_norm \
                    --dtypes fp32 --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
     gpu_tests) step gpu_tests "${T_TESTS:-70}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \

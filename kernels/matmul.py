@@ -32,7 +32,6 @@ part in the weight dtype, so the result keeps fp32 accuracy
 
 from __future__ import annotations
 
-
 import triton
 import triton.language as tl
 
