@@ -182,6 +182,10 @@ def _ln_abs_sorted_kernel(l_ptr, x_ptr, rstd_ptr, g_ptr, o_ptr, ys_ptr, ce_ptr, 
         total = tl.maximum(S - ei * q, 0.0) / N + ei * tl.abs(1.0 - q / N)
         rs = tl.load(rstd_ptr + row).to(tl.float64)
         out = tl.log(total) + tl.log(rs) + m
+        # a NaN x̂ would sort past the padding and drop out of the sums: the row
+        # reads NaN, as with the O(n²) kernel and the reference
+        bad = tl.max(tl.where(mk & (x != x), 1, 0), 0) > 0
+        out = tl.where(bad, float("nan"), out)
         tl.store(o_ptr + r64 * s_o + offs, out.to(tl.float32), mask=mk)
 
 

@@ -492,6 +492,12 @@ def test_layer_norm_abs_sorted(device, monkeypatch):
             ref = reference(sr.layer_norm, v, xhat, rstd, gamma)
             check(fn(v, xhat, rstd, gamma), ref, "abs", 2e-5 if device == "cpu" else 5e-5, 2e-4,
                   f"sorted/{lead}x{n}/{gdt}/w={has_w}")
+    # a NaN x̂ (a broken forward) gives a NaN row, not finite values without its term
+    xhat, rstd, gamma = _norm_inputs((3,), 24, True, device, g)
+    xhat[1, 5] = float("nan")
+    v = tuple(c.to(device) for c in gen_values("abs", (3, 24), "cpu", g, dead_index=None))
+    (out,) = fn(v, xhat, rstd, gamma)
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any() and not torch.isnan(out[2]).any()
 
 
 @pytest.mark.parametrize("name", ("abs", "entropy", "maxabs", "max"))
