@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 
 
-def save_json(path, device: str, date: str, rows: list) -> None:
+def save_json(path, device: str, date: str, rows: list, autotune: dict | None = None) -> None:
+    """The rows so far (and, if given, the autotuner's measurements as
+    [{"key", "candidates": [[config, ms], ...]}]), so that a run cut off by a
+    time limit keeps what it measured."""
     if path:
+        doc = {"device": device, "date": date, "rows": rows}
+        if autotune:
+            doc["autotune"] = [{"key": [str(k) for k in key], "candidates": [[c, t] for c, t in cands]}
+                               for key, cands in autotune.items()]
         with open(path, "w") as f:
-            json.dump({"device": device, "date": date, "rows": rows}, f, indent=1)
+            json.dump(doc, f, indent=1, default=str)
 
 
 def finish(md: str, path) -> int:

@@ -312,7 +312,7 @@ def main(argv=None):
     def save(row=None):
         if row is not None:
             rows.append(row)
-        save_json(args.out, name, time.strftime("%Y-%m-%d"), rows)
+        save_json(args.out, name, time.strftime("%Y-%m-%d"), rows, _autotune_timings())
 
     if args.warm_only:
         for mname in args.models.split(","):
