@@ -44,6 +44,8 @@ def config_label(c: dict) -> str:
             s += " split" + (f" (q/k {qk[0]}x{qk[1]})" if qk else "")
         if c.get("pipe"):
             s += " pipe"
+        if c.get("split_g"):
+            s += " split-G"
         return s
     if "impl" in c:                                         # dispatch race
         return str(c.get("name", f"impl {c['impl']}"))

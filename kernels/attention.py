@@ -707,6 +707,19 @@ def _attn_finish_q_kernel(z_ptr, s_ptr, mi_ptr, l_ptr, mu_ptr, n, D, ENTROPY: tl
 
 # ------------------------------------------------------------------ maxabs
 @triton.jit
+def _group_range(pid_h, n_h, G: tl.constexpr, Tk, SPLIT_G: tl.constexpr):
+    """(k/v head bhk, q heads g_lo..g_hi of its group, first output row) of a
+    program along grid axis 1: per k/v head (all G q heads, outputs at row 0
+    of [B·HK·Tk]) or, SPLIT_G, per q head (one head, outputs in its [G] slice
+    of [G, B·HK·Tk] partials)."""
+    z = pid_h * 0                     # int64 zero: both branches return one type (triton 3.6)
+    if SPLIT_G:
+        g = pid_h % G
+        return pid_h // G, g, g + 1, g * (n_h // G) * Tk + z
+    return pid_h, z, z + G, z
+
+
+@triton.jit
 def _attn_stats_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, bias_ptr, st_ptr, ji_ptr,
                               H, HK, Tq, Tk, D, DV, scale, sbb, sbh, sbm, sbn, s_st,
                               G: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
@@ -756,16 +769,20 @@ def _attn_bwd_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, lvo_ptr, lq_ptr, lk
                             G: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                             IEEE: tl.constexpr, PREC: tl.constexpr, NEED_Q: tl.constexpr, NEED_K: tl.constexpr,
                             NEED_V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                            BD: tl.constexpr, BDV: tl.constexpr, CHUNK: tl.constexpr, PIPE: tl.constexpr):
+                            BD: tl.constexpr, BDV: tl.constexpr, CHUNK: tl.constexpr, PIPE: tl.constexpr,
+                            SPLIT_G: tl.constexpr):
     """Largest |path product| (max-plus in log space). Per tile: log m_P
     (max-plus over d), log m_S,ij = max(log P_ij + top_{j'≠j}, log P_ij +
     log(1 - P_ij) + log m_P,ij) from the row top-2; then
     v: max_i log P_ij + log m_O,id; k: max_i log m_S,ij + log|q_id s|
     (rank-1 updates over the rows of the tile, max over the group's heads);
     q: max_j log m_S,ij + log|k_jd s| (rank-1 over the columns, atomic max).
-    The P and S tiles pass through a per-program scratch buffer."""
+    The P and S tiles pass through a per-program scratch buffer. SPLIT_G: one
+    program per (k/v tile, q head) instead of per (k/v tile, k/v head), dk and
+    dv written per q head of the group into [G, ...] partials that the
+    launcher reduces (more programs when B·HK is small)."""
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)
+    bhk, g_lo, g_hi, out_row0 = _group_range(tl.program_id(1).to(tl.int64), tl.num_programs(1), G, Tk, SPLIT_G)
     b = bhk // HK
     hk = bhk % HK
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -778,14 +795,14 @@ def _attn_bwd_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, lvo_ptr, lq_ptr, lk
     k = tl.load(k_ptr + kv_row[:, None] * D + offs_d[None, :], mask=nm[:, None] & dmask[None, :], other=0.0)
     ar_m = tl.arange(0, BM)
     ar_n = tl.arange(0, BN)
-    scr = scr_ptr + (bhk * tl.num_programs(0) + pid_n) * (2 * BM * BN)
+    scr = scr_ptr + (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + pid_n) * (2 * BM * BN)
     tile = ar_m[:, None] * BN + ar_n[None, :]
     acc_k = tl.full([BN, BD], float("-inf"), tl.float32)
     acc_v = tl.full([BN, BDV], float("-inf"), tl.float32)
     m_start = 0
     if CAUSAL:
         m_start = (pid_n * BN // BM) * BM
-    for g in range(G):
+    for g in range(g_lo, g_hi):
         h = hk * G + g
         bh = b * H + h
         bias_base = bias_ptr + b * sbb + h * sbh
@@ -857,10 +874,11 @@ def _attn_bwd_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, lvo_ptr, lq_ptr, lk
                         acc_q = tl.maximum(acc_q, tl.max(ls_c[:, :, None] + lk_c[None, :, :], 1))
                 tl.atomic_max(dq_ptr + row[:, None] * D + offs_d[None, :], acc_q,
                               mask=mm[:, None] & dmask[None, :], sem="relaxed")
+    out_row = out_row0 + kv_row
     if NEED_K:
-        tl.store(dk_ptr + kv_row[:, None] * D + offs_d[None, :], acc_k, mask=nm[:, None] & dmask[None, :])
+        tl.store(dk_ptr + out_row[:, None] * D + offs_d[None, :], acc_k, mask=nm[:, None] & dmask[None, :])
     if NEED_V:
-        tl.store(dv_ptr + kv_row[:, None] * DV + offs_dv[None, :], acc_v, mask=nm[:, None] & dvmask[None, :])
+        tl.store(dv_ptr + out_row[:, None] * DV + offs_dv[None, :], acc_v, mask=nm[:, None] & dvmask[None, :])
 
 
 # ------------------------------------------------------------------ max (signed pair)
@@ -926,16 +944,18 @@ def _attn_bwd_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, vop_ptr, von_
                          G: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                          IEEE: tl.constexpr, PREC: tl.constexpr, NEED_Q: tl.constexpr, NEED_K: tl.constexpr,
                          NEED_V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         BD: tl.constexpr, BDV: tl.constexpr, CHUNK: tl.constexpr, PIPE: tl.constexpr):
+                         BD: tl.constexpr, BDV: tl.constexpr, CHUNK: tl.constexpr, PIPE: tl.constexpr,
+                         SPLIT_G: tl.constexpr):
     """Signed max semiring (M+, M-). Per tile: the P node's pair (signed
     max-times over d), the S node's pair M+_ij = max(P_ij top_{j'≠j} cp,
     P(1-P) M+_P,ij), M-_ij = min(P_ij bottom_{j'≠j} cn, P(1-P) M-_P,ij)
     (P > 0 only); then v: edges P_ij >= 0 to the O values; k: edges q_id·s;
     q: edges k_jd·s (w ⊗ (M+, M-) = (w M+, w M-) swapped for w < 0, w = 0 no
     edge); rank-1 updates through a per-program scratch of the P and S tiles;
-    (max, min) over the group's heads; q by atomic max / min."""
+    (max, min) over the group's heads; q by atomic max / min. SPLIT_G as in
+    the maxabs kernel."""
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)
+    bhk, g_lo, g_hi, out_row0 = _group_range(tl.program_id(1).to(tl.int64), tl.num_programs(1), G, Tk, SPLIT_G)
     b = bhk // HK
     hk = bhk % HK
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -948,7 +968,7 @@ def _attn_bwd_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, vop_ptr, von_
     k = tl.load(k_ptr + kv_row[:, None] * D + offs_d[None, :], mask=nm[:, None] & dmask[None, :], other=0.0)
     ar_m = tl.arange(0, BM)
     ar_n = tl.arange(0, BN)
-    scr = scr_ptr + (bhk * tl.num_programs(0) + pid_n) * (3 * BM * BN)
+    scr = scr_ptr + (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + pid_n) * (3 * BM * BN)
     tile = ar_m[:, None] * BN + ar_n[None, :]
     acc_kp = tl.full([BN, BD], float("-inf"), tl.float32)
     acc_kn = tl.full([BN, BD], float("inf"), tl.float32)
@@ -957,7 +977,7 @@ def _attn_bwd_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, vop_ptr, von_
     m_start = 0
     if CAUSAL:
         m_start = (pid_n * BN // BM) * BM
-    for g in range(G):
+    for g in range(g_lo, g_hi):
         h = hk * G + g
         bh = b * H + h
         bias_base = bias_ptr + b * sbb + h * sbh
@@ -1055,12 +1075,13 @@ def _attn_bwd_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, vop_ptr, von_
                 qmask = mm[:, None] & dmask[None, :]
                 tl.atomic_max(dqp_ptr + qofs, acc_qp, mask=qmask, sem="relaxed")
                 tl.atomic_min(dqn_ptr + qofs, acc_qn, mask=qmask, sem="relaxed")
+    out_row = out_row0 + kv_row
     if NEED_K:
-        kofs = kv_row[:, None] * D + offs_d[None, :]
+        kofs = out_row[:, None] * D + offs_d[None, :]
         tl.store(dkp_ptr + kofs, acc_kp, mask=nm[:, None] & dmask[None, :])
         tl.store(dkn_ptr + kofs, acc_kn, mask=nm[:, None] & dmask[None, :])
     if NEED_V:
-        vofs = kv_row[:, None] * DV + offs_dv[None, :]
+        vofs = out_row[:, None] * DV + offs_dv[None, :]
         tl.store(dvp_ptr + vofs, acc_vp, mask=nm[:, None] & dvmask[None, :])
         tl.store(dvn_ptr + vofs, acc_vn, mask=nm[:, None] & dvmask[None, :])
 
@@ -1093,7 +1114,7 @@ def _chunk() -> int:
     return 16 if _interpreting() else 1
 
 
-def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None) -> list:
+def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None, groups: int = 1) -> list:
     """Launch plans, best guess first; on the GPU the launcher times each once
     per shape (``_common.choose``) and keeps the fastest. A plan is
     ``{"cfg": (BM, BN, num_warps, num_stages, precision), "split": bool}``
@@ -1121,7 +1142,10 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None) -> list:
     the split entropy plan won (1.15-1.5x); for maxabs/max 64x64 "ieee" beat
     64x32 tf32x3 by 1.15-1.55x (the max-plus products, not the score dot, set
     their time, and 64-column tiles load half the operands per accumulator);
-    the "pipe" plans are not yet timed."""
+    the "pipe" plans are not yet timed. With grouped-query attention
+    (``groups`` q heads per k/v head) the tropical kernels also get "split_g"
+    plans: one program per q head, dk/dv reduced over the group afterwards
+    (SmolLM2: 192 programs of 3 heads each for 132 SMs otherwise)."""
     if gpu is None:
         gpu = not _interpreting()
     if not gpu:
@@ -1143,15 +1167,23 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None) -> list:
                   {"cfg": (64, 64, 8, 1, "ieee"), "split": False, "pipe": True},
                   {"cfg": (64, 64, 8, 1, "tf32x3"), "split": False, "pipe": True},
                   {"cfg": (64, 32, 8, 1, "tf32x3"), "split": False, "pipe": True}])
+        if groups > 1 and not wide:       # GQA: also one program per q head (see _split_g)
+            plans += [dict(plans[0], split_g=True), dict(plans[1], split_g=True)]
     if DOT_PRECISION is not None:
         plans = [dict(p, cfg=p["cfg"][:4] + (DOT_PRECISION,)) for p in plans]
     return plans
 
 
+def _split_g(plan: dict, P) -> bool:
+    """A plan's split_g (one program per q head, not per k/v head) applies to
+    grouped-query attention only."""
+    return bool(plan.get("split_g", False)) and P.G > 1
+
+
 def _choose_plan(semiring: str, P, needs, run):
     """The plan for this call: timed once per shape key on the GPU (each run
     allocates and fills its own outputs, so timing runs are harmless)."""
-    plans = _plans(semiring, P.BD, P.BDV)
+    plans = _plans(semiring, P.BD, P.BDV, groups=P.G)
     key = ("attention", semiring, bucket(P.Tq), bucket(P.Tk), P.D, P.DV, P.G, P.causal, P.bias is not P.q,
            P.ieee, tuple(needs), str(P.device))
     return choose(key, plans, run)
@@ -1455,17 +1487,19 @@ def attention_maxabs(vo, q, k, v, bias, causal, scale, needs=(True, True, True))
                                             G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee,
                                             PREC=prec, BM=BM, BN=BN, BD=P.BD, CHUNK=_chunk(), PIPE=pipe, num_warps=nw,
                                             num_stages=ns)
+        split_g = _split_g(plan, P)
+        parts = P.G if split_g else 1                        # dk / dv per q head of the group, reduced below
         dq = torch.full((P.B * P.H, P.Tq, P.D), _NEG, dtype=f32, device=dev) if needs[0] else dummy
-        dk = torch.empty((P.B * P.HK, P.Tk, P.D), dtype=f32, device=dev) if needs[1] else dummy
-        dv = torch.empty((P.B * P.HK, P.Tk, P.DV), dtype=f32, device=dev) if needs[2] else dummy
-        grid = (triton.cdiv(P.Tk, BN), P.B * P.HK)
+        dk = torch.empty((parts, P.B * P.HK, P.Tk, P.D), dtype=f32, device=dev) if needs[1] else dummy
+        dv = torch.empty((parts, P.B * P.HK, P.Tk, P.DV), dtype=f32, device=dev) if needs[2] else dummy
+        grid = (triton.cdiv(P.Tk, BN), P.B * P.HK * parts)
         scr = torch.empty((grid[0] * grid[1] * 2 * BM * BN,), dtype=f32, device=dev)
         _attn_bwd_maxabs_kernel[grid](P.q, P.k, lvoT, lvT, lvo, lq, lk, P.bias, st, ji, scr, dq, dk, dv,
                                       *P.common(), G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal,
                                       IEEE=P.ieee, PREC=prec, NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
-                                      BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(), PIPE=pipe, num_warps=nw,
-                                      num_stages=ns)
-        return dq, dk, dv
+                                      BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(), PIPE=pipe,
+                                      SPLIT_G=split_g, num_warps=nw, num_stages=ns)
+        return dq, (dk.amax(0) if needs[1] else dk), (dv.amax(0) if needs[2] else dv)
 
     dq, dk, dv = run(_choose_plan("maxabs", P, needs, run))
     return ((P.out_q(dq),) if needs[0] else None,
@@ -1512,17 +1546,23 @@ def attention_max(vo, q, k, v, bias, causal, scale, needs=(True, True, True)):
                                          G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee,
                                          PREC=prec, BM=BM, BN=BN, BD=P.BD, CHUNK=_chunk(), PIPE=pipe, num_warps=nw,
                                          num_stages=ns)
+        split_g = _split_g(plan, P)
+        parts = P.G if split_g else 1                        # dk / dv per q head of the group, reduced below
         dqp, dqn = pair((P.B * P.H, P.Tq, P.D), needs[0])
-        dkp, dkn = pair((P.B * P.HK, P.Tk, P.D), needs[1])
-        dvp, dvn = pair((P.B * P.HK, P.Tk, P.DV), needs[2])
-        grid = (triton.cdiv(P.Tk, BN), P.B * P.HK)
+        dkp, dkn = pair((parts, P.B * P.HK, P.Tk, P.D), needs[1])
+        dvp, dvn = pair((parts, P.B * P.HK, P.Tk, P.DV), needs[2])
+        grid = (triton.cdiv(P.Tk, BN), P.B * P.HK * parts)
         scr = torch.empty((grid[0] * grid[1] * 3 * BM * BN,), dtype=f32, device=dev)
         _attn_bwd_max_kernel[grid](P.q, P.k, voTp, voTn, vT, vop, von, qs, ks, P.bias, st, ji, scr,
                                    dqp, dqn, dkp, dkn, dvp, dvn, *P.common(),
                                    G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
                                    NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
-                                   BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(), PIPE=pipe, num_warps=nw,
-                                   num_stages=ns)
+                                   BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(), PIPE=pipe,
+                                   SPLIT_G=split_g, num_warps=nw, num_stages=ns)
+        if needs[1]:
+            dkp, dkn = dkp.amax(0), dkn.amin(0)
+        if needs[2]:
+            dvp, dvn = dvp.amax(0), dvn.amin(0)
         return dqp, dqn, dkp, dkn, dvp, dvn
 
     dqp, dqn, dkp, dkn, dvp, dvn = run(_choose_plan("max", P, needs, run))
@@ -1585,7 +1625,7 @@ def aot_specs(options: bool = False):
 
         def add(fn, semiring, c0, native=()):
             seen = set()
-            for plan in _plans(semiring, bd, bdv, gpu=True):      # every candidate the GPU may time
+            for plan in _plans(semiring, bd, bdv, gpu=True, groups=2):      # every candidate the GPU may time
                 launches = [(plan["cfg"], {})]
                 if plan["split"] and "NEED_V" in c0:            # the q/k launch and the v launch
                     launches = [(plan.get("qk_cfg", plan["cfg"]), dict(NEED_V=False)),
@@ -1594,6 +1634,8 @@ def aot_specs(options: bool = False):
                     c = dict(c0, BM=bm, BN=bn, BD=bd, PREC=prec, **extra)
                     if "PIPE" in fn.arg_names:
                         c["PIPE"] = bool(plan.get("pipe", False))
+                    if "SPLIT_G" in fn.arg_names:
+                        c["SPLIT_G"] = bool(plan.get("split_g", False))
                     if "BDV" in fn.arg_names:
                         c["BDV"] = bdv
                     key = (tuple(sorted(c.items())), nw, ns)

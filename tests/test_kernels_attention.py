@@ -213,7 +213,7 @@ def test_gpu_launch_plans(semiring, monkeypatch):
     """Every launch plan the GPU autotuner may pick (tile sizes, warps, dot
     precision, entropy's split q/k + v launches; abs also split), run under the
     interpreter against the reference, with GQA, a bias and a subset of outputs."""
-    plans = katt._plans(semiring, 64, 64, gpu=True)
+    plans = katt._plans(semiring, 64, 64, gpu=True, groups=2)
     if semiring in ("abs", "entropy"):
         plans = plans + [dict(p, split=not p["split"]) for p in plans]
     if semiring in ("maxabs", "max"):
@@ -315,7 +315,8 @@ def test_every_launch_plan_gpu(semiring, case, monkeypatch):
     g = torch.Generator().manual_seed(_seed(semiring, case, "plans"))
     q, k, v, bias, causal = make_case(case, g, device="cuda", big=True)
     vo = make_vo(semiring, (*q.shape[:-1], v.shape[-1]), g, device="cuda")
-    plans = katt._plans(semiring, katt._pow2(q.shape[-1]), katt._pow2(v.shape[-1]), gpu=True)
+    plans = katt._plans(semiring, katt._pow2(q.shape[-1]), katt._pow2(v.shape[-1]), gpu=True,
+                        groups=q.shape[-3] // k.shape[-3])
     for plan in plans:
         monkeypatch.setattr(katt, "_plans", lambda *a, _p=plan, **kw: [_p])
         got, ref = run_both(semiring, vo, q, k, v, bias, causal, 0.125, (True, True, True))
