@@ -25,6 +25,18 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def row_warps(block: int) -> int:
+    """num_warps of the one-row-per-program kernels for a row block of ``block``."""
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+def finite_row_max(t):
+    """max over the last dim with non-finite results (all -inf rows) read as 0:
+    the neutral row shift, one op after the amax (torch tensor in, [R] out)."""
+    import torch
+    return torch.nan_to_num(torch.amax(t, dim=-1), nan=0.0, posinf=0.0, neginf=0.0).contiguous()
+
+
 def broadcasts_to(shape, target) -> bool:
     """``shape`` broadcasts to ``target`` (every trailing-aligned dim is 1 or
     equal; plain ints, far cheaper than ``torch.broadcast_shapes``)."""

@@ -35,7 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import aot_entry, bucket, choose, fits_int32, interpreting, sm_count
+from ._common import aot_entry, bucket, choose, finite_row_max, fits_int32, interpreting, sm_count
 from .registry import register
 
 
@@ -430,13 +430,6 @@ def _finish(outs, lead, I, K):
     return tuple(o.reshape(*lead, I, K) for o in outs)
 
 
-def _row_max(l3):
-    """finite_amax over j: the row shift (0 for rows that are all -inf)."""
-    import torch
-    m = torch.amax(l3, dim=-1)
-    return torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0).contiguous()     # one op, not four
-
-
 def _neg_xlogx_f32(w):
     import torch
     a = w.float().abs()
@@ -510,7 +503,7 @@ def _logsum_matmul(v, w, entropy: bool):
             assert elo3.stride() == e3.stride()
     if not fits_int32(l3[0], mu3[0], w3[0], e3[0]) or I * K > 2**31 - 1:
         return NotImplemented
-    m = _row_max(l3)
+    m = finite_row_max(l3)                # the row shift
     out_l = torch.empty((B, I, K), dtype=torch.float32, device=l3.device)
     out_mu = torch.empty_like(out_l) if entropy else out_l
     s_wb, s_wj, s_wk = _wstrides(w3, wstride0)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import aot_entry, bucket, choose, interpreting, next_pow2, sm_count
+from ._common import aot_entry, bucket, choose, finite_row_max, interpreting, next_pow2, row_warps, sm_count
 from ._fastmath import fast_log, fast_log2_normal, finite_or_zero
 from .registry import register
 
@@ -69,13 +69,30 @@ def _col_tile(x_row, c0_row, c1_row, g_ptr, j0, jr, N, SR: tl.constexpr, HAS_G: 
 
 
 @triton.jit
+def _t_tile(a_i, xj, offs_i, offs_j, inv_n, cn, DIAG: tl.constexpr):
+    """t'_ij = (c + x̂_i x̂_j)/n − δ_ij for a [BI, BJ] tile; DIAG: the tile may
+    hold i = j (without it the δ test is not emitted)."""
+    t = a_i[:, None] * (xj * inv_n)[None, :] + cn
+    if DIAG:
+        t = tl.where(offs_i[:, None] == offs_j[None, :], t - 1.0, t)
+    return t
+
+
+@triton.jit
 def _tprime(a_i, xj, offs_i, offs_j, i0, j0, inv_n, cn,
             BI: tl.constexpr, BJ: tl.constexpr):
-    """t'_ij = (c + x̂_i x̂_j)/n − δ_ij for a [BI, BJ] tile."""
-    t = a_i[:, None] * (xj * inv_n)[None, :] + cn
+    """``_t_tile`` with the diagonal decided at run time (tile at i0, j0)."""
+    t = _t_tile(a_i, xj, offs_i, offs_j, inv_n, cn, False)
     if (j0 < i0 + BI) & (j0 + BJ > i0):
         t = tl.where(offs_i[:, None] == offs_j[None, :], t - 1.0, t)
     return t
+
+
+@triton.jit
+def _diag_tiles(i0, N, BI: tl.constexpr, BJ: tl.constexpr):
+    """[d_lo, d_hi): the j tiles (multiples of BJ) that hold a diagonal entry
+    of the rows i0 .. i0 + BI − 1; the three-loop kernels test δ_ij only there."""
+    return (i0 // BJ) * BJ, tl.minimum(tl.cdiv(i0 + BI, BJ), tl.cdiv(N, BJ)) * BJ
 
 
 @triton.jit
@@ -210,9 +227,7 @@ def _max_step(acc_p, acc_n, a_i, xj, pj, nj, gj, rs, offs_i, offs_j, inv_n, cn, 
     hold i = j), acc_p = max(acc_p, t'q_j, t'r_j), acc_n = min(acc_n, t'q_j, t'r_j);
     edges with t' = 0 or γ_j = 0 and zero values (M+_j = −inf) give NaN, which
     max/min skip."""
-    t = a_i[:, None] * (xj * inv_n)[None, :] + cn
-    if DIAG:
-        t = tl.where(offs_i[:, None] == offs_j[None, :], t - 1.0, t)
+    t = _t_tile(a_i, xj, offs_i, offs_j, inv_n, cn, DIAG)
     sg = rs * gj
     ok = (pj != float("-inf")) & (sg != 0.0)
     q = tl.where(ok, -(sg * pj), float("nan"))
@@ -232,10 +247,7 @@ def _pre_step(acc, acc_s1, acc_s2, a_i, ua, ub, uc, offs_i, offs_j, inv_n, cn,
     entropy: with t = |t'_ij|, acc += t e_j, acc_s1 += t e_j c_j,
     acc_s2 += t e_j log2 t."""
     if SR == 4:                                       # ua = x̂_j, ub = e_j, uc = c_j
-        t = a_i[:, None] * (ua * inv_n)[None, :] + cn
-        if DIAG:
-            t = tl.where(offs_i[:, None] == offs_j[None, :], t - 1.0, t)
-        at = tl.abs(t)
+        at = tl.abs(_t_tile(a_i, ua, offs_i, offs_j, inv_n, cn, DIAG))
         u = at * ub[None, :]
         acc += u
         acc_s1 += u * uc[None, :]
@@ -286,8 +298,7 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, 
         acc_p = tl.full((BI, BJ), float("-inf"), dtype=tl.float32)
         acc_n = tl.full((BI, BJ), float("inf"), dtype=tl.float32)
         # three loops as in the PRE path: the δ test only in the diagonal tiles
-        d_lo = (i0 // BJ) * BJ
-        d_hi = tl.minimum(tl.cdiv(i0 + BI, BJ), tl.cdiv(N, BJ)) * BJ
+        d_lo, d_hi = _diag_tiles(i0, N, BI, BJ)
         xj, pj, nj, gj = _col_tile(x_row, c0_row, c1_row, g_ptr, 0, jr, N, SR, HAS_G)
         for j0 in range(0, d_lo, BJ):
             xn, pn, nn, gn = _col_tile(x_row, c0_row, c1_row, g_ptr, j0 + BJ, jr, N, SR, HAS_G)
@@ -332,8 +343,7 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, 
             # predicate into every tile) runs only in the middle one
             p0_row = p0_ptr + row * s_p
             p1_row = p1_ptr + row * s_p
-            d_lo = (i0 // BJ) * BJ
-            d_hi = tl.minimum(tl.cdiv(i0 + BI, BJ), tl.cdiv(N, BJ)) * BJ
+            d_lo, d_hi = _diag_tiles(i0, N, BI, BJ)
             ua, ub, uc = _pre_tile(x_row, p0_row, p1_row, 0, jr, N, SR)
             for j0 in range(0, d_lo, BJ):
                 na, nb, nc = _pre_tile(x_row, p0_row, p1_row, j0 + BJ, jr, N, SR)
@@ -437,16 +447,10 @@ def _configs(sr: int, n: int | None = None, centered: bool = True):
     return sort + ([dict(c, ROW_SHIFT=True, PRE=True) for c in cs[:2]] if pre else []) + plain
 
 
-def _cols_warps(block: int) -> int:
-    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
-
-
 def _row_shift(l, g):
     """m_r = finite max_j (l_rj + log|γ_j|) (0 for rows without a finite term), [R]."""
     import torch
-    t = l if g is None else l + torch.log(torch.abs(g.float()))
-    m = torch.amax(t, dim=-1)
-    return torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0).contiguous()     # one op, not four
+    return finite_row_max(l if g is None else l + torch.log(torch.abs(g.float())))
 
 
 def row_inputs(v, xhat, rstd, weight, max_n=None):
@@ -494,7 +498,7 @@ def _launch_sorted(l, x, rs, g, out, R: int, n: int):
     _ln_abs_sorted_kernel[(P,)](l, x, rs, g if g is not None else x, out, ys, ce, cs, R, n,
                                 l.stride(0), x.stride(0), out.stride(0), HAS_G=g is not None,
                                 BLOCK=block, STEPS=block.bit_length(),
-                                num_warps=1 if interpreting() else _cols_warps(block), num_stages=1)
+                                num_warps=1 if interpreting() else row_warps(block), num_stages=1)
 
 
 def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
@@ -529,7 +533,7 @@ def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
             block = max(16, next_pow2(n))
             _norm_cols_kernel[(R,)](a, b, x, rs, gp, m, p0, p1, n, a.stride(0), b.stride(0), x.stride(0),
                                     p0.stride(0), SR=sr, HAS_G=g is not None, BLOCK=block,
-                                    num_warps=_cols_warps(block))
+                                    num_warps=row_warps(block))
         else:
             m = _row_shift(a, g) if meta["ROW_SHIFT"] else rs
         _norm_kernel[grid](a, b, x, rs, gp, o0, o1, m, p0, p1, n,
@@ -589,11 +593,11 @@ def aot_specs():
                               "o_ptr": "*fp32", "ys_ptr": "*fp32", "ce_ptr": "*fp64", "cs_ptr": "*fp64"})
                 specs.append(aot_entry(_ln_abs_sorted_kernel, types,
                                        dict(HAS_G=has_g, BLOCK=block, STEPS=block.bit_length()),
-                                       _cols_warps(block), 1))
+                                       row_warps(block), 1))
         for has_g, dt, block in ((True, "fp32", 1024), (True, "bf16", 1024), (False, "fp32", 4096)):
             types = {n: "i32" for n in _norm_cols_kernel.arg_names}
             types.update({"c0_ptr": "*fp32", "c1_ptr": "*fp32", "x_ptr": "*" + dt, "rstd_ptr": "*fp32",
                           "g_ptr": "*" + dt, "m_ptr": "*fp32", "p0_ptr": "*fp32", "p1_ptr": "*fp32"})
             specs.append(aot_entry(_norm_cols_kernel, types, dict(SR=sr, HAS_G=has_g, BLOCK=block),
-                                   _cols_warps(block), 1))
+                                   row_warps(block), 1))
     return specs

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import aot_entry, next_pow2
+from ._common import aot_entry, next_pow2, row_warps
 from ._fastmath import finite_or_zero, logaddexp
 from .norm import row_inputs
 from .registry import register
@@ -159,12 +159,8 @@ def rms_norm_input_grad(x, grad_out, weight, eps: float, offset: float):
         wc = weight.reshape(n).contiguous() if weight is not None else xc
         block = next_pow2(n)
         _rms_grad_kernel[(R,)](xc, gc, wc, dx, n, xc.stride(0), gc.stride(0), dx.stride(0), float(eps),
-                               float(offset), HAS_W=weight is not None, BLOCK=block, num_warps=_warps(block))
+                               float(offset), HAS_W=weight is not None, BLOCK=block, num_warps=row_warps(block))
     return dx.reshape(x.shape)
-
-
-def _warps(block: int) -> int:
-    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
 def _rms_norm(v, xhat, rstd, weight, kind: str):
@@ -179,7 +175,7 @@ def _rms_norm(v, xhat, rstd, weight, kind: str):
     block = next_pow2(n)
     _rms_closed_kernel[(R,)](a, b, x, rs, g if g is not None else x, o0, o1, n,
                              a.stride(0), b.stride(0), x.stride(0), o0.stride(0),
-                             SR=_CODES[kind], HAS_G=g is not None, BLOCK=block, num_warps=_warps(block))
+                             SR=_CODES[kind], HAS_G=g is not None, BLOCK=block, num_warps=row_warps(block))
     return tuple(o.reshape(v[0].shape) for o in outs)
 
 
@@ -209,11 +205,11 @@ def aot_specs():
             types.update({"c0_ptr": "*fp32", "c1_ptr": "*fp32", "x_ptr": "*" + dt, "rstd_ptr": "*fp32",
                           "g_ptr": "*" + dt, "o0_ptr": "*fp32", "o1_ptr": "*fp32"})
             const = dict(SR=sr, HAS_G=has_g, BLOCK=block)
-            specs.append(aot_entry(kern, types, const, _warps(block), 1))
+            specs.append(aot_entry(kern, types, const, row_warps(block), 1))
     for dt, has_w, block in (("fp32", True, 1024), ("bf16", True, 1024), ("fp32", False, 8192)):
         types = {n: "i32" for n in _rms_grad_kernel.arg_names}
         types.update({"x_ptr": "*" + dt, "g_ptr": "*" + dt, "w_ptr": "*" + dt, "dx_ptr": "*" + dt,
                       "eps": "fp32", "offset": "fp32"})
-        specs.append(aot_entry(_rms_grad_kernel, types, dict(HAS_W=has_w, BLOCK=block), _warps(block), 1,
+        specs.append(aot_entry(_rms_grad_kernel, types, dict(HAS_W=has_w, BLOCK=block), row_warps(block), 1,
                                divisible=["x_ptr", "g_ptr", "w_ptr", "dx_ptr", "N", "s_x", "s_g", "s_dx"]))
     return specs
