@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import aot_entry, interpreting, next_pow2
-from ._fastmath import fast_log, fast_log_normal, logaddexp
+from ._fastmath import fast_log, fast_log_normal, finite_or_zero, logaddexp
 from .registry import register
 
 BIG = 2**30
@@ -39,11 +39,6 @@ BIG = 2**30
 # ---------------------------------------------------------------------------------------------
 # jit helpers
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _isfinite(x):
-    return tl.abs(x) < float("inf")
-
-
 @triton.jit
 def _top2(c, cols, BIG: tl.constexpr):
     """Per row of c [BR, BN]: largest value, its first column, second largest."""
@@ -149,7 +144,7 @@ def _sum_out(l, mu, y, t, u, cols, m, S, I1, RT, SU, RU, ENTROPY: tl.constexpr, 
         excl_u = tl.where(is_max, RU[:, None], SU[:, None] - u)
         nz = excl_t != 0.0
         mu_off = tl.where(nz, excl_u / tl.where(nz, excl_t, 1.0), 0.0) - tl.where(y > 0, lf, 0.0)
-        mu_diag = mu - tl.where(_isfinite(ld), ld, 0.0)
+        mu_diag = mu - finite_or_zero(ld)
         dead = L == float("-inf")
         shift = tl.where(dead, 0.0, L)
         mu_o = tl.exp(l_off - shift) * mu_off + tl.exp(l_diag - shift) * mu_diag
@@ -179,7 +174,7 @@ def _softmax_sum_kernel(l_ptr, mu_ptr, y_ptr, ol_ptr, omu_ptr, R, N, s_l, s_mu, 
             mu = l
         key, uu = _sum_terms(l, mu, y, ENTROPY, LOGSM)
         m = tl.max(key, 1)
-        m = tl.where(_isfinite(m), m, 0.0)
+        m = finite_or_zero(m)
         t = tl.exp(key - m[:, None])
         S = tl.sum(t, 1)
         T1 = tl.max(t, 1)
@@ -213,7 +208,7 @@ def _softmax_sum_kernel(l_ptr, mu_ptr, y_ptr, ol_ptr, omu_ptr, R, N, s_l, s_mu, 
                 key = l + fast_log(y)
             mv = tl.maximum(mv, key)
         m = tl.max(mv, 1)
-        m = tl.where(_isfinite(m), m, 0.0)
+        m = finite_or_zero(m)
         # pass 2: sums, first argmax of t, sums without it (merged block by block)
         S = tl.zeros((BR,), dtype=tl.float32)
         RT = tl.zeros((BR,), dtype=tl.float32)
