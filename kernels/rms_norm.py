@@ -17,7 +17,12 @@ Exclusive sums drop the row's largest term exactly (no S − t_i cancellation
 where one term dominates). This replaces the ~50–110 small torch ops of the
 reference per call with one launch; the math and its edge cases (zero values,
 zero γ or x̂, one-element rows) are those of the torch reference it is tested
-against. ``real`` stays in torch.
+against.
+
+Op ``"rms_norm_from_input"`` (``fn(v, x, eps, weight, offset)``, what the
+canonical RMS-norm node calls) takes the norm's input x instead, and forms
+r, x̂ and γ = weight + offset in the same launch; for ``real`` it is the
+ordinary input-gradient kernel ``_rms_grad_kernel``.
 """
 
 from __future__ import annotations
@@ -54,17 +59,25 @@ def _excl_sum(u, key, offs):
 
 @triton.jit
 def _rms_closed_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
-                       N, s_c0, s_c1, s_x, s_o,
-                       SR: tl.constexpr, HAS_G: tl.constexpr, BLOCK: tl.constexpr):
+                       N, s_c0, s_c1, s_x, s_o, eps, offset,
+                       SR: tl.constexpr, HAS_G: tl.constexpr, FROM_X: tl.constexpr, BLOCK: tl.constexpr):
     """One row: out_i = ⊕_j edge(w_ij) ⊗ v_j in closed form (module docstring;
-    SR: 1 abs, 2 maxabs, 3 max, 4 entropy)."""
+    SR: 1 abs, 2 maxabs, 3 max, 4 entropy). FROM_X: ``x_ptr`` holds the norm's
+    input x and r = (Σx²/n + eps)^-½, x̂ = x·r, γ = g + offset are formed here
+    (``rstd_ptr`` unused); else ``x_ptr`` holds x̂, ``rstd_ptr`` r and g is γ."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < N
     xh = tl.load(x_ptr + row * s_x + offs, mask=m, other=0.0).to(tl.float32)
-    r = tl.load(rstd_ptr + row).to(tl.float32)
+    if FROM_X:
+        r = 1.0 / tl.sqrt_rn(tl.sum(xh * xh, 0) / N + eps)
+        xh = xh * r
+    else:
+        r = tl.load(rstd_ptr + row).to(tl.float32)
     if HAS_G:
         gam = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if FROM_X:
+            gam = tl.where(m, gam + offset, 0.0)
     else:
         gam = tl.where(m, 1.0, 0.0)
     d = gam * r * (1.0 - xh * xh / N)
@@ -138,23 +151,33 @@ def _rms_grad_kernel(x_ptr, g_ptr, w_ptr, dx_ptr, N, s_x, s_g, s_dx, eps, offset
     tl.store(dx_ptr + row * s_dx + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
-def rms_norm_input_grad(x, grad_out, weight, eps: float, offset: float):
-    """dx of the RMS norm (``_rms_grad_kernel``): one launch instead of the ~12
-    torch ops of the closed form; None where it declines (rows longer than
-    MAX_BLOCK, shapes or devices that differ, unsupported dtypes)."""
+def _accepts_input(x, weight, *values) -> bool:
+    """x, γ and the value tensors are a shape the row kernels take: rows of
+    n ≤ MAX_BLOCK, fp32/bf16/fp16 x and γ ([n]), values shaped like x, one device."""
     import torch
 
     ok = (torch.float32, torch.bfloat16, torch.float16)
     n = x.shape[-1] if x.dim() else 0
-    if (x.dim() == 0 or n == 0 or n > MAX_BLOCK or grad_out.shape != x.shape or x.dtype not in ok
-            or grad_out.dtype not in ok or grad_out.device != x.device
-            or (weight is not None and (weight.numel() != n or weight.dtype not in ok
-                                        or weight.device != x.device))):
+    return not (x.dim() == 0 or n == 0 or n > MAX_BLOCK or x.dtype not in ok
+                or any(t.shape != x.shape or t.dtype not in ok or t.device != x.device for t in values)
+                or (weight is not None and (weight.numel() != n or weight.dtype not in ok
+                                            or weight.device != x.device)))
+
+
+def rms_norm_input_grad(x, grad_out, weight, eps: float, offset: float, out_dtype=None):
+    """dx of the RMS norm (``_rms_grad_kernel``): one launch instead of the ~12
+    torch ops of the closed form, stored in ``out_dtype`` (default x's dtype);
+    None where it declines (rows longer than MAX_BLOCK, shapes or devices that
+    differ, unsupported dtypes)."""
+    import torch
+
+    if not _accepts_input(x, weight, grad_out):
         return None
+    n = x.shape[-1]
     R = x.numel() // n
     xc = x.reshape(R, n).contiguous()
     gc = grad_out.reshape(R, n).contiguous()
-    dx = torch.empty((R, n), dtype=x.dtype, device=x.device)
+    dx = torch.empty((R, n), dtype=out_dtype or x.dtype, device=x.device)
     if R:
         wc = weight.reshape(n).contiguous() if weight is not None else xc
         block = next_pow2(n)
@@ -174,28 +197,74 @@ def _rms_norm(v, xhat, rstd, weight, kind: str):
     o1 = outs[1] if len(outs) > 1 else o0
     block = next_pow2(n)
     _rms_closed_kernel[(R,)](a, b, x, rs, g if g is not None else x, o0, o1, n,
-                             a.stride(0), b.stride(0), x.stride(0), o0.stride(0),
-                             SR=_CODES[kind], HAS_G=g is not None, BLOCK=block, num_warps=row_warps(block))
+                             a.stride(0), b.stride(0), x.stride(0), o0.stride(0), 0.0, 0.0,
+                             SR=_CODES[kind], HAS_G=g is not None, FROM_X=False, BLOCK=block,
+                             num_warps=row_warps(block))
     return tuple(o.reshape(v[0].shape) for o in outs)
+
+
+def _rms_norm_from_input(v, x, eps: float, weight, offset: float, kind: str):
+    """The closed form with r, x̂ and γ = weight + offset formed in the kernel
+    from the norm's input x (one launch and the outputs' allocation, instead
+    of the ~6 torch ops that precompute them)."""
+    import torch
+
+    c0 = v[0]
+    if c0.dtype != torch.float32 or any(c.dtype != c0.dtype for c in v) or not _accepts_input(x, weight, *v):
+        return NotImplemented
+    n = x.shape[-1]
+    R = x.numel() // n
+    comps = [c.reshape(R, n).contiguous() for c in v]
+    xc = x.reshape(R, n).contiguous()
+    g = weight.reshape(n).contiguous() if weight is not None else xc
+    outs = [torch.empty_like(c) for c in comps]
+    a, b = comps[0], comps[-1]
+    o0, o1 = outs[0], outs[-1]
+    if R:
+        block = next_pow2(n)
+        _rms_closed_kernel[(R,)](a, b, xc, xc, g, o0, o1, n, a.stride(0), b.stride(0), xc.stride(0),
+                                 o0.stride(0), float(eps), float(offset),
+                                 SR=_CODES[kind], HAS_G=weight is not None, FROM_X=True, BLOCK=block,
+                                 num_warps=row_warps(block))
+    return tuple(o.reshape(c0.shape) for o in outs)
 
 
 def _make(kind: str):
     def fn(v, xhat, rstd, weight):
         return _rms_norm(v, xhat, rstd, weight, kind)
 
+    def from_input(v, x, eps, weight, offset):
+        return _rms_norm_from_input(v, x, eps, weight, offset, kind)
+
     fn.__name__ = f"{kind}_rms_norm"
     fn.__doc__ = f"{kind} RMS norm in closed form: out_i = ⊕_j edge(γ_j r (δ_ij − x̂_i x̂_j/n)) ⊗ v_j."
-    return fn
+    from_input.__name__ = f"{kind}_rms_norm_from_input"
+    from_input.__doc__ = fn.__doc__ + " r, x̂ and γ = weight + offset formed in the kernel from x."
+    return fn, from_input
 
 
 for _kind in _CODES:
-    register("rms_norm", _kind)(_make(_kind))
+    _fn, _from_input = _make(_kind)
+    register("rms_norm", _kind)(_fn)
+    register("rms_norm_from_input", _kind)(_from_input)
+
+
+@register("rms_norm_from_input", "real")
+def real_rms_norm_from_input(v, x, eps, weight, offset):
+    """real: the gradient r·(g' − x̂·mean(g'·x̂)), g' = v·γ (``_rms_grad_kernel``)."""
+    import torch
+
+    if v[0].dtype != torch.float32:
+        return NotImplemented
+    dx = rms_norm_input_grad(x, v[0], weight, eps, offset, out_dtype=torch.float32)
+    return NotImplemented if dx is None else (dx,)
 
 
 def aot_specs():
     """(kernel, signature, constexprs, options): each semiring at n ≤ 1024 with
-    fp32 and bf16 γ, without γ, and at n ≤ 8192; the ordinary input gradient
-    for fp32 and bf16."""
+    fp32 and bf16 γ, without γ, and at n ≤ 8192, from x̂ and from x; the
+    ordinary input gradient for fp32 and bf16, and for bf16 x with fp32
+    values (the real semiring's walk)."""
     specs = []
     kern = _rms_closed_kernel
     for kind, sr in _CODES.items():
@@ -204,11 +273,15 @@ def aot_specs():
             types = {n: "i32" for n in kern.arg_names}
             types.update({"c0_ptr": "*fp32", "c1_ptr": "*fp32", "x_ptr": "*" + dt, "rstd_ptr": "*fp32",
                           "g_ptr": "*" + dt, "o0_ptr": "*fp32", "o1_ptr": "*fp32"})
-            const = dict(SR=sr, HAS_G=has_g, BLOCK=block)
-            specs.append(aot_entry(kern, types, const, row_warps(block), 1))
-    for dt, has_w, block in (("fp32", True, 1024), ("bf16", True, 1024), ("fp32", False, 8192)):
+            types.update({"eps": "fp32", "offset": "fp32"})
+            for from_x in (False, True):
+                const = dict(SR=sr, HAS_G=has_g, FROM_X=from_x, BLOCK=block)
+                specs.append(aot_entry(kern, types, const, row_warps(block), 1))
+    # (x and γ, g, dx): the ordinary backward, and the real semiring's walk (fp32 values and output)
+    for dt, has_w, block, g_dt in (("fp32", True, 1024, "fp32"), ("bf16", True, 1024, "bf16"),
+                                   ("bf16", True, 1024, "fp32"), ("fp32", False, 8192, "fp32")):
         types = {n: "i32" for n in _rms_grad_kernel.arg_names}
-        types.update({"x_ptr": "*" + dt, "g_ptr": "*" + dt, "w_ptr": "*" + dt, "dx_ptr": "*" + dt,
+        types.update({"x_ptr": "*" + dt, "g_ptr": "*" + g_dt, "w_ptr": "*" + dt, "dx_ptr": "*" + g_dt,
                       "eps": "fp32", "offset": "fp32"})
         specs.append(aot_entry(_rms_grad_kernel, types, dict(HAS_W=has_w, BLOCK=block), row_warps(block), 1,
                                divisible=["x_ptr", "g_ptr", "w_ptr", "dx_ptr", "N", "s_x", "s_g", "s_dx"]))

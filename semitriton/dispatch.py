@@ -11,7 +11,9 @@ value (or ``NotImplemented`` to decline a case, e.g. an unsupported dtype).
 Ops: ``matmul(v, w)``, ``softmax(v, y, dim)``, ``log_softmax(v, p, dim)``,
 ``layer_norm(v, xhat, rstd, weight)``, ``rms_norm(v, xhat, rstd, weight)``
 (the O(n) closed forms, one row per program; the dense O(n²) kernel is kept
-as ``rms_norm_dense``), ``attention(vo, q, k, v, bias, causal, scale, needs)``,
+as ``rms_norm_dense``), ``rms_norm_from_input(v, x, eps, weight, offset)``
+(the same with r, x̂ and γ formed in the kernel; ``real`` included),
+``attention(vo, q, k, v, bias, causal, scale, needs)``,
 and ``matmul_cublas(v, w)`` (abs/entropy with fp32 weights: exp/log fused
 around cuBLAS; the default for those on CUDA, see ``REFERENCE_ALTERNATIVE``).
 """

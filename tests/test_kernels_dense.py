@@ -566,6 +566,85 @@ def test_rms_norm_is_dispatched_to_the_closed_form_kernel():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ("real",) + NORM_SEMIRINGS)
+def test_rms_norm_from_input(name, device):
+    """Op "rms_norm_from_input" (what the canonical RMS-norm node calls: r, x̂
+    and γ = weight + offset formed in the kernel from x) against the torch
+    reference (r and x̂ in torch, then the semiring's RMS-norm rule), for fp32,
+    bf16 and fp16 x, γ = w, 1 + w and none, an all-zero x row (r = eps^-½,
+    x̂ = 0), an all-zero value row, one dominant term; ``real`` also against
+    float64 autograd of the formula."""
+    sr = BUILTIN[name]
+    g = torch.Generator().manual_seed(23)
+    fn = kernel("rms_norm_from_input", name)
+    rtol = 2e-5 if device == "cpu" else 5e-5
+    for lead, n in _rms_closed_cases(device):
+        for xdt, w_kind in ((torch.float32, "w"), (torch.bfloat16, "1+w"), (torch.float16, None),
+                            (torch.float32, "1+w")):
+            x = (torch.randn(*lead, n, generator=g, dtype=torch.float64) * 2).to(xdt)
+            x.reshape(-1, n)[-1] = 0.0                                  # an all-zero input row
+            w = None if w_kind is None else (torch.randn(n, generator=g) * 0.7).to(xdt)
+            if w is not None:
+                w[torch.rand(n, generator=g) < 0.2] = -1.0 if w_kind == "1+w" else 0.0   # γ = 0 entries
+            offset = 1.0 if w_kind == "1+w" else 0.0
+            v = tuple(c.clone() for c in gen_values(name, lead + (n,), "cpu", g, dead_index=None))
+            for c, z in zip(v, sr.zero((), torch.float32, "cpu")):
+                c.reshape(-1, n)[0] = z.item()                           # an all-zero value row
+            if name not in ("max", "real") and n > 2:
+                v[0].reshape(-1, n)[-1, 1] = 60.0                         # one term dominates its row
+            dev = lambda t: None if t is None else t.to(device)          # noqa: E731
+            args = (tuple(c.to(device) for c in v), x.to(device), 1e-6, dev(w), offset)
+            what = f"rms from x/{name}/{lead}x{n}/{xdt}/{w_kind}"
+            ref = reference(sr.rms_norm_from_input, *args)
+            out = fn(*args)
+            check(out, ref, name, rtol, 10 * rtol, what)
+            if name == "real":
+                x64 = x.double().requires_grad_()
+                y = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+                if w is not None:
+                    y = y * (w.double() + offset)
+                (dx,) = torch.autograd.grad(y, x64, v[0].double())
+                err = ((out[0].double().cpu() - dx).abs().max() / dx.abs().max().clamp_min(1e-30)).item()
+                assert err <= 1e-5, f"{what}: {err:.3g} against float64 autograd"
+    # declined (the torch reference runs): float64 values, rows of different shapes
+    x = torch.randn(2, 8).to(device)
+    v64 = tuple(c.double().to(device) for c in gen_values(name, (2, 8), "cpu", g, dead_index=None))
+    assert fn(v64, x, 1e-6, None, 0.0) is NotImplemented
+    v = tuple(c.to(device) for c in gen_values(name, (2, 8), "cpu", g, dead_index=None))
+    assert fn(v, x[:, :5], 1e-6, None, 0.0) is NotImplemented
+
+
+def test_rms_norm_node_uses_the_from_input_kernel(monkeypatch):
+    """The canonical RMS-norm node's semiring rule dispatches op
+    "rms_norm_from_input" (one launch) on the Triton backend, for every
+    built-in semiring, and gives the torch backend's values."""
+    from semitriton.fused.rms_norm import CanonicalRMSNorm
+
+    calls = []
+    for name in ("real",) + NORM_SEMIRINGS:
+        orig = registry.KERNELS[("rms_norm_from_input", name)]
+
+        def spy(*a, _orig=orig, _name=name):
+            calls.append(_name)
+            return _orig(*a)
+        monkeypatch.setitem(registry.KERNELS, ("rms_norm_from_input", name), spy)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 24, generator=g).requires_grad_()
+    w = torch.randn(24, generator=g)
+
+    def impl(t):
+        return (1.0 + w) * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    y = CanonicalRMSNorm.apply(x, w, impl, 1e-6, 1.0)
+    out = (y * torch.randn(3, 4, 24, generator=g)).sum()
+    for name in ("real",) + NORM_SEMIRINGS:
+        a = semitriton.grad(out, x, name, backend="triton", fast_real=False, log_space=name in ("abs", "maxabs"))
+        b = semitriton.grad(out, x, name, backend="torch", fast_real=False, log_space=name in ("abs", "maxabs"))
+        assert torch.allclose(a[0], b[0], rtol=1e-5, atol=1e-5), name
+    assert calls == ["real"] + list(NORM_SEMIRINGS)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_rms_norm_ordinary_backward_kernel(device):
     """The fused kernel for the ordinary dx of a patched RMS norm against
     float64 autograd of the formula (γ = w, 1 + w, none; fp32, bf16 and fp16;

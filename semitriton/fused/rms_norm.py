@@ -65,15 +65,12 @@ class CanonicalRMSNorm(torch.autograd.Function):
     def semiring_backward(rc):
         node = rc.node
         x, weight = saved_tensors(node)
-        dt = rc.dtype
-        xf = x.to(dt)
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + node.eps)
-        xhat = xf * rstd
-        gamma = None if weight is None else weight.to(dt) + node.offset
         out = [None] * len(rc.needs)
         v = rc.grad(0)
         if rc.needs[0]:
-            out[0] = rc.sr.rms_norm(v, xhat, rstd, gamma)
+            out[0] = rc.sr.rms_norm_from_input(v, x, node.eps, weight, node.offset)
         if len(rc.needs) > 1 and rc.needs[1]:          # y_j = γ_j x̂_j: edge γ_j with weight x̂_j
+            xf = x.to(rc.dtype)
+            xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + node.eps)
             out[1] = rc.sr.sum_to_shape(rc.sr.scale(v, xhat), tuple(weight.shape))
         return pad(out, len(rc.needs))

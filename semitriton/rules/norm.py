@@ -14,19 +14,15 @@ def layer_norm(ctx):
         return out
     x = ctx.saved("input")
     nshape = tuple(ctx.saved("normalized_shape"))
-    n = math.prod(nshape)
     mean, rstd = ctx.saved("result1"), ctx.saved("result2")
     weight = ctx.saved("weight")
-    lead = x.shape[: x.dim() - len(nshape)]
-    xf = x.reshape(*lead, n)
-    xhat = (xf - mean.reshape(*lead, 1)) * rstd.reshape(*lead, 1)
     v = ctx.grad()
     if ctx.needs[0]:
-        vf = ctx.sr.map(v, lambda c: c.reshape(*lead, n))
-        g = None if weight is None else weight.reshape(n)
-        r = ctx.sr.layer_norm(vf, xhat, rstd.reshape(*lead, 1), g)
-        out[0] = ctx.sr.map(r, lambda c: c.reshape(x.shape))
+        out[0] = ctx.sr.layer_norm_from_input(v, x, nshape, mean, rstd, weight)
     if ctx.n_inputs > 1 and ctx.needs[1]:        # y = x̂ γ + β: edge γ_j <- weight x̂_j
+        n = math.prod(nshape)
+        lead = x.shape[: x.dim() - len(nshape)]
+        xhat = (x.reshape(*lead, n) - mean.reshape(*lead, 1)) * rstd.reshape(*lead, 1)
         out[1] = ctx.sr.sum_to_shape(ctx.sr.scale(v, xhat.reshape(x.shape)), ctx.input_shape(1))
     if ctx.n_inputs > 2 and ctx.needs[2]:
         out[2] = ctx.sr.sum_to_shape(v, ctx.input_shape(2))

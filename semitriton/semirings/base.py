@@ -255,10 +255,35 @@ class Semiring:
         ``rstd`` ([..., 1]). Edge x_i -> y_j: ``γ_j rstd (δ_ij - (1 + x̂_i x̂_j)/n)``."""
         return self._norm(v, xhat, rstd, weight, centered=True)
 
+    def layer_norm_from_input(self, v: Value, x: Tensor, normalized_shape: tuple, mean: Tensor, rstd: Tensor,
+                              weight: Tensor | None) -> Value:
+        """:meth:`layer_norm` of ``F.layer_norm(x, normalized_shape, weight)``
+        from its input and the mean and rstd aten saved (``[..., 1, ...]``);
+        the value ``v`` and the result have x's shape."""
+        n = math.prod(normalized_shape)
+        lead = x.shape[: x.dim() - len(normalized_shape)]
+        xhat = (x.reshape(*lead, n) - mean.reshape(*lead, 1)) * rstd.reshape(*lead, 1)
+        vf = self.map(v, lambda c: c.reshape(*lead, n))
+        g = None if weight is None else weight.reshape(n)
+        r = self.layer_norm(vf, xhat, rstd.reshape(*lead, 1), g)
+        return self.map(r, lambda c: c.reshape(x.shape))
+
     def rms_norm(self, v: Value, xhat: Tensor, rstd: Tensor, weight: Tensor | None) -> Value:
         """RMS norm over the last dim, ``xhat = x*rstd``. Edge x_i -> y_j:
         ``γ_j rstd (δ_ij - x̂_i x̂_j / n)``."""
         return self._norm(v, xhat, rstd, weight, centered=False)
+
+    @kernel_op("rms_norm_from_input")
+    def rms_norm_from_input(self, v: Value, x: Tensor, eps: float, weight: Tensor | None,
+                            offset: float = 0.0) -> Value:
+        """:meth:`rms_norm` from the norm's input: r = (mean(x²) + eps)^-½,
+        x̂ = x·r, γ = weight + offset (the Triton backend forms them in the
+        kernel that applies the rule)."""
+        dt = v[0].dtype
+        xf = x.to(dt)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        gamma = None if weight is None else weight.to(dt) + offset
+        return self.rms_norm(v, xf * rstd, rstd, gamma)
 
     @staticmethod
     def rms_factors(xhat: Tensor, rstd: Tensor, weight, dtype) -> tuple:

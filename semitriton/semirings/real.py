@@ -66,6 +66,15 @@ class Real(Semiring):
         mgx = (g * xh).sum(-1, keepdim=True) / n
         return (rstd.to(g.dtype) * (g - mg - xh * mgx),)
 
+    def layer_norm_from_input(self, v, x, normalized_shape, mean, rstd, weight):
+        """The gradient: aten's own layer-norm backward (one fused kernel)."""
+        g = v[0]
+        dt = g.dtype
+        w = None if weight is None else weight.to(dt)
+        dx, _, _ = torch.ops.aten.native_layer_norm_backward(
+            g, x.to(dt), list(normalized_shape), mean.to(dt), rstd.to(dt), w, None, [True, False, False])
+        return (dx,)
+
     def rms_norm(self, v, xhat, rstd, weight):
         g = v[0] if weight is None else v[0] * weight.to(v[0].dtype)
         xh = xhat.to(g.dtype)
