@@ -679,15 +679,39 @@ def _attn_prep_vo_kernel(lvo_ptr, muo_ptr, mo_ptr, ar_ptr, amr_ptr, mvo_ptr, ac_
 
 
 @triton.jit
-def _abs_scaled_kernel(x_ptr, a_ptr, ax_ptr, n, scale, XLOGX: tl.constexpr, BLOCK: tl.constexpr):
-    """a = |x·scale| in fp32 and, with XLOGX, ax = a·log a (0 where a = 0)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _abs_scaled_block(x_ptr, a_ptr, ax_ptr, blk, n, scale, XLOGX: tl.constexpr, LOG: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Block ``blk`` of a = |x·scale| in fp32 (log a with LOG, -inf at 0) and,
+    with XLOGX, ax = a·log a (0 where a = 0)."""
+    offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     a = tl.abs(tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) * scale)
-    tl.store(a_ptr + offs, a, mask=m)
+    if LOG:
+        tl.store(a_ptr + offs, tl.log(a), mask=m)
+    else:
+        tl.store(a_ptr + offs, a, mask=m)
     if XLOGX:
         pos = a > 0
         tl.store(ax_ptr + offs, tl.where(pos, a * tl.log(tl.where(pos, a, 1.0)), 0.0), mask=m)
+
+
+@triton.jit
+def _abs_scaled_kernel(x0_ptr, x1_ptr, x2_ptr, a_ptr, ax_ptr, n0, n1, n2, o1, o2, scale0, scale1, scale2,
+                       XLOGX: tl.constexpr, LOG: tl.constexpr, BLOCK: tl.constexpr):
+    """|x·scale| (its log with LOG; and a·log a with XLOGX) of up to three flat
+    tensors in one launch, into one buffer: a[0:n0] from x0, a[o1:o1+n1] from
+    x1, a[o2:o2+n2] from x2."""
+    pid = tl.program_id(0)
+    nb0 = tl.cdiv(n0, BLOCK)
+    nb1 = tl.cdiv(n1, BLOCK)
+    if pid < nb0:
+        _abs_scaled_block(x0_ptr, a_ptr, ax_ptr, pid, n0, scale0, XLOGX, LOG, BLOCK)
+    elif pid < nb0 + nb1:
+        base = o1.to(tl.int64)
+        _abs_scaled_block(x1_ptr, a_ptr + base, ax_ptr + base, pid - nb0, n1, scale1, XLOGX, LOG, BLOCK)
+    else:
+        base = o2.to(tl.int64)
+        _abs_scaled_block(x2_ptr, a_ptr + base, ax_ptr + base, pid - nb0 - nb1, n2, scale2, XLOGX, LOG, BLOCK)
 
 
 @triton.jit
@@ -1287,24 +1311,38 @@ _PREP_ROWS = 32
 _FLAT_BLOCK = 1024
 
 
-def _abs_scaled(x, scale: float, xlogx: bool):
-    """(|x·scale|, its a·log a) as contiguous fp32 in one launch (without
-    ``xlogx`` the second is the first)."""
+def _abs_scaled(items, xlogx: bool, log: bool = False):
+    """For each (x, scale) of ``items`` (at most three tensors of one dtype):
+    (a = |x·scale|, a·log a) as contiguous fp32 views of one buffer, all in one
+    launch (without ``xlogx`` the second is the first; with ``log``, log a
+    (-inf at 0) instead of a)."""
     import torch
-    xc = x.contiguous()
-    a = torch.empty(xc.shape, dtype=torch.float32, device=xc.device)
+    if not items:
+        return []
+    xs = [x.contiguous() for x, _ in items]
+    ns = [x.numel() for x in xs]
+    starts = [0]                                  # segments start 64-element (256-byte) aligned
+    for n in ns[:-1]:
+        starts.append(starts[-1] + triton.cdiv(n, 64) * 64)
+    total = starts[-1] + ns[-1]
+    a = torch.empty(total, dtype=torch.float32, device=xs[0].device)
     ax = torch.empty_like(a) if xlogx else a
-    n = a.numel()
-    if n:
-        _abs_scaled_kernel[(triton.cdiv(n, _FLAT_BLOCK),)](xc, a, ax, n, float(scale), XLOGX=xlogx,
-                                                         BLOCK=_FLAT_BLOCK, num_warps=4)
-    return a, ax
+    if total:
+        pad = 3 - len(xs)
+        x3, n3, o3 = xs + [xs[0]] * pad, ns + [0] * pad, starts + [0] * pad
+        s3 = [float(sc) for _, sc in items] + [0.0] * pad
+        nblocks = sum(triton.cdiv(n, _FLAT_BLOCK) for n in n3)
+        _abs_scaled_kernel[(nblocks,)](*x3, a, ax, *n3, o3[1], o3[2], *s3, XLOGX=xlogx, LOG=log,
+                                       BLOCK=_FLAT_BLOCK, num_warps=4)
+    return [(a[o:o + n].view(x.shape), ax[o:o + n].view(x.shape)) for x, n, o in zip(xs, ns, starts)]
 
 
-def _launch_lse(P, cfg, delta: bool, do=None):
+def _launch_lse(P, cfg, delta: bool, do=None, rows: int = 0):
+    """The softmax statistics pass; returns st [max(rows, 2 or 3), B·H·Tq] with
+    rows 0, 1 (and 2 with ``delta``) filled, the rest for the caller's later passes."""
     import torch
     BM, BN, nw, ns, prec = cfg
-    st_rows = 3 if delta else 2
+    st_rows = max(rows, 3 if delta else 2)
     st = torch.empty((st_rows, P.s_st), dtype=torch.float32, device=P.device)
     grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
     _attn_lse_kernel[grid](P.q, P.k, P.v, do if do is not None else P.q, P.bias, st, *P.common(),
@@ -1312,13 +1350,6 @@ def _launch_lse(P, cfg, delta: bool, do=None):
                            DELTA=delta,
                            BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, num_warps=nw, num_stages=ns)
     return st
-
-
-def _st_with(P, st, rows):
-    import torch
-    full = torch.empty((rows, P.s_st), dtype=torch.float32, device=P.device)
-    full[: st.shape[0]] = st
-    return full
 
 
 def _needs(needs):
@@ -1385,17 +1416,17 @@ def _attention_sum(vo, q, k, v, bias, causal, scale, needs, entropy: bool):
         _attn_prep_vo_kernel[(BH,)](lvo, muo if entropy else lvo, mo, ar, amr, mvo, ac, amc, P.Tq, P.DV,
                                     ROWS=need_sm, COLS=needs[2], ENTROPY=entropy,
                                     BT=_PREP_ROWS, BDV=P.BDV, num_warps=4)
-    if need_sm:
-        va, vx = _abs_scaled(P.v, 1.0, entropy)
-    if needs[0]:
-        ka, kx = _abs_scaled(P.k, P.scale, entropy)
-    if needs[1]:
-        qa, qx = _abs_scaled(P.q, P.scale, entropy)
+    wanted = [(name, x, sc) for name, x, sc, on in (("v", P.v, 1.0, need_sm), ("k", P.k, P.scale, needs[0]),
+                                                    ("q", P.q, P.scale, needs[1])) if on]
+    scaled = dict(zip((name for name, _, _ in wanted), _abs_scaled([(x, sc) for _, x, sc in wanted], entropy)))
+    va, vx = scaled.get("v", (dummy, dummy))
+    ka, kx = scaled.get("k", (dummy, dummy))
+    qa, qx = scaled.get("q", (dummy, dummy))
 
     def run(plan):
         cfg = plan["cfg"]
         BM, BN, nw, ns, prec = cfg
-        st = _st_with(P, _launch_lse(P, cfg, delta=False), 7 if entropy else 5)
+        st = _launch_lse(P, cfg, delta=False, rows=7 if entropy else 5)
         ji = torch.empty((P.s_st,), dtype=torch.int32, device=dev)
         if need_sm:
             grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
@@ -1470,16 +1501,16 @@ def attention_maxabs(vo, q, k, v, bias, causal, scale, needs=(True, True, True))
     if need_sm:
         lvoT = lvo.transpose(-1, -2).contiguous()                            # [BH, DV, Tq]
         lvT = torch.log(P.v.to(f32).abs()).transpose(-1, -2).contiguous()    # [BHk, DV, Tk]
-    if needs[0]:
-        lk = torch.log((P.k.to(f32) * P.scale).abs()).contiguous()
-    if needs[1]:
-        lq = torch.log((P.q.to(f32) * P.scale).abs()).contiguous()
+    wanted = [(name, x) for name, x, on in (("k", P.k, needs[0]), ("q", P.q, needs[1])) if on]
+    logs = dict(zip((name for name, _ in wanted), _abs_scaled([(x, P.scale) for _, x in wanted], False, log=True)))
+    lk = logs.get("k", (dummy,))[0]                                         # log|k·scale|
+    lq = logs.get("q", (dummy,))[0]
 
     def run(plan):
         cfg = plan["cfg"]
         BM, BN, nw, ns, prec = cfg
         pipe = bool(plan.get("pipe", False))
-        st = _st_with(P, _launch_lse(P, cfg, delta=False), 4)
+        st = _launch_lse(P, cfg, delta=False, rows=4)
         ji = torch.empty((P.s_st,), dtype=torch.int32, device=dev)
         if need_sm:
             grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
@@ -1538,7 +1569,7 @@ def attention_max(vo, q, k, v, bias, causal, scale, needs=(True, True, True)):
         cfg = plan["cfg"]
         BM, BN, nw, ns, prec = cfg
         pipe = bool(plan.get("pipe", False))
-        st = _st_with(P, _launch_lse(P, cfg, delta=False), 6)
+        st = _launch_lse(P, cfg, delta=False, rows=6)
         ji = torch.empty((2, P.s_st), dtype=torch.int32, device=dev)
         if need_sm:
             grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
@@ -1572,7 +1603,7 @@ def attention_max(vo, q, k, v, bias, causal, scale, needs=(True, True, True)):
 
 
 # ------------------------------------------------------------------ ahead-of-time compile specs
-_INT_ARGS = {"H", "HK", "Tq", "Tk", "D", "DV", "sbb", "sbh", "sbm", "sbn", "s_st", "n"}
+_INT_ARGS = {"H", "HK", "Tq", "Tk", "D", "DV", "sbb", "sbh", "sbm", "sbn", "s_st", "n", "n0", "n1", "n2", "o1", "o2"}
 _NATIVE_PTRS = {"q_ptr", "k_ptr"}          # q/k in their input dtype; v too for real / lse
 
 
@@ -1595,7 +1626,7 @@ def _signature(fn, dtype: str, constexprs: dict, native=()) -> dict:
             sig[name] = "constexpr"
         elif name in _INT_ARGS:
             sig[name] = "i32"
-        elif name == "scale":
+        elif name.startswith("scale"):
             sig[name] = "fp32"
         elif name == "ji_ptr":
             sig[name] = "*i32"
@@ -1656,7 +1687,8 @@ def aot_specs(options: bool = False):
         add(_attn_bwd_max_kernel, "max", dict(base, G=1, CHUNK=1, **needs))
         # the abs / entropy pre- and post-passes (fixed launch shapes)
         flat = {"num_warps": 4, "num_stages": 1}
-        extra = [(_abs_scaled_kernel, dict(XLOGX=xl, BLOCK=_FLAT_BLOCK), ("x_ptr",)) for xl in (False, True)]
+        extra = [(_abs_scaled_kernel, dict(XLOGX=xl, LOG=lg, BLOCK=_FLAT_BLOCK), ("x0_ptr", "x1_ptr", "x2_ptr"))
+                 for xl, lg in ((False, False), (True, False), (False, True))]
         if dtype == "fp32":
             extra += [(_attn_prep_vo_kernel, dict(ROWS=r, COLS=c, ENTROPY=e, BT=_PREP_ROWS, BDV=bdv), ())
                       for e in (False, True) for r, c in ((True, True), (True, False), (False, True))]

@@ -271,6 +271,38 @@ def test_declines_unsupported():
     assert f(vo, q, k, v, None, False, 0.25, (False, False, False)) is NotImplemented
 
 
+@cpu_only
+@pytest.mark.parametrize("xlogx,log", ((False, False), (True, False), (False, True)))
+def test_abs_scaled_packs_up_to_three_tensors(xlogx, log):
+    """The abs/entropy/maxabs pre-pass: |x·scale| (its log for maxabs, -inf at
+    0; and a·log a, 0 at a = 0, for entropy) of one to three tensors of sizes
+    that are not multiples of the block or of the 64-element segment
+    alignment, each with its own scale, in one launch."""
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(3, 5, 7, generator=g), torch.randn(1300, generator=g), torch.randn(2, 65, generator=g)]
+    xs[0][0, 0, :3] = 0.0
+    scales = [1.0, 0.125, -3.0]
+    for k in (1, 2, 3):
+        items = list(zip(xs[:k], scales[:k]))
+        out = katt._abs_scaled(items, xlogx, log=log)
+        assert len(out) == k
+        for (x, sc), (a, ax) in zip(items, out):
+            ref = (x.double() * sc).abs()
+            assert a.shape == x.shape and a.dtype == torch.float32 and a.is_contiguous()
+            if log:
+                assert torch.equal(torch.isinf(a), ref == 0) and (a[ref == 0] < 0).all()
+                assert torch.allclose(a.double()[ref > 0], ref.log()[ref > 0], rtol=0, atol=1e-6)
+            else:
+                assert torch.allclose(a.double(), ref, rtol=1e-6, atol=0)
+            if xlogx:
+                refx = torch.where(ref > 0, ref * torch.log(torch.where(ref > 0, ref, 1.0)), 0.0)
+                assert torch.allclose(ax.double(), refx, rtol=1e-5, atol=1e-7)
+                assert (ax[x == 0] == 0).all()
+            else:
+                assert ax.data_ptr() == a.data_ptr()           # the same tensor without XLOGX
+    assert katt._abs_scaled([], xlogx, log=log) == []
+
+
 def test_aot_specs_shape():
     specs = katt.aot_specs()
     assert specs
