@@ -12,7 +12,8 @@ device itself, and the dispatch choices made only for CUDA tensors (fp32
 abs/entropy linears take the Triton GEMM's launcher here, not
 exp/log-around-cuBLAS); what it keeps: the engine loop, the rules, the
 dispatch and the kernel launchers' own Python, which is what a host-bound
-pass pays per node.
+pass pays per node. The reshape (view) nodes run inline in the walk, without
+a rule call: their time is in "engine ms".
 """
 
 from __future__ import annotations

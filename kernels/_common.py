@@ -55,13 +55,15 @@ def bucket(n: int) -> int:
     return next_pow2(max(1, int(n)))
 
 
-def fits_int32(*tensors) -> bool:
+def fits_int32(*tensors, per_batch: bool = False) -> bool:
     """Every element offset of every tensor fits int32 (the kernels use 32-bit
-    in-tile offsets; the batch offset is 64-bit)."""
+    in-tile offsets; the batch offset is 64-bit). ``per_batch``: of every
+    ``t[b]`` (dim 0 is the batch, offset in 64 bits)."""
+    skip = 1 if per_batch else 0
     for t in tensors:
         if t is None:
             continue
-        span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+        span = sum((s - 1) * abs(st) for s, st in zip(t.shape[skip:], t.stride()[skip:]) if s > 0)
         if span > INT32_MAX:
             return False
     return True

@@ -501,7 +501,7 @@ def _logsum_matmul(v, w, entropy: bool):
                 elo3 = _neg_xlogx_lo(w3)
         if split:
             assert elo3.stride() == e3.stride()
-    if not fits_int32(l3[0], mu3[0], w3[0], e3[0]) or I * K > 2**31 - 1:
+    if not fits_int32(l3, mu3, w3, e3, per_batch=True) or I * K > 2**31 - 1:
         return NotImplemented
     m = finite_row_max(l3)                # the row shift
     out_l = torch.empty((B, I, K), dtype=torch.float32, device=l3.device)
@@ -569,7 +569,7 @@ def maxabs_matmul(v, w):
     else:
         lw3 = _n_major(w3)
         w_log = False
-    if not fits_int32(l3[0], lw3[0]) or I * K > 2**31 - 1:
+    if not fits_int32(l3, lw3, per_batch=True) or I * K > 2**31 - 1:
         return NotImplemented
     s_wb, s_wj, s_wk = _wstrides(lw3, wstride0)
 
@@ -602,7 +602,7 @@ def max_matmul(v, w):
     if w3.dtype == torch.float64:
         w3 = w3.float()
     w3 = _n_major(w3)
-    if not fits_int32(p3[0], n3[0], w3[0]) or I * K > 2**31 - 1:
+    if not fits_int32(p3, n3, w3, per_batch=True) or I * K > 2**31 - 1:
         return NotImplemented
     s_wb, s_wj, s_wk = _wstrides(w3, wstride0)
 

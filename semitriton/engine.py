@@ -21,7 +21,9 @@ from torch import Tensor
 from . import backend as _backend
 from .embedded import accumulate, materialize
 from .errors import GraphError, UnsupportedNodeError
-from .rules import RuleContext, rule_for
+from .rules import RULES, RuleContext, rule_for
+from .rules.shape import VIEW_NODES
+from .rules.shape import view as view_rule
 from .semirings import Real, Semiring, Value, get
 from .tracking import ModuleLabels
 
@@ -62,27 +64,36 @@ class GradientGraph:
         self.inputs = tuple(inputs)
         self.root = output.grad_fn
         self.labels = ModuleLabels(self.root)
+        #: node -> number of forward outputs, view node -> its input's shape (filled by the walks)
+        self.n_outputs: dict = {}
+        self.view_shapes: dict = {}
         self._discover()
 
     def _discover(self):
         leaf_ids = {id(t): i for i, t in enumerate(self.inputs) if t.grad_fn is None}
         targets: dict = {}            # node -> list of (slot, input index)
-        nodes, stack, seen = [], [self.root], set()
+        # one depth-first pass: every node's next_functions (each access builds a new
+        # tuple, so they are read once) and a post-order (inputs before consumers)
+        nexts: dict = {}
+        order = []
+        stack = [(self.root, False)] if self.root is not None else []
         while stack:
-            n = stack.pop()
-            if n is None or n in seen:
+            n, done = stack.pop()
+            if done:
+                order.append(n)
                 continue
-            seen.add(n)
-            nodes.append(n)
+            if n in nexts:
+                continue
+            nf = nexts[n] = n.next_functions
             if leaf_ids and type(n).__name__ == "AccumulateGrad":
                 i = leaf_ids.get(id(n.variable))
                 if i is not None:
                     targets.setdefault(n, []).append((0, i))
-            stack.extend(f for f, _ in n.next_functions)
+            stack.append((n, True))
+            stack.extend((f, False) for f, _ in nf if f is not None and f not in nexts)
         for i, t in enumerate(self.inputs):
-            if t.grad_fn is not None:
-                if t.grad_fn in seen:
-                    targets.setdefault(t.grad_fn, []).append((t.output_nr, i))
+            if t.grad_fn is not None and t.grad_fn in nexts:
+                targets.setdefault(t.grad_fn, []).append((t.output_nr, i))
         found = {i for lst in targets.values() for _, i in lst}
         for i, t in enumerate(self.inputs):
             if i not in found and not (t is self.output):
@@ -92,29 +103,20 @@ class GradientGraph:
         self.targets = targets
         # Relevance: a node matters iff it is a target or reaches one.
         relevant = set(targets)
-        order = []                    # post-order
-        state, stack = {}, [(self.root, False)] if self.root is not None else []
-        while stack:
-            n, done = stack.pop()
-            if done:
-                order.append(n)
-                continue
-            if n in state:
-                continue
-            state[n] = True
-            stack.append((n, True))
-            stack.extend((f, False) for f, _ in n.next_functions if f is not None and f not in state)
         for n in order:
-            if n in relevant:
-                continue
-            if any(f in relevant for f, _ in n.next_functions if f is not None):
+            if n not in relevant and any(f in relevant for f, _ in nexts[n] if f is not None):
                 relevant.add(n)
         self.relevant = relevant
         indeg: dict = {}
         consumers: dict = {}
+        #: relevant node -> (next_functions, needs): needs[i] = input i leads to a target
+        self.edges = edges = {}
         for n in relevant:
-            for i, (f, nr) in enumerate(n.next_functions):
-                if f is not None and f in relevant:
+            nf = nexts[n]
+            needs = [f is not None and f in relevant for f, _ in nf]
+            edges[n] = (nf, needs)
+            for i, (f, nr) in enumerate(nf):
+                if needs[i]:
                     indeg[f] = indeg.get(f, 0) + 1
                     consumers.setdefault((f, nr), []).append((n, i))
         self.indegree = indeg
@@ -204,6 +206,8 @@ def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route
     {(node, slot): value} for the graph's targets."""
     captured: dict = {}
     pending = {n: list(v) for n, v in seeds.items()}
+    edges, n_outputs = graph.edges, graph.n_outputs
+    view_shapes = graph.view_shapes
     indeg = dict(graph.indegree)
     queue = deque(n for n in seeds if indeg.get(n, 0) == 0)
     bar = _progress(graph.n_nodes) if progress else None
@@ -220,31 +224,43 @@ def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route
                 meta = node._input_metadata[slot]
                 g = sr.zero(tuple(meta.shape), dtype, meta.device)
             captured[(node, slot)] = g
-        nexts = node.next_functions
-        needs = [f is not None and f in graph.relevant for f, _ in nexts]
+        e = edges.get(node)
+        if e is None:                     # a seed outside the relevant set (SubGraph starts)
+            nf = node.next_functions
+            e = (nf, [f is not None and f in graph.relevant for f, _ in nf])
+        nexts, needs = e
         if not any(needs):
             continue
-        fn = rule_for(node)
-        if fn is None:
-            raise _unsupported(graph, node)
-        ctx = RuleContext(node, grads, needs, sr, dtype, lazy=True)
         prof = RuleProfile._active
         if prof is not None:
             dev = node._input_metadata[0].device if node._input_metadata else torch.device("cpu")
             t0 = prof.start(dev)
-        try:
-            outs = fn(ctx)
-        except UnsupportedNodeError as exc:
-            where = graph.module_of(node)
-            if where and "module" not in str(exc):
-                raise UnsupportedNodeError(f"{exc} (in module {where})") from None
-            raise
+        name = type(node).__name__
+        if name in VIEW_NODES and len(nexts) == 1 and grads[0] is not None and RULES.get(name) is view_rule:
+            # the built-in view rule without its context (half the nodes of a transformer's graph)
+            shape = view_shapes.get(node)
+            if shape is None:
+                f, nr = nexts[0]
+                shape = view_shapes[node] = tuple(f._input_metadata[nr].shape)
+            outs = (tuple(c.reshape(shape) for c in grads[0]),)
+        else:
+            fn = rule_for(node)
+            if fn is None:
+                raise _unsupported(graph, node)
+            ctx = RuleContext(node, grads, needs, sr, dtype, lazy=True, nexts=nexts)
+            try:
+                outs = fn(ctx)
+            except UnsupportedNodeError as exc:
+                where = graph.module_of(node)
+                if where and "module" not in str(exc):
+                    raise UnsupportedNodeError(f"{exc} (in module {where})") from None
+                raise
+            del ctx
+            if len(outs) != len(nexts):
+                raise RuntimeError(f"rule for {name} returned {len(outs)} values for {len(nexts)} inputs")
         if prof is not None:
-            prof.stop(type(node).__name__, t0, dev)
-        if len(outs) != len(nexts):
-            raise RuntimeError(f"rule for {type(node).__name__} returned {len(outs)} values for "
-                               f"{len(nexts)} inputs")
-        del grads, ctx
+            prof.stop(name, t0, dev)
+        del grads
         for i, ((f, nr), need, val) in enumerate(zip(nexts, needs, outs)):
             if not need:
                 continue
@@ -252,7 +268,10 @@ def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route
                 val = route(node, i, materialize(sr, val))
             slots = pending.get(f)
             if slots is None:
-                slots = pending[f] = [None] * len(f._input_metadata)
+                n_out = n_outputs.get(f)
+                if n_out is None:
+                    n_out = n_outputs[f] = len(f._input_metadata)
+                slots = pending[f] = [None] * n_out
             if val is not None:
                 slots[nr] = accumulate(sr, slots[nr], val)
             indeg[f] -= 1
@@ -323,9 +342,15 @@ class SubGraph:
                 relevant.add(n)
         self.relevant = relevant
         self.indegree = {}
+        self.edges = {}
+        self.n_outputs = {}
+        self.view_shapes = {}
         for n in relevant:
-            for f, _ in n.next_functions:
-                if f is not None and f in relevant:
+            nf = n.next_functions
+            needs = [f is not None and f in relevant for f, _ in nf]
+            self.edges[n] = (nf, needs)
+            for f, need in zip((f for f, _ in nf), needs):
+                if need:
                     self.indegree[f] = self.indegree.get(f, 0) + 1
         self.n_nodes = len(relevant)
 

@@ -74,3 +74,26 @@ def test_user_semirings_equal_path_enumeration(make):
         assert count.reshape(-1)[i].item() == len(ps)
         expected = min((abs(math.prod(p)) for p in ps), default=math.inf)
         assert least.reshape(-1)[i].item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_a_registered_rule_replaces_the_inline_view_rule(monkeypatch):
+    """The walk runs the built-in reshape rule of view nodes inline; a rule the
+    user registers for ViewBackward0 still replaces it (and is called)."""
+    from semitriton import rules
+    from semitriton.rules import shape
+
+    calls = []
+
+    def doubled(ctx):
+        calls.append(ctx.name)
+        out = shape.view(ctx)
+        return [None if o is None else ctx.sr.map(o, lambda c: 2 * c) for o in out]
+
+    x = torch.randn(3, 4, requires_grad=True)
+    y = (x * 3).view(12).sum()
+    (before,) = semitriton.grad(y, x, "real", fast_real=False)
+    assert torch.allclose(before, torch.full((3, 4), 3.0))
+    monkeypatch.setitem(rules.RULES, "ViewBackward0", doubled)
+    (after,) = semitriton.grad(y, x, "real", fast_real=False)
+    assert calls == ["ViewBackward0"]
+    assert torch.allclose(after, torch.full((3, 4), 6.0))

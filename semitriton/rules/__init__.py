@@ -43,13 +43,15 @@ def _freed(node, exc: Exception) -> GraphFreedError:
 class RuleContext:
     """What a rule sees of one node."""
 
-    __slots__ = ("node", "grads", "needs", "sr", "dtype", "name", "lazy")
+    __slots__ = ("node", "grads", "needs", "sr", "dtype", "name", "lazy", "nexts")
 
     def __init__(self, node, grads: list[Optional[Value]], needs: list[bool], sr: Semiring,
-                 dtype: torch.dtype, lazy: bool = False):
+                 dtype: torch.dtype, lazy: bool = False, nexts: Optional[tuple] = None):
         #: the walk accepts an EmbeddedValue from select/slice rules (semitriton.embedded)
         self.lazy = lazy
         self.node = node
+        #: ``node.next_functions`` (the walk passes the graph's copy: each access builds a new tuple)
+        self.nexts = node.next_functions if nexts is None else nexts
         self.grads = grads
         self.needs = needs
         self.sr = sr
@@ -81,13 +83,13 @@ class RuleContext:
 
     def input_shape(self, i: int) -> Optional[tuple]:
         """Shape of the node's i-th forward input (from the next node's metadata)."""
-        fn, nr = self.node.next_functions[i]
+        fn, nr = self.nexts[i]
         if fn is None:
             return None
         return tuple(fn._input_metadata[nr].shape)
 
     def input_device(self, i: int):
-        fn, nr = self.node.next_functions[i]
+        fn, nr = self.nexts[i]
         return fn._input_metadata[nr].device
 
     def output_shape(self, i: int = 0) -> tuple:
@@ -95,7 +97,7 @@ class RuleContext:
 
     @property
     def n_inputs(self) -> int:
-        return len(self.node.next_functions)
+        return len(self.nexts)
 
     def tensor(self, x) -> Tensor:
         """A python scalar or tensor as a compute-dtype tensor on the values' device."""

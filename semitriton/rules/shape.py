@@ -19,9 +19,14 @@ def _only0(ctx, value):
     return [value if ctx.needs[0] else None] + [None] * (ctx.n_inputs - 1)
 
 
-@rule("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward0",
-      "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "ViewAsComplexBackward0",
-      "_ReshapeAliasBackward0")
+#: nodes whose rule is a reshape of the value to the input's shape (the walk
+#: runs the built-in rule for these inline, without a RuleContext)
+VIEW_NODES = frozenset(("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward0",
+                        "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "ViewAsComplexBackward0",
+                        "_ReshapeAliasBackward0"))
+
+
+@rule(*sorted(VIEW_NODES))
 def view(ctx):
     if not ctx.needs[0]:
         return [None] * ctx.n_inputs
