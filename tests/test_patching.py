@@ -146,6 +146,45 @@ def test_fused_attention_equals_aten_attention(kind, semiring):
         torch.testing.assert_close(a[fin], b[fin], rtol=tol, atol=tol * max(1.0, b[fin].abs().max().item()))
 
 
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_fused_attention_gqa_with_repeated_heads(mask_kind, monkeypatch):
+    """Where CUDA's SDPA would run grouped-query attention in its math kernel
+    (fp32, or any mask), the fused node calls SDPA with k/v repeated to q's
+    heads instead: same output, same ordinary gradients of q, k and v (summed
+    over each group), same semiring values. Forced here on the CPU."""
+    from semitriton.fused import attention as fa
+
+    g = torch.Generator().manual_seed(8)
+    B, H, Hk, T, D = 2, 6, 2, 5, 4
+    q0, k0, v0 = (torch.randn(B, h, T, D, generator=g, dtype=torch.float64) for h in (H, Hk, Hk))
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(B, 1, T, T, generator=g) < 0.8
+        mask[..., 0] = True
+    elif mask_kind == "float":
+        mask = torch.randn(B, 1, T, T, generator=g, dtype=torch.float64)
+    go = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    predicate = fa.gqa_falls_back_to_math
+    results = {}
+    for forced in (False, True):
+        monkeypatch.setattr(fa, "gqa_falls_back_to_math", lambda q, m, _f=forced: _f)
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        out = fa.fused_attention(q, k, v, mask, mask is None, None)
+        grads = torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
+        stats = [semitriton.grad_values((out * go).sum(), (q, k, v), semiring=sr) for sr in SEMIRINGS]
+        results[forced] = (out.detach(), grads, stats)
+    (o1, g1, s1), (o2, g2, s2) = results[False], results[True]
+    torch.testing.assert_close(o2, o1, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for vals_a, vals_b in zip(s2, s1):
+        for va, vb in zip(vals_a, vals_b):
+            for ca, cb in zip(va, vb):
+                assert torch.equal(ca, cb)
+    # the predicate: CUDA fp32, or CUDA with a mask; never the CPU
+    assert not predicate(q0.float(), None) and not predicate(q0.float(), mask)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
 def test_half_precision_models(kind, dtype):
