@@ -105,6 +105,38 @@ def test_bf16_models(kind):
         _close(a[has], b[has], s, 1e-3, f"bf16 {kind}/{s}")
 
 
+@pytest.mark.parametrize("dtype,masked", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
+def test_fused_attention_gqa_avoids_the_math_kernel(dtype, masked):
+    """Grouped-query attention that CUDA's SDPA would run in its math kernel
+    (fp32, or a mask): the fused node's forward records the memory-efficient
+    kernel on k/v repeated to q's heads; output and ordinary gradients match
+    the math kernel with enable_gqa."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from semitriton.fused.attention import FusedAttention, gqa_falls_back_to_math
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q0 = torch.randn(2, 6, 128, 64, device="cuda", generator=g).to(dtype)
+    k0, v0 = (torch.randn(2, 2, 128, 64, device="cuda", generator=g).to(dtype) for _ in range(2))
+    mask = (torch.rand(2, 1, 128, 128, device="cuda", generator=g) > 0.2) if masked else None
+    if mask is not None:
+        mask[..., 0] = True
+    go = torch.randn(2, 6, 128, 64, device="cuda", generator=g).to(dtype)
+    assert gqa_falls_back_to_math(q0, mask)
+    q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+    out = FusedAttention.apply(q, k, v, mask, not masked, None)
+    inner_out = out.grad_fn.inner[1]
+    assert type(inner_out.grad_fn).__name__ == "ScaledDotProductEfficientAttentionBackward0"
+    got = torch.autograd.grad(out, (q, k, v), go)
+    rq, rk, rv = (t.clone().requires_grad_() for t in (q0, k0, v0))
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref_out = F.scaled_dot_product_attention(rq, rk, rv, attn_mask=mask, is_causal=not masked, enable_gqa=True)
+    ref = torch.autograd.grad(ref_out, (rq, rk, rv), go)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=tol, atol=tol)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=10 * tol, atol=10 * tol)
+
+
 def test_readouts_on_cuda():
     m = _model("llama", patched=True)
     emb, score = _fwd(m, "llama")
