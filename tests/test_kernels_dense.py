@@ -957,6 +957,46 @@ def test_rope(name, device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_rope_ordinary_backward_kernel(device, monkeypatch):
+    """The ordinary backward of the RoPE node from the real semiring's Triton
+    rule (one launch) against float64 autograd of x·cos + rotate_half(x)·sin,
+    with cos/sin broadcast over batch and heads and an input broadcast to a
+    bigger output (sum_to_size); create_graph=True and half-precision
+    gradients keep the torch form."""
+    from semitriton.fused.rope import RotaryEmbedding, rotate_half
+    from semitriton.kernels import elementwise
+    monkeypatch.setattr(elementwise, "MIN_NUMEL_CUDA", 0)
+    calls = []
+    fn = registry.KERNELS[("rope", "real")]
+    monkeypatch.setitem(registry.KERNELS, ("rope", "real"), lambda *a: calls.append(1) or fn(*a))
+    g = torch.Generator().manual_seed(12)
+    ang = torch.randn(1, 1, 5, 8, generator=g, dtype=torch.float64) * 3
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    for xshape in ((2, 3, 5, 8), (2, 1, 5, 8)):
+        x = torch.randn(*xshape, generator=g, dtype=torch.float64)
+        go = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64)
+        x64 = x.clone().requires_grad_()
+        (ref,) = torch.autograd.grad((x64 * cos + rotate_half(x64) * sin).expand(2, 3, 5, 8), x64, go)
+        xd = x.float().to(device).requires_grad_()
+        with semitriton.use_backend("triton"):
+            y = RotaryEmbedding.apply(xd.expand(2, 3, 5, 8) if xshape[1] == 1 else xd, cos.float().to(device),
+                                      sin.float().to(device))
+            (got,) = torch.autograd.grad(y, xd, go.float().to(device))
+        assert got.shape == x.shape
+        assert torch.allclose(got.double().cpu(), ref, rtol=1e-5, atol=1e-6), xshape
+    assert len(calls) == 2
+    # create_graph: torch's form (differentiable); bf16 gradients: torch's form
+    xd = torch.randn(2, 3, 5, 8, generator=g).to(device).requires_grad_()
+    with semitriton.use_backend("triton"):
+        (gx,) = torch.autograd.grad(RotaryEmbedding.apply(xd, cos.float().to(device), sin.float().to(device)),
+                                    xd, torch.ones(2, 3, 5, 8, device=device), create_graph=True)
+        xb = torch.randn(2, 3, 5, 8, generator=g).to(device).bfloat16().requires_grad_()
+        torch.autograd.grad(RotaryEmbedding.apply(xb, cos.bfloat16().to(device), sin.bfloat16().to(device)),
+                            xb, torch.ones(2, 3, 5, 8, device=device, dtype=torch.bfloat16))
+    assert len(calls) == 2 and torch.isfinite(gx).all()          # neither used the kernel
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ("abs", "entropy", "maxabs", "max"))
 def test_scale(name, device, monkeypatch):
     """v ⊗ edge(w) for a weight of v's shape (op "scale", the fused

@@ -26,6 +26,24 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+def _grad_kernel(g, cos, sin):
+    """The ordinary gradient from the Triton RoPE rule of the real semiring
+    (one launch instead of five torch ops), or None (torch) where the backend
+    switch keeps torch (CPU tensors by default), the kernel declines (e.g. a
+    half-precision gradient), or the backward is differentiated itself
+    (create_graph=True: the kernel's output would carry no graph)."""
+    from .. import backend
+    if torch.is_grad_enabled() or g.dtype != torch.float32 or not backend.use_triton(g):
+        return None
+    try:
+        from ..kernels.registry import KERNELS
+    except ImportError:  # triton missing or broken
+        return None
+    fn = KERNELS.get(("rope", "real"))
+    r = NotImplemented if fn is None else fn((g,), cos, sin)
+    return None if r is NotImplemented else r[0]
+
+
 class RotaryEmbedding(torch.autograd.Function):
     """``forward(x, cos, sin)``: x·cos + rotate_half(x)·sin; ``cos``/``sin``
     broadcast to x and carry no gradient (they are functions of positions)."""
@@ -38,10 +56,14 @@ class RotaryEmbedding(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        """gx[j] = g[j]·cos[j] + g[p]·(±sin[p]) (p the rotation partner): one
+        Triton launch where the backend switch picks Triton (CUDA), else torch."""
         cos, sin = ctx.saved_tensors
-        gs = g * sin
-        h = gs.shape[-1] // 2
-        gx = g * cos + torch.cat((gs[..., h:], -gs[..., :h]), dim=-1)
+        gx = _grad_kernel(g, cos, sin)
+        if gx is None:
+            gs = g * sin
+            h = gs.shape[-1] // 2
+            gx = g * cos + torch.cat((gs[..., h:], -gs[..., :h]), dim=-1)
         return gx.sum_to_size(ctx.x_shape), None, None
 
     @staticmethod
