@@ -6,6 +6,7 @@ so that torch's CPU ops cost little. Reports µs per node and per rule type.
 
     python bench/bench_host.py                     # SmolLM2 graph (30 layers), all semirings
     python bench/bench_host.py --model bert-base --semirings abs,entropy
+    python bench/bench_host.py --ops               # also: ops issued per pass, by node type
 
 What it leaves out: the launch cost of the real Triton and CUDA launchers, the
 device itself, and the dispatch choices made only for CUDA tensors (fp32
@@ -49,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--semirings", default=",".join(SEMIRINGS))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--linear", action="store_true", help="patch(linear=True): one node per Linear")
+    ap.add_argument("--ops", action="store_true",
+                    help="count the ops one pass issues (torch ops other than views, Triton launches)")
     args = ap.parse_args(argv)
 
     import torch
@@ -114,7 +117,79 @@ def main(argv=None) -> int:
         wall = min(walls)
         print(f"| {sr} | {wall * 1e3:.1f} | {wall / graph.n_nodes * 1e6:.0f} | {rules * 1e3:.1f} | "
               f"{(wall_i - rules) * 1e3:.1f} | {tops} |")
+    if args.ops:
+        count_ops(engine, score, emb, graph, args.semirings.split(","))
     return 0
+
+
+#: torch ops that only make a view (no kernel on CUDA)
+VIEW_OPS = frozenset(("view", "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "unsqueeze",
+                      "squeeze", "select", "slice", "as_strided", "alias", "detach", "_reshape_alias", "split",
+                      "unbind", "narrow", "diagonal", "split_with_sizes", "chunk", "unflatten", "view_as"))
+
+
+def count_ops(engine, score, emb, graph, semirings) -> None:
+    """Ops one pass issues (each a kernel launch on CUDA): torch ops other than
+    views, and Triton launches, per pass and per node type. On the CPU the fp32
+    abs/entropy linears take the Triton GEMM, not CUDA's exp/log-around-cuBLAS
+    path, so their counts differ from a GPU's."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime import interpreter
+
+    state = {"rule": "(engine)"}
+    counts: Counter = Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in VIEW_OPS:
+                counts[(state["rule"], "torch")] += 1
+            return func(*args, **(kwargs or {}))
+
+    stub = interpreter.InterpretedFunction.run
+
+    def counted(self, *a, **k):
+        counts[(state["rule"], "triton")] += 1
+
+    rule_for = engine.rule_for
+
+    def named_rule_for(node):
+        fn = rule_for(node)
+        if fn is None:
+            return None
+
+        def named(ctx):
+            state["rule"] = type(node).__name__
+            try:
+                return fn(ctx)
+            finally:
+                state["rule"] = "(engine)"
+        return named
+
+    nodes = Counter(type(n).__name__ for n in graph.relevant)
+    print("\nOps issued per pass (torch ops other than views + Triton launches; the engine's own are its ⊕ "
+          "and zero values; view nodes run inline):\n")
+    print("| semiring | torch ops | Triton launches | per node | top node types (ops per node) |")
+    print("|---|---|---|---|---|")
+    interpreter.InterpretedFunction.run = counted
+    engine.rule_for = named_rule_for
+    try:
+        for sr in semirings:
+            counts.clear()
+            with Count():
+                engine.run(score, (emb,), sr, graph=graph)
+            torch_ops = sum(c for (_, kind), c in counts.items() if kind == "torch")
+            launches = sum(c for (_, kind), c in counts.items() if kind == "triton")
+            per: Counter = Counter()
+            for (r, _), c in counts.items():
+                per[r] += c
+            top = ", ".join(f"{r} {c / max(1, nodes.get(r, 1)):.1f}" if r != "(engine)" else f"{r} {c}"
+                            for r, c in per.most_common(4))
+            print(f"| {sr} | {torch_ops} | {launches} | {(torch_ops + launches) / graph.n_nodes:.2f} | {top} |")
+    finally:
+        interpreter.InterpretedFunction.run = stub
+        engine.rule_for = rule_for
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route
             t0 = prof.start(dev)
         name = type(node).__name__
         if name in VIEW_NODES and len(nexts) == 1 and grads[0] is not None and RULES.get(name) is view_rule:
-            # the built-in view rule without its context (half the nodes of a transformer's graph)
+            # the built-in view rule without its context (about half of a transformer graph's nodes)
             shape = view_shapes.get(node)
             if shape is None:
                 f, nr = nexts[0]
