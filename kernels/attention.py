@@ -1498,13 +1498,15 @@ def attention_maxabs(vo, q, k, v, bias, causal, scale, needs=(True, True, True))
     lvo = P.vo[0]
     dummy = P.q
     lvoT = lvT = lq = lk = dummy
-    if need_sm:
-        lvoT = lvo.transpose(-1, -2).contiguous()                            # [BH, DV, Tq]
-        lvT = torch.log(P.v.to(f32).abs()).transpose(-1, -2).contiguous()    # [BHk, DV, Tk]
-    wanted = [(name, x) for name, x, on in (("k", P.k, needs[0]), ("q", P.q, needs[1])) if on]
-    logs = dict(zip((name for name, _ in wanted), _abs_scaled([(x, P.scale) for _, x in wanted], False, log=True)))
+    wanted = [(name, x, sc) for name, x, sc, on in (("v", P.v, 1.0, need_sm), ("k", P.k, P.scale, needs[0]),
+                                                    ("q", P.q, P.scale, needs[1])) if on]
+    logs = dict(zip((name for name, _, _ in wanted), _abs_scaled([(x, sc) for _, x, sc in wanted], False,
+                                                                  log=True)))
     lk = logs.get("k", (dummy,))[0]                                         # log|k·scale|
     lq = logs.get("q", (dummy,))[0]
+    if need_sm:
+        lvoT = lvo.transpose(-1, -2).contiguous()                            # [BH, DV, Tq]
+        lvT = logs["v"][0].transpose(-1, -2).contiguous()                    # log|v|: [BHk, DV, Tk]
 
     def run(plan):
         cfg = plan["cfg"]
