@@ -63,6 +63,8 @@ def fits_int32(*tensors, per_batch: bool = False) -> bool:
     for t in tensors:
         if t is None:
             continue
+        if t.numel() <= INT32_MAX and t.is_contiguous():
+            continue                      # span = numel - 1 (or less per batch)
         span = sum((s - 1) * abs(st) for s, st in zip(t.shape[skip:], t.stride()[skip:]) if s > 0)
         if span > INT32_MAX:
             return False

@@ -1116,3 +1116,18 @@ def test_activation_derivatives_are_accurate_in_the_tails():
         d32 = activation_derivative(x64.float(), kind).double()
         err = ((d32 - d64).abs() / d64.abs().clamp_min(1e-300))[well].max().item()
         assert err < 5e-5, f"{kind}: float32 vs float64 relative error {err:.3g}"
+
+
+def test_fits_int32_spans():
+    """The launchers' int32 offset check: contiguous tensors by element count,
+    others by their strided span (per batch element when asked); meta tensors,
+    so nothing is allocated."""
+    from semitriton.kernels._common import fits_int32
+    small = torch.empty(64, 64, device="meta")
+    assert fits_int32(small, small.t(), None)
+    assert not fits_int32(torch.empty(2, 2**30 + 1, device="meta"))
+    assert fits_int32(torch.empty(4, 2**29 + 1, device="meta"), per_batch=True)    # 2^29 + 1 per batch element
+    assert not fits_int32(torch.empty(4, 2**29 + 1, device="meta"))
+    big_t = torch.empty(2**16, 2**15 + 1, device="meta").t()                      # span > 2^31, not contiguous
+    assert not fits_int32(big_t)
+    assert fits_int32(torch.zeros(1).expand(2**31 + 5))                            # stride 0: one element
