@@ -2,7 +2,7 @@
 # One device session: install, GPU tests, model-level and kernel benchmarks.
 # Everything lands in $OUT (8 files at most come back from the device tool):
 #   env.txt tests.log warm.log models.json models.md models.log kernels.md, and
-#   ab.md, mm.md, linear.md + linear.log when those steps run
+#   ab.md, mm.md, linear.md + linear.log, host.md when those steps run
 # The default STEPS fit one call (≈ 9.5 minutes; limits 175 + 70 + 90 + 205 + 25 s; on the
 # H100 of the fifth session the kernel tests took ~150 s with a cold Triton cache and
 # 112 s warm, the engine tests 53 s, the warm-up 62 s, the fp32 model rows 130 s):
@@ -19,7 +19,10 @@
 # abs / entropy; linear.md, ~90 s), ab (dispatch alternatives on BERT-base fp32, see below),
 # kernels (the quick kernel table), kernels_new (RMS-norm rows), attn_long,
 # mm_models (maxabs/max matmuls at the models' shapes with every autotuner
-# candidate's time, split-J included; mm.md, ~1 min).
+# candidate's time, split-J included; mm.md, ~1 min), host (bench_host.py on
+# this machine's CPU, launches stubbed, with --ops: how its host compares with
+# the development machine's, where the host-time tables of RESULTS come from;
+# host.md, ~1 min).
 # The models step also appends the autotuner's measurements to models.md.
 # Knobs: WARM_DTYPES, WARM_TESTS (tests to run beside the warm-up), WARM_AB
 # (A/B variants to warm up; empty: none), DTYPES, REPS, CHECK (semirings
@@ -78,6 +81,7 @@ for s in ${STEPS//,/ }; do
     linear) step linear "${T_LINEAR:-90}" python3 bench/bench_models.py $Q --models smollm2-135m,bert-base \
               --dtypes float32 --semirings real-walk,abs,entropy --reps "${REPS:-3}" --linear-only --check none \
               --md "$OUT/linear.md" > "$OUT/linear.log" 2>&1 ;;
+    host) step host "${T_HOST:-90}" python3 bench/bench_host.py --reps 5 --ops > "$OUT/host.md" 2>&1 ;;
     kernels_new) step kernels_new "${T_KNEW:-40}" python3 bench/run_kernels.py $Q --only dense --kernels rms_norm \
                    --dtypes fp32 --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
     gpu_tests) step gpu_tests "${T_TESTS:-70}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
@@ -113,4 +117,4 @@ done
 cat "$OUT/env.txt"; tail -n 8 "$OUT/tests.log" 2>/dev/null; grep -c ERROR "$OUT/warm.log" 2>/dev/null
 cat "$OUT/models.md" 2>/dev/null
 cat "$OUT/kernels.md" 2>/dev/null; cat "$OUT/ab.md" 2>/dev/null; cat "$OUT/mm.md" 2>/dev/null
-cat "$OUT/linear.md" 2>/dev/null
+cat "$OUT/linear.md" 2>/dev/null; cat "$OUT/host.md" 2>/dev/null
