@@ -126,13 +126,16 @@ def main(argv=None) -> int:
 VIEW_OPS = frozenset(("view", "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "unsqueeze",
                       "squeeze", "select", "slice", "as_strided", "alias", "detach", "_reshape_alias", "split",
                       "unbind", "narrow", "diagonal", "split_with_sizes", "chunk", "unflatten", "view_as"))
+#: torch ops that only allocate (host work for the caching allocator, no kernel)
+ALLOC_OPS = frozenset(("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"))
 
 
 def count_ops(engine, score, emb, graph, semirings) -> None:
-    """Ops one pass issues (each a kernel launch on CUDA): torch ops other than
-    views, and Triton launches, per pass and per node type. On the CPU the fp32
-    abs/entropy linears take the Triton GEMM, not CUDA's exp/log-around-cuBLAS
-    path, so their counts differ from a GPU's."""
+    """Ops one pass issues: torch ops that launch a kernel on CUDA (not views,
+    not allocations), allocations, and Triton launches, per pass and per node
+    type (kernels + launches per node). On the CPU the fp32 abs/entropy
+    linears take the Triton GEMM, not CUDA's exp/log-around-cuBLAS path, so
+    their counts differ from a GPU's."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -143,7 +146,10 @@ def count_ops(engine, score, emb, graph, semirings) -> None:
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ not in VIEW_OPS:
+            name = func.overloadpacket.__name__
+            if name in ALLOC_OPS:
+                counts[(state["rule"], "alloc")] += 1
+            elif name not in VIEW_OPS:
                 counts[(state["rule"], "torch")] += 1
             return func(*args, **(kwargs or {}))
 
@@ -168,10 +174,11 @@ def count_ops(engine, score, emb, graph, semirings) -> None:
         return named
 
     nodes = Counter(type(n).__name__ for n in graph.relevant)
-    print("\nOps issued per pass (torch ops other than views + Triton launches; the engine's own are its ⊕ "
-          "and zero values; view nodes run inline):\n")
-    print("| semiring | torch ops | Triton launches | per node | top node types (ops per node) |")
-    print("|---|---|---|---|---|")
+    print("\nOps issued per pass (torch kernels: torch ops other than views and allocations; the engine's own "
+          "are its ⊕, zero values and the copies of inline reshapes):\n")
+    print("| semiring | torch kernels | allocations | Triton launches | kernels + launches per node | "
+          "top node types (kernels + launches per node) |")
+    print("|---|---|---|---|---|---|")
     interpreter.InterpretedFunction.run = counted
     engine.rule_for = named_rule_for
     try:
@@ -179,14 +186,15 @@ def count_ops(engine, score, emb, graph, semirings) -> None:
             counts.clear()
             with Count():
                 engine.run(score, (emb,), sr, graph=graph)
-            torch_ops = sum(c for (_, kind), c in counts.items() if kind == "torch")
-            launches = sum(c for (_, kind), c in counts.items() if kind == "triton")
+            total = {k: sum(c for (_, kind), c in counts.items() if kind == k) for k in ("torch", "alloc", "triton")}
             per: Counter = Counter()
-            for (r, _), c in counts.items():
-                per[r] += c
+            for (r, kind), c in counts.items():
+                if kind != "alloc":
+                    per[r] += c
             top = ", ".join(f"{r} {c / max(1, nodes.get(r, 1)):.1f}" if r != "(engine)" else f"{r} {c}"
                             for r, c in per.most_common(4))
-            print(f"| {sr} | {torch_ops} | {launches} | {(torch_ops + launches) / graph.n_nodes:.2f} | {top} |")
+            print(f"| {sr} | {total['torch']} | {total['alloc']} | {total['triton']} | "
+                  f"{(total['torch'] + total['triton']) / graph.n_nodes:.2f} | {top} |")
     finally:
         interpreter.InterpretedFunction.run = stub
         engine.rule_for = rule_for
