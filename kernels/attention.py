@@ -1337,6 +1337,15 @@ def _abs_scaled(items, xlogx: bool, log: bool = False):
     return [(a[o:o + n].view(x.shape), ax[o:o + n].view(x.shape)) for x, n, o in zip(xs, ns, starts)]
 
 
+def _scaled_operands(P, v: bool, k: bool, q: bool, xlogx: bool, log: bool = False) -> dict:
+    """{"v": (|v|, ...), "k": (|k·scale|, ...), "q": (|q·scale|, ...)} for the
+    operands asked for, from one :func:`_abs_scaled` launch."""
+    wanted = [(name, x, sc) for name, x, sc, on in (("v", P.v, 1.0, v), ("k", P.k, P.scale, k),
+                                                    ("q", P.q, P.scale, q)) if on]
+    out = _abs_scaled([(x, sc) for _, x, sc in wanted], xlogx, log=log)
+    return {name: val for (name, _, _), val in zip(wanted, out)}
+
+
 def _launch_lse(P, cfg, delta: bool, do=None, rows: int = 0):
     """The softmax statistics pass; returns st [max(rows, 2 or 3), B·H·Tq] with
     rows 0, 1 (and 2 with ``delta``) filled, the rest for the caller's later passes."""
@@ -1416,9 +1425,7 @@ def _attention_sum(vo, q, k, v, bias, causal, scale, needs, entropy: bool):
         _attn_prep_vo_kernel[(BH,)](lvo, muo if entropy else lvo, mo, ar, amr, mvo, ac, amc, P.Tq, P.DV,
                                     ROWS=need_sm, COLS=needs[2], ENTROPY=entropy,
                                     BT=_PREP_ROWS, BDV=P.BDV, num_warps=4)
-    wanted = [(name, x, sc) for name, x, sc, on in (("v", P.v, 1.0, need_sm), ("k", P.k, P.scale, needs[0]),
-                                                    ("q", P.q, P.scale, needs[1])) if on]
-    scaled = dict(zip((name for name, _, _ in wanted), _abs_scaled([(x, sc) for _, x, sc in wanted], entropy)))
+    scaled = _scaled_operands(P, need_sm, needs[0], needs[1], entropy)
     va, vx = scaled.get("v", (dummy, dummy))
     ka, kx = scaled.get("k", (dummy, dummy))
     qa, qx = scaled.get("q", (dummy, dummy))
@@ -1498,10 +1505,7 @@ def attention_maxabs(vo, q, k, v, bias, causal, scale, needs=(True, True, True))
     lvo = P.vo[0]
     dummy = P.q
     lvoT = lvT = lq = lk = dummy
-    wanted = [(name, x, sc) for name, x, sc, on in (("v", P.v, 1.0, need_sm), ("k", P.k, P.scale, needs[0]),
-                                                    ("q", P.q, P.scale, needs[1])) if on]
-    logs = dict(zip((name for name, _, _ in wanted), _abs_scaled([(x, sc) for _, x, sc in wanted], False,
-                                                                  log=True)))
+    logs = _scaled_operands(P, need_sm, needs[0], needs[1], False, log=True)
     lk = logs.get("k", (dummy,))[0]                                         # log|k·scale|
     lq = logs.get("q", (dummy,))[0]
     if need_sm:
