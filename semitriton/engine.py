@@ -46,6 +46,24 @@ def compute_dtype(output: Tensor, inputs: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if torch.float64 in dts else torch.float32
 
 
+def _edge_tables(relevant: set, nexts: dict) -> tuple[dict, dict, dict]:
+    """For the relevant nodes (``nexts``: node -> its next_functions): edges[n] =
+    (next_functions, needs) with needs[i] = input i is relevant, the in-degree
+    of each node within the set, and consumers[(node, slot)] = [(consumer, input index)]."""
+    edges: dict = {}
+    indeg: dict = {}
+    consumers: dict = {}
+    for n in relevant:
+        nf = nexts[n]
+        needs = [f is not None and f in relevant for f, _ in nf]
+        edges[n] = (nf, needs)
+        for i, (f, nr) in enumerate(nf):
+            if needs[i]:
+                indeg[f] = indeg.get(f, 0) + 1
+                consumers.setdefault((f, nr), []).append((n, i))
+    return edges, indeg, consumers
+
+
 class GradientGraph:
     """The part of the autograd graph between ``output`` and ``inputs``."""
 
@@ -107,21 +125,9 @@ class GradientGraph:
             if n not in relevant and any(f in relevant for f, _ in nexts[n] if f is not None):
                 relevant.add(n)
         self.relevant = relevant
-        indeg: dict = {}
-        consumers: dict = {}
-        #: relevant node -> (next_functions, needs): needs[i] = input i leads to a target
-        self.edges = edges = {}
-        for n in relevant:
-            nf = nexts[n]
-            needs = [f is not None and f in relevant for f, _ in nf]
-            edges[n] = (nf, needs)
-            for i, (f, nr) in enumerate(nf):
-                if needs[i]:
-                    indeg[f] = indeg.get(f, 0) + 1
-                    consumers.setdefault((f, nr), []).append((n, i))
-        self.indegree = indeg
+        #: relevant node -> (next_functions, needs), node -> in-degree, and
         #: (node, forward-output slot) -> [(consumer node, input index)]: the forward adjacency
-        self.consumers = consumers
+        self.edges, self.indegree, self.consumers = _edge_tables(relevant, nexts)
         self.n_nodes = len(relevant)
 
     def target_of(self, i: int):
@@ -341,17 +347,9 @@ class SubGraph:
             if n not in relevant and any(f in relevant for f, _ in n.next_functions if f is not None):
                 relevant.add(n)
         self.relevant = relevant
-        self.indegree = {}
-        self.edges = {}
+        self.edges, self.indegree, _ = _edge_tables(relevant, {n: n.next_functions for n in relevant})
         self.n_outputs = {}
         self.view_shapes = {}
-        for n in relevant:
-            nf = n.next_functions
-            needs = [f is not None and f in relevant for f, _ in nf]
-            self.edges[n] = (nf, needs)
-            for f, need in zip((f for f, _ in nf), needs):
-                if need:
-                    self.indegree[f] = self.indegree.get(f, 0) + 1
         self.n_nodes = len(relevant)
 
     def module_of(self, node) -> str:

@@ -11,6 +11,7 @@ small dict update per module call.
 from __future__ import annotations
 
 import itertools
+
 import torch
 from torch import nn
 

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from ..semirings.base import rms_norm_rows
 from ._saved import pad, saved_tensors
 
 
@@ -70,7 +71,6 @@ class CanonicalRMSNorm(torch.autograd.Function):
         if rc.needs[0]:
             out[0] = rc.sr.rms_norm_from_input(v, x, node.eps, weight, node.offset)
         if len(rc.needs) > 1 and rc.needs[1]:          # y_j = γ_j x̂_j: edge γ_j with weight x̂_j
-            xf = x.to(rc.dtype)
-            xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + node.eps)
+            xhat, _ = rms_norm_rows(x, node.eps, rc.dtype)
             out[1] = rc.sr.sum_to_shape(rc.sr.scale(v, xhat), tuple(weight.shape))
         return pad(out, len(rc.needs))

@@ -32,14 +32,10 @@ def _grad_kernel(g, cos, sin):
     switch keeps torch (CPU tensors by default), the kernel declines (e.g. a
     half-precision gradient), or the backward is differentiated itself
     (create_graph=True: the kernel's output would carry no graph)."""
-    from .. import backend
-    if torch.is_grad_enabled() or g.dtype != torch.float32 or not backend.use_triton(g):
+    from ..dispatch import kernel
+    if torch.is_grad_enabled() or g.dtype != torch.float32:
         return None
-    try:
-        from ..kernels.registry import KERNELS
-    except ImportError:  # triton missing or broken
-        return None
-    fn = KERNELS.get(("rope", "real"))
+    fn = kernel("rope", "real", g)
     r = NotImplemented if fn is None else fn((g,), cos, sin)
     return None if r is NotImplemented else r[0]
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
+from ..semirings.base import layer_norm_rows
 from . import rule
 
 
@@ -20,9 +19,7 @@ def layer_norm(ctx):
     if ctx.needs[0]:
         out[0] = ctx.sr.layer_norm_from_input(v, x, nshape, mean, rstd, weight)
     if ctx.n_inputs > 1 and ctx.needs[1]:        # y = x̂ γ + β: edge γ_j <- weight x̂_j
-        n = math.prod(nshape)
-        lead = x.shape[: x.dim() - len(nshape)]
-        xhat = (x.reshape(*lead, n) - mean.reshape(*lead, 1)) * rstd.reshape(*lead, 1)
+        xhat, _ = layer_norm_rows(x, nshape, mean, rstd)
         out[1] = ctx.sr.sum_to_shape(ctx.sr.scale(v, xhat.reshape(x.shape)), ctx.input_shape(1))
     if ctx.n_inputs > 2 and ctx.needs[2]:
         out[2] = ctx.sr.sum_to_shape(v, ctx.input_shape(2))

@@ -39,6 +39,22 @@ def _norm_dims(dims: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return tuple(sorted(d % ndim for d in dims))
 
 
+def layer_norm_rows(x: Tensor, normalized_shape: tuple, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """x̂ = (x − mean)·rstd as rows [..., n] over the normalized dims, and rstd
+    as [..., 1], from a layer norm's input and the mean and rstd aten saved."""
+    n = math.prod(normalized_shape)
+    lead = x.shape[: x.dim() - len(normalized_shape)]
+    rs = rstd.reshape(*lead, 1)
+    return (x.reshape(*lead, n) - mean.reshape(*lead, 1)) * rs, rs
+
+
+def rms_norm_rows(x: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """x̂ = x·r and r = (mean(x²) + eps)^-½ over the last dim, in ``dtype``."""
+    xf = x.to(dtype)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf * rstd, rstd
+
+
 class Semiring:
     """Base class. Subclasses define the algebra; the contractions have generic
     defaults written with ``plus``/``times``/``edge`` only.
@@ -260,12 +276,11 @@ class Semiring:
         """:meth:`layer_norm` of ``F.layer_norm(x, normalized_shape, weight)``
         from its input and the mean and rstd aten saved (``[..., 1, ...]``);
         the value ``v`` and the result have x's shape."""
-        n = math.prod(normalized_shape)
-        lead = x.shape[: x.dim() - len(normalized_shape)]
-        xhat = (x.reshape(*lead, n) - mean.reshape(*lead, 1)) * rstd.reshape(*lead, 1)
+        xhat, rs = layer_norm_rows(x, normalized_shape, mean, rstd)
+        lead, n = xhat.shape[:-1], xhat.shape[-1]
         vf = self.map(v, lambda c: c.reshape(*lead, n))
         g = None if weight is None else weight.reshape(n)
-        r = self.layer_norm(vf, xhat, rstd.reshape(*lead, 1), g)
+        r = self.layer_norm(vf, xhat, rs, g)
         return self.map(r, lambda c: c.reshape(x.shape))
 
     def rms_norm(self, v: Value, xhat: Tensor, rstd: Tensor, weight: Tensor | None) -> Value:
@@ -280,10 +295,9 @@ class Semiring:
         x̂ = x·r, γ = weight + offset (the Triton backend forms them in the
         kernel that applies the rule)."""
         dt = v[0].dtype
-        xf = x.to(dt)
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        xhat, rstd = rms_norm_rows(x, eps, dt)
         gamma = None if weight is None else weight.to(dt) + offset
-        return self.rms_norm(v, xf * rstd, rstd, gamma)
+        return self.rms_norm(v, xhat, rstd, gamma)
 
     @staticmethod
     def rms_factors(xhat: Tensor, rstd: Tensor, weight, dtype) -> tuple:
