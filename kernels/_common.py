@@ -77,6 +77,8 @@ _best: dict = {}
 #: and reports (which candidate won, by how much)
 timings: dict = {}
 _lock = threading.Lock()
+#: set while a CUDA graph is captured: timing candidates then would synchronise (not allowed)
+frozen = False
 
 
 def autotune_enabled() -> bool:
@@ -96,6 +98,9 @@ def choose(key, candidates, launch):
     with _lock:
         if key in _best:
             return _best[key]
+    if frozen:
+        raise RuntimeError(f"autotuning {key[0]} inside a CUDA-graph capture (the eager pass before it "
+                           "should have chosen its launch config)")
     import triton.testing
     best, best_ms = None, float("inf")
     measured = []

@@ -8,7 +8,7 @@ See README.md for the semiring table and the command-line tool.
 
 from __future__ import annotations
 
-from . import semirings
+from . import cuda_graph, semirings
 from .backend import use as use_backend
 from .engine import GradientGraph, grad, grad_values
 from .errors import GraphError, GraphFreedError, SemitritonError, UnsupportedNodeError
@@ -24,5 +24,5 @@ __version__ = "0.1.0"
 __all__ = [
     "grad", "grad_values", "branch_attribution", "BranchAttribution", "ATTN_BRANCHES", "MLP_BRANCHES", "top_paths", "sample_paths", "Path", "PathStep", "PathGraph", "token_readout", "token_values", "log_readout", "semirings", "Semiring",
     "track", "untrack", "use_backend", "patch", "unpatch", "patch_summary", "is_patched", "GradientGraph", "SemitritonError", "UnsupportedNodeError",
-    "GraphError", "GraphFreedError", "__version__",
+    "GraphError", "GraphFreedError", "cuda_graph", "__version__",
 ]

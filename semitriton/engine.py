@@ -125,6 +125,8 @@ class GradientGraph:
             if n not in relevant and any(f in relevant for f, _ in nexts[n] if f is not None):
                 relevant.add(n)
         self.relevant = relevant
+        #: the relevant nodes, inputs before consumers (a deterministic order: CUDA-graph signatures)
+        self.order = [n for n in order if n in relevant]
         #: relevant node -> (next_functions, needs), node -> in-degree, and
         #: (node, forward-output slot) -> [(consumer node, input index)]: the forward adjacency
         self.edges, self.indegree, self.consumers = _edge_tables(relevant, nexts)
@@ -206,10 +208,11 @@ class RuleProfile:
 
 
 def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route=None,
-          progress: bool = False) -> dict:
+          progress: bool = False, wrap=None) -> dict:
     """The generalised backward over ``graph`` (relevant nodes, in-degrees,
     targets) from ``seeds`` = {node: [value per forward-output slot]}. Returns
-    {(node, slot): value} for the graph's targets."""
+    {(node, slot): value} for the graph's targets. ``wrap(node)``: what the
+    rules see as ``ctx.node`` (the CUDA-graph recorder's proxy)."""
     captured: dict = {}
     pending = {n: list(v) for n, v in seeds.items()}
     edges, n_outputs = graph.edges, graph.n_outputs
@@ -253,7 +256,8 @@ def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route
             fn = rule_for(node)
             if fn is None:
                 raise _unsupported(graph, node)
-            ctx = RuleContext(node, grads, needs, sr, dtype, lazy=True, nexts=nexts)
+            ctx = RuleContext(node if wrap is None else wrap(node), grads, needs, sr, dtype, lazy=True,
+                              nexts=nexts)
             try:
                 outs = fn(ctx)
             except UnsupportedNodeError as exc:
@@ -290,14 +294,17 @@ def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route
 
 def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] = "real",
         backend: Optional[str] = None, keep: Optional[dict] = None,
-        progress: bool = False, route=None, graph: Optional[GradientGraph] = None) -> tuple[Value, ...]:
+        progress: bool = False, route=None, graph: Optional[GradientGraph] = None,
+        cuda_graph: bool = False) -> tuple[Value, ...]:
     """One semiring backward pass; returns the raw semiring value of each input.
 
     ``keep``: if a dict is given, every visited node's output values are stored
     in it as ``keep[node] = [value per forward-output slot]`` (path readouts use
     them as potentials). ``route(consumer, index, value) -> value``: a hook
     applied to each rule output before it is ⊕-accumulated. ``graph``: a
-    prebuilt :class:`GradientGraph`."""
+    prebuilt :class:`GradientGraph`. ``cuda_graph``: replay repeated passes
+    from CUDA graphs (:mod:`semitriton.cuda_graph`; not with keep, route,
+    progress or a RuleProfile)."""
     inputs = _as_tuple(inputs)
     sr = get(semiring)
     if graph is None:
@@ -309,10 +316,17 @@ def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] 
             if t is output:
                 results[i] = sr.one(tuple(output.shape), dtype, output.device)
         if graph.root is not None:
-            seed = [None] * len(graph.root._input_metadata)
-            seed[output.output_nr] = sr.one(tuple(output.shape), dtype, output.device)
+            def seeds():
+                seed = [None] * len(graph.root._input_metadata)
+                seed[output.output_nr] = sr.one(tuple(output.shape), dtype, output.device)
+                return {graph.root: seed}
+
             t0 = time.perf_counter()
-            captured = _walk(graph, {graph.root: seed}, sr, dtype, keep, route, progress)
+            if cuda_graph and keep is None and route is None and not progress and RuleProfile._active is None:
+                from . import cuda_graph as _cuda_graph
+                captured = _cuda_graph.walk(graph, seeds, sr, dtype, _walk, _backend.resolve())
+            else:
+                captured = _walk(graph, seeds(), sr, dtype, keep, route, progress)
             if RuleProfile._active is not None:
                 if output.is_cuda:
                     torch.cuda.synchronize(output.device)
@@ -423,7 +437,7 @@ def _native_real(output: Tensor, inputs: tuple) -> Optional[tuple]:
 
 def grad(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] = "real",
          backend: Optional[str] = None, progress: bool = False,
-         log_space: bool = False, fast_real: bool = True) -> tuple[Tensor, ...]:
+         log_space: bool = False, fast_real: bool = True, cuda_graph: bool = False) -> tuple[Tensor, ...]:
     """Generalised ``torch.autograd.grad``: one semiring backward pass from
     ``output`` to each of ``inputs``; returns the semiring's readout per input
     (same shape as the input).
@@ -447,14 +461,23 @@ def grad(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring]
 
     ``real`` on float32/float64 graphs runs PyTorch's autograd engine (the
     gradient is the real semiring's value); ``fast_real=False`` forces the
-    semiring walk (the tests compare the two)."""
+    semiring walk (the tests compare the two).
+
+    ``cuda_graph=True`` (CUDA models, repeated calls on same-shaped inputs):
+    the pass is captured into a CUDA graph on the second call and replayed
+    on later ones, skipping the host's per-node work; each replay first
+    copies this forward's saved activations into the graph's static buffers,
+    and is used only when every other value the rules read (shapes, indices,
+    flags, parameter addresses) equals the captured one, else the pass runs
+    eagerly (:mod:`semitriton.cuda_graph`). A replay waits for the device
+    before returning."""
     sr = get(semiring)
     _backend.resolve(backend)                     # reject an unknown backend name early
     if fast_real and type(sr) is Real:
         fast = _native_real(output, _as_tuple(inputs))
         if fast is not None:
             return fast
-    vals = run(output, inputs, sr, backend=backend, progress=progress)
+    vals = run(output, inputs, sr, backend=backend, progress=progress, cuda_graph=cuda_graph)
     if log_space:
         if not hasattr(sr, "log_readout"):
             raise ValueError(f"log_space=True: the {sr.name} semiring has no log-space readout "

@@ -26,6 +26,7 @@ insertions as the cache holds entries), not on every insertion.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -96,12 +97,28 @@ def _sweep_dead():
     _inserts_since_sweep = 0
 
 
+_bypass = 0
+
+
+@contextlib.contextmanager
+def bypass():
+    """Inside: :func:`transform` neither reads nor fills the cache (a CUDA-graph
+    capture computes |W| from the weight it reads, so a weight changed in place
+    between replays is seen)."""
+    global _bypass
+    _bypass += 1
+    try:
+        yield
+    finally:
+        _bypass -= 1
+
+
 def transform(t, name: str, fn):
     """``fn(t)`` for the transform called ``name``, cached when ``t`` is a weight."""
     global _bytes, _inserts_since_sweep
     import torch
 
-    if not cacheable(t):
+    if _bypass or not cacheable(t):
         with torch.no_grad():
             return fn(t)
     key = (t.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t.device, name)

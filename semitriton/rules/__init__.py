@@ -103,8 +103,11 @@ class RuleContext:
         """A python scalar or tensor as a compute-dtype tensor on the values' device."""
         dev = self.node._input_metadata[0].device
         if isinstance(x, Tensor):
-            return x.to(device=dev, dtype=self.dtype)
-        return torch.tensor(x, dtype=self.dtype, device=dev)
+            if x.dim() == 0 and x.device != dev:    # a wrapped CPU scalar
+                x = x.item()
+            else:
+                return x.to(device=dev, dtype=self.dtype)
+        return torch.full((), x, dtype=self.dtype, device=dev)   # a fill, not a host copy (CUDA graphs)
 
 
 def _signed(x):

@@ -4,6 +4,7 @@ weight A[i,j]."""
 
 from __future__ import annotations
 
+from .. import cuda_graph
 from . import rule
 
 
@@ -30,13 +31,12 @@ def live_rows_matmul(sr, v, w, max_live: float = 0.5):
     flat = sr.map(v, lambda c: c.reshape(-1, J))
     R = flat[0].shape[0]
     live = ~sr.is_zero(flat).all(-1)
-    n_live = int(live.sum())
-    if n_live > max_live * R:
+    n_live, idx = cuda_graph.live_rows(live, max_live)
+    if idx is None:
         return sr.matmul(v, w)
     K = w.shape[-1]
     out = sr.zero((R, K), v[0].dtype, v[0].device)
     if n_live:
-        idx = live.nonzero().squeeze(-1)
         part = sr.matmul(sr.map(flat, lambda c: c.index_select(0, idx)), w)
         out = tuple(o.index_copy(0, idx, p) for o, p in zip(out, part))
     return sr.map(out, lambda c: c.reshape(*lead, K))

@@ -156,7 +156,7 @@ class Semiring:
     def scale(self, v: Value, w) -> Value:
         """``v ⊗ edge(w)`` elementwise, ``w`` a real tensor broadcastable to v."""
         if not isinstance(w, Tensor):
-            w = torch.tensor(w, dtype=v[0].dtype, device=v[0].device)
+            w = torch.full((), w, dtype=v[0].dtype, device=v[0].device)
         shape = torch.broadcast_shapes(v[0].shape, w.shape)
         v = self.map(v, lambda c: c.expand(shape))
         return self.times(v, self.edge(w.to(v[0].dtype).expand(shape)))

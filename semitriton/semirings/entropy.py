@@ -77,7 +77,7 @@ class Entropy(Semiring):
     @kernel_op("scale")
     def scale(self, v, w):
         if not isinstance(w, torch.Tensor):
-            w = torch.tensor(float(w), dtype=v[0].dtype, device=v[0].device)
+            w = torch.full((), float(w), dtype=v[0].dtype, device=v[0].device)
         lw = log_abs(w.to(v[0].dtype))
         l = v[0] + lw
         return _clean(l, torch.where(l == NEG_INF, 0.0, v[1] - lw))

@@ -41,5 +41,5 @@ class LogSpaceSemiring(Semiring):
     @kernel_op("scale")
     def scale(self, v, w):
         if not isinstance(w, torch.Tensor):
-            w = torch.tensor(float(w), dtype=v[0].dtype, device=v[0].device)
+            w = torch.full((), float(w), dtype=v[0].dtype, device=v[0].device)
         return (v[0] + log_abs(w.to(v[0].dtype)),)

@@ -55,7 +55,7 @@ class Max(Semiring):
     def scale(self, v, w):
         p, n = v
         if not isinstance(w, torch.Tensor):
-            w = torch.tensor(float(w), dtype=p.dtype, device=p.device)
+            w = torch.full((), float(w), dtype=p.dtype, device=p.device)
         w = w.to(p.dtype)
         pos, neg = w > 0, w < 0
         return (torch.where(pos, w * p, torch.where(neg, w * n, NEG_INF)),

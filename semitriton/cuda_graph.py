@@ -1,0 +1,659 @@
+"""CUDA-graph replay of semiring passes (``semitriton.grad(..., cuda_graph=True)``).
+
+A pass over a CUDA model launches one to a few kernels per autograd node, and
+on small or medium models the host (the walk, the rules, the launchers) takes
+longer than the device. Repeated passes over graphs of the same structure
+(the same model on same-shaped batches) can skip that host work: the pass is
+captured once into a CUDA graph and replayed.
+
+What a captured pass reads: everything the rules read from the autograd
+nodes is noted during recording (the rules see each node through a proxy).
+Saved activations are new tensors every forward, at addresses the caching
+allocator does not keep (measured on an H100, 2026-11-27: consecutive
+BERT/SmolLM2 forwards rarely matched), so the graph reads them from static
+buffers, and each replay first copies the new forward's tensors into them
+(one ``_foreach_copy_``). Parameters (and views of them) are read in place
+and checked by address. Every other attribute (indices, dims, scales, flags,
+shapes, strides, dtypes) must equal the captured one, else the call runs
+eagerly. The check is complete by construction: a capture is refused if any
+kernel reads a tensor that is neither produced inside the pass, nor a static
+buffer, nor a noted parameter (torch ops and Triton launches are watched).
+Weights are read as saved (no cached |W| inside a graph), so a weight changed
+in place between calls is seen by the next replay. The static buffers cost
+memory: about one more copy of the activations the rules read.
+
+Policy per graph signature (structure, shapes, semiring, dtype, backend,
+``SEMITRITON_*`` settings): the first call runs eagerly and records what the
+rules read; the next call with the same reads is captured (the eager call
+compiled and autotuned every kernel it needs) and later ones replay it; a
+mismatch runs eagerly and records anew; after ``MAX_MISSES`` mismatches in a
+row the signature stays eager. Replays end with one synchronisation (the
+live-row check of language-model heads, below) and return copies of the
+results. A capture that fails leaves that signature eager, with a warning
+naming the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
+
+#: mismatches in a row after which a signature is left to the eager walk
+MAX_MISSES = 3
+
+_ABSENT = ("absent",)
+
+
+class NotCapturable(RuntimeError):
+    """A pass that cannot be captured (the message says why)."""
+
+
+# ---- what the rules read --------------------------------------------------------------------
+def fingerprint(v):
+    """A comparable summary of a node attribute: tensors by shape, strides,
+    dtype and device (their contents are read at replay time; a CPU scalar by
+    value); containers element-wise; plain values by value; methods by name,
+    functions and classes by identity; input metadata by shape, dtype, device."""
+    if isinstance(v, Tensor):
+        if v.device.type == "cpu" and v.dim() == 0:   # wrapped scalars: used by value
+            return ("C", v.item(), v.dtype)
+        return ("T", tuple(v.shape), v.stride(), v.dtype, v.device)
+    if isinstance(v, (tuple, list)):
+        return ("S", tuple(fingerprint(e) for e in v))
+    if v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device, torch.Size)):
+        return ("V", v)
+    if isinstance(v, (types.MethodType, types.BuiltinMethodType)):     # bound to this node: a new object each read
+        return ("F", getattr(v, "__qualname__", getattr(v, "__name__", "?")))
+    if isinstance(v, type) or callable(v):
+        return ("I", id(v))
+    if hasattr(v, "shape") and hasattr(v, "dtype") and hasattr(v, "device"):   # autograd _InputMetadata
+        return ("M", tuple(v.shape), v.dtype, v.device)
+    raise NotCapturable(f"a rule read a node attribute of type {type(v).__name__}, which the replay check "
+                        "cannot compare")
+
+
+def _tensors(v, out: list) -> list:
+    if isinstance(v, Tensor):
+        out.append(v)
+    elif isinstance(v, (tuple, list)):
+        for e in v:
+            _tensors(e, out)
+    return out
+
+
+def _device_tensors(v) -> list:
+    """The tensors of ``v`` that a kernel reads (not the CPU scalars compared by value)."""
+    return [t for t in _tensors(v, []) if not (t.device.type == "cpu" and t.dim() == 0)]
+
+
+def _is_parameter(t: Tensor) -> bool:
+    return isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
+
+
+def _substitute(v, it):
+    """``v`` with its device tensors replaced, in order, by the items of ``it``."""
+    if isinstance(v, Tensor):
+        return v if v.device.type == "cpu" and v.dim() == 0 else next(it)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_substitute(e, it) for e in v)
+    return v
+
+
+_PROXY_TYPES: dict = {}
+
+
+class _NodeProxy:
+    """An autograd node as the rules see it while a pass is recorded: every
+    attribute read is forwarded to the node and noted (inside a capture,
+    saved activations are replaced by the static buffers)."""
+
+    __slots__ = ("_node", "_pos", "_rec")
+
+    def __getattr__(self, attr):
+        node = object.__getattribute__(self, "_node")
+        rec = object.__getattribute__(self, "_rec")
+        pos = object.__getattribute__(self, "_pos")
+        v = rec.substitute.get((pos, attr))
+        if v is None:
+            try:
+                with _disable_current_modes():     # unpacking a saved output may detach: not a kernel read
+                    v = getattr(node, attr)
+            except AttributeError:
+                rec.note(pos, attr, None, absent=True)
+                raise
+        rec.note(pos, attr, v)
+        return v
+
+
+def _proxy_type(cls) -> type:
+    """A proxy class with the node class's name (rules dispatch on ``type(node).__name__``)."""
+    t = _PROXY_TYPES.get(cls)
+    if t is None:
+        t = _PROXY_TYPES[cls] = type(cls.__name__, (_NodeProxy,), {"__slots__": ()})
+    return t
+
+
+class Recorder:
+    """Notes the node attributes a pass reads: {(position in ``graph.order``,
+    attribute): fingerprint}, and per read the addresses of
+    its device tensors and which are parameters; also the live-row decisions
+    of language-model heads. ``substitute``: {(position, attribute): value}
+    the rules get instead (a capture's static buffers)."""
+
+    def __init__(self, graph, capturing: bool = False):
+        self.pos = {n: i for i, n in enumerate(graph.order)}
+        self.reads: dict = {}
+        self.tensors: dict = {}        # (pos, attr) -> ((data_ptr, is parameter), ...)
+        self.read_storages: set = set()
+        self.capturing = capturing
+        self.substitute: dict = {}
+        self.hints: list = []          # live_rows_matmul decisions (row counts or None), in call order
+        self.hint_i = 0
+        self.flag: Optional[Tensor] = None     # set while capturing: more live rows than recorded
+        self.current = "(engine)"              # the node type whose rule runs
+
+    def proxy(self, node):
+        self.current = type(node).__name__
+        p = object.__new__(_proxy_type(type(node)))
+        object.__setattr__(p, "_node", node)
+        object.__setattr__(p, "_pos", self.pos[node])
+        object.__setattr__(p, "_rec", self)
+        return p
+
+    def note(self, pos: int, attr: str, value, absent: bool = False) -> None:
+        for t in _tensors(value, []):
+            self.read_storages.add(t.untyped_storage().data_ptr())
+        if (pos, attr) not in self.reads:
+            with _disable_current_modes():            # not through the closure check's mode
+                try:
+                    fp = _ABSENT if absent else fingerprint(value)
+                except NotCapturable as exc:          # the eager pass goes on; no replay will match
+                    fp = ("X", str(exc))
+                self.reads[(pos, attr)] = fp
+                self.tensors[(pos, attr)] = tuple((t.data_ptr(), _is_parameter(t))
+                                                  for t in _device_tensors(value))
+
+
+def _values(graph, reads: dict) -> Optional[dict]:
+    """{(position, attribute): value} read from ``graph``'s nodes when every
+    fingerprint equals the recorded one, else None."""
+    order = graph.order
+    out = {}
+    try:
+        for (pos, attr), fp in reads.items():
+            try:
+                v = getattr(order[pos], attr)
+            except AttributeError:
+                if fp is not _ABSENT:
+                    return None
+                continue
+            if fp is _ABSENT or fp[0] == "X" or fingerprint(v) != fp:
+                return None
+            out[(pos, attr)] = v
+    except (NotCapturable, RuntimeError):   # uncomparable, or freed: the eager pass says what is wrong
+        return None
+    return out
+
+
+def reads_match(graph, reads: dict) -> bool:
+    """The nodes of ``graph`` give the recorded fingerprints."""
+    return _values(graph, reads) is not None
+
+
+_ACTIVE: Optional[Recorder] = None
+
+
+def active() -> Optional[Recorder]:
+    """The recorder of the pass being recorded or captured, else None."""
+    return _ACTIVE
+
+
+# ---- live rows of language-model heads --------------------------------------------------------
+def live_rows(live: Tensor, max_live: float):
+    """(n_live, idx) for ``live_rows_matmul``: in an eager pass counts the live
+    rows (a synchronisation) and notes the count; inside a capture takes the
+    count noted by the eager pass (nothing of that pass stays on the device,
+    which would move the next forward's tensors), finds the rows with a
+    fixed-size ``nonzero_static``, and sets the pass's check flag on the
+    device where more rows are live now."""
+    rec = _ACTIVE
+    R = live.shape[0]
+    if rec is None or not rec.capturing:
+        n_live = int(live.sum())
+        idx = None if n_live > max_live * R else live.nonzero().squeeze(-1)
+        if rec is not None:
+            rec.hints.append(None if idx is None else n_live)
+        return n_live, idx
+    if rec.hint_i >= len(rec.hints):
+        raise NotCapturable("the pass made more live-row decisions than the recorded one")
+    n = rec.hints[rec.hint_i]
+    rec.hint_i += 1
+    if n is None:
+        return R, None                                # recorded: the full product
+    torch.logical_or(rec.flag, live.sum() > n, out=rec.flag)
+    # fewer live rows than n: the padding repeats row 0, computed and written identically
+    return n, torch.nonzero_static(live, size=n, fill_value=0).squeeze(-1)
+
+
+# ---- the closure check ------------------------------------------------------------------------
+class _Closure:
+    """Refuses a capture whose kernels read a tensor that is neither produced
+    inside the pass nor read from the recorded nodes (its contents would be
+    frozen into the graph). Watches torch ops and Triton launches."""
+
+    def __init__(self, rec: Recorder, allowed: set):
+        self.rec = rec
+        self.inside: set = set(allowed)
+        self.bad: list = []
+
+    def check(self, what: str, tensors) -> None:
+        for t in tensors:
+            if not isinstance(t, Tensor) or t.numel() == 0:
+                continue
+            p = t.untyped_storage().data_ptr()
+            if p not in self.inside and p not in self.rec.read_storages:
+                self.bad.append(f"{what} in the rule of {self.rec.current} reads a {tuple(t.shape)} {t.dtype} "
+                                "tensor from outside the pass")
+
+    def produced(self, out) -> None:
+        for t in _tensors(out, []):
+            self.inside.add(t.untyped_storage().data_ptr())
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        closure = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                closure.check(f"torch op {func.overloadpacket.__name__}",
+                              _tensors(list(args), []) + _tensors(list(kwargs.values()), []))
+                out = func(*args, **kwargs)
+                closure.produced(out)
+                return out
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        self._patched = _patch_triton_launch(self)
+        return self
+
+    def __exit__(self, *exc):
+        for cls, name, orig in self._patched:
+            setattr(cls, name, orig)
+        self._mode.__exit__(*exc)
+        return False
+
+
+def _patch_triton_launch(closure: _Closure) -> list:
+    patched = []
+    try:
+        from triton.runtime import jit
+        classes = [(jit.JITFunction, "run")]
+        try:
+            from triton.runtime import interpreter
+            classes.append((interpreter.InterpretedFunction, "run"))
+        except ImportError:  # pragma: no cover
+            pass
+    except ImportError:  # pragma: no cover - no triton
+        return patched
+    for cls, name in classes:
+        orig = cls.__dict__.get(name)
+        if orig is None:  # pragma: no cover
+            continue
+
+        def run(self, *args, __orig=orig, **kwargs):
+            fn = getattr(self, "fn", self)
+            closure.check(f"Triton kernel {getattr(fn, '__name__', '?')}",
+                          [a for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor)])
+            return __orig(self, *args, **kwargs)
+
+        setattr(cls, name, run)
+        patched.append((cls, name, orig))
+    return patched
+
+
+# ---- signatures and the cache -----------------------------------------------------------------
+def signature(graph, output: Tensor, sr, dtype, backend_name: str) -> tuple:
+    """What must be equal for a captured pass to apply, besides the reads:
+    node types, edges, forward-output shapes, targets, output, semiring,
+    dtype, backend and the ``SEMITRITON_*`` settings."""
+    pos = {n: i for i, n in enumerate(graph.order)}
+    edges = graph.edges
+    nodes = []
+    for n in graph.order:
+        nf, needs = edges[n]
+        nodes.append((type(n).__name__,
+                      tuple((pos[f], nr) if need else -1 for (f, nr), need in zip(nf, needs)),
+                      tuple(tuple(m.shape) for m in n._input_metadata)))
+    targets = tuple(sorted((pos[n], slot, i) for n, lst in graph.targets.items() for slot, i in lst))
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("SEMITRITON_")))
+    return (sr.name, dtype, backend_name, tuple(output.shape), output.dtype, output.device,
+            output.output_nr, targets, tuple(nodes), env)
+
+
+@dataclass
+class _Entry:
+    reads: dict                               # (pos, attr) -> fingerprint
+    tensors: dict                             # (pos, attr) -> ((data_ptr, is parameter), ...) when recorded
+    hints: list
+    graph: Optional[object] = None            # torch.cuda.CUDAGraph (or the emulation)
+    outputs: Optional[dict] = None            # target (pos, slot) -> value, in the graph's pool
+    flag: Optional[Tensor] = None
+    #: per read with device tensors: per tensor ("param", data_ptr) or ("static", buffer index)
+    plan: dict = field(default_factory=dict)
+    statics: list = field(default_factory=list)
+    misses: int = 0
+    disabled: str = ""
+
+
+@dataclass
+class Stats:
+    eager: int = 0
+    captures: int = 0
+    replays: int = 0
+    mismatches: int = 0
+    invalidated: int = 0
+    failures: list = field(default_factory=list)
+
+
+_CACHE: dict = {}
+#: signatures kept (each holds a captured graph, its memory pool and its static buffers)
+MAX_SIGNATURES = 8
+STATS = Stats()
+#: replay by re-running the captured pass (the CPU tests: CUDA graphs need a GPU)
+EMULATE = False
+
+
+def stats() -> Stats:
+    """Counters of the CUDA-graph path (eager passes, captures, replays, mismatches)."""
+    return STATS
+
+
+def clear() -> None:
+    """Drop every captured graph (and its memory)."""
+    for e in _CACHE.values():
+        _free(e)
+    _CACHE.clear()
+
+
+def _free(entry: _Entry) -> None:
+    if entry.graph is not None:
+        entry.graph.reset()
+    entry.graph, entry.outputs, entry.flag, entry.plan, entry.statics = None, None, None, {}, []
+
+
+def _eager(graph, make_seeds, sr, dtype, walk, sig, misses: int = 0) -> dict:
+    global _ACTIVE
+    rec = Recorder(graph)
+    _ACTIVE = rec
+    try:
+        captured = walk(graph, make_seeds(), sr, dtype, wrap=rec.proxy)
+    finally:
+        _ACTIVE = None
+    STATS.eager += 1
+    old = _CACHE.pop(sig, None)
+    if old is not None:
+        _free(old)
+    _CACHE[sig] = _Entry(rec.reads, rec.tensors, rec.hints, misses=misses)
+    while len(_CACHE) > MAX_SIGNATURES:                 # the least recently recorded goes
+        _free(_CACHE.pop(next(iter(_CACHE))))
+    return captured
+
+
+def _extent(t: Tensor) -> int:
+    """Elements of its storage that ``t`` spans, from its storage offset."""
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def _region(t: Tensor, lo: int, n: int) -> Tensor:
+    """Elements lo .. lo+n of ``t``'s storage, as a flat tensor of its dtype."""
+    return t.as_strided((n,), (1,), lo)
+
+
+def _plan(entry: _Entry, values: dict) -> tuple[dict, list, dict]:
+    """Static buffers for the activations a capture reads: (plan, buffers,
+    substitutes). A parameter read at the address it had in the recorded call
+    is read in place. Every other device tensor is read from a buffer holding
+    the span of its storage that the pass reads (one buffer per storage, so
+    q, k and v sliced from one projection share it), through a view with the
+    same shape, strides and relative offset; the buffers are filled now."""
+    plan, subs, spans = {}, {}, {}
+    for key, v in values.items():
+        recorded = entry.tensors.get(key, ())
+        for i, t in enumerate(_device_tensors(v)):
+            if not (i < len(recorded) and recorded[i] == (t.data_ptr(), True)):
+                g = (t.untyped_storage().data_ptr(), t.dtype, t.device)
+                lo, hi = spans.get(g, (t.storage_offset(), t.storage_offset()))
+                spans[g] = (min(lo, t.storage_offset()), max(hi, t.storage_offset() + _extent(t)))
+    index = {g: j for j, g in enumerate(spans)}
+    statics = []
+    for (ptr, dt, dev), (lo, hi) in spans.items():
+        statics.append(torch.empty(hi - lo, dtype=dt, device=dev))
+    filled = set()
+    for key, v in values.items():
+        ts = _device_tensors(v)
+        if not ts:
+            continue
+        recorded = entry.tensors.get(key, ())
+        acts, repl = [], []
+        for i, t in enumerate(ts):
+            if i < len(recorded) and recorded[i] == (t.data_ptr(), True):
+                acts.append(("param", t.data_ptr()))
+                repl.append(t)
+                continue
+            j = index[(t.untyped_storage().data_ptr(), t.dtype, t.device)]
+            lo = spans[(t.untyped_storage().data_ptr(), t.dtype, t.device)][0]
+            if j not in filled:
+                statics[j].copy_(_region(t, lo, statics[j].numel()))
+                filled.add(j)
+            acts.append(("static", j, t.storage_offset() - lo))
+            repl.append(statics[j].as_strided(t.shape, t.stride(), t.storage_offset() - lo))
+        plan[key] = tuple(acts)
+        subs[key] = _substitute(v, iter(repl))
+    return plan, statics, subs
+
+
+def _bind(entry: _Entry, graph) -> bool:
+    """Copy this forward's tensors into the static buffers; False (nothing
+    copied) where a read differs from the capture's."""
+    values = _values(graph, entry.reads)
+    if values is None:
+        return False
+    starts: dict = {}                          # buffer -> (storage address, start element) in this forward
+    for key, acts in entry.plan.items():
+        ts = _device_tensors(values[key])
+        if len(ts) != len(acts):
+            return False
+        for t, act in zip(ts, acts):
+            if act[0] == "param":
+                if t.data_ptr() != act[1]:
+                    return False
+                continue
+            _, j, rel = act
+            start = (t.untyped_storage().data_ptr(), t.storage_offset() - rel)
+            if starts.setdefault(j, (start, t))[0] != start:   # the views keep their relative layout
+                return False
+    dst, src = [], []
+    for j, ((_, lo), t) in starts.items():
+        n = entry.statics[j].numel()
+        if lo < 0 or (lo + n) * t.element_size() > t.untyped_storage().nbytes():
+            return False
+        dst.append(entry.statics[j])
+        src.append(_region(t, lo, n))
+    if dst:
+        torch._foreach_copy_(dst, src)
+    return True
+
+
+class _EmulatedGraph:
+    """The CPU tests' stand-in for a CUDA graph: a replay re-runs the captured
+    pass (reading the same static buffers) and writes its results into the
+    captured outputs, which is what a replayed graph does."""
+
+    def __init__(self, rerun):
+        self.rerun = rerun
+
+    def replay(self):
+        self.rerun()
+
+    def reset(self):
+        self.rerun = None
+
+
+def _capture(entry: _Entry, graph, make_seeds, sr, dtype, walk) -> None:
+    """Capture the pass into ``entry.graph``: static buffers for the
+    activations, reads from anywhere else refused."""
+    global _ACTIVE
+    from . import weight_cache
+    from .kernels import _common as _tuning
+
+    values = _values(graph, entry.reads)
+    if values is None:
+        raise NotCapturable("the reads changed between the check and the capture")
+    plan, statics, subs = _plan(entry, values)
+    rec = Recorder(graph, capturing=True)
+    rec.hints, rec.substitute = entry.hints, subs
+
+    def run_walk():
+        rec.hint_i = 0
+        # in the graph's own pool, like everything it allocates
+        rec.flag = torch.zeros((), dtype=torch.bool, device=graph.output.device)
+        return walk(graph, make_seeds(), sr, dtype, wrap=rec.proxy)
+
+    _ACTIVE = rec
+    _tuning.frozen = True
+    g = None
+    try:
+        if EMULATE:
+            with weight_cache.bypass(), _Closure(rec, set()) as closure:
+                captured = run_walk()
+        else:
+            # not torch.cuda.graph(): it empties the allocator's cache first; the
+            # capture begins before the closure check (it updates the RNG's offsets)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                g.capture_begin(capture_error_mode="thread_local")
+                try:
+                    with weight_cache.bypass(), _Closure(rec, set()) as closure:
+                        captured = run_walk()
+                finally:
+                    g.capture_end()
+            torch.cuda.current_stream().wait_stream(stream)
+    finally:
+        _ACTIVE = None
+        _tuning.frozen = False
+    if closure.bad:
+        if g is not None:
+            g.reset()
+        raise NotCapturable("; ".join(sorted(set(closure.bad))[:3]))
+    if rec.reads != entry.reads:
+        if g is not None:
+            g.reset()
+        raise NotCapturable("the captured pass read other node attributes than the recorded one")
+    pos = rec.pos
+    outputs = {(pos[n], slot): v for (n, slot), v in captured.items()}
+    if EMULATE:
+        def rerun():
+            global _ACTIVE
+            _ACTIVE = rec
+            try:
+                with weight_cache.bypass():
+                    new = run_walk()
+            finally:
+                _ACTIVE = None
+            for (n, slot), v in new.items():
+                for o, c in zip(outputs[(pos[n], slot)], v):
+                    o.copy_(c)
+            entry.flag = rec.flag
+        g = _EmulatedGraph(rerun)
+    entry.graph, entry.flag, entry.outputs = g, rec.flag, outputs
+    entry.plan, entry.statics = plan, statics
+
+
+def _replay(entry: _Entry, graph) -> Optional[dict]:
+    entry.graph.replay()
+    if bool(entry.flag):                      # a live row outside the recorded ones: not valid
+        STATS.invalidated += 1
+        return None
+    STATS.replays += 1
+    order = graph.order
+    return {(order[p], slot): tuple(c.clone() for c in v) for (p, slot), v in entry.outputs.items()}
+
+
+def _on_cuda(t: Tensor) -> bool:
+    return t.is_cuda
+
+
+def walk(graph, make_seeds: Callable[[], dict], sr, dtype, walk_fn, backend_name: str) -> dict:
+    """The semiring walk over ``graph`` through the CUDA-graph cache (see the
+    module docstring); ``make_seeds()`` builds the seed values (called inside
+    a capture). Falls back to ``walk_fn`` for CPU tensors."""
+    output = graph.output
+    if not _on_cuda(output):
+        return walk_fn(graph, make_seeds(), sr, dtype)
+    sig = signature(graph, output, sr, dtype, backend_name)
+    entry = _CACHE.get(sig)
+    if entry is None:
+        return _eager(graph, make_seeds, sr, dtype, walk_fn, sig)
+    if entry.disabled:
+        return walk_fn(graph, make_seeds(), sr, dtype)
+    if entry.graph is not None:
+        bound = _bind(entry, graph)
+    else:
+        bound = reads_match(graph, entry.reads)
+    if not bound:
+        STATS.mismatches += 1
+        misses = entry.misses + 1
+        captured = _eager(graph, make_seeds, sr, dtype, walk_fn, sig, misses)
+        if misses >= MAX_MISSES:
+            _CACHE[sig].disabled = f"{misses} calls in a row read other tensors or values than the call before"
+        return captured
+    entry.misses = 0
+    if entry.graph is None:
+        try:
+            _capture(entry, graph, make_seeds, sr, dtype, walk_fn)
+            STATS.captures += 1
+        except Exception as exc:  # noqa: BLE001 - any capture failure leaves the signature eager
+            _free(entry)
+            entry.disabled = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            STATS.failures.append(entry.disabled)
+            warnings.warn(f"semitriton: this pass is not replayed from a CUDA graph ({entry.disabled}); "
+                          "it runs eagerly", RuntimeWarning, stacklevel=4)
+            if not EMULATE:
+                torch.cuda.synchronize()
+            return walk_fn(graph, make_seeds(), sr, dtype)
+    out = _replay(entry, graph)
+    if out is None:
+        _free(entry)
+        return _eager(graph, make_seeds, sr, dtype, walk_fn, sig)
+    return out
+
+
+def check_capturable(graph, make_seeds: Callable[[], dict], sr, dtype, walk_fn) -> dict:
+    """Record one pass (any device, the CPU included) with the closure check
+    on. Returns {"values": the walk's result, "reads": {(position, attribute):
+    fingerprint} a replay would compare, "outside": descriptions of the
+    tensors a capture would have frozen in (empty when capturable), "hints":
+    the live-row decisions}."""
+    global _ACTIVE
+    from . import weight_cache
+
+    rec = Recorder(graph)
+    _ACTIVE = rec
+    try:
+        with weight_cache.bypass(), _Closure(rec, set()) as closure:
+            values = walk_fn(graph, make_seeds(), sr, dtype, wrap=rec.proxy)
+    finally:
+        _ACTIVE = None
+    return {"values": values, "reads": rec.reads, "outside": sorted(set(closure.bad)), "hints": rec.hints}

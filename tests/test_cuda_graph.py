@@ -1,0 +1,377 @@
+"""CUDA-graph replay of semiring passes (semitriton/cuda_graph.py).
+
+On the CPU: a recorded pass reads nothing from outside the nodes it notes
+(every rule, aten and patched models, both backends), the notes catch a
+changed saved index, tensors from outside are caught through torch ops and
+Triton launches, the live-row decisions of language-model heads are replayed
+and checked, and grad(cuda_graph=True) on CPU tensors is the eager pass.
+On a GPU: replays equal the eager pass on new inputs, with weights changed
+in place and with another scored position."""
+
+import os
+
+import pytest
+import torch
+
+import semitriton
+from conftest import SEMIRINGS, assert_semiring_close
+from semitriton import cuda_graph, engine
+from semitriton.semirings import get
+
+transformers = pytest.importorskip("transformers")
+
+IDS = torch.tensor([[3, 5, 7, 9, 11, 2, 4, 6], [4, 6, 8, 10, 12, 14, 16, 18]])
+CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def _forward(kind, patched, device="cpu", position=-1, model=None, ids=IDS):
+    from hf_models import build
+    if model is None:
+        model = build(kind).to(device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if patched:
+            semitriton.patch(model)
+    emb = model.get_input_embeddings()(ids.to(device)).detach().clone().requires_grad_()
+    logits = model(inputs_embeds=emb).logits
+    return model, emb, (logits[:, position, 7] - logits[:, position, 3]).sum()
+
+
+def _record(score, emb, semiring, backend):
+    sr = get(semiring)
+    graph = engine.GradientGraph(score, (emb,))
+
+    def seeds():
+        seed = [None] * len(graph.root._input_metadata)
+        seed[score.output_nr] = sr.one(tuple(score.shape), torch.float32, score.device)
+        return {graph.root: seed}
+
+    with semitriton.backend.use(backend), torch.no_grad():
+        return graph, cuda_graph.check_capturable(graph, seeds, sr, torch.float32, engine._walk)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("patched", [False, True], ids=["aten", "patched"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_recorded_pass_reads_nothing_from_outside(kind, patched, backend):
+    """What a capture would freeze in: nothing; and recording changes no value."""
+    _, emb, score = _forward(kind, patched)
+    for s in SEMIRINGS if backend == "torch" else ("abs", "maxabs", "entropy"):
+        graph, rec = _record(score, emb, s, backend)
+        assert rec["outside"] == [], (kind, s, rec["outside"])
+        assert rec["reads"], "the rules read saved tensors through the proxy"
+        (want,) = engine.run(score, emb, s, backend=backend, graph=graph)
+        (got,) = [v for (node, slot), v in rec["values"].items()]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_reads_catch_another_scored_position():
+    """Same structure and shapes (one signature), another saved index: no replay."""
+    model, emb, score = _forward("llama", True)
+    graph, rec = _record(score, emb, "abs", "torch")
+    assert cuda_graph.reads_match(graph, rec["reads"])
+    _, emb2, score2 = _forward("llama", True, model=model, position=-2)
+    graph2 = engine.GradientGraph(score2, (emb2,))
+    sr = get("abs")
+    assert cuda_graph.signature(graph, score, sr, torch.float32, "torch") == \
+        cuda_graph.signature(graph2, score2, sr, torch.float32, "torch")
+    assert not cuda_graph.reads_match(graph2, rec["reads"])
+
+
+def test_proxy_keeps_the_node_type_name_and_notes_absent_attributes():
+    _, emb, score = _forward("llama", True)
+    graph = engine.GradientGraph(score, (emb,))
+    rec = cuda_graph.Recorder(graph)
+    node = graph.order[-1]
+    p = rec.proxy(node)
+    assert type(p).__name__ == type(node).__name__
+    assert not hasattr(p, "_saved_no_such_attribute")
+    assert rec.reads[(len(graph.order) - 1, "_saved_no_such_attribute")] == ("absent",)
+    assert cuda_graph.reads_match(graph, rec.reads)
+
+
+def test_fingerprints():
+    assert cuda_graph.fingerprint(torch.tensor(2.0)) == ("C", 2.0, torch.float32)
+    assert cuda_graph.fingerprint((1, None, 0.5)) == ("S", (("V", 1), ("V", None), ("V", 0.5)))
+    big = torch.zeros(100)
+    assert cuda_graph.fingerprint(big) == ("T", (100,), (1,), torch.float32, big.device)
+    assert cuda_graph.fingerprint(big[::2]) != cuda_graph.fingerprint(big[:50])      # strides count
+    node = torch.ones(2, requires_grad=True).exp().grad_fn
+    assert cuda_graph.fingerprint(node.name) == cuda_graph.fingerprint(node.name)    # a new bound method each read
+    with pytest.raises(cuda_graph.NotCapturable, match="object"):
+        cuda_graph.fingerprint(object())
+
+
+def test_an_uncomparable_read_keeps_the_eager_pass_and_never_replays():
+    class G:
+        order = []
+
+    rec = cuda_graph.Recorder(G())
+    rec.note(0, "odd", object())
+    assert rec.reads[(0, "odd")][0] == "X"
+
+    class G2:
+        order = [type("Node", (), {"odd": object()})()]
+
+    assert not cuda_graph.reads_match(G2(), rec.reads)
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+except ImportError:  # pragma: no cover
+    _copy = None
+
+
+@pytest.mark.skipif(_copy is None, reason="needs triton")
+def test_closure_catches_outside_tensors_in_torch_ops_and_triton_launches():
+    class G:
+        order = []
+
+    rec = cuda_graph.Recorder(G())
+    outside = torch.arange(8.0)
+    with cuda_graph._Closure(rec, set()) as closure:
+        inside = torch.ones(8)
+        (inside * 2).sum()
+    assert closure.bad == []
+    with cuda_graph._Closure(rec, set()) as closure:
+        (outside * 2).sum()
+    assert closure.bad and "torch op mul" in closure.bad[0]
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
+        return
+    dev = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
+    src = torch.arange(8.0, device=dev)
+    with cuda_graph._Closure(rec, set()) as closure:
+        dst = torch.empty(8, device=dev)
+        _copy[(1,)](src, dst, 8, BLOCK=8)
+    assert any("Triton kernel _copy" in b for b in closure.bad), closure.bad
+    rec.note(0, "_saved_x", src)                                     # read from a node: allowed
+    with cuda_graph._Closure(rec, set()) as closure:
+        dst = torch.empty(8, device=dev)
+        _copy[(1,)](src, dst, 8, BLOCK=8)
+    assert closure.bad == []
+
+
+def test_live_row_decisions_are_replayed_and_checked():
+    class G:
+        order = []
+
+    live = torch.tensor([True, False, False, True, False, False, False, False])
+    rec = cuda_graph.Recorder(G())
+    cuda_graph._ACTIVE = rec
+    try:
+        n, idx = cuda_graph.live_rows(live, 0.5)
+        n_full, idx_full = cuda_graph.live_rows(torch.ones(8, dtype=torch.bool), 0.5)
+    finally:
+        cuda_graph._ACTIVE = None
+    assert n == 2 and idx.tolist() == [0, 3] and idx_full is None and n_full == 8
+    assert rec.hints == [2, None], "only counts are kept (no device tensor outlives the eager pass)"
+
+    cap = cuda_graph.Recorder(G(), capturing=True)
+    cap.hints, cap.flag = rec.hints, torch.zeros((), dtype=torch.bool)
+    cuda_graph._ACTIVE = cap
+    try:
+        n2, idx2 = cuda_graph.live_rows(torch.tensor([False, False, True, False, False, False, True, False]), 0.5)
+        assert n2 == 2 and idx2.tolist() == [2, 6] and not bool(cap.flag)   # other rows, as many: exact
+        assert cuda_graph.live_rows(torch.ones(8, dtype=torch.bool), 0.5) == (8, None)
+        with pytest.raises(cuda_graph.NotCapturable):
+            cuda_graph.live_rows(live, 0.5)
+        cap.hint_i = 0
+        n3, idx3 = cuda_graph.live_rows(torch.tensor([False, False, False, True, False, False, False, False]), 0.5)
+        assert idx3.tolist() == [3, 0] and not bool(cap.flag)    # fewer: padded with row 0, still exact
+        cap.hint_i = 0
+        cuda_graph.live_rows(torch.tensor([True, True, False, True, False, False, False, False]), 0.5)
+        assert bool(cap.flag), "more live rows than recorded invalidate the replay"
+    finally:
+        cuda_graph._ACTIVE = None
+
+
+def test_padded_live_rows_give_the_exact_product():
+    """The capture's fixed-size row list (padding repeats row 0) gives the eager result."""
+    from semitriton.rules.linalg import live_rows_matmul
+
+    class G:
+        order = []
+
+    sr = get("maxabs")
+    w = torch.randn(9000, 8)
+    v = (torch.full((5, 9000), float("-inf")),)
+    v[0][1] = torch.randn(9000)
+    v[0][3] = torch.randn(9000)
+    want = live_rows_matmul(sr, v, w)
+    cap = cuda_graph.Recorder(G(), capturing=True)
+    cap.hints, cap.flag = [3], torch.zeros((), dtype=torch.bool)       # recorded with one more live row
+    cuda_graph._ACTIVE = cap
+    try:
+        got = live_rows_matmul(sr, v, w)
+    finally:
+        cuda_graph._ACTIVE = None
+    assert cap.hint_i == 1 and not bool(cap.flag)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    assert torch.isfinite(got[0][1]).all() and torch.isinf(got[0][0]).all()
+
+
+def test_autotuning_is_refused_inside_a_capture(monkeypatch):
+    from semitriton.kernels import _common
+    monkeypatch.setattr(_common, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(_common, "frozen", True)
+    with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
+        _common.choose(("test-frozen", object()), [{"a": 1}, {"a": 2}], lambda cfg: None)
+
+
+def test_cuda_graph_on_cpu_tensors_is_the_eager_pass():
+    _, emb, score = _forward("gpt2", True)
+    before = (cuda_graph.stats().eager, cuda_graph.stats().replays)
+    for s in ("abs", "max"):
+        (a,) = semitriton.grad(score, emb, semiring=s, cuda_graph=True)
+        (b,) = semitriton.grad(score, emb, semiring=s)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (cuda_graph.stats().eager, cuda_graph.stats().replays) == before
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """The CUDA-graph path on CPU tensors, with replays emulated by re-running
+    the captured pass on the same static buffers (what a graph replays)."""
+    monkeypatch.setattr(cuda_graph, "_on_cuda", lambda t: True)
+    monkeypatch.setattr(cuda_graph, "EMULATE", True)
+    cuda_graph.clear()
+    yield cuda_graph.stats()
+    cuda_graph.clear()
+
+
+def _counts(st):
+    return (st.eager, st.captures, st.replays, st.mismatches)
+
+
+def _steps(model, kind, semirings, steps, change=None, position=lambda i: -1, seed=1):
+    """Forwards on new inputs (same shapes): the cuda_graph result equals the eager one each time."""
+    g = torch.Generator().manual_seed(seed)
+    for i in range(steps):
+        if change is not None:
+            change(model, i)
+        ids = torch.randint(3, 19, IDS.shape, generator=g)       # the tiny models' vocabularies
+        _, emb, score = _forward(kind, True, model=model, ids=ids, position=position(i))
+        for s in semirings:
+            kw = dict(fast_real=False) if s == "real" else {}
+            (a,) = semitriton.grad(score, emb, semiring=s, cuda_graph=True, **kw)
+            (b,) = semitriton.grad(score, emb, semiring=s, **kw)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True, msg=f"{kind}/{s} step {i}")
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_emulated_replays_follow_new_inputs(kind, emulated):
+    """Replays read every activation from the static buffers the new forward is
+    copied into: a read left pointing at the capture's forward would give that
+    forward's statistics."""
+    model, _, _ = _forward(kind, True)
+    before = _counts(emulated)
+    _steps(model, kind, ("abs", "maxabs", "real"), 4)
+    eager, captures, replays, mismatches = (a - b for a, b in zip(_counts(emulated), before))
+    assert (eager, captures, replays, mismatches) == (3, 3, 9, 0)
+
+
+def test_emulated_replay_sees_weights_changed_in_place_and_refuses_moved_ones(emulated):
+    model, _, _ = _forward("llama", True)
+
+    def change(m, i):
+        if i == 2:
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.mul_(1.1)                      # in place: the replay reads the new values
+        if i == 4:
+            m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach() * 0.9, requires_grad=False)
+
+    before = _counts(emulated)
+    _steps(model, "llama", ("abs",), 6, change)
+    eager, captures, replays, mismatches = (a - b for a, b in zip(_counts(emulated), before))
+    assert captures == 2 and mismatches == 1 and eager == 2 and replays == 4, _counts(emulated)
+
+
+def test_policy_mismatches_then_eager_for_good(emulated):
+    """Another scored position each call (same signature, other saved index):
+    eager every time, and after MAX_MISSES in a row not even recorded."""
+    model, _, _ = _forward("gpt2", True)
+    before = _counts(emulated)
+    n = cuda_graph.MAX_MISSES + 2
+    _steps(model, "gpt2", ("max",), n, position=lambda i: -1 - (i % 2))
+    eager, captures, replays, mismatches = (a - b for a, b in zip(_counts(emulated), before))
+    assert (captures, replays, mismatches) == (0, 0, cuda_graph.MAX_MISSES)
+    assert eager == 1 + cuda_graph.MAX_MISSES            # the rest ran eagerly without recording
+    (entry,) = cuda_graph._CACHE.values()
+    assert entry.disabled
+
+
+def test_static_buffers_only_for_activations(emulated):
+    """Parameters are read in place (checked by address); everything else from buffers."""
+    model, _, _ = _forward("llama", True)
+    _steps(model, "llama", ("abs",), 2)
+    (entry,) = cuda_graph._CACHE.values()
+    acts = [a for acts in entry.plan.values() for a in acts]
+    params = {a[1] for a in acts if a[0] == "param"}
+    assert params <= {p.data_ptr() for p in model.parameters()} and params
+    assert entry.statics and all(not isinstance(b, torch.nn.Parameter) for b in entry.statics)
+    assert len({id(b) for b in entry.statics}) == len(entry.statics)
+
+
+# ---- on a GPU ------------------------------------------------------------------------------
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and TRITON_INTERPRET=0")]
+
+
+def _replays_equal_eager(model, kind, semirings, steps, change=None, position=lambda i: -1):
+    g = torch.Generator().manual_seed(1)
+    replays0 = cuda_graph.stats().replays
+    for i in range(steps):
+        if change is not None:
+            change(model, i)
+        ids = torch.randint(3, 19, IDS.shape, generator=g)        # the tiny models' vocabularies
+        _, emb, score = _forward(kind, True, "cuda", model=model, ids=ids, position=position(i))
+        for s in semirings:
+            kw = dict(fast_real=False) if s == "real" else {}
+            (a,) = semitriton.grad(score, emb, semiring=s, cuda_graph=True, **kw)
+            (b,) = semitriton.grad(score, emb, semiring=s, **kw)
+            assert_semiring_close(a.double().cpu(), b.double().cpu().numpy(), s, 1e-5, f"{kind}/{s} step {i}")
+    return cuda_graph.stats().replays - replays0
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+def test_replays_equal_the_eager_pass_gpu(kind):
+    from hf_models import build
+    cuda_graph.clear()
+    model = semitriton.patch(build(kind).cuda().requires_grad_(False))
+    replays = _replays_equal_eager(model, kind, SEMIRINGS, 5)
+    assert replays >= len(SEMIRINGS), (replays, cuda_graph.stats())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+def test_replay_sees_weights_changed_in_place_gpu():
+    from hf_models import build
+    cuda_graph.clear()
+    model = semitriton.patch(build("llama").cuda().requires_grad_(False))
+
+    def change(m, i):
+        if i >= 3:
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.mul_(1.1)
+
+    replays = _replays_equal_eager(model, "llama", ("abs", "maxabs", "entropy"), 6, change)
+    assert replays >= 3, cuda_graph.stats()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+def test_replay_follows_the_scored_position_gpu():
+    from hf_models import build
+    cuda_graph.clear()
+    model = semitriton.patch(build("gpt2").cuda().requires_grad_(False))
+    _replays_equal_eager(model, "gpt2", ("abs", "max"), 8, position=lambda i: -1 - (i // 4))
