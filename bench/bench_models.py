@@ -145,11 +145,14 @@ def forward_score(model, emb0):
     return emb, logits[:, -1, 7].float() - logits[:, -1, 3].float()
 
 
-def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on_row=None, check=None):
+def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on_row=None, check=None,
+               cuda_graph=False):
     """Rows for one model/dtype; ``on_row(row)`` is called as each one is done
     (so a time limit loses at most the row in progress). ``check``: the
     semirings whose Triton result is compared with the torch reference on the
-    same graph (None: all)."""
+    same graph (None: all). ``cuda_graph``: also a row per semiring (but
+    ``real``, which runs PyTorch's engine) with ``semitriton.grad(...,
+    cuda_graph=True)``, checked against the eager pass on the same graph."""
     import semitriton
     from semitriton.engine import RuleProfile
     model, emb0 = setup(name, dtype, dev, quick)
@@ -233,11 +236,60 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
         rows.append(row)
         if on_row is not None:
             on_row(row)
+        if cuda_graph and s != "real":
+            row = graph_row(base, s, pf_ms, nat_bwd, nat_peak, forward, model, dev, reps, log)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     semitriton.unpatch(model)
     return rows
+
+
+def graph_row(base, s, pf_ms, nat_bwd, nat_peak, forward, model, dev, reps, log):
+    """The semiring pass replayed from a CUDA graph: timed like the eager row
+    (the warm-ups record and capture), with the replay counters and the
+    largest relative difference to the eager pass on the same graph."""
+    from semitriton import cuda_graph
+    row = dict(base, semiring=s, patched_forward_ms=pf_ms, variant=base["variant"] + " + cuda_graph")
+    try:
+        before = (cuda_graph.stats().replays, cuda_graph.stats().captures, cuda_graph.stats().eager)
+
+        def ours():
+            emb, score = forward(model)
+            _grad(score, emb, s, cuda_graph=True)
+
+        ms = timed(ours, dev, reps=reps)
+        st = cuda_graph.stats()
+        row.update(ms=ms, backward_ms=ms - pf_ms, ratio=(ms - pf_ms) / nat_bwd if nat_bwd > 0 else None,
+                   target=TARGETS[s], graph_replays=st.replays - before[0], graph_captures=st.captures - before[1],
+                   graph_eager=st.eager - before[2], graph_failures=list(st.failures[-2:]),
+                   graph_static_mb=sum(b.numel() * b.element_size() for e in cuda_graph._CACHE.values()
+                                       for b in e.statics) / 2**20)
+        cuda_graph.clear()
+        # record, capture, replay: the peak includes the static buffers and the graph's pool
+        row["peak_mb"] = peak(lambda: [ours() for _ in range(3)], dev)
+        if nat_peak and row["peak_mb"]:
+            row["peak_ratio"] = row["peak_mb"] / nat_peak
+        emb, score = forward(model)
+        (a,) = _grad(score, emb, s, cuda_graph=True)
+        (b,) = _grad(score, emb, s)
+        fin = torch.isfinite(b)
+        a, b = a[fin].double(), b[fin].double()
+        den = b.abs().max().clamp_min(1e-300) if s in ("real-walk", "entropy") else b.abs().clamp_min(1e-300)
+        row["graph_vs_eager_rel_err"] = float(((a - b).abs() / den).max()) if a.numel() else 0.0
+        cuda_graph.clear()                          # its buffers and pools are not the next row's
+        log(f"  {s:8s} cuda_graph fwd+bwd {ms:8.2f} ms  backward ratio {row['ratio']:.2f}  "
+            f"replays {row['graph_replays']} captures {row['graph_captures']} eager {row['graph_eager']}  "
+            f"static buffers {row['graph_static_mb']:.0f} MiB  "
+            f"vs eager {row['graph_vs_eager_rel_err']:.1e} {row['graph_failures']}")
+    except Exception as exc:                      # record and go on
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"  {s:8s} cuda_graph ERROR {row['error'][:300]}")
+        traceback.print_exc()
+    return row
 
 
 def warm(name, dtype, dev, quick, semirings, log):
@@ -272,6 +324,9 @@ def markdown(rows, device_name, date, reps: int = 5) -> str:
         po = (f"{r['python_overhead_ms']:.1f} / {r['walk_wall_ms']:.1f}"
               if r.get("python_overhead_ms") is not None else "-")
         te = f"{r['triton_vs_torch_rel_err']:.1e}" if "triton_vs_torch_rel_err" in r else "-"
+        if "graph_replays" in r:
+            te = (f"replays {r['graph_replays']}/{r['graph_replays'] + r['graph_eager']}; "
+                  f"vs eager {r.get('graph_vs_eager_rel_err', float('nan')):.1e}")
         out.append(f"| {r['model']} | {r['dtype']} | {r.get('variant', '')} | {r['semiring']} | "
                    f"{r['native_ms']:.1f} | {r['ms']:.1f} | "
                    f"{r['ratio']:.2f} ({r['target']}) | {pk} | {po} | {te} |")
@@ -295,6 +350,8 @@ def main(argv=None):
                          "of these in parallel before the timed run so that compiling is not timed)")
     ap.add_argument("--linear-variant", action="store_true",
                     help="also time BERT-base fp32 with patch(linear=True) (one node per Linear)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also a row per semiring with semitriton.grad(..., cuda_graph=True)")
     ap.add_argument("--linear-only", action="store_true",
                     help="only patch(linear=True) rows, for every model and dtype given (fewer, larger "
                          "nodes: what it does to a host-bound walk such as SmolLM2's abs)")
@@ -326,7 +383,7 @@ def main(argv=None):
         try:
             run_config(mname, getattr(torch, dt), dev, args.quick, args.semirings.split(","), log,
                        linear=linear, reps=args.reps, on_row=save,
-                       check=None if args.check is None else args.check.split(","))
+                       check=None if args.check is None else args.check.split(","), cuda_graph=args.cuda_graph)
         except Exception as exc:
             log(f"{mname} {dt}: ERROR {type(exc).__name__}: {exc}")
             traceback.print_exc()

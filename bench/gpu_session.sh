@@ -3,18 +3,21 @@
 # Everything lands in $OUT (8 files at most come back from the device tool):
 #   env.txt tests.log warm.log models.json models.md models.log kernels.md, and
 #   ab.md, mm.md, linear.md + linear.log, host.md when those steps run
-# The default STEPS fit one call (≈ 9.5 minutes; limits 175 + 70 + 90 + 205 + 25 s; on the
-# H100 of the fifth session the kernel tests took ~150 s with a cold Triton cache and
-# 112 s warm, the engine tests 53 s, the warm-up 62 s, the fp32 model rows 130 s):
-#   kernel_tests, gpu_tests  the compiled-kernel and engine tests (pytest -m gpu,
-#            xdist), first and alone: sharing the CPU with compiling processes
-#            left them unfinished in the 2026-11-26 runs;
+# The default STEPS fit one call (≈ 9.7 minutes; limits 90 + 90 + 240 + 25 + 140 s; on the
+# H100s of 2026-11-26/27 the kernel tests took 150-170+ s with a cold Triton cache and
+# 112 s warm, the engine tests 53 s, the warm-up 48-62 s, the fp32 model rows 93-138 s):
+#   gpu_tests  the engine and CUDA-graph tests (pytest -m gpu, xdist), first and
+#            alone: sharing the CPU with compiling processes left tests unfinished;
 #   warm     one untimed pass per model/dtype/semiring in parallel processes
 #            (compiles every autotune candidate: attention plans, PIPE, split-J),
 #            so that Triton compiles (CPU-bound) on all cores at once;
-#   models   the model table (fp32 then bf16; BERT-base, SmolLM2 config);
+#   models   the model table (fp32 then bf16; BERT-base, SmolLM2 config), with a
+#            cuda_graph=True row per semiring (CUDA_GRAPH= empty: without);
 #   kernels_sel  kernel rows for KSEL (default: layer norm, GELU/SiLU rules,
-#            attention; fp32, BERT shapes).
+#            attention; fp32, BERT shapes);
+#   kernel_tests  the compiled-kernel tests, last (with a cold cache they outlast
+#            any limit this call leaves them; `STEPS=kernel_tests` alone on the
+#            warm machine finishes them).
 # Other steps: linear (patch(linear=True): SmolLM2 and BERT-base fp32, real-walk /
 # abs / entropy; linear.md, ~90 s), ab (dispatch alternatives on BERT-base fp32, see below),
 # kernels (the quick kernel table), kernels_new (RMS-norm rows), attn_long,
@@ -24,10 +27,12 @@
 # the development machine's, where the host-time tables of RESULTS come from;
 # host.md, ~1 min).
 # The models step also appends the autotuner's measurements to models.md.
-# Knobs: WARM_DTYPES, WARM_TESTS (tests to run beside the warm-up), WARM_AB
-# (A/B variants to warm up; empty: none), DTYPES, REPS, CHECK (semirings
-# checked against the torch reference in the models step), LINEAR=1 (also
-# BERT-base fp32 with patch(linear=True), ~40 s more), XDIST_N,
+# Knobs: WARM_DTYPES, WARM_GROUPS (semiring groups warmed in parallel), WARM_TESTS
+# (tests to run beside the warm-up), WARM_AB (A/B variants to warm up; empty: none),
+# DTYPES, SEMIRINGS, REPS, CHECK (semirings checked against the torch reference
+# in the models step; "none"), CUDA_GRAPH (default 1: also a cuda_graph=True row
+# per semiring; empty: without), LINEAR=1 (also BERT-base fp32 with patch(linear=True), ~40 s more),
+# GPU_TESTS and TESTS_K (files and -k of the gpu_tests step), XDIST_N,
 # T_<STEP> limits (seconds).
 # Each step has its own time limit, so a slow step cannot starve the others.
 # DRY=1: tiny shapes (a CPU rehearsal).
@@ -49,7 +54,8 @@ step() {  # name limit command...
   echo "step $name rc=$? seconds=$(( $(date +%s) - t0 ))" >> "$OUT/env.txt"
 }
 XDIST=""; python3 -c "import xdist" 2>/dev/null && XDIST="-n ${XDIST_N:-8}"
-STEPS=${STEPS:-kernel_tests,gpu_tests,warm,models,kernels_sel}
+STEPS=${STEPS:-gpu_tests,warm,models,kernels_sel,kernel_tests}
+CUDA_GRAPH=${CUDA_GRAPH-1}
 M=bench/bench_models.py
 for s in ${STEPS//,/ }; do
   case $s in
@@ -58,7 +64,7 @@ for s in ${STEPS//,/ }; do
           [ -n "${WARM_TESTS:-}" ] && timeout "${T_WARM:-90}" python3 -m pytest -q -p no:cacheprovider $XDIST \
             -m gpu $WARM_TESTS >> "$OUT/tests.log" 2>&1 &
           for m in bert-base smollm2-135m; do for dt in ${WARM_DTYPES:-float32 bfloat16}; do
-            for g in real-walk,abs,maxabs entropy,max; do
+            for g in ${WARM_GROUPS:-real-walk,abs,maxabs entropy,max}; do
               OMP_NUM_THREADS=2 timeout "${T_WARM:-90}" python3 $M $Q --warm-only --models $m --dtypes $dt \
                 --semirings $g >> "$OUT/warm.log" 2>&1 &
             done; done; done
@@ -84,17 +90,18 @@ for s in ${STEPS//,/ }; do
     host) step host "${T_HOST:-90}" python3 bench/bench_host.py --reps 5 --ops > "$OUT/host.md" 2>&1 ;;
     kernels_new) step kernels_new "${T_KNEW:-40}" python3 bench/run_kernels.py $Q --only dense --kernels rms_norm \
                    --dtypes fp32 --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
-    gpu_tests) step gpu_tests "${T_TESTS:-70}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
-                 ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu.py >> "$OUT/tests.log" 2>&1 ;;
-    models) step models "${T_MODELS:-205}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
-              --reps "${REPS:-3}" ${DTYPES:+--dtypes $DTYPES} ${CHECK:+--check $CHECK} ${LINEAR:+--linear-variant} --out "$OUT/models.json" --md "$OUT/models.md" \
+    gpu_tests) step gpu_tests "${T_TESTS:-90}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+                 ${TESTS_K:+-k "$TESTS_K"} ${GPU_TESTS:-tests/test_gpu.py tests/test_cuda_graph.py} >> "$OUT/tests.log" 2>&1 ;;
+    models) step models "${T_MODELS:-240}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
+              --reps "${REPS:-3}" ${DTYPES:+--dtypes $DTYPES} ${CHECK:+--check $CHECK} ${LINEAR:+--linear-variant} \
+              ${SEMIRINGS:+--semirings $SEMIRINGS} ${CUDA_GRAPH:+--cuda-graph} --out "$OUT/models.json" --md "$OUT/models.md" \
               > "$OUT/models.log" 2>&1 ;;
     kernels) step kernels "${T_KERNELS:-170}" python3 bench/run_kernels.py $Q --quick --out "$OUT/kernels.json" \
                --md "$OUT/kernels.md" > "$OUT/kernels.log" 2>&1 ;;
     attn_long) step attn_long "${T_ATTN:-60}" python3 bench/run_kernels.py --only attention \
                  --attention-shapes long-4096 --dtypes float32 --out "$OUT/kernels.json" --md "$OUT/kernels.md" \
                  > "$OUT/kernels.log" 2>&1 ;;
-    kernel_tests) step kernel_tests "${T_KTESTS:-175}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+    kernel_tests) step kernel_tests "${T_KTESTS:-140}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                     tests/test_kernels_dense.py tests/test_kernels_attention.py >> "$OUT/tests.log" 2>&1 ;;
     # A/B of dispatch choices at model level (BERT-base fp32), against the models
     # table: the O(n log n) torch layer norm vs the O(n²) kernel for abs; for the
