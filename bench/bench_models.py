@@ -145,6 +145,17 @@ def forward_score(model, emb0):
     return emb, logits[:, -1, 7].float() - logits[:, -1, 3].float()
 
 
+def rel_err(a, b, s):
+    """(largest relative difference of readouts ``a`` from ``b`` where ``b`` is
+    finite, whether both are infinite at the same places); real and entropy
+    relative to the largest |b| (they cross zero), the others elementwise."""
+    fin = torch.isfinite(b)
+    same_inf = bool(torch.equal(fin, torch.isfinite(a)))
+    a, b = a[fin].double(), b[fin].double()
+    den = b.abs().max().clamp_min(1e-300) if s in ("real-walk", "entropy") else b.abs().clamp_min(1e-300)
+    return (float(((a - b).abs() / den).max()) if a.numel() else 0.0), same_inf
+
+
 def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on_row=None, check=None,
                cuda_graph=False):
     """Rows for one model/dtype; ``on_row(row)`` is called as each one is done
@@ -220,12 +231,7 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
             if dev.type == "cuda" and s != "real" and (check is None or s in check):
                 (a,) = _grad(score, emb, s, backend="triton")
                 (b,) = _grad(score, emb, s, backend="torch")
-                fin = torch.isfinite(b)
-                same_inf = bool(torch.equal(fin, torch.isfinite(a)))
-                a, b = a[fin].double(), b[fin].double()
-                den = b.abs().max().clamp_min(1e-300) if s in ("real-walk", "entropy") else b.abs().clamp_min(1e-300)
-                row["triton_vs_torch_rel_err"] = float(((a - b).abs() / den).max()) if a.numel() else 0.0
-                row["triton_vs_torch_same_infinities"] = same_inf
+                row["triton_vs_torch_rel_err"], row["triton_vs_torch_same_infinities"] = rel_err(a, b, s)
             log(f"  {s:8s} fwd+bwd {ms:8.2f} ms  backward ratio {row['ratio']:.2f} (target {TARGETS[s]})  "
                 f"peak {row.get('peak_ratio') or 0:.2f}x  python overhead {row.get('python_overhead_ms') or 0:.1f} ms"
                 f"  triton-vs-torch {row.get('triton_vs_torch_rel_err', float('nan')):.1e}")
@@ -276,10 +282,7 @@ def graph_row(base, s, pf_ms, nat_bwd, nat_peak, forward, model, dev, reps, log)
         emb, score = forward(model)
         (a,) = _grad(score, emb, s, cuda_graph=True)
         (b,) = _grad(score, emb, s)
-        fin = torch.isfinite(b)
-        a, b = a[fin].double(), b[fin].double()
-        den = b.abs().max().clamp_min(1e-300) if s in ("real-walk", "entropy") else b.abs().clamp_min(1e-300)
-        row["graph_vs_eager_rel_err"] = float(((a - b).abs() / den).max()) if a.numel() else 0.0
+        row["graph_vs_eager_rel_err"], _ = rel_err(a, b, s)
         cuda_graph.clear()                          # its buffers and pools are not the next row's
         log(f"  {s:8s} cuda_graph fwd+bwd {ms:8.2f} ms  backward ratio {row['ratio']:.2f}  "
             f"replays {row['graph_replays']} captures {row['graph_captures']} eager {row['graph_eager']}  "
