@@ -400,9 +400,11 @@ def _progress(total: int):
 
 
 def grad_values(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] = "real",
-                backend: Optional[str] = None, progress: bool = False) -> tuple[Value, ...]:
-    """Raw semiring values (tuples of component tensors), one per input."""
-    return run(output, inputs, semiring, backend=backend, progress=progress)
+                backend: Optional[str] = None, progress: bool = False,
+                cuda_graph: bool = False) -> tuple[Value, ...]:
+    """Raw semiring values (tuples of component tensors), one per input
+    (``cuda_graph``: as in :func:`grad`)."""
+    return run(output, inputs, semiring, backend=backend, progress=progress, cuda_graph=cuda_graph)
 
 
 def _native_real(output: Tensor, inputs: tuple) -> Optional[tuple]:

@@ -275,6 +275,13 @@ def test_emulated_replays_follow_new_inputs(kind, emulated):
     _steps(model, kind, ("abs", "maxabs", "real"), 4)
     eager, captures, replays, mismatches = (a - b for a, b in zip(_counts(emulated), before))
     assert (eager, captures, replays, mismatches) == (3, 3, 9, 0)
+    for ids in (IDS, IDS.flip(1), IDS.roll(1, 1)):                               # raw values the same way
+        _, emb, score = _forward(kind, True, model=model, ids=ids)
+        (raw,) = semitriton.grad_values(score, emb, "entropy", cuda_graph=True)
+        (ref,) = semitriton.grad_values(score, emb, "entropy")
+        for a, b in zip(raw, ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert _counts(emulated)[2] - before[2] == 9 + 2     # entropy: eager, capture + replay, replay
 
 
 def test_emulated_replay_sees_weights_changed_in_place_and_refuses_moved_ones(emulated):
