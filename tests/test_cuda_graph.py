@@ -315,6 +315,24 @@ def test_policy_mismatches_then_eager_for_good(emulated):
     assert entry.disabled
 
 
+def test_refused_capture_leaves_the_signature_eager(emulated, monkeypatch):
+    """A pass that reads a tensor from outside (here: the cached log|W| a
+    capture must not freeze in) is not captured: a warning names the read,
+    the call and the later ones run eagerly, results unchanged."""
+    import contextlib
+
+    from semitriton import weight_cache
+    monkeypatch.setattr(weight_cache, "bypass", contextlib.nullcontext)
+    model, _, _ = _forward("llama", True)
+    before = _counts(emulated)
+    with pytest.warns(RuntimeWarning, match="outside the pass"):
+        _steps(model, "llama", ("maxabs",), 3)
+    eager, captures, replays, mismatches = (a - b for a, b in zip(_counts(emulated), before))
+    assert (eager, captures, replays) == (1, 0, 0)
+    (entry,) = cuda_graph._CACHE.values()
+    assert "NotCapturable" in entry.disabled and entry.graph is None and not entry.statics
+
+
 def test_static_buffers_only_for_activations(emulated):
     """Parameters are read in place (checked by address); everything else from buffers."""
     model, _, _ = _forward("llama", True)
