@@ -3,7 +3,7 @@
 # Everything lands in $OUT (8 files at most come back from the device tool):
 #   env.txt tests.log warm.log models.json models.md models.log kernels.md, and
 #   ab.md, mm.md, linear.md + linear.log, host.md when those steps run
-# The default STEPS fit one call (≈ 9.7 minutes; limits 90 + 90 + 240 + 25 + 140 s; on the
+# The default STEPS fit one call (≈ 9.7 minutes; limits 90 + 90 + 240 + 25 + 130 s; on the
 # H100s of 2026-11-26/27 the kernel tests took 150-170+ s with a cold Triton cache and
 # 112 s warm, the engine tests 53 s, the warm-up 48-62 s, the fp32 model rows 93-138 s):
 #   gpu_tests  the engine and CUDA-graph tests (pytest -m gpu, xdist), first and
@@ -31,9 +31,9 @@
 # (tests to run beside the warm-up), WARM_AB (A/B variants to warm up; empty: none),
 # DTYPES, SEMIRINGS, REPS, CHECK (semirings checked against the torch reference
 # in the models step; "none"), CUDA_GRAPH (default 1: also a cuda_graph=True row
-# per semiring; empty: without), LINEAR=1 (also BERT-base fp32 with patch(linear=True), ~40 s more),
-# GPU_TESTS and TESTS_K (files and -k of the gpu_tests step), XDIST_N,
-# T_<STEP> limits (seconds).
+# per semiring; empty: without), LINEAR=1 (also BERT-base fp32 with
+# patch(linear=True), ~40 s more), GPU_TESTS and TESTS_K (files and -k of the
+# gpu_tests step), XDIST_N, T_<STEP> limits (seconds).
 # Each step has its own time limit, so a slow step cannot starve the others.
 # DRY=1: tiny shapes (a CPU rehearsal).
 set -u
@@ -101,7 +101,7 @@ for s in ${STEPS//,/ }; do
     attn_long) step attn_long "${T_ATTN:-60}" python3 bench/run_kernels.py --only attention \
                  --attention-shapes long-4096 --dtypes float32 --out "$OUT/kernels.json" --md "$OUT/kernels.md" \
                  > "$OUT/kernels.log" 2>&1 ;;
-    kernel_tests) step kernel_tests "${T_KTESTS:-140}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+    kernel_tests) step kernel_tests "${T_KTESTS:-130}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                     tests/test_kernels_dense.py tests/test_kernels_attention.py >> "$OUT/tests.log" 2>&1 ;;
     # A/B of dispatch choices at model level (BERT-base fp32), against the models
     # table: the O(n log n) torch layer norm vs the O(n²) kernel for abs; for the
