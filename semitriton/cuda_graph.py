@@ -20,7 +20,10 @@ kernel reads a tensor that is neither produced inside the pass, nor a static
 buffer, nor a noted parameter (torch ops and Triton launches are watched).
 Weights are read as saved (no cached |W| inside a graph), so a weight changed
 in place between calls is seen by the next replay. The static buffers cost
-memory: about one more copy of the activations the rules read.
+memory, about one more copy of the activations the rules read, per kept graph:
+at most ``MAX_GRAPHS`` graphs are kept, within ``MAX_GRAPH_BYTES`` of buffers
+(a quarter of the device's memory by default), the least recently replayed
+freed first.
 
 Policy per graph signature (structure, shapes, semiring, dtype, backend,
 ``SEMITRITON_*`` settings): the first call runs eagerly and records what the
@@ -365,8 +368,15 @@ class Stats:
 
 
 _CACHE: dict = {}
-#: signatures kept (each holds a captured graph, its memory pool and its static buffers)
+#: signatures whose reads are kept (cheap: no device memory)
 MAX_SIGNATURES = 8
+#: captured graphs kept (each with its memory pool and static buffers, about the
+#: activations' size): at most MAX_GRAPHS, and while there is more than one, at most
+#: MAX_GRAPH_BYTES of static buffers together (None: a quarter of the device's
+#: memory); the least recently replayed goes first
+MAX_GRAPHS = 8
+MAX_GRAPH_BYTES: Optional[int] = None
+_GRAPHS: dict = {}                 # signature -> None, least recently used first
 STATS = Stats()
 #: replay by re-running the captured pass (the CPU tests: CUDA graphs need a GPU)
 EMULATE = False
@@ -382,6 +392,28 @@ def clear() -> None:
     for e in _CACHE.values():
         _free(e)
     _CACHE.clear()
+    _GRAPHS.clear()
+
+
+def _used(sig) -> None:
+    """``sig``'s graph was just captured or replayed: keep it, free the least
+    recently used ones beyond ``MAX_GRAPHS``."""
+    _GRAPHS.pop(sig, None)
+    _GRAPHS[sig] = None
+    for gone in [k for k in _GRAPHS if k not in _CACHE or _CACHE[k].graph is None]:
+        del _GRAPHS[gone]                      # re-recorded or dropped since
+    budget = MAX_GRAPH_BYTES
+    if budget is None:
+        dev = _CACHE[sig].statics[0].device if _CACHE[sig].statics else torch.device("cpu")
+        budget = torch.cuda.get_device_properties(dev).total_memory // 4 if dev.type == "cuda" else 1 << 62
+
+    def held():
+        return sum(b.numel() * b.element_size() for k in _GRAPHS for b in _CACHE[k].statics)
+
+    while len(_GRAPHS) > MAX_GRAPHS or (len(_GRAPHS) > 1 and held() > budget):
+        old = next(iter(_GRAPHS))
+        del _GRAPHS[old]
+        _free(_CACHE[old])
 
 
 def _free(entry: _Entry) -> None:
@@ -637,6 +669,7 @@ def walk(graph, make_seeds: Callable[[], dict], sr, dtype, walk_fn, backend_name
     if out is None:
         _free(entry)
         return _eager(graph, make_seeds, sr, dtype, walk_fn, sig)
+    _used(sig)
     return out
 
 

@@ -333,6 +333,33 @@ def test_refused_capture_leaves_the_signature_eager(emulated, monkeypatch):
     assert "NotCapturable" in entry.disabled and entry.graph is None and not entry.statics
 
 
+@pytest.mark.parametrize("limit", ["count", "bytes"])
+def test_only_the_most_recent_graphs_keep_their_buffers(emulated, monkeypatch, limit):
+    """Three batch shapes: three signatures captured, but only the most
+    recently replayed keep a graph and static buffers: MAX_GRAPHS of them,
+    or as many as MAX_GRAPH_BYTES holds (at least one)."""
+    if limit == "count":
+        monkeypatch.setattr(cuda_graph, "MAX_GRAPHS", 2)
+        keep = 2
+    else:
+        monkeypatch.setattr(cuda_graph, "MAX_GRAPH_BYTES", 1)
+        keep = 1
+    model, _, _ = _forward("llama", True)
+    for rows in (1, 2, 1, 2):
+        for ids in (IDS[:rows], IDS[:rows].flip(1)):
+            _, emb, score = _forward("llama", True, model=model, ids=ids)
+            (a,) = semitriton.grad(score, emb, semiring="abs", cuda_graph=True)
+            (b,) = semitriton.grad(score, emb, semiring="abs")
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert sum(e.graph is not None for e in cuda_graph._CACHE.values()) == keep
+    _, emb, score = _forward("llama", True, model=model, ids=IDS[:, :5])              # a third shape
+    for _ in range(2):
+        semitriton.grad(score, emb, semiring="abs", cuda_graph=True)
+    kept = [e for e in cuda_graph._CACHE.values() if e.graph is not None]
+    assert len(kept) == keep and all(e.statics for e in kept)
+    assert sum(bool(e.statics) for e in cuda_graph._CACHE.values()) == keep
+
+
 def test_static_buffers_only_for_activations(emulated):
     """Parameters are read in place (checked by address); everything else from buffers."""
     model, _, _ = _forward("llama", True)
