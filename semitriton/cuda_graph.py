@@ -210,12 +210,8 @@ def reads_match(graph, reads: dict) -> bool:
     return _values(graph, reads) is not None
 
 
+#: the recorder of the pass being recorded or captured (live_rows reads it), else None
 _ACTIVE: Optional[Recorder] = None
-
-
-def active() -> Optional[Recorder]:
-    """The recorder of the pass being recorded or captured, else None."""
-    return _ACTIVE
 
 
 # ---- live rows of language-model heads --------------------------------------------------------
@@ -251,9 +247,9 @@ class _Closure:
     inside the pass nor read from the recorded nodes (its contents would be
     frozen into the graph). Watches torch ops and Triton launches."""
 
-    def __init__(self, rec: Recorder, allowed: set):
+    def __init__(self, rec: Recorder):
         self.rec = rec
-        self.inside: set = set(allowed)
+        self.inside: set = set()               # storages produced inside the pass
         self.bad: list = []
 
     def check(self, what: str, tensors) -> None:
@@ -565,7 +561,7 @@ def _capture(entry: _Entry, graph, make_seeds, sr, dtype, walk) -> None:
     g = None
     try:
         if EMULATE:
-            with weight_cache.bypass(), _Closure(rec, set()) as closure:
+            with weight_cache.bypass(), _Closure(rec) as closure:
                 captured = run_walk()
         else:
             # not torch.cuda.graph(): it empties the allocator's cache first; the
@@ -577,7 +573,7 @@ def _capture(entry: _Entry, graph, make_seeds, sr, dtype, walk) -> None:
             with torch.cuda.stream(stream):
                 g.capture_begin(capture_error_mode="thread_local")
                 try:
-                    with weight_cache.bypass(), _Closure(rec, set()) as closure:
+                    with weight_cache.bypass(), _Closure(rec) as closure:
                         captured = run_walk()
                 finally:
                     g.capture_end()
@@ -685,7 +681,7 @@ def check_capturable(graph, make_seeds: Callable[[], dict], sr, dtype, walk_fn) 
     rec = Recorder(graph)
     _ACTIVE = rec
     try:
-        with weight_cache.bypass(), _Closure(rec, set()) as closure:
+        with weight_cache.bypass(), _Closure(rec) as closure:
             values = walk_fn(graph, make_seeds(), sr, dtype, wrap=rec.proxy)
     finally:
         _ACTIVE = None

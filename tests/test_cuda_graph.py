@@ -136,23 +136,23 @@ def test_closure_catches_outside_tensors_in_torch_ops_and_triton_launches():
 
     rec = cuda_graph.Recorder(G())
     outside = torch.arange(8.0)
-    with cuda_graph._Closure(rec, set()) as closure:
+    with cuda_graph._Closure(rec) as closure:
         inside = torch.ones(8)
         (inside * 2).sum()
     assert closure.bad == []
-    with cuda_graph._Closure(rec, set()) as closure:
+    with cuda_graph._Closure(rec) as closure:
         (outside * 2).sum()
     assert closure.bad and "torch op mul" in closure.bad[0]
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
         return
     dev = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
     src = torch.arange(8.0, device=dev)
-    with cuda_graph._Closure(rec, set()) as closure:
+    with cuda_graph._Closure(rec) as closure:
         dst = torch.empty(8, device=dev)
         _copy[(1,)](src, dst, 8, BLOCK=8)
     assert any("Triton kernel _copy" in b for b in closure.bad), closure.bad
     rec.note(0, "_saved_x", src)                                     # read from a node: allowed
-    with cuda_graph._Closure(rec, set()) as closure:
+    with cuda_graph._Closure(rec) as closure:
         dst = torch.empty(8, device=dev)
         _copy[(1,)](src, dst, 8, BLOCK=8)
     assert closure.bad == []
