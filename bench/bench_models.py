@@ -236,9 +236,7 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
                 f"peak {row.get('peak_ratio') or 0:.2f}x  python overhead {row.get('python_overhead_ms') or 0:.1f} ms"
                 f"  triton-vs-torch {row.get('triton_vs_torch_rel_err', float('nan')):.1e}")
         except Exception as exc:                      # record and go on
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            log(f"  {s:8s} ERROR {row['error'][:300]}")
-            traceback.print_exc()
+            _failed(row, exc, f"  {s:8s}", log)
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -289,10 +287,15 @@ def graph_row(base, s, pf_ms, nat_bwd, nat_peak, forward, model, dev, reps, log)
             f"static buffers {row['graph_static_mb']:.0f} MiB  "
             f"vs eager {row['graph_vs_eager_rel_err']:.1e} {row['graph_failures']}")
     except Exception as exc:                      # record and go on
-        row["error"] = f"{type(exc).__name__}: {exc}"
-        log(f"  {s:8s} cuda_graph ERROR {row['error'][:300]}")
-        traceback.print_exc()
+        _failed(row, exc, f"  {s:8s} cuda_graph", log)
     return row
+
+
+def _failed(row, exc, label, log):
+    """A row that raised: the error recorded in it and logged, the traceback printed."""
+    row["error"] = f"{type(exc).__name__}: {exc}"
+    log(f"{label} ERROR {row['error'][:300]}")
+    traceback.print_exc()
 
 
 def warm(name, dtype, dev, quick, semirings, log):

@@ -453,39 +453,37 @@ def _plan(entry: _Entry, values: dict) -> tuple[dict, list, dict]:
     the span of its storage that the pass reads (one buffer per storage, so
     q, k and v sliced from one projection share it), through a view with the
     same shape, strides and relative offset; the buffers are filled now."""
-    plan, subs, spans = {}, {}, {}
+    reads, spans = {}, {}               # key -> [(tensor, its storage or None for a parameter)]
     for key, v in values.items():
         recorded = entry.tensors.get(key, ())
+        ts = []
         for i, t in enumerate(_device_tensors(v)):
+            g = None
             if not (i < len(recorded) and recorded[i] == (t.data_ptr(), True)):
                 g = (t.untyped_storage().data_ptr(), t.dtype, t.device)
                 lo, hi = spans.get(g, (t.storage_offset(), t.storage_offset()))
                 spans[g] = (min(lo, t.storage_offset()), max(hi, t.storage_offset() + _extent(t)))
+            ts.append((t, g))
+        if ts:
+            reads[key] = ts
     index = {g: j for j, g in enumerate(spans)}
-    statics = []
-    for (ptr, dt, dev), (lo, hi) in spans.items():
-        statics.append(torch.empty(hi - lo, dtype=dt, device=dev))
-    filled = set()
-    for key, v in values.items():
-        ts = _device_tensors(v)
-        if not ts:
-            continue
-        recorded = entry.tensors.get(key, ())
+    statics = [torch.empty(hi - lo, dtype=dt, device=dev) for (_, dt, dev), (lo, hi) in spans.items()]
+    plan, subs, filled = {}, {}, set()
+    for key, ts in reads.items():
         acts, repl = [], []
-        for i, t in enumerate(ts):
-            if i < len(recorded) and recorded[i] == (t.data_ptr(), True):
+        for t, g in ts:
+            if g is None:
                 acts.append(("param", t.data_ptr()))
                 repl.append(t)
                 continue
-            j = index[(t.untyped_storage().data_ptr(), t.dtype, t.device)]
-            lo = spans[(t.untyped_storage().data_ptr(), t.dtype, t.device)][0]
+            j, lo = index[g], spans[g][0]
             if j not in filled:
                 statics[j].copy_(_region(t, lo, statics[j].numel()))
                 filled.add(j)
             acts.append(("static", j, t.storage_offset() - lo))
             repl.append(statics[j].as_strided(t.shape, t.stride(), t.storage_offset() - lo))
         plan[key] = tuple(acts)
-        subs[key] = _substitute(v, iter(repl))
+        subs[key] = _substitute(values[key], iter(repl))
     return plan, statics, subs
 
 
