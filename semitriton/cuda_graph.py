@@ -161,6 +161,7 @@ class Recorder:
         self.hint_i = 0
         self.flag: Optional[Tensor] = None     # set while capturing: more live rows than recorded
         self.current = "(engine)"              # the node type whose rule runs
+        self.quiet = False                     # an eager-only synchronisation (live rows) is running
 
     def proxy(self, node):
         self.current = type(node).__name__
@@ -225,8 +226,14 @@ def live_rows(live: Tensor, max_live: float):
     rec = _ACTIVE
     R = live.shape[0]
     if rec is None or not rec.capturing:
-        n_live = int(live.sum())
-        idx = None if n_live > max_live * R else live.nonzero().squeeze(-1)
+        if rec is not None:
+            rec.quiet = True                  # a capture takes the branch below instead
+        try:
+            n_live = int(live.sum())
+            idx = None if n_live > max_live * R else live.nonzero().squeeze(-1)
+        finally:
+            if rec is not None:
+                rec.quiet = False
         if rec is not None:
             rec.hints.append(None if idx is None else n_live)
         return n_live, idx
@@ -242,15 +249,43 @@ def live_rows(live: Tensor, max_live: float):
 
 
 # ---- the closure check ------------------------------------------------------------------------
+#: torch ops that wait for the device (their result sizes or values go to the host): a
+#: capture cannot hold them (on a GPU the capture fails; on the CPU tests they are caught here)
+SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+                      "unique_consecutive", "equal", "repeat_interleave"})
+
+
+def _bool_index(args) -> bool:
+    """``aten.index`` / ``index_put`` with a boolean mask (a hidden ``nonzero``)."""
+    return len(args) > 1 and isinstance(args[1], (tuple, list)) and any(
+        isinstance(i, Tensor) and i.dtype == torch.bool for i in args[1])
+
+
 class _Closure:
     """Refuses a capture whose kernels read a tensor that is neither produced
     inside the pass nor read from the recorded nodes (its contents would be
-    frozen into the graph). Watches torch ops and Triton launches."""
+    frozen into the graph), or that waits for the device (``SYNC_OPS``,
+    boolean-mask indexing, reading a device value into Python). Watches torch
+    ops and Triton launches."""
 
     def __init__(self, rec: Recorder):
         self.rec = rec
         self.inside: set = set()               # storages produced inside the pass
         self.bad: list = []
+
+    def check_sync(self, func, args) -> None:
+        name = func.overloadpacket.__name__
+        if self.rec.quiet:
+            return
+        if name == "_local_scalar_dense":           # .item() / bool(): of a device value, not a CPU scalar
+            t = args[0]
+            if not (t.device.type == "cpu" and t.untyped_storage().data_ptr() in self.rec.read_storages):
+                self.bad.append(f"torch op {name} in the rule of {self.rec.current} reads a device value "
+                                "into Python (a host synchronisation)")
+        elif name in SYNC_OPS or (name in ("index", "index_put", "index_put_", "_index_put_impl_")
+                                  and _bool_index(args)):
+            self.bad.append(f"torch op {name} in the rule of {self.rec.current} waits for the device "
+                            "(its result size depends on the data)")
 
     def check(self, what: str, tensors) -> None:
         for t in tensors:
@@ -273,6 +308,7 @@ class _Closure:
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
+                closure.check_sync(func, args)
                 closure.check(f"torch op {func.overloadpacket.__name__}",
                               _tensors(list(args), []) + _tensors(list(kwargs.values()), []))
                 out = func(*args, **kwargs)

@@ -158,6 +158,35 @@ def test_closure_catches_outside_tensors_in_torch_ops_and_triton_launches():
     assert closure.bad == []
 
 
+def test_closure_catches_host_synchronisations():
+    """What a CUDA capture cannot hold (the device's data read by the host) is
+    caught on the CPU too; a wrapped CPU scalar read from a node, and the eager
+    live-row count, are not synchronisations of a capture."""
+    class G:
+        order = []
+
+    rec = cuda_graph.Recorder(G())
+    for op in (lambda x: x.sum().item(), lambda x: bool(x.sum() > 0), lambda x: x.nonzero(),
+               lambda x: x[x > 0], lambda x: torch.masked_select(x, x > 0), lambda x: torch.unique(x)):
+        with cuda_graph._Closure(rec) as closure:
+            op(torch.arange(8.0) - 3)
+        assert closure.bad and ("synchronisation" in closure.bad[0] or "waits for the device" in closure.bad[0]), \
+            closure.bad
+    scalar = torch.tensor(2.5, dtype=torch.float64)
+    rec.note(0, "_saved_alpha", scalar)
+    with cuda_graph._Closure(rec) as closure:
+        assert scalar.item() == 2.5
+        x = torch.arange(8.0)
+        torch.where(x > 3, x, 0.0).sum()
+        torch.nonzero_static(x > 3, size=4)
+        cuda_graph._ACTIVE = rec
+        try:
+            assert cuda_graph.live_rows(x > 3, 0.9)[0] == 4
+        finally:
+            cuda_graph._ACTIVE = None
+    assert closure.bad == []
+
+
 def test_live_row_decisions_are_replayed_and_checked():
     class G:
         order = []
