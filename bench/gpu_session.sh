@@ -3,11 +3,12 @@
 # Everything lands in $OUT (8 files at most come back from the device tool):
 #   env.txt tests.log warm.log models.json models.md models.log kernels.md, and
 #   ab.md, mm.md, linear.md + linear.log, host.md when those steps run
-# The default STEPS fit one call (≈ 9.7 minutes; limits 90 + 90 + 240 + 25 + 130 s; on the
+# The default STEPS fit one call (≈ 9.7 minutes; limits 110 + 90 + 240 + 25 + 110 s; on the
 # H100s of 2026-11-26/27 the kernel tests took 150-170+ s with a cold Triton cache and
 # 112 s warm, the engine tests 53 s, the warm-up 48-62 s, the fp32 model rows 93-138 s):
-#   gpu_tests  the engine and CUDA-graph tests (pytest -m gpu, xdist), first and
-#            alone: sharing the CPU with compiling processes left tests unfinished;
+#   gpu_tests  the engine and CUDA-graph tests (pytest -m gpu, xdist), and the kernel
+#            tests of code not yet run on a GPU (NEW_TESTS), first and alone:
+#            sharing the CPU with compiling processes left tests unfinished;
 #   warm     one untimed pass per model/dtype/semiring in parallel processes
 #            (compiles every autotune candidate: attention plans, PIPE, split-J),
 #            so that Triton compiles (CPU-bound) on all cores at once;
@@ -57,6 +58,10 @@ XDIST=""; python3 -c "import xdist" 2>/dev/null && XDIST="-n ${XDIST_N:-8}"
 STEPS=${STEPS:-gpu_tests,warm,models,kernels_sel,kernel_tests}
 CUDA_GRAPH=${CUDA_GRAPH-1}
 M=bench/bench_models.py
+# kernel tests of code changed since the last GPU run, in the first step (the
+# kernel_tests step, last, is often cut off): the layer-norm candidates with a
+# row of zero values (eighth session) and the RMS-norm kernel (sixth session)
+NEW_TESTS="tests/test_kernels_dense.py::test_norm_every_candidate_gpu tests/test_kernels_dense.py::test_rms_norm_from_input"
 for s in ${STEPS//,/ }; do
   case $s in
     warm) t0=$(date +%s)
@@ -90,8 +95,9 @@ for s in ${STEPS//,/ }; do
     host) step host "${T_HOST:-90}" python3 bench/bench_host.py --reps 5 --ops > "$OUT/host.md" 2>&1 ;;
     kernels_new) step kernels_new "${T_KNEW:-40}" python3 bench/run_kernels.py $Q --only dense --kernels rms_norm \
                    --dtypes fp32 --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
-    gpu_tests) step gpu_tests "${T_TESTS:-90}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
-                 ${TESTS_K:+-k "$TESTS_K"} ${GPU_TESTS:-tests/test_gpu.py tests/test_cuda_graph.py} >> "$OUT/tests.log" 2>&1 ;;
+    gpu_tests) step gpu_tests "${T_TESTS:-110}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+                 ${TESTS_K:+-k "$TESTS_K"} ${GPU_TESTS:-tests/test_gpu.py tests/test_cuda_graph.py $NEW_TESTS} \
+                 >> "$OUT/tests.log" 2>&1 ;;
     models) step models "${T_MODELS:-240}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
               --reps "${REPS:-3}" ${DTYPES:+--dtypes $DTYPES} ${CHECK:+--check $CHECK} ${LINEAR:+--linear-variant} \
               ${SEMIRINGS:+--semirings $SEMIRINGS} ${CUDA_GRAPH:+--cuda-graph} --out "$OUT/models.json" --md "$OUT/models.md" \
@@ -101,7 +107,7 @@ for s in ${STEPS//,/ }; do
     attn_long) step attn_long "${T_ATTN:-60}" python3 bench/run_kernels.py --only attention \
                  --attention-shapes long-4096 --dtypes float32 --out "$OUT/kernels.json" --md "$OUT/kernels.md" \
                  > "$OUT/kernels.log" 2>&1 ;;
-    kernel_tests) step kernel_tests "${T_KTESTS:-130}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+    kernel_tests) step kernel_tests "${T_KTESTS:-110}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                     tests/test_kernels_dense.py tests/test_kernels_attention.py >> "$OUT/tests.log" 2>&1 ;;
     # A/B of dispatch choices at model level (BERT-base fp32), against the models
     # table: the O(n log n) torch layer norm vs the O(n²) kernel for abs; for the
