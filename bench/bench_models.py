@@ -270,6 +270,8 @@ def graph_row(base, s, pf_ms, nat_bwd, nat_peak, forward, model, dev, reps, log)
         row.update(ms=ms, backward_ms=ms - pf_ms, ratio=(ms - pf_ms) / nat_bwd if nat_bwd > 0 else None,
                    target=TARGETS[s], graph_replays=st.replays - before[0], graph_captures=st.captures - before[1],
                    graph_eager=st.eager - before[2], graph_failures=list(st.failures[-2:]),
+                   graph_prologue_ms=(statistics.median(st.prologue_ms[-(st.replays - before[0]):])
+                                      if st.replays > before[0] else None),
                    graph_static_mb=sum(b.numel() * b.element_size() for e in cuda_graph._CACHE.values()
                                        for b in e.statics) / 2**20)
         cuda_graph.clear()
@@ -284,7 +286,7 @@ def graph_row(base, s, pf_ms, nat_bwd, nat_peak, forward, model, dev, reps, log)
         cuda_graph.clear()                          # its buffers and pools are not the next row's
         log(f"  {s:8s} cuda_graph fwd+bwd {ms:8.2f} ms  backward ratio {row['ratio']:.2f}  "
             f"replays {row['graph_replays']} captures {row['graph_captures']} eager {row['graph_eager']}  "
-            f"static buffers {row['graph_static_mb']:.0f} MiB  "
+            f"static buffers {row['graph_static_mb']:.0f} MiB  host before replay {row['graph_prologue_ms'] or float('nan'):.1f} ms  "
             f"vs eager {row['graph_vs_eager_rel_err']:.1e} {row['graph_failures']}")
     except Exception as exc:                      # record and go on
         _failed(row, exc, f"  {s:8s} cuda_graph", log)
@@ -331,6 +333,8 @@ def markdown(rows, device_name, date, reps: int = 5) -> str:
               if r.get("python_overhead_ms") is not None else "-")
         te = f"{r['triton_vs_torch_rel_err']:.1e}" if "triton_vs_torch_rel_err" in r else "-"
         if "graph_replays" in r:
+            if r.get("graph_prologue_ms") is not None:
+                po = f"host before replay {r['graph_prologue_ms']:.1f}"
             te = (f"replays {r['graph_replays']}/{r['graph_replays'] + r['graph_eager']}; "
                   f"vs eager {r.get('graph_vs_eager_rel_err', float('nan')):.1e}")
         out.append(f"| {r['model']} | {r['dtype']} | {r.get('variant', '')} | {r['semiring']} | "

@@ -39,6 +39,7 @@ naming the reason.
 from __future__ import annotations
 
 import os
+import time
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -397,6 +398,9 @@ class Stats:
     mismatches: int = 0
     invalidated: int = 0
     failures: list = field(default_factory=list)
+    #: host ms of each replayed call (the last 64) from its start to the replay's launch:
+    #: the signature, the read check and the copies into the static buffers
+    prologue_ms: list = field(default_factory=list)
 
 
 _CACHE: dict = {}
@@ -643,8 +647,9 @@ def _capture(entry: _Entry, graph, make_seeds, sr, dtype, walk) -> None:
     entry.plan, entry.statics = plan, statics
 
 
-def _replay(entry: _Entry, graph) -> Optional[dict]:
+def _replay(entry: _Entry, graph, t0: float) -> Optional[dict]:
     entry.graph.replay()
+    STATS.prologue_ms = STATS.prologue_ms[-63:] + [(time.perf_counter() - t0) * 1e3]
     if bool(entry.flag):                      # a live row outside the recorded ones: not valid
         STATS.invalidated += 1
         return None
@@ -664,6 +669,7 @@ def walk(graph, make_seeds: Callable[[], dict], sr, dtype, walk_fn, backend_name
     output = graph.output
     if not _on_cuda(output):
         return walk_fn(graph, make_seeds(), sr, dtype)
+    t0 = time.perf_counter()
     sig = signature(graph, output, sr, dtype, backend_name)
     entry = _CACHE.get(sig)
     if entry is None:
@@ -695,7 +701,7 @@ def walk(graph, make_seeds: Callable[[], dict], sr, dtype, walk_fn, backend_name
             if not EMULATE:
                 torch.cuda.synchronize()
             return walk_fn(graph, make_seeds(), sr, dtype)
-    out = _replay(entry, graph)
+    out = _replay(entry, graph, t0)
     if out is None:
         _free(entry)
         return _eager(graph, make_seeds, sr, dtype, walk_fn, sig)

@@ -311,6 +311,7 @@ def test_emulated_replays_follow_new_inputs(kind, emulated):
         for a, b in zip(raw, ref):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert _counts(emulated)[2] - before[2] == 9 + 2     # entropy: eager, capture + replay, replay
+    assert len(emulated.prologue_ms) == min(64, emulated.replays) and all(t > 0 for t in emulated.prologue_ms)
 
 
 def test_emulated_replay_sees_weights_changed_in_place_and_refuses_moved_ones(emulated):
