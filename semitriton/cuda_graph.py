@@ -68,7 +68,7 @@ def fingerprint(v):
     if isinstance(v, Tensor):
         if v.device.type == "cpu" and v.dim() == 0:   # wrapped scalars: used by value
             return ("C", v.item(), v.dtype)
-        return ("T", tuple(v.shape), v.stride(), v.dtype, v.device)
+        return ("T", v.shape, v.stride(), v.dtype, v.device)
     if isinstance(v, (tuple, list)):
         return ("S", tuple(fingerprint(e) for e in v))
     if v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device, torch.Size)):
@@ -186,25 +186,37 @@ class Recorder:
                                                   for t in _device_tensors(value))
 
 
+class _Mismatch(Exception):
+    """A read differs from the recorded one."""
+
+
+def _read_values(graph, reads: dict):
+    """Yields ((position, attribute), value) for each recorded read of
+    ``graph``'s nodes (absent ones skipped); raises ``_Mismatch`` at the first
+    whose fingerprint differs from the recorded one."""
+    order = graph.order
+    try:
+        for key, fp in reads.items():
+            try:
+                v = getattr(order[key[0]], key[1])
+            except AttributeError:
+                if fp is not _ABSENT:
+                    raise _Mismatch() from None
+                continue
+            if fp is _ABSENT or fp[0] == "X" or fingerprint(v) != fp:
+                raise _Mismatch()
+            yield key, v
+    except (NotCapturable, RuntimeError):   # uncomparable, or freed: the eager pass says what is wrong
+        raise _Mismatch() from None
+
+
 def _values(graph, reads: dict) -> Optional[dict]:
     """{(position, attribute): value} read from ``graph``'s nodes when every
     fingerprint equals the recorded one, else None."""
-    order = graph.order
-    out = {}
     try:
-        for (pos, attr), fp in reads.items():
-            try:
-                v = getattr(order[pos], attr)
-            except AttributeError:
-                if fp is not _ABSENT:
-                    return None
-                continue
-            if fp is _ABSENT or fp[0] == "X" or fingerprint(v) != fp:
-                return None
-            out[(pos, attr)] = v
-    except (NotCapturable, RuntimeError):   # uncomparable, or freed: the eager pass says what is wrong
+        return dict(_read_values(graph, reads))
+    except _Mismatch:
         return None
-    return out
 
 
 def reads_match(graph, reads: dict) -> bool:
@@ -361,18 +373,16 @@ def signature(graph, output: Tensor, sr, dtype, backend_name: str) -> tuple:
     """What must be equal for a captured pass to apply, besides the reads:
     node types, edges, forward-output shapes, targets, output, semiring,
     dtype, backend and the ``SEMITRITON_*`` settings."""
-    pos = {n: i for i, n in enumerate(graph.order)}
+    order = graph.order
+    pos = {n: i for i, n in enumerate(order)}
     edges = graph.edges
-    nodes = []
-    for n in graph.order:
-        nf, needs = edges[n]
-        nodes.append((type(n).__name__,
-                      tuple((pos[f], nr) if need else -1 for (f, nr), need in zip(nf, needs)),
-                      tuple(tuple(m.shape) for m in n._input_metadata)))
+    nodes = tuple([(type(n).__name__,                   # list comprehensions: this runs before every replay
+                    tuple([(pos[f], nr) if need else -1 for (f, nr), need in zip(*edges[n])]),
+                    tuple([tuple(m.shape) for m in n._input_metadata])) for n in order])
     targets = tuple(sorted((pos[n], slot, i) for n, lst in graph.targets.items() for slot, i in lst))
     env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("SEMITRITON_")))
     return (sr.name, dtype, backend_name, tuple(output.shape), output.dtype, output.device,
-            output.output_nr, targets, tuple(nodes), env)
+            output.output_nr, targets, nodes, env)
 
 
 @dataclass
@@ -527,26 +537,37 @@ def _plan(entry: _Entry, values: dict) -> tuple[dict, list, dict]:
     return plan, statics, subs
 
 
+def _storage_ptr(t: Tensor) -> int:
+    """Address of ``t``'s storage (without building the storage object)."""
+    return t.data_ptr() - t.storage_offset() * t.element_size()
+
+
 def _bind(entry: _Entry, graph) -> bool:
     """Copy this forward's tensors into the static buffers; False (nothing
-    copied) where a read differs from the capture's."""
-    values = _values(graph, entry.reads)
-    if values is None:
-        return False
+    copied) where a read differs from the capture's. One pass over the reads:
+    each is compared with its fingerprint and, if the capture reads device
+    tensors from it, placed in its buffer (the capture's layout kept)."""
+    plan = entry.plan
     starts: dict = {}                          # buffer -> (storage address, start element) in this forward
-    for key, acts in entry.plan.items():
-        ts = _device_tensors(values[key])
-        if len(ts) != len(acts):
-            return False
-        for t, act in zip(ts, acts):
-            if act[0] == "param":
-                if t.data_ptr() != act[1]:
-                    return False
+    try:
+        for key, v in _read_values(graph, entry.reads):
+            acts = plan.get(key)
+            if acts is None:
                 continue
-            _, j, rel = act
-            start = (t.untyped_storage().data_ptr(), t.storage_offset() - rel)
-            if starts.setdefault(j, (start, t))[0] != start:   # the views keep their relative layout
+            ts = _device_tensors(v)
+            if len(ts) != len(acts):
                 return False
+            for t, act in zip(ts, acts):
+                if act[0] == "param":
+                    if t.data_ptr() != act[1]:
+                        return False
+                    continue
+                _, j, rel = act
+                start = (_storage_ptr(t), t.storage_offset() - rel)
+                if starts.setdefault(j, (start, t))[0] != start:   # the views keep their relative layout
+                    return False
+    except (_Mismatch, RuntimeError):
+        return False
     dst, src = [], []
     for j, ((_, lo), t) in starts.items():
         n = entry.statics[j].numel()
