@@ -49,6 +49,8 @@ def config_label(c: dict) -> str:
         return s
     if "impl" in c:                                         # dispatch race
         return str(c.get("name", f"impl {c['impl']}"))
+    if c.get("SORTED"):                                     # the O(n log n) abs layer norm
+        return f"sorted {c.get('WARPS_X', 1)}x warps"
     s = f"{c.get('BM', c.get('BI'))}x{c.get('BN', c.get('BJ'))}/{c.get('num_warps')}w"
     if c.get("SPLIT_J", 1) > 1:
         s += f" S={c['SPLIT_J']}"
