@@ -268,10 +268,11 @@ SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_uniqu
                       "unique_consecutive", "equal", "repeat_interleave"})
 
 
-def _bool_index(args) -> bool:
-    """``aten.index`` / ``index_put`` with a boolean mask (a hidden ``nonzero``)."""
-    return len(args) > 1 and isinstance(args[1], (tuple, list)) and any(
-        isinstance(i, Tensor) and i.dtype == torch.bool for i in args[1])
+def _bool_masks(args) -> list:
+    """The boolean masks of an ``aten.index`` / ``index_put`` call (each a hidden ``nonzero``)."""
+    if len(args) > 1 and isinstance(args[1], (tuple, list)):
+        return [i for i in args[1] if isinstance(i, Tensor) and i.dtype == torch.bool]
+    return []
 
 
 class _Closure:
@@ -281,22 +282,32 @@ class _Closure:
     boolean-mask indexing, reading a device value into Python). Watches torch
     ops and Triton launches."""
 
-    def __init__(self, rec: Recorder):
+    def __init__(self, rec: Recorder, cpu_is_device: bool = False):
         self.rec = rec
         self.inside: set = set()               # storages produced inside the pass
         self.bad: list = []
+        #: the pass runs on CPU tensors that stand for device ones (the CPU tests)
+        self.cpu_is_device = cpu_is_device
+
+    def _on_device(self, t) -> bool:
+        """``t`` holds device data (not a CPU scalar read from a node by value)."""
+        if not isinstance(t, Tensor):
+            return False
+        if t.is_cuda:
+            return True
+        return (self.cpu_is_device and t.device.type == "cpu"
+                and t.untyped_storage().data_ptr() not in self.rec.read_storages)
 
     def check_sync(self, func, args) -> None:
-        name = func.overloadpacket.__name__
-        if self.rec.quiet:
+        if self.rec.quiet or not args:
             return
-        if name == "_local_scalar_dense":           # .item() / bool(): of a device value, not a CPU scalar
-            t = args[0]
-            if not (t.device.type == "cpu" and t.untyped_storage().data_ptr() in self.rec.read_storages):
-                self.bad.append(f"torch op {name} in the rule of {self.rec.current} reads a device value "
-                                "into Python (a host synchronisation)")
-        elif name in SYNC_OPS or (name in ("index", "index_put", "index_put_", "_index_put_impl_")
-                                  and _bool_index(args)):
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense" and self._on_device(args[0]):     # .item() / bool()
+            self.bad.append(f"torch op {name} in the rule of {self.rec.current} reads a device value "
+                            "into Python (a host synchronisation)")
+        elif ((name in SYNC_OPS and name != "_local_scalar_dense" and self._on_device(args[0]))
+              or (name in ("index", "index_put", "index_put_", "_index_put_impl_")
+                  and any(self._on_device(m) for m in _bool_masks(args)))):
             self.bad.append(f"torch op {name} in the rule of {self.rec.current} waits for the device "
                             "(its result size depends on the data)")
 
@@ -620,7 +631,7 @@ def _capture(entry: _Entry, graph, make_seeds, sr, dtype, walk) -> None:
     g = None
     try:
         if EMULATE:
-            with weight_cache.bypass(), _Closure(rec) as closure:
+            with weight_cache.bypass(), _Closure(rec, cpu_is_device=True) as closure:
                 captured = run_walk()
         else:
             # not torch.cuda.graph(): it empties the allocator's cache first; the
@@ -742,7 +753,7 @@ def check_capturable(graph, make_seeds: Callable[[], dict], sr, dtype, walk_fn) 
     rec = Recorder(graph)
     _ACTIVE = rec
     try:
-        with weight_cache.bypass(), _Closure(rec) as closure:
+        with weight_cache.bypass(), _Closure(rec, cpu_is_device=not graph.output.is_cuda) as closure:
             values = walk_fn(graph, make_seeds(), sr, dtype, wrap=rec.proxy)
     finally:
         _ACTIVE = None

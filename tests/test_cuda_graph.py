@@ -168,13 +168,16 @@ def test_closure_catches_host_synchronisations():
     rec = cuda_graph.Recorder(G())
     for op in (lambda x: x.sum().item(), lambda x: bool(x.sum() > 0), lambda x: x.nonzero(),
                lambda x: x[x > 0], lambda x: torch.masked_select(x, x > 0), lambda x: torch.unique(x)):
-        with cuda_graph._Closure(rec) as closure:
+        with cuda_graph._Closure(rec, cpu_is_device=True) as closure:     # CPU tensors stand for device ones
             op(torch.arange(8.0) - 3)
         assert closure.bad and ("synchronisation" in closure.bad[0] or "waits for the device" in closure.bad[0]), \
             closure.bad
+        with cuda_graph._Closure(rec) as closure:                        # a GPU pass: CPU tensors do not wait
+            op(torch.arange(8.0) - 3)
+        assert closure.bad == []
     scalar = torch.tensor(2.5, dtype=torch.float64)
     rec.note(0, "_saved_alpha", scalar)
-    with cuda_graph._Closure(rec) as closure:
+    with cuda_graph._Closure(rec, cpu_is_device=True) as closure:
         assert scalar.item() == 2.5
         x = torch.arange(8.0)
         torch.where(x > 3, x, 0.0).sum()
