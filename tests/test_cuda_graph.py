@@ -304,16 +304,16 @@ def test_emulated_replays_follow_new_inputs(kind, emulated):
     forward's statistics."""
     model, _, _ = _forward(kind, True)
     before = _counts(emulated)
-    _steps(model, kind, ("abs", "maxabs", "real"), 4)
+    _steps(model, kind, ("abs", "maxabs", "max", "real"), 4)
     eager, captures, replays, mismatches = (a - b for a, b in zip(_counts(emulated), before))
-    assert (eager, captures, replays, mismatches) == (3, 3, 9, 0)
+    assert (eager, captures, replays, mismatches) == (4, 4, 12, 0)
     for ids in (IDS, IDS.flip(1), IDS.roll(1, 1)):                               # raw values the same way
         _, emb, score = _forward(kind, True, model=model, ids=ids)
         (raw,) = semitriton.grad_values(score, emb, "entropy", cuda_graph=True)
         (ref,) = semitriton.grad_values(score, emb, "entropy")
         for a, b in zip(raw, ref):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    assert _counts(emulated)[2] - before[2] == 9 + 2     # entropy: eager, capture + replay, replay
+    assert _counts(emulated)[2] - before[2] == 12 + 2    # entropy: eager, capture + replay, replay
     assert len(emulated.prologue_ms) == min(64, emulated.replays) and all(t > 0 for t in emulated.prologue_ms)
 
 
