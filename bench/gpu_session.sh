@@ -3,7 +3,7 @@
 # Everything lands in $OUT (8 files at most come back from the device tool):
 #   env.txt tests.log warm.log models.json models.md models.log kernels.md, and
 #   ab.md, mm.md, linear.md + linear.log, host.md when those steps run
-# The default STEPS fit one call (≈ 9.7 minutes; limits 110 + 90 + 240 + 25 + 110 s; on the
+# The default STEPS fit one call (≈ 9.7 minutes; limits 110 + 90 + 240 + 30 + 105 s; on the
 # H100s of 2026-11-26/27 the kernel tests took 150-170+ s with a cold Triton cache and
 # 112 s warm, the engine tests 53 s, the warm-up 48-62 s, the fp32 model rows 93-138 s):
 #   gpu_tests  the engine and CUDA-graph tests (pytest -m gpu, xdist), and the kernel
@@ -14,8 +14,8 @@
 #            so that Triton compiles (CPU-bound) on all cores at once;
 #   models   the model table (fp32 then bf16; BERT-base, SmolLM2 config), with a
 #            cuda_graph=True row per semiring (CUDA_GRAPH= empty: without);
-#   kernels_sel  kernel rows for KSEL (default: layer norm, GELU/SiLU rules,
-#            attention; fp32, BERT shapes);
+#   kernels_sel  kernel rows for KSEL (default: layer norm, also with 32 live rows
+#            of 4096 as next to an LM head, GELU/SiLU rules, attention; fp32, BERT shapes);
 #   kernel_tests  the compiled-kernel tests, last (with a cold cache they outlast
 #            any limit this call leaves them; `STEPS=kernel_tests` alone on the
 #            warm machine finishes them).
@@ -82,7 +82,7 @@ for s in ${STEPS//,/ }; do
             export SEMITRITON_FORCE_REFERENCE=rms_norm:abs,rms_norm:entropy,rms_norm:maxabs,rms_norm:max
             echo "rms_norm kernel failed its GPU test: the models step uses the torch closed forms" >> "$OUT/env.txt"; }
           echo "step warm seconds=$(( $(date +%s) - t0 ))" >> "$OUT/env.txt" ;;
-    kernels_sel) step kernels_sel "${T_KSEL:-25}" python3 bench/run_kernels.py $Q --quick \
+    kernels_sel) step kernels_sel "${T_KSEL:-30}" python3 bench/run_kernels.py $Q --quick \
                    --kernels "${KSEL:-layer_norm,activation,attention}" --dtypes fp32,float32 \
                    --attention-shapes "${KSHAPES:-bert-base}" --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
     mm_models) step mm_models "${T_MM:-60}" python3 bench/run_kernels.py $Q --only dense --kernels matmul \
@@ -107,7 +107,7 @@ for s in ${STEPS//,/ }; do
     attn_long) step attn_long "${T_ATTN:-60}" python3 bench/run_kernels.py --only attention \
                  --attention-shapes long-4096 --dtypes float32 --out "$OUT/kernels.json" --md "$OUT/kernels.md" \
                  > "$OUT/kernels.log" 2>&1 ;;
-    kernel_tests) step kernel_tests "${T_KTESTS:-110}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+    kernel_tests) step kernel_tests "${T_KTESTS:-105}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                     tests/test_kernels_dense.py tests/test_kernels_attention.py >> "$OUT/tests.log" 2>&1 ;;
     # A/B of dispatch choices at model level (BERT-base fp32), against the models
     # table: the O(n log n) torch layer norm vs the O(n²) kernel for abs; for the
