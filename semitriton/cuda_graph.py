@@ -298,10 +298,12 @@ class _Closure:
         return (self.cpu_is_device and t.device.type == "cpu"
                 and t.untyped_storage().data_ptr() not in self.rec.read_storages)
 
-    def check_sync(self, func, args) -> None:
+    def check_sync(self, func, args, kwargs) -> None:
         if self.rec.quiet or not args:
             return
         name = func.overloadpacket.__name__
+        if name == "repeat_interleave" and kwargs.get("output_size") is not None:
+            return                                      # its output size is given: no wait
         if name == "_local_scalar_dense" and self._on_device(args[0]):     # .item() / bool()
             self.bad.append(f"torch op {name} in the rule of {self.rec.current} reads a device value "
                             "into Python (a host synchronisation)")
@@ -332,7 +334,7 @@ class _Closure:
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
-                closure.check_sync(func, args)
+                closure.check_sync(func, args, kwargs)
                 closure.check(f"torch op {func.overloadpacket.__name__}",
                               _tensors(list(args), []) + _tensors(list(kwargs.values()), []))
                 out = func(*args, **kwargs)

@@ -167,7 +167,8 @@ def test_closure_catches_host_synchronisations():
 
     rec = cuda_graph.Recorder(G())
     for op in (lambda x: x.sum().item(), lambda x: bool(x.sum() > 0), lambda x: x.nonzero(),
-               lambda x: x[x > 0], lambda x: torch.masked_select(x, x > 0), lambda x: torch.unique(x)):
+               lambda x: x[x > 0], lambda x: torch.masked_select(x, x > 0), lambda x: torch.unique(x),
+               lambda x: x.repeat_interleave((x > 0).long())):
         with cuda_graph._Closure(rec, cpu_is_device=True) as closure:     # CPU tensors stand for device ones
             op(torch.arange(8.0) - 3)
         assert closure.bad and ("synchronisation" in closure.bad[0] or "waits for the device" in closure.bad[0]), \
@@ -182,6 +183,8 @@ def test_closure_catches_host_synchronisations():
         x = torch.arange(8.0)
         torch.where(x > 3, x, 0.0).sum()
         torch.nonzero_static(x > 3, size=4)
+        x.repeat_interleave(2)                                      # int repeats: an expand
+        x.repeat_interleave((x > 3).long(), output_size=4)          # the size given: no wait
         cuda_graph._ACTIVE = rec
         try:
             assert cuda_graph.live_rows(x > 3, 0.9)[0] == 4
