@@ -17,7 +17,9 @@ and checked by address. Every other attribute (indices, dims, scales, flags,
 shapes, strides, dtypes) must equal the captured one, else the call runs
 eagerly. The check is complete by construction: a capture is refused if any
 kernel reads a tensor that is neither produced inside the pass, nor a static
-buffer, nor a noted parameter (torch ops and Triton launches are watched).
+buffer, nor a noted parameter (torch ops and Triton launches are watched),
+or if an op would wait for the device (a device value read into Python,
+``nonzero``, boolean-mask indexing: stopped before it runs).
 Weights are read as saved (no cached |W| inside a graph), so a weight changed
 in place between calls is seen by the next replay. The static buffers cost
 memory, about one more copy of the activations the rules read, per kept graph:
@@ -282,12 +284,14 @@ class _Closure:
     boolean-mask indexing, reading a device value into Python). Watches torch
     ops and Triton launches."""
 
-    def __init__(self, rec: Recorder, cpu_is_device: bool = False):
+    def __init__(self, rec: Recorder, cpu_is_device: bool = False, fail_fast: bool = False):
         self.rec = rec
         self.inside: set = set()               # storages produced inside the pass
         self.bad: list = []
         #: the pass runs on CPU tensors that stand for device ones (the CPU tests)
         self.cpu_is_device = cpu_is_device
+        #: raise at a synchronisation, before it runs (inside a CUDA capture it would fail the capture)
+        self.fail_fast = fail_fast
 
     def _on_device(self, t) -> bool:
         """``t`` holds device data (not a CPU scalar read from a node by value)."""
@@ -312,6 +316,10 @@ class _Closure:
                   and any(self._on_device(m) for m in _bool_masks(args)))):
             self.bad.append(f"torch op {name} in the rule of {self.rec.current} waits for the device "
                             "(its result size depends on the data)")
+        else:
+            return
+        if self.fail_fast:
+            raise NotCapturable(self.bad[-1])
 
     def check(self, what: str, tensors) -> None:
         for t in tensors:
@@ -645,7 +653,7 @@ def _capture(entry: _Entry, graph, make_seeds, sr, dtype, walk) -> None:
             with torch.cuda.stream(stream):
                 g.capture_begin(capture_error_mode="thread_local")
                 try:
-                    with weight_cache.bypass(), _Closure(rec) as closure:
+                    with weight_cache.bypass(), _Closure(rec, fail_fast=True) as closure:
                         captured = run_walk()
                 finally:
                     g.capture_end()

@@ -176,6 +176,9 @@ def test_closure_catches_host_synchronisations():
         with cuda_graph._Closure(rec) as closure:                        # a GPU pass: CPU tensors do not wait
             op(torch.arange(8.0) - 3)
         assert closure.bad == []
+    with pytest.raises(cuda_graph.NotCapturable, match="host synchronisation"):
+        with cuda_graph._Closure(rec, cpu_is_device=True, fail_fast=True):   # a capture: stop before the op
+            torch.arange(8.0).sum().item()
     scalar = torch.tensor(2.5, dtype=torch.float64)
     rec.note(0, "_saved_alpha", scalar)
     with cuda_graph._Closure(rec, cpu_is_device=True) as closure:
