@@ -294,13 +294,14 @@ class _Closure:
         self.fail_fast = fail_fast
 
     def _on_device(self, t) -> bool:
-        """``t`` holds device data (not a CPU scalar read from a node by value)."""
+        """``t`` holds device data (not a 0-dim CPU scalar read from a node,
+        which the replay check compares by value)."""
         if not isinstance(t, Tensor):
             return False
         if t.is_cuda:
             return True
         return (self.cpu_is_device and t.device.type == "cpu"
-                and t.untyped_storage().data_ptr() not in self.rec.read_storages)
+                and not (t.dim() == 0 and t.untyped_storage().data_ptr() in self.rec.read_storages))
 
     def check_sync(self, func, args, kwargs) -> None:
         if self.rec.quiet or not args:

@@ -179,6 +179,11 @@ def test_closure_catches_host_synchronisations():
     with pytest.raises(cuda_graph.NotCapturable, match="host synchronisation"):
         with cuda_graph._Closure(rec, cpu_is_device=True, fail_fast=True):   # a capture: stop before the op
             torch.arange(8.0).sum().item()
+    saved = torch.tensor([4.0])                       # a saved activation (device data), read from a node
+    rec.note(0, "_saved_self", saved)
+    with cuda_graph._Closure(rec, cpu_is_device=True) as closure:
+        saved.item()
+    assert closure.bad and "synchronisation" in closure.bad[0]
     scalar = torch.tensor(2.5, dtype=torch.float64)
     rec.note(0, "_saved_alpha", scalar)
     with cuda_graph._Closure(rec, cpu_is_device=True) as closure:
