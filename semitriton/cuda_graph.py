@@ -94,6 +94,12 @@ def _tensors(v, out: list) -> list:
     return out
 
 
+def _storage_ptr(t: Tensor) -> int:
+    """Address of ``t``'s storage (without building the storage object): the
+    one identity of a storage in this module."""
+    return t.data_ptr() - t.storage_offset() * t.element_size()
+
+
 def _device_tensors(v) -> list:
     """The tensors of ``v`` that a kernel reads (not the CPU scalars compared by value)."""
     return [t for t in _tensors(v, []) if not (t.device.type == "cpu" and t.dim() == 0)]
@@ -176,7 +182,7 @@ class Recorder:
 
     def note(self, pos: int, attr: str, value, absent: bool = False) -> None:
         for t in _tensors(value, []):
-            self.read_storages.add(t.untyped_storage().data_ptr())
+            self.read_storages.add(_storage_ptr(t))
         if (pos, attr) not in self.reads:
             with _disable_current_modes():            # not through the closure check's mode
                 try:
@@ -301,7 +307,7 @@ class _Closure:
         if t.is_cuda:
             return True
         return (self.cpu_is_device and t.device.type == "cpu"
-                and not (t.dim() == 0 and t.untyped_storage().data_ptr() in self.rec.read_storages))
+                and not (t.dim() == 0 and _storage_ptr(t) in self.rec.read_storages))
 
     def check_sync(self, func, args, kwargs) -> None:
         if self.rec.quiet or not args:
@@ -326,14 +332,14 @@ class _Closure:
         for t in tensors:
             if not isinstance(t, Tensor) or t.numel() == 0:
                 continue
-            p = t.untyped_storage().data_ptr()
+            p = _storage_ptr(t)
             if p not in self.inside and p not in self.rec.read_storages:
                 self.bad.append(f"{what} in the rule of {self.rec.current} reads a {tuple(t.shape)} {t.dtype} "
                                 "tensor from outside the pass")
 
     def produced(self, out) -> None:
         for t in _tensors(out, []):
-            self.inside.add(t.untyped_storage().data_ptr())
+            self.inside.add(_storage_ptr(t))
 
     def __enter__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -532,7 +538,7 @@ def _plan(entry: _Entry, values: dict) -> tuple[dict, list, dict]:
         for i, t in enumerate(_device_tensors(v)):
             g = None
             if not (i < len(recorded) and recorded[i] == (t.data_ptr(), True)):
-                g = (t.untyped_storage().data_ptr(), t.dtype, t.device)
+                g = (_storage_ptr(t), t.dtype, t.device)
                 lo, hi = spans.get(g, (t.storage_offset(), t.storage_offset()))
                 spans[g] = (min(lo, t.storage_offset()), max(hi, t.storage_offset() + _extent(t)))
             ts.append((t, g))
@@ -557,11 +563,6 @@ def _plan(entry: _Entry, values: dict) -> tuple[dict, list, dict]:
         plan[key] = tuple(acts)
         subs[key] = _substitute(values[key], iter(repl))
     return plan, statics, subs
-
-
-def _storage_ptr(t: Tensor) -> int:
-    """Address of ``t``'s storage (without building the storage object)."""
-    return t.data_ptr() - t.storage_offset() * t.element_size()
 
 
 def _bind(entry: _Entry, graph) -> bool:
