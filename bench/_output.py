@@ -35,7 +35,8 @@ AUTOTUNE_LEGEND = ("Autotuner candidates (BMxBN/warps, S = split-J slices, atten
 def config_label(c: dict) -> str:
     """A launch config as BMxBN/warps with its variant flags (split-J slices,
     PIPE, ROW_SHIFT), an attention plan as BMxBN/warps precision (split:
-    q/k and v in two launches), a dispatch choice by its implementation."""
+    q/k and v in two launches; pipe, chunk C: the tropical contractions'
+    loop form), a dispatch choice by its implementation."""
     if "cfg" in c:                                          # attention launch plan
         bm, bn, nw, _, prec = c["cfg"]
         s = f"{bm}x{bn}/{nw}w {prec}"
@@ -44,6 +45,8 @@ def config_label(c: dict) -> str:
             s += " split" + (f" (q/k {qk[0]}x{qk[1]})" if qk else "")
         if c.get("pipe"):
             s += " pipe"
+        if c.get("chunk", 1) > 1:
+            s += f" chunk {c['chunk']}"
         if c.get("split_g"):
             s += " split-G"
         return s

@@ -33,8 +33,10 @@ the S node's z is formed in linear space as P·B + (1-P)·t, relative to the
 row's largest P·Z_P, where the reference adds logs; it differs only for
 P < ~1e-36). The tropical
 semirings (maxabs, max) run their max-plus / signed max-times contractions as
-rank-1 updates on CUDA cores; a tile that must be read along its other axis
-goes through a small per-program scratch buffer (BM×BN floats per tile).
+rank-1 updates on CUDA cores, or CHUNK-wide broadcast-and-reduce steps
+([CHUNK, X, Y] reduced over the chunk, which the compiler keeps inside each
+thread); a tile that must be read along its other axis goes through a small
+per-program scratch buffer (BM×BN floats per tile).
 
 Precision: S = q kᵀ is exact for bf16/fp16 inputs (native tensor-core dot,
 fp32 accumulation) and an fp32 dot for fp32 inputs; every other dot has fp32
@@ -206,7 +208,8 @@ def _maxplus_outer(a_ptr, b_ptr, offs_m, offs_n, Tq, Tk, K, BM: tl.constexpr, BN
                    CHUNK: tl.constexpr, PIPE: tl.constexpr):
     """out[i, j] = max_d a[d, i] + b[d, j] (a: [K, Tq], b: [K, Tk], -inf = zero):
     K rank-1 updates (CHUNK = 1; PIPE: loads one step ahead) or CHUNK-wide
-    broadcast-and-reduce steps."""
+    broadcast-and-reduce steps over [CHUNK, BM, BN], reduced over axis 0 (kept
+    in-thread; reducing over the last axis compiles to shuffles)."""
     acc = tl.full([BM, BN], float("-inf"), tl.float32)
     mm = offs_m < Tq
     nm = offs_n < Tk
@@ -216,11 +219,11 @@ def _maxplus_outer(a_ptr, b_ptr, offs_m, offs_n, Tq, Tk, K, BM: tl.constexpr, BN
         for d0 in range(0, K, CHUNK):
             dd = d0 + tl.arange(0, CHUNK)
             dk = dd < K
-            a = tl.load(a_ptr + dd[None, :] * Tq + offs_m[:, None], mask=mm[:, None] & dk[None, :],
+            a = tl.load(a_ptr + dd[:, None] * Tq + offs_m[None, :], mask=dk[:, None] & mm[None, :],
                         other=float("-inf"))
-            b = tl.load(b_ptr + dd[None, :] * Tk + offs_n[:, None], mask=nm[:, None] & dk[None, :],
+            b = tl.load(b_ptr + dd[:, None] * Tk + offs_n[None, :], mask=dk[:, None] & nm[None, :],
                         other=float("-inf"))
-            acc = tl.maximum(acc, tl.max(a[:, None, :] + b[None, :, :], 2))
+            acc = tl.maximum(acc, tl.max(a[:, :, None] + b[:, None, :], 0))
     return acc
 
 
@@ -238,12 +241,43 @@ def _smax_cand(w, p, n):
 
 
 @triton.jit
+def _nan_dead(p, n):
+    """A signed value (p, n) with the zero (p = -inf) turned into (NaN, NaN):
+    tl.maximum / tl.minimum and the tl.max / tl.min reductions ignore NaN
+    (maxnum / minnum), so such a term drops out of ⊕ without a select per
+    product (an accumulator starts at (-inf, +inf), so no NaN reaches it)."""
+    live = p != float("-inf")
+    return tl.where(live, p, float("nan")), tl.where(live, n, float("nan"))
+
+
+@triton.jit
+def _nan_no_edge(w):
+    """An edge weight with w = 0 (no edge) turned into NaN (see ``_nan_dead``)."""
+    return tl.where(w != 0.0, w, float("nan"))
+
+
+@triton.jit
+def _smax_chunk(accp, accn, w, p, n):
+    """Broadcast-and-reduce step of the signed max-times product over axis 0
+    (the chunk): accp = max(accp, max_c max(w p, w n)), accn = min(accn,
+    min_c min(w p, w n)), with w, p, n broadcastable to [C, X, Y] and excluded
+    terms already NaN (``_nan_dead``, ``_nan_no_edge``). Since p ≥ n, max(w p,
+    w n) is w·M+ for w > 0 and w·M- for w < 0 (``_smax_cand`` without
+    selects)."""
+    x = w * p
+    y = w * n
+    accp = tl.maximum(accp, tl.max(tl.maximum(x, y), 0))
+    accn = tl.minimum(accn, tl.min(tl.minimum(x, y), 0))
+    return accp, accn
+
+
+@triton.jit
 def _smax_outer(ap_ptr, an_ptr, w_ptr, offs_m, offs_n, Tq, Tk, K, BM: tl.constexpr, BN: tl.constexpr,
                 CHUNK: tl.constexpr, PIPE: tl.constexpr):
     """Signed max-times product over d of values (ap, an)[d, i] ([K, Tq]) and
     edges w[d, j] ([K, Tk]): (max_d cand_p, min_d cand_n); rank-1 updates
     (CHUNK = 1; PIPE: loads one step ahead) or CHUNK-wide broadcast-and-reduce
-    steps."""
+    steps over axis 0 (``_smax_chunk``)."""
     accp = tl.full([BM, BN], float("-inf"), tl.float32)
     accn = tl.full([BM, BN], float("inf"), tl.float32)
     mm = offs_m < Tq
@@ -254,13 +288,12 @@ def _smax_outer(ap_ptr, an_ptr, w_ptr, offs_m, offs_n, Tq, Tk, K, BM: tl.constex
         for d0 in range(0, K, CHUNK):
             dd = d0 + tl.arange(0, CHUNK)
             dk = dd < K
-            am = mm[:, None] & dk[None, :]
-            ap = tl.load(ap_ptr + dd[None, :] * Tq + offs_m[:, None], mask=am, other=float("-inf"))
-            an = tl.load(an_ptr + dd[None, :] * Tq + offs_m[:, None], mask=am, other=float("inf"))
-            w = tl.load(w_ptr + dd[None, :] * Tk + offs_n[:, None], mask=nm[:, None] & dk[None, :], other=0.0)
-            cp, cn = _smax_cand(w[None, :, :], ap[:, None, :], an[:, None, :])
-            accp = tl.maximum(accp, tl.max(cp, 2))
-            accn = tl.minimum(accn, tl.min(cn, 2))
+            am = dk[:, None] & mm[None, :]
+            ap, an = _nan_dead(tl.load(ap_ptr + dd[:, None] * Tq + offs_m[None, :], mask=am, other=float("-inf")),
+                               tl.load(an_ptr + dd[:, None] * Tq + offs_m[None, :], mask=am, other=float("inf")))
+            w = _nan_no_edge(tl.load(w_ptr + dd[:, None] * Tk + offs_n[None, :], mask=dk[:, None] & nm[None, :],
+                                     other=0.0))
+            accp, accn = _smax_chunk(accp, accn, w[:, None, :], ap[:, :, None], an[:, :, None])
     return accp, accn
 
 
@@ -891,11 +924,11 @@ def _attn_bwd_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, lvo_ptr, lq_ptr, lk
                     for c0 in range(0, n_cols, CHUNK):
                         cc = c0 + tl.arange(0, CHUNK)
                         ck = cc < n_cols
-                        ls_c = tl.load(scr + BM * BN + ar_m[:, None] * BN + cc[None, :], mask=ck[None, :],
+                        ls_c = tl.load(scr + BM * BN + ar_m[None, :] * BN + cc[:, None], mask=ck[:, None],
                                        other=float("-inf"))
                         lk_c = tl.load(lk_ptr + (bhk * Tk + pid_n * BN + cc)[:, None] * D + offs_d[None, :],
                                        mask=ck[:, None] & dmask[None, :], other=float("-inf"))
-                        acc_q = tl.maximum(acc_q, tl.max(ls_c[:, :, None] + lk_c[None, :, :], 1))
+                        acc_q = tl.maximum(acc_q, tl.max(ls_c[:, :, None] + lk_c[:, None, :], 0))
                 tl.atomic_max(dq_ptr + row[:, None] * D + offs_d[None, :], acc_q,
                               mask=mm[:, None] & dmask[None, :], sem="relaxed")
     out_row = out_row0 + kv_row
@@ -1052,28 +1085,26 @@ def _attn_bwd_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, vop_ptr, von_
                         rr = r0 + tl.arange(0, CHUNK)
                         rk = rr < n_rows
                         qrows = bh * Tq + m0 + rr
-                        if NEED_V:
-                            p_r = tl.load(scr + rr[:, None] * BN + ar_n[None, :], mask=rk[:, None], other=0.0)
+                        if NEED_V:      # edges P ≥ 0 (P = 0: none, NaN) times the O values
+                            p_r = _nan_no_edge(tl.load(scr + rr[:, None] * BN + ar_n[None, :], mask=rk[:, None],
+                                                       other=0.0))
                             vmk = rk[:, None] & dvmask[None, :]
                             vop = tl.load(vop_ptr + qrows[:, None] * DV + offs_dv[None, :], mask=vmk,
                                           other=float("-inf"))
                             von = tl.load(von_ptr + qrows[:, None] * DV + offs_dv[None, :], mask=vmk,
                                           other=float("inf"))
-                            pl = p_r[:, :, None] > 0
-                            acc_vp = tl.maximum(acc_vp, tl.max(
-                                tl.where(pl, p_r[:, :, None] * vop[:, None, :], float("-inf")), 0))
-                            acc_vn = tl.minimum(acc_vn, tl.min(
-                                tl.where(pl, p_r[:, :, None] * von[:, None, :], float("inf")), 0))
+                            acc_vp = tl.maximum(acc_vp, tl.max(p_r[:, :, None] * vop[:, None, :], 0))
+                            acc_vn = tl.minimum(acc_vn, tl.min(p_r[:, :, None] * von[:, None, :], 0))
                         if NEED_K:
-                            sp_r = tl.load(scr + BM * BN + rr[:, None] * BN + ar_n[None, :], mask=rk[:, None],
-                                           other=float("-inf"))
-                            sn_r = tl.load(scr + 2 * BM * BN + rr[:, None] * BN + ar_n[None, :],
-                                           mask=rk[:, None], other=float("inf"))
-                            w = tl.load(qs_ptr + qrows[:, None] * D + offs_d[None, :],
-                                        mask=rk[:, None] & dmask[None, :], other=0.0)
-                            cp, cn = _smax_cand(w[:, None, :], sp_r[:, :, None], sn_r[:, :, None])
-                            acc_kp = tl.maximum(acc_kp, tl.max(cp, 0))
-                            acc_kn = tl.minimum(acc_kn, tl.min(cn, 0))
+                            sp_r, sn_r = _nan_dead(
+                                tl.load(scr + BM * BN + rr[:, None] * BN + ar_n[None, :], mask=rk[:, None],
+                                        other=float("-inf")),
+                                tl.load(scr + 2 * BM * BN + rr[:, None] * BN + ar_n[None, :], mask=rk[:, None],
+                                        other=float("inf")))
+                            w = _nan_no_edge(tl.load(qs_ptr + qrows[:, None] * D + offs_d[None, :],
+                                                     mask=rk[:, None] & dmask[None, :], other=0.0))
+                            acc_kp, acc_kn = _smax_chunk(acc_kp, acc_kn, w[:, None, :], sp_r[:, :, None],
+                                                         sn_r[:, :, None])
             if NEED_Q:
                 acc_qp = tl.full([BM, BD], float("-inf"), tl.float32)
                 acc_qn = tl.full([BM, BD], float("inf"), tl.float32)
@@ -1086,15 +1117,15 @@ def _attn_bwd_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, vop_ptr, von_
                     for c0 in range(0, n_cols, CHUNK):
                         cc = c0 + tl.arange(0, CHUNK)
                         ck = cc < n_cols
-                        sp_c = tl.load(scr + BM * BN + ar_m[:, None] * BN + cc[None, :], mask=ck[None, :],
-                                       other=float("-inf"))
-                        sn_c = tl.load(scr + 2 * BM * BN + ar_m[:, None] * BN + cc[None, :], mask=ck[None, :],
-                                       other=float("inf"))
-                        w = tl.load(ks_ptr + (bhk * Tk + pid_n * BN + cc)[:, None] * D + offs_d[None, :],
-                                    mask=ck[:, None] & dmask[None, :], other=0.0)
-                        cp, cn = _smax_cand(w[None, :, :], sp_c[:, :, None], sn_c[:, :, None])
-                        acc_qp = tl.maximum(acc_qp, tl.max(cp, 1))
-                        acc_qn = tl.minimum(acc_qn, tl.min(cn, 1))
+                        sp_c, sn_c = _nan_dead(
+                            tl.load(scr + BM * BN + ar_m[None, :] * BN + cc[:, None], mask=ck[:, None],
+                                    other=float("-inf")),
+                            tl.load(scr + 2 * BM * BN + ar_m[None, :] * BN + cc[:, None], mask=ck[:, None],
+                                    other=float("inf")))
+                        w = _nan_no_edge(tl.load(ks_ptr + (bhk * Tk + pid_n * BN + cc)[:, None] * D + offs_d[None, :],
+                                                 mask=ck[:, None] & dmask[None, :], other=0.0))
+                        acc_qp, acc_qn = _smax_chunk(acc_qp, acc_qn, w[:, None, :], sp_c[:, :, None],
+                                                     sn_c[:, :, None])
                 qofs = row[:, None] * D + offs_d[None, :]
                 qmask = mm[:, None] & dmask[None, :]
                 tl.atomic_max(dqp_ptr + qofs, acc_qp, mask=qmask, sem="relaxed")
@@ -1132,9 +1163,13 @@ TROPICAL_CHUNK = None
 DOT_PRECISION = None
 
 
-def _chunk() -> int:
+def _chunk(plan: dict | None = None) -> int:
+    """CHUNK of a tropical launch: ``TROPICAL_CHUNK`` if set, else the plan's
+    ``"chunk"``, else 16 under the interpreter and 1 (rank-1 updates) on the GPU."""
     if TROPICAL_CHUNK is not None:
         return int(TROPICAL_CHUNK)
+    if plan is not None and "chunk" in plan:
+        return int(plan["chunk"])
     return 16 if _interpreting() else 1
 
 
@@ -1157,19 +1192,27 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None, groups: in
     - entropy: q/k and v in two launches, 16x32 and 16x64, 8 warps (56 and 0
       bytes) first, then both at 16x64 (276 and 0); the earlier single 32x64
       launch (2452 bytes) stays a candidate;
-    - maxabs, max: 64x64 "ieee" (488 / 588 bytes) first, then with "pipe"
-      (the rank-1 max-plus / max-times loops issue step t+1's loads before
-      step t's update, as the matmul kernels' PIPE): 64x64 "ieee", 64x64 and
-      64x32 with a tf32x3 score dot.
+    - maxabs, max: 64x64 "ieee" with rank-1 updates first (the measured
+      winner on BERT maxabs), then "chunk" C (each step a [C, BM, BN]
+      broadcast reduced over the chunk inside each thread; C = 8 for maxabs,
+      4 for max, whose loops spill at 8 on triton 3.6) with a tf32x3 and an
+      "ieee" score dot, then "pipe" (rank-1 updates that issue step t+1's
+      loads before step t's update) with tf32x3 and "ieee".
 
-    Timed on an H100 (fifth session, RESULTS.md): the 16-row real/abs plans and
-    the split entropy plan won (1.15-1.5x); for maxabs/max 64x64 "ieee" beat
-    64x32 tf32x3 by 1.15-1.55x (the max-plus products, not the score dot, set
-    their time, and 64-column tiles load half the operands per accumulator);
-    the "pipe" plans are not yet timed. With grouped-query attention
-    (``groups`` q heads per k/v head) the tropical kernels also get "split_g"
-    plans: one program per q head, dk/dv reduced over the group afterwards
-    (SmolLM2: 192 programs of 3 heads each for 132 SMs otherwise)."""
+    Timed on an H100 (fifth and seventh sessions, RESULTS.md): the 16-row
+    real/abs plans and the split entropy plan won (1.15-1.5x); for maxabs/max
+    64x64 beat 64x32 by 1.15-1.6x (the tropical contractions, not the score
+    dot, set their time); "ieee" rank-1 won BERT maxabs, tf32x3 "pipe" BERT
+    max, split-G SmolLM2. The rank-1 loops spend one global load per
+    accumulator row and step (SASS, triton 3.6, 8 warps: 17 LDG, 16 FADD,
+    16 FMNMX and 12-60 other instructions a step); a chunk loads [C, n] tiles
+    once and reads them from shared memory: 1.8x (maxabs) and 1.7x (max)
+    fewer instructions per tile pair, 4 LDS instead of 17 LDG a step (the
+    max kernels also drop their selects: NaN marks an excluded term); not
+    yet timed. With grouped-query attention (``groups``
+    q heads per k/v head) the tropical kernels also get "split_g" plans: one
+    program per q head, dk/dv reduced over the group afterwards (SmolLM2: 192
+    programs of 3 heads each for 132 SMs otherwise)."""
     if gpu is None:
         gpu = not _interpreting()
     if not gpu:
@@ -1184,15 +1227,17 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None, groups: in
                   {"cfg": (16, 64, 8, 1, "tf32x3"), "split": True},
                   {"cfg": (32, 64, 8, 1, "tf32x3"), "split": False}])
     else:
-        # tropical: SIMT rank-1 updates, scratch round trips (num_stages=1: no
+        # tropical: SIMT contractions, scratch round trips (num_stages=1: no
         # software pipelining across the scratch barriers)
+        ch = 8 if semiring == "maxabs" else 4        # the signed pair spills in its loops at 8 (triton 3.6)
         plans = ([{"cfg": (32, 32, 4, 1, "ieee"), "split": False}] if wide else
                  [{"cfg": (64, 64, 8, 1, "ieee"), "split": False},
-                  {"cfg": (64, 64, 8, 1, "ieee"), "split": False, "pipe": True},
+                  {"cfg": (64, 64, 8, 1, "tf32x3"), "split": False, "chunk": ch},
+                  {"cfg": (64, 64, 8, 1, "ieee"), "split": False, "chunk": ch},
                   {"cfg": (64, 64, 8, 1, "tf32x3"), "split": False, "pipe": True},
-                  {"cfg": (64, 32, 8, 1, "tf32x3"), "split": False, "pipe": True}])
+                  {"cfg": (64, 64, 8, 1, "ieee"), "split": False, "pipe": True}])
         if groups > 1 and not wide:       # GQA: also one program per q head (see _split_g)
-            plans += [dict(plans[0], split_g=True), dict(plans[1], split_g=True)]
+            plans += [dict(plans[i], split_g=True) for i in (0, 1, 4)]
     if DOT_PRECISION is not None:
         plans = [dict(p, cfg=p["cfg"][:4] + (DOT_PRECISION,)) for p in plans]
     return plans
@@ -1522,7 +1567,7 @@ def attention_maxabs(vo, q, k, v, bias, causal, scale, needs=(True, True, True))
             grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
             _attn_stats_maxabs_kernel[grid](P.q, P.k, lvoT, lvT, P.bias, st, ji, *P.common(),
                                             G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee,
-                                            PREC=prec, BM=BM, BN=BN, BD=P.BD, CHUNK=_chunk(), PIPE=pipe, num_warps=nw,
+                                            PREC=prec, BM=BM, BN=BN, BD=P.BD, CHUNK=_chunk(plan), PIPE=pipe, num_warps=nw,
                                             num_stages=ns)
         split_g = _split_g(plan, P)
         parts = P.G if split_g else 1                        # dk / dv per q head of the group, reduced below
@@ -1534,7 +1579,7 @@ def attention_maxabs(vo, q, k, v, bias, causal, scale, needs=(True, True, True))
         _attn_bwd_maxabs_kernel[grid](P.q, P.k, lvoT, lvT, lvo, lq, lk, P.bias, st, ji, scr, dq, dk, dv,
                                       *P.common(), G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal,
                                       IEEE=P.ieee, PREC=prec, NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
-                                      BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(), PIPE=pipe,
+                                      BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(plan), PIPE=pipe,
                                       SPLIT_G=split_g, num_warps=nw, num_stages=ns)
         return dq, (dk.amax(0) if needs[1] else dk), (dv.amax(0) if needs[2] else dv)
 
@@ -1581,7 +1626,7 @@ def attention_max(vo, q, k, v, bias, causal, scale, needs=(True, True, True)):
             grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
             _attn_stats_max_kernel[grid](P.q, P.k, voTp, voTn, vT, P.bias, st, ji, *P.common(),
                                          G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee,
-                                         PREC=prec, BM=BM, BN=BN, BD=P.BD, CHUNK=_chunk(), PIPE=pipe, num_warps=nw,
+                                         PREC=prec, BM=BM, BN=BN, BD=P.BD, CHUNK=_chunk(plan), PIPE=pipe, num_warps=nw,
                                          num_stages=ns)
         split_g = _split_g(plan, P)
         parts = P.G if split_g else 1                        # dk / dv per q head of the group, reduced below
@@ -1594,7 +1639,7 @@ def attention_max(vo, q, k, v, bias, causal, scale, needs=(True, True, True)):
                                    dqp, dqn, dkp, dkn, dvp, dvn, *P.common(),
                                    G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
                                    NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
-                                   BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(), PIPE=pipe,
+                                   BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(plan), PIPE=pipe,
                                    SPLIT_G=split_g, num_warps=nw, num_stages=ns)
         if needs[1]:
             dkp, dkn = dkp.amax(0), dkn.amin(0)
@@ -1671,6 +1716,8 @@ def aot_specs(options: bool = False):
                     c = dict(c0, BM=bm, BN=bn, BD=bd, PREC=prec, **extra)
                     if "PIPE" in fn.arg_names:
                         c["PIPE"] = bool(plan.get("pipe", False))
+                    if "CHUNK" in fn.arg_names:
+                        c["CHUNK"] = int(plan.get("chunk", 1))
                     if "SPLIT_G" in fn.arg_names:
                         c["SPLIT_G"] = bool(plan.get("split_g", False))
                     if "BDV" in fn.arg_names:

@@ -211,18 +211,21 @@ def test_tropical_rank1_path(semiring, monkeypatch):
 @pytest.mark.parametrize("semiring", SEMIRINGS)
 def test_gpu_launch_plans(semiring, monkeypatch):
     """Every launch plan the GPU autotuner may pick (tile sizes, warps, dot
-    precision, entropy's split q/k + v launches; abs also split), run under the
+    precision, entropy's split q/k + v launches; abs also split; the tropical
+    contractions as rank-1 updates or in the plan's chunks), run under the
     interpreter against the reference, with GQA, a bias and a subset of outputs."""
     plans = katt._plans(semiring, 64, 64, gpu=True, groups=2)
     if semiring in ("abs", "entropy"):
         plans = plans + [dict(p, split=not p["split"]) for p in plans]
     if semiring in ("maxabs", "max"):
-        monkeypatch.setattr(katt, "TROPICAL_CHUNK", 1)
+        assert any(p.get("chunk", 1) > 1 for p in plans) and any("chunk" not in p for p in plans)
     g = torch.Generator().manual_seed(13)
     q, k, v, bias, causal = small_gqa(g, bias=True)
     vo = make_vo(semiring, (*q.shape[:-1], v.shape[-1]), g)
     for plan in plans:
         monkeypatch.setattr(katt, "_plans", lambda *a, _p=plan, **kw: [_p])
+        if semiring in ("maxabs", "max"):       # the GPU's CHUNK: the plan's, else rank-1 updates
+            monkeypatch.setattr(katt, "TROPICAL_CHUNK", plan.get("chunk", 1))
         for needs in ((True, True, True), (False, True, True), (True, False, False), (False, False, True)):
             got, ref = run_both(semiring, vo, q, k, v, bias, causal, 0.25, needs)
             for name, a, b in zip("qkv", got, ref):
