@@ -27,7 +27,11 @@ TF32 tensor-core products per tile, ~1e-6 relative error; never plain TF32;
 weights contract in that dtype on the tensor cores with fp32 accumulation;
 the fp32 exp tile (and a·μ, and E = -|W|log|W|) is split into a hi and a lo
 part in the weight dtype, so the result keeps fp32 accuracy
-(SEMITRITON_LOWP_SPLIT=0: one rounded product, ~3e-3 relative).
+(SEMITRITON_LOWP_SPLIT=0: one rounded product, ~3e-3 relative). Two forms
+of that GEMM are timed against each other: the exp and the split per tile
+inside the loop (``_logsum_mm_kernel``), or once per element in a prologue
+(``_lowp_split_kernel``) followed by a loop of loads and dots that the
+compiler pipelines (``_lowp_gemm_kernel``, ``PRE`` candidates).
 """
 
 from __future__ import annotations
@@ -148,6 +152,111 @@ def _logsum_mm_kernel(
         w_ptrs += BK * s_wj
 
     out_l = tl.log(acc_z) + m[:, None]
+    o_off = bid * I * K + offs_m[:, None] * K + offs_n[None, :]
+    omask = mask_m[:, None] & mask_n[None, :]
+    tl.store(ol_ptr + o_off, out_l, mask=omask)
+    if ENTROPY:
+        nz = acc_z != 0.0
+        mu_o = tl.where(nz, acc_s / tl.where(nz, acc_z, 1.0), 0.0)
+        mu_o = tl.where(out_l == float("-inf"), 0.0, mu_o)
+        tl.store(omu_ptr + o_off, mu_o, mask=omask)
+
+
+@triton.jit
+def _lowp_split_kernel(l_ptr, mu_ptr, m_ptr, x_ptr, I, J, s_lb, s_li, s_lj, s_ub, s_ui, s_uj, s_xr,
+                       ENTROPY: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """Left operands of the pre-split low-precision GEMM (``_lowp_gemm_kernel``), row
+    r = b·I + i, a block of j: a = exp(l − m_r) ∈ [0, 1], hi = a rounded to x's dtype,
+    lo = (a − hi) rounded; x_r = [a_hi | a_lo | (aμ)_hi | (aμ)_lo] in blocks of J
+    (abs: the first two; without SPLIT: [a | aμ])."""
+    r = tl.program_id(0).to(tl.int64)
+    b = r // I
+    i = r % I
+    o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    msk = o < J
+    lt = tl.load(l_ptr + b * s_lb + i * s_li + o * s_lj, mask=msk, other=float("-inf"))
+    a = tl.exp(lt - tl.load(m_ptr + r))
+    dt = x_ptr.dtype.element_ty
+    x_row = x_ptr + r * s_xr
+    P: tl.constexpr = 2 if SPLIT else 1
+    a_hi = a.to(dt)
+    tl.store(x_row + o, a_hi, mask=msk)
+    if SPLIT:
+        tl.store(x_row + J + o, (a - a_hi.to(tl.float32)).to(dt), mask=msk)
+    if ENTROPY:
+        am = a * tl.load(mu_ptr + b * s_ub + i * s_ui + o * s_uj, mask=msk, other=0.0)
+        am_hi = am.to(dt)
+        tl.store(x_row + P * J + o, am_hi, mask=msk)
+        if SPLIT:
+            tl.store(x_row + (P + 1) * J + o, (am - am_hi.to(tl.float32)).to(dt), mask=msk)
+
+
+@triton.jit
+def _lowp_gemm_kernel(x_ptr, wa_ptr, eh_ptr, el_ptr, m_ptr, ol_ptr, omu_ptr, I, J, K,
+                      s_xb, s_xi, s_yb, s_yj, s_yk,
+                      ENTROPY: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """The abs / entropy matmul of a low-precision (bf16/fp16) weight on pre-split
+    operands: x from ``_lowp_split_kernel``, the cached |W|, E_hi = E and
+    E_lo = E − E_hi in the weight dtype (E = −|W| log|W|), fp32 accumulation:
+    z = (a_hi + a_lo) @ |W|                                  → ol = log z + m
+    s = ((aμ)_hi + (aμ)_lo) @ |W| + (a_hi + a_lo) @ E_hi + a_hi @ E_lo
+                                                             → omu = s / z
+    (0 where z = 0 or ol = −inf); without SPLIT one product each. The same
+    products as ``_logsum_mm_kernel``'s LOWP path, but the loop only loads and
+    dots (no exp and no rounding per tile), so the compiler can pipeline it."""
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    pid_m, pid_n = _tile_ids(pid, I, K, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    mask_m = offs_m < I
+    mask_n = offs_n < K
+    P: tl.constexpr = 2 if SPLIT else 1
+    x_base = x_ptr + bid * s_xb + offs_m[:, None] * s_xi
+    y_base = bid * s_yb + offs_n[None, :] * s_yk
+    acc_z = tl.zeros((BM, BN), dtype=tl.float32)
+    if ENTROPY:
+        acc_s = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, J, BK):
+        kk = k0 + offs_k
+        km = kk < J
+        xm = mask_m[:, None] & km[None, :]
+        y_off = y_base + kk[:, None] * s_yj
+        ym = km[:, None] & mask_n[None, :]
+        x0 = tl.load(x_base + kk[None, :], mask=xm, other=0.0)
+        wa = tl.load(wa_ptr + y_off, mask=ym, other=0.0)
+        if SPLIT:
+            x1 = tl.load(x_base + (J + kk)[None, :], mask=xm, other=0.0)
+        if ENTROPY:
+            u0 = tl.load(x_base + (P * J + kk)[None, :], mask=xm, other=0.0)
+            eh = tl.load(eh_ptr + y_off, mask=ym, other=0.0)
+            if SPLIT:
+                u1 = tl.load(x_base + ((P + 1) * J + kk)[None, :], mask=xm, other=0.0)
+                el = tl.load(el_ptr + y_off, mask=ym, other=0.0)
+        if UPCAST:   # interpreter: its low-precision tl.dot is unreliable; same operands
+            x0 = x0.to(tl.float32)
+            wa = wa.to(tl.float32)
+            if SPLIT:
+                x1 = x1.to(tl.float32)
+            if ENTROPY:
+                u0 = u0.to(tl.float32)
+                eh = eh.to(tl.float32)
+                if SPLIT:
+                    u1 = u1.to(tl.float32)
+                    el = el.to(tl.float32)
+        acc_z = tl.dot(x0, wa, acc_z)
+        if SPLIT:
+            acc_z = tl.dot(x1, wa, acc_z)
+        if ENTROPY:
+            acc_s = tl.dot(u0, wa, acc_s)
+            acc_s = tl.dot(x0, eh, acc_s)
+            if SPLIT:
+                acc_s = tl.dot(u1, wa, acc_s)
+                acc_s = tl.dot(x1, eh, acc_s)
+                acc_s = tl.dot(x0, el, acc_s)
+    out_l = tl.log(acc_z) + tl.load(m_ptr + bid * I + offs_m, mask=mask_m, other=0.0)[:, None]
     o_off = bid * I * K + offs_m[:, None] * K + offs_n[None, :]
     omask = mask_m[:, None] & mask_n[None, :]
     tl.store(ol_ptr + o_off, out_l, mask=omask)
@@ -321,7 +430,23 @@ def _dot_configs(entropy: bool, lowp: bool, I: int, gpu: bool = False, split: bo
     if I <= 32:
         bk = 32 if lowp else 16
         cs = [_cfg(32, 128, bk, 4, 3), _cfg(16, 128, bk, 4, 3)] + cs[:1]
+    if lowp:
+        cs = cs + _pre_configs(entropy, I)
     return cs
+
+
+def _pre_configs(entropy: bool, I: int):
+    """Candidates of the pre-split low-precision GEMM (``PRE``: a prologue writes
+    the rounded operands, ``_lowp_gemm_kernel`` only loads and dots, pipelined
+    over ``num_stages``). Shared memory per stage (bf16): abs 128x128x64 48 KB,
+    entropy 128x64x32 44 KB (four left tiles, three weight tiles)."""
+    if I <= 32:
+        cs = [_cfg(32, 128, 64, 4, 3)]
+    elif entropy:
+        cs = [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 64, 4, 3)]
+    else:
+        cs = [_cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4)]
+    return [dict(c, PRE=True) for c in cs]
 
 
 def _simt_configs(two_acc: bool, I: int, gpu: bool = False):
@@ -513,6 +638,8 @@ def _logsum_matmul(v, w, entropy: bool):
 
     def launch(cfg):
         meta = dict(cfg)
+        if meta.pop("PRE", False):
+            return launch_pre(meta)
         grid = (triton.cdiv(I, meta["BM"]) * triton.cdiv(K, meta["BN"]), B)
         _logsum_mm_kernel[grid](
             l3, mu3, m, w3, e3, elo3, out_l, out_mu, I, J, K,
@@ -520,9 +647,30 @@ def _logsum_matmul(v, w, entropy: bool):
             s_wb, s_wj, s_wk, s_eb, s_ej, s_ek,
             ENTROPY=entropy, LOWP=lowp, SPLIT=split, UPCAST=upcast, PREC=prec, GROUP_M=GROUP_M, **meta)
 
+    def launch_pre(meta):
+        wa = _weight_cache().transform(w, "abs", torch.abs).unsqueeze(0) if wstride0 else w3.abs()
+        ys = [wa, e3, elo3 if split else e3] if entropy else [wa, wa, wa]
+        if any(y.stride()[1:] != wa.stride()[1:] for y in ys):
+            ys = [y.contiguous() for y in ys]
+        s_yb, s_yj, s_yk = _wstrides(ys[0], wstride0)
+        parts = (2 if split else 1) * (2 if entropy else 1)
+        x = torch.empty((B * I, parts * J), dtype=w3.dtype, device=l3.device)
+        blk = min(1024, max(16, triton.next_power_of_2(J)))
+        _lowp_split_kernel[(B * I, triton.cdiv(J, blk))](
+            l3, mu3, m, x, I, J, l3.stride(0), l3.stride(1), l3.stride(2),
+            mu3.stride(0), mu3.stride(1), mu3.stride(2), x.stride(0),
+            ENTROPY=entropy, SPLIT=split, BLOCK=blk)
+        grid = (triton.cdiv(I, meta["BM"]) * triton.cdiv(K, meta["BN"]), B)
+        _lowp_gemm_kernel[grid](x, *ys, m, out_l, out_mu, I, J, K, I * x.stride(0), x.stride(0),
+                                s_yb, s_yj, s_yk, ENTROPY=entropy, SPLIT=split, UPCAST=upcast,
+                                GROUP_M=GROUP_M, **meta)
+
     key = ("logsum_mm", entropy, split, prec, str(w3.dtype), bucket(I), bucket(J), bucket(K), B > 1,
            str(l3.device))
-    launch(choose(key, _dot_configs(entropy, lowp, I, split=split, prec=prec), launch))
+    cfgs = _dot_configs(entropy, lowp, I, split=split, prec=prec)
+    if I * 4 * J > 2**31 - 1:                   # the pre-split operands' offsets must fit int32
+        cfgs = [c for c in cfgs if not c.get("PRE")]
+    launch(choose(key, cfgs, launch))
     outs = (out_l, out_mu) if entropy else (out_l,)
     return _finish(outs, lead, I_out, K)
 
@@ -654,6 +802,17 @@ def aot_specs():
                 types = {p: "*fp32" for p in ptrs}
                 types.update({"w_ptr": "*" + wdt, "e_ptr": "*" + wdt, "elo_ptr": "*" + wdt})
                 specs.append(aot_entry(_logsum_mm_kernel, types, const, c["num_warps"], c["num_stages"]))
+    for entropy in (False, True):                 # the pre-split low-precision GEMM and its prologue
+        for split in (True, False):
+            for c in _pre_configs(entropy, 4096) + _pre_configs(entropy, 8):
+                const = dict(ENTROPY=entropy, SPLIT=split, UPCAST=False, GROUP_M=GROUP_M,
+                             BM=c["BM"], BN=c["BN"], BK=c["BK"], s_yk=1)
+                types = {p: "*fp32" for p in ("m_ptr", "ol_ptr", "omu_ptr")}
+                types.update({p: "*bf16" for p in ("x_ptr", "wa_ptr", "eh_ptr", "el_ptr")})
+                specs.append(aot_entry(_lowp_gemm_kernel, types, const, c["num_warps"], c["num_stages"]))
+            types = {"l_ptr": "*fp32", "mu_ptr": "*fp32", "m_ptr": "*fp32", "x_ptr": "*bf16"}
+            specs.append(aot_entry(_lowp_split_kernel, types, dict(ENTROPY=entropy, SPLIT=split, BLOCK=1024,
+                                                                   s_lj=1, s_uj=1), 4, 1))
     for w_log, wdt in ((True, "fp32"), (False, "fp32"), (False, "bf16")):
         cs = _simt_configs(False, 4096, gpu=True)
         for c in cs + [dict(cs[0], PIPE=False)] + _simt_configs(False, 8, gpu=True)[:1]:
