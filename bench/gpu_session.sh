@@ -3,7 +3,7 @@
 # Everything lands in $OUT (8 files at most come back from the device tool):
 #   env.txt tests.log warm.log models.json models.md models.log kernels.md, and
 #   ab.md, mm.md, linear.md + linear.log, host.md when those steps run
-# The default STEPS fit one call (≈ 9.7 minutes; limits 110 + 90 + 240 + 30 + 105 s; on the
+# The default STEPS fit one call (≈ 9.7 minutes; limits 140 + 90 + 240 + 30 + 75 s; on the
 # H100s of 2026-11-26/27 the kernel tests took 150-170+ s with a cold Triton cache and
 # 112 s warm, the engine tests 53 s, the warm-up 48-62 s, the fp32 model rows 93-138 s):
 #   gpu_tests  the engine and CUDA-graph tests (pytest -m gpu, xdist), and the kernel
@@ -23,7 +23,9 @@
 # abs / entropy; linear.md, ~90 s), ab (dispatch alternatives on BERT-base fp32, see below),
 # kernels (the quick kernel table), kernels_new (RMS-norm rows), attn_long,
 # mm_models (maxabs/max matmuls at the models' shapes with every autotuner
-# candidate's time, split-J included; mm.md, ~1 min), host (bench_host.py on
+# candidate's time, split-J included; mm.md, ~1 min), mm_bf16 (the abs/entropy
+# matmuls of the BERT FFN with bf16 weights: in-loop split against the pre-split
+# PRE candidates; mm_bf16.md, ~30 s), host (bench_host.py on
 # this machine's CPU, launches stubbed, with --ops: how its host compares with
 # the development machine's, where the host-time tables of RESULTS come from;
 # host.md, ~1 min).
@@ -60,8 +62,13 @@ CUDA_GRAPH=${CUDA_GRAPH-1}
 M=bench/bench_models.py
 # kernel tests of code changed since the last GPU run, in the first step (the
 # kernel_tests step, last, is often cut off): the layer-norm candidates with a
-# row of zero values (eighth session) and the RMS-norm kernel (sixth session)
-NEW_TESTS="tests/test_kernels_dense.py::test_norm_every_candidate_gpu tests/test_kernels_dense.py::test_rms_norm_from_input"
+# row of zero values (eighth session), the RMS-norm kernel (sixth session),
+# every tropical attention plan with GQA (the chunked contractions) and the
+# pre-split bf16/fp16 GEMM (ninth session)
+NEW_TESTS="tests/test_kernels_dense.py::test_norm_every_candidate_gpu tests/test_kernels_dense.py::test_rms_norm_from_input
+ tests/test_kernels_attention.py::test_every_launch_plan_gpu[maxabs-causal_gqa]
+ tests/test_kernels_attention.py::test_every_launch_plan_gpu[max-causal_gqa]
+ tests/test_kernels_dense.py::test_matmul_lowp_pre_split"
 for s in ${STEPS//,/ }; do
   case $s in
     warm) t0=$(date +%s)
@@ -89,13 +96,15 @@ for s in ${STEPS//,/ }; do
                  --semirings "${MM_SEMIRINGS:-maxabs,max}" --dtypes fp32 --no-reference \
                  --labels "BERT q/k/v/o,BERT FFN,32 live rows,SmolLM2 q/o,SmolLM2 k/v,SmolLM2 MLP,8 live rows" \
                  --md "$OUT/mm.md" > /dev/null 2>&1 ;;
+    mm_bf16) step mm_bf16 "${T_MMBF16:-45}" python3 bench/run_kernels.py $Q --quick --only dense --kernels matmul \
+               --semirings abs,entropy --dtypes bf16 --md "$OUT/mm_bf16.md" > /dev/null 2>&1 ;;
     linear) step linear "${T_LINEAR:-90}" python3 bench/bench_models.py $Q --models smollm2-135m,bert-base \
               --dtypes float32 --semirings real-walk,abs,entropy --reps "${REPS:-3}" --linear-only --check none \
               --md "$OUT/linear.md" > "$OUT/linear.log" 2>&1 ;;
     host) step host "${T_HOST:-90}" python3 bench/bench_host.py --reps 5 --ops > "$OUT/host.md" 2>&1 ;;
     kernels_new) step kernels_new "${T_KNEW:-40}" python3 bench/run_kernels.py $Q --only dense --kernels rms_norm \
                    --dtypes fp32 --md "$OUT/kernels.md" > /dev/null 2>&1 ;;
-    gpu_tests) step gpu_tests "${T_TESTS:-110}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+    gpu_tests) step gpu_tests "${T_TESTS:-140}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                  ${TESTS_K:+-k "$TESTS_K"} ${GPU_TESTS:-tests/test_gpu.py tests/test_cuda_graph.py $NEW_TESTS} \
                  >> "$OUT/tests.log" 2>&1 ;;
     models) step models "${T_MODELS:-240}" python3 bench/bench_models.py $Q --models bert-base,smollm2-135m \
@@ -107,7 +116,7 @@ for s in ${STEPS//,/ }; do
     attn_long) step attn_long "${T_ATTN:-60}" python3 bench/run_kernels.py --only attention \
                  --attention-shapes long-4096 --dtypes float32 --out "$OUT/kernels.json" --md "$OUT/kernels.md" \
                  > "$OUT/kernels.log" 2>&1 ;;
-    kernel_tests) step kernel_tests "${T_KTESTS:-105}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
+    kernel_tests) step kernel_tests "${T_KTESTS:-75}" python3 -m pytest -q -p no:cacheprovider $XDIST -m gpu \
                     tests/test_kernels_dense.py tests/test_kernels_attention.py >> "$OUT/tests.log" 2>&1 ;;
     # A/B of dispatch choices at model level (BERT-base fp32), against the models
     # table: the O(n log n) torch layer norm vs the O(n²) kernel for abs; for the
