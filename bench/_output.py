@@ -61,6 +61,8 @@ def config_label(c: dict) -> str:
         s += " no-PIPE"
     if c.get("ROW_SHIFT") is False:
         s += " shift-per-program"
+    if c.get("maxnreg"):
+        s += f" maxnreg {c['maxnreg']}"
     return s
 
 

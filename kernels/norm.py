@@ -11,9 +11,10 @@ t'_ij = (c + x̂_i x̂_j)/n − δ_ij we have w_ij = −rstd·γ_j·t'_ij, so
 - abs:     out_i = log( Σ_j |t'_ij|·e_j ) + log rstd + m,
            e_j = exp(l_j + log|γ_j| − m), m = finite max_j (l_j + log|γ_j|)
 - maxabs:  out_i = log( max_j |t'_ij|·e_j ) + log rstd + m (same e_j; the product
-           formed as x̂_i·(x̂_j e_j/n) + c e_j/n − δ_ij e_j, one FMA per pair); rows whose
-           linear-space max is below 2^-100 (possible underflow) are redone in
-           log space: max_j (log|t'_ij| + l_j + log|γ_j|) + log rstd (exact)
+           formed as x̂_i·(x̂_j e_j/n) + c e_j/n − δ_ij e_j, one FMA per pair); blocks
+           with a linear-space max below 2^-100 (possible underflow) are redone in
+           log space by a second launch: max_j (log|t'_ij| + l_j + log|γ_j|) +
+           log rstd (exact)
 - entropy: z_i = Σ_j |t'|e_j, s_i = Σ_j |t'|e_j (μ_j − log|γ_j| − log rstd) − Σ_j |t'|e_j log|t'|;
            (log z_i + log rstd + m, s_i/z_i)
 - max:     M+_i = max_j max(t'·q_j, t'·r_j), M-_i = min_j min(t'·q_j, t'·r_j) with
@@ -273,7 +274,51 @@ def _pre_step(acc, acc_s1, acc_s2, a_i, ua, ub, uc, offs_i, offs_j, inv_n, cn,
 
 
 @triton.jit
-def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, p0_ptr, p1_ptr,
+def _maxabs_logspace(x_row, c0_row, g_ptr, a_i, offs_i, i0, jr, N, inv_n, cn,
+                     HAS_G: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+    """max_j (log|t'_ij| + l_j + log|γ_j|) for the rows i of a block: the maxabs
+    row in log space, exact where the linear-space loop's e_j may underflow
+    (accurate logs, one per pair)."""
+    accl = tl.full((BI, BJ), float("-inf"), dtype=tl.float32)
+    for j0 in range(0, N, BJ):
+        offs_j = j0 + jr
+        xj, lj, muj, gj = _col_tile(x_row, c0_row, c0_row, g_ptr, j0, jr, N, 2, HAS_G)
+        t = _tprime(a_i, xj, offs_i, offs_j, i0, j0, inv_n, cn, BI, BJ)
+        if HAS_G:
+            lj = lj + tl.log(tl.abs(gj))
+        accl = tl.maximum(accl, tl.log(tl.abs(t)) + lj[None, :])
+    return tl.max(accl, 1)
+
+
+@triton.jit
+def _ln_maxabs_redo_kernel(c0_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, flag_ptr, N, s_c0, s_x, s_o,
+                           CENTERED: tl.constexpr, HAS_G: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+    """The maxabs blocks that ``_norm_kernel`` (REDO_APART) flagged as possibly
+    underflowed, redone in log space (``_maxabs_logspace``): out_i = that max +
+    log rstd; the other programs read their flag and stop. Kept out of the main
+    kernel, whose registers (and so its occupancy) the rarely taken fallback
+    would otherwise set."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    if tl.load(flag_ptr + row * tl.num_programs(1) + blk) != 0:
+        i0 = blk * BI
+        offs_i = i0 + tl.arange(0, BI)
+        mi = offs_i < N
+        inv_n = 1.0 / N
+        if CENTERED:
+            cn = inv_n
+        else:
+            cn = inv_n * 0.0
+        x_row = x_ptr + row * s_x
+        a_i = tl.load(x_row + offs_i, mask=mi, other=0.0).to(tl.float32)
+        lrs = tl.log(tl.load(rstd_ptr + row).to(tl.float32))
+        mx = _maxabs_logspace(x_row, c0_ptr + row * s_c0, g_ptr, a_i, offs_i, i0, tl.arange(0, BJ), N,
+                              inv_n, cn, HAS_G, BI, BJ)
+        tl.store(o0_ptr + row * s_o + offs_i, mx + lrs, mask=mi)
+
+
+@triton.jit
+def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, p0_ptr, p1_ptr, flag_ptr,
                  N, s_c0, s_c1, s_x, s_o, s_p,
                  SR: tl.constexpr, CENTERED: tl.constexpr, HAS_G: tl.constexpr,
                  BI: tl.constexpr, BJ: tl.constexpr, ROW_SHIFT: tl.constexpr, PRE: tl.constexpr):
@@ -286,7 +331,9 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, 
     from m_ptr (computed once per row by the launcher) instead of by a pass
     over the row in every one of the row's programs. PRE (not max): m and the
     per-column factors are read from ``_norm_cols_kernel``'s output, so the
-    loop does no per-column logs or exps."""
+    loop does no per-column logs or exps. maxabs: a block whose linear-space
+    max may have underflowed is not redone here in log space but flagged in
+    flag_ptr[row, block] for ``_ln_maxabs_redo_kernel``."""
     row = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BI
     offs_i = i0 + tl.arange(0, BI)
@@ -407,16 +454,7 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, 
             out = tl.log(mx) + lrs + m
             # 2^-100: exp may have underflowed (not in a row of zero values: its max is exact)
             need = mi & (mx < 7.888609052210118e-31) & (n_end > 0)
-            if tl.sum(need.to(tl.int32), 0) > 0:
-                accl = tl.full((BI, BJ), float("-inf"), dtype=tl.float32)
-                for j0 in range(0, N, BJ):
-                    offs_j = j0 + jr
-                    xj, lj, muj, gj = _col_tile(x_row, c0_row, c1_row, g_ptr, j0, jr, N, SR, HAS_G)
-                    t = _tprime(a_i, xj, offs_i, offs_j, i0, j0, inv_n, cn, BI, BJ)
-                    if HAS_G:
-                        lj = lj + tl.log(tl.abs(gj))
-                    accl = tl.maximum(accl, tl.log(tl.abs(t)) + lj[None, :])
-                out = tl.where(need, tl.max(accl, 1) + lrs, out)
+            tl.store(flag_ptr + row * tl.num_programs(1) + tl.program_id(1), tl.sum(need.to(tl.int32), 0))
             tl.store(o0_ptr + row * s_o + offs_i, out, mask=mi)
         else:
             z = tl.sum(acc, 1)
@@ -432,6 +470,16 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, 
 
 #: the widest row the column-factor pass (PRE) takes in one program
 PRE_MAX_N = 8192
+
+#: register cap of one PRE candidate (ptxas ``.maxnreg``). The 64-row tiles of
+#: abs, maxabs and entropy take 147-167 registers at 4 warps, so 3 programs
+#: (12 warps) share an SM; at 128 they fit 4 (16 warps), with no spill for
+#: entropy and 80 bytes for abs/maxabs, reloaded only in the diagonal tiles'
+#: loop (ptxas, sm_90, triton 3.6). These loops run far below their issue
+#: limits (H100, seventh session: abs 4.1 and maxabs 2.6 T pairs/s against
+#: 16.7 at two instructions a pair), i.e. they wait on latency, which more
+#: warps hide.
+MAXNREG = 128
 
 
 def _configs(sr: int, n: int | None = None, centered: bool = True):
@@ -466,7 +514,10 @@ def _configs(sr: int, n: int | None = None, centered: bool = True):
         return [dict(c, ROW_SHIFT=False, PRE=False) for c in cs]
     plain = ([dict(cs[0], ROW_SHIFT=True, PRE=False), dict(cs[0], ROW_SHIFT=False, PRE=False)]
              + [dict(c, ROW_SHIFT=True, PRE=False) for c in cs[1:]])
-    return sort + ([dict(c, ROW_SHIFT=True, PRE=True) for c in cs[:2]] if pre else []) + plain
+    pres = [dict(c, ROW_SHIFT=True, PRE=True) for c in cs[:2]] if pre else []
+    if pre:      # the first tile with at most 128 registers (see MAXNREG)
+        pres.insert(1, dict(pres[0], maxnreg=MAXNREG))
+    return sort + pres + plain
 
 
 def _row_shift(l, g):
@@ -563,9 +614,14 @@ def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
         else:
             # max: m_r = max_j M+_rj, −inf in a row of zero values (which the kernel skips)
             m = torch.amax(a, dim=-1).contiguous() if sr == SR_MAX else _row_shift(a, g) if meta["ROW_SHIFT"] else rs
-        _norm_kernel[grid](a, b, x, rs, gp, o0, o1, m, p0, p1, n,
+        flag = torch.empty(grid, dtype=torch.int32, device=a.device) if sr == SR_MAXABS else x
+        _norm_kernel[grid](a, b, x, rs, gp, o0, o1, m, p0, p1, flag, n,
                            a.stride(0), b.stride(0), x.stride(0), o0.stride(0), p0.stride(0),
                            SR=sr, CENTERED=centered, HAS_G=g is not None, **meta)
+        if sr == SR_MAXABS:                     # the blocks that may have underflowed, in log space
+            _ln_maxabs_redo_kernel[grid](a, x, rs, gp, o0, flag, n, a.stride(0), x.stride(0), o0.stride(0),
+                                         CENTERED=centered, HAS_G=g is not None, BI=meta["BI"], BJ=meta["BJ"],
+                                         num_warps=meta.get("num_warps", 4), num_stages=1)
 
     dense: list = []
 
@@ -611,19 +667,31 @@ def aot_specs():
         runs = [(True, True, "fp32", cfgs[0]), (False, True, "fp32", cfgs[0]), (True, True, "bf16", cfgs[0]),
                 (True, False, "fp32", cfgs[0]), (False, True, "fp32", cfgs[1])]
         runs = [r + (sr != SR_MAX, False) for r in runs]
+        runs = [r + (None,) for r in runs]
         if sr != SR_MAX:
-            runs.append((True, True, "fp32", cfgs[0], False, False))   # the shift computed per program
-            runs += [(True, True, "fp32", cfgs[0], True, True), (True, True, "bf16", cfgs[0], True, True),
-                     (False, False, "fp32", cfgs[1], True, True)]       # PRE
-        for centered, has_g, dt, (bi, bj, nw), row_shift, pre in runs:
+            runs.append((True, True, "fp32", cfgs[0], False, False, None))   # the shift computed per program
+            runs += [(True, True, "fp32", cfgs[0], True, True, None), (True, True, "bf16", cfgs[0], True, True, None),
+                     (False, False, "fp32", cfgs[1], True, True, None),      # PRE
+                     (True, True, "fp32", cfgs[0], True, True, MAXNREG)]     # PRE with the register cap
+        for centered, has_g, dt, (bi, bj, nw), row_shift, pre, maxnreg in runs:
             const = dict(SR=sr, CENTERED=centered, HAS_G=has_g, BI=bi, BJ=bj, ROW_SHIFT=row_shift, PRE=pre)
             types = {n: "i32" for n in kern.arg_names}
             types.update({"c0_ptr": "*fp32", "c1_ptr": "*fp32", "x_ptr": "*" + dt, "rstd_ptr": "*fp32",
                           "g_ptr": "*" + dt, "o0_ptr": "*fp32", "o1_ptr": "*fp32", "m_ptr": "*fp32",
-                          "p0_ptr": "*fp32", "p1_ptr": "*fp32"})
-            specs.append(aot_entry(kern, types, const, nw, 3))
+                          "p0_ptr": "*fp32", "p1_ptr": "*fp32", "flag_ptr": "*i32"})
+            spec = aot_entry(kern, types, const, nw, 3)
+            if maxnreg:
+                spec[3]["maxnreg"] = maxnreg
+            specs.append(spec)
         if sr == SR_MAX:
             continue
+        if sr == SR_MAXABS:               # the log-space redo of flagged blocks
+            for centered, has_g, dt in ((True, True, "fp32"), (False, False, "fp32"), (True, True, "bf16")):
+                types = {n: "i32" for n in _ln_maxabs_redo_kernel.arg_names}
+                types.update({"c0_ptr": "*fp32", "x_ptr": "*" + dt, "rstd_ptr": "*fp32", "g_ptr": "*" + dt,
+                              "o0_ptr": "*fp32", "flag_ptr": "*i32"})
+                specs.append(aot_entry(_ln_maxabs_redo_kernel, types,
+                                       dict(CENTERED=centered, HAS_G=has_g, BI=64, BJ=64), 4, 1))
         if sr == SR_ABS:                  # the O(n log n) layer norm
             for has_g, dt, block, wx in ((True, "fp32", 1024, 1), (True, "bf16", 1024, 1), (False, "fp32", 4096, 1),
                                          (True, "fp32", 1024, 4)):
