@@ -19,7 +19,8 @@ t'_ij = (c + x̂_i x̂_j)/n − δ_ij we have w_ij = −rstd·γ_j·t'_ij, so
            (log z_i + log rstd + m, s_i/z_i)
 - max:     M+_i = max_j max(t'·q_j, t'·r_j), M-_i = min_j min(t'·q_j, t'·r_j) with
            q_j = −rstd·γ_j·M+_j, r_j = −rstd·γ_j·M-_j; edges with t' = 0 or γ_j = 0
-           and zero values (M+_j = -inf) excluded.
+           and zero values (M+_j = -inf) excluded (t' = 0 by redoing a block
+           whose M+ or M- came out as exactly 0, see ``_max_step``).
 
 PRE (abs, maxabs, entropy): the per-column factors (the row shift m, e_j and
 x̂_j e_j / n, or entropy's e_j and μ_j − log|γ_j| − log rstd) are computed once
@@ -231,21 +232,50 @@ def _pre_tile(x_row, p0_row, p1_row, j0, jr, N, SR: tl.constexpr):
 
 
 @triton.jit
-def _max_step(acc_p, acc_n, a_i, xj, pj, nj, gj, rs, offs_i, offs_j, inv_n, cn, DIAG: tl.constexpr):
+def _max_step(acc_p, acc_n, a_i, xj, pj, nj, gj, rs, offs_i, offs_j, inv_n, cn, DIAG: tl.constexpr,
+              EXCL_T0: tl.constexpr):
     """One [BI, BJ] tile of the signed max semiring: with q_j = −rstd γ_j M+_j,
     r_j = −rstd γ_j M-_j and t' = (c + x̂_i x̂_j)/n − δ_ij (DIAG: the tile may
     hold i = j), acc_p = max(acc_p, t'q_j, t'r_j), acc_n = min(acc_n, t'q_j, t'r_j);
-    edges with t' = 0 or γ_j = 0 and zero values (M+_j = −inf) give NaN, which
-    max/min skip."""
+    γ_j = 0 and zero values (M+_j = −inf) give NaN, which max/min skip.
+    EXCL_T0: edges with t' = 0 as NaN too (a compare and a select per pair);
+    without it such an edge adds the candidate 0, which can only show as an
+    output M+ = 0 or M- = 0 (the kernel then redoes that block with EXCL_T0)."""
     t = _t_tile(a_i, xj, offs_i, offs_j, inv_n, cn, DIAG)
     sg = rs * gj
     ok = (pj != float("-inf")) & (sg != 0.0)
     q = tl.where(ok, -(sg * pj), float("nan"))
     r = tl.where(ok, -(sg * nj), float("nan"))
-    tz = tl.where(t == 0.0, float("nan"), t)
-    x = tz * q[None, :]
-    y = tz * r[None, :]
+    if EXCL_T0:
+        t = tl.where(t == 0.0, float("nan"), t)
+    x = t * q[None, :]
+    y = t * r[None, :]
     return tl.maximum(acc_p, tl.maximum(x, y)), tl.minimum(acc_n, tl.minimum(x, y))
+
+
+@triton.jit
+def _max_row_block(a_i, x_row, c0_row, c1_row, g_ptr, rs, offs_i, i0, jr, N, n_end, inv_n, cn,
+                   SR: tl.constexpr, HAS_G: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+                   EXCL_T0: tl.constexpr):
+    """(M+_i, M-_i) of a block of rows i over j < n_end, in three loops as in the
+    PRE path (the δ test only in the tiles that hold the diagonal)."""
+    acc_p = tl.full((BI, BJ), float("-inf"), dtype=tl.float32)
+    acc_n = tl.full((BI, BJ), float("inf"), dtype=tl.float32)
+    d_lo, d_hi = _diag_tiles(i0, n_end, BI, BJ)
+    xj, pj, nj, gj = _col_tile(x_row, c0_row, c1_row, g_ptr, 0, jr, N, SR, HAS_G)
+    for j0 in range(0, d_lo, BJ):
+        xn, pn, nn, gn = _col_tile(x_row, c0_row, c1_row, g_ptr, j0 + BJ, jr, N, SR, HAS_G)
+        acc_p, acc_n = _max_step(acc_p, acc_n, a_i, xj, pj, nj, gj, rs, offs_i, j0 + jr, inv_n, cn, False, EXCL_T0)
+        xj, pj, nj, gj = xn, pn, nn, gn
+    for j0 in range(d_lo, d_hi, BJ):
+        xn, pn, nn, gn = _col_tile(x_row, c0_row, c1_row, g_ptr, j0 + BJ, jr, N, SR, HAS_G)
+        acc_p, acc_n = _max_step(acc_p, acc_n, a_i, xj, pj, nj, gj, rs, offs_i, j0 + jr, inv_n, cn, True, EXCL_T0)
+        xj, pj, nj, gj = xn, pn, nn, gn
+    for j0 in range(d_hi, n_end, BJ):
+        xn, pn, nn, gn = _col_tile(x_row, c0_row, c1_row, g_ptr, j0 + BJ, jr, N, SR, HAS_G)
+        acc_p, acc_n = _max_step(acc_p, acc_n, a_i, xj, pj, nj, gj, rs, offs_i, j0 + jr, inv_n, cn, False, EXCL_T0)
+        xj, pj, nj, gj = xn, pn, nn, gn
+    return tl.max(acc_p, 1), tl.min(acc_n, 1)
 
 
 @triton.jit
@@ -291,19 +321,23 @@ def _maxabs_logspace(x_row, c0_row, g_ptr, a_i, offs_i, i0, jr, N, inv_n, cn,
 
 
 @triton.jit
-def _ln_maxabs_redo_kernel(c0_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, flag_ptr, N, s_c0, s_x, s_o,
-                           CENTERED: tl.constexpr, HAS_G: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
-    """The maxabs blocks that ``_norm_kernel`` (REDO_APART) flagged as possibly
-    underflowed, redone in log space (``_maxabs_logspace``): out_i = that max +
-    log rstd; the other programs read their flag and stop. Kept out of the main
-    kernel, whose registers (and so its occupancy) the rarely taken fallback
-    would otherwise set."""
+def _norm_redo_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, flag_ptr, N,
+                      s_c0, s_c1, s_x, s_o, SR: tl.constexpr, CENTERED: tl.constexpr, HAS_G: tl.constexpr,
+                      BI: tl.constexpr, BJ: tl.constexpr):
+    """The blocks of rows that ``_norm_kernel`` flagged (flag_ptr[row, block] ≠ 0),
+    redone exactly; every other program reads its flag and stops. maxabs: a
+    linear-space max that may have underflowed, redone in log space
+    (``_maxabs_logspace``: out_i = that max + log rstd); max: an output that
+    came out as exactly 0, redone with the t' = 0 edges excluded
+    (``_max_row_block`` with EXCL_T0). Kept out of the main kernel, whose
+    registers (and so its occupancy) the rarely taken path would otherwise set."""
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     if tl.load(flag_ptr + row * tl.num_programs(1) + blk) != 0:
         i0 = blk * BI
         offs_i = i0 + tl.arange(0, BI)
         mi = offs_i < N
+        jr = tl.arange(0, BJ)
         inv_n = 1.0 / N
         if CENTERED:
             cn = inv_n
@@ -311,10 +345,17 @@ def _ln_maxabs_redo_kernel(c0_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, flag_ptr, N, 
             cn = inv_n * 0.0
         x_row = x_ptr + row * s_x
         a_i = tl.load(x_row + offs_i, mask=mi, other=0.0).to(tl.float32)
-        lrs = tl.log(tl.load(rstd_ptr + row).to(tl.float32))
-        mx = _maxabs_logspace(x_row, c0_ptr + row * s_c0, g_ptr, a_i, offs_i, i0, tl.arange(0, BJ), N,
-                              inv_n, cn, HAS_G, BI, BJ)
-        tl.store(o0_ptr + row * s_o + offs_i, mx + lrs, mask=mi)
+        rs = tl.load(rstd_ptr + row).to(tl.float32)
+        if SR == 3:
+            n_end = tl.where(tl.load(m_ptr + row) == float("-inf"), 0, N)
+            mp, mn = _max_row_block(a_i, x_row, c0_ptr + row * s_c0, c1_ptr + row * s_c1, g_ptr, rs, offs_i, i0,
+                                    jr, N, n_end, inv_n, cn, SR, HAS_G, BI, BJ, True)
+            tl.store(o0_ptr + row * s_o + offs_i, mp, mask=mi)
+            tl.store(o1_ptr + row * s_o + offs_i, mn, mask=mi)
+        else:
+            mx = _maxabs_logspace(x_row, c0_ptr + row * s_c0, g_ptr, a_i, offs_i, i0, jr, N, inv_n, cn,
+                                  HAS_G, BI, BJ)
+            tl.store(o0_ptr + row * s_o + offs_i, mx + tl.log(rs), mask=mi)
 
 
 @triton.jit
@@ -331,9 +372,8 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, 
     from m_ptr (computed once per row by the launcher) instead of by a pass
     over the row in every one of the row's programs. PRE (not max): m and the
     per-column factors are read from ``_norm_cols_kernel``'s output, so the
-    loop does no per-column logs or exps. maxabs: a block whose linear-space
-    max may have underflowed is not redone here in log space but flagged in
-    flag_ptr[row, block] for ``_ln_maxabs_redo_kernel``."""
+    loop does no per-column logs or exps. maxabs and max: a block to be redone
+    (see ``_norm_redo_kernel``) is flagged in flag_ptr[row, block]."""
     row = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BI
     offs_i = i0 + tl.arange(0, BI)
@@ -353,25 +393,15 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, 
     if SR == 3:
         # a row of zero values (m_ptr: max_j M+_j = −inf) runs no tile: M± = ∓inf
         n_end = tl.where(tl.load(m_ptr + row) == float("-inf"), 0, N)
-        acc_p = tl.full((BI, BJ), float("-inf"), dtype=tl.float32)
-        acc_n = tl.full((BI, BJ), float("inf"), dtype=tl.float32)
-        # three loops as in the PRE path: the δ test only in the diagonal tiles
-        d_lo, d_hi = _diag_tiles(i0, n_end, BI, BJ)
-        xj, pj, nj, gj = _col_tile(x_row, c0_row, c1_row, g_ptr, 0, jr, N, SR, HAS_G)
-        for j0 in range(0, d_lo, BJ):
-            xn, pn, nn, gn = _col_tile(x_row, c0_row, c1_row, g_ptr, j0 + BJ, jr, N, SR, HAS_G)
-            acc_p, acc_n = _max_step(acc_p, acc_n, a_i, xj, pj, nj, gj, rs, offs_i, j0 + jr, inv_n, cn, False)
-            xj, pj, nj, gj = xn, pn, nn, gn
-        for j0 in range(d_lo, d_hi, BJ):
-            xn, pn, nn, gn = _col_tile(x_row, c0_row, c1_row, g_ptr, j0 + BJ, jr, N, SR, HAS_G)
-            acc_p, acc_n = _max_step(acc_p, acc_n, a_i, xj, pj, nj, gj, rs, offs_i, j0 + jr, inv_n, cn, True)
-            xj, pj, nj, gj = xn, pn, nn, gn
-        for j0 in range(d_hi, n_end, BJ):
-            xn, pn, nn, gn = _col_tile(x_row, c0_row, c1_row, g_ptr, j0 + BJ, jr, N, SR, HAS_G)
-            acc_p, acc_n = _max_step(acc_p, acc_n, a_i, xj, pj, nj, gj, rs, offs_i, j0 + jr, inv_n, cn, False)
-            xj, pj, nj, gj = xn, pn, nn, gn
-        tl.store(o0_ptr + row * s_o + offs_i, tl.max(acc_p, 1), mask=mi)
-        tl.store(o1_ptr + row * s_o + offs_i, tl.min(acc_n, 1), mask=mi)
+        # edges with t' = 0 (1 + x̂_i x̂_j = 0 exactly; RMS norm: x̂_j = 0) are
+        # rare: the loops keep their candidate 0, and a block where an output
+        # came out as exactly 0 is flagged for ``_norm_redo_kernel``
+        mp, mn = _max_row_block(a_i, x_row, c0_row, c1_row, g_ptr, rs, offs_i, i0, jr, N, n_end, inv_n, cn,
+                                SR, HAS_G, BI, BJ, False)
+        redo = mi & ((mp == 0.0) | (mn == 0.0))
+        tl.store(flag_ptr + row * tl.num_programs(1) + tl.program_id(1), tl.sum(redo.to(tl.int32), 0))
+        tl.store(o0_ptr + row * s_o + offs_i, mp, mask=mi)
+        tl.store(o1_ptr + row * s_o + offs_i, mn, mask=mi)
     else:
         # the shift: m = finite max_j (l_j + log|γ_j|)
         # (−inf for a row of zero values: it runs no tile, and every output is zero)
@@ -481,6 +511,11 @@ PRE_MAX_N = 8192
 #: warps hide.
 MAXNREG = 128
 
+#: register caps of the max semiring's candidates by num_warps: without the
+#: per-pair t' = 0 select (ninth session) ptxas took 112-148 registers where it
+#: had taken 95-128, one program a SM fewer; at these caps, no spill (triton 3.6)
+MAX_SR_NREG = {4: 96, 8: 128}
+
 
 def _configs(sr: int, n: int | None = None, centered: bool = True):
     """Launch candidates, best guess first. ROW_SHIFT: the row shift computed
@@ -510,8 +545,8 @@ def _configs(sr: int, n: int | None = None, centered: bool = True):
     else:
         cs = [dict(BI=64, BJ=32, num_warps=4, num_stages=3), dict(BI=64, BJ=64, num_warps=8, num_stages=3),
               dict(BI=32, BJ=64, num_warps=4, num_stages=3)]
-    if sr == SR_MAX:                      # no shift in the signed semiring
-        return [dict(c, ROW_SHIFT=False, PRE=False) for c in cs]
+    if sr == SR_MAX:                      # no shift in the signed semiring; registers as before the t' = 0 redo
+        return [dict(c, ROW_SHIFT=False, PRE=False, maxnreg=MAX_SR_NREG[c["num_warps"]]) for c in cs]
     plain = ([dict(cs[0], ROW_SHIFT=True, PRE=False), dict(cs[0], ROW_SHIFT=False, PRE=False)]
              + [dict(c, ROW_SHIFT=True, PRE=False) for c in cs[1:]])
     pres = [dict(c, ROW_SHIFT=True, PRE=True) for c in cs[:2]] if pre else []
@@ -614,14 +649,15 @@ def _norm(v, xhat, rstd, weight, centered: bool, kind: str):
         else:
             # max: m_r = max_j M+_rj, −inf in a row of zero values (which the kernel skips)
             m = torch.amax(a, dim=-1).contiguous() if sr == SR_MAX else _row_shift(a, g) if meta["ROW_SHIFT"] else rs
-        flag = torch.empty(grid, dtype=torch.int32, device=a.device) if sr == SR_MAXABS else x
+        redo = sr in (SR_MAXABS, SR_MAX)
+        flag = torch.empty(grid, dtype=torch.int32, device=a.device) if redo else x
         _norm_kernel[grid](a, b, x, rs, gp, o0, o1, m, p0, p1, flag, n,
                            a.stride(0), b.stride(0), x.stride(0), o0.stride(0), p0.stride(0),
                            SR=sr, CENTERED=centered, HAS_G=g is not None, **meta)
-        if sr == SR_MAXABS:                     # the blocks that may have underflowed, in log space
-            _ln_maxabs_redo_kernel[grid](a, x, rs, gp, o0, flag, n, a.stride(0), x.stride(0), o0.stride(0),
-                                         CENTERED=centered, HAS_G=g is not None, BI=meta["BI"], BJ=meta["BJ"],
-                                         num_warps=meta.get("num_warps", 4), num_stages=1)
+        if redo:                                # the flagged blocks, exactly (_norm_redo_kernel)
+            _norm_redo_kernel[grid](a, b, x, rs, gp, o0, o1, m, flag, n, a.stride(0), b.stride(0), x.stride(0),
+                                    o0.stride(0), SR=sr, CENTERED=centered, HAS_G=g is not None, BI=meta["BI"],
+                                    BJ=meta["BJ"], num_warps=meta.get("num_warps", 4), num_stages=1)
 
     dense: list = []
 
@@ -680,18 +716,22 @@ def aot_specs():
                           "g_ptr": "*" + dt, "o0_ptr": "*fp32", "o1_ptr": "*fp32", "m_ptr": "*fp32",
                           "p0_ptr": "*fp32", "p1_ptr": "*fp32", "flag_ptr": "*i32"})
             spec = aot_entry(kern, types, const, nw, 3)
+            if sr == SR_MAX:
+                maxnreg = MAX_SR_NREG[nw]
             if maxnreg:
                 spec[3]["maxnreg"] = maxnreg
             specs.append(spec)
+        if sr in (SR_MAXABS, SR_MAX):     # the exact redo of flagged blocks
+            bi, bj, nw = cfgs[0]
+            for centered, has_g, dt in ((True, True, "fp32"), (False, False, "fp32"), (True, True, "bf16")):
+                types = {n: "i32" for n in _norm_redo_kernel.arg_names}
+                types.update({"c0_ptr": "*fp32", "c1_ptr": "*fp32", "x_ptr": "*" + dt, "rstd_ptr": "*fp32",
+                              "g_ptr": "*" + dt, "o0_ptr": "*fp32", "o1_ptr": "*fp32", "m_ptr": "*fp32",
+                              "flag_ptr": "*i32"})
+                specs.append(aot_entry(_norm_redo_kernel, types,
+                                       dict(SR=sr, CENTERED=centered, HAS_G=has_g, BI=bi, BJ=bj), nw, 1))
         if sr == SR_MAX:
             continue
-        if sr == SR_MAXABS:               # the log-space redo of flagged blocks
-            for centered, has_g, dt in ((True, True, "fp32"), (False, False, "fp32"), (True, True, "bf16")):
-                types = {n: "i32" for n in _ln_maxabs_redo_kernel.arg_names}
-                types.update({"c0_ptr": "*fp32", "x_ptr": "*" + dt, "rstd_ptr": "*fp32", "g_ptr": "*" + dt,
-                              "o0_ptr": "*fp32", "flag_ptr": "*i32"})
-                specs.append(aot_entry(_ln_maxabs_redo_kernel, types,
-                                       dict(CENTERED=centered, HAS_G=has_g, BI=64, BJ=64), 4, 1))
         if sr == SR_ABS:                  # the O(n log n) layer norm
             for has_g, dt, block, wx in ((True, "fp32", 1024, 1), (True, "bf16", 1024, 1), (False, "fp32", 4096, 1),
                                          (True, "fp32", 1024, 4)):

@@ -792,6 +792,36 @@ def test_rms_norm_ordinary_backward_kernel(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ("layer_norm", "rms_norm"))
+def test_max_norm_zero_weight_edges(op, device):
+    """max semiring, edges whose weight t' is exactly 0 (layer norm: 1 + x̂_i x̂_j = 0;
+    RMS norm: x̂_j = 0) are not edges: row 0's only real candidates are negative
+    (M+ = t'_00 M+_0 < 0), so a kernel that kept the 0 of the t' = 0 edge would report
+    M+ = 0; the other rows are random, with and without such edges."""
+    sr = BUILTIN["max"]
+    g = torch.Generator().manual_seed(41)
+    n = 16                                        # a power of two: t' = 0 exactly in fp32
+    xhat = torch.randn(5, n, generator=g)
+    p = torch.randn(5, n, generator=g)
+    v = (p + 1.0, p - 1.0)
+    xhat[0] = 0.3
+    xhat[0, 0] = 2.0
+    xhat[0, 1] = -0.5 if op == "layer_norm" else 0.0
+    v[0][0], v[1][0] = float("-inf"), float("inf")          # row 0: every value zero ...
+    v[0][0, 0], v[1][0, 0] = -1.0, -2.0                     # ... but its own (the diagonal edge)
+    v[0][0, 1], v[1][0, 1] = 1.0, 1.0                       # and the t' = 0 edge's
+    xhat[2, 3] = -1.0 / xhat[2, 5] if op == "layer_norm" else 0.0
+    rstd = torch.ones(5, 1)
+    gamma = torch.ones(n)
+    args = (tuple(c.to(device) for c in v), xhat.to(device), rstd.to(device), gamma.to(device))
+    ref = reference(getattr(sr, op), *args)
+    c = 1.0 if op == "layer_norm" else 0.0
+    assert ref[0][0, 0].item() == pytest.approx((1.0 - (c + 4.0) / n) * -1.0)     # -t'_00 · M+_0
+    out = kernel(op if op == "layer_norm" else "rms_norm_dense", "max")(*args)
+    check(out, ref, "max", 2e-5, None, f"{op}: t' = 0 edges")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_maxabs_norm_underflow_fallback(device):
     """A row where the winning term is e^-200 below the row's largest value
     (x̂_0 = 0 leaves only the diagonal edge for unit 0 in RMS norm): the
