@@ -1193,11 +1193,12 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None, groups: in
       bytes) first, then both at 16x64 (276 and 0); the earlier single 32x64
       launch (2452 bytes) stays a candidate;
     - maxabs, max: 64x64 "ieee" with rank-1 updates first (the measured
-      winner on BERT maxabs), then "chunk" C (each step a [C, BM, BN]
-      broadcast reduced over the chunk inside each thread; C = 8 for maxabs,
-      4 for max, whose loops spill at 8 on triton 3.6) with a tf32x3 and an
-      "ieee" score dot, then "pipe" (rank-1 updates that issue step t+1's
-      loads before step t's update) with tf32x3 and "ieee".
+      winner on BERT maxabs), then "chunk" C with a tf32x3 score dot (each
+      step a [C, BM, BN] broadcast reduced over the chunk inside each thread;
+      C = 8 for maxabs, 4 for max, whose loops spill at 8 on triton 3.6; an
+      "ieee" score dot costs 4-11% more instructions), then "pipe" (rank-1
+      updates that issue step t+1's loads before step t's update) with
+      tf32x3 and "ieee".
 
     Timed on an H100 (fifth and seventh sessions, RESULTS.md): the 16-row
     real/abs plans and the split entropy plan won (1.15-1.5x); for maxabs/max
@@ -1233,11 +1234,10 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None, groups: in
         plans = ([{"cfg": (32, 32, 4, 1, "ieee"), "split": False}] if wide else
                  [{"cfg": (64, 64, 8, 1, "ieee"), "split": False},
                   {"cfg": (64, 64, 8, 1, "tf32x3"), "split": False, "chunk": ch},
-                  {"cfg": (64, 64, 8, 1, "ieee"), "split": False, "chunk": ch},
                   {"cfg": (64, 64, 8, 1, "tf32x3"), "split": False, "pipe": True},
                   {"cfg": (64, 64, 8, 1, "ieee"), "split": False, "pipe": True}])
         if groups > 1 and not wide:       # GQA: also one program per q head (see _split_g)
-            plans += [dict(plans[i], split_g=True) for i in (0, 1, 4)]
+            plans += [dict(plans[i], split_g=True) for i in (0, 1, 3)]
     if DOT_PRECISION is not None:
         plans = [dict(p, cfg=p["cfg"][:4] + (DOT_PRECISION,)) for p in plans]
     return plans
