@@ -66,6 +66,59 @@ def _tile_ids(pid, I, K, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constex
 
 
 @triton.jit
+def _dot_tile(I, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile of a batched GEMM (grid: tiles, batch): the
+    batch index, the row / column / contraction aranges and the row and column
+    masks."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), I, K, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    return tl.program_id(1).to(tl.int64), offs_m, offs_n, tl.arange(0, BK), offs_m < I, offs_n < K
+
+
+@triton.jit
+def _split_products(acc_z, acc_s, a_hi, a_lo, am_hi, am_lo, w, e, elo,
+                    ENTROPY: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One k-step of the abs / entropy GEMM: z += a_hi·w (+ a_lo·w); entropy also
+    s += am_hi·w + a_hi·e (+ am_lo·w + a_lo·e + a_hi·elo), the products of the
+    hi/lo split (SPLIT; the lo·lo terms dropped) or one product each. Unused
+    operands may be placeholders. UPCAST (interpreter): the operands go to fp32
+    first (its low-precision tl.dot is unreliable; the values are the same)."""
+    if UPCAST:
+        a_hi = a_hi.to(tl.float32)
+        a_lo = a_lo.to(tl.float32)
+        am_hi = am_hi.to(tl.float32)
+        am_lo = am_lo.to(tl.float32)
+        w = w.to(tl.float32)
+        e = e.to(tl.float32)
+        elo = elo.to(tl.float32)
+    acc_z = tl.dot(a_hi, w, acc_z, input_precision=PREC)
+    if SPLIT:
+        acc_z = tl.dot(a_lo, w, acc_z, input_precision=PREC)
+    if ENTROPY:
+        acc_s = tl.dot(am_hi, w, acc_s, input_precision=PREC)
+        acc_s = tl.dot(a_hi, e, acc_s, input_precision=PREC)
+        if SPLIT:
+            acc_s = tl.dot(am_lo, w, acc_s, input_precision=PREC)
+            acc_s = tl.dot(a_lo, e, acc_s, input_precision=PREC)
+            acc_s = tl.dot(a_hi, elo, acc_s, input_precision=PREC)
+    return acc_z, acc_s
+
+
+@triton.jit
+def _logsum_store(acc_z, acc_s, m, ol_ptr, omu_ptr, o_off, omask, ENTROPY: tl.constexpr):
+    """ol = log z + m (m: the row shift, [BM]); entropy: omu = s / z, 0 where z = 0
+    or ol = -inf."""
+    out_l = tl.log(acc_z) + m[:, None]
+    tl.store(ol_ptr + o_off, out_l, mask=omask)
+    if ENTROPY:
+        nz = acc_z != 0.0
+        mu_o = tl.where(nz, acc_s / tl.where(nz, acc_z, 1.0), 0.0)
+        mu_o = tl.where(out_l == float("-inf"), 0.0, mu_o)
+        tl.store(omu_ptr + o_off, mu_o, mask=omask)
+
+
+@triton.jit
 def _logsum_mm_kernel(
         l_ptr, mu_ptr, m_ptr, w_ptr, e_ptr, elo_ptr, ol_ptr, omu_ptr,
         I, J, K,
@@ -82,14 +135,7 @@ def _logsum_mm_kernel(
     the tensor cores (fp32 accumulation); with SPLIT they are split into hi + lo
     parts (and e into e + elo, elo = e - e_hi precomputed), which brings the
     contraction to fp32 accuracy for 2 (abs) or 6 (entropy) dots instead of 1 or 3."""
-    pid = tl.program_id(0)
-    bid = tl.program_id(1).to(tl.int64)
-    pid_m, pid_n = _tile_ids(pid, I, K, BM, BN, GROUP_M)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
-    mask_m = offs_m < I
-    mask_n = offs_n < K
+    bid, offs_m, offs_n, offs_k, mask_m, mask_n = _dot_tile(I, K, BM, BN, BK, GROUP_M)
 
     m = tl.load(m_ptr + bid * I + offs_m, mask=mask_m, other=0.0)
     l_ptrs = l_ptr + bid * s_lb + offs_m[:, None] * s_li + offs_k[None, :] * s_lj
@@ -97,8 +143,8 @@ def _logsum_mm_kernel(
     if ENTROPY:
         mu_ptrs = mu_ptr + bid * s_ub + offs_m[:, None] * s_ui + offs_k[None, :] * s_uj
         e_off = bid * s_eb + offs_k[:, None] * s_ej + offs_n[None, :] * s_ek
-        acc_s = tl.zeros((BM, BN), dtype=tl.float32)
     acc_z = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_s = tl.zeros((BM, BN), dtype=tl.float32) if ENTROPY else acc_z
     for k0 in range(0, J, BK):
         kmask = (k0 + offs_k) < J
         amask = mask_m[:, None] & kmask[None, :]
@@ -106,60 +152,32 @@ def _logsum_mm_kernel(
         lt = tl.load(l_ptrs, mask=amask, other=float("-inf"))
         a = tl.exp(lt - m[:, None])
         wt = tl.abs(tl.load(w_ptrs, mask=bmask, other=0.0))
+        am = a
+        et = wt
+        elo = wt
         if ENTROPY:
-            mut = tl.load(mu_ptrs, mask=amask, other=0.0)
-            am = a * mut
+            am = a * tl.load(mu_ptrs, mask=amask, other=0.0)
             et = tl.load(e_ptr + e_off, mask=bmask, other=0.0)
+            if LOWP and SPLIT:
+                elo = tl.load(elo_ptr + e_off, mask=bmask, other=0.0)
+        a_hi = a
+        a_lo = a
+        am_hi = am
+        am_lo = am
         if LOWP:
             a_hi = a.to(wt.dtype)
-            if SPLIT:
-                a_lo = (a - a_hi.to(tl.float32)).to(wt.dtype)
-            if ENTROPY:
-                am_hi = am.to(wt.dtype)
-                if SPLIT:
-                    am_lo = (am - am_hi.to(tl.float32)).to(wt.dtype)
-                    elo = tl.load(elo_ptr + e_off, mask=bmask, other=0.0)
-            if UPCAST:   # interpreter: its low-precision tl.dot is unreliable; same rounding
-                a_hi = a_hi.to(tl.float32)
-                wt = wt.to(tl.float32)
-                if SPLIT:
-                    a_lo = a_lo.to(tl.float32)
-                if ENTROPY:
-                    am_hi = am_hi.to(tl.float32)
-                    et = et.to(tl.float32)
-                    if SPLIT:
-                        am_lo = am_lo.to(tl.float32)
-                        elo = elo.to(tl.float32)
-            acc_z = tl.dot(a_hi, wt, acc_z, input_precision=PREC)
-            if SPLIT:
-                acc_z = tl.dot(a_lo, wt, acc_z, input_precision=PREC)
-            if ENTROPY:
-                acc_s = tl.dot(am_hi, wt, acc_s, input_precision=PREC)
-                acc_s = tl.dot(a_hi, et, acc_s, input_precision=PREC)
-                if SPLIT:
-                    acc_s = tl.dot(am_lo, wt, acc_s, input_precision=PREC)
-                    acc_s = tl.dot(a_lo, et, acc_s, input_precision=PREC)
-                    acc_s = tl.dot(a_hi, elo, acc_s, input_precision=PREC)
-        else:
-            acc_z = tl.dot(a, wt, acc_z, input_precision=PREC)
-            if ENTROPY:
-                acc_s = tl.dot(am, wt, acc_s, input_precision=PREC)
-                acc_s = tl.dot(a, et, acc_s, input_precision=PREC)
+            a_lo = (a - a_hi.to(tl.float32)).to(wt.dtype)
+            am_hi = am.to(wt.dtype)
+            am_lo = (am - am_hi.to(tl.float32)).to(wt.dtype)
+        acc_z, acc_s = _split_products(acc_z, acc_s, a_hi, a_lo, am_hi, am_lo, wt, et, elo,
+                                       ENTROPY, LOWP and SPLIT, UPCAST, PREC)
         if ENTROPY:
             mu_ptrs += BK * s_uj
             e_off += BK * s_ej
         l_ptrs += BK * s_lj
         w_ptrs += BK * s_wj
-
-    out_l = tl.log(acc_z) + m[:, None]
     o_off = bid * I * K + offs_m[:, None] * K + offs_n[None, :]
-    omask = mask_m[:, None] & mask_n[None, :]
-    tl.store(ol_ptr + o_off, out_l, mask=omask)
-    if ENTROPY:
-        nz = acc_z != 0.0
-        mu_o = tl.where(nz, acc_s / tl.where(nz, acc_z, 1.0), 0.0)
-        mu_o = tl.where(out_l == float("-inf"), 0.0, mu_o)
-        tl.store(omu_ptr + o_off, mu_o, mask=omask)
+    _logsum_store(acc_z, acc_s, m, ol_ptr, omu_ptr, o_off, mask_m[:, None] & mask_n[None, :], ENTROPY)
 
 
 @triton.jit
@@ -194,7 +212,7 @@ def _lowp_split_kernel(l_ptr, mu_ptr, m_ptr, x_ptr, I, J, s_lb, s_li, s_lj, s_ub
 @triton.jit
 def _lowp_gemm_kernel(x_ptr, wa_ptr, eh_ptr, el_ptr, m_ptr, ol_ptr, omu_ptr, I, J, K,
                       s_xb, s_xi, s_yb, s_yj, s_yk,
-                      ENTROPY: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+                      ENTROPY: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """The abs / entropy matmul of a low-precision (bf16/fp16) weight on pre-split
     operands: x from ``_lowp_split_kernel``, the cached |W|, E_hi = E and
@@ -205,20 +223,12 @@ def _lowp_gemm_kernel(x_ptr, wa_ptr, eh_ptr, el_ptr, m_ptr, ol_ptr, omu_ptr, I, 
     (0 where z = 0 or ol = −inf); without SPLIT one product each. The same
     products as ``_logsum_mm_kernel``'s LOWP path, but the loop only loads and
     dots (no exp and no rounding per tile), so the compiler can pipeline it."""
-    pid = tl.program_id(0)
-    bid = tl.program_id(1).to(tl.int64)
-    pid_m, pid_n = _tile_ids(pid, I, K, BM, BN, GROUP_M)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
-    mask_m = offs_m < I
-    mask_n = offs_n < K
+    bid, offs_m, offs_n, offs_k, mask_m, mask_n = _dot_tile(I, K, BM, BN, BK, GROUP_M)
     P: tl.constexpr = 2 if SPLIT else 1
     x_base = x_ptr + bid * s_xb + offs_m[:, None] * s_xi
     y_base = bid * s_yb + offs_n[None, :] * s_yk
     acc_z = tl.zeros((BM, BN), dtype=tl.float32)
-    if ENTROPY:
-        acc_s = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_s = tl.zeros((BM, BN), dtype=tl.float32) if ENTROPY else acc_z
     for k0 in range(0, J, BK):
         kk = k0 + offs_k
         km = kk < J
@@ -227,6 +237,11 @@ def _lowp_gemm_kernel(x_ptr, wa_ptr, eh_ptr, el_ptr, m_ptr, ol_ptr, omu_ptr, I, 
         ym = km[:, None] & mask_n[None, :]
         x0 = tl.load(x_base + kk[None, :], mask=xm, other=0.0)
         wa = tl.load(wa_ptr + y_off, mask=ym, other=0.0)
+        x1 = x0
+        u0 = x0
+        u1 = x0
+        eh = wa
+        el = wa
         if SPLIT:
             x1 = tl.load(x_base + (J + kk)[None, :], mask=xm, other=0.0)
         if ENTROPY:
@@ -235,36 +250,10 @@ def _lowp_gemm_kernel(x_ptr, wa_ptr, eh_ptr, el_ptr, m_ptr, ol_ptr, omu_ptr, I, 
             if SPLIT:
                 u1 = tl.load(x_base + ((P + 1) * J + kk)[None, :], mask=xm, other=0.0)
                 el = tl.load(el_ptr + y_off, mask=ym, other=0.0)
-        if UPCAST:   # interpreter: its low-precision tl.dot is unreliable; same operands
-            x0 = x0.to(tl.float32)
-            wa = wa.to(tl.float32)
-            if SPLIT:
-                x1 = x1.to(tl.float32)
-            if ENTROPY:
-                u0 = u0.to(tl.float32)
-                eh = eh.to(tl.float32)
-                if SPLIT:
-                    u1 = u1.to(tl.float32)
-                    el = el.to(tl.float32)
-        acc_z = tl.dot(x0, wa, acc_z)
-        if SPLIT:
-            acc_z = tl.dot(x1, wa, acc_z)
-        if ENTROPY:
-            acc_s = tl.dot(u0, wa, acc_s)
-            acc_s = tl.dot(x0, eh, acc_s)
-            if SPLIT:
-                acc_s = tl.dot(u1, wa, acc_s)
-                acc_s = tl.dot(x1, eh, acc_s)
-                acc_s = tl.dot(x0, el, acc_s)
-    out_l = tl.log(acc_z) + tl.load(m_ptr + bid * I + offs_m, mask=mask_m, other=0.0)[:, None]
+        acc_z, acc_s = _split_products(acc_z, acc_s, x0, x1, u0, u1, wa, eh, el, ENTROPY, SPLIT, UPCAST, PREC)
+    m = tl.load(m_ptr + bid * I + offs_m, mask=mask_m, other=0.0)
     o_off = bid * I * K + offs_m[:, None] * K + offs_n[None, :]
-    omask = mask_m[:, None] & mask_n[None, :]
-    tl.store(ol_ptr + o_off, out_l, mask=omask)
-    if ENTROPY:
-        nz = acc_z != 0.0
-        mu_o = tl.where(nz, acc_s / tl.where(nz, acc_z, 1.0), 0.0)
-        mu_o = tl.where(out_l == float("-inf"), 0.0, mu_o)
-        tl.store(omu_ptr + o_off, mu_o, mask=omask)
+    _logsum_store(acc_z, acc_s, m, ol_ptr, omu_ptr, o_off, mask_m[:, None] & mask_n[None, :], ENTROPY)
 
 
 @triton.jit
@@ -662,7 +651,7 @@ def _logsum_matmul(v, w, entropy: bool):
             ENTROPY=entropy, SPLIT=split, BLOCK=blk)
         grid = (triton.cdiv(I, meta["BM"]) * triton.cdiv(K, meta["BN"]), B)
         _lowp_gemm_kernel[grid](x, *ys, m, out_l, out_mu, I, J, K, I * x.stride(0), x.stride(0),
-                                s_yb, s_yj, s_yk, ENTROPY=entropy, SPLIT=split, UPCAST=upcast,
+                                s_yb, s_yj, s_yk, ENTROPY=entropy, SPLIT=split, UPCAST=upcast, PREC=prec,
                                 GROUP_M=GROUP_M, **meta)
 
     key = ("logsum_mm", entropy, split, prec, str(w3.dtype), bucket(I), bucket(J), bucket(K), B > 1,
@@ -805,7 +794,7 @@ def aot_specs():
     for entropy in (False, True):                 # the pre-split low-precision GEMM and its prologue
         for split in (True, False):
             for c in _pre_configs(entropy, 4096) + _pre_configs(entropy, 8):
-                const = dict(ENTROPY=entropy, SPLIT=split, UPCAST=False, GROUP_M=GROUP_M,
+                const = dict(ENTROPY=entropy, SPLIT=split, UPCAST=False, PREC="tf32", GROUP_M=GROUP_M,
                              BM=c["BM"], BN=c["BN"], BK=c["BK"], s_yk=1)
                 types = {p: "*fp32" for p in ("m_ptr", "ol_ptr", "omu_ptr")}
                 types.update({p: "*bf16" for p in ("x_ptr", "wa_ptr", "eh_ptr", "el_ptr")})

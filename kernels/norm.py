@@ -304,6 +304,25 @@ def _pre_step(acc, acc_s1, acc_s2, a_i, ua, ub, uc, offs_i, offs_j, inv_n, cn,
 
 
 @triton.jit
+def _row_block(x_ptr, rstd_ptr, row, i0, N, s_x, CENTERED: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+    """The per-block constants of a norm program (rows i0 .. i0 + BI − 1 of one
+    row): the output indices and their mask, the j tile's aranges, 1/n, c/n,
+    the row's x̂ pointer, x̂_i and rstd."""
+    offs_i = i0 + tl.arange(0, BI)
+    mi = offs_i < N
+    jr = tl.arange(0, BJ)
+    inv_n = 1.0 / N
+    if CENTERED:
+        cn = inv_n
+    else:
+        cn = inv_n * 0.0
+    x_row = x_ptr + row * s_x
+    a_i = tl.load(x_row + offs_i, mask=mi, other=0.0).to(tl.float32)
+    rs = tl.load(rstd_ptr + row).to(tl.float32)
+    return offs_i, mi, jr, inv_n, cn, x_row, a_i, rs
+
+
+@triton.jit
 def _maxabs_logspace(x_row, c0_row, g_ptr, a_i, offs_i, i0, jr, N, inv_n, cn,
                      HAS_G: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
     """max_j (log|t'_ij| + l_j + log|γ_j|) for the rows i of a block: the maxabs
@@ -335,17 +354,7 @@ def _norm_redo_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_
     blk = tl.program_id(1)
     if tl.load(flag_ptr + row * tl.num_programs(1) + blk) != 0:
         i0 = blk * BI
-        offs_i = i0 + tl.arange(0, BI)
-        mi = offs_i < N
-        jr = tl.arange(0, BJ)
-        inv_n = 1.0 / N
-        if CENTERED:
-            cn = inv_n
-        else:
-            cn = inv_n * 0.0
-        x_row = x_ptr + row * s_x
-        a_i = tl.load(x_row + offs_i, mask=mi, other=0.0).to(tl.float32)
-        rs = tl.load(rstd_ptr + row).to(tl.float32)
+        offs_i, mi, jr, inv_n, cn, x_row, a_i, rs = _row_block(x_ptr, rstd_ptr, row, i0, N, s_x, CENTERED, BI, BJ)
         if SR == 3:
             n_end = tl.where(tl.load(m_ptr + row) == float("-inf"), 0, N)
             mp, mn = _max_row_block(a_i, x_row, c0_ptr + row * s_c0, c1_ptr + row * s_c1, g_ptr, rs, offs_i, i0,
@@ -376,19 +385,9 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, 
     (see ``_norm_redo_kernel``) is flagged in flag_ptr[row, block]."""
     row = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BI
-    offs_i = i0 + tl.arange(0, BI)
-    mi = offs_i < N
-    jr = tl.arange(0, BJ)
-    rs = tl.load(rstd_ptr + row).to(tl.float32)
-    inv_n = 1.0 / N
-    if CENTERED:
-        cn = inv_n
-    else:
-        cn = inv_n * 0.0
-    x_row = x_ptr + row * s_x
+    offs_i, mi, jr, inv_n, cn, x_row, a_i, rs = _row_block(x_ptr, rstd_ptr, row, i0, N, s_x, CENTERED, BI, BJ)
     c0_row = c0_ptr + row * s_c0
     c1_row = c1_ptr + row * s_c1
-    a_i = tl.load(x_row + offs_i, mask=mi, other=0.0).to(tl.float32)
 
     if SR == 3:
         # a row of zero values (m_ptr: max_j M+_j = −inf) runs no tile: M± = ∓inf
