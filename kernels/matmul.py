@@ -134,7 +134,7 @@ def _logsum_mm_kernel(
     LOWP (bf16/fp16 weights): the a and a·μ tiles are cast to the weight dtype for
     the tensor cores (fp32 accumulation); with SPLIT they are split into hi + lo
     parts (and e into e + elo, elo = e - e_hi precomputed), which brings the
-    contraction to fp32 accuracy for 2 (abs) or 6 (entropy) dots instead of 1 or 3."""
+    contraction to fp32 accuracy for 2 (abs) or 7 (entropy) dots instead of 1 or 3."""
     bid, offs_m, offs_n, offs_k, mask_m, mask_n = _dot_tile(I, K, BM, BN, BK, GROUP_M)
 
     m = tl.load(m_ptr + bid * I + offs_m, mask=mask_m, other=0.0)
