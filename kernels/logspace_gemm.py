@@ -135,7 +135,7 @@ def abs_matmul_cublas(v, w):
     J, K = w.shape
     lead, R, comps = _flat(v, J)
     a, m = _prologue(comps, J)
-    A = _weight_cache().transform(w, "cublas:abs", torch.abs)
+    A = _weight_cache().transform(w, "abs", torch.abs)            # one |W| per weight (matmul's PRE too)
     (out,) = _epilogue(torch.matmul(a, A), None, m, K)
     return (out.reshape(*lead, K),)
 

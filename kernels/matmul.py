@@ -637,7 +637,7 @@ def _logsum_matmul(v, w, entropy: bool):
             ENTROPY=entropy, LOWP=lowp, SPLIT=split, UPCAST=upcast, PREC=prec, GROUP_M=GROUP_M, **meta)
 
     def launch_pre(meta):
-        wa = _weight_cache().transform(w, "abs", torch.abs).unsqueeze(0) if wstride0 else w3.abs()
+        wa = _weight_cache().transform(w, "abs", torch.abs).unsqueeze(0) if wstride0 else w3.abs()   # as logspace_gemm
         ys = [wa, e3, elo3 if split else e3] if entropy else [wa, wa, wa]
         if any(y.stride()[1:] != wa.stride()[1:] for y in ys):
             ys = [y.contiguous() for y in ys]

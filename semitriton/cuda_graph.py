@@ -315,16 +315,17 @@ class _Closure:
         name = func.overloadpacket.__name__
         if name == "repeat_interleave" and kwargs.get("output_size") is not None:
             return                                      # its output size is given: no wait
-        if name == "_local_scalar_dense" and self._on_device(args[0]):     # .item() / bool()
-            self.bad.append(f"torch op {name} in the rule of {self.rec.current} reads a device value "
-                            "into Python (a host synchronisation)")
-        elif ((name in SYNC_OPS and name != "_local_scalar_dense" and self._on_device(args[0]))
-              or (name in ("index", "index_put", "index_put_", "_index_put_impl_")
-                  and any(self._on_device(m) for m in _bool_masks(args)))):
-            self.bad.append(f"torch op {name} in the rule of {self.rec.current} waits for the device "
-                            "(its result size depends on the data)")
+        if name in SYNC_OPS:
+            waits = self._on_device(args[0])
+        elif name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+            waits = any(self._on_device(m) for m in _bool_masks(args))
         else:
             return
+        if not waits:
+            return
+        what = ("reads a device value into Python (a host synchronisation)" if name == "_local_scalar_dense"
+                else "waits for the device (its result size depends on the data)")   # .item() / bool(), or not
+        self.bad.append(f"torch op {name} in the rule of {self.rec.current} {what}")
         if self.fail_fast:
             raise NotCapturable(self.bad[-1])
 
