@@ -9,16 +9,44 @@ need it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 import threading
 
 INT32_MAX = 2**31 - 1
 
+#: the environment variables read so far in the running semiring pass (None outside one)
+_pass_env: contextvars.ContextVar = contextvars.ContextVar("semitriton_pass_env", default=None)
+
+
+def env(name: str, default: str) -> str:
+    """``os.environ.get(name, default)``; inside :func:`env_snapshot` each name is
+    read once per pass (a semiring pass asks for the same few settings at every
+    op: ~1000 environment reads per pass of a 30-layer model otherwise)."""
+    seen = _pass_env.get()
+    if seen is None:
+        return os.environ.get(name, default)
+    value = seen.get(name, seen)                 # the dict itself marks "not read yet"
+    if value is seen:
+        value = seen[name] = os.environ.get(name)
+    return default if value is None else value
+
+
+@contextlib.contextmanager
+def env_snapshot():
+    """Settings read through :func:`env` keep their first value until the block ends."""
+    token = _pass_env.set({})
+    try:
+        yield
+    finally:
+        _pass_env.reset(token)
+
 
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (kernels run on the CPU through numpy)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def next_pow2(n: int) -> int:
@@ -82,7 +110,7 @@ frozen = False
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get("SEMITRITON_AUTOTUNE", "1") not in ("", "0") and not interpreting()
+    return env("SEMITRITON_AUTOTUNE", "1") not in ("", "0") and not interpreting()
 
 
 def choose(key, candidates, launch):

@@ -57,12 +57,11 @@ differing batch dims; H not a multiple of Hk; empty sequences; head dims over
 from __future__ import annotations
 
 import math
-import os
 
 import triton
 import triton.language as tl
 
-from ._common import bucket, choose
+from ._common import bucket, choose, interpreting
 from ._fastmath import fast_log, fast_log_normal, finite_or_zero, logaddexp
 from .registry import register
 
@@ -1142,10 +1141,6 @@ def _attn_bwd_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, vop_ptr, von_
 
 
 # ------------------------------------------------------------------ launcher
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _pow2(n: int) -> int:
     return max(16, 1 << (int(n) - 1).bit_length())
 
@@ -1170,7 +1165,7 @@ def _chunk(plan: dict | None = None) -> int:
         return int(TROPICAL_CHUNK)
     if plan is not None and "chunk" in plan:
         return int(plan["chunk"])
-    return 16 if _interpreting() else 1
+    return 16 if interpreting() else 1
 
 
 def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None, groups: int = 1) -> list:
@@ -1215,7 +1210,7 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None, groups: in
     program per q head, dk/dv reduced over the group afterwards (SmolLM2: 192
     programs of 3 heads each for 132 SMs otherwise)."""
     if gpu is None:
-        gpu = not _interpreting()
+        gpu = not interpreting()
     if not gpu:
         return [{"cfg": (16, 16, 4, 1, "ieee"), "split": False}]
     wide = max(bd, bdv) > 64
@@ -1280,7 +1275,7 @@ class _Prep:
         # fp32 q/k: exact fp32 dot; bf16/fp16: native tensor-core dot with fp32
         # accumulation (exact products), but fp32 under the interpreter, whose
         # bf16 dot is broken in triton 3.9
-        self.ieee = q.dtype == torch.float32 or _interpreting()
+        self.ieee = q.dtype == torch.float32 or interpreting()
         self.device = q.device
         if bias is None:
             self.bias = self.q

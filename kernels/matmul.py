@@ -39,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import aot_entry, bucket, choose, finite_row_max, fits_int32, interpreting, sm_count
+from ._common import aot_entry, bucket, choose, env, finite_row_max, fits_int32, interpreting, sm_count
 from .registry import register
 
 
@@ -568,8 +568,7 @@ def lowp_split() -> bool:
     (~1e-5 vs float64, instead of ~3e-3 with one rounded product) for 2x (abs) /
     2x (entropy) the tensor-core work. On by default; SEMITRITON_LOWP_SPLIT=0
     gives the single low-precision product."""
-    import os
-    return os.environ.get("SEMITRITON_LOWP_SPLIT", "1") not in ("", "0")
+    return env("SEMITRITON_LOWP_SPLIT", "1") not in ("", "0")
 
 
 def fp32_dot_precision() -> str:
@@ -578,8 +577,7 @@ def fp32_dot_precision() -> str:
     w = w_hi + w_lo with the lo·lo term dropped, ~1e-6 relative error, far
     below the 1e-4 bar; plain TF32 is never used) or "ieee" (fp32 FMA code,
     SEMITRITON_FP32_DOT=ieee). The interpreter computes both exactly."""
-    import os
-    p = os.environ.get("SEMITRITON_FP32_DOT", "tf32x3").strip().lower()
+    p = env("SEMITRITON_FP32_DOT", "tf32x3").strip().lower()
     if p not in ("tf32x3", "ieee"):
         raise ValueError(f"SEMITRITON_FP32_DOT={p!r}: use tf32x3 or ieee")
     return p

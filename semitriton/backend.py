@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import sys
 
 import torch
 
@@ -49,8 +50,28 @@ def triton_available() -> bool:
     return True
 
 
+def _kernel_common():
+    """The kernels' helper module if the kernels are loaded (never imports them)."""
+    return sys.modules.get(__package__ + ".kernels._common")
+
+
+def env(name: str, default: str) -> str:
+    """An environment setting, read once per semiring pass once the kernels are
+    loaded (:func:`pass_settings`), else now."""
+    common = _kernel_common()
+    return common.env(name, default) if common is not None else os.environ.get(name, default)
+
+
+def pass_settings():
+    """Context for one semiring pass: the settings the kernels and the dispatch
+    read at every op (SEMITRITON_*, TRITON_INTERPRET) are read once for it.
+    Nothing to do before the kernels are loaded."""
+    common = _kernel_common()
+    return common.env_snapshot() if common is not None else contextlib.nullcontext()
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -21,7 +21,6 @@ around cuBLAS; the default for those on CUDA, see ``REFERENCE_ALTERNATIVE``).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Optional
 
 import torch
@@ -64,7 +63,7 @@ def _pairs(spec: str) -> frozenset:
 
 def _overridden(var: str, op: str, semiring: str) -> bool:
     """``op:semiring`` listed in the environment variable ``var`` (comma-separated)."""
-    spec = os.environ.get(var, "")
+    spec = backend.env(var, "")
     return bool(spec) and (op, semiring) in _pairs(spec)
 
 

@@ -311,7 +311,7 @@ def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] 
         graph = GradientGraph(output, inputs)
     dtype = compute_dtype(output, inputs)
     results: list[Optional[Value]] = [None] * len(inputs)
-    with _backend.use(backend), torch.no_grad():
+    with _backend.use(backend), _backend.pass_settings(), torch.no_grad():
         for i, t in enumerate(inputs):
             if t is output:
                 results[i] = sr.one(tuple(output.shape), dtype, output.device)
@@ -381,7 +381,7 @@ def propagate(seeds: dict, target, semiring: Union[str, Semiring], dtype: torch.
         by_node.setdefault(node, [None] * len(node._input_metadata))[slot] = v
     sub = SubGraph(list(by_node), target, labels)
     seeds_in = {n: v for n, v in by_node.items() if n in sub.relevant}
-    with _backend.use(backend), torch.no_grad():
+    with _backend.use(backend), _backend.pass_settings(), torch.no_grad():
         # seed nodes that lie below other seed nodes receive contributions too
         captured = _walk(sub, seeds_in, sr, dtype) if seeds_in else {}
     v = captured.get(target)
