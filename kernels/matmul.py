@@ -652,10 +652,11 @@ def _logsum_matmul(v, w, entropy: bool):
                                 s_yb, s_yj, s_yk, ENTROPY=entropy, SPLIT=split, UPCAST=upcast, PREC=prec,
                                 GROUP_M=GROUP_M, **meta)
 
+    pre_fits = I * 4 * J <= 2**31 - 1           # the pre-split operands' offsets must fit int32
     key = ("logsum_mm", entropy, split, prec, str(w3.dtype), bucket(I), bucket(J), bucket(K), B > 1,
-           str(l3.device))
+           pre_fits, str(l3.device))          # (shapes of one bucket may differ in pre_fits)
     cfgs = _dot_configs(entropy, lowp, I, split=split, prec=prec)
-    if I * 4 * J > 2**31 - 1:                   # the pre-split operands' offsets must fit int32
+    if not pre_fits:
         cfgs = [c for c in cfgs if not c.get("PRE")]
     launch(choose(key, cfgs, launch))
     outs = (out_l, out_mu) if entropy else (out_l,)
