@@ -123,7 +123,7 @@ def _norm_cols_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, m_ptr, p0_ptr, p1_
     else:
         lg = tl.zeros([BLOCK], tl.float32)
     t = l + lg
-    mx = tl.max(t, 0)
+    mx = tl.max(t, 0) + tl.sum(tl.where(t == t, 0.0, t), 0)     # NaN if any term is (tl.max drops NaN)
     m = finite_or_zero(mx)
     e = tl.exp(t - m)
     tl.store(m_ptr + row, tl.where(mx == float("-inf"), float("-inf"), m))   # -inf: a row of zero values
@@ -408,6 +408,7 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, 
             m = tl.load(m_ptr + row)
         else:
             mv = tl.full((BJ,), float("-inf"), dtype=tl.float32)
+            nv = tl.zeros((BJ,), dtype=tl.float32)              # NaN where a term is NaN (tl.maximum drops it)
             for j0 in range(0, N, BJ):
                 offs_j = j0 + jr
                 mj = offs_j < N
@@ -415,7 +416,8 @@ def _norm_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr, m_ptr, 
                 if HAS_G:
                     lj = lj + fast_log(tl.abs(tl.load(g_ptr + offs_j, mask=mj, other=1.0).to(tl.float32)))
                 mv = tl.maximum(mv, lj)
-            mx = tl.max(mv, 0)
+                nv += tl.where(lj == lj, 0.0, lj)
+            mx = tl.max(mv, 0) + tl.sum(nv, 0)
             m = tl.where(mx == float("-inf"), float("-inf"), finite_or_zero(mx))
         n_end = tl.where(m == float("-inf"), 0, N)
         lrs = tl.log(rs)

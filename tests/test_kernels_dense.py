@@ -606,6 +606,32 @@ def test_norm_diagonal_tiles(name, tile, monkeypatch):
               f"pre/{name}/{tile}/{lead}x{n}")
 
 
+@pytest.mark.parametrize("name", ("abs", "entropy"))
+@pytest.mark.parametrize("variant", ("shift-in", "shift-per-program", "columns-precomputed"))
+def test_norm_nan_value_propagates(name, variant, monkeypatch):
+    """A NaN value reaches every output of its row (as in the torch reference)
+    in each way of finding the row shift, also in a row whose other values are
+    all zero (tl.max drops NaN: such a row must not be taken for a row of zero
+    values and skipped)."""
+    from semitriton.kernels import norm as knorm
+    row_shift, pre = {"shift-in": (False, False), "shift-per-program": (True, False),
+                      "columns-precomputed": (True, True)}[variant]
+    monkeypatch.setattr(knorm, "_configs", lambda *a, **k: [dict(BI=16, BJ=16, num_warps=1, num_stages=1,
+                                                                ROW_SHIFT=row_shift, PRE=pre)])
+    sr = BUILTIN[name]
+    g = torch.Generator().manual_seed(5)
+    xhat, rstd, gamma = _norm_inputs((3,), 20, True, "cpu", g)
+    v = gen_values(name, (3, 20), "cpu", g, dead_index=None)
+    v[0][1] = float("-inf")                      # row 1: zero values and one NaN
+    v[0][1, 4] = float("nan")
+    v[0][2, 17] = float("nan")                   # row 2: live values and one NaN
+    ref = reference(sr.layer_norm, v, xhat, rstd, gamma)
+    out = kernel("layer_norm", name)(v, xhat, rstd, gamma)
+    assert torch.isnan(ref[0][1:]).all()
+    assert torch.isnan(out[0][1:]).all(), variant
+    check(tuple(c[:1] for c in out), tuple(c[:1] for c in ref), name, 2e-5, 2e-4, f"nan/{name}/{variant}")
+
+
 def _rms_closed_cases(device):
     if device == "cpu":
         return [((2, 3), 24), ((4,), 37), ((1,), 16), ((3,), 1), ((2,), 2)]
