@@ -62,6 +62,7 @@ def make_vo(semiring, shape, g, device="cpu"):
 def make_case(name, g, device="cpu", big=False):
     """(q, k, v, bias, causal) for a named scenario."""
     B, H, HK, Tq, Tk, D, dtype = 1, 2, 2, 32, 32, 16, torch.float32
+    DV = None                               # value head dim (None: D)
     bias, causal = None, False
     if name == "plain":                     # no mask, sizes multiples of the block
         pass
@@ -80,14 +81,19 @@ def make_case(name, g, device="cpu", big=False):
         causal = True
     elif name == "fp16":
         Tq, Tk, dtype = 17, 20, torch.float16
+    elif name == "head_dims":               # head dims that are not a power of two (q/k 24, v 20), causal GQA
+        H, HK, Tq, Tk, D, DV = 2, 1, 19, 21, 24, 20
+        causal = True
     else:
         raise ValueError(name)
     if big:
         B, H, HK, Tq, Tk, D = 2, 2 * H, 2 * HK, 8 * Tq + 3, 8 * Tk + 5, 64
+        if DV is not None:
+            D, DV = 72, 40
     q = torch.randn(B, H, Tq, D, generator=g)
     k = torch.randn(B, HK, Tk, D, generator=g)
-    v = torch.randn(B, HK, Tk, D, generator=g)
-    if name in ("floatbias", "causal_gqa", "bf16"):
+    v = torch.randn(B, HK, Tk, DV or D, generator=g)
+    if name in ("floatbias", "causal_gqa", "bf16", "head_dims"):
         q[0, 0, 2, :3] = 0.0
         q[..., 5, 1] = 0.0
         k[0, 0, 4, :] = 0.0                  # a key with no edges to q
@@ -159,7 +165,7 @@ def run_both(semiring, vo, q, k, v, bias, causal, scale, needs):
 
 
 # ------------------------------------------------------------------ CPU (interpreter)
-CASES = ["plain", "boolmask", "floatbias", "causal_gqa", "causal_long_q", "bf16"]
+CASES = ["plain", "boolmask", "floatbias", "causal_gqa", "causal_long_q", "bf16", "head_dims"]
 
 
 def test_all_semirings_registered():
@@ -328,7 +334,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("case", ["plain", "boolmask", "floatbias", "causal_gqa", "bf16"])
+@pytest.mark.parametrize("case", ["plain", "boolmask", "floatbias", "causal_gqa", "bf16", "head_dims"])
 @pytest.mark.parametrize("semiring", SEMIRINGS)
 def test_kernel_matches_reference_gpu(semiring, case):
     g = torch.Generator().manual_seed(_seed(semiring, case, "gpu"))

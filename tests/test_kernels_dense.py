@@ -148,6 +148,9 @@ def _mm_cases(device):
             ("batched-4d-wT", (2, 2, 9, 20), False, (2, 2, 17, 20), True, f32),
             ("J=1", (11, 1), False, (1, 18), False, f32),
             ("bf16", (13, 40), False, (40, 33), False, bf16),
+            # low-precision batched weights: no cached transform, |W|, log|W| and E from the raw weight
+            ("batched-bf16", (3, 13, 37), False, (3, 37, 21), False, bf16),
+            ("batched-fp16-wT", (2, 9, 20), False, (2, 17, 20), True, torch.float16),
         ]
     return [
         ("rows", (3, 100, 300), False, (300, 257), False, f32),
@@ -155,6 +158,7 @@ def _mm_cases(device):
         ("batched", (6, 130, 64), False, (6, 64, 129), False, f32),
         ("bf16", (257, 768), False, (768, 300), False, bf16),
         ("fp16", (129, 200), False, (200, 70), False, torch.float16),
+        ("batched-bf16", (4, 130, 96), False, (4, 96, 129), False, bf16),
         ("few-rows", (3, 1000), False, (1000, 600), False, f32),
     ]
 
@@ -630,6 +634,21 @@ def test_norm_nan_value_propagates(name, variant, monkeypatch):
     assert torch.isnan(ref[0][1:]).all()
     assert torch.isnan(out[0][1:]).all(), variant
     check(tuple(c[:1] for c in out), tuple(c[:1] for c in ref), name, 2e-5, 2e-4, f"nan/{name}/{variant}")
+
+
+@pytest.mark.parametrize("op", ("layer_norm", "rms_norm_dense"))
+@pytest.mark.parametrize("name", NORM_SEMIRINGS)
+def test_norm_low_precision_rows(name, op):
+    """bf16 x̂ and rstd (what a bf16 layer norm saves on the CPU, where aten's
+    mean and rstd keep the input's dtype) and a bf16 γ: the kernel reads them
+    as fp32, like the reference."""
+    g = torch.Generator().manual_seed(3)
+    xhat, rstd, gamma = _norm_inputs((3,), 24, op == "layer_norm", "cpu", g, gdtype=torch.bfloat16)
+    xhat, rstd = xhat.bfloat16(), rstd.bfloat16()
+    v = gen_values(name, (3, 24), "cpu", g)
+    sr = BUILTIN[name]
+    ref = reference(sr.layer_norm if op == "layer_norm" else sr.rms_norm, v, xhat, rstd, gamma)
+    check(kernel(op, name)(v, xhat, rstd, gamma), ref, name, 2e-5, 2e-4, f"bf16 rows/{op}/{name}")
 
 
 def _rms_closed_cases(device):
