@@ -1069,7 +1069,7 @@ def test_entropy_plus(device, monkeypatch):
     sr = BUILTIN["entropy"]
     g = torch.Generator().manual_seed(51)
     fn = kernel("plus", "entropy")
-    for shape, transposed in (((3, 5, 7), False), ((6, 9), True)):
+    for shape, transposed in (((3, 5, 7), False), ((6, 9), True), ((3, 101), False)):   # 303: full blocks + tail
         a = gen_values("entropy", shape, device, g, dead=0.3)
         b = gen_values("entropy", shape, device, g, dead=0.3)
         if transposed:
