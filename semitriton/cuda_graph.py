@@ -28,18 +28,23 @@ at most ``MAX_GRAPHS`` graphs are kept, within ``MAX_GRAPH_BYTES`` of buffers
 freed first.
 
 Policy per graph signature (structure, shapes, semiring, dtype, backend,
-``SEMITRITON_*`` settings): the first call runs eagerly and records what the
+``SEMITRITON_*`` settings, the rules in use, torch's matmul-precision, TF32,
+determinism and autocast settings): the first call runs eagerly and records what the
 rules read; the next call with the same reads is captured (the eager call
 compiled and autotuned every kernel it needs) and later ones replay it; a
 mismatch runs eagerly and records anew; after ``MAX_MISSES`` mismatches in a
 row the signature stays eager. Replays end with one synchronisation (the
 live-row check of language-model heads, below) and return copies of the
 results. A capture that fails leaves that signature eager, with a warning
-naming the reason.
+naming the reason. Only the built-in semirings are captured (a user's
+semiring may hold state no signature can compare). Recording and capturing
+set process-wide state (the kernels' autotuner is frozen during a capture):
+do not run other semiring passes in other threads meanwhile.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import types
@@ -77,6 +82,8 @@ def fingerprint(v):
         return ("V", v)
     if isinstance(v, (types.MethodType, types.BuiltinMethodType)):     # bound to this node: a new object each read
         return ("F", getattr(v, "__qualname__", getattr(v, "__name__", "?")))
+    if isinstance(v, functools.partial):      # e.g. a patched activation's function: a new partial each forward
+        return ("P", fingerprint(v.func), fingerprint(v.args), fingerprint(sorted(v.keywords.items())))
     if isinstance(v, type) or callable(v):
         return ("I", id(v))
     if hasattr(v, "shape") and hasattr(v, "dtype") and hasattr(v, "device"):   # autograd _InputMetadata
@@ -283,6 +290,19 @@ def _bool_masks(args) -> list:
     return []
 
 
+def _host_to_device(name: str, args, kwargs) -> bool:
+    """A copy of a CPU tensor with elements (not a 0-dim scalar) to a CUDA device:
+    ``t.to("cuda")`` (aten ``_to_copy``) or ``dst.copy_(t)``, e.g. a saved CPU
+    index moved next to the values it indexes."""
+    src = args[0] if name == "_to_copy" else (args[1] if len(args) > 1 else None)
+    if not isinstance(src, Tensor) or src.device.type != "cpu" or src.dim() == 0:
+        return False
+    if name == "copy_":
+        return isinstance(args[0], Tensor) and args[0].is_cuda
+    dev = kwargs.get("device")
+    return dev is not None and torch.device(dev).type == "cuda"
+
+
 class _Closure:
     """Refuses a capture whose kernels read a tensor that is neither produced
     inside the pass nor read from the recorded nodes (its contents would be
@@ -319,11 +339,15 @@ class _Closure:
             waits = self._on_device(args[0])
         elif name in ("index", "index_put", "index_put_", "_index_put_impl_"):
             waits = any(self._on_device(m) for m in _bool_masks(args))
+        elif name in ("_to_copy", "copy_"):
+            waits = _host_to_device(name, args, kwargs)
         else:
             return
         if not waits:
             return
         what = ("reads a device value into Python (a host synchronisation)" if name == "_local_scalar_dense"
+                else "copies a host tensor to the device (from pageable memory: not capturable)"
+                if name in ("_to_copy", "copy_")
                 else "waits for the device (its result size depends on the data)")   # .item() / bool(), or not
         self.bad.append(f"torch op {name} in the rule of {self.rec.current} {what}")
         if self.fail_fast:
@@ -410,8 +434,20 @@ def signature(graph, output: Tensor, sr, dtype, backend_name: str) -> tuple:
                     tuple([tuple(m.shape) for m in n._input_metadata])) for n in order])
     targets = tuple(sorted((pos[n], slot, i) for n, lst in graph.targets.items() for slot, i in lst))
     env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("SEMITRITON_")))
-    return (sr.name, dtype, backend_name, tuple(output.shape), output.dtype, output.device,
-            output.output_nr, targets, nodes, env)
+    from .rules import RULES
+    rules = tuple(sorted({(name, id(RULES.get(name))) for name, _, _ in nodes}))   # a rule registered since
+    return (type(sr), sr.name, dtype, backend_name, tuple(output.shape), output.dtype, output.device,
+            output.output_nr, targets, nodes, env, rules, _torch_settings())
+
+
+def _torch_settings() -> tuple:
+    """Process-wide torch settings a captured pass freezes in (cuBLAS's math
+    mode is set per call and captured with it)."""
+    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+            torch.backends.cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled(),
+            torch.is_autocast_enabled("cuda"))
 
 
 @dataclass
@@ -545,6 +581,9 @@ def _plan(entry: _Entry, values: dict) -> tuple[dict, list, dict]:
             ts.append((t, g))
         if ts:
             reads[key] = ts
+    for g, (lo, hi) in spans.items():       # a buffer starts 512-byte aligned, like an allocation: views
+        q = max(1, 512 // g[1].itemsize)     # in it keep the address alignment (and so the Triton
+        spans[g] = (lo - lo % q, hi)         # specialisation) of the tensors they stand for
     index = {g: j for j, g in enumerate(spans)}
     statics = [torch.empty(hi - lo, dtype=dt, device=dev) for (_, dt, dev), (lo, hi) in spans.items()]
     plan, subs, filled = {}, {}, set()
@@ -713,6 +752,10 @@ def walk(graph, make_seeds: Callable[[], dict], sr, dtype, walk_fn, backend_name
     a capture). Falls back to ``walk_fn`` for CPU tensors."""
     output = graph.output
     if not _on_cuda(output):
+        return walk_fn(graph, make_seeds(), sr, dtype)
+    from .semirings import BUILTIN
+    if BUILTIN.get(sr.name) is not sr:
+        # a user's semiring may hold state the signature cannot compare: no replay
         return walk_fn(graph, make_seeds(), sr, dtype)
     t0 = time.perf_counter()
     sig = signature(graph, output, sr, dtype, backend_name)

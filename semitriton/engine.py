@@ -11,6 +11,7 @@ so one forward can be queried with several semirings.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from typing import Optional, Sequence, Union
@@ -207,6 +208,13 @@ class RuleProfile:
                 "per_rule_ms": dict(sorted(per.items(), key=lambda kv: -kv[1])), "calls": dict(self.calls)}
 
 
+def _device_scope(t: Optional[Tensor]):
+    """The CUDA device of ``t`` as the current device for a pass: Triton
+    launches, CUDA-graph capture streams and synchronisations use the current
+    device, which need not be the model's."""
+    return torch.cuda.device(t.device) if isinstance(t, Tensor) and t.is_cuda else contextlib.nullcontext()
+
+
 def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route=None,
           progress: bool = False, wrap=None) -> dict:
     """The generalised backward over ``graph`` (relevant nodes, in-degrees,
@@ -311,7 +319,7 @@ def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] 
         graph = GradientGraph(output, inputs)
     dtype = compute_dtype(output, inputs)
     results: list[Optional[Value]] = [None] * len(inputs)
-    with _backend.use(backend), _backend.pass_settings(), torch.no_grad():
+    with _backend.use(backend), _backend.pass_settings(), torch.no_grad(), _device_scope(output):
         for i, t in enumerate(inputs):
             if t is output:
                 results[i] = sr.one(tuple(output.shape), dtype, output.device)
@@ -381,7 +389,9 @@ def propagate(seeds: dict, target, semiring: Union[str, Semiring], dtype: torch.
         by_node.setdefault(node, [None] * len(node._input_metadata))[slot] = v
     sub = SubGraph(list(by_node), target, labels)
     seeds_in = {n: v for n, v in by_node.items() if n in sub.relevant}
-    with _backend.use(backend), _backend.pass_settings(), torch.no_grad():
+    first = next(iter(seeds.values()), None)
+    on = first[0] if isinstance(first, tuple) and first else None
+    with _backend.use(backend), _backend.pass_settings(), torch.no_grad(), _device_scope(on):
         # seed nodes that lie below other seed nodes receive contributions too
         captured = _walk(sub, seeds_in, sr, dtype) if seeds_in else {}
     v = captured.get(target)

@@ -101,6 +101,75 @@ def test_fingerprints():
     assert cuda_graph.fingerprint(node.name) == cuda_graph.fingerprint(node.name)    # a new bound method each read
     with pytest.raises(cuda_graph.NotCapturable, match="object"):
         cuda_graph.fingerprint(object())
+    import functools                                  # a new partial each forward (patched activations)
+    assert cuda_graph.fingerprint(functools.partial(torch.tanh, out=None)) == \
+        cuda_graph.fingerprint(functools.partial(torch.tanh, out=None))
+    assert cuda_graph.fingerprint(functools.partial(max, 1.0)) != cuda_graph.fingerprint(functools.partial(max, 2.0))
+
+
+def test_host_to_device_copies_are_refused():
+    """A saved CPU tensor moved to the device inside a capture (a copy from
+    pageable memory) is caught before it runs; CPU scalars and CPU-to-CPU copies
+    are not."""
+    idx = torch.tensor([3, 1])
+    assert cuda_graph._host_to_device("_to_copy", (idx,), {"device": torch.device("cuda", 0)})
+    assert cuda_graph._host_to_device("_to_copy", (idx,), {"device": "cuda"})
+    assert not cuda_graph._host_to_device("_to_copy", (idx,), {"device": torch.device("cpu")})
+    assert not cuda_graph._host_to_device("_to_copy", (idx,), {"dtype": torch.int32})
+    assert not cuda_graph._host_to_device("_to_copy", (torch.tensor(2.0),), {"device": "cuda"})
+    assert not cuda_graph._host_to_device("copy_", (torch.empty(2, dtype=torch.long), idx), {})
+
+
+def test_signature_covers_the_semiring_and_global_settings():
+    """A captured pass freezes in the semiring's class and torch's matmul
+    precision settings: a change gives another signature. Custom semirings
+    are never captured (their state cannot be compared)."""
+    _, emb, score = _forward("bert", True)
+    graph = engine.GradientGraph(score, (emb,))
+    sr = get("abs")
+    sig = cuda_graph.signature(graph, score, sr, torch.float32, "torch")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high" if before != "high" else "highest")
+        assert cuda_graph.signature(graph, score, sr, torch.float32, "torch") != sig
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert cuda_graph.signature(graph, score, sr, torch.float32, "torch") == sig
+
+    class Renamed(type(sr)):
+        pass
+
+    assert cuda_graph.signature(graph, score, Renamed(), torch.float32, "torch") != sig
+
+
+def test_custom_semiring_runs_eagerly(emulated):
+    from semitriton.semirings.abs import Abs
+
+    class MyAbs(Abs):
+        pass
+
+    model, emb, score = _forward("gpt2", True)
+    before = _counts(emulated)
+    for _ in range(3):
+        (a,) = semitriton.grad(score, emb, semiring=MyAbs(), cuda_graph=True)
+    assert _counts(emulated) == before and not cuda_graph._CACHE
+    (b,) = semitriton.grad(score, emb, semiring="abs")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_static_buffers_keep_the_alignment_of_the_views():
+    """A buffer holds the span of a storage that the pass reads; a view in it
+    sits at the address alignment (mod 512 bytes) of the tensor it stands for,
+    so Triton specialises a captured launch as it did the eager one."""
+    base = torch.randn(300)
+    values = {(0, "a"): base[3:40], (1, "b"): base[77:150].view(73, 1)}
+    entry = cuda_graph._Entry(reads={}, tensors={}, hints=[])
+    plan, statics, subs = cuda_graph._plan(entry, values)
+    assert len(statics) == 1
+    for key, t in values.items():
+        v = subs[key]
+        assert torch.equal(v, t) and v.stride() == t.stride()
+        assert (v.data_ptr() - statics[0].data_ptr()) % 512 == (t.data_ptr() - base.data_ptr()) % 512
 
 
 def test_an_uncomparable_read_keeps_the_eager_pass_and_never_replays():
