@@ -693,12 +693,25 @@ def _capture(entry: _Entry, graph, make_seeds, sr, dtype, walk) -> None:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
+                # warm-up, as PyTorch's recipe asks: the pass to be captured, run
+                # once eagerly on the capture stream (first launches of what only
+                # the captured form runs, lazy module loads, the stream's cuBLAS
+                # workspace: outside the capture)
+                with weight_cache.bypass(), _Closure(rec, fail_fast=True) as closure:
+                    run_walk()
+                if closure.bad:
+                    raise NotCapturable("; ".join(sorted(set(closure.bad))[:3]))
                 g.capture_begin(capture_error_mode="thread_local")
                 try:
                     with weight_cache.bypass(), _Closure(rec, fail_fast=True) as closure:
                         captured = run_walk()
-                finally:
-                    g.capture_end()
+                except BaseException:
+                    try:                  # an invalidated capture fails to end too: report the first error
+                        g.capture_end()
+                    except Exception:  # noqa: BLE001
+                        pass
+                    raise
+                g.capture_end()
             torch.cuda.current_stream().wait_stream(stream)
     finally:
         _ACTIVE = None

@@ -157,6 +157,80 @@ def test_custom_semiring_runs_eagerly(emulated):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_capture_branch_with_stubbed_cuda(monkeypatch):
+    """The GPU branch of the capture (not the CPU emulation) with torch.cuda's
+    streams and graphs stubbed: the captured pass is run once as a warm-up on
+    the capture stream, then inside begin/end of the capture, and the capturing
+    call returns the eager result; an error inside the capture ends the
+    capture and is the one reported."""
+    import contextlib
+
+    events, invalid = [], []
+
+    class Graph:
+        def capture_begin(self, capture_error_mode=None):
+            events.append("begin")
+
+        def capture_end(self):
+            events.append("end")
+            if invalid:                               # as CUDA: an invalidated capture fails to end
+                raise RuntimeError("operation not permitted when stream is capturing")
+
+        def replay(self):
+            events.append("replay")
+
+        def reset(self):
+            pass
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(cuda_graph, "_on_cuda", lambda t: True)
+    monkeypatch.setattr(cuda_graph, "EMULATE", False)
+    cuda_graph.clear()
+    walks = []
+    inner = engine._walk
+
+    def counted(*a, **k):
+        walks.append(1)
+        return inner(*a, **k)
+
+    monkeypatch.setattr(engine, "_walk", counted)
+    try:
+        model, emb, score = _forward("llama", True)
+        (want,) = semitriton.grad(score, emb, semiring="maxabs")
+        del walks[:]
+        got = [semitriton.grad(score, emb, semiring="maxabs", cuda_graph=True)[0] for _ in range(2)]
+        assert len(walks) == 1 + 2 and events == ["begin", "end", "replay"]   # eager; warm-up + capture
+        for g in got:
+            torch.testing.assert_close(g, want, rtol=0, atol=0)
+
+        def broken(*a, **k):                          # a failure inside the capture
+            if events and events[-1] == "begin":
+                invalid.append(1)
+                raise RuntimeError("inside the capture")
+            return inner(*a, **k)
+
+        monkeypatch.setattr(engine, "_walk", broken)
+        cuda_graph.clear()
+        events.clear()
+        _, emb, score = _forward("llama", True, model=model, ids=IDS[:1])
+        semitriton.grad(score, emb, semiring="maxabs", cuda_graph=True)
+        with pytest.warns(RuntimeWarning, match="inside the capture"):
+            (a,) = semitriton.grad(score, emb, semiring="maxabs", cuda_graph=True)
+        assert events == ["begin", "end"]
+        (b,) = semitriton.grad(score, emb, semiring="maxabs")
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    finally:
+        cuda_graph.clear()
+
+
 def test_static_buffers_keep_the_alignment_of_the_views():
     """A buffer holds the span of a storage that the pass reads; a view in it
     sits at the address alignment (mod 512 bytes) of the tensor it stands for,
