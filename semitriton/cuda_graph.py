@@ -22,10 +22,11 @@ or if an op would wait for the device (a device value read into Python,
 ``nonzero``, boolean-mask indexing: stopped before it runs).
 Weights are read as saved (no cached |W| inside a graph), so a weight changed
 in place between calls is seen by the next replay. The static buffers cost
-memory, about one more copy of the activations the rules read, per kept graph:
-at most ``MAX_GRAPHS`` graphs are kept, within ``MAX_GRAPH_BYTES`` of buffers
-(a quarter of the device's memory by default), the least recently replayed
-freed first.
+memory, about one more copy of the activations the rules read, per kept graph,
+and each graph holds a private memory pool for what the pass allocates: at
+most ``MAX_GRAPHS`` graphs are kept, within ``MAX_GRAPH_BYTES`` of buffers and
+pools (a quarter of the device's memory by default), the least recently
+replayed freed first.
 
 Policy per graph signature (structure, shapes, semiring, dtype, backend,
 ``SEMITRITON_*`` settings, the rules in use, torch's matmul-precision, TF32,
@@ -461,6 +462,8 @@ class _Entry:
     #: per read with device tensors: per tensor ("param", data_ptr) or ("static", buffer index)
     plan: dict = field(default_factory=dict)
     statics: list = field(default_factory=list)
+    #: device memory the capture reserved for the graph's private pool (what it allocates)
+    pool_bytes: int = 0
     misses: int = 0
     disabled: str = ""
 
@@ -483,7 +486,7 @@ _CACHE: dict = {}
 MAX_SIGNATURES = 8
 #: captured graphs kept (each with its memory pool and static buffers, about the
 #: activations' size): at most MAX_GRAPHS, and while there is more than one, at most
-#: MAX_GRAPH_BYTES of static buffers together (None: a quarter of the device's
+#: MAX_GRAPH_BYTES of static buffers and pools together (None: a quarter of the device's
 #: memory); the least recently replayed goes first
 MAX_GRAPHS = 8
 MAX_GRAPH_BYTES: Optional[int] = None
@@ -519,7 +522,8 @@ def _used(sig) -> None:
         budget = torch.cuda.get_device_properties(dev).total_memory // 4 if dev.type == "cuda" else 1 << 62
 
     def held():
-        return sum(b.numel() * b.element_size() for k in _GRAPHS for b in _CACHE[k].statics)
+        return sum(_CACHE[k].pool_bytes + sum(b.numel() * b.element_size() for b in _CACHE[k].statics)
+                   for k in _GRAPHS)
 
     while len(_GRAPHS) > MAX_GRAPHS or (len(_GRAPHS) > 1 and held() > budget):
         old = next(iter(_GRAPHS))
@@ -531,6 +535,7 @@ def _free(entry: _Entry) -> None:
     if entry.graph is not None:
         entry.graph.reset()
     entry.graph, entry.outputs, entry.flag, entry.plan, entry.statics = None, None, None, {}, []
+    entry.pool_bytes = 0
 
 
 def _eager(graph, make_seeds, sr, dtype, walk, sig, misses: int = 0) -> dict:
@@ -701,6 +706,7 @@ def _capture(entry: _Entry, graph, make_seeds, sr, dtype, walk) -> None:
                     run_walk()
                 if closure.bad:
                     raise NotCapturable("; ".join(sorted(set(closure.bad))[:3]))
+                reserved = torch.cuda.memory_reserved(graph.output.device)
                 g.capture_begin(capture_error_mode="thread_local")
                 try:
                     with weight_cache.bypass(), _Closure(rec, fail_fast=True) as closure:
@@ -712,6 +718,7 @@ def _capture(entry: _Entry, graph, make_seeds, sr, dtype, walk) -> None:
                         pass
                     raise
                 g.capture_end()
+                pool_bytes = max(0, torch.cuda.memory_reserved(graph.output.device) - reserved)
             torch.cuda.current_stream().wait_stream(stream)
     finally:
         _ACTIVE = None
@@ -742,6 +749,7 @@ def _capture(entry: _Entry, graph, make_seeds, sr, dtype, walk) -> None:
         g = _EmulatedGraph(rerun)
     entry.graph, entry.flag, entry.outputs = g, rec.flag, outputs
     entry.plan, entry.statics = plan, statics
+    entry.pool_bytes = 0 if EMULATE else pool_bytes
 
 
 def _replay(entry: _Entry, graph, t0: float) -> Optional[dict]:

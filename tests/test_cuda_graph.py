@@ -161,8 +161,9 @@ def test_capture_branch_with_stubbed_cuda(monkeypatch):
     """The GPU branch of the capture (not the CPU emulation) with torch.cuda's
     streams and graphs stubbed: the captured pass is run once as a warm-up on
     the capture stream, then inside begin/end of the capture, and the capturing
-    call returns the eager result; an error inside the capture ends the
-    capture and is the one reported."""
+    call returns the eager result, the memory the capture reserved is counted
+    against the graphs' budget; an error inside the capture ends the capture
+    and is the one reported."""
     import contextlib
 
     events, invalid = [], []
@@ -191,6 +192,7 @@ def test_capture_branch_with_stubbed_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 4096 * events.count("begin"))
     monkeypatch.setattr(cuda_graph, "_on_cuda", lambda t: True)
     monkeypatch.setattr(cuda_graph, "EMULATE", False)
     cuda_graph.clear()
@@ -208,6 +210,8 @@ def test_capture_branch_with_stubbed_cuda(monkeypatch):
         del walks[:]
         got = [semitriton.grad(score, emb, semiring="maxabs", cuda_graph=True)[0] for _ in range(2)]
         assert len(walks) == 1 + 2 and events == ["begin", "end", "replay"]   # eager; warm-up + capture
+        (entry,) = cuda_graph._CACHE.values()
+        assert entry.pool_bytes == 4096               # the pool the capture reserved counts as held
         for g in got:
             torch.testing.assert_close(g, want, rtol=0, atol=0)
 
