@@ -33,20 +33,22 @@ Policy per graph signature (structure, shapes, semiring, dtype, backend,
 determinism and autocast settings): the first call runs eagerly and records what the
 rules read; the next call with the same reads is captured (the eager call
 compiled and autotuned every kernel it needs) and later ones replay it; a
-mismatch runs eagerly and records anew; after ``MAX_MISSES`` mismatches in a
-row the signature stays eager. Replays end with one synchronisation (the
+mismatch (or a replay the live-row check invalidates) runs eagerly and records
+anew; after ``MAX_MISSES`` of them in a row the signature stays eager. Replays end with one synchronisation (the
 live-row check of language-model heads, below) and return copies of the
 results. A capture that fails leaves that signature eager, with a warning
 naming the reason. Only the built-in semirings are captured (a user's
-semiring may hold state no signature can compare). Recording and capturing
-set process-wide state (the kernels' autotuner is frozen during a capture):
-do not run other semiring passes in other threads meanwhile.
+semiring may hold state no signature can compare). Passes with
+``cuda_graph=True`` from several threads run one at a time; recording and
+capturing set process-wide state (the kernels' autotuner is frozen during a
+capture), so other semiring passes must not run in other threads meanwhile.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 import types
 import warnings
@@ -57,7 +59,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
-#: mismatches in a row after which a signature is left to the eager walk
+#: mismatches (or invalidated replays) in a row after which a signature is left to the eager walk
 MAX_MISSES = 3
 
 _ABSENT = ("absent",)
@@ -770,7 +772,17 @@ def _on_cuda(t: Tensor) -> bool:
 def walk(graph, make_seeds: Callable[[], dict], sr, dtype, walk_fn, backend_name: str) -> dict:
     """The semiring walk over ``graph`` through the CUDA-graph cache (see the
     module docstring); ``make_seeds()`` builds the seed values (called inside
-    a capture). Falls back to ``walk_fn`` for CPU tensors."""
+    a capture). Falls back to ``walk_fn`` for CPU tensors. Such passes from
+    several threads run one at a time (the cache and the capture state are
+    process-wide)."""
+    with _LOCK:
+        return _walk_cached(graph, make_seeds, sr, dtype, walk_fn, backend_name)
+
+
+_LOCK = threading.RLock()
+
+
+def _walk_cached(graph, make_seeds: Callable[[], dict], sr, dtype, walk_fn, backend_name: str) -> dict:
     output = graph.output
     if not _on_cuda(output):
         return walk_fn(graph, make_seeds(), sr, dtype)
@@ -796,7 +808,6 @@ def walk(graph, make_seeds: Callable[[], dict], sr, dtype, walk_fn, backend_name
         if misses >= MAX_MISSES:
             _CACHE[sig].disabled = f"{misses} calls in a row read other tensors or values than the call before"
         return captured
-    entry.misses = 0
     if entry.graph is None:
         try:
             _capture(entry, graph, make_seeds, sr, dtype, walk_fn)
@@ -811,9 +822,15 @@ def walk(graph, make_seeds: Callable[[], dict], sr, dtype, walk_fn, backend_name
                 torch.cuda.synchronize()
             return walk_fn(graph, make_seeds(), sr, dtype)
     out = _replay(entry, graph, t0)
-    if out is None:
+    if out is None:                          # more live rows than recorded: record anew (a miss too)
+        misses = entry.misses + 1
         _free(entry)
-        return _eager(graph, make_seeds, sr, dtype, walk_fn, sig)
+        captured = _eager(graph, make_seeds, sr, dtype, walk_fn, sig, misses)
+        if misses >= MAX_MISSES:
+            _CACHE[sig].disabled = (f"{misses} calls in a row read other tensors or values than the call before, "
+                                    "or invalidated the replay")
+        return captured
+    entry.misses = 0
     _used(sig)
     return out
 

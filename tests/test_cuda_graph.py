@@ -507,6 +507,64 @@ def test_policy_mismatches_then_eager_for_good(emulated):
     assert entry.disabled
 
 
+def test_invalidated_replays_count_as_misses(emulated, monkeypatch):
+    """Replays the live-row check invalidates (more live rows than the recorded
+    pass, e.g. a head scored at a varying number of positions) each re-record
+    and re-capture: after MAX_MISSES in a row the signature stays eager instead
+    of capturing on every other call; results are the eager ones throughout."""
+    def invalidated(entry, graph, t0):               # the replay ran, and its flag is set
+        entry.graph.replay()
+        cuda_graph.STATS.invalidated += 1
+        return None
+
+    monkeypatch.setattr(cuda_graph, "_replay", invalidated)
+    model, _, _ = _forward("llama", True)
+    before = _counts(emulated)
+    _steps(model, "llama", ("abs",), 2 * cuda_graph.MAX_MISSES + 2)
+    eager, captures, replays, mismatches = (a - b for a, b in zip(_counts(emulated), before))
+    assert (captures, replays, mismatches) == (cuda_graph.MAX_MISSES, 0, 0)
+    assert eager == 1 + cuda_graph.MAX_MISSES
+    (entry,) = cuda_graph._CACHE.values()
+    assert "invalidated" in entry.disabled
+
+
+def test_graph_passes_from_two_threads_run_one_at_a_time(emulated, monkeypatch):
+    """A cuda_graph pass started in a second thread while the first is inside
+    its walk waits for it (the cache and the capture state are process-wide);
+    both get the eager result."""
+    import threading
+
+    model, emb, score = _forward("gpt2", True)
+    (want,) = semitriton.grad(score, emb, semiring="abs")
+    first_in, second_in = threading.Event(), threading.Event()
+    overlapped, results = [], {}
+    inner = engine._walk
+
+    def walk(*a, **k):
+        if threading.current_thread().name == "second":
+            second_in.set()
+        elif not first_in.is_set():
+            first_in.set()
+            overlapped.append(second_in.wait(1.0))   # the second pass must not get in meanwhile
+        return inner(*a, **k)
+
+    monkeypatch.setattr(engine, "_walk", walk)
+
+    def run(name):
+        results[name] = semitriton.grad(score, emb, semiring="abs", cuda_graph=True)[0]
+
+    t1 = threading.Thread(target=run, args=("first",), name="first")
+    t1.start()
+    assert first_in.wait(30)
+    t2 = threading.Thread(target=run, args=("second",), name="second")
+    t2.start()
+    t1.join(60)
+    t2.join(60)
+    assert overlapped == [False]
+    for name in ("first", "second"):
+        torch.testing.assert_close(results[name], want, rtol=0, atol=0)
+
+
 def test_refused_capture_leaves_the_signature_eager(emulated, monkeypatch):
     """A pass that reads a tensor from outside (here: the cached log|W| a
     capture must not freeze in) is not captured: a warning names the read,
