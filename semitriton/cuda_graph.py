@@ -365,6 +365,10 @@ class _Closure:
                 self.bad.append(f"{what} in the rule of {self.rec.current} reads a {tuple(t.shape)} {t.dtype} "
                                 "tensor from outside the pass")
 
+    def reason(self) -> str:
+        """Why the capture is refused (the first few distinct findings)."""
+        return "; ".join(sorted(set(self.bad))[:3])
+
     def produced(self, out) -> None:
         for t in _tensors(out, []):
             self.inside.add(_storage_ptr(t))
@@ -685,13 +689,16 @@ def _capture(entry: _Entry, graph, make_seeds, sr, dtype, walk) -> None:
         rec.flag = torch.zeros((), dtype=torch.bool, device=graph.output.device)
         return walk(graph, make_seeds(), sr, dtype, wrap=rec.proxy)
 
+    def checked_walk(**closure_options):
+        with weight_cache.bypass(), _Closure(rec, **closure_options) as closure:
+            return run_walk(), closure
+
     _ACTIVE = rec
     _tuning.frozen = True
     g = None
     try:
         if EMULATE:
-            with weight_cache.bypass(), _Closure(rec, cpu_is_device=True) as closure:
-                captured = run_walk()
+            captured, closure = checked_walk(cpu_is_device=True)
         else:
             # not torch.cuda.graph(): it empties the allocator's cache first; the
             # capture begins before the closure check (it updates the RNG's offsets)
@@ -704,15 +711,13 @@ def _capture(entry: _Entry, graph, make_seeds, sr, dtype, walk) -> None:
                 # once eagerly on the capture stream (first launches of what only
                 # the captured form runs, lazy module loads, the stream's cuBLAS
                 # workspace: outside the capture)
-                with weight_cache.bypass(), _Closure(rec, fail_fast=True) as closure:
-                    run_walk()
+                _, closure = checked_walk(fail_fast=True)
                 if closure.bad:
-                    raise NotCapturable("; ".join(sorted(set(closure.bad))[:3]))
+                    raise NotCapturable(closure.reason())
                 reserved = torch.cuda.memory_reserved(graph.output.device)
                 g.capture_begin(capture_error_mode="thread_local")
                 try:
-                    with weight_cache.bypass(), _Closure(rec, fail_fast=True) as closure:
-                        captured = run_walk()
+                    captured, closure = checked_walk(fail_fast=True)
                 except BaseException:
                     try:                  # an invalidated capture fails to end too: report the first error
                         g.capture_end()
@@ -728,7 +733,7 @@ def _capture(entry: _Entry, graph, make_seeds, sr, dtype, walk) -> None:
     if closure.bad:
         if g is not None:
             g.reset()
-        raise NotCapturable("; ".join(sorted(set(closure.bad))[:3]))
+        raise NotCapturable(closure.reason())
     if rec.reads != entry.reads:
         if g is not None:
             g.reset()
