@@ -420,6 +420,10 @@ def test_softmax(name, op, device):
 # layer norm / RMS norm
 # ---------------------------------------------------------------------------------------------
 NORM_SEMIRINGS = ("abs", "entropy", "maxabs", "max")
+#: how the O(n²) norm kernels get the row shift: (ROW_SHIFT: by the launcher, PRE:
+#: with the per-column factors, in a pass before the kernel)
+NORM_VARIANTS = {"shift-in": (True, False), "shift-per-program": (False, False),
+                 "columns-precomputed": (True, True)}
 
 
 def _norm_inputs(lead, n, centered, device, g, gdtype=torch.float32, weight=True):
@@ -448,15 +452,14 @@ def _norm_cases(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", ("layer_norm", "rms_norm"))
 @pytest.mark.parametrize("name", NORM_SEMIRINGS)
-@pytest.mark.parametrize("variant", ("shift-in", "shift-per-program", "columns-precomputed"))
+@pytest.mark.parametrize("variant", tuple(NORM_VARIANTS))
 def test_norm(name, op, device, variant, monkeypatch):
     """The O(n²) norm kernels against the reference, with the row shift
     computed by the launcher (ROW_SHIFT) or in each program, or the shift and
     the per-column factors computed once per row (PRE; max has neither)."""
     from semitriton.kernels import norm as knorm
     base = next(c for c in knorm._configs(knorm._CODES[name], 768) if not c.get("SORTED"))
-    flags = {"shift-in": (True, False), "shift-per-program": (False, False),
-             "columns-precomputed": (True, True)}[variant]
+    flags = NORM_VARIANTS[variant]
     if name == "max":
         flags = (False, False)
     monkeypatch.setattr(knorm, "_configs", lambda *a, **k: [dict(base, ROW_SHIFT=flags[0], PRE=flags[1])])
@@ -611,15 +614,14 @@ def test_norm_diagonal_tiles(name, tile, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ("abs", "entropy"))
-@pytest.mark.parametrize("variant", ("shift-in", "shift-per-program", "columns-precomputed"))
+@pytest.mark.parametrize("variant", tuple(NORM_VARIANTS))
 def test_norm_nan_value_propagates(name, variant, monkeypatch):
     """A NaN value reaches every output of its row (as in the torch reference)
     in each way of finding the row shift, also in a row whose other values are
     all zero (tl.max drops NaN: such a row must not be taken for a row of zero
     values and skipped)."""
     from semitriton.kernels import norm as knorm
-    row_shift, pre = {"shift-in": (False, False), "shift-per-program": (True, False),
-                      "columns-precomputed": (True, True)}[variant]
+    row_shift, pre = NORM_VARIANTS[variant]
     monkeypatch.setattr(knorm, "_configs", lambda *a, **k: [dict(BI=16, BJ=16, num_warps=1, num_stages=1,
                                                                 ROW_SHIFT=row_shift, PRE=pre)])
     sr = BUILTIN[name]
