@@ -48,7 +48,12 @@ class RotaryEmbedding(torch.autograd.Function):
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
         ctx.x_shape = x.shape
-        return (x * cos) + (rotate_half(x) * sin)
+        a, b = x * cos, rotate_half(x) * sin
+        # the same sum written into a contiguous tensor: q/k come in as transposed
+        # views of their projection, and the fused attention's rule reads them
+        # flattened to [B·H, T, D], which would cost a copy per pass
+        out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=torch.result_type(a, b), device=a.device)
+        return torch.add(a, b, out=out)
 
     @staticmethod
     def backward(ctx, g):
