@@ -89,7 +89,10 @@ class GradientGraph:
         self._discover()
 
     def _discover(self):
-        leaf_ids = {id(t): i for i, t in enumerate(self.inputs) if t.grad_fn is None}
+        leaf_ids: dict = {}           # id(leaf) -> its input indices (a leaf may be passed twice)
+        for i, t in enumerate(self.inputs):
+            if t.grad_fn is None:
+                leaf_ids.setdefault(id(t), []).append(i)
         targets: dict = {}            # node -> list of (slot, input index)
         # one depth-first pass: every node's next_functions (each access builds a new
         # tuple, so they are read once) and a post-order (inputs before consumers)
@@ -105,8 +108,7 @@ class GradientGraph:
                 continue
             nf = nexts[n] = n.next_functions
             if leaf_ids and type(n).__name__ == "AccumulateGrad":
-                i = leaf_ids.get(id(n.variable))
-                if i is not None:
+                for i in leaf_ids.get(id(n.variable), ()):
                     targets.setdefault(n, []).append((0, i))
             stack.append((n, True))
             stack.extend((f, False) for f, _ in nf if f is not None and f not in nexts)

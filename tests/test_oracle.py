@@ -122,3 +122,15 @@ def test_non_scalar_output_gives_per_example_statistics():
                              torch.cat([prog.inputs["x"][:1], xb]))
             (single,) = semitriton.grad(yb[b].sum(), xb, semiring=semiring)
             torch.testing.assert_close(both[b:b + 1], single, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_a_leaf_passed_twice(semiring):
+    """``inputs=[x, x]`` reads x's value twice (as torch.autograd.grad does)."""
+    prog = residual_mlp()
+    x = prog.inputs["x"].clone().requires_grad_()
+    out = prog.engine(x)
+    a, b = semitriton.grad(out, [x, x], semiring=semiring)
+    expected = oracle(prog, semiring)["x"]
+    assert_semiring_close(a, expected, semiring, 1e-9, "first")
+    assert_semiring_close(b, expected, semiring, 1e-9, "second")
