@@ -311,6 +311,31 @@ def intermediate_input(dtype=torch.float64, seed=4):
     return Program("intermediate_input", {"x": x}, steps, engine)
 
 
+def vector_products(dtype=torch.float64, seed=5):
+    """1-D operands: vector @ matrix (torch squeezes the product in place:
+    SqueezeBackward4), matrix @ vector (mv), a dot product, and the in-place
+    views unsqueeze_ and t_."""
+    g = torch.Generator().manual_seed(seed)
+    x = _rand(g, 4)
+    W1, W2, u = _rand(g, 4, 5), _rand(g, 3, 5), _rand(g, 3)
+    steps = [
+        Step("h", lambda x: x @ W1, ("x",)),                          # [5]
+        Step("a", lambda h: torch.tanh(h), ("h",)),
+        Step("m", lambda a: W2 @ a, ("a",)),                          # [3]
+        Step("c", lambda m: m.reshape(1, 3).t(), ("m",)),             # [3, 1]
+        Step("out", lambda c, m: torch.dot(c.reshape(3) * u, m), ("c", "m")),
+    ]
+
+    def engine(x):
+        m = W2.to(x.dtype) @ torch.tanh(x @ _p(W1, x.dtype))
+        c = m.clone()
+        c.unsqueeze_(0)
+        c.t_()
+        return torch.dot(c.reshape(3) * _p(u, x.dtype), m)
+
+    return Program("vector_products", {"x": x}, steps, engine)
+
+
 def all_programs(zeros=0.0):
     return [
         residual_mlp(zeros=zeros), residual_mlp(sink=True, zeros=zeros),
@@ -319,5 +344,5 @@ def all_programs(zeros=0.0):
         mha(mask="float", eager=True, zeros=zeros),
         llama_block(zeros=zeros), llama_block(gqa_mode="repeat_kv", zeros=zeros),
         llama_block(zeros=zeros, fused_rope=True),
-        broadcast_gating(zeros=zeros),
+        broadcast_gating(zeros=zeros), vector_products(),
     ]

@@ -23,7 +23,9 @@ def _only0(ctx, value):
 #: runs the built-in rule for these inline, without a RuleContext)
 VIEW_NODES = frozenset(("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward0",
                         "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "ViewAsComplexBackward0",
-                        "_ReshapeAliasBackward0"))
+                        "_ReshapeAliasBackward0",
+                        # in-place squeeze_ (1-D @ 2-D records one: matmul squeezes its result in place)
+                        "SqueezeBackward4", "SqueezeBackward5"))
 
 
 @rule(*sorted(VIEW_NODES))
@@ -34,7 +36,7 @@ def view(ctx):
     return _only0(ctx, ctx.sr.map(ctx.grad(), lambda c: c.reshape(shape)))
 
 
-@rule("UnsqueezeBackward0")
+@rule("UnsqueezeBackward0", "UnsqueezeBackward1")          # unsqueeze, unsqueeze_
 def unsqueeze(ctx):
     d = ctx.saved("dim")
     return _only0(ctx, ctx.sr.map(ctx.grad(), lambda c: c.squeeze(d)))
@@ -46,7 +48,7 @@ def transpose(ctx):
     return _only0(ctx, ctx.sr.map(ctx.grad(), lambda c: c.transpose(d0, d1)))
 
 
-@rule("TBackward0", "NumpyTBackward0")
+@rule("TBackward0", "TBackward1", "NumpyTBackward0")       # t, t_, .T
 def t(ctx):
     return _only0(ctx, ctx.sr.map(ctx.grad(), lambda c: c.transpose(0, 1) if c.dim() == 2 else c))
 
