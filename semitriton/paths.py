@@ -55,14 +55,19 @@ class PathStep:
     shape: tuple
     index: tuple
     weight: float       # the local derivative on this edge
+    operand: str = ""   # "q", "k" or "v": the attention input this step leaves ("" elsewhere)
 
     def to_dict(self) -> dict:
-        return {"op": self.op, "node": self.node, "module": self.module, "shape": list(self.shape),
-                "index": list(self.index), "weight": self.weight}
+        d = {"op": self.op, "node": self.node, "module": self.module, "shape": list(self.shape),
+             "index": list(self.index), "weight": self.weight}
+        if self.operand:
+            d["operand"] = self.operand
+        return d
 
     @classmethod
     def from_dict(cls, d) -> "PathStep":
-        return cls(d["op"], d["node"], d["module"], tuple(d["shape"]), tuple(d["index"]), d["weight"])
+        return cls(d["op"], d["node"], d["module"], tuple(d["shape"]), tuple(d["index"]), d["weight"],
+                   d.get("operand", ""))
 
 
 @dataclass
@@ -101,7 +106,8 @@ class Path:
     def __str__(self) -> str:
         lines = [f"path weight {self.weight:.6g} from input{list(self.source_index)}"]
         for s in self.steps:
-            lines.append(f"  ×{s.weight:+.4g}  {s.op:<18} {s.module or '-':<40} {list(s.index)}")
+            op = f"{s.op}[{s.operand}]" if s.operand else s.op
+            lines.append(f"  ×{s.weight:+.4g}  {op:<18} {s.module or '-':<40} {list(s.index)}")
         return "\n".join(lines)
 
 
@@ -118,6 +124,11 @@ def op_kind(node_name: str) -> str:
 
 # ---- the scalar-level view -------------------------------------------------------------------------
 _SINK = ("sink",)
+#: op-name suffixes of the edges that enter attention from q, k or v (a fused
+#: q/k/v projection gives these steps the same module, shape and index, so
+#: the operand is the only thing that tells them apart); ``_make_path`` moves
+#: the suffix into ``PathStep.operand``
+_FROM_Q, _FROM_K, _FROM_V = ":q", ":k", ":v"
 
 
 class PathGraph:
@@ -202,20 +213,20 @@ class PathGraph:
             h, i, d = idx[-3:]
             w = k[lead + (h, slice(None), d)] * s
             flat = _ravel_t(lead + (h, i), shape[:-1]) * Tk + torch.arange(Tk)
-            groups.append((("S", node), flat, w, "attention.scores"))
+            groups.append((("S", node), flat, w, "attention.scores" + _FROM_Q))
         elif slot == 1:                                  # k[.., hk, j, d] -> S[.., h, i, j]: q[i, d]·s
             hk, j, d = idx[-3:]
             for h in range(hk * g, hk * g + g):
                 w = q[lead + (h, slice(None), d)] * s
                 flat = (_ravel_t(lead + (h,), shape[:-2]) * Tq + torch.arange(Tq)) * Tk + j
-                groups.append((("S", node), flat, w, "attention.scores"))
+                groups.append((("S", node), flat, w, "attention.scores" + _FROM_K))
         elif slot == 2:                                  # v[.., hk, j, d] -> O[.., h, i, d]: P[i, j]
             hk, j, d = idx[-3:]
             D = v.shape[-1]
             for h in range(hk * g, hk * g + g):
                 w = p[lead + (h, slice(None), j)]
                 flat = (_ravel_t(lead + (h,), shape[:-2]) * Tq + torch.arange(Tq)) * D + d
-                groups.append((("t", node, 0), flat, w, "attention.values"))
+                groups.append((("t", node, 0), flat, w, "attention.values" + _FROM_V))
         return groups
 
     def _internal_edges(self, ref, idx: tuple) -> list:
@@ -333,6 +344,28 @@ def _scalar(t: Tensor, idx: tuple) -> float:
     return float(t[idx]) if t.dim() else float(t)
 
 
+def _element_index(index, shape: tuple) -> tuple:
+    """``index`` (an int or a sequence, negative entries counting from the end)
+    as a tuple of non-negative ints into ``shape``; IndexError if it does not
+    name one element."""
+    index = tuple(int(i) for i in (index if isinstance(index, (tuple, list)) else (index,)))
+    if len(index) != len(shape):
+        raise IndexError(f"index {index} has {len(index)} dims, input has {len(shape)}")
+    for d, (i, n) in enumerate(zip(index, shape)):
+        if not -n <= i < n:
+            raise IndexError(f"index {index} is out of range in dim {d} (size {n})")
+    return tuple(i % n for i, n in zip(index, shape))
+
+
+def _batch_index(batch: Optional[int], shape: tuple) -> Optional[int]:
+    """``batch`` (negative counts from the end) as an index into ``shape[0]``."""
+    if batch is None:
+        return None
+    if not shape or not -shape[0] <= int(batch) < shape[0]:
+        raise IndexError(f"batch {batch} is out of range for an input of shape {tuple(shape)}")
+    return int(batch) % shape[0]
+
+
 # ---- top paths ---------------------------------------------------------------------------------------
 def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs",
               index: Optional[Sequence[int]] = None, backend: Optional[str] = None,
@@ -357,9 +390,8 @@ def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs
     if pg.source is None:
         return []
     if index is not None:
-        index = tuple(int(i) for i in (index if isinstance(index, (tuple, list)) else (index,)))
-        if len(index) != input.dim():
-            raise IndexError(f"index {index} has {len(index)} dims, input has {input.dim()}")
+        index = _element_index(index, tuple(input.shape))
+    batch = _batch_index(batch, tuple(input.shape))
     if name == "max":
         p = _signed_top_path(pg, index, batch)
         return [] if p is None else [p]
@@ -467,7 +499,8 @@ def _make_path(pg: PathGraph, steps, semiring: str) -> Path:
     for op, node, mod, r, u, w in steps[1:]:
         if r == _SINK:
             continue
-        out_steps.append(PathStep(op, node, mod, pg.shape(r), tuple(int(i) for i in u), float(w)))
+        op, _, operand = op.partition(":")
+        out_steps.append(PathStep(op, node, mod, pg.shape(r), tuple(int(i) for i in u), float(w), operand))
     prod = math.prod(s.weight for s in out_steps)
     weight = abs(prod) if semiring != "max" else prod
     return Path(weight, tuple(int(i) for i in source), tuple(pg.input.shape), out_steps, semiring)
@@ -527,9 +560,14 @@ def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Se
     if pg.sr.name != "abs":
         raise ValueError("sample_paths needs a PathGraph built with the abs semiring")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    src_val = pg.value(pg.source)[0].double()
     if index is not None:
-        index = tuple(int(i) for i in (index if isinstance(index, (tuple, list)) else (index,)))
+        index = _element_index(index, tuple(input.shape))
+    if pg.source is None:
+        return []
+    src_val = pg.value(pg.source)[0].double()
+    # no path from input[index] (or from any scalar of input): nothing to draw
+    if (float(src_val[index]) if index is not None else float(src_val.max())) == float("-inf"):
+        return []
     succ_cache: dict = {}
 
     def successors(ref, idx):
@@ -551,8 +589,10 @@ def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Se
         ref, idx = pg.source, sidx
         while ref != _SINK:
             ranked, probs = successors(ref, idx)
-            if probs is None:
-                break
+            if probs is None:       # Z(x) > 0 guarantees an out-edge with Z(u) > 0
+                raise RuntimeError(f"sample_paths: scalar {idx} of {op_kind(type(ref[1]).__name__)} "
+                                   "has a path weight but no out-edge that carries it (inconsistent "
+                                   "semiring values)")
             step = ranked.step(int(torch.multinomial(probs, 1, generator=gen)))
             steps.append(step)
             ref, idx = step[3], step[4]

@@ -191,3 +191,37 @@ def test_top_paths_arguments():
         semitriton.top_paths(out, x, k=2, semiring="max")
     with pytest.raises(ValueError, match="maxabs"):
         semitriton.top_paths(out, x, semiring="abs")
+
+
+def test_negative_indices_name_the_same_scalar():
+    """``index`` counts from the end like tensor indexing: the path, its
+    ``source_index`` and its weight are those of the normalised element."""
+    prog = residual_mlp()
+    prods = _products(prog)
+    x, out = _run(prog)
+    neg, pos = (0, -1, -2), (0, 2, 4)
+    flat = (pos[0] * 3 + pos[1]) * 6 + pos[2]
+    got = semitriton.top_paths(out, x, k=3, index=neg)
+    assert [p.source_index for p in got] == [pos] * 3
+    for p, b in zip(got, sorted((abs(w) for w in prods[flat]), reverse=True)):
+        assert p.weight == pytest.approx(b, rel=1e-10)
+    (s,) = semitriton.top_paths(out, x, semiring="max", index=neg)
+    assert s.source_index == pos and s.weight == pytest.approx(max(prods[flat]), rel=1e-10)
+    assert {p.source_index for p in semitriton.sample_paths(out, x, n=5, index=neg, seed=0)} == {pos}
+    for bad in ((0, 3, 0), (0, -4, 0), (2, 0, 0)):
+        with pytest.raises(IndexError, match="out of range"):
+            semitriton.top_paths(out, x, index=bad)
+        with pytest.raises(IndexError, match="out of range"):
+            semitriton.sample_paths(out, x, index=bad)
+
+
+def test_no_path_from_a_scalar_means_no_paths():
+    """A scalar whose every edge weighs exactly 0 has no path: nothing to
+    return, nothing to sample (not a path of weight 1 with no steps)."""
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    out = (x * torch.tensor([2.0, 0.0, 5.0], dtype=torch.float64)).sum()
+    assert semitriton.top_paths(out, x, index=(1,)) == []
+    assert semitriton.top_paths(out, x, index=(1,), semiring="max") == []
+    assert semitriton.sample_paths(out, x, n=3, index=(1,), seed=0) == []
+    drawn = semitriton.sample_paths(out, x, n=50, seed=0)
+    assert {p.source_index for p in drawn} <= {(0,), (2,)} and all(len(p.steps) == 2 for p in drawn)

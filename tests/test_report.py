@@ -76,3 +76,57 @@ def test_plots_and_html(analysis, tmp_path):
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")   # self-contained
     rep = report_html("SVA", [("summary", "<p>ok</p>")], [a, a])
     assert rep.count("<details") >= 2
+
+
+@pytest.mark.parametrize("live", ["query", "key", "value"])
+def test_milestones_read_the_branch_off_the_attention_operand(live):
+    """With one fused q/k/v projection (GPT-2's c_attn) the q, k and v steps
+    share module, shape and index: the branch must come from the operand the
+    path leaves attention by. Only the ``live`` third of c_attn reads x (the
+    other two are bias only), so every path through attention takes that
+    branch — also through the diagonal score S[i, i]."""
+    import torch.nn.functional as F
+    from torch import nn
+    from semitriton.report.analysis import path_milestones
+    torch.manual_seed(0)
+    D, T = 4, 3
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn, self.c_proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+
+        def forward(self, x):
+            q, k, v = (t.view(1, T, 1, D).transpose(1, 2) for t in self.c_attn(x).split(D, dim=2))
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.c_proj(o.transpose(1, 2).reshape(1, T, D))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h = nn.ModuleList([Attn()])
+            self.head = nn.Linear(D, 1)
+
+        def forward(self, x):
+            return self.head(x + self.h[0](x))[0, -1, 0]
+
+    m = Model().double()
+    with torch.no_grad():
+        for i, name in enumerate(("query", "key", "value")):
+            if name != live:
+                m.h[0].c_attn.weight[i * D:(i + 1) * D].zero_()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    semitriton.track(m)
+    x = torch.randn(1, T, D, dtype=torch.float64, requires_grad=True)
+    paths = semitriton.top_paths(m(x), x, k=16)
+    through = [p for p in paths if any(s.op.startswith("attention.") for s in p.steps)]
+    assert through
+    if live == "key":           # the case a position test gets wrong: a key path into S[i, i]
+        assert any(s.index[2] == s.index[3] for p in through for s in p.steps if s.op == "attention.scores")
+    for p in through:
+        (branch,) = [ms["branch"] for ms in path_milestones(p, T) if ms["layer"] == 0]
+        assert branch == live
+        entry = next(s for s in p.steps if s.op in ("attention.scores", "attention.values"))
+        assert entry.operand == live[0]
+        assert semitriton.PathStep.from_dict(entry.to_dict()) == entry

@@ -151,7 +151,10 @@ def path_milestones(path: Path, T: int) -> list:
         if s.op == "attention.scores" and len(s.index) == 4:
             cur["head"] = int(s.index[1])
             if cur["branch"] == "skip":
-                cur["branch"] = "query" if cur["position"] == int(s.index[2]) else "key"
+                if s.operand:
+                    cur["branch"] = "query" if s.operand == "q" else "key"
+                else:       # a path saved before steps recorded their operand
+                    cur["branch"] = "query" if cur["position"] == int(s.index[2]) else "key"
         if s.op == "attention.values" and len(s.index) == 4 and cur["head"] is None:
             cur["head"] = int(s.index[1])
             if cur["branch"] == "skip":
