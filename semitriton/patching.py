@@ -17,6 +17,11 @@ single custom autograd node carrying its semiring rule:
   :class:`FusedAttention` node per call, by registering a ``"semitriton"``
   attention implementation and selecting it on the model's config.
 
+Calls the fused node cannot serve run the model's own attention (the
+modeling file's eager attention for soft-capping, attention sinks and
+``output_attentions``; sdpa for dropout, position bias and a learned mask),
+recorded as aten nodes.
+
 A swapped module is a copy of the original object whose class is a subclass
 of the original class (so ``isinstance`` checks and ``state_dict`` keys are
 unchanged, and it shares the original's parameters); ``unpatch`` puts the
@@ -34,6 +39,7 @@ import inspect
 import logging
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -145,12 +151,23 @@ def _patched_activation_forward(self, x):
                                       _ACTIVATION_KINDS.get(cls.__name__))
 
 
+def _restore_patched(cls, kind: str):
+    """Unpickling a swapped module: an empty instance of its patched class (the
+    class is made at run time, so pickle cannot find it by name)."""
+    return object.__new__(_patched_class(cls, kind))
+
+
+def _reduce_patched(self, protocol):
+    return _restore_patched, (self._semitriton_original_class, self._semitriton_kind), self.__dict__
+
+
 @functools.lru_cache(maxsize=None)
 def _patched_class(cls, kind: str):
     forward = {"rms_norm": _patched_rms_forward, "activation": _patched_activation_forward,
                "linear": _patched_linear_forward, "rope": _patched_rope_forward}[kind]
     return type("Semiring" + cls.__name__, (cls,), {
         "forward": forward,
+        "__reduce_ex__": _reduce_patched,
         "_semitriton_original_class": cls,
         "_semitriton_kind": kind,
         "__module__": cls.__module__,
@@ -175,7 +192,7 @@ def _swap(module: nn.Module, kind: str, **attrs) -> nn.Module:
 _ROPE_FN = "apply_rotary_pos_emb"
 _ROPE_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
 _rope_state = threading.local()
-_rope_installed: dict = {}          # modeling module name -> [original function, patched modules using it]
+_rope_installed: dict = {}          # modeling module name -> (original function, WeakSet of patched modules using it)
 _rope_lock = threading.Lock()
 
 
@@ -252,24 +269,26 @@ def _rope_module(cls) -> Optional[str]:
     return modname
 
 
-def _install_rope(modname: str) -> None:
+def _install_rope(modname: str, user: nn.Module) -> None:
     with _rope_lock:
         entry = _rope_installed.get(modname)
         if entry is None:
             mod = sys.modules[modname]
             original = getattr(mod, _ROPE_FN)
-            entry = _rope_installed[modname] = [original, 0]
+            entry = _rope_installed[modname] = (original, weakref.WeakSet())
             setattr(mod, _ROPE_FN, _rope_dispatcher(original))
-        entry[1] += 1
+        entry[1].add(user)
 
 
-def _uninstall_rope(modname: str) -> None:
+def _uninstall_rope(modname: str, user: nn.Module) -> None:
+    """``user`` no longer needs the dispatcher (a deep copy's modules were never
+    registered: unpatching the copy leaves the original's in place)."""
     with _rope_lock:
         entry = _rope_installed.get(modname)
         if entry is None:
             return
-        entry[1] -= 1
-        if entry[1] <= 0:
+        entry[1].discard(user)
+        if not entry[1]:
             mod = sys.modules.get(modname)
             if mod is not None and getattr(getattr(mod, _ROPE_FN, None), "_semitriton_original", None) is entry[0]:
                 setattr(mod, _ROPE_FN, entry[0])
@@ -282,21 +301,72 @@ def _patched_rope_forward(self, *args, **kwargs):
 
 
 # ---- attention ---------------------------------------------------------------------------------
+#: attention-interface arguments that change the attention function itself
+#: (logit soft-capping, attention sinks): the fused node does not compute
+#: them, so the modeling file's eager attention runs instead
+_EAGER_ONLY = ("softcap", "s_aux", "sinks")
+
+
+def _eager_attention(module, query, key, value, attention_mask, causal: bool, why: str, **kwargs):
+    """The modeling file's own ``eager_attention_forward`` (what the model runs
+    with ``attn_implementation="eager"``; its aten nodes have rules), given the
+    additive float mask it expects: the "semitriton" mask builder
+    (transformers' ``sdpa_mask``) gives a boolean mask, or None for plain
+    causal attention."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise NotImplementedError(
+            f"semitriton attention: {type(module).__name__} needs {why}, which the fused attention node "
+            "does not compute, and its modeling file has no eager_attention_forward to fall back on; "
+            "use semitriton.patch(model, attention=False) or semitriton.unpatch(model)")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None and causal and q_len > 1:      # queries are the last q_len positions
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    return fn(module, query, key, value, attention_mask, **kwargs)
+
+
+def _attentions_requested(kwargs) -> bool:
+    """Does this forward return attention probabilities? Modules that take
+    ``output_attentions`` as their own argument (GPT-2) do not pass it on,
+    so transformers' output collector (which records them) is asked too."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+        collected = _active_collector.get()
+    except Exception:           # another transformers version: the keyword is all there is
+        return False
+    return bool(collected) and any(k.endswith("attentions") for k in collected)
+
+
 def semitriton_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                  scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                                  **kwargs):
     """A transformers attention interface function: same conventions as
     ``sdpa_attention_forward`` (q, k, v [B, H, T, D]; returns [B, T, H, D]),
-    recorded as one :class:`FusedAttention` node. Training-mode dropout falls
-    back to the sdpa implementation (its dropout edges are then recorded by
-    aten nodes)."""
+    recorded as one :class:`FusedAttention` node. Where the call needs more
+    than that node computes, the model's own attention runs and its aten nodes
+    are walked: the modeling file's eager attention for soft-capping, attention
+    sinks and ``output_attentions=True`` (which returns the probabilities);
+    sdpa for training-mode dropout, a T5-style position bias, or a mask that
+    requires grad (a learned bias; sdpa passes its gradient on)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if dropout and dropout > 0 or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    eager_only = [k for k in _EAGER_ONLY if kwargs.get(k) is not None]
+    if _attentions_requested(kwargs):
+        eager_only.append("output_attentions=True")
+    if eager_only:
+        return _eager_attention(module, query, key, value, attention_mask, bool(causal), " and ".join(eager_only),
+                                dropout=dropout, scaling=scaling, **kwargs)
+    if (dropout and dropout > 0 or kwargs.get("position_bias") is not None
+            or (attention_mask is not None and attention_mask.requires_grad)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     q_len = query.shape[2]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(q_len > 1 and attention_mask is None and causal)
     if causal and key.shape[2] > q_len:
         key, value = key[:, :, :q_len], value[:, :, :q_len]
@@ -317,6 +387,67 @@ def _register_attention() -> bool:
     return True
 
 
+#: id(config) -> [config, its settings before the first patch, patched models using it]
+#: (models built from one config object share it: the last unpatch restores it)
+_attn_configs: dict = {}
+_attn_lock = threading.Lock()
+
+
+def _config_tree(cfg) -> list:
+    """``cfg`` and its sub-configs (nested), parents before children."""
+    out, stack, seen = [], [cfg], set()
+    while stack:
+        c = stack.pop(0)
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
+        out.append(c)
+        for key in getattr(c, "sub_configs", None) or {}:
+            sub = getattr(c, key, None)
+            if sub is not None and hasattr(sub, "_attn_implementation"):
+                stack.append(sub)
+    return out
+
+
+def _select_attention(cfg) -> list:
+    """Select the "semitriton" attention on ``cfg`` (transformers' setter passes
+    it on to the sub-configs); returns each config's previous implementation."""
+    with _attn_lock:
+        entry = _attn_configs.get(id(cfg))
+        if entry is None:
+            entry = _attn_configs[id(cfg)] = [cfg, [(c, c._attn_implementation) for c in _config_tree(cfg)], 0]
+            cfg._attn_implementation = ATTN_NAME
+        entry[2] += 1
+        return entry[1]
+
+
+def _adopt_attention(cfg, settings: list) -> None:
+    """Count a copied patched model's use of its (copied or shared) config."""
+    with _attn_lock:
+        entry = _attn_configs.get(id(cfg))
+        if entry is None or entry[0] is not cfg:
+            _attn_configs[id(cfg)] = [cfg, settings, 1]
+        else:
+            entry[2] += 1
+
+
+def _release_attention(cfg, settings: list) -> None:
+    """Undo :func:`_select_attention` once no patched model uses ``cfg``; a
+    config the user has set to something else since keeps that. ``settings``:
+    the record's copy, used where the registry has no entry for ``cfg``."""
+    with _attn_lock:
+        entry = _attn_configs.get(id(cfg))
+        if entry is not None and entry[0] is cfg:
+            entry[2] -= 1
+            if entry[2] > 0:
+                return
+            del _attn_configs[id(cfg)]
+            settings = entry[1]
+        now = [c._attn_implementation for c, _ in settings]       # before the setter cascades
+        for (c, prev), cur in zip(settings, now):                  # parents first: children win
+            c._attn_implementation = prev if cur == ATTN_NAME else cur
+
+
 def _uses_attention_interface(module: nn.Module) -> bool:
     cls = getattr(type(module), "_semitriton_original_class", type(module))
     try:
@@ -330,11 +461,25 @@ def _uses_attention_interface(module: nn.Module) -> bool:
 @dataclass
 class PatchRecord:
     swapped: list = field(default_factory=list)          # (parent, name, original, patched)
-    attention_configs: list = field(default_factory=list)  # (config, previous implementation)
+    attention_configs: list = field(default_factory=list)  # (config, [(config or sub-config, previous implementation)])
     attention_modules: int = 0
-    rope_modules: list = field(default_factory=list)        # modeling module name per patched attention
+    rope_modules: list = field(default_factory=list)        # (modeling module name, patched attention module)
     tracked_here: bool = False
     skipped: list = field(default_factory=list)
+
+    def __setstate__(self, state):
+        """An unpickled or deep-copied patched model: set up again what its
+        patch set up in the process (the attention function, the rotary
+        dispatcher, the use count of its config), so that it runs as patched
+        and ``unpatch`` undoes exactly its own part."""
+        self.__dict__.update(state)
+        if self.attention_configs:
+            _register_attention()
+        for modname, user in self.rope_modules:
+            if modname in sys.modules:
+                _install_rope(modname, user)
+        for cfg, settings in self.attention_configs:
+            _adopt_attention(cfg, settings)
 
     def summary(self) -> dict:
         kinds: dict = {}
@@ -396,18 +541,19 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
             elif linear and _conv1d_class() is not None and cls is _conv1d_class():
                 new = _swap(child, "linear", _semitriton_transposed=True)
             elif rope and (modname := _rope_module(cls)) is not None:
-                _install_rope(modname)
-                rec.rope_modules.append(modname)
                 new = _swap(child, "rope")
+                _install_rope(modname, new)
+                rec.rope_modules.append((modname, new))
             if new is not None:
                 parent._modules[name] = new
                 rec.swapped.append((parent, name, child, new))
-    if attention:
+    if attention and getattr(model, "_supports_sdpa", True) is False:
+        rec.skipped.append("attention: the model does not support sdpa, whose semantics the fused node has")
+    elif attention:
         cfg = getattr(model, "config", None)
         n_attn = sum(_uses_attention_interface(m) for m in model.modules())
         if cfg is not None and hasattr(cfg, "_attn_implementation") and n_attn and _register_attention():
-            rec.attention_configs.append((cfg, cfg._attn_implementation))
-            cfg._attn_implementation = ATTN_NAME
+            rec.attention_configs.append((cfg, _select_attention(cfg)))
             rec.attention_modules = n_attn
     if not getattr(model, "_semitriton_track_handles", None):
         track(model)
@@ -428,10 +574,12 @@ def unpatch(model: nn.Module) -> nn.Module:
     for parent, name, orig, new in reversed(rec.swapped):
         if parent._modules.get(name) is new:
             parent._modules[name] = orig
-    for cfg, prev in rec.attention_configs:
-        cfg._attn_implementation = prev
-    for modname in rec.rope_modules:
-        _uninstall_rope(modname)
+        # what was set on the swapped copy while patched (train()/eval(), attributes) carries over
+        orig.__dict__.update({k: v for k, v in new.__dict__.items() if not k.startswith("_semitriton")})
+    for cfg, settings in rec.attention_configs:
+        _release_attention(cfg, settings)
+    for modname, user in rec.rope_modules:
+        _uninstall_rope(modname, user)
     if rec.tracked_here:
         untrack(model)
     object.__delattr__(model, _RECORD)

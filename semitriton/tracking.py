@@ -39,8 +39,22 @@ def _grad_fns(obj, acc: list, depth: int = 0) -> list:
     return acc
 
 
-def _make_hook(qualname: str):
-    def hook(module, args, kwargs, output):
+class _NameHook:
+    """The forward hook of one tracked module: tags the grad_fns of its outputs
+    (a class, not a closure, so that a tracked model pickles)."""
+
+    __slots__ = ("qualname",)
+
+    def __init__(self, qualname: str):
+        self.qualname = qualname
+
+    def __getstate__(self):
+        return self.qualname
+
+    def __setstate__(self, qualname):
+        self.qualname = qualname
+
+    def __call__(self, module, args, kwargs, output):
         if not torch.is_grad_enabled():          # no graph is being recorded
             return None
         outs = _grad_fns(output, [])
@@ -48,7 +62,7 @@ def _make_hook(qualname: str):
             return None
         ins = tuple(dict.fromkeys(_grad_fns(kwargs, _grad_fns(args, []))))
         in_ids = {id(g) for g in ins}
-        entry = (qualname, type(module).__name__, next(_counter), ins)
+        entry = (self.qualname, type(module).__name__, next(_counter), ins)
         for gf in dict.fromkeys(outs):
             # A module that returns one of its inputs (dropout in eval, a pass-through)
             # would make the node reference itself through its metadata: a reference
@@ -61,8 +75,6 @@ def _make_hook(qualname: str):
                 pass
         return None
 
-    return hook
-
 
 def track(model: nn.Module, prefix: str = "") -> nn.Module:
     """Record module names for the autograd nodes of later forward passes
@@ -72,7 +84,7 @@ def track(model: nn.Module, prefix: str = "") -> nn.Module:
     handles = []
     for name, mod in model.named_modules():
         qual = (prefix + "." + name if prefix and name else prefix or name) or type(model).__name__
-        handles.append(mod.register_forward_hook(_make_hook(qual), with_kwargs=True))
+        handles.append(mod.register_forward_hook(_NameHook(qual), with_kwargs=True))
     object.__setattr__(model, _HANDLES, handles)
     return model
 

@@ -1,6 +1,7 @@
 """semitriton.patch / unpatch on Hugging Face and PyTorch models."""
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -361,7 +362,9 @@ def test_rotary_node_same_outputs_and_statistics(kind):
     model = _model(kind, dtype=torch.float64)
     other = _model(kind, dtype=torch.float64)
     modname = type(model.model.layers[0].self_attn).__module__
-    original = sys.modules[modname].apply_rotary_pos_emb
+    gc.collect()             # patched models earlier tests dropped without unpatch stop using the dispatcher
+    fn = sys.modules[modname].apply_rotary_pos_emb
+    original = getattr(fn, "_semitriton_original", fn)
     emb, score = embeds_and_output(model, "llama", IDS, MASK)
     ref = {s: semitriton.grad_values(score, emb, semiring=s)[0] for s in SEMIRINGS}
     assert "RotaryEmbeddingBackward" not in _node_types(score)
@@ -395,7 +398,9 @@ def test_rotary_dispatcher_shared_by_two_patched_models():
     import sys
     a, b = _model("llama"), _model("llama")
     modname = type(a.model.layers[0].self_attn).__module__
-    original = sys.modules[modname].apply_rotary_pos_emb
+    gc.collect()             # patched models earlier tests dropped without unpatch stop using the dispatcher
+    fn = sys.modules[modname].apply_rotary_pos_emb
+    original = getattr(fn, "_semitriton_original", fn)
     semitriton.patch(a)
     semitriton.patch(b)
     semitriton.unpatch(a)
@@ -410,4 +415,180 @@ def test_rotary_not_fused_without_grad_or_with_rope_false():
     assert semitriton.patch_summary(model)["rotary_modules"] == 0
     e, s = embeds_and_output(model, "llama", IDS, MASK)
     assert "RotaryEmbeddingBackward" not in _node_types(s)
+    semitriton.unpatch(model)
+
+
+def _tiny(kind):
+    """Models whose attention needs more than sdpa: Gemma2 (logit soft-capping)
+    and GPT-OSS (attention sinks, made non-trivial)."""
+    t = transformers
+    torch.manual_seed(0)
+    common = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=24, max_position_embeddings=32, head_dim=4)
+    if kind == "gemma2":
+        return t.Gemma2ForCausalLM(t.Gemma2Config(**common)).eval()
+    m = t.GptOssForCausalLM(t.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2)).eval()
+    for mod in m.modules():
+        if hasattr(mod, "sinks"):
+            mod.sinks.data.normal_(0, 1.0)
+    return m
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_oss"])
+def test_attention_the_fused_node_cannot_do_runs_eager(kind):
+    """Soft-capping and attention sinks are not in the fused node: the
+    modeling file's eager attention runs for them (same outputs as unpatched;
+    Gemma2's statistics through its aten nodes, real equal to autograd)."""
+    if not hasattr(transformers, {"gemma2": "Gemma2Config", "gpt_oss": "GptOssConfig"}[kind]):
+        pytest.skip(f"transformers has no {kind}")
+    model = _tiny(kind)
+    before = _logits(model)
+    semitriton.patch(model)
+    torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-6)
+    if kind == "gpt_oss":       # its experts are a grouped mm (no rule yet): outputs only
+        semitriton.unpatch(model)
+        return
+    emb = model.get_input_embeddings()(IDS).detach().requires_grad_()
+    score = model(inputs_embeds=emb, attention_mask=MASK).logits[:, -1, 7].sum()
+    (g,) = semitriton.grad(score, emb, fast_real=False)
+    torch.testing.assert_close(g, torch.autograd.grad(score, emb, retain_graph=True)[0], rtol=1e-4, atol=1e-6)
+    (m,) = semitriton.grad(score, emb, semiring="maxabs")
+    assert torch.isfinite(m).all() and (m > 0).any()
+    semitriton.unpatch(model)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_output_attentions_on_a_patched_model(kind):
+    """output_attentions=True returns the probabilities the unpatched eager
+    model returns (GPT-2 does not pass the flag to its attention function)."""
+    model = _model(kind, "eager")
+    with torch.no_grad():
+        ref = model(input_ids=IDS, attention_mask=MASK, output_attentions=True)
+        semitriton.patch(model)
+        got = model(input_ids=IDS, attention_mask=MASK, output_attentions=True)
+    assert len(got.attentions) == len(ref.attentions) > 0
+    keep = MASK.bool()[:, None, :, None]           # rows of real query positions
+    for a, b in zip(got.attentions, ref.attentions):
+        torch.testing.assert_close(a * keep, b * keep, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    semitriton.unpatch(model)
+
+
+def test_a_learned_attention_mask_keeps_its_gradient():
+    """A mask that requires grad has edges of its own: ``fused_attention``
+    runs SDPA for it, so the ordinary backward and the walk see them."""
+    import torch.nn.functional as F
+    from semitriton.fused import fused_attention
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 4, 8, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(8, 4, dtype=torch.float64)
+    bias = x @ W
+    ref = F.scaled_dot_product_attention(x * 0.5, x * 0.7, x * 1.1, attn_mask=bias)
+    out = fused_attention(x * 0.5, x * 0.7, x * 1.1, x @ W, False, None)
+    g_ref = torch.autograd.grad(ref.sum(), x)[0]
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x, retain_graph=True)[0], g_ref)
+    torch.testing.assert_close(semitriton.grad(out.sum(), x, fast_real=False)[0], g_ref)
+    with pytest.raises(ValueError, match="mask requires grad"):
+        semitriton.fused.FusedAttention.apply(x, x, x, bias, False, None)
+
+
+def test_train_and_eval_while_patched_carry_over_to_unpatch():
+    model = semitriton.patch(_model("llama"))
+    model.train()
+    semitriton.unpatch(model)
+    assert all(m.training for m in model.modules())
+    semitriton.patch(model)
+    model.eval()
+    semitriton.unpatch(model)
+    assert not any(m.training for m in model.modules())
+
+
+def test_unpatch_restores_every_sub_config_and_shared_configs():
+    t = transformers
+    torch.manual_seed(0)
+    vc = t.CLIPVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=8, patch_size=4, projection_dim=16)
+    tc = t.LlamaConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=24, max_position_embeddings=64)
+    cfg = t.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=55, vision_feature_layer=-1)
+    cfg._attn_implementation = {"": "sdpa", "text_config": "sdpa", "vision_config": "eager"}
+    m = t.LlavaForConditionalGeneration(cfg).eval()
+
+    def impls(c):
+        return c._attn_implementation, c.text_config._attn_implementation, c.vision_config._attn_implementation
+
+    ids, px = torch.tensor([[3, 55, 55, 55, 55, 7, 9]]), torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        before = m(input_ids=ids, pixel_values=px).logits
+        semitriton.patch(m)
+        torch.testing.assert_close(m(input_ids=ids, pixel_values=px).logits, before, rtol=1e-5, atol=1e-5)
+    semitriton.unpatch(m)
+    assert impls(m.config) == ("sdpa", "sdpa", "eager")
+    # two models on one config object: the last unpatch restores it
+    a = _model("llama")
+    b = type(a)(a.config).eval()
+    semitriton.patch(a)
+    semitriton.patch(b)
+    semitriton.unpatch(a)
+    assert b.config._attn_implementation == "semitriton"
+    semitriton.unpatch(b)
+    assert a.config._attn_implementation == "sdpa"
+
+
+def test_unpatching_a_deep_copy_leaves_the_original_patched():
+    import sys
+    a = semitriton.patch(_model("llama"))
+    modname = type(a.model.layers[0].self_attn).__module__
+    original = sys.modules[modname].apply_rotary_pos_emb._semitriton_original
+    c = copy.deepcopy(a)
+    semitriton.unpatch(c)
+    assert c.config._attn_implementation == "sdpa" and a.config._attn_implementation == "semitriton"
+    e, s = embeds_and_output(a, "llama", IDS, MASK)
+    assert "RotaryEmbeddingBackward" in _node_types(s)
+    semitriton.unpatch(a)
+    assert sys.modules[modname].apply_rotary_pos_emb is original
+
+
+def test_a_patched_model_pickles(tmp_path):
+    """torch.save / pickle of a patched model (spawned workers do this): the
+    copy runs patched with the same outputs, in this process and in a new
+    one, and unpatching it leaves the original patched."""
+    import pickle
+    import subprocess
+    import sys
+    model = semitriton.patch(_model("llama"))
+    before = _logits(model)
+    clone = pickle.loads(pickle.dumps(model))
+    assert semitriton.is_patched(clone)
+    torch.testing.assert_close(_logits(clone), before)
+    e, s = embeds_and_output(clone, "llama", IDS, MASK)
+    assert {"RotaryEmbeddingBackward", "FusedAttentionBackward"} <= set(_node_types(s))
+    semitriton.unpatch(clone)
+    assert not any(type(m).__name__.startswith("Semiring") for m in clone.modules())
+    assert clone.config._attn_implementation == "sdpa" and model.config._attn_implementation == "semitriton"
+    torch.save(model, tmp_path / "m.pt")
+    torch.save(before, tmp_path / "logits.pt")
+    code = f"""
+import torch, semitriton
+m = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)
+ids = torch.tensor({IDS.tolist()}); mask = torch.tensor({MASK.tolist()})
+with torch.no_grad():
+    got = m(input_ids=ids, attention_mask=mask).logits
+torch.testing.assert_close(got, torch.load({str(tmp_path / 'logits.pt')!r}))
+emb = m.get_input_embeddings()(ids).detach().requires_grad_()
+s = m(inputs_embeds=emb, attention_mask=mask).logits[:, -1, 7].sum()
+seen, stack = set(), [s.grad_fn]
+while stack:
+    n = stack.pop()
+    if n is not None and n not in seen:
+        seen.add(n)
+        stack.extend(f for f, _ in n.next_functions)
+assert {{"FusedAttentionBackward", "RotaryEmbeddingBackward"}} <= {{type(n).__name__ for n in seen}}
+assert semitriton.grad(s, emb, semiring="maxabs")[0].isfinite().all()
+semitriton.unpatch(m)
+assert m.config._attn_implementation == "sdpa"
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
     semitriton.unpatch(model)

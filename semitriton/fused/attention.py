@@ -56,6 +56,9 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, causal: bool, scale: Optional[float]):
+        if ctx.needs_input_grad[3]:
+            raise ValueError("FusedAttention: the mask requires grad, and the fused node has no edges from "
+                             "the mask; call fused_attention(), which runs SDPA for a learned mask")
         if any(ctx.needs_input_grad[:3]):
             # keep SDPA's own graph for the ordinary backward (no recomputation)
             with torch.enable_grad():
@@ -87,5 +90,10 @@ class FusedAttention(torch.autograd.Function):
 
 
 def fused_attention(q, k, v, mask=None, causal: bool = False, scale: Optional[float] = None):
-    """Scaled dot-product attention recorded as one canonical semiring node."""
+    """Scaled dot-product attention recorded as one canonical semiring node.
+    A mask that requires grad (a learned bias) is an input with edges of its
+    own, which the fused node does not have: then SDPA runs as it is (its
+    own node and ordinary backward)."""
+    if isinstance(mask, torch.Tensor) and mask.requires_grad and torch.is_grad_enabled():
+        return sdpa(q, k, v, mask, causal, scale)
     return FusedAttention.apply(q, k, v, mask, causal, scale)
