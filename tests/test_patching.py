@@ -592,3 +592,14 @@ print("ok")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
     semitriton.unpatch(model)
+
+
+def test_a_model_without_sdpa_support_keeps_its_attention():
+    model = _model("llama")
+    model._supports_sdpa = False
+    semitriton.patch(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert any("does not support sdpa" in s for s in semitriton.patch_summary(model)["skipped"])
+    e, s = embeds_and_output(model, "llama", IDS, MASK)
+    assert "FusedAttentionBackward" not in _node_types(s)
+    semitriton.unpatch(model)
