@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from ._common import bucket, choose, interpreting
-from ._fastmath import fast_log, fast_log_normal, finite_or_zero, logaddexp
+from ._fastmath import fast_log, finite_or_zero, logaddexp
 from .registry import register
 
 _NEG = float("-inf")
@@ -97,6 +97,14 @@ def _probs(s, rm, rl):
     logl = tl.log(tl.where(rl > 0, rl, 1.0))
     logp = tl.where(p > 0, s - rm[:, None] - logl[:, None], float("-inf"))
     return p, logp
+
+
+@triton.jit
+def _complement(p, rest, rl):
+    """1 - P without cancellation: an entry above 3/4 is its row's top, which
+    float32 rounds towards 1 in a saturated row (an attention sink); there
+    1 - P_ij = Σ_{j'≠j} P_ij' = REST_i / RL_i, from the LSE pass."""
+    return tl.where(p > 0.75, (rest / tl.where(rl > 0, rl, 1.0))[:, None], 1.0 - p)
 
 
 @triton.jit
@@ -299,14 +307,17 @@ def _smax_outer(ap_ptr, an_ptr, w_ptr, offs_m, offs_n, Tq, Tk, K, BM: tl.constex
 # ------------------------------------------------------------------ pass 1: softmax normaliser
 @triton.jit
 def _attn_lse_kernel(q_ptr, k_ptr, v_ptr, do_ptr, bias_ptr, st_ptr,
-                     H, HK, Tq, Tk, D, DV, scale, sbb, sbh, sbm, sbn, s_st,
+                     H, HK, Tq, Tk, D, DV, scale, sbb, sbh, sbm, sbn, s_st, rest_row,
                      G: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
                      PREC: tl.constexpr,
-                     DELTA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                     BDV: tl.constexpr):
+                     DELTA: tl.constexpr, REST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     BD: tl.constexpr, BDV: tl.constexpr):
     """Per query row: RM_i = max_j S_ij (0 if none), RL_i = Σ_j exp(S_ij - RM_i)
     (online over key blocks); with DELTA also Δ_i = Σ_j P_ij (dO_i · v_j) for
-    the real semiring. Writes st[0] = RM, st[1] = RL, st[2] = Δ."""
+    the real semiring; with REST also REST_i = Σ_{j: S_ij < RM_i} exp(S_ij - RM_i)
+    (RL_i - 1 without the cancellation where the top is unique, the only case
+    ``_complement`` reads it: a tie at the top gives P ≤ 1/2).
+    Writes st[0] = RM, st[1] = RL, st[2] = Δ, st[rest_row] = REST."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -321,6 +332,7 @@ def _attn_lse_kernel(q_ptr, k_ptr, v_ptr, do_ptr, bias_ptr, st_ptr,
     bias_base = bias_ptr + b * sbb + h * sbh
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
+    r_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM], tl.float32)
     if DELTA:
         do = tl.load(do_ptr + (bh * Tq + offs_m[:, None]) * DV + offs_dv[None, :],
@@ -334,10 +346,16 @@ def _attn_lse_kernel(q_ptr, k_ptr, v_ptr, do_ptr, bias_ptr, st_ptr,
         k = tl.load(k_ptr + (bhk * Tk + offs_n[:, None]) * D + offs_d[None, :],
                     mask=nm[:, None] & (offs_d[None, :] < D), other=0.0)
         s = _score(q, k, offs_m, offs_n, Tq, Tk, scale, bias_base, sbm, sbn, HAS_BIAS, CAUSAL, IEEE, PREC)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        bmax = tl.max(s, 1)
+        m_new = tl.maximum(m_i, bmax)
         sh = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - sh)
         e = tl.exp(s - sh[:, None])
+        if REST:
+            # the terms below the running max; a block that raises the max
+            # puts every earlier term (the old top included) below it
+            below = tl.sum(tl.where(e < 1.0, e, 0.0), 1)          # the top term is exp(0) = 1
+            r_i = tl.where(bmax > m_i, l_i * alpha, r_i) + below
         l_i = l_i * alpha + tl.sum(e, 1)
         if DELTA:
             v = tl.load(v_ptr + (bhk * Tk + offs_n[:, None]) * DV + offs_dv[None, :],
@@ -348,6 +366,8 @@ def _attn_lse_kernel(q_ptr, k_ptr, v_ptr, do_ptr, bias_ptr, st_ptr,
     row = bh * Tq + offs_m
     tl.store(st_ptr + row, tl.where(m_i == float("-inf"), 0.0, m_i), mask=mm)
     tl.store(st_ptr + s_st + row, l_i, mask=mm)
+    if REST:
+        tl.store(st_ptr + rest_row * s_st + row, r_i, mask=mm)
     if DELTA:
         tl.store(st_ptr + 2 * s_st + row, tl.where(l_i > 0, acc / l_i, 0.0), mask=mm)
 
@@ -510,7 +530,7 @@ def _attn_stats_sum_kernel(q_ptr, k_ptr, va_ptr, vx_ptr, ar_ptr, amr_ptr, mo_ptr
 def _attn_bwd_sum_kernel(q_ptr, k_ptr, va_ptr, vx_ptr, ar_ptr, amr_ptr, ac_ptr, amc_ptr, mvo_ptr,
                          qa_ptr, qx_ptr, ka_ptr, kx_ptr, bias_ptr, st_ptr, ji_ptr,
                          zq_ptr, sq_ptr, lk_ptr, muk_ptr, lv_ptr, muv_ptr,
-                         H, HK, Tq, Tk, D, DV, scale, sbb, sbh, sbm, sbn, s_st,
+                         H, HK, Tq, Tk, D, DV, scale, sbb, sbh, sbm, sbn, s_st, rest_row,
                          G: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                          IEEE: tl.constexpr, PREC: tl.constexpr, ENTROPY: tl.constexpr, NEED_Q: tl.constexpr,
                          NEED_K: tl.constexpr, NEED_V: tl.constexpr, BM: tl.constexpr,
@@ -595,7 +615,8 @@ def _attn_bwd_sum_kernel(q_ptr, k_ptr, va_ptr, vx_ptr, ar_ptr, amr_ptr, ac_ptr, 
                 isj = offs_n[None, :] == jrow[:, None]
                 tot = tl.where(live, 1.0 + rr, 0.0)
                 bb = tl.where(isj, rr[:, None], tl.maximum(tot[:, None] - t, 0.0))
-                x = p * bb + (1.0 - p) * t
+                om = _complement(p, tl.load(st_ptr + rest_row * s_st + row, mask=mm, other=0.0), rl)
+                x = p * bb + om * t
                 if ENTROPY:
                     amr = tl.load(amr_ptr + row[:, None] * DV + offs_dv[None, :],
                                   mask=mm[:, None] & dvmask[None, :], other=0.0)
@@ -606,8 +627,7 @@ def _attn_bwd_sum_kernel(q_ptr, k_ptr, va_ptr, vx_ptr, ar_ptr, amr_ptr, ac_ptr, 
                     aj = tl.load(st_ptr + 6 * s_st + row, mask=mm, other=0.0)
                     sa = tl.where(live, ra + aj, 0.0)
                     aa = tl.where(isj, ra[:, None], sa[:, None] - t * (mup - logp0))
-                    om = 1.0 - p
-                    ld = tl.where((p > 0) & (om > 0), logp0 + fast_log_normal(tl.where(om > 0, om, 1.0)), 0.0)
+                    ld = tl.where((p > 0) & (om > 0), logp0 + fast_log(tl.where(om > 0, om, 1.0)), 0.0)
                     y = p * (aa - logp0 * bb) + om * t * (mup - ld)
                 if NEED_Q:
                     qmask = mm[:, None] & dmask[None, :]
@@ -821,7 +841,7 @@ def _attn_stats_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, bias_ptr, st_ptr,
 @triton.jit
 def _attn_bwd_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, lvo_ptr, lq_ptr, lk_ptr, bias_ptr, st_ptr, ji_ptr,
                             scr_ptr, dq_ptr, dk_ptr, dv_ptr,
-                            H, HK, Tq, Tk, D, DV, scale, sbb, sbh, sbm, sbn, s_st,
+                            H, HK, Tq, Tk, D, DV, scale, sbb, sbh, sbm, sbn, s_st, rest_row,
                             G: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                             IEEE: tl.constexpr, PREC: tl.constexpr, NEED_Q: tl.constexpr, NEED_K: tl.constexpr,
                             NEED_V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -882,8 +902,8 @@ def _attn_bwd_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, lvo_ptr, lq_ptr, lk
                 jrow = tl.load(ji_ptr + row, mask=mm, other=-1)
                 isj = offs_n[None, :] == jrow[:, None]
                 off = logp + tl.where(isj, t2[:, None], t1[:, None])
-                om = 1.0 - p
-                diag = logp + fast_log_normal(tl.where(om > 0, om, 0.0)) + lvp
+                om = _complement(p, tl.load(st_ptr + rest_row * s_st + row, mask=mm, other=0.0), rl)
+                diag = logp + fast_log(om) + lvp
                 tl.store(scr + BM * BN + tile, tl.maximum(off, diag))
             tl.debug_barrier()
             n_rows = tl.minimum(BM, Tq - m0)
@@ -996,7 +1016,7 @@ def _attn_stats_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, bias_ptr, s
 def _attn_bwd_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, vop_ptr, von_ptr, qs_ptr, ks_ptr,
                          bias_ptr, st_ptr, ji_ptr, scr_ptr,
                          dqp_ptr, dqn_ptr, dkp_ptr, dkn_ptr, dvp_ptr, dvn_ptr,
-                         H, HK, Tq, Tk, D, DV, scale, sbb, sbh, sbm, sbn, s_st,
+                         H, HK, Tq, Tk, D, DV, scale, sbb, sbh, sbm, sbn, s_st, rest_row,
                          G: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                          IEEE: tl.constexpr, PREC: tl.constexpr, NEED_Q: tl.constexpr, NEED_K: tl.constexpr,
                          NEED_V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -1061,7 +1081,7 @@ def _attn_bwd_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, vop_ptr, von_
                 jn = tl.load(ji_ptr + s_st + row, mask=mm, other=-1)
                 offp = p * tl.where(offs_n[None, :] == jp[:, None], tp2[:, None], tp1[:, None])
                 offn = p * tl.where(offs_n[None, :] == jn[:, None], bn2[:, None], bn1[:, None])
-                dd = p * (1.0 - p)
+                dd = p * _complement(p, tl.load(st_ptr + rest_row * s_st + row, mask=mm, other=0.0), rl)
                 hasd = dd > 0
                 sp = tl.where(live, tl.maximum(offp, tl.where(hasd, dd * vpp, float("-inf"))), float("-inf"))
                 sn = tl.where(live, tl.minimum(offn, tl.where(hasd, dd * vpn, float("inf"))), float("inf"))
@@ -1386,17 +1406,18 @@ def _scaled_operands(P, v: bool, k: bool, q: bool, xlogx: bool, log: bool = Fals
     return {name: val for (name, _, _), val in zip(wanted, out)}
 
 
-def _launch_lse(P, cfg, delta: bool, do=None, rows: int = 0):
-    """The softmax statistics pass; returns st [max(rows, 2 or 3), B·H·Tq] with
-    rows 0, 1 (and 2 with ``delta``) filled, the rest for the caller's later passes."""
+def _launch_lse(P, cfg, delta: bool, do=None, rows: int = 0, rest: bool = False):
+    """The softmax statistics pass; returns st [max(rows, 2 or 3) (+ 1 with
+    ``rest``), B·H·Tq] with rows 0, 1 (and 2 with ``delta``; REST in the last row
+    with ``rest``) filled, the rest for the caller's later passes."""
     import torch
     BM, BN, nw, ns, prec = cfg
-    st_rows = max(rows, 3 if delta else 2)
+    st_rows = max(rows, 3 if delta else 2) + int(rest)
     st = torch.empty((st_rows, P.s_st), dtype=torch.float32, device=P.device)
     grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
-    _attn_lse_kernel[grid](P.q, P.k, P.v, do if do is not None else P.q, P.bias, st, *P.common(),
+    _attn_lse_kernel[grid](P.q, P.k, P.v, do if do is not None else P.q, P.bias, st, *P.common(), st_rows - 1,
                            G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
-                           DELTA=delta,
+                           DELTA=delta, REST=rest,
                            BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, num_warps=nw, num_stages=ns)
     return st
 
@@ -1473,7 +1494,7 @@ def _attention_sum(vo, q, k, v, bias, causal, scale, needs, entropy: bool):
     def run(plan):
         cfg = plan["cfg"]
         BM, BN, nw, ns, prec = cfg
-        st = _launch_lse(P, cfg, delta=False, rows=7 if entropy else 5)
+        st = _launch_lse(P, cfg, delta=False, rows=7 if entropy else 5, rest=True)
         ji = torch.empty((P.s_st,), dtype=torch.int32, device=dev)
         if need_sm:
             grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
@@ -1498,7 +1519,7 @@ def _attention_sum(vo, q, k, v, bias, causal, scale, needs, entropy: bool):
                 continue
             grid = (triton.cdiv(P.Tk, bn), P.B * P.HK)
             _attn_bwd_sum_kernel[grid](P.q, P.k, va, vx, ar, amr, ac, amc, mvo, qa, qx, ka, kx, P.bias, st, ji,
-                                       zq, sq, lk, muk, lv, muv, *P.common(),
+                                       zq, sq, lk, muk, lv, muv, *P.common(), st.shape[0] - 1,
                                        G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=pr,
                                        ENTROPY=entropy, NEED_Q=nq, NEED_K=nk, NEED_V=nv,
                                        BM=bm, BN=bn, BD=P.BD, BDV=P.BDV, num_warps=w, num_stages=stg)
@@ -1556,7 +1577,7 @@ def attention_maxabs(vo, q, k, v, bias, causal, scale, needs=(True, True, True))
         cfg = plan["cfg"]
         BM, BN, nw, ns, prec = cfg
         pipe = bool(plan.get("pipe", False))
-        st = _launch_lse(P, cfg, delta=False, rows=4)
+        st = _launch_lse(P, cfg, delta=False, rows=4, rest=True)
         ji = torch.empty((P.s_st,), dtype=torch.int32, device=dev)
         if need_sm:
             grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
@@ -1572,7 +1593,7 @@ def attention_maxabs(vo, q, k, v, bias, causal, scale, needs=(True, True, True))
         grid = (triton.cdiv(P.Tk, BN), P.B * P.HK * parts)
         scr = torch.empty((grid[0] * grid[1] * 2 * BM * BN,), dtype=f32, device=dev)
         _attn_bwd_maxabs_kernel[grid](P.q, P.k, lvoT, lvT, lvo, lq, lk, P.bias, st, ji, scr, dq, dk, dv,
-                                      *P.common(), G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal,
+                                      *P.common(), st.shape[0] - 1, G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal,
                                       IEEE=P.ieee, PREC=prec, NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
                                       BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(plan), PIPE=pipe,
                                       SPLIT_G=split_g, num_warps=nw, num_stages=ns)
@@ -1615,7 +1636,7 @@ def attention_max(vo, q, k, v, bias, causal, scale, needs=(True, True, True)):
         cfg = plan["cfg"]
         BM, BN, nw, ns, prec = cfg
         pipe = bool(plan.get("pipe", False))
-        st = _launch_lse(P, cfg, delta=False, rows=6)
+        st = _launch_lse(P, cfg, delta=False, rows=6, rest=True)
         ji = torch.empty((2, P.s_st), dtype=torch.int32, device=dev)
         if need_sm:
             grid = (triton.cdiv(P.Tq, BM), P.B * P.H)
@@ -1631,7 +1652,7 @@ def attention_max(vo, q, k, v, bias, causal, scale, needs=(True, True, True)):
         grid = (triton.cdiv(P.Tk, BN), P.B * P.HK * parts)
         scr = torch.empty((grid[0] * grid[1] * 3 * BM * BN,), dtype=f32, device=dev)
         _attn_bwd_max_kernel[grid](P.q, P.k, voTp, voTn, vT, vop, von, qs, ks, P.bias, st, ji, scr,
-                                   dqp, dqn, dkp, dkn, dvp, dvn, *P.common(),
+                                   dqp, dqn, dkp, dkn, dvp, dvn, *P.common(), st.shape[0] - 1,
                                    G=P.G, HAS_BIAS=P.bias is not P.q, CAUSAL=P.causal, IEEE=P.ieee, PREC=prec,
                                    NEED_Q=needs[0], NEED_K=needs[1], NEED_V=needs[2],
                                    BM=BM, BN=BN, BD=P.BD, BDV=P.BDV, CHUNK=_chunk(plan), PIPE=pipe,
@@ -1649,7 +1670,7 @@ def attention_max(vo, q, k, v, bias, causal, scale, needs=(True, True, True)):
 
 
 # ------------------------------------------------------------------ ahead-of-time compile specs
-_INT_ARGS = {"H", "HK", "Tq", "Tk", "D", "DV", "sbb", "sbh", "sbm", "sbn", "s_st", "n", "n0", "n1", "n2", "o1", "o2"}
+_INT_ARGS = {"H", "HK", "Tq", "Tk", "D", "DV", "sbb", "sbh", "sbm", "sbn", "s_st", "rest_row", "n", "n0", "n1", "n2", "o1", "o2"}
 _NATIVE_PTRS = {"q_ptr", "k_ptr"}          # q/k in their input dtype; v too for real / lse
 
 
@@ -1724,7 +1745,8 @@ def aot_specs(options: bool = False):
                     spec = (fn, _signature(fn, dtype, c, native=native), c)
                     specs.append(spec + ({"num_warps": nw, "num_stages": ns},) if options else spec)
 
-        add(_attn_lse_kernel, "real", dict(base, G=2, DELTA=True), native=("v_ptr",))
+        add(_attn_lse_kernel, "real", dict(base, G=2, DELTA=True, REST=False), native=("v_ptr",))
+        add(_attn_lse_kernel, "maxabs", dict(base, G=2, DELTA=False, REST=True))
         add(_attn_bwd_real_kernel, "real", dict(base, G=2, **needs), native=("v_ptr",))
         for sr, ent in (("abs", False), ("entropy", True)):
             add(_attn_stats_sum_kernel, sr, dict(base, G=1, ENTROPY=ent))

@@ -11,7 +11,9 @@ weight δ_ij - p_i (off-diagonal |w| = p_i, diagonal 1 - p_i). Let f = y
 - abs:     Z_i = f_i Σ_{j≠i} t_j·e^m + d_i Z_i, t_j = exp(k_j - m), k_j = l_j + log y_j
            (softmax) or l_j (log-softmax), m = finite row max of k; d_i = y_i(1-y_i)
            or 1-p_i. The exclusive sums leave the row's largest t out exactly
-           (no S - t cancellation), as ``_util.exclusive_sum``.
+           (no S - t cancellation), as ``_util.exclusive_sum``; 1 - y_i is
+           Σ_{j≠i} y_j for an entry above 3/4 (``_util.complement``: a
+           saturated row's top entry rounds towards 1 in float32).
 - entropy: the same sums plus A_i = Σ_{j≠i} t_j u_j (u_j = μ_j - log y_j or μ_j):
            off-diagonal (log f_i + log B_i + m, A_i/B_i - log f_i), diagonal
            (log d_i + l_i, μ_i - log d_i), combined with ⊕.
@@ -53,6 +55,29 @@ def _top2_merge(V1, I1, V2, b1, bi1, b2):
     upd = b1 > V1
     V2n = tl.where(upd, tl.maximum(V1, b2), tl.maximum(V2, b1))
     return tl.where(upd, b1, V1), tl.where(upd, bi1, I1), V2n
+
+
+@triton.jit
+def _rest(y):
+    """Per row: Σ_j y_j over the entries at most 3/4, i.e. Σ_{j≠i} y_j for the
+    row's one entry above 3/4 (if any)."""
+    return tl.sum(tl.where(y > 0.75, 0.0, y), 1)
+
+
+@triton.jit
+def _log_complement(y, RY):
+    """log(1 - y), with ``_complement``'s 1 - y (the row's log RY for an entry
+    above 3/4)."""
+    return tl.where(y > 0.75, fast_log_normal(RY)[:, None], fast_log_normal(1.0 - y))
+
+
+@triton.jit
+def _complement(y, RY):
+    """1 - y without cancellation (``_util.complement``): RY for an entry above
+    3/4, which float32 rounds towards 1 (a saturated row), else 1 - y. (Its
+    log is taken with ``fast_log_normal``: an RY below 2^-126, a row saturated
+    beyond e^-87, reads as no diagonal edge.)"""
+    return tl.where(y > 0.75, RY[:, None], 1.0 - y)
 
 
 @triton.jit
@@ -128,15 +153,15 @@ def _sum_terms(l, mu, y, ENTROPY: tl.constexpr, LOGSM: tl.constexpr):
 
 
 @triton.jit
-def _sum_out(l, mu, y, t, u, cols, m, S, I1, RT, SU, RU, ENTROPY: tl.constexpr, LOGSM: tl.constexpr):
+def _sum_out(l, mu, y, t, u, cols, m, S, I1, RT, SU, RU, RY, ENTROPY: tl.constexpr, LOGSM: tl.constexpr):
     is_max = cols[None, :] == I1[:, None]
     excl_t = tl.where(is_max, RT[:, None], tl.maximum(S[:, None] - t, 0.0))
     lf = fast_log(y)
     l_off = lf + fast_log(excl_t) + m[:, None]
     if LOGSM:
-        ld = fast_log_normal(1.0 - y)
+        ld = _log_complement(y, RY)
     else:
-        ld = lf + fast_log_normal(1.0 - y)
+        ld = lf + _log_complement(y, RY)
     l_diag = ld + l
     L = logaddexp(l_off, l_diag)
     mu_o = L
@@ -166,8 +191,9 @@ def _softmax_sum_kernel(l_ptr, mu_ptr, y_ptr, ol_ptr, omu_ptr, R, N, s_l, s_mu, 
     cols0 = tl.arange(0, BN)
     if SINGLE:
         mask = rmask[:, None] & (cols0[None, :] < N)
-        l = _load_rows(l_ptr, rows64, cols0, s_l, mask, float("-inf"))
         y = _load_rows(y_ptr, rows64, cols0, s_y, mask, 0.0).to(tl.float32)
+        RY = _rest(y)
+        l = _load_rows(l_ptr, rows64, cols0, s_l, mask, float("-inf"))
         if ENTROPY:
             mu = _load_rows(mu_ptr, rows64, cols0, s_mu, mask, 0.0)
         else:
@@ -188,7 +214,7 @@ def _softmax_sum_kernel(l_ptr, mu_ptr, y_ptr, ol_ptr, omu_ptr, R, N, s_l, s_mu, 
             u = t * uu
             SU = tl.sum(u, 1)
             RU = tl.sum(tl.where(is_max, 0.0, u), 1)
-        L, mu_o = _sum_out(l, mu, y, t, u, cols0, m, S, I1, RT, SU, RU, ENTROPY, LOGSM)
+        L, mu_o = _sum_out(l, mu, y, t, u, cols0, m, S, I1, RT, SU, RU, RY, ENTROPY, LOGSM)
         o_off = rows64[:, None] * s_o + cols0[None, :]
         tl.store(ol_ptr + o_off, L, mask=mask)
         if ENTROPY:
@@ -217,6 +243,7 @@ def _softmax_sum_kernel(l_ptr, mu_ptr, y_ptr, ol_ptr, omu_ptr, R, N, s_l, s_mu, 
         SU = tl.zeros((BR,), dtype=tl.float32)
         RU = tl.zeros((BR,), dtype=tl.float32)
         U1 = tl.zeros((BR,), dtype=tl.float32)
+        RY = tl.zeros((BR,), dtype=tl.float32)
         for c0 in range(0, N, BN):
             cols = c0 + cols0
             mask = rmask[:, None] & (cols[None, :] < N)
@@ -246,6 +273,7 @@ def _softmax_sum_kernel(l_ptr, mu_ptr, y_ptr, ol_ptr, omu_ptr, R, N, s_l, s_mu, 
             I1 = tl.where(upd, bi1, I1)
             T1 = tl.where(upd, b1, T1)
             S += bs
+            RY += _rest(y)
         # pass 3: outputs
         for c0 in range(0, N, BN):
             cols = c0 + cols0
@@ -259,7 +287,7 @@ def _softmax_sum_kernel(l_ptr, mu_ptr, y_ptr, ol_ptr, omu_ptr, R, N, s_l, s_mu, 
             key, uu = _sum_terms(l, mu, y, ENTROPY, LOGSM)
             t = tl.exp(key - m[:, None])
             u = t * uu
-            L, mu_o = _sum_out(l, mu, y, t, u, cols, m, S, I1, RT, SU, RU, ENTROPY, LOGSM)
+            L, mu_o = _sum_out(l, mu, y, t, u, cols, m, S, I1, RT, SU, RU, RY, ENTROPY, LOGSM)
             o_off = rows64[:, None] * s_o + cols[None, :]
             tl.store(ol_ptr + o_off, L, mask=mask)
             if ENTROPY:
@@ -293,13 +321,13 @@ def _top2_keys(a, b, y, SIGNED: tl.constexpr, LOGSM: tl.constexpr):
 
 
 @triton.jit
-def _top2_out(a, b, y, cols, V1a, I1a, V2a, V1b, I1b, V2b, SIGNED: tl.constexpr, LOGSM: tl.constexpr):
+def _top2_out(a, b, y, cols, V1a, I1a, V2a, V1b, I1b, V2b, RY, SIGNED: tl.constexpr, LOGSM: tl.constexpr):
     ea = _excl(a, cols, V1a, I1a, V2a)
     if SIGNED:
         emin = -_excl(a, cols, V1b, I1b, V2b)          # exclusive min of the negated key
         if LOGSM:
             live = y > 0
-            d = 1.0 - y
+            d = _complement(y, RY)
             has_d = d > 0
             off_p = tl.where(live, -y * emin, float("-inf"))   # -p · min_{j≠i} M-_j
             off_n = tl.where(live, -y * ea, float("inf"))      # -p · max_{j≠i} M+_j
@@ -311,7 +339,7 @@ def _top2_out(a, b, y, cols, V1a, I1a, V2a, V1b, I1b, V2b, SIGNED: tl.constexpr,
             on = tl.minimum(off_n, dn)
         else:
             live = y > 0
-            d = y * (1.0 - y)
+            d = y * _complement(y, RY)
             has_d = d > 0
             off_p = y * ea
             off_n = y * emin
@@ -322,9 +350,9 @@ def _top2_out(a, b, y, cols, V1a, I1a, V2a, V1b, I1b, V2b, SIGNED: tl.constexpr,
     else:
         lf = fast_log(y)
         if LOGSM:
-            ld = fast_log_normal(1.0 - y)
+            ld = _log_complement(y, RY)
         else:
-            ld = lf + fast_log_normal(1.0 - y)
+            ld = lf + _log_complement(y, RY)
         op = tl.maximum(lf + ea, ld + a)
         on = op
     return op, on
@@ -359,7 +387,7 @@ def _softmax_top2_kernel(a_ptr, b_ptr, y_ptr, oa_ptr, ob_ptr, R, N, s_a, s_b, s_
         V1b, I1b, V2b = V1a, I1a, V2a
         if SIGNED:
             V1b, I1b, V2b = _top2(kb, cols0, BIG)
-        op, on = _top2_out(a, b, y, cols0, V1a, I1a, V2a, V1b, I1b, V2b, SIGNED, LOGSM)
+        op, on = _top2_out(a, b, y, cols0, V1a, I1a, V2a, V1b, I1b, V2b, _rest(y), SIGNED, LOGSM)
         o_off = rows64[:, None] * s_o + cols0[None, :]
         tl.store(oa_ptr + o_off, op, mask=mask)
         if SIGNED:
@@ -371,6 +399,7 @@ def _softmax_top2_kernel(a_ptr, b_ptr, y_ptr, oa_ptr, ob_ptr, R, N, s_a, s_b, s_
         V1b = tl.full((BR,), float("-inf"), dtype=tl.float32)
         V2b = tl.full((BR,), float("-inf"), dtype=tl.float32)
         I1b = tl.zeros((BR,), dtype=tl.int32)
+        RY = tl.zeros((BR,), dtype=tl.float32)
         for c0 in range(0, N, BN):
             cols = c0 + cols0
             mask = rmask[:, None] & (cols[None, :] < N)
@@ -381,6 +410,7 @@ def _softmax_top2_kernel(a_ptr, b_ptr, y_ptr, oa_ptr, ob_ptr, R, N, s_a, s_b, s_
             else:
                 b = a
             ka, kb = _top2_keys(a, b, y, SIGNED, LOGSM)
+            RY += _rest(y)
             b1, bi1, b2 = _top2(ka, cols, BIG)
             V1a, I1a, V2a = _top2_merge(V1a, I1a, V2a, b1, bi1, b2)
             if SIGNED:
@@ -395,7 +425,7 @@ def _softmax_top2_kernel(a_ptr, b_ptr, y_ptr, oa_ptr, ob_ptr, R, N, s_a, s_b, s_
                 b = _load_rows(b_ptr, rows64, cols, s_b, mask, float("inf"))
             else:
                 b = a
-            op, on = _top2_out(a, b, y, cols, V1a, I1a, V2a, V1b, I1b, V2b, SIGNED, LOGSM)
+            op, on = _top2_out(a, b, y, cols, V1a, I1a, V2a, V1b, I1b, V2b, RY, SIGNED, LOGSM)
             o_off = rows64[:, None] * s_o + cols[None, :]
             tl.store(oa_ptr + o_off, op, mask=mask)
             if SIGNED:

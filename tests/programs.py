@@ -336,6 +336,48 @@ def vector_products(dtype=torch.float64, seed=5):
     return Program("vector_products", {"x": x}, steps, engine)
 
 
+def saturated(dtype=torch.float64, seed=6):
+    """Nearly saturated rows: softmax and log-softmax whose top entry is
+    1 - O(1e-7), and attention whose every query leans on key 0 (a sink, its
+    probability 1 - O(1e-7)). The diagonal edge y_i(1 - y_i) must keep
+    1 - y_i = Σ_{j≠i} y_j, which float32 loses when it forms 1 - y_i from y_i.
+    The output reads the saturated entries, so that diagonal edges carry
+    the top paths."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, D = 2, 4, 4
+    x = _rand(g, B, T, D)
+    W, Wq, Wk, Wv = _rand(g, D, D), _rand(g, D, D), _rand(g, D, D), _rand(g, D, D)
+    off = torch.zeros(D, dtype=torch.float64)
+    off[1] = 16.0
+    sink = torch.zeros(T, T, dtype=torch.float64)
+    sink[:, 0] = 16.0
+    scale = 0.5
+    steps = [
+        Step("a", lambda x: x @ W + off, ("x",)),
+        Step("y", lambda a: torch.softmax(a, -1), ("a",)),
+        Step("lp", lambda a: torch.log_softmax(a, -1), ("a",)),
+        Step("q", lambda x: x @ Wq, ("x",)), Step("k", lambda x: x @ Wk, ("x",)),
+        Step("v", lambda x: x @ Wv, ("x",)),
+        Step("s", lambda q, k: q @ k.transpose(-1, -2) * scale + sink, ("q", "k")),
+        Step("p", lambda s: torch.softmax(s, -1), ("s",)),
+        Step("o", lambda p, v: p @ v, ("p", "v")),
+        Step("out", lambda y, lp, p, o: y[..., 1].sum() + lp[..., 1].sum() + p[..., 0].sum() + o.sum(),
+             ("y", "lp", "p", "o")),
+    ]
+
+    def engine(x):
+        dt = x.dtype
+        a = x @ _p(W, dt) + _p(off, dt)
+        q, k, v = ((x @ _p(M, dt))[:, None] for M in (Wq, Wk, Wv))
+        s = q @ k.transpose(-1, -2) * scale + _p(sink, dt)
+        p = torch.softmax(s, -1)[:, 0]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=_p(sink, dt), scale=scale)[:, 0]
+        return (torch.softmax(a, -1)[..., 1].sum() + torch.log_softmax(a, -1)[..., 1].sum() + p[..., 0].sum()
+                + o.sum())
+
+    return Program("saturated", {"x": x}, steps, engine)
+
+
 def all_programs(zeros=0.0):
     return [
         residual_mlp(zeros=zeros), residual_mlp(sink=True, zeros=zeros),
@@ -344,5 +386,5 @@ def all_programs(zeros=0.0):
         mha(mask="float", eager=True, zeros=zeros),
         llama_block(zeros=zeros), llama_block(gqa_mode="repeat_kv", zeros=zeros),
         llama_block(zeros=zeros, fused_rope=True),
-        broadcast_gating(zeros=zeros), vector_products(),
+        broadcast_gating(zeros=zeros), vector_products(), saturated(),
     ]

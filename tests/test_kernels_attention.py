@@ -84,6 +84,8 @@ def make_case(name, g, device="cpu", big=False):
     elif name == "head_dims":               # head dims that are not a power of two (q/k 24, v 20), causal GQA
         H, HK, Tq, Tk, D, DV = 2, 1, 19, 21, 24, 20
         causal = True
+    elif name == "saturated":               # attention sinks: rows whose top P is 1 - O(1e-8) (see below)
+        H, HK, Tq, Tk = 2, 1, 19, 40
     else:
         raise ValueError(name)
     if big:
@@ -106,6 +108,18 @@ def make_case(name, g, device="cpu", big=False):
         mask[1, 0, 5, :] = False             # a fully masked query row (P = 0, no edges)
         mask[..., 0] = mask[..., 0] | (torch.arange(Tq) != 5)   # every other row sees key 0
         bias = sdpa_bias(mask, Tq, Tk, torch.float32)
+    elif name == "saturated":
+        # a +20 sink in the first key block, or in the last with a +10 decoy
+        # before it (the LSE pass's running top changes block), or two equal
+        # sinks (P = 1/2 each); q/k small so the bias sets the scores
+        q, k = q * 0.1, k * 0.1
+        bias = torch.zeros(1, H, Tq, Tk)
+        rows = torch.arange(Tq)
+        bias[..., rows % 3 == 0, 1] = 20.0
+        bias[..., rows % 3 == 1, Tk - 3] = 20.0
+        bias[..., rows % 3 == 1, 5] = 10.0
+        bias[..., rows % 3 == 2, 2] = 20.0
+        bias[..., rows % 3 == 2, Tk - 1] = 20.0
     elif name in ("floatbias", "bf16"):
         bias = torch.randn(1, H, Tq, Tk, generator=g)
         bias = bias.masked_fill(torch.rand(1, H, Tq, Tk, generator=g) < 0.2, NEG)
@@ -165,7 +179,7 @@ def run_both(semiring, vo, q, k, v, bias, causal, scale, needs):
 
 
 # ------------------------------------------------------------------ CPU (interpreter)
-CASES = ["plain", "boolmask", "floatbias", "causal_gqa", "causal_long_q", "bf16", "head_dims"]
+CASES = ["plain", "boolmask", "floatbias", "causal_gqa", "causal_long_q", "bf16", "head_dims", "saturated"]
 
 
 def test_all_semirings_registered():
@@ -337,7 +351,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("case", ["plain", "boolmask", "floatbias", "causal_gqa", "bf16", "head_dims"])
+@pytest.mark.parametrize("case", ["plain", "boolmask", "floatbias", "causal_gqa", "bf16", "head_dims", "saturated"])
 @pytest.mark.parametrize("semiring", SEMIRINGS)
 def test_kernel_matches_reference_gpu(semiring, case):
     g = torch.Generator().manual_seed(_seed(semiring, case, "gpu"))

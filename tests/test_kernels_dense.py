@@ -379,6 +379,9 @@ def _probs(shape, dim, device, g, log=False, ydtype=torch.float32):
         row = xm.reshape(-1, xm.shape[-1])
         row[1] = NINF
         row[1, 1] = 0.0                                             # one-hot row: y = 1 exactly
+        if row.shape[0] > 2:                                        # saturated row: y_max = 1 - O(1e-8)
+            row[2] = torch.where(torch.isfinite(row[2]), row[2], torch.zeros_like(row[2]))
+            row[2, -1] = 20.0
     y = torch.softmax(x, dim)
     return y.to(ydtype).to(device)
 

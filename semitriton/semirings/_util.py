@@ -101,6 +101,18 @@ def exclusive_sum(t: Tensor, dim: int = -1) -> Tensor:
     return torch.where(is_max, rest.expand_as(t), out)
 
 
+def complement(y: Tensor, dim: int = -1) -> Tensor:
+    """``1 - y_i`` for probability rows ``y`` (Σ_j y_j = 1 along ``dim``) without
+    cancellation: the entry above 3/4 (a row has at most one) reads
+    Σ_{j≠i} y_j, which float32 keeps where y_i itself rounds to nearly 1 (a
+    saturated softmax: 1 - y_i formed from y_i = 1 - 1e-7 is off by ~50%, and
+    0 once y_i rounds to 1); the others read 1 - y_i (at least 1/4, exact to
+    rounding)."""
+    big = y > 0.75
+    rest = torch.where(big, torch.zeros_like(y), y).sum(dim, keepdim=True)
+    return torch.where(big, rest.expand_as(y), 1 - y)
+
+
 def exclusive_sum_signed(u: Tensor, key: Tensor, dim: int = -1) -> Tensor:
     """``out_i = Σ_{j≠i} u_j`` where ``key`` (non-negative) marks the dominant
     term: the row's largest-``key`` term is excluded exactly."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import kernel_op, rmatmul_via_matmul
-from ._util import (exclusive_sum, finite_amax, log_abs, log_matmul,
+from ._util import (complement, exclusive_sum, finite_amax, log_abs, log_matmul,
                     log_rmatmul, weight)
 from .logspace import LogSpaceSemiring
 
@@ -46,7 +46,7 @@ class Abs(LogSpaceSemiring):
         m = finite_amax(lt, dim)
         excl = exclusive_sum(torch.exp(lt - m), dim)  # Σ_{j≠i} y_j Z_j / e^m
         off = ly + torch.log(excl) + m
-        diag = ly + torch.log1p(-y) + l
+        diag = ly + torch.log(complement(y, dim)) + l
         return (torch.logaddexp(off, diag),)
 
     @kernel_op("log_softmax")
@@ -56,7 +56,7 @@ class Abs(LogSpaceSemiring):
         p = p.to(l.dtype)
         m = finite_amax(l, dim)
         off = torch.log(p) + torch.log(exclusive_sum(torch.exp(l - m), dim)) + m
-        diag = torch.log1p(-p) + l
+        diag = torch.log(complement(p, dim)) + l
         return (torch.logaddexp(off, diag),)
 
     @kernel_op("layer_norm")

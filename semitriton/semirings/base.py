@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import kernel_op
-from ._util import activation_derivative, finite_amax, rope_partner, rope_partner_weight
+from ._util import activation_derivative, complement, finite_amax, rope_partner, rope_partner_weight
 
 Value = tuple  # tuple[Tensor, ...]: the components of a semiring value
 
@@ -226,9 +226,11 @@ class Semiring:
         yf = y.reshape(-1, n)
         eye = torch.eye(n, dtype=y.dtype, device=y.device)
 
-        def jac_fn(r0, r1):
+        diag = eye.bool()
+
+        def jac_fn(r0, r1):                                        # [r, i, j] = y_j (δ_ij - y_i)
             yr = yf[r0:r1]
-            return yr.unsqueeze(-2) * (eye - yr.unsqueeze(-1))   # [r, i, j] = y_j (δ_ij - y_i)
+            return torch.where(diag, torch.diag_embed(yr * complement(yr)), -yr.unsqueeze(-1) * yr.unsqueeze(-2))
 
         out = self._rowwise_chunked(v, jac_fn)
         return self.map(out, lambda c: c.movedim(-1, dim))
@@ -243,8 +245,11 @@ class Semiring:
         pf = p.reshape(-1, n)
         eye = torch.eye(n, dtype=p.dtype, device=p.device)
 
-        def jac_fn(r0, r1):
-            return eye - pf[r0:r1].unsqueeze(-1)                    # [r, i, j] = δ_ij - p_i
+        diag = eye.bool()
+
+        def jac_fn(r0, r1):                                        # [r, i, j] = δ_ij - p_i
+            pr = pf[r0:r1]
+            return torch.where(diag, torch.diag_embed(complement(pr)), -pr.unsqueeze(-1).expand(-1, n, n))
 
         out = self._rowwise_chunked(v, jac_fn)
         return self.map(out, lambda c: c.movedim(-1, dim))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import kernel_op, rmatmul_via_matmul
-from ._util import (NEG_INF, exclusive_sum, exclusive_sum_signed, finite_amax, finite_or_zero,
+from ._util import (NEG_INF, complement, exclusive_sum, exclusive_sum_signed, finite_amax, finite_or_zero,
                     log_abs, safe_div, weight, xlogx)
 from .base import Semiring, Value
 
@@ -128,7 +128,7 @@ class Entropy(Semiring):
         A = exclusive_sum_signed(t * (mu - ly0), t, dim)
         l_off = ly + torch.log(B) + m
         mu_off = safe_div(A, B) - ly0
-        ld = ly + torch.log1p(-y)
+        ld = ly + torch.log(complement(y, dim))
         l_diag = ld + l
         mu_diag = mu - finite_or_zero(ld)
         L = torch.logaddexp(l_off, l_diag)
@@ -149,7 +149,7 @@ class Entropy(Semiring):
         lp = torch.log(p)
         l_off = lp + torch.log(B) + m
         mu_off = safe_div(A, B) - torch.where(p > 0, lp, torch.zeros_like(lp))
-        ld = torch.log1p(-p)
+        ld = torch.log(complement(p, dim))
         l_diag = ld + l
         mu_diag = mu - finite_or_zero(ld)
         L = torch.logaddexp(l_off, l_diag)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import kernel_op, rmatmul_via_matmul
-from ._util import NEG_INF, POS_INF, exclusive_max, exclusive_min, signed_max_matmul, weight
+from ._util import NEG_INF, POS_INF, complement, exclusive_max, exclusive_min, signed_max_matmul, weight
 from .base import Semiring, Value
 
 
@@ -84,7 +84,7 @@ class Max(Semiring):
         live = y > 0
         cp = torch.where(live, -y * n, NEG_INF)      # -y_j M-_j (edge sign flips)
         cn = torch.where(live, -y * p, POS_INF)
-        d = y * (1 - y)
+        d = y * complement(y, dim)
         has_d = d > 0
         off_p = y * exclusive_max(cp, dim)
         off_n = y * exclusive_min(cn, dim)
@@ -100,7 +100,7 @@ class Max(Semiring):
         mp, mn = v
         p = p.to(mp.dtype)
         live = p > 0
-        d = 1 - p
+        d = complement(p, dim)
         has_d = d > 0
         off_p = torch.where(live, -p * exclusive_min(mn, dim), NEG_INF)
         off_n = torch.where(live, -p * exclusive_max(mp, dim), POS_INF)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import kernel_op, rmatmul_via_matmul
-from ._util import exclusive_max, log_abs, tropical_matmul, weight
+from ._util import complement, exclusive_max, log_abs, tropical_matmul, weight
 from .logspace import LogSpaceSemiring
 
 
@@ -43,7 +43,7 @@ class MaxAbs(LogSpaceSemiring):
         y = y.to(l.dtype)
         ly = torch.log(y)
         off = ly + exclusive_max(ly + l, dim)
-        diag = ly + torch.log1p(-y) + l
+        diag = ly + torch.log(complement(y, dim)) + l
         return (torch.maximum(off, diag),)
 
     @kernel_op("log_softmax")
@@ -51,7 +51,7 @@ class MaxAbs(LogSpaceSemiring):
         """m_i = max(p_i max_{j≠i} m_j, (1 - p_i) m_i)."""
         l = v[0]
         p = p.to(l.dtype)
-        return (torch.maximum(torch.log(p) + exclusive_max(l, dim), torch.log1p(-p) + l),)
+        return (torch.maximum(torch.log(p) + exclusive_max(l, dim), torch.log(complement(p, dim)) + l),)
 
     @kernel_op("rms_norm")
     def rms_norm(self, v, xhat, rstd, weight):
