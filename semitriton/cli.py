@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__
+from .jsonsafe import json_safe
 
 EXIT_USAGE = 2
 PATH_SEMIRINGS = ("maxabs", "max")
@@ -36,15 +37,23 @@ def _fail(msg: str) -> int:
 
 # ---- output directory: all or nothing --------------------------------------------------------------
 class OutputDir:
-    """Writes into a temporary sibling and moves it into place at the end."""
+    """Writes into a temporary sibling and moves it into place at the end. The
+    directory is the one ``path`` resolves to (a symbolic link's target); it
+    may not be, or contain, the current directory or a ``protect``ed one (the
+    model's): replacing it would delete them."""
 
-    def __init__(self, path: str, overwrite: bool):
-        self.path = Path(path)
+    def __init__(self, path: str, overwrite: bool, protect=()):
+        self.path = Path(path).resolve()
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--out {path} exists and is not a directory")
+        for keep in [Path.cwd(), *protect]:
+            keep = Path(keep).resolve()
+            if keep == self.path or self.path in keep.parents:
+                raise UsageError(f"--out {path} would replace {keep}, which it contains or is; "
+                                 "choose a new directory")
         if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
             raise UsageError(f"output directory {path} is not empty (use --overwrite to replace it)")
-        parent = self.path.resolve().parent
+        parent = self.path.parent
         if not parent.exists():
             raise UsageError(f"the parent directory of --out ({parent}) does not exist")
         if not os.access(parent, os.W_OK):
@@ -52,7 +61,7 @@ class OutputDir:
         self.tmp: Optional[Path] = None
 
     def __enter__(self) -> Path:
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.resolve().parent))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -66,14 +75,36 @@ class OutputDir:
 
 
 # ---- shared pieces --------------------------------------------------------------------------------
+def _non_negative(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is negative")
+    return n
+
+
+def _model_dirs(args) -> list:
+    """The model directory of ``--model`` (kept safe from ``--out``)."""
+    spec = getattr(args, "model", None)
+    return [Path(spec).expanduser()] if spec and Path(spec).expanduser().is_dir() else []
+
+
 def _device(arg: Optional[str]) -> str:
     import torch
     if arg in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if arg.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was requested but no CUDA GPU is available")
-    if arg not in ("cpu",) and not arg.startswith("cuda"):
+    if arg not in ("cpu", "cuda") and not arg.startswith("cuda:"):
         raise UsageError(f"unknown --device {arg!r} (cpu, cuda, cuda:N or auto)")
+    if arg.startswith("cuda:"):
+        index = arg.split(":", 1)[1]
+        if not index.isdigit():
+            raise UsageError(f"unknown --device {arg!r} (cpu, cuda, cuda:N or auto)")
+        if int(index) >= torch.cuda.device_count():
+            raise UsageError(f"--device {arg}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return arg
 
 
@@ -93,7 +124,8 @@ def _load(args, log):
     from tqdm.auto import tqdm
     with tqdm(total=2, desc="loading model", unit="step", disable=args.quiet) as bar:
         try:
-            loaded = load(args.model, log=lambda m: bar.write(m) if not args.quiet else None)
+            loaded = load(args.model, log=lambda m: bar.write(m) if not args.quiet else None,
+                          progress=not args.quiet)
         except ModelLoadError as exc:
             raise UsageError(str(exc)) from None
         bar.update(1)
@@ -204,7 +236,7 @@ def cmd_sva(args) -> int:
         if not 0 <= args.k <= 16:
             raise UsageError("--k must be between 0 and 16")
         _device_holder["device"] = _device(args.device)
-        outdir = OutputDir(args.out, args.overwrite)
+        outdir = OutputDir(args.out, args.overwrite, protect=_model_dirs(args))
     except (UsageError, ValueError) as exc:
         return _fail(str(exc))
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
@@ -235,11 +267,13 @@ def cmd_sva(args) -> int:
             "semitriton": __version__}
     with outdir as tmp:
         (tmp / "summary.txt").write_text(text)
-        (tmp / "summary.json").write_text(json.dumps({"meta": meta, **summary}, indent=1))
+        (tmp / "summary.json").write_text(json.dumps(json_safe({"meta": meta, **summary}), indent=1,
+                                                     allow_nan=False))
         with open(tmp / "results.json", "w") as f:
-            json.dump({"meta": meta, "summary": summary,
-                       "pairs": [{"pair": r.pair.to_dict(), "correct": r.correct, "method": r.method,
-                                  "analysis": r.analysis.to_dict()} for r in results]}, f)
+            json.dump(json_safe({"meta": meta, "summary": summary,
+                                 "pairs": [{"pair": r.pair.to_dict(), "correct": r.correct, "method": r.method,
+                                            "analysis": r.analysis.to_dict()} for r in results]}),
+                      f, allow_nan=False)
         _write_report(tmp, f"subject-verb agreement: {loaded.name}", summary, results, args, meta, text)
     print(text)
     print(f"wrote {args.out}/: summary.txt, summary.json, results.json, report.html and PNG plots")
@@ -265,7 +299,7 @@ def cmd_explain(args) -> int:
         if not args.text or not args.text.strip():
             raise UsageError("--text is empty: there is no position to score")
         _device_holder["device"] = _device(args.device)
-        outdir = OutputDir(args.out, args.overwrite)
+        outdir = OutputDir(args.out, args.overwrite, protect=_model_dirs(args))
     except UsageError as exc:
         return _fail(str(exc))
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
@@ -347,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="semitriton-out", help="output directory (default semitriton-out)")
     s.add_argument("--batch-size", type=int, default=8, help="sentences per semiring pass (default 8)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed of the minimal pairs")
-    s.add_argument("--examples", type=int, default=20, help="sentences shown in the HTML report")
+    s.add_argument("--examples", type=_non_negative, default=20, help="sentences shown in the HTML report")
     s.set_defaults(func=cmd_sva)
     e = sub.add_parser("explain", help="the same analysis for one input text")
     _common(e)

