@@ -31,6 +31,7 @@ from torch import Tensor
 from .backend import use as _backend_use
 from .engine import GradientGraph, propagate
 from .errors import SemitritonError
+from .jsonsafe import none_as_neg_inf
 from .rules import RuleContext, rule_for
 from .rules.attention import is_attention_node
 from .semirings import Semiring
@@ -121,7 +122,7 @@ class BranchAttribution:
     @classmethod
     def from_dict(cls, d) -> "BranchAttribution":
         def tt(x):
-            return torch.tensor(x, dtype=torch.float64)
+            return torch.tensor(none_as_neg_inf(x), dtype=torch.float64)
         return cls(d["semiring"], list(d["layers"]),
                    {int(L): {b: tt(v) for b, v in x.items()} for L, x in d["attention"].items()},
                    {int(L): {b: tt(v) for b, v in x.items()} for L, x in d["mlp"].items()},
@@ -260,6 +261,9 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
     from .paths import PathGraph
     if graph is None:
         graph = PathGraph(output, inputs, semiring, backend=backend)
+    else:
+        graph.check(output, inputs, semiring if isinstance(semiring, str) else semiring.name,
+                    "branch_attribution")
     sr = graph.sr
     if sr.name not in ("maxabs", "max"):
         raise ValueError("branch attribution reads top paths: use semiring 'maxabs' or 'max'")

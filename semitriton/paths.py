@@ -155,6 +155,14 @@ class PathGraph:
         self._attn: dict = {}
         self._flat: dict = {}
 
+    def check(self, output: Tensor, input: Tensor, semiring: str, who: str) -> None:
+        """A reused graph must be the one the call asks about."""
+        if self.sr.name != semiring:
+            raise ValueError(f"{who}: graph= was built with semiring {self.sr.name!r}, the call asks for "
+                             f"{semiring!r}; build PathGraph(output, input, {semiring!r})")
+        if self.output is not output or self.input is not input:
+            raise ValueError(f"{who}: graph= was built for another output or input tensor than the call's")
+
     # -- tensors ---------------------------------------------------------------------------------
     def shape(self, ref) -> tuple:
         if ref[0] == "t":
@@ -386,6 +394,8 @@ def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs
     if name == "max" and k != 1:
         raise ValueError("the signed max semiring gives the single top path: use k=1 "
                          "(or semiring='maxabs' for the k best |products|)")
+    if graph is not None:
+        graph.check(output, input, name, "top_paths")
     pg = graph if graph is not None else PathGraph(output, input, name, backend=backend)
     if pg.source is None:
         return []
@@ -556,15 +566,17 @@ def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Se
     probability Z(x)/ΣZ (or ``input[index]``), then each out-edge x -> u with
     probability |w| Z(u) / Z(x), using the abs semiring's values. The entropy
     semiring's H is the entropy of this distribution."""
+    if n < 0:
+        raise ValueError(f"n must be at least 0, got {n}")
+    if graph is not None:
+        graph.check(output, input, "abs", "sample_paths")
     pg = graph if graph is not None else PathGraph(output, input, "abs", backend=backend)
-    if pg.sr.name != "abs":
-        raise ValueError("sample_paths needs a PathGraph built with the abs semiring")
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None    # draws on the CPU
     if index is not None:
         index = _element_index(index, tuple(input.shape))
     if pg.source is None:
         return []
-    src_val = pg.value(pg.source)[0].double()
+    src_val = pg.value(pg.source)[0].double().cpu()
     # no path from input[index] (or from any scalar of input): nothing to draw
     if (float(src_val[index]) if index is not None else float(src_val.max())) == float("-inf"):
         return []

@@ -225,3 +225,21 @@ def test_no_path_from_a_scalar_means_no_paths():
     assert semitriton.sample_paths(out, x, n=3, index=(1,), seed=0) == []
     drawn = semitriton.sample_paths(out, x, n=50, seed=0)
     assert {p.source_index for p in drawn} <= {(0,), (2,)} and all(len(p.steps) == 2 for p in drawn)
+
+
+def test_a_reused_graph_must_match_the_call():
+    prog = residual_mlp()
+    x, out = _run(prog)
+    pg = semitriton.PathGraph(out, x, "max")
+    with pytest.raises(ValueError, match="built with semiring 'max'"):
+        semitriton.top_paths(out, x, k=2, graph=pg)
+    out2 = out * 2
+    pgm = semitriton.PathGraph(out, x, "maxabs")
+    with pytest.raises(ValueError, match="another output or input"):
+        semitriton.top_paths(out2, x, k=2, graph=pgm)
+    with pytest.raises(ValueError, match="built with semiring 'maxabs'"):
+        semitriton.sample_paths(out, x, n=2, graph=pgm)
+    with pytest.raises(ValueError, match="n must be at least 0"):
+        semitriton.sample_paths(out, x, n=-1)
+    assert [p.weight for p in semitriton.top_paths(out, x, k=2, graph=pgm)] == \
+        [p.weight for p in semitriton.top_paths(out, x, k=2)]

@@ -130,3 +130,28 @@ def test_milestones_read_the_branch_off_the_attention_operand(live):
         entry = next(s for s in p.steps if s.op in ("attention.scores", "attention.values"))
         assert entry.operand == live[0]
         assert semitriton.PathStep.from_dict(entry.to_dict()) == entry
+
+
+def test_tokens_must_match_the_positions(analysis):
+    _, score, emb = analysis
+    with pytest.raises(ValueError, match="2 entries for 5 positions"):
+        analyze(score[0], emb, tokens=["The", " keys"], k=1)
+
+
+def test_no_path_values_are_strict_json_and_read_back(tmp_path):
+    """A token with no path to the score reads log flow -inf (and the signed
+    top path -inf): written as null (valid JSON for browsers), read as -inf."""
+    from hf_models import build
+    model = semitriton.patch(build("llama", "sdpa", dtype=torch.float64))
+    emb = model.get_input_embeddings()(torch.tensor([[3, 5, 7, 9, 11]])).detach().requires_grad_()
+    logits = model(inputs_embeds=emb).logits
+    score = logits[0, 2, 7] - logits[0, 2, 3]                 # causal: positions 3, 4 have no path
+    for semiring in ("maxabs", "max"):
+        a = analyze(score, emb, k=1, semiring=semiring)
+        assert a.stats["log_flow"][4] == float("-inf")
+        s = a.to_json()
+        json.loads(s, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+        b = Analysis.from_json(s)
+        assert b.stats["log_flow"] == a.stats["log_flow"] and b.stats["top_path"] == a.stats["top_path"]
+        if a.branches is not None:
+            assert torch.equal(b.branches.total[0], a.branches.total[0])

@@ -12,6 +12,7 @@ from torch import Tensor
 from ..branches import ATTN_BRANCHES, BranchAttribution, branch_attribution
 from ..engine import grad_values
 from ..errors import SemitritonError
+from ..jsonsafe import json_safe, none_as_neg_inf
 from ..paths import Path, PathGraph, top_paths
 from ..readouts import token_readout
 
@@ -82,13 +83,13 @@ class Analysis:
     @classmethod
     def from_dict(cls, d) -> "Analysis":
         return cls(list(d["tokens"]), d["score"], d.get("description", ""),
-                   {k: list(v) for k, v in d.get("stats", {}).items()},
+                   {k: none_as_neg_inf(list(v)) for k, v in d.get("stats", {}).items()},
                    None if d.get("branches") is None else BranchAttribution.from_dict(d["branches"]),
                    [Path.from_dict(p) for p in d.get("paths", [])],
                    {k: list(v) for k, v in d.get("spans", {}).items()}, d.get("meta", {}))
 
     def to_json(self, path=None, **kw) -> str:
-        s = json.dumps(self.to_dict(), **kw)
+        s = json.dumps(json_safe(self.to_dict()), allow_nan=False, **kw)     # -inf (no path) as null
         if path is not None:
             with open(path, "w") as f:
                 f.write(s)
@@ -195,6 +196,12 @@ def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Seq
                          f"{tuple(embeds.shape)}")
     B, T = embeds.shape[:2]
     lengths = list(lengths) if lengths is not None else [T] * B
+    if tokens is not None:
+        if len(tokens) != B:
+            raise ValueError(f"tokens: {len(tokens)} lists for a batch of {B}")
+        for b, (toks, n) in enumerate(zip(tokens, lengths)):
+            if len(toks) not in (n, T):
+                raise ValueError(f"tokens[{b}] has {len(toks)} entries for {n} positions")
     pg = PathGraph(outputs, embeds, semiring, backend=backend)
     (ent,) = grad_values(outputs, embeds, "entropy", backend=backend)
     (flow,) = grad_values(outputs, embeds, "abs", backend=backend)
@@ -204,7 +211,7 @@ def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Seq
     attribution = None
     if branches:
         try:
-            attribution = branch_attribution(outputs, embeds, heads=heads, backend=backend, graph=pg)
+            attribution = branch_attribution(outputs, embeds, semiring, heads=heads, backend=backend, graph=pg)
         except SemitritonError:
             attribution = None
     scores = outputs.detach().double().cpu()

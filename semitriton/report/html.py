@@ -24,16 +24,17 @@ img{max-width:100%}
 """
 
 _JS = """
-function colour(v, lo, hi){ if(!isFinite(v)) return '#eee';
+function fin(v){ return typeof v === 'number' && isFinite(v); }
+function colour(v, lo, hi){ if(!fin(v)) return '#eee';
   var x = hi>lo ? (v-lo)/(hi-lo) : 0.5; x=Math.max(0,Math.min(1,x));
   var r=Math.round(255*(1-x)+30*x), g=Math.round(255*(1-x)+90*x), b=Math.round(255*(1-x)+200*x);
   return 'rgb('+r+','+g+','+b+')'; }
 function paint(id, stat){ var d = JSON.parse(document.getElementById(id+'-data').textContent);
-  var vals = d.stats[stat]; var f = vals.filter(isFinite); var lo=Math.min.apply(null,f), hi=Math.max.apply(null,f);
+  var vals = d.stats[stat]; var f = vals.filter(fin); var lo=Math.min.apply(null,f), hi=Math.max.apply(null,f);
   var spans = document.querySelectorAll('#'+id+' .tok');
   for (var i=0;i<spans.length;i++){ var v=vals[i]; spans[i].style.background=colour(v,lo,hi);
-    spans[i].style.color = (hi>lo && (v-lo)/(hi-lo)>0.6)?'#fff':'#000';
-    spans[i].title = stat+' = '+(isFinite(v)?v.toPrecision(4):v); }
+    spans[i].style.color = (fin(v) && hi>lo && (v-lo)/(hi-lo)>0.6)?'#fff':'#000';
+    spans[i].title = stat+' = '+(fin(v)?v.toPrecision(4):'no path'); }
   var bs = document.querySelectorAll('#'+id+'-btns .btn');
   for (var j=0;j<bs.length;j++){ bs[j].classList.toggle('on', bs[j].dataset.stat===stat); } }
 """
