@@ -151,14 +151,27 @@ def _race(op: str, semiring: str, impls, v, args):
     return NotImplemented
 
 
+@functools.lru_cache(maxsize=1)
+def _builtin_types() -> frozenset:
+    from .semirings import BUILTIN
+    return frozenset(type(s) for s in BUILTIN.values())
+
+
+def is_builtin(sr) -> bool:
+    """The kernels compute the built-in semirings' algebra: a user's semiring
+    (even one named "real" or "abs", or subclassing a built-in one) runs its
+    own methods."""
+    return type(sr) in _builtin_types()
+
+
 def kernel_op(op: str):
     """Decorate a semiring method ``method(self, value, ...)``: try the Triton
-    kernel for (op, self.name) first."""
+    kernel for (op, self.name) first (built-in semirings only)."""
 
     def deco(method):
         @functools.wraps(method)
         def wrapper(self, v, *args):
-            r = call(op, self.name, v, *args)
+            r = call(op, self.name, v, *args) if is_builtin(self) else NotImplemented
             return method(self, v, *args) if r is NotImplemented else r
 
         return wrapper
@@ -171,6 +184,8 @@ def rmatmul_via_matmul(method):
 
     @functools.wraps(method)
     def wrapper(self, w, v):
+        if not is_builtin(self):
+            return method(self, w, v)
         r = call("matmul", self.name, tuple(c.transpose(-1, -2) for c in v), w.transpose(-1, -2))
         if r is NotImplemented:
             return method(self, w, v)

@@ -35,9 +35,14 @@ def _as_tuple(inputs: TensorOrTensors) -> tuple[Tensor, ...]:
     if isinstance(inputs, Tensor):
         return (inputs,)
     inputs = tuple(inputs)
+    if not inputs:
+        raise ValueError("inputs is empty: pass the tensor(s) to read the statistics at")
     for i, t in enumerate(inputs):
         if not isinstance(t, Tensor):
             raise TypeError(f"inputs[{i}] is a {type(t).__name__}, not a tensor")
+        if not t.is_floating_point():
+            raise TypeError(f"inputs[{i}] has dtype {t.dtype}: semiring statistics are defined for "
+                            "floating-point tensors (complex and integer ones have no such graph here)")
     return inputs
 
 
@@ -474,8 +479,10 @@ def grad(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring]
     the compute dtype instead. ``backend``: "auto" | "torch" | "triton".
 
     ``real`` on float32/float64 graphs runs PyTorch's autograd engine (the
-    gradient is the real semiring's value); ``fast_real=False`` forces the
-    semiring walk (the tests compare the two).
+    gradient is the real semiring's value), which runs the tensors' and
+    modules' backward hooks as ``torch.autograd.grad`` does; ``fast_real=False``
+    forces the semiring walk (the tests compare the two), which, like every
+    other semiring, reads the recorded graph and runs no hooks.
 
     ``cuda_graph=True`` (CUDA models, repeated calls on same-shaped inputs):
     the pass is captured into a CUDA graph on the second call and replayed
@@ -487,15 +494,17 @@ def grad(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring]
     before returning."""
     sr = get(semiring)
     _backend.resolve(backend)                     # reject an unknown backend name early
+    if not isinstance(output, Tensor):
+        raise TypeError(f"output must be a tensor, got {type(output).__name__}")
+    if log_space and not hasattr(sr, "log_readout"):
+        raise ValueError(f"log_space=True: the {sr.name} semiring has no log-space readout "
+                         "(abs and maxabs have)")
     if fast_real and type(sr) is Real:
         fast = _native_real(output, _as_tuple(inputs))
         if fast is not None:
             return fast
     vals = run(output, inputs, sr, backend=backend, progress=progress, cuda_graph=cuda_graph)
     if log_space:
-        if not hasattr(sr, "log_readout"):
-            raise ValueError(f"log_space=True: the {sr.name} semiring has no log-space readout "
-                             "(abs and maxabs have)")
         return tuple(sr.log_readout(v) for v in vals)
     outs = tuple(sr.readout(v) for v in vals)
     if hasattr(sr, "log_readout"):

@@ -97,3 +97,47 @@ def test_a_registered_rule_replaces_the_inline_view_rule(monkeypatch):
     (after,) = semitriton.grad(y, x, "real", fast_real=False)
     assert calls == ["ViewBackward0"]
     assert torch.allclose(after, torch.full((3, 4), 6.0))
+
+
+def test_a_user_semiring_named_like_a_builtin_runs_its_own_algebra(monkeypatch):
+    """Kernels compute the built-in algebras: a user's class named "maxabs" (or
+    subclassing nothing built in) never reaches them, the built-in one does."""
+    import semitriton.dispatch as dispatch
+
+    class Named(PathCount):
+        name = "maxabs"
+
+    calls = []
+    real_call = dispatch.call
+    monkeypatch.setattr(dispatch, "call", lambda op, sr, *a: calls.append((op, sr)) or real_call(op, sr, *a))
+    prog = residual_mlp()
+    x = prog.inputs["x"].clone().requires_grad_()
+    out = prog.engine(x)
+    (got,) = semitriton.grad(out, x, semiring=Named())
+    (want,) = semitriton.grad(out, x, semiring=PathCount())
+    assert calls == [] and torch.equal(got, want)
+    semitriton.grad(out, x, semiring="maxabs")
+    assert calls                                       # the built-in one asks for its kernels
+
+
+def test_incomplete_user_semirings_are_named_in_the_error():
+    x = torch.randn(3, requires_grad=True)
+    out = (x * 2).sum()
+
+    class NoTimes(semitriton.Semiring):
+        name = "no_times"
+        zero, one, plus, edge, readout = (PathCount.zero, PathCount.one, PathCount.plus, PathCount.edge,
+                                          PathCount.readout)
+
+    class BareEdge(PathCount):
+        name = "bare_edge"
+
+        def edge(self, w):
+            return (w != 0).to(w.dtype)
+
+    with pytest.raises(TypeError, match="NoTimes does not define times"):
+        semitriton.grad(out, x, semiring=NoTimes())
+    with pytest.raises(TypeError, match="BareEdge.edge must return a tuple of tensors"):
+        semitriton.grad(out, x, semiring=BareEdge())
+    with pytest.raises(TypeError, match="pass an instance, PathCount()"):
+        semitriton.grad(out, x, semiring=PathCount)

@@ -136,3 +136,48 @@ def test_fast_real_is_the_autograd_gradient_and_keeps_the_graph():
     out.backward()
     with pytest.raises(GraphFreedError):
         semitriton.grad(out, x)
+
+
+def test_log_space_is_checked_before_the_real_fast_path():
+    x = torch.randn(3, requires_grad=True)
+    out = (x * 2).sum()
+    with pytest.raises(ValueError, match="no log-space readout"):
+        semitriton.grad(out, x, log_space=True)
+    with pytest.raises(TypeError, match="output must be a tensor"):
+        semitriton.grad(1.0, x)
+
+
+def test_empty_and_non_floating_inputs():
+    x = torch.randn(3, requires_grad=True)
+    out = (x * 2).sum()
+    with pytest.raises(ValueError, match="inputs is empty"):
+        semitriton.grad(out, [], semiring="abs")
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        semitriton.grad(out, [torch.arange(3)], semiring="abs")
+
+
+def test_a_saved_tensor_changed_in_place_is_named_as_such():
+    lin = nn.Linear(3, 3)
+    x = torch.randn(2, 3, requires_grad=True)
+    out = torch.tanh(lin(x)).sum()
+    with torch.no_grad():
+        lin.weight.mul_(2.0)
+    for semiring in ("abs", "maxabs"):
+        with pytest.raises(GraphError, match="modified in place after the forward") as e:
+            semitriton.grad(out, x, semiring=semiring)
+        assert not isinstance(e.value, GraphFreedError)
+
+
+@pytest.mark.parametrize("semiring", ["real", "abs", "max", "maxabs", "entropy"])
+def test_module_backward_hooks_are_identity_nodes(semiring):
+    """register_full_backward_hook puts BackwardHookFunction nodes around a
+    module: the walk passes values through them unchanged (and runs no hook)."""
+    def stats(hooked):
+        torch.manual_seed(0)
+        a, b = nn.Linear(3, 4), nn.Linear(4, 2)
+        if hooked:
+            a.register_full_backward_hook(lambda m, gi, go: tuple(g * 0 if g is not None else None for g in gi))
+        x = torch.randn(5, 3, requires_grad=True)
+        out = torch.tanh(b(torch.tanh(a(x)))).sum()
+        return semitriton.grad(out, x, semiring=semiring, fast_real=False)[0]
+    torch.testing.assert_close(stats(True), stats(False), rtol=0, atol=0)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..errors import GraphFreedError
+from ..errors import GraphError, GraphFreedError
 from ..semirings import Semiring, Value
 
 RULES: dict[str, Callable[["RuleContext"], list]] = {}
@@ -33,11 +33,19 @@ def rule(*names: str):
     return deco
 
 
-def _freed(node, exc: Exception) -> GraphFreedError:
+def _freed(node, exc: Exception) -> GraphError:
+    """The error for a saved tensor torch will not give back: freed by an
+    earlier backward, or changed in place since the forward."""
+    said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "inplace" in str(exc) or "in-place" in str(exc):
+        return GraphError(
+            f"a tensor that autograd node {type(node).__name__} saved was modified in place after the "
+            "forward pass (e.g. a weight updated under torch.no_grad()), so its local derivatives are "
+            f"gone; run the forward again after the change (torch said: {said})")
     return GraphFreedError(
         f"the saved tensors of autograd node {type(node).__name__} were already freed by an "
         "earlier backward pass; run the forward again, or pass retain_graph=True to the earlier "
-        f"backward/torch.autograd.grad call (torch said: {str(exc).splitlines()[0]})")
+        f"backward/torch.autograd.grad call (torch said: {said})")
 
 
 class RuleContext:

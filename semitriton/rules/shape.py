@@ -260,3 +260,11 @@ def repeat(ctx):
     dev = ctx.grad()[0].device
     positions = _arange(shape, dev).repeat(reps)
     return [_gather_back(ctx, shape, positions)]
+
+
+@rule("BackwardHookFunctionBackward")
+def backward_hook(ctx):
+    """The marker node of module backward hooks (``register_full_backward_hook``):
+    the identity on each of its tensors. The walk runs no hooks (they act on
+    gradients, not on semiring values)."""
+    return [ctx.grads[i] if ctx.needs[i] else None for i in range(ctx.n_inputs)]

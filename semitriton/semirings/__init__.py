@@ -8,6 +8,8 @@ torch backend through the generic contractions of the base class.
 
 from __future__ import annotations
 
+import torch
+
 from .abs import Abs
 from .base import Semiring, Value, attention_probs
 from .entropy import Entropy
@@ -19,10 +21,40 @@ BUILTIN: dict[str, Semiring] = {s.name: s for s in (Real(), Abs(), Max(), MaxAbs
 NAMES: tuple[str, ...] = tuple(BUILTIN)
 
 
+_REQUIRED = ("zero", "one", "plus", "times", "edge", "readout")
+_checked: set = set()
+
+
+def _check_custom(sr: Semiring) -> None:
+    """A user's semiring defines the algebra and returns tuples of tensors
+    (checked once per class, on a one-element probe; a semiring that cannot
+    take the probe is left to the walk)."""
+    cls = type(sr)
+    if cls in _checked:
+        return
+    missing = [m for m in _REQUIRED if getattr(cls, m) is getattr(Semiring, m)]
+    if missing:
+        raise TypeError(f"semiring {cls.__name__} does not define {', '.join(missing)}: a Semiring subclass "
+                        f"implements {', '.join(_REQUIRED)} on tuples of tensors")
+    try:
+        probes = (("one", sr.one((1,), torch.float32, torch.device("cpu"))), ("edge", sr.edge(torch.ones(1))))
+    except Exception:
+        probes = ()
+    for what, v in probes:
+        if not isinstance(v, (tuple, list)) or not all(isinstance(c, torch.Tensor) for c in v):
+            raise TypeError(f"{cls.__name__}.{what} must return a tuple of tensors (one per value "
+                            f"component), got {type(v).__name__}")
+    _checked.add(cls)
+
+
 def get(semiring: str | Semiring) -> Semiring:
     """Resolve a semiring name or object."""
     if isinstance(semiring, Semiring):
+        if type(semiring) not in {type(b) for b in BUILTIN.values()}:
+            _check_custom(semiring)
         return semiring
+    if isinstance(semiring, type) and issubclass(semiring, Semiring):
+        raise TypeError(f"semiring={semiring.__name__} is a class: pass an instance, {semiring.__name__}()")
     if isinstance(semiring, str) and semiring.lower() in BUILTIN:
         return BUILTIN[semiring.lower()]
     raise ValueError(f"unknown semiring {semiring!r}; choose one of {', '.join(NAMES)} "
