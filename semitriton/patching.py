@@ -39,6 +39,7 @@ import inspect
 import logging
 import sys
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -547,6 +548,11 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
             if new is not None:
                 parent._modules[name] = new
                 rec.swapped.append((parent, name, child, new))
+    if (norms and type(model) in rms) or (activations and type(model) in acts):
+        msg = (f"the model itself is a {type(model).__name__}, which patch() cannot replace (it swaps "
+               "submodules in place): patch a module that contains it, e.g. nn.Sequential(module)")
+        rec.skipped.append(msg)
+        warnings.warn(f"semitriton.patch: {msg}", stacklevel=2)
     if attention and getattr(model, "_supports_sdpa", True) is False:
         rec.skipped.append("attention: the model does not support sdpa, whose semantics the fused node has")
     elif attention:

@@ -603,3 +603,13 @@ def test_a_model_without_sdpa_support_keeps_its_attention():
     e, s = embeds_and_output(model, "llama", IDS, MASK)
     assert "FusedAttentionBackward" not in _node_types(s)
     semitriton.unpatch(model)
+
+
+def test_patching_a_bare_norm_warns_that_it_cannot_swap_it():
+    norm = nn.RMSNorm(8)
+    with pytest.warns(UserWarning, match="cannot replace"):
+        semitriton.patch(norm)
+    assert any("cannot replace" in s for s in semitriton.patch_summary(norm)["skipped"])
+    semitriton.unpatch(norm)
+    wrapped = semitriton.patch(nn.Sequential(nn.RMSNorm(8)))
+    assert semitriton.patch_summary(wrapped)["swapped"] == {"RMSNorm": 1}

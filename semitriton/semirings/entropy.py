@@ -59,7 +59,10 @@ class Entropy(Semiring):
         return _clean(lw, -lw)
 
     def readout(self, v):
-        return torch.where(v[0] == NEG_INF, torch.zeros_like(v[1]), v[1] + v[0])
+        """H = μ + log z (0 without a path), at least 0: at |log z| of a few
+        hundred the sum of two large terms of opposite sign leaves ~1e-5 of
+        rounding, which must not read as a negative entropy."""
+        return torch.where(v[0] == NEG_INF, torch.zeros_like(v[1]), (v[1] + v[0]).clamp_min(0.0))
 
     def log_z(self, v):
         return v[0]
