@@ -88,3 +88,16 @@ def test_entropy_is_never_negative():
         h = h @ torch.diag(d)
     (H,) = semitriton.grad(h.sum(), x, semiring="entropy")
     assert (H >= 0).all() and float(H.max()) < 1e-4
+
+
+def test_silu_derivative_keeps_its_subnormal_tail():
+    """silu'(x) = σ(x)(1 + x σ(-x)) for x in (-103, -88.7): float32 still holds
+    it (a subnormal), though 1/(1 + e^-x) overflows to 0 there; the torch
+    reference must not drop the edge the Triton kernel keeps."""
+    from semitriton.semirings._util import activation_derivative
+    x = torch.tensor([-100.0, -95.0, -90.0, -60.0, 0.5])
+    xd = x.double()
+    want = torch.sigmoid(xd) * (1 + xd * torch.sigmoid(-xd))
+    got = activation_derivative(x, "silu")
+    assert (got != 0).all()
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=0)      # subnormals keep ~2-3 digits

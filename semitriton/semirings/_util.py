@@ -43,7 +43,10 @@ def activation_derivative(x: Tensor, kind: str) -> Tensor:
         half_one_plus_t = torch.where(u >= 0, 1.0, e) / (1 + e)
         return half_one_plus_t + 2 * x * e / (1 + e) ** 2 * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
     if kind == "silu":
-        return torch.sigmoid(x) * (1 + x * torch.sigmoid(-x))
+        # σ(x) for x < -80 from log σ(x): torch's sigmoid is 1/(1 + e^-x), 0 once
+        # e^-x overflows (x < -88.7 in float32), where σ(x) is still a subnormal
+        s = torch.where(x < -80.0, torch.exp(torch.nn.functional.logsigmoid(x)), torch.sigmoid(x))
+        return s * (1 + x * torch.sigmoid(-x))
     raise ValueError(f"unknown activation {kind!r} (gelu, gelu_tanh, silu)")
 
 
