@@ -321,6 +321,8 @@ def _eager_attention(module, query, key, value, attention_mask, causal: bool, wh
             "does not compute, and its modeling file has no eager_attention_forward to fall back on; "
             "use semitriton.patch(model, attention=False) or semitriton.unpatch(model)")
     q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.shape[-1] > kv_len:     # (as the fused path)
+        attention_mask = attention_mask[..., :kv_len]
     if attention_mask is None and causal and q_len > 1:      # queries are the last q_len positions
         attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
