@@ -243,13 +243,14 @@ def discover(graph: GradientGraph) -> list:
 
 
 # ---- attribution ------------------------------------------------------------------------------------
-def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semiring] = "maxabs",
+def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semiring, None] = None,
                        heads: bool = False, backend: Optional[str] = None,
                        graph=None, at: str = "residual") -> BranchAttribution:
     """Top-path weight through each branch (query, key, value, skip; MLP and
     skip) per layer and position, from one semiring pass (see the module
     docstring). ``inputs``: the tensor the graph is walked to (usually the
-    input embeddings). ``semiring``: "maxabs" (|product|) or "max" (signed M+).
+    input embeddings). ``semiring``: "maxabs" (|product|, the default) or "max"
+    (signed M+); with ``graph`` it defaults to the graph's.
     ``graph``: a :class:`semitriton.PathGraph` built with that semiring, to reuse
     its pass (and share it with :func:`semitriton.top_paths`). ``at``:
     "residual" reads each branch per position of R_L; "inputs" pulls each
@@ -260,10 +261,9 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
         raise ValueError(f"at must be 'residual' or 'inputs', not {at!r}")
     from .paths import PathGraph
     if graph is None:
-        graph = PathGraph(output, inputs, semiring, backend=backend)
+        graph = PathGraph(output, inputs, "maxabs" if semiring is None else semiring, backend=backend)
     else:
-        graph.check(output, inputs, semiring if isinstance(semiring, str) else semiring.name,
-                    "branch_attribution")
+        graph.check(output, inputs, graph.sr if semiring is None else semiring, "branch_attribution")
     sr = graph.sr
     if sr.name not in ("maxabs", "max"):
         raise ValueError("branch attribution reads top paths: use semiring 'maxabs' or 'max'")

@@ -73,31 +73,33 @@ _MASKED_HEADS = ("ForMaskedLM",)
 
 
 def _kind(cfg, tok, path: Path) -> str:
-    """"causal" or "masked", from the architecture the checkpoint records (a
-    model without the language-model head, e.g. *ForSequenceClassification,
-    is refused: its head would be loaded at random); without a record, a
-    tokenizer with a mask token on a non-decoder config of a family that has
-    masked LMs means masked."""
+    """"causal" or "masked": the language-model head the checkpoint records
+    (*ForCausalLM / *LMHeadModel, *ForMaskedLM), else the head transformers
+    builds for its config (a masked LM where the tokenizer has a mask token and
+    the family has one, e.g. *ForPreTraining; else a causal LM, e.g. Gemma 3's
+    *ForConditionalGeneration). A checkpoint without the weights of that
+    head (a sequence classifier loaded as an LM) is refused by the loader."""
     archs = list(getattr(cfg, "architectures", None) or [])
     causal = any(a.endswith(_CAUSAL_HEADS) for a in archs)
     masked = any(a.endswith(_MASKED_HEADS) for a in archs)
-    if archs and not (causal or masked):
-        raise ModelLoadError(f"{path} holds a {archs[0]}, not a language model: the tool scores the next token "
-                             "(a causal LM, *ForCausalLM) or a [MASK] (a masked LM, *ForMaskedLM)")
     if masked and not causal:
         if tok.mask_token_id is None:
             raise ModelLoadError(f"{path} holds a masked LM ({archs[0]}) but its tokenizer has no mask token")
         return "masked"
     if causal:
         return "causal"
-    masked_ok = True
     try:
-        from transformers import AutoModelForMaskedLM
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
         masked_ok = type(cfg) in AutoModelForMaskedLM._model_mapping
+        causal_ok = type(cfg) in AutoModelForCausalLM._model_mapping
     except Exception:
-        pass
-    return "masked" if (masked_ok and getattr(cfg, "is_decoder", False) is False
-                        and tok.mask_token_id is not None) else "causal"
+        masked_ok = causal_ok = True
+    if masked_ok and getattr(cfg, "is_decoder", False) is False and tok.mask_token_id is not None:
+        return "masked"
+    if causal_ok:
+        return "causal"
+    raise ModelLoadError(f"{path} holds a {archs[0] if archs else type(cfg).__name__}, not a language model: "
+                         "the tool scores the next token (a causal LM) or a [MASK] (a masked LM)")
 
 
 def _load_dir(path: Path, name: str, progress: bool = True) -> LoadedModel:

@@ -363,6 +363,8 @@ def semitriton_attention_forward(module, query, key, value, attention_mask, drop
     if _attentions_requested(kwargs):
         eager_only.append("output_attentions=True")
     if eager_only:
+        if scaling is None:          # eager functions multiply by it (sdpa's default: 1/sqrt(head dim))
+            scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
         return _eager_attention(module, query, key, value, attention_mask, bool(causal), " and ".join(eager_only),
                                 dropout=dropout, scaling=scaling, **kwargs)
     if (dropout and dropout > 0 or kwargs.get("position_bias") is not None

@@ -155,11 +155,12 @@ class PathGraph:
         self._attn: dict = {}
         self._flat: dict = {}
 
-    def check(self, output: Tensor, input: Tensor, semiring: str, who: str) -> None:
+    def check(self, output: Tensor, input: Tensor, semiring: Union[str, Semiring], who: str) -> None:
         """A reused graph must be the one the call asks about."""
-        if self.sr.name != semiring:
+        name = get(semiring).name
+        if self.sr.name != name:
             raise ValueError(f"{who}: graph= was built with semiring {self.sr.name!r}, the call asks for "
-                             f"{semiring!r}; build PathGraph(output, input, {semiring!r})")
+                             f"{name!r}; build PathGraph(output, input, {name!r})")
         if self.output is not output or self.input is not input:
             raise ValueError(f"{who}: graph= was built for another output or input tensor than the call's")
 

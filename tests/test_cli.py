@@ -187,12 +187,21 @@ def test_model_without_a_language_model_head_is_refused(tmp_path, capsys):
         tok.save_pretrained(d)
     capsys.readouterr()                               # (transformers' own progress output)
     args = ["--text", "The keys to the cabinet", "--target", " are", "--foil", " is", "--out", str(tmp_path / "o")]
-    _one_line_error(capsys, _run(["explain", "--model", str(cls_dir)] + args), "not a language model")
+    _one_line_error(capsys, _run(["explain", "--model", str(cls_dir)] + args), "initialised at random")
     c = json.loads((base_dir / "config.json").read_text())
     c.pop("architectures", None)                      # nothing says what it is: loaded as a causal LM
     (base_dir / "config.json").write_text(json.dumps(c))
     _one_line_error(capsys, _run(["explain", "--model", str(base_dir)] + args), "initialised at random")
     assert not (tmp_path / "o").exists()
+    # a pre-training checkpoint holds the masked-LM head: it loads as a masked LM
+    pre_dir = tmp_path / "pre"
+    bcfg = t.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, pad_token_id=0)
+    t.BertForPreTraining(bcfg).save_pretrained(pre_dir)
+    tok.save_pretrained(pre_dir)
+    capsys.readouterr()
+    assert _run(["explain", "--model", str(pre_dir), "--text", "The keys to the cabinet", "--target", "are",
+                 "--foil", "is", "--out", str(tmp_path / "p")]) == 0
 
 
 @pytest.mark.parametrize("text,target,foil,msg", [
@@ -205,6 +214,16 @@ def test_masked_lm_input_errors(masked_dir, tmp_path, capsys, text, target, foil
                "--out", str(tmp_path / "o")])
     _one_line_error(capsys, rc, msg)
     assert not (tmp_path / "o").exists()
+
+
+def test_causal_text_and_continuation_longer_than_the_model_reads(causal_dir):
+    """Log-probability scoring feeds the continuation too: 63 + 2 tokens > 64."""
+    from semitriton.models import load
+    from semitriton.sva.run import ScoringError, encode
+    loaded = load(causal_dir, log=lambda m: None)
+    assert encode(loaded, " ".join(["the"] * 62), " are the", " is").method == "logprob"
+    with pytest.raises(ScoringError, match="at most 64"):
+        encode(loaded, " ".join(["the"] * 63), " are the", " is")
 
 
 def test_out_may_not_replace_the_working_or_model_directory(causal_dir, tmp_path, capsys, monkeypatch):

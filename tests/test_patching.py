@@ -434,17 +434,28 @@ def _tiny(kind):
     return m
 
 
+@pytest.mark.parametrize("forced", [False, True], ids=["as-declared", "sdpa-forced"])
 @pytest.mark.parametrize("kind", ["gemma2", "gpt_oss"])
-def test_attention_the_fused_node_cannot_do_runs_eager(kind):
-    """Soft-capping and attention sinks are not in the fused node: the
-    modeling file's eager attention runs for them (same outputs as unpatched;
-    Gemma2's statistics through its aten nodes, real equal to autograd)."""
+def test_attention_the_fused_node_cannot_do_runs_eager(kind, forced, monkeypatch):
+    """Soft-capping and attention sinks are not in the fused node. These
+    models declare no sdpa support, so patch() leaves their attention; with
+    that flag forced on, each call carries the feature and the modeling file's
+    eager attention runs for it. Same outputs as unpatched either way; Gemma2's
+    statistics through the aten nodes, real equal to autograd."""
+    import semitriton.patching as patching
     if not hasattr(transformers, {"gemma2": "Gemma2Config", "gpt_oss": "GptOssConfig"}[kind]):
         pytest.skip(f"transformers has no {kind}")
     model = _tiny(kind)
+    calls = []
+    eager = patching._eager_attention
+    monkeypatch.setattr(patching, "_eager_attention", lambda *a, **k: calls.append(a[-1]) or eager(*a, **k))
     before = _logits(model)
+    if forced:
+        model._supports_sdpa = True
     semitriton.patch(model)
+    assert model.config._attn_implementation == ("semitriton" if forced else "eager")
     torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-6)
+    assert bool(calls) == forced
     if kind == "gpt_oss":       # its experts are a grouped mm (no rule yet): outputs only
         semitriton.unpatch(model)
         return

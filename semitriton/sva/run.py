@@ -41,6 +41,19 @@ def _ids(tok, text: str) -> list:
     return list(tok(text, add_special_tokens=False).input_ids)
 
 
+#: families whose position ids start after the padding index (max_position_embeddings counts those)
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "data2vec-text", "xmod")
+
+
+def _max_positions(cfg) -> Optional[int]:
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    if getattr(cfg, "model_type", "") in _OFFSET_POSITIONS and isinstance(getattr(cfg, "pad_token_id", None), int):
+        limit -= cfg.pad_token_id + 1
+    return limit
+
+
 def encode(loaded, prefix: str, target: str, foil: str, pair: Optional[MinimalPair] = None) -> Encoded:
     """Tokenise one input and decide how to score it."""
     tok = loaded.tokenizer
@@ -74,9 +87,11 @@ def encode(loaded, prefix: str, target: str, foil: str, pair: Optional[MinimalPa
         method = "logit" if len(t_ids) == 1 and len(f_ids) == 1 else "logprob"
         if t_ids == f_ids:
             raise ScoringError("the target and the foil are the same tokens")
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and len(ids) > limit:
-        raise ScoringError(f"the text is {len(ids)} tokens long; this model reads at most {limit}")
+    limit = _max_positions(loaded.model.config)
+    needed = len(ids) + (max(len(t_ids), len(f_ids)) if method == "logprob" else 0)   # + the continuation
+    if limit is not None and needed > limit:
+        raise ScoringError(f"the text is {needed} tokens long (with the scored continuation); this model "
+                           f"reads at most {limit}")
     offsets = [tuple(o) for o in enc.offset_mapping]
     tokens = tok.convert_ids_to_tokens(ids)
     tokens = [tok.convert_tokens_to_string([t]) for t in tokens]
