@@ -414,26 +414,21 @@ def _config_tree(cfg) -> list:
     return out
 
 
-def _select_attention(cfg) -> list:
-    """Select the "semitriton" attention on ``cfg`` (transformers' setter passes
-    it on to the sub-configs); returns each config's previous implementation."""
+def _select_attention(cfg, settings: Optional[list] = None) -> list:
+    """Count one more patched model using ``cfg``; the first selects the
+    "semitriton" attention on it (transformers' setter passes it on to the
+    sub-configs). Returns each config's previous implementation: read now, or
+    ``settings``, the ones a copied record carries (its config already reads
+    "semitriton")."""
     with _attn_lock:
         entry = _attn_configs.get(id(cfg))
         if entry is None:
-            entry = _attn_configs[id(cfg)] = [cfg, [(c, c._attn_implementation) for c in _config_tree(cfg)], 0]
+            if settings is None:
+                settings = [(c, c._attn_implementation) for c in _config_tree(cfg)]
+            entry = _attn_configs[id(cfg)] = [cfg, settings, 0]
             cfg._attn_implementation = ATTN_NAME
         entry[2] += 1
         return entry[1]
-
-
-def _adopt_attention(cfg, settings: list) -> None:
-    """Count a copied patched model's use of its (copied or shared) config."""
-    with _attn_lock:
-        entry = _attn_configs.get(id(cfg))
-        if entry is None or entry[0] is not cfg:
-            _attn_configs[id(cfg)] = [cfg, settings, 1]
-        else:
-            entry[2] += 1
 
 
 def _release_attention(cfg, settings: list) -> None:
@@ -442,7 +437,7 @@ def _release_attention(cfg, settings: list) -> None:
     the record's copy, used where the registry has no entry for ``cfg``."""
     with _attn_lock:
         entry = _attn_configs.get(id(cfg))
-        if entry is not None and entry[0] is cfg:
+        if entry is not None:
             entry[2] -= 1
             if entry[2] > 0:
                 return
@@ -484,7 +479,7 @@ class PatchRecord:
             if modname in sys.modules:
                 _install_rope(modname, user)
         for cfg, settings in self.attention_configs:
-            _adopt_attention(cfg, settings)
+            _select_attention(cfg, settings)
 
     def summary(self) -> dict:
         kinds: dict = {}
