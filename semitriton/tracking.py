@@ -43,15 +43,7 @@ class _NameHook:
     """The forward hook of one tracked module: tags the grad_fns of its outputs
     (a class, not a closure, so that a tracked model pickles)."""
 
-    __slots__ = ("qualname",)
-
     def __init__(self, qualname: str):
-        self.qualname = qualname
-
-    def __getstate__(self):
-        return self.qualname
-
-    def __setstate__(self, qualname):
         self.qualname = qualname
 
     def __call__(self, module, args, kwargs, output):
