@@ -151,17 +151,19 @@ def _race(op: str, semiring: str, impls, v, args):
     return NotImplemented
 
 
-@functools.lru_cache(maxsize=1)
-def _builtin_types() -> frozenset:
-    from .semirings import BUILTIN
-    return frozenset(type(s) for s in BUILTIN.values())
+_builtin_check = None
 
 
 def is_builtin(sr) -> bool:
     """The kernels compute the built-in semirings' algebra: a user's semiring
     (even one named "real" or "abs", or subclassing a built-in one) runs its
-    own methods."""
-    return type(sr) in _builtin_types()
+    own methods (``semirings.is_builtin``, bound at the first call: the
+    semiring modules import this one)."""
+    global _builtin_check
+    if _builtin_check is None:
+        from .semirings import is_builtin as check
+        _builtin_check = check
+    return _builtin_check(sr)
 
 
 def kernel_op(op: str):

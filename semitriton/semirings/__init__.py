@@ -19,6 +19,13 @@ from .real import Real
 
 BUILTIN: dict[str, Semiring] = {s.name: s for s in (Real(), Abs(), Max(), MaxAbs(), Entropy())}
 NAMES: tuple[str, ...] = tuple(BUILTIN)
+_BUILTIN_TYPES = frozenset(type(s) for s in BUILTIN.values())
+
+
+def is_builtin(sr: Semiring) -> bool:
+    """An instance of a built-in semiring class (the algebra the kernels
+    compute); a user's class, whatever its name or base, is not."""
+    return type(sr) in _BUILTIN_TYPES
 
 
 _REQUIRED = ("zero", "one", "plus", "times", "edge", "readout")
@@ -50,7 +57,7 @@ def _check_custom(sr: Semiring) -> None:
 def get(semiring: str | Semiring) -> Semiring:
     """Resolve a semiring name or object."""
     if isinstance(semiring, Semiring):
-        if type(semiring) not in {type(b) for b in BUILTIN.values()}:
+        if not is_builtin(semiring):
             _check_custom(semiring)
         return semiring
     if isinstance(semiring, type) and issubclass(semiring, Semiring):
@@ -62,4 +69,4 @@ def get(semiring: str | Semiring) -> Semiring:
 
 
 __all__ = ["Semiring", "Value", "Real", "Abs", "Max", "MaxAbs", "Entropy", "BUILTIN", "NAMES",
-           "get", "attention_probs"]
+           "get", "is_builtin", "attention_probs"]
