@@ -100,10 +100,12 @@ def _probs(s, rm, rl):
 
 
 @triton.jit
-def _complement(p, rest, rl):
+def _complement(p, rl, rest_ptr, row, mm):
     """1 - P without cancellation: an entry above 3/4 is its row's top, which
     float32 rounds towards 1 in a saturated row (an attention sink); there
-    1 - P_ij = Σ_{j'≠j} P_ij' = REST_i / RL_i, from the LSE pass."""
+    1 - P_ij = Σ_{j'≠j} P_ij' = REST_i / RL_i (REST from the LSE pass, at
+    ``rest_ptr`` = its row of the statistics buffer)."""
+    rest = tl.load(rest_ptr + row, mask=mm, other=0.0)
     return tl.where(p > 0.75, (rest / tl.where(rl > 0, rl, 1.0))[:, None], 1.0 - p)
 
 
@@ -615,7 +617,7 @@ def _attn_bwd_sum_kernel(q_ptr, k_ptr, va_ptr, vx_ptr, ar_ptr, amr_ptr, ac_ptr, 
                 isj = offs_n[None, :] == jrow[:, None]
                 tot = tl.where(live, 1.0 + rr, 0.0)
                 bb = tl.where(isj, rr[:, None], tl.maximum(tot[:, None] - t, 0.0))
-                om = _complement(p, tl.load(st_ptr + rest_row * s_st + row, mask=mm, other=0.0), rl)
+                om = _complement(p, rl, st_ptr + rest_row * s_st, row, mm)
                 x = p * bb + om * t
                 if ENTROPY:
                     amr = tl.load(amr_ptr + row[:, None] * DV + offs_dv[None, :],
@@ -902,7 +904,7 @@ def _attn_bwd_maxabs_kernel(q_ptr, k_ptr, lvoT_ptr, lvT_ptr, lvo_ptr, lq_ptr, lk
                 jrow = tl.load(ji_ptr + row, mask=mm, other=-1)
                 isj = offs_n[None, :] == jrow[:, None]
                 off = logp + tl.where(isj, t2[:, None], t1[:, None])
-                om = _complement(p, tl.load(st_ptr + rest_row * s_st + row, mask=mm, other=0.0), rl)
+                om = _complement(p, rl, st_ptr + rest_row * s_st, row, mm)
                 diag = logp + fast_log(om) + lvp
                 tl.store(scr + BM * BN + tile, tl.maximum(off, diag))
             tl.debug_barrier()
@@ -1081,7 +1083,7 @@ def _attn_bwd_max_kernel(q_ptr, k_ptr, voTp_ptr, voTn_ptr, vT_ptr, vop_ptr, von_
                 jn = tl.load(ji_ptr + s_st + row, mask=mm, other=-1)
                 offp = p * tl.where(offs_n[None, :] == jp[:, None], tp2[:, None], tp1[:, None])
                 offn = p * tl.where(offs_n[None, :] == jn[:, None], bn2[:, None], bn1[:, None])
-                dd = p * _complement(p, tl.load(st_ptr + rest_row * s_st + row, mask=mm, other=0.0), rl)
+                dd = p * _complement(p, rl, st_ptr + rest_row * s_st, row, mm)
                 hasd = dd > 0
                 sp = tl.where(live, tl.maximum(offp, tl.where(hasd, dd * vpp, float("-inf"))), float("-inf"))
                 sn = tl.where(live, tl.minimum(offn, tl.where(hasd, dd * vpn, float("inf"))), float("inf"))
