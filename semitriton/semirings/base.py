@@ -224,9 +224,7 @@ class Semiring:
         v = self.map(v, lambda c: c.movedim(dim, -1))
         n = y.shape[-1]
         yf = y.reshape(-1, n)
-        eye = torch.eye(n, dtype=y.dtype, device=y.device)
-
-        diag = eye.bool()
+        diag = torch.eye(n, dtype=torch.bool, device=v[0].device)
 
         def jac_fn(r0, r1):                                        # [r, i, j] = y_j (δ_ij - y_i)
             yr = yf[r0:r1]
@@ -243,9 +241,7 @@ class Semiring:
         v = self.map(v, lambda c: c.movedim(dim, -1))
         n = p.shape[-1]
         pf = p.reshape(-1, n)
-        eye = torch.eye(n, dtype=p.dtype, device=p.device)
-
-        diag = eye.bool()
+        diag = torch.eye(n, dtype=torch.bool, device=v[0].device)
 
         def jac_fn(r0, r1):                                        # [r, i, j] = δ_ij - p_i
             pr = pf[r0:r1]
