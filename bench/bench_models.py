@@ -7,13 +7,16 @@ SmolLM2-135M-config LLaMA (batch 8, seq 512), fp32 and bf16.
     python bench/bench_models.py --quick          # smaller shapes (a CPU dry run)
 
 Per configuration and semiring it records the median time of forward +
-backward, the backward time (minus the forward that records the graph, for
-the native and the patched model alike) and its ratio to the native input
-backward, peak memory and its ratio to native, a correctness check of
-the Triton backend against the torch reference rules on the same graph
-(relative error of the readouts), and where the time goes: device time per
-rule type and the Python overhead (wall time minus GPU busy time from the
-torch profiler).
+backward and of the backward alone (each iteration times its forward and
+its backward separately, synchronised), the backward's ratio to the native
+input backward of the unpatched model (the issue's target) and to
+``torch.autograd.grad`` on the patched model (the same forward: on SmolLM2
+fp32 the unpatched model's GQA runs SDPA's math kernel), peak memory
+(including the weight caches the semiring pass builds) and its ratio to
+native, a correctness check of the Triton backend against the torch reference
+rules on the same graph (relative error of the readouts), and where the time
+goes: device time per rule type and the Python overhead (the backward's
+wall time minus GPU busy time from the torch profiler).
 """
 
 from __future__ import annotations
@@ -79,6 +82,29 @@ def timed(fn, dev, warmup=2, reps=5):
     return statistics.median(ts)
 
 
+def timed_split(fwd, bwd, dev, warmup=2, reps=5):
+    """Medians (ms) of forward + backward, of the forward and of the backward:
+    each iteration runs ``state = fwd()``, synchronises, then ``bwd(state)``,
+    so the backward is timed in the same iteration as its own forward instead
+    of as a difference of two separately timed medians."""
+    for _ in range(warmup):
+        bwd(fwd())
+    _sync(dev)
+    tot, fw, back = [], [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        state = fwd()
+        _sync(dev)
+        t1 = time.perf_counter()
+        bwd(state)
+        _sync(dev)
+        t2 = time.perf_counter()
+        tot.append((t2 - t0) * 1e3)
+        fw.append((t1 - t0) * 1e3)
+        back.append((t2 - t1) * 1e3)
+    return statistics.median(tot), statistics.median(fw), statistics.median(back)
+
+
 def peak(fn, dev):
     if dev.type != "cuda":
         return None
@@ -90,18 +116,27 @@ def peak(fn, dev):
     return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
 
 
+def _device_us(e) -> float:
+    """An event's own device time in µs (the attribute's name depends on the
+    torch version; the older one warns when read)."""
+    if hasattr(e, "self_device_time_total"):
+        return e.self_device_time_total
+    return getattr(e, "self_cuda_time_total", 0.0)
+
+
 def gpu_busy_ms(fn, dev):
     """Sum of device kernel time of one call (torch profiler)."""
     if dev.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
+    _sync(dev)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         _sync(dev)
     total = 0.0
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            total += getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+            total += _device_us(e)
     return total / 1e3
 
 
@@ -111,13 +146,14 @@ def top_kernels(fn, dev, k: int = 8) -> list:
     if dev.type != "cuda":
         return []
     from torch.profiler import ProfilerActivity, profile
+    _sync(dev)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         _sync(dev)
     tot: dict = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            t = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+            t = _device_us(e)
             ms, n = tot.get(e.name, (0.0, 0))
             tot[e.name] = (ms + t / 1e3, n + 1)
     top = sorted(tot.items(), key=lambda kv: -kv[1][0])[:k]
@@ -165,6 +201,7 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
     ``real``, which runs PyTorch's engine) with ``semitriton.grad(...,
     cuda_graph=True)``, checked against the eager pass on the same graph."""
     import semitriton
+    from semitriton import weight_cache
     from semitriton.engine import RuleProfile
     model, emb0 = setup(name, dtype, dev, quick)
     B, T = emb0.shape[:2]
@@ -172,9 +209,12 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
     def forward(m):
         return forward_score(m, emb0)
 
-    def native():
-        emb, score = forward(model)
+    def autograd(state):
+        emb, score = state
         torch.autograd.grad(score.sum(), emb)
+
+    def native():
+        autograd(forward(model))
 
     def fwd_only():
         with torch.no_grad():
@@ -182,15 +222,12 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
 
     rows = []
     fwd_ms = timed(fwd_only, dev)
-    # the backward is (forward + backward) minus the forward that records the
-    # graph, for the native model as for the patched one (a no-grad forward
-    # would count the graph recording as backward time)
-    fwd_graph_ms = timed(lambda: forward(model) and None, dev)
-    nat_ms = timed(native, dev)
+    # the backward is timed after its own forward (which records the graph), in
+    # the same iteration, for the native model as for the patched one
+    nat_ms, fwd_graph_ms, nat_bwd = timed_split(lambda: forward(model), autograd, dev)
     nat_peak = peak(native, dev)
-    nat_bwd = nat_ms - fwd_graph_ms
     log(f"{name} {dtype}: forward {fwd_ms:.2f} ms ({fwd_graph_ms:.2f} recording the graph), "
-        f"forward+input backward {nat_ms:.2f} ms")
+        f"forward+input backward {nat_ms:.2f} ms (backward {nat_bwd:.2f})")
     base = {"model": name, "dtype": str(dtype).replace("torch.", ""), "batch": B, "seq": T,
             "native_forward_ms": fwd_ms, "native_forward_graph_ms": fwd_graph_ms, "native_ms": nat_ms,
             "native_backward_ms": nat_bwd, "native_peak_mb": nat_peak}
@@ -199,7 +236,11 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
         native_top = top_kernels(lambda: torch.autograd.grad(score.sum(), emb), dev)
     semitriton.patch(model, linear=linear)
     base["variant"] = "patch(linear=True)" if linear else "patch()"
-    pf_ms = timed(lambda: forward(model) and None, dev)
+    # torch.autograd.grad on the patched model: the same forward as the
+    # semiring rows (the unpatched model's attention may run another kernel)
+    _, pf_ms, pnat_bwd = timed_split(lambda: forward(model), autograd, dev)
+    base["patched_native_backward_ms"] = pnat_bwd
+    log(f"  patched: forward {pf_ms:.2f} ms, torch.autograd.grad backward {pnat_bwd:.2f} ms")
     for s in semirings:
         row = dict(base, semiring=s, patched_forward_ms=pf_ms)
         try:
@@ -207,18 +248,25 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
                 emb, score = forward(model)
                 _grad(score, emb, s)
 
-            ms = timed(ours, dev, reps=reps)
-            row.update(ms=ms, backward_ms=ms - pf_ms, ratio=(ms - pf_ms) / nat_bwd if nat_bwd > 0 else None,
-                       target=TARGETS[s], peak_mb=peak(ours, dev))
+            ms, _, bwd = timed_split(lambda: forward(model), lambda st: _grad(st[1], st[0], s), dev, reps=reps)
+            row.update(ms=ms, backward_ms=bwd, ratio=bwd / nat_bwd if nat_bwd > 0 else None,
+                       ratio_patched_native=bwd / pnat_bwd if pnat_bwd > 0 else None, target=TARGETS[s])
+            # the peak includes building the weight caches (|W|, log|W|, ...), which stay allocated
+            weight_cache.clear()
+            row["peak_mb"] = peak(ours, dev)
+            row["weight_cache_mb"] = weight_cache.stats()["bytes"] / 2**20
             if nat_peak and row["peak_mb"]:
                 row["peak_ratio"] = row["peak_mb"] / nat_peak
             emb, score = forward(model)
+            _sync(dev)
             with RuleProfile() as prof:
                 _grad(score, emb, s)
             summ = prof.summary()
             busy = gpu_busy_ms(lambda: _grad(score, emb, s), dev)
+            # Python overhead: the backward's wall time (synchronised, graph
+            # building included) when the device had no kernel to run
             row.update(walk_wall_ms=summ["wall_ms"], gpu_busy_ms=busy,
-                       python_overhead_ms=None if busy is None else max(0.0, summ["wall_ms"] - busy),
+                       python_overhead_ms=None if busy is None else max(0.0, bwd - busy),
                        nodes=sum(summ["calls"].values()),
                        top_rules={k: round(v, 3) for k, v in list(summ["per_rule_ms"].items())[:8]})
             if s == "real":
@@ -241,7 +289,7 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
         if on_row is not None:
             on_row(row)
         if cuda_graph and s != "real":
-            row = graph_row(base, s, pf_ms, nat_bwd, nat_peak, forward, model, dev, reps, log)
+            row = graph_row(base, s, pf_ms, nat_bwd, pnat_bwd, nat_peak, forward, model, dev, reps, log)
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -252,11 +300,11 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
     return rows
 
 
-def graph_row(base, s, pf_ms, nat_bwd, nat_peak, forward, model, dev, reps, log):
+def graph_row(base, s, pf_ms, nat_bwd, pnat_bwd, nat_peak, forward, model, dev, reps, log):
     """The semiring pass replayed from a CUDA graph: timed like the eager row
     (the warm-ups record and capture), with the replay counters and the
     largest relative difference to the eager pass on the same graph."""
-    from semitriton import cuda_graph
+    from semitriton import cuda_graph, weight_cache
     row = dict(base, semiring=s, patched_forward_ms=pf_ms, variant=base["variant"] + " + cuda_graph")
     try:
         before = (cuda_graph.stats().replays, cuda_graph.stats().captures, cuda_graph.stats().eager)
@@ -265,9 +313,11 @@ def graph_row(base, s, pf_ms, nat_bwd, nat_peak, forward, model, dev, reps, log)
             emb, score = forward(model)
             _grad(score, emb, s, cuda_graph=True)
 
-        ms = timed(ours, dev, reps=reps)
+        ms, _, bwd = timed_split(lambda: forward(model), lambda st: _grad(st[1], st[0], s, cuda_graph=True),
+                                 dev, reps=reps)
         st = cuda_graph.stats()
-        row.update(ms=ms, backward_ms=ms - pf_ms, ratio=(ms - pf_ms) / nat_bwd if nat_bwd > 0 else None,
+        row.update(ms=ms, backward_ms=bwd, ratio=bwd / nat_bwd if nat_bwd > 0 else None,
+                   ratio_patched_native=bwd / pnat_bwd if pnat_bwd > 0 else None,
                    target=TARGETS[s], graph_replays=st.replays - before[0], graph_captures=st.captures - before[1],
                    graph_eager=st.eager - before[2], graph_failures=list(st.failures[-2:]),
                    graph_prologue_ms=(statistics.median(st.prologue_ms[-(st.replays - before[0]):])
@@ -275,7 +325,8 @@ def graph_row(base, s, pf_ms, nat_bwd, nat_peak, forward, model, dev, reps, log)
                    graph_static_mb=sum(b.numel() * b.element_size() for e in cuda_graph._CACHE.values()
                                        for b in e.statics) / 2**20)
         cuda_graph.clear()
-        # record, capture, replay: the peak includes the static buffers and the graph's pool
+        weight_cache.clear()
+        # record, capture, replay: the peak includes the static buffers, the graph's pool and the weight caches
         row["peak_mb"] = peak(lambda: [ours() for _ in range(3)], dev)
         if nat_peak and row["peak_mb"]:
             row["peak_ratio"] = row["peak_mb"] / nat_peak
@@ -319,19 +370,24 @@ def warm(name, dtype, dev, quick, semirings, log):
 
 
 def markdown(rows, device_name, date, reps: int = 5) -> str:
-    out = [f"Card: {device_name}; date {date}; times are medians of {reps} after 2 warm-ups.", "",
+    out = [f"Card: {device_name}; date {date}; times are medians of {reps} (native and forward: 5) after 2 "
+           "warm-ups, each backward timed after its own forward in the same iteration. Ratios: the backward "
+           "against the unpatched model's torch.autograd.grad (the target's) and against torch.autograd.grad "
+           "on the patched model (same forward). Peak: the weight caches included.", "",
            "| model | dtype | variant | semiring | native fwd+bwd ms | ours fwd+bwd ms | backward ratio (target) | "
-           "peak MiB (ratio) | walk: Python overhead / wall ms | Triton vs torch rel. err. |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "ratio to autograd, patched | peak MiB (ratio) | walk: Python overhead / backward ms | "
+           "Triton vs torch rel. err. |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['model']} | {r['dtype']} | {r.get('variant', '')} | {r['semiring']} | "
-                       f"{r['native_ms']:.1f} | error: {r['error'][:80]} | | | | |")
+                       f"{r['native_ms']:.1f} | error: {r['error'][:80]} | | | | | |")
             continue
         pk = f"{r['peak_mb']:.0f} ({r.get('peak_ratio', float('nan')):.2f}x)" if r.get("peak_mb") else "-"
-        po = (f"{r['python_overhead_ms']:.1f} / {r['walk_wall_ms']:.1f}"
+        po = (f"{r['python_overhead_ms']:.1f} / {r['backward_ms']:.1f}"
               if r.get("python_overhead_ms") is not None else "-")
         te = f"{r['triton_vs_torch_rel_err']:.1e}" if "triton_vs_torch_rel_err" in r else "-"
+        rp = f"{r['ratio_patched_native']:.2f}" if r.get("ratio_patched_native") is not None else "-"
         if "graph_replays" in r:
             if r.get("graph_prologue_ms") is not None:
                 po = f"host before replay {r['graph_prologue_ms']:.1f}"
@@ -339,7 +395,7 @@ def markdown(rows, device_name, date, reps: int = 5) -> str:
                   f"vs eager {r.get('graph_vs_eager_rel_err', float('nan')):.1e}")
         out.append(f"| {r['model']} | {r['dtype']} | {r.get('variant', '')} | {r['semiring']} | "
                    f"{r['native_ms']:.1f} | {r['ms']:.1f} | "
-                   f"{r['ratio']:.2f} ({r['target']}) | {pk} | {po} | {te} |")
+                   f"{r['ratio']:.2f} ({r['target']}) | {rp} | {pk} | {po} | {te} |")
     return "\n".join(out) + "\n"
 
 
@@ -377,9 +433,14 @@ def main(argv=None):
     rows = []
 
     def save(row=None):
+        """JSON and markdown after every row: a run cut off by a time limit keeps both."""
         if row is not None:
             rows.append(row)
         save_json(args.out, name, time.strftime("%Y-%m-%d"), rows, _autotune_timings())
+        if args.md:
+            with open(args.md, "w") as f:
+                f.write(markdown(rows, name, time.strftime("%Y-%m-%d"), args.reps)
+                        + autotune_table(_autotune_timings()))
 
     if args.warm_only:
         for mname in args.models.split(","):

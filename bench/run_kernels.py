@@ -98,7 +98,11 @@ def main(argv=None):
             rows.append(r)
             print(json.dumps(r), flush=True)
             save_json(args.out, device, date, rows)
-    return finish(markdown(rows, device, date), args.md)
+    finish(markdown(rows, device, date), args.md)
+    if rows and all("error" in r for r in rows):
+        print(f"every one of the {len(rows)} cases failed", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
