@@ -111,7 +111,10 @@ class RuleContext:
         """A python scalar or tensor as a compute-dtype tensor on the values' device."""
         dev = self.node._input_metadata[0].device
         if isinstance(x, Tensor):
-            if x.dim() == 0 and x.device != dev:    # a wrapped CPU scalar
+            # a 0-dim CPU tensor: a Python number torch saved as a "wrapped number",
+            # which would stay one through .to() and make ``1.0 / x`` a float32
+            # division in a float64 graph; rebuilt as an ordinary tensor below
+            if x.dim() == 0 and (x.device != dev or x.device.type == "cpu"):
                 x = x.item()
             else:
                 return x.to(device=dev, dtype=self.dtype)

@@ -128,9 +128,11 @@ def masked_fill(ctx):
 
 @rule("NativeDropoutBackward0")
 def dropout(ctx):
+    """Training-mode dropout (the node saves p and the keep mask): edge
+    mask·1/(1 − p), 0 everywhere at p = 1 (as torch's backward)."""
     mask = ctx.saved("result1")
-    scale = ctx.saved("scale")
-    return [_pull(ctx, 0, ctx.tensor(mask) * scale)]
+    p = float(ctx.saved("p"))
+    return [_pull(ctx, 0, ctx.tensor(mask) * (0.0 if p == 1 else 1.0 / (1.0 - p)))]
 
 
 # ---- unary functions: edge weight f'(x) --------------------------------------------------
@@ -171,7 +173,7 @@ _unary("TanhBackward0", lambda c: 1 - c.saved("result") ** 2)
 _unary("SigmoidBackward0", lambda c: (lambda y: y * (1 - y))(c.saved("result")))
 _unary("ExpBackward0", lambda c: c.saved("result"))
 _unary("LogBackward0", lambda c: 1.0 / c.saved("self"))
-_unary("Log1pBackward0", lambda c: 1.0 / (1 + c.saved("self")))
+_unary("Log1PBackward0", lambda c: 1.0 / (1 + c.saved("self")))
 _unary("SqrtBackward0", lambda c: 0.5 / c.saved("result"))
 _unary("RsqrtBackward0", lambda c: -0.5 * c.saved("result") ** 3)
 _unary("ReciprocalBackward0", lambda c: -c.saved("result") ** 2)
@@ -202,13 +204,15 @@ _unary("PowBackward0", _pow_grad)
 
 @rule("PowBackward1")
 def pow_tensor(ctx):  # self ** exponent, both tensors
+    """∂/∂x = e·x^(e−1), 0 where e = 0; ∂/∂e = x^e·log x, 0 where x = 0 and
+    e ≥ 0 (the limits torch's backward takes instead of 0·inf and 0·log 0)."""
     x = ctx.saved("self")
     e = ctx.saved("exponent")
     out = [None, None]
     if ctx.needs[0]:
-        out[0] = _pull(ctx, 0, e * x ** (e - 1))
+        out[0] = _pull(ctx, 0, torch.where(e == 0, 0.0, e * x ** (e - 1)))
     if ctx.needs[1]:
-        out[1] = _pull(ctx, 1, ctx.saved("result") * torch.log(x))
+        out[1] = _pull(ctx, 1, torch.where((x == 0) & (e >= 0), 0.0, ctx.saved("result") * torch.log(x)))
     return out
 
 

@@ -126,7 +126,9 @@ def _cat_sizes(ctx, dim):
         sizes[missing[0]] = out[dim % len(out)] - sum(s for s in sizes if s is not None)
     elif missing:
         raise GraphError("CatBackward0: cannot recover the sizes of more than one concatenated "
-                         "tensor that does not require grad")
+                         "tensor that does not require grad (the node saves only dim): mark the constant pieces "
+                         "requires_grad_() (they then carry their sizes; nothing flows to them unless "
+                         "they are among the inputs)")
     return sizes
 
 
