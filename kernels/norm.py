@@ -148,7 +148,8 @@ def _ln_abs_sorted_kernel(l_ptr, x_ptr, rstd_ptr, g_ptr, o_ptr, ys_ptr, ce_ptr, 
     k = #{x̂_j < −1/s} (binary search, STEPS halvings; the sign is that of s),
     Z_i = max(S(x̂_i) − e_i q_i, 0)/n + e_i |1 − q_i/n|, q_i = 1 + x̂_i²,
     out_i = log Z_i + log rstd + m. The sorted row and its prefix sums pass
-    through this program's scratch rows (ys, ce, cs: [P, n])."""
+    through this program's scratch rows (ys, ce, cs: [P, n]). A row of zero
+    values (every l_j = −inf) is written as −inf without a sort."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
@@ -162,59 +163,64 @@ def _ln_abs_sorted_kernel(l_ptr, x_ptr, rstd_ptr, g_ptr, o_ptr, ys_ptr, ce_ptr, 
         lg = tl.load(l_row + offs, mask=mk, other=float("-inf"))
         if HAS_G:
             lg = lg + tl.log(tl.abs(tl.load(g_ptr + offs, mask=mk, other=1.0).to(tl.float32)))
-        m = finite_or_zero(tl.max(lg, 0))
-        x = tl.load(x_row + offs, mask=mk, other=0.0).to(tl.float32)
-        # sort x̂ ascending, carrying the column: order-preserving int32 key in the
-        # high word, the column in the low word (padding sorts last as +inf)
-        bits = tl.where(mk, x, float("inf")).to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        packed = tl.sort((key.to(tl.int64) << 32) | offs.to(tl.int64), 0)
-        col = (packed & 0xFFFFFFFF).to(tl.int32)
-        live = col < N
-        ys = tl.load(x_row + col, mask=live, other=float("inf")).to(tl.float32)
-        le = tl.load(l_row + col, mask=live, other=float("-inf"))
-        if HAS_G:
-            le = le + tl.log(tl.abs(tl.load(g_ptr + col, mask=live, other=1.0).to(tl.float32)))
-        fe = tl.exp(le - m).to(tl.float64)
-        fy = tl.where(live, fe * ys.to(tl.float64), 0.0)
-        ce = tl.cumsum(fe, 0)
-        cs = tl.cumsum(fy, 0)
-        tot_e = tl.sum(fe, 0)
-        tot_es = tl.sum(fy, 0)
-        tl.debug_barrier()                       # the previous row's searches are done
-        tl.store(ys_ptr + scr + offs, ys, mask=mk)
-        tl.store(ce_ptr + scr + offs, ce, mask=mk)
-        tl.store(cs_ptr + scr + offs, cs, mask=mk)
-        tl.debug_barrier()
-        # k_i = #{x̂_j < τ_i}, τ_i = −1/x̂_i in float64 (exact sides for terms
-        # with 1 + x̂_i x̂_j at fp32 rounding level); x̂_i = 0: τ = −inf, S = F_tot
-        s64 = x.to(tl.float64)
-        tau = tl.where(s64 != 0.0, -1.0 / tl.where(s64 != 0.0, s64, 1.0), float("-inf"))
-        lo = tl.zeros([BLOCK], tl.int32)
-        hi = tl.zeros([BLOCK], tl.int32) + N
-        for _ in range(STEPS):
-            act = lo < hi
-            mid = (lo + hi) // 2
-            v = tl.load(ys_ptr + scr + mid, mask=act, other=float("inf")).to(tl.float64)
-            go = act & (v < tau)
-            lo = tl.where(go, mid + 1, lo)
-            hi = tl.where(act & (v >= tau), mid, hi)
-        has = (lo > 0) & mk
-        below_e = tl.load(ce_ptr + scr + lo - 1, mask=has, other=0.0)
-        below_es = tl.load(cs_ptr + scr + lo - 1, mask=has, other=0.0)
-        above = (tot_e - below_e) + s64 * (tot_es - below_es)
-        below = below_e + s64 * below_es
-        S = tl.where(s64 >= 0, above - below, below - above)
-        q = 1.0 + s64 * s64
-        ei = tl.exp(tl.where(mk, lg, float("-inf")) - m).to(tl.float64)
-        total = tl.maximum(S - ei * q, 0.0) / N + ei * tl.abs(1.0 - q / N)
-        rs = tl.load(rstd_ptr + row).to(tl.float64)
-        out = tl.log(total) + tl.log(rs) + m
-        # a NaN x̂ would sort past the padding and drop out of the sums: the row
-        # reads NaN, as with the O(n²) kernel and the reference
-        bad = tl.max(tl.where(mk & (x != x), 1, 0), 0) > 0
-        out = tl.where(bad, float("nan"), out)
-        tl.store(o_ptr + r64 * s_o + offs, out.to(tl.float32), mask=mk)
+        mx = tl.max(lg, 0)
+        if mx == float("-inf"):
+            # a row of zero values (an LM head's unscored positions): Z = 0, no sort
+            tl.store(o_ptr + r64 * s_o + offs, tl.full([BLOCK], float("-inf"), tl.float32), mask=mk)
+        else:
+            m = finite_or_zero(mx)
+            x = tl.load(x_row + offs, mask=mk, other=0.0).to(tl.float32)
+            # sort x̂ ascending, carrying the column: order-preserving int32 key in the
+            # high word, the column in the low word (padding sorts last as +inf)
+            bits = tl.where(mk, x, float("inf")).to(tl.int32, bitcast=True)
+            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+            packed = tl.sort((key.to(tl.int64) << 32) | offs.to(tl.int64), 0)
+            col = (packed & 0xFFFFFFFF).to(tl.int32)
+            live = col < N
+            ys = tl.load(x_row + col, mask=live, other=float("inf")).to(tl.float32)
+            le = tl.load(l_row + col, mask=live, other=float("-inf"))
+            if HAS_G:
+                le = le + tl.log(tl.abs(tl.load(g_ptr + col, mask=live, other=1.0).to(tl.float32)))
+            fe = tl.exp(le - m).to(tl.float64)
+            fy = tl.where(live, fe * ys.to(tl.float64), 0.0)
+            ce = tl.cumsum(fe, 0)
+            cs = tl.cumsum(fy, 0)
+            tot_e = tl.sum(fe, 0)
+            tot_es = tl.sum(fy, 0)
+            tl.debug_barrier()                       # the previous row's searches are done
+            tl.store(ys_ptr + scr + offs, ys, mask=mk)
+            tl.store(ce_ptr + scr + offs, ce, mask=mk)
+            tl.store(cs_ptr + scr + offs, cs, mask=mk)
+            tl.debug_barrier()
+            # k_i = #{x̂_j < τ_i}, τ_i = −1/x̂_i in float64 (exact sides for terms
+            # with 1 + x̂_i x̂_j at fp32 rounding level); x̂_i = 0: τ = −inf, S = F_tot
+            s64 = x.to(tl.float64)
+            tau = tl.where(s64 != 0.0, -1.0 / tl.where(s64 != 0.0, s64, 1.0), float("-inf"))
+            lo = tl.zeros([BLOCK], tl.int32)
+            hi = tl.zeros([BLOCK], tl.int32) + N
+            for _ in range(STEPS):
+                act = lo < hi
+                mid = (lo + hi) // 2
+                v = tl.load(ys_ptr + scr + mid, mask=act, other=float("inf")).to(tl.float64)
+                go = act & (v < tau)
+                lo = tl.where(go, mid + 1, lo)
+                hi = tl.where(act & (v >= tau), mid, hi)
+            has = (lo > 0) & mk
+            below_e = tl.load(ce_ptr + scr + lo - 1, mask=has, other=0.0)
+            below_es = tl.load(cs_ptr + scr + lo - 1, mask=has, other=0.0)
+            above = (tot_e - below_e) + s64 * (tot_es - below_es)
+            below = below_e + s64 * below_es
+            S = tl.where(s64 >= 0, above - below, below - above)
+            q = 1.0 + s64 * s64
+            ei = tl.exp(tl.where(mk, lg, float("-inf")) - m).to(tl.float64)
+            total = tl.maximum(S - ei * q, 0.0) / N + ei * tl.abs(1.0 - q / N)
+            rs = tl.load(rstd_ptr + row).to(tl.float64)
+            out = tl.log(total) + tl.log(rs) + m
+            # a NaN x̂ would sort past the padding and drop out of the sums: the row
+            # reads NaN, as with the O(n²) kernel and the reference
+            bad = tl.max(tl.where(mk & (x != x), 1, 0), 0) > 0
+            out = tl.where(bad, float("nan"), out)
+            tl.store(o_ptr + r64 * s_o + offs, out.to(tl.float32), mask=mk)
 
 
 @triton.jit
