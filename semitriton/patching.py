@@ -5,7 +5,9 @@ canonical (DESIGN.md §1) for modules with the same forward numerics and a
 single custom autograd node carrying its semiring rule:
 
 * RMS norms (``nn.RMSNorm``; transformers' LlamaRMSNorm, Qwen2/Qwen3RMSNorm,
-  MistralRMSNorm, and Gemma's ``1 + weight`` form) -> :class:`CanonicalRMSNorm`;
+  MistralRMSNorm, and Gemma's ``1 + weight`` form; any other class named
+  ``*RMSNorm`` or ``*T5LayerNorm`` whose forward is γ·x·rsqrt(mean(x²)+eps)
+  with γ = weight or 1 + weight, checked on the module) -> :class:`CanonicalRMSNorm`;
 * composed elementwise activations (GPT-2's tanh-GELU ``NewGELUActivation``
   and friends) -> :class:`CanonicalElementwise`;
 * rotary position embeddings of attention modules that call their modeling
@@ -48,6 +50,7 @@ import torch
 from torch import nn
 
 from .fused import CanonicalElementwise, CanonicalLinear, CanonicalRMSNorm, apply_rotary, fused_attention
+from .fused.rope import CONVENTIONS as ROPE_CONVENTIONS
 from .tracking import track, untrack
 
 log = logging.getLogger("semitriton")
@@ -74,7 +77,11 @@ _ACTIVATIONS = [
 ]
 #: the ones that compute a function with a fused rule (``Semiring.activation``):
 #: 0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³))), FastGELU's constant 0.7978845608 included
-_ACTIVATION_KINDS = {"NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh"}
+_ACTIVATION_KINDS = {"NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh"}
+#: class-name endings of norms that are RMS norms without being listed above
+#: (Phi3, OLMo2, Granite, SmolLM3, GLM, Gemma3, Mixtral, T5 and its kin, ...);
+#: each module is checked against the formula, with offset 0 then 1
+_RMS_NAME_ENDINGS = ("RMSNorm", "T5LayerNorm")
 
 
 def _load(path: str, name: str):
@@ -93,6 +100,24 @@ def _rms_classes() -> dict:
         if cls is not None:
             out[cls] = offset
     return out
+
+
+def _rms_offset(module, known: dict) -> Optional[float]:
+    """The γ offset with which ``module`` computes γ·x·rsqrt(mean(x²)+eps)
+    (0 or 1, the listed offset for a listed class), or None if it does not."""
+    cls = type(module)
+    offsets = (known[cls],) if cls in known else (0.0, 1.0)
+    return next((o for o in offsets if _rms_formula_matches(module, o)), None)
+
+
+def _is_rms_candidate(cls, known: dict) -> bool:
+    return cls in known or (cls.__name__.endswith(_RMS_NAME_ENDINGS) and not cls.__module__.startswith("torch."))
+
+
+def _composed_norm(cls) -> bool:
+    """A norm class outside torch that patch() does not swap: its forward is
+    walked as its aten ops (pow, mean, rsqrt, ...), not as one primitive."""
+    return "Norm" in cls.__name__ and not cls.__module__.startswith("torch.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -219,11 +244,11 @@ def _rope_fusable(q, k, cos, sin, args, kwargs) -> bool:
     return d % 2 == 0 and k.shape[-1] == d and cos.shape[-1] == d and sin.shape[-1] == d
 
 
-def _rope_dispatcher(original):
+def _rope_dispatcher(original, convention: str):
     @functools.wraps(original)
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if getattr(_rope_state, "depth", 0) and _rope_fusable(q, k, cos, sin, args, kwargs):
-            return apply_rotary(q, k, cos, sin, args[0] if args else kwargs.get("unsqueeze_dim", 1))
+            return apply_rotary(q, k, cos, sin, args[0] if args else kwargs.get("unsqueeze_dim", 1), convention)
         return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb._semitriton_original = original
@@ -236,21 +261,32 @@ def _current_rope_fn(modname: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _rope_formula_matches(fn) -> bool:
+def _rope_convention(fn) -> Optional[str]:
     """The modeling file's function is the standard form: same signature and
-    bit-identical outputs to :func:`apply_rotary` on a small random input."""
+    bit-identical outputs (values and dtypes) to :func:`apply_rotary` with one
+    of its conventions, on small random inputs in float32 and with bfloat16
+    q/k (cos/sin in bfloat16 and in float32: models pass either). Returns the
+    convention, or None."""
     try:
         if list(inspect.signature(fn).parameters) != _ROPE_PARAMS:
-            return False
+            return None
         g = torch.Generator().manual_seed(0)
         q, k = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 3, 8, generator=g)
         cos, sin = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+        bf = torch.bfloat16
+        probes = [(q, k, cos, sin), (q.to(bf), k.to(bf), cos.to(bf), sin.to(bf)), (q.to(bf), k.to(bf), cos, sin)]
         with torch.no_grad():
-            want = fn(q, k, cos, sin)
-        got = apply_rotary(q.requires_grad_(), k.requires_grad_(), cos, sin)
-        return all(torch.equal(a, b) for a, b in zip(want, got))
+            wants = [fn(*p) for p in probes]
+        for convention in ROPE_CONVENTIONS:
+            ok = True
+            for (pq, pk, pc, ps), want in zip(probes, wants):
+                got = apply_rotary(pq.clone().requires_grad_(), pk.clone().requires_grad_(), pc, ps, 1, convention)
+                ok = ok and all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(want, got))
+            if ok:
+                return convention
+        return None
     except Exception:
-        return False
+        return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,7 +301,7 @@ def _rope_module(cls) -> Optional[str]:
         src = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return None
-    if _ROPE_FN + "(" not in src or not _rope_formula_matches(fn):
+    if _ROPE_FN + "(" not in src or _rope_convention(fn) is None:
         return None
     return modname
 
@@ -277,7 +313,7 @@ def _install_rope(modname: str, user: nn.Module) -> None:
             mod = sys.modules[modname]
             original = getattr(mod, _ROPE_FN)
             entry = _rope_installed[modname] = (original, weakref.WeakSet())
-            setattr(mod, _ROPE_FN, _rope_dispatcher(original))
+            setattr(mod, _ROPE_FN, _rope_dispatcher(original, _rope_convention(original)))
         entry[1].add(user)
 
 
@@ -497,7 +533,8 @@ class PatchRecord:
         if s["attention_modules"]:
             parts.append(f"{s['attention_modules']}× attention -> one fused node each")
         if s["rotary_modules"]:
-            parts.append(f"{s['rotary_modules']}× rotary embedding -> one node per q/k")
+            parts.append(f"{s['rotary_modules']}× rotary embedding -> one node per q/k (where the whole head "
+                         "dimension rotates)")
         if s["skipped"]:
             parts.append(f"left as is: {'; '.join(s['skipped'])}")
         return "semitriton.patch: " + (", ".join(parts) if parts else "nothing to swap (aten rules apply)")
@@ -521,19 +558,24 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
     rec = PatchRecord()
     rms = _rms_classes()
     acts = _activation_classes()
+    composed: set = set()
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent._modules.items()):
             if child is None or getattr(type(child), "_semitriton_original_class", None):
                 continue
             cls = type(child)
             new = None
-            if norms and cls in rms:
-                if _rms_formula_matches(child, rms[cls]):
-                    new = _swap(child, "rms_norm", _semitriton_eps=_rms_eps(child),
-                                _semitriton_offset=rms[cls])
+            if norms and _is_rms_candidate(cls, rms):
+                offset = _rms_offset(child, rms)
+                if offset is not None:
+                    new = _swap(child, "rms_norm", _semitriton_eps=_rms_eps(child), _semitriton_offset=offset)
                 else:
                     rec.skipped.append(f"{parent_name + '.' if parent_name else ''}{name} ({cls.__name__}): "
                                        "forward differs from γ·x·rsqrt(mean(x²)+eps)")
+            elif norms and _composed_norm(cls) and cls.__name__ not in composed:
+                composed.add(cls.__name__)
+                rec.skipped.append(f"{cls.__name__} (e.g. {parent_name + '.' if parent_name else ''}{name}): "
+                                   "a norm semitriton does not know, walked as its aten ops (not one primitive)")
             elif activations and isinstance(child, acts) and cls in acts:
                 new = _swap(child, "activation")
             elif linear and cls is nn.Linear:
@@ -547,7 +589,7 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
             if new is not None:
                 parent._modules[name] = new
                 rec.swapped.append((parent, name, child, new))
-    if (norms and type(model) in rms) or (activations and type(model) in acts):
+    if (norms and _is_rms_candidate(type(model), rms)) or (activations and type(model) in acts):
         msg = (f"the model itself is a {type(model).__name__}, which patch() cannot replace (it swaps "
                "submodules in place): patch a module that contains it, e.g. nn.Sequential(module)")
         rec.skipped.append(msg)

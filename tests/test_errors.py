@@ -181,3 +181,20 @@ def test_module_backward_hooks_are_identity_nodes(semiring):
         out = torch.tanh(b(torch.tanh(a(x)))).sum()
         return semitriton.grad(out, x, semiring=semiring, fast_real=False)[0]
     torch.testing.assert_close(stats(True), stats(False), rtol=0, atol=0)
+
+
+def test_a_non_finite_output_warns():
+    """A NaN in the output (a broken forward) is said, not passed over: the
+    Triton kernels drop NaN terms from their max and sums, so statistics
+    through it could read finite."""
+    import warnings
+
+    x = torch.tensor([1.0, float("nan"), 2.0], requires_grad=True)
+    w = torch.randn(3, 2)
+    y = x @ w
+    with pytest.warns(RuntimeWarning, match="2 non-finite value"):
+        semitriton.grad(y, x, semiring="maxabs")
+    x2 = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        semitriton.grad((x2 @ w).sum(), x2, semiring="abs")

@@ -213,31 +213,74 @@ def _canonical_program(x0, w, eps, gelu_mod):
     return Program("canonical", {"x": x0}, steps, engine=None)
 
 
-@pytest.mark.parametrize("norm", ["nn.RMSNorm", "LlamaRMSNorm"])
+#: RMS norms: listed classes, and classes found by name and checked on the
+#: module (Phi3, Gemma3 with 1 + weight, T5's "LayerNorm"): (module, class, γ offset)
+RMS_NORMS = {"nn.RMSNorm": (None, "RMSNorm", 0.0), "LlamaRMSNorm": ("llama", "LlamaRMSNorm", 0.0),
+             "Phi3RMSNorm": ("phi3", "Phi3RMSNorm", 0.0), "Gemma3RMSNorm": ("gemma3", "Gemma3RMSNorm", 1.0),
+             "T5LayerNorm": ("t5", "T5LayerNorm", 0.0)}
+
+
+@pytest.mark.parametrize("norm", list(RMS_NORMS))
 @pytest.mark.parametrize("semiring", SEMIRINGS)
 def test_patched_statistics_follow_canonical_definitions(semiring, norm):
     """RMSNorm and the composed tanh-GELU each count as ONE primitive once patched."""
+    import importlib
+
     from transformers.activations import NewGELUActivation
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
     torch.manual_seed(0)
-    rms = nn.RMSNorm(6, eps=1e-5) if norm == "nn.RMSNorm" else LlamaRMSNorm(6, eps=1e-5)
+    module, cls_name, offset = RMS_NORMS[norm]
+    if module is None:
+        rms = nn.RMSNorm(6, eps=1e-5)
+    else:
+        cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls_name)
+        rms = cls(6, eps=1e-5)
     model = nn.Sequential(rms, NewGELUActivation()).double()
-    model[0].weight.data.normal_(1, 0.3)
+    model[0].weight.data.normal_(1 - offset, 0.3)
     x0 = torch.randn(2, 3, 6, dtype=torch.float64)
     semitriton.patch(model)
+    assert semitriton.patch_summary(model)["swapped"] == {cls_name: 1, "NewGELUActivation": 1}
     x = x0.clone().requires_grad_()
     y = model(x)
     out = (y * torch.linspace(-1, 1, 6, dtype=torch.float64)).sum()
     (got,) = semitriton.grad(out, x, semiring=semiring)
-    w = model[0].weight.detach().clone()
+    w = model[0].weight.detach().clone() + offset
     expected = oracle(_canonical_program(x0, w, 1e-5, NewGELUActivation()), semiring)["x"]
-    # LlamaRMSNorm computes in float32 even in a float64 model
+    # transformers' RMS norms compute in float32 even in a float64 model
     tol = 1e-9 if norm == "nn.RMSNorm" else 1e-6
     assert_semiring_close(got, expected, semiring, tol, "patched rmsnorm+gelu")
 
 
+def test_norms_patch_cannot_swap_are_named_in_the_summary():
+    """A class named like an RMS norm whose forward is something else, and a
+    norm semitriton does not know (e.g. Cohere's composed layer norm), are
+    left as they are and listed under "skipped" (they were left silently)."""
+    class OddRMSNorm(nn.Module):                    # mean-centred: not an RMS norm
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(6))
+
+        def forward(self, x):
+            x = x - x.mean(-1, keepdim=True)
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    class ScaleNorm(nn.Module):
+        def forward(self, x):
+            return x / x.norm(dim=-1, keepdim=True)
+
+    model = nn.Sequential(OddRMSNorm(), ScaleNorm(), ScaleNorm())
+    x = torch.randn(2, 6)
+    ref = model(x)
+    semitriton.patch(model)
+    summary = semitriton.patch_summary(model)
+    assert summary["swapped"] == {}
+    assert any("OddRMSNorm" in m and "differs" in m for m in summary["skipped"])
+    assert sum("ScaleNorm" in m and "aten ops" in m for m in summary["skipped"]) == 1
+    assert torch.equal(model(x), ref)
+    semitriton.unpatch(model)
+
+
 @pytest.mark.parametrize("cls_name, kind", [("NewGELUActivation", "gelu_tanh"), ("FastGELUActivation", "gelu_tanh"),
-                                             ("QuickGELUActivation", None)])
+                                             ("GELUTanh", "gelu_tanh"), ("QuickGELUActivation", None)])
 def test_known_composed_activations_use_the_fused_rule(cls_name, kind):
     """Patched tanh-GELU modules record their kind, so their rule is the fused
     ``activation`` op; the statistics equal those from autograd's derivative of
@@ -408,6 +451,72 @@ def test_rotary_dispatcher_shared_by_two_patched_models():
     assert "RotaryEmbeddingBackward" in _node_types(s)          # b still patched
     semitriton.unpatch(b)
     assert sys.modules[modname].apply_rotary_pos_emb is original
+
+
+@pytest.mark.parametrize("kind", ["olmo2", "modernbert"])
+def test_rotary_half_precision_conventions(kind):
+    """Modeling files that round RoPE differently in bf16: OLMo computes in
+    result_type(q, cos) with float32 cos/sin and casts back to q's dtype;
+    ModernBERT computes in float32 and casts back. The fused node follows each
+    (bit-identical bf16 outputs: OLMo's patched forward raised on q/k/v
+    dtypes, ModernBERT's was one bf16 unit off in 15-23% of q/k entries), and
+    the walk (fp32 accumulation) gives what it gives on the composed graph."""
+    t = transformers
+    torch.manual_seed(0)
+    if kind == "olmo2":
+        cfg = t.Olmo2Config(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=48, max_position_embeddings=32)
+        model_cls = t.Olmo2ForCausalLM
+    else:
+        cfg = t.ModernBertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=48, max_position_embeddings=32, local_attention=4,
+                                 global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                 cls_token_id=1, sep_token_id=2)
+        model_cls = t.ModernBertForMaskedLM
+    cfg._attn_implementation = "sdpa"
+    model = model_cls(cfg).to(torch.bfloat16).eval()
+    ids = torch.tensor([[5, 17, 41, 9, 23, 51, 33, 12]])
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+    ref = model(inputs_embeds=emb).logits
+    walked = {s: semitriton.grad(ref[0, -1, 3].float() - ref[0, -1, 7].float(), emb, semiring=s,
+                                 **({"fast_real": False} if s == "real" else {}))[0] for s in ("real", "abs")}
+    semitriton.patch(model, norms=False, activations=False, attention=False)
+    try:
+        assert semitriton.patch_summary(model)["rotary_modules"] > 0
+        out = model(inputs_embeds=emb).logits
+        assert torch.equal(out, ref)
+        score = out[0, -1, 3].float() - out[0, -1, 7].float()
+        assert "RotaryEmbeddingBackward" in _node_types(score)
+        for s, want in walked.items():
+            (got,) = semitriton.grad(score, emb, semiring=s, **({"fast_real": False} if s == "real" else {}))
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    finally:
+        semitriton.unpatch(model)
+
+
+@pytest.mark.parametrize("module,convention", [("llama", "plain"), ("olmo", "cast_back"), ("modernbert", "float")])
+def test_rotary_convention_detected(module, convention):
+    """Each modeling file's apply_rotary_pos_emb is matched to the convention
+    that reproduces it bit for bit in bf16 (larger inputs than the detection's
+    probes), and the plain one does not where the file rounds otherwise."""
+    import importlib
+
+    from semitriton.fused import apply_rotary
+    from semitriton.patching import _rope_convention
+    fn = importlib.import_module(f"transformers.models.{module}.modeling_{module}").apply_rotary_pos_emb
+    fn = getattr(fn, "_semitriton_original", fn)
+    assert _rope_convention(fn) == convention
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 4, 16, 32, generator=g).to(torch.bfloat16) for _ in range(2))
+    for cdt in (torch.bfloat16, torch.float32):
+        cos, sin = (torch.randn(2, 16, 32, generator=g).to(cdt) for _ in range(2))
+        want = fn(q, k, cos, sin)
+        got = apply_rotary(q.clone().requires_grad_(), k.clone().requires_grad_(), cos, sin, 1, convention)
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(want, got))
+        if convention != "plain":
+            plain = apply_rotary(q.clone().requires_grad_(), k.clone().requires_grad_(), cos, sin, 1, "plain")
+            differs = any(a.dtype != b.dtype or not torch.equal(a, b) for a, b in zip(want, plain))
+            assert differs or (convention == "cast_back" and cdt == torch.bfloat16)
 
 
 def test_rotary_not_fused_without_grad_or_with_rope_false():

@@ -40,20 +40,32 @@ def _grad_kernel(g, cos, sin):
     return None if r is NotImplemented else r[0]
 
 
+#: how a modeling file's function handles half-precision q/k (the edges are the
+#: same; only the forward's rounding differs): "plain" computes in
+#: result_type(q, cos) and returns that (LLaMA); "cast_back" computes the same
+#: and casts to q's dtype (OLMo); "float" computes in float32 and casts to q's
+#: dtype (ModernBERT)
+CONVENTIONS = ("plain", "cast_back", "float")
+
+
 class RotaryEmbedding(torch.autograd.Function):
-    """``forward(x, cos, sin)``: x·cos + rotate_half(x)·sin; ``cos``/``sin``
-    broadcast to x and carry no gradient (they are functions of positions)."""
+    """``forward(x, cos, sin, convention="plain")``: x·cos + rotate_half(x)·sin
+    (dtypes per :data:`CONVENTIONS`); ``cos``/``sin`` broadcast to x and carry
+    no gradient (they are functions of positions)."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, x, cos, sin, convention="plain"):
         ctx.save_for_backward(cos, sin)
         ctx.x_shape = x.shape
-        a, b = x * cos, rotate_half(x) * sin
+        ctx.x_dtype = x.dtype
+        xc = x.float() if convention == "float" else x
+        a, b = xc * cos, rotate_half(xc) * sin
         # the same sum written into a contiguous tensor: q/k come in as transposed
         # views of their projection, and the fused attention's rule reads them
         # flattened to [B·H, T, D], which would cost a copy per pass
         out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=torch.result_type(a, b), device=a.device)
-        return torch.add(a, b, out=out)
+        out = torch.add(a, b, out=out)
+        return out if convention == "plain" else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -65,7 +77,7 @@ class RotaryEmbedding(torch.autograd.Function):
             gs = g * sin
             h = gs.shape[-1] // 2
             gx = g * cos + torch.cat((gs[..., h:], -gs[..., :h]), dim=-1)
-        return gx.sum_to_size(ctx.x_shape), None, None
+        return gx.sum_to_size(ctx.x_shape).to(ctx.x_dtype), None, None, None
 
     @staticmethod
     def semiring_backward(rc):
@@ -77,9 +89,10 @@ class RotaryEmbedding(torch.autograd.Function):
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                 unsqueeze_dim: int = 1, convention: str = "plain") -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)``
-    with one :class:`RotaryEmbedding` node per tensor."""
+    with one :class:`RotaryEmbedding` node per tensor (``convention``: see
+    :data:`CONVENTIONS`)."""
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = sin.unsqueeze(unsqueeze_dim)
-    return RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+    return RotaryEmbedding.apply(q, cos, sin, convention), RotaryEmbedding.apply(k, cos, sin, convention)
