@@ -279,6 +279,18 @@ def live_rows(live: Tensor, max_live: float):
     return n, torch.nonzero_static(live, size=n, fill_value=0).squeeze(-1)
 
 
+def host_values(t: Tensor) -> list:
+    """``t.tolist()`` for a rule whose work depends on a tensor's values (the
+    group ends of a grouped matmul): a replay could not change what a capture
+    read, so a pass that reads them is refused at capture (it runs eagerly on
+    every call)."""
+    rec = _ACTIVE
+    if rec is not None and rec.capturing:
+        raise NotCapturable(f"the rule of {rec.current} reads tensor values on the host (the group sizes of a "
+                            "grouped matmul), which a replay could not follow")
+    return t.tolist()
+
+
 # ---- the closure check ------------------------------------------------------------------------
 #: torch ops that wait for the device (their result sizes or values go to the host): a
 #: capture cannot hold them (on a GPU the capture fails; on the CPU tests they are caught here)

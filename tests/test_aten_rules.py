@@ -88,3 +88,116 @@ def test_cat_of_several_constants():
     bos.requires_grad_()
     eos.requires_grad_()
     _check_elementwise((torch.cat([bos, x, eos]) * w).sum(), (x,))
+
+
+# ---- ops that read values at indices, add at indices, and grouped matmuls ------------------------
+import numpy as np  # noqa: E402
+
+from conftest import SEMIRINGS, assert_semiring_close  # noqa: E402
+from oracle import Program, Step, oracle  # noqa: E402
+
+_G = torch.Generator().manual_seed(5)
+_X = torch.randn(3, 5, generator=_G, dtype=torch.float64)
+_Y = torch.randn(4, 5, generator=_G, dtype=torch.float64)
+_IDX = torch.tensor([0, 2, 0, 1])                        # repeated: two sources add into row 0
+_SIDX = torch.tensor([[0, 1, 1], [2, 2, 0], [4, 3, 1]])  # scatter positions per row (repeats)
+
+#: name -> (inputs used, function of them)
+INDEXED = {
+    "topk": (("x",), lambda x: x.topk(2, dim=1)[0]),
+    "sort": (("x",), lambda x: x.sort(dim=0, descending=True)[0]),
+    "max_dim": (("x",), lambda x: x.max(dim=1)[0]),
+    "min_dim_keepdim": (("x",), lambda x: x.min(dim=0, keepdim=True)[0]),
+    "kthvalue": (("x",), lambda x: x.kthvalue(2, dim=1)[0]),
+    "median_dim": (("x",), lambda x: x.median(dim=1)[0]),
+    "cummax": (("x",), lambda x: x.cummax(dim=1)[0]),
+    "index_add": (("x", "y"), lambda x, y: x.index_add(0, _IDX, y, alpha=-1.5)),
+    "scatter_add": (("x",), lambda x: torch.ones(3, 5, dtype=x.dtype).scatter_add(1, _SIDX, x[:, 1:4])),
+}
+
+
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+@pytest.mark.parametrize("name", list(INDEXED))
+def test_ops_at_indices_against_the_oracle(name, semiring):
+    """topk/sort/max/min/kthvalue/median/cummax over a dim read one element per
+    output (weight 1); index_add and scatter_add add sources at indices
+    (repeated indices fan in). Each is one step of a float64 oracle program."""
+    used, fn = INDEXED[name]
+    w = torch.randn(fn(_X, _Y).shape if len(used) == 2 else fn(_X).shape, generator=torch.Generator().manual_seed(9),
+                    dtype=torch.float64)
+    inputs = {"x": _X, "y": _Y}
+    inputs = {k: inputs[k] for k in used}
+    steps = [Step("z", fn, used), Step("out", lambda z: (z * w).sum(), ("z",))]
+    prog = Program(name, inputs, steps, engine=None)
+    want = oracle(prog, semiring)
+    leaves = [t.clone().requires_grad_() for t in inputs.values()]
+    out = (fn(*leaves) * w).sum()
+    got = semitriton.grad(out, leaves, semiring=semiring,
+                          **({"fast_real": False} if semiring == "real" else {}))
+    for k, g in zip(used, got):
+        assert_semiring_close(g, want[k], semiring, 1e-12, f"{name}/{k}/{semiring}")
+
+
+def _grouped_inputs():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(9, 8, generator=g)
+    b = torch.randn(4, 8, 4, generator=g)
+    offs = torch.tensor([2, 2, 6, 8], dtype=torch.int32)          # an empty group; row 8 in no group
+    w = torch.randn(9, 4, generator=g)
+    return a, b, offs, w
+
+
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_grouped_mm_equals_its_per_group_matmuls(semiring):
+    """torch._grouped_mm (transformers' grouped experts) against the same
+    product written as one mm per group (walked through the mm and cat rules),
+    for both operands; rows past the last offset have no path."""
+    a, b, offs, w = _grouped_inputs()
+    kw = {"fast_real": False} if semiring == "real" else {}
+    la, lb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    y = torch._grouped_mm(la, lb, offs=offs)
+    got = semitriton.grad((y[:8] * w[:8]).sum(), [la, lb], semiring=semiring, **kw)
+    ra, rb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    parts, start = [], 0
+    for gi, end in enumerate(offs.tolist()):
+        parts.append(ra[start:end] @ rb[gi])
+        start = end
+    yr = torch.cat(parts)
+    want = semitriton.grad((yr * w[:8]).sum(), [ra, rb], semiring=semiring, **kw)
+    for gv, wv, what in zip(got, want, ("A", "B")):      # A's row 8 lies in no group: the zero in both
+        assert_semiring_close(gv, wv.detach().numpy(), semiring, 1e-5, f"grouped_mm {what} {semiring}")
+    if semiring == "real":
+        ag = torch.autograd.grad((y[:8] * w[:8]).sum(), [la, lb])
+        for gv, r in zip(got, ag):
+            torch.testing.assert_close(gv, r, rtol=1e-5, atol=1e-6)
+
+
+def test_mixture_of_experts_models_walk():
+    """A tiny Mixtral with each experts implementation transformers offers
+    (grouped_mm, eager with index_add, batched_mm; the router's topk in all):
+    every semiring runs, real equals autograd, and the statistics agree
+    across the implementations."""
+    import transformers as t
+    torch.manual_seed(0)
+    cfg = t.MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                          max_position_embeddings=32)
+    model = semitriton.patch(t.MixtralForCausalLM(cfg).eval())
+    ids = torch.tensor([[3, 17, 41, 9, 23, 11]])
+    stats: dict = {}
+    for impl in ("grouped_mm", "eager", "batched_mm"):
+        model.set_experts_implementation(impl)
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        logits = model(inputs_embeds=emb).logits
+        score = logits[0, -1, 7] - logits[0, -1, 3]
+        (ag,) = torch.autograd.grad(score, emb, retain_graph=True)
+        for s in SEMIRINGS:
+            (v,) = semitriton.grad(score, emb, semiring=s, **({"fast_real": False} if s == "real" else {}))
+            assert not torch.isnan(v).any(), f"{impl}/{s}"
+            if s == "real":
+                torch.testing.assert_close(v, ag, rtol=1e-4, atol=1e-6 * float(ag.abs().max()))
+            if s in stats:
+                assert_semiring_close(v, stats[s], s, 1e-4, f"{impl} vs grouped_mm, {s}")
+            else:
+                stats[s] = v.detach().double().numpy()
+    semitriton.unpatch(model)

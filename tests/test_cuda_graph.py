@@ -583,6 +583,28 @@ def test_refused_capture_leaves_the_signature_eager(emulated, monkeypatch):
     assert "NotCapturable" in entry.disabled and entry.graph is None and not entry.statics
 
 
+def test_a_grouped_matmul_pass_is_never_captured(emulated):
+    """A mixture-of-experts layer's grouped matmul splits its rows by group
+    sizes read on the host, which change with the routing: the pass is
+    refused at capture and every call runs eagerly, following the new groups."""
+    a, b = torch.randn(9, 8), torch.randn(3, 8, 4)
+    w = torch.randn(9, 4)
+
+    def pass_(offs, cuda_graph):
+        la = a.clone().requires_grad_()
+        y = torch._grouped_mm(la, b, offs=torch.tensor(offs, dtype=torch.int32))
+        return semitriton.grad((y * w).sum(), la, semiring="abs", cuda_graph=cuda_graph)[0]
+
+    calls = ([3, 5, 9], [3, 5, 9], [1, 7, 9], [6, 6, 9])
+    before = _counts(emulated)
+    with pytest.warns(RuntimeWarning, match="grouped matmul"):
+        got = [pass_(o, True) for o in calls]
+    eager, captures, replays, _ = (x - y for x, y in zip(_counts(emulated), before))
+    assert captures == 0 and replays == 0 and eager >= 1
+    for offs, g in zip(calls, got):
+        torch.testing.assert_close(g, pass_(offs, False), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("limit", ["count", "bytes"])
 def test_only_the_most_recent_graphs_keep_their_buffers(emulated, monkeypatch, limit):
     """Three batch shapes: three signatures captured, but only the most

@@ -5,6 +5,7 @@ weight A[i,j]."""
 from __future__ import annotations
 
 from .. import cuda_graph
+from ..errors import GraphError
 from . import rule
 
 
@@ -121,3 +122,45 @@ def linear(ctx):  # y = x @ Wᵀ + b
     if ctx.n_inputs > 2 and ctx.needs[2]:
         out[2] = ctx.sr.sum_to_shape(v, ctx.input_shape(2))
     return out
+
+
+@rule("GroupedMmBackward0")
+def grouped_mm(ctx):
+    """``torch._grouped_mm(A, B, offs)`` in the mixture-of-experts layout
+    (transformers' grouped experts): A [M, K] with rows sorted by expert,
+    B [G, K, N], offs [G] the cumulative row ends; rows offs[g-1]..offs[g] of
+    A are multiplied by B[g]; rows past offs[-1] have no edge. The group ends
+    are read on the host (one synchronisation per node; such a pass is not
+    captured into a CUDA graph)."""
+    a_shape, b_shape = tuple(ctx.saved("self_sym_sizes")), tuple(ctx.saved("mat2_sym_sizes"))
+    offs = ctx.saved("offs")
+    if len(a_shape) != 2 or len(b_shape) != 3 or offs is None:
+        raise GraphError(f"GroupedMmBackward0: only A [M, K] @ B [G, K, N] with offs (a mixture-of-experts "
+                         f"layer) has a rule; got A {a_shape}, B {b_shape}, "
+                         f"offs {'None' if offs is None else tuple(offs.shape)}")
+    sr, v = ctx.sr, ctx.grad()
+    dt, dev = v[0].dtype, v[0].device
+    groups, start = [], 0
+    for g, end in enumerate(cuda_graph.host_values(offs)):
+        if end > start:
+            groups.append((g, start, end))
+        start = max(start, end)
+    out = [None, None]
+    if ctx.needs[0]:
+        b = ctx.saved("mat2", cast=False)
+        va = tuple(c.clone() for c in sr.zero(a_shape, dt, dev))
+        for g, s0, s1 in groups:
+            part = _sr_matmul_left(ctx, sr.map(v, lambda c: c[s0:s1]), b[g])
+            for dst, src in zip(va, part):
+                dst[s0:s1] = src
+        out[0] = va
+    if ctx.needs[1]:
+        a = ctx.saved("self", cast=False)
+        vb = tuple(c.clone() for c in sr.zero(b_shape, dt, dev))
+        for g, s0, s1 in groups:
+            part = _sr_matmul_right(ctx, a[s0:s1], sr.map(v, lambda c: c[s0:s1]))
+            for dst, src in zip(vb, part):
+                dst[g] = src
+        out[1] = vb
+    return out + [None] * (ctx.n_inputs - 2)
+

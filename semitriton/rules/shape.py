@@ -235,6 +235,63 @@ def gather(ctx):
     return _only0(ctx, _gather_back(ctx, shape, positions))
 
 
+@rule("TopkBackward0", "SortBackward0", "MaxBackward0", "MinBackward0", "KthvalueBackward0", "MedianBackward1",
+      "NanmedianBackward1", "ModeBackward0", "CummaxBackward0", "CumminBackward0")
+def take_along_dim(ctx):
+    """Values read at saved indices along a dim (topk, sort, max/min/median
+    over a dim, cummax): each output element is one input element, weight 1
+    (as the recorded op routes its gradient: to the one index it returned)."""
+    if not ctx.needs[0]:
+        return [None] * ctx.n_inputs
+    shape = tuple(ctx.saved("self_sym_sizes")) if ctx.has_saved("self_sym_sizes") else tuple(ctx.saved("self").shape)
+    dev = ctx.grad()[0].device
+    if not shape:                                     # a 0-dim input: the value itself
+        return _only0(ctx, ctx.sr.sum_to_shape(ctx.grad(), ()))
+    dim = ctx.saved("dim") % len(shape)
+    idx = ctx.saved("indices").to(dev)
+    if ctx.has_saved("keepdim") and not ctx.saved("keepdim"):
+        idx = idx.unsqueeze(dim)
+    positions = _arange(shape, dev).gather(dim, idx)
+    return _only0(ctx, _gather_back(ctx, shape, positions))
+
+
+@rule("IndexAddBackward0")
+def index_add(ctx):
+    """out = self.index_add(dim, index, source, alpha): self[p] -> out[p]
+    (weight 1) and source[.., i, ..] -> out[.., index[i], ..] (weight alpha)."""
+    v = ctx.grad()
+    out = [None, None]
+    if ctx.needs[0]:
+        out[0] = ctx.sr.sum_to_shape(v, ctx.input_shape(0))
+    if ctx.needs[1]:
+        dim = ctx.saved("dim") % max(1, v[0].dim())
+        index = ctx.saved("index").to(v[0].device)
+        vs = ctx.sr.map(v, lambda c: c.index_select(dim, index) if c.dim() else c.reshape(1).index_select(0, index))
+        alpha = ctx.saved("alpha")
+        if alpha != 1:
+            vs = ctx.sr.scale(vs, ctx.tensor(alpha))
+        out[1] = ctx.sr.sum_to_shape(vs, ctx.input_shape(1))
+    return out
+
+
+@rule("ScatterAddBackward0")
+def scatter_add(ctx):
+    """out = self.scatter_add(dim, index, src): self[p] -> out[p] and
+    src[q] -> out[q with index[q] along dim] (weight 1 each)."""
+    v = ctx.grad()
+    out = [None] * ctx.n_inputs
+    if ctx.needs[0]:
+        out[0] = ctx.sr.sum_to_shape(v, ctx.input_shape(0))
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        dim = ctx.saved("dim") % v[0].dim()
+        index = ctx.saved("index").to(v[0].device)
+        if tuple(index.shape) != tuple(ctx.input_shape(1)):
+            raise GraphError("ScatterAddBackward0: src is larger than index (torch's own backward "
+                             "refuses this too); pass src[..., :k] with index's shape")
+        out[1] = ctx.sr.map(v, lambda c: c.gather(dim, index))
+    return out
+
+
 @rule("EmbeddingBackward0")
 def embedding(ctx):
     if not ctx.needs[0]:

@@ -76,7 +76,10 @@ def finite_or_zero(t: Tensor) -> Tensor:
 
 
 def finite_amax(x: Tensor, dim, keepdim: bool = True) -> Tensor:
-    """Max over ``dim``; rows that are all -inf get 0 (a neutral shift)."""
+    """Max over ``dim``; rows that are all -inf get 0 (a neutral shift), and so
+    does a reduction over nothing (an empty operand of a product)."""
+    if x.numel() == 0:
+        return torch.zeros_like(x.sum(dim=dim, keepdim=keepdim))
     return finite_or_zero(torch.amax(x, dim=dim, keepdim=keepdim))
 
 
