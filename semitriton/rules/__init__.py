@@ -111,13 +111,14 @@ class RuleContext:
         """A python scalar or tensor as a compute-dtype tensor on the values' device."""
         dev = self.node._input_metadata[0].device
         if isinstance(x, Tensor):
-            # a 0-dim CPU tensor: a Python number torch saved as a "wrapped number",
-            # which would stay one through .to() and make ``1.0 / x`` a float32
-            # division in a float64 graph; rebuilt as an ordinary tensor below
-            if x.dim() == 0 and (x.device != dev or x.device.type == "cpu"):
+            if x.dim() == 0 and x.device != dev:    # a wrapped CPU scalar
                 x = x.item()
             else:
-                return x.to(device=dev, dtype=self.dtype)
+                y = x.to(device=dev, dtype=self.dtype)
+                # a Python number torch saved as a "wrapped number" stays one through
+                # a .to() that changes nothing, and makes ``1.0 / y`` a float32
+                # division in a float64 graph: a copy is an ordinary tensor
+                return y.clone() if y is x and y.dim() == 0 else y
         return torch.full((), x, dtype=self.dtype, device=dev)   # a fill, not a host copy (CUDA graphs)
 
 
