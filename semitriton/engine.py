@@ -350,21 +350,22 @@ def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] 
             for node, lst in graph.targets.items():
                 for slot, i in lst:
                     results[i] = captured.get((node, slot))
-    _warn_if_not_finite(output)
+    _warn_if_nan(output)
     return tuple(r if r is not None else sr.zero(tuple(t.shape), dtype, t.device)
                  for r, t in zip(results, inputs))
 
 
-def _warn_if_not_finite(output: Tensor) -> None:
-    """A NaN or inf in the output means a broken forward: the statistics of
-    paths through it mean nothing, and the Triton kernels (which take max and
-    sums over NaN-free terms) may return finite numbers for them where the
-    torch reference returns NaN. Checked after the pass is queued, so the
-    check's synchronisation does not hold up the walk."""
-    if output.is_floating_point() and not bool(torch.isfinite(output).all()):
-        n = int((~torch.isfinite(output)).sum())
-        warnings.warn(f"semitriton: the output holds {n} non-finite value(s) (NaN or inf) of {output.numel()}: "
-                      "statistics of paths through them are not meaningful (the forward pass is broken there)",
+def _warn_if_nan(output: Tensor) -> None:
+    """A NaN in the output means a broken forward: the statistics of paths
+    through it mean nothing, and the Triton kernels (which take max and sums
+    over NaN-free terms) may return finite numbers for them where the torch
+    reference returns NaN. (±inf is left alone: masked logits are -inf on
+    purpose.) Checked after the pass is queued, so the check's
+    synchronisation does not hold up the walk."""
+    if output.is_floating_point() and bool(torch.isnan(output).any()):
+        n = int(torch.isnan(output).sum())
+        warnings.warn(f"semitriton: the output holds {n} NaN value(s) of {output.numel()}: statistics of paths "
+                      "through them are not meaningful (the forward pass is broken there)",
                       RuntimeWarning, stacklevel=3)
 
 

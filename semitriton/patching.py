@@ -115,9 +115,13 @@ def _is_rms_candidate(cls, known: dict) -> bool:
 
 
 def _composed_norm(cls) -> bool:
-    """A norm class outside torch that patch() does not swap: its forward is
-    walked as its aten ops (pow, mean, rsqrt, ...), not as one primitive."""
-    return "Norm" in cls.__name__ and not cls.__module__.startswith("torch.")
+    """A norm class outside torch, with a forward of its own, that patch()
+    does not swap: its forward is walked as its aten ops (pow, mean, rsqrt,
+    ...), not as one primitive (a subclass of nn.LayerNorm that keeps torch's
+    forward records torch's one node)."""
+    fwd = getattr(cls, "forward", None)
+    own = fwd is not None and not getattr(fwd, "__module__", "").startswith("torch.")
+    return "Norm" in cls.__name__ and not cls.__module__.startswith("torch.") and own
 
 
 @functools.lru_cache(maxsize=None)

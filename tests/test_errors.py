@@ -183,18 +183,20 @@ def test_module_backward_hooks_are_identity_nodes(semiring):
     torch.testing.assert_close(stats(True), stats(False), rtol=0, atol=0)
 
 
-def test_a_non_finite_output_warns():
+def test_a_nan_output_warns():
     """A NaN in the output (a broken forward) is said, not passed over: the
     Triton kernels drop NaN terms from their max and sums, so statistics
-    through it could read finite."""
+    through it could read finite. A -inf (a masked logit) is not a NaN."""
     import warnings
 
     x = torch.tensor([1.0, float("nan"), 2.0], requires_grad=True)
     w = torch.randn(3, 2)
     y = x @ w
-    with pytest.warns(RuntimeWarning, match="2 non-finite value"):
+    with pytest.warns(RuntimeWarning, match="2 NaN value"):
         semitriton.grad(y, x, semiring="maxabs")
     x2 = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    masked = (x2 @ w).masked_fill(torch.tensor([False, True]), float("-inf"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         semitriton.grad((x2 @ w).sum(), x2, semiring="abs")
+        semitriton.grad(masked, x2, semiring="maxabs")

@@ -267,7 +267,10 @@ def test_norms_patch_cannot_swap_are_named_in_the_summary():
         def forward(self, x):
             return x / x.norm(dim=-1, keepdim=True)
 
-    model = nn.Sequential(OddRMSNorm(), ScaleNorm(), ScaleNorm())
+    class PlainLayerNorm(nn.LayerNorm):             # torch's forward: one canonical node, not reported
+        pass
+
+    model = nn.Sequential(OddRMSNorm(), ScaleNorm(), ScaleNorm(), PlainLayerNorm(6))
     x = torch.randn(2, 6)
     ref = model(x)
     semitriton.patch(model)
@@ -275,6 +278,7 @@ def test_norms_patch_cannot_swap_are_named_in_the_summary():
     assert summary["swapped"] == {}
     assert any("OddRMSNorm" in m and "differs" in m for m in summary["skipped"])
     assert sum("ScaleNorm" in m and "aten ops" in m for m in summary["skipped"]) == 1
+    assert not any("PlainLayerNorm" in m for m in summary["skipped"])
     assert torch.equal(model(x), ref)
     semitriton.unpatch(model)
 
