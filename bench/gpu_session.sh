@@ -78,8 +78,10 @@ M=bench/bench_models.py
 # kernel_tests step, last, is often cut off): the layer-norm candidates with a
 # row of zero values (eighth session), the RMS-norm kernel (sixth session),
 # every tropical attention plan with GQA (the chunked contractions), the
-# pre-split bf16/fp16 GEMM and the norms' separate redo launch (maxabs, max; ninth session)
+# pre-split bf16/fp16 GEMM and the norms' separate redo launch (maxabs, max; ninth session),
+# the sorted abs layer norm's skip of zero rows (twelfth session)
 NEW_TESTS="tests/test_kernels_dense.py::test_norm_every_candidate_gpu tests/test_kernels_dense.py::test_rms_norm_from_input
+ tests/test_kernels_dense.py::test_layer_norm_abs_sorted
  tests/test_kernels_attention.py::test_every_launch_plan_gpu[maxabs-causal_gqa]
  tests/test_kernels_attention.py::test_every_launch_plan_gpu[max-causal_gqa]
  tests/test_kernels_dense.py::test_matmul_lowp_pre_split tests/test_kernels_dense.py::test_maxabs_norm_underflow_fallback
