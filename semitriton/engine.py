@@ -366,7 +366,7 @@ def _warn_if_nan(output: Tensor) -> None:
         n = int(torch.isnan(output).sum())
         warnings.warn(f"semitriton: the output holds {n} NaN value(s) of {output.numel()}: statistics of paths "
                       "through them are not meaningful (the forward pass is broken there)",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
 
 
 class SubGraph:

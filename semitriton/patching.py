@@ -110,6 +110,11 @@ def _rms_offset(module, known: dict) -> Optional[float]:
     return next((o for o in offsets if _rms_formula_matches(module, o)), None)
 
 
+def _on_meta(module) -> bool:
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and w.device.type == "meta"
+
+
 def _is_rms_candidate(cls, known: dict) -> bool:
     return cls in known or (cls.__name__.endswith(_RMS_NAME_ENDINGS) and not cls.__module__.startswith("torch."))
 
@@ -571,7 +576,11 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
             new = None
             if norms and _is_rms_candidate(cls, rms):
                 offset = _rms_offset(child, rms)
-                if offset is not None:
+                if cls not in rms and _on_meta(child):
+                    rec.skipped.append(f"{parent_name + '.' if parent_name else ''}{name} ({cls.__name__}): "
+                                       "its forward cannot be checked on the meta device (patch after loading "
+                                       "the weights)")
+                elif offset is not None:
                     new = _swap(child, "rms_norm", _semitriton_eps=_rms_eps(child), _semitriton_offset=offset)
                 else:
                     rec.skipped.append(f"{parent_name + '.' if parent_name else ''}{name} ({cls.__name__}): "

@@ -106,6 +106,7 @@ _SIDX = torch.tensor([[0, 1, 1], [2, 2, 0], [4, 3, 1]])  # scatter positions per
 INDEXED = {
     "topk": (("x",), lambda x: x.topk(2, dim=1)[0]),
     "sort": (("x",), lambda x: x.sort(dim=0, descending=True)[0]),
+    "sort_stable": (("x",), lambda x: torch.sort(x, dim=1, stable=True)[0]),
     "max_dim": (("x",), lambda x: x.max(dim=1)[0]),
     "min_dim_keepdim": (("x",), lambda x: x.min(dim=0, keepdim=True)[0]),
     "kthvalue": (("x",), lambda x: x.kthvalue(2, dim=1)[0]),

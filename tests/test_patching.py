@@ -283,6 +283,21 @@ def test_norms_patch_cannot_swap_are_named_in_the_summary():
     semitriton.unpatch(model)
 
 
+def test_unlisted_rms_norms_on_the_meta_device_are_left():
+    """On the meta device a norm's forward cannot be checked: a listed class
+    (known formula and offset) is swapped, one found by name is not (it could
+    be Gemma3's 1 + weight, or not an RMS norm at all), and the summary says why."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    with torch.device("meta"):
+        model = nn.Sequential(LlamaRMSNorm(6), Gemma3RMSNorm(6))
+    semitriton.patch(model)
+    summary = semitriton.patch_summary(model)
+    assert summary["swapped"] == {"LlamaRMSNorm": 1}
+    assert any("Gemma3RMSNorm" in m and "meta device" in m for m in summary["skipped"])
+    semitriton.unpatch(model)
+
+
 @pytest.mark.parametrize("cls_name, kind", [("NewGELUActivation", "gelu_tanh"), ("FastGELUActivation", "gelu_tanh"),
                                              ("GELUTanh", "gelu_tanh"), ("QuickGELUActivation", None)])
 def test_known_composed_activations_use_the_fused_rule(cls_name, kind):

@@ -129,7 +129,10 @@ def masked_fill(ctx):
 @rule("NativeDropoutBackward0")
 def dropout(ctx):
     """Training-mode dropout (the node saves p and the keep mask): edge
-    mask·1/(1 − p), 0 everywhere at p = 1 (as torch's backward)."""
+    mask·1/(1 − p), 0 everywhere at p = 1 (as torch's backward). A direct
+    ``torch.native_dropout(x, p, train=False)`` records the same node without
+    saving ``train`` (its edge is 1, read here as 1/(1 − p)); ``F.dropout``
+    in eval mode records no node."""
     mask = ctx.saved("result1")
     p = float(ctx.saved("p"))
     return [_pull(ctx, 0, ctx.tensor(mask) * (0.0 if p == 1 else 1.0 / (1.0 - p)))]

@@ -235,7 +235,7 @@ def gather(ctx):
     return _only0(ctx, _gather_back(ctx, shape, positions))
 
 
-@rule("TopkBackward0", "SortBackward0", "MaxBackward0", "MinBackward0", "KthvalueBackward0", "MedianBackward1",
+@rule("TopkBackward0", "SortBackward0", "SortBackward1", "MaxBackward0", "MinBackward0", "KthvalueBackward0", "MedianBackward1",
       "NanmedianBackward1", "ModeBackward0", "CummaxBackward0", "CumminBackward0")
 def take_along_dim(ctx):
     """Values read at saved indices along a dim (topk, sort, max/min/median
