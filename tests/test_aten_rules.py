@@ -173,17 +173,22 @@ def test_grouped_mm_equals_its_per_group_matmuls(semiring):
             torch.testing.assert_close(gv, r, rtol=1e-5, atol=1e-6)
 
 
-def test_mixture_of_experts_models_walk():
-    """A tiny Mixtral with each experts implementation transformers offers
-    (grouped_mm, eager with index_add, batched_mm; the router's topk in all):
-    every semiring runs, real equals autograd, and the statistics agree
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_mixture_of_experts_models_walk(kind):
+    """A tiny Mixtral / Qwen2-MoE with each experts implementation transformers
+    offers (grouped_mm, eager with index_add, batched_mm; the router's topk in
+    all): every semiring runs, real equals autograd, and the statistics agree
     across the implementations."""
     import transformers as t
     torch.manual_seed(0)
-    cfg = t.MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                          max_position_embeddings=32)
-    model = semitriton.patch(t.MixtralForCausalLM(cfg).eval())
+    common = dict(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=32)
+    if kind == "mixtral":
+        model = t.MixtralForCausalLM(t.MixtralConfig(**common, num_local_experts=4))
+    else:
+        model = t.Qwen2MoeForCausalLM(t.Qwen2MoeConfig(**common, num_experts=4, moe_intermediate_size=12,
+                                                       shared_expert_intermediate_size=20))
+    model = semitriton.patch(model.eval())
     ids = torch.tensor([[3, 17, 41, 9, 23, 11]])
     stats: dict = {}
     for impl in ("grouped_mm", "eager", "batched_mm"):
@@ -202,3 +207,23 @@ def test_mixture_of_experts_models_walk():
             else:
                 stats[s] = v.detach().double().numpy()
     semitriton.unpatch(model)
+
+
+def test_top_paths_through_the_new_rules():
+    """Paths are read off each rule's Jacobian columns: through index_add,
+    the grouped matmul and a stable sort, the best path's product is the
+    maxabs readout, and the two sources index_add joins give two paths."""
+    from semitriton.paths import top_paths
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, generator=g, requires_grad=True)
+    w = torch.randn(3, 8, 4, generator=g)
+    y = torch.zeros(4, 8).index_add(0, torch.tensor([0, 2, 0]), x)
+    z = torch._grouped_mm(y, w, offs=torch.tensor([1, 1, 3], dtype=torch.int32))
+    out = (z.sort(dim=1, stable=True)[0] * torch.randn(4, 4, generator=g)).sum()
+    (best,) = top_paths(out, x, k=1)
+    assert [s.op for s in best.steps][:3] == ["index_add", "grouped_mm", "sort"]
+    torch.testing.assert_close(abs(best.product), float(semitriton.grad(out, x, semiring="maxabs")[0].max()),
+                               rtol=1e-5, atol=0)
+    two = top_paths(out, x, k=2)
+    if two[0].steps[0].index == two[1].steps[0].index:      # joined at index_add's row 0
+        assert {two[0].source_index[0], two[1].source_index[0]} == {0, 2}
