@@ -5,6 +5,7 @@ before its fix (a fuzz of the rules against the float64 oracle)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import semitriton
 from semitriton.errors import GraphError
@@ -90,7 +91,7 @@ def test_cat_of_several_constants():
     _check_elementwise((torch.cat([bos, x, eos]) * w).sum(), (x,))
 
 
-# ---- ops that read values at indices, add at indices, and grouped matmuls ------------------------
+# ---- one-step programs against the oracle, grouped matmuls, mixture-of-experts models ------------
 import numpy as np  # noqa: E402
 
 from conftest import SEMIRINGS, assert_semiring_close  # noqa: E402
@@ -102,8 +103,8 @@ _Y = torch.randn(4, 5, generator=_G, dtype=torch.float64)
 _IDX = torch.tensor([0, 2, 0, 1])                        # repeated: two sources add into row 0
 _SIDX = torch.tensor([[0, 1, 1], [2, 2, 0], [4, 3, 1]])  # scatter positions per row (repeats)
 
-#: name -> (inputs used, function of them)
-INDEXED = {
+#: name -> (inputs used, one primitive of them)
+ONE_STEP_OPS = {
     "topk": (("x",), lambda x: x.topk(2, dim=1)[0]),
     "sort": (("x",), lambda x: x.sort(dim=0, descending=True)[0]),
     "sort_stable": (("x",), lambda x: torch.sort(x, dim=1, stable=True)[0]),
@@ -117,17 +118,60 @@ INDEXED = {
 }
 
 
+_XT = _X.clone()
+_XT[0, 1] = _XT[0, 3] = _XT[0].max() + 1.0           # a tie at row 0's maximum
+_XT[1, 2] = _Y[1, 2]                                  # a tie with y for maximum/minimum
+_XP = _X.abs() + 0.5                                  # positive, for logs
+ONE_STEP_OPS.update({
+    "logsumexp": (("x",), lambda x: x.logsumexp(1)),
+    "amax_ties": (("t",), lambda t: t.amax(1)),
+    "amin_all": (("x",), lambda x: x.amin((0, 1))),
+    "max_all_ties": (("t",), lambda t: t.max()),
+    "median_all": (("x",), lambda x: x.median()),
+    "maximum_ties": (("t", "y"), lambda t, y: torch.maximum(t, y[:3])),
+    "minimum": (("x", "y"), lambda x, y: torch.minimum(x, y[:3])),
+    "fmax": (("t", "y"), lambda t, y: torch.fmax(t, y[:3])),
+    "norm3": (("x",), lambda x: torch.linalg.vector_norm(x, 3, dim=1)),
+    "norm2_keepdim": (("x",), lambda x: x.norm(dim=0, keepdim=True)),
+    "var": (("x",), lambda x: x.var(1)),
+    "std_all": (("x",), lambda x: x.std()),
+    "expm1": (("x",), lambda x: x.expm1()),
+    "exp2": (("x",), lambda x: x.exp2()),
+    "log2": (("p",), lambda p: p.log2()),
+    "log10": (("p",), lambda p: p.log10()),
+    "atan": (("x",), lambda x: x.atan()),
+    "erfc": (("x",), lambda x: x.erfc()),
+    "logsigmoid": (("x",), lambda x: F.logsigmoid(x)),
+    "hardswish": (("x",), lambda x: F.hardswish(x)),
+    "mish": (("x",), lambda x: F.mish(x)),
+    "elu": (("x",), lambda x: F.elu(x, alpha=0.7)),
+    "selu": (("x",), lambda x: F.selu(x)),
+    "glu": (("x",), lambda x: F.glu(x[:, :4], -1)),
+    "sign": (("x",), lambda x: x.sign()),
+    "nan_to_num": (("x",), lambda x: x.nan_to_num()),
+    "flip": (("x",), lambda x: x.flip(1)),
+    "roll": (("x",), lambda x: x.roll((1, -2), (0, 1))),
+    "roll_flat": (("x",), lambda x: x.roll(3)),
+    "tril": (("x",), lambda x: x.tril()),
+    "triu": (("x",), lambda x: x.triu(1)),
+    "pad": (("x",), lambda x: F.pad(x, (1, 2, 0, 1))),
+    "pad_crop": (("x",), lambda x: F.pad(x, (-2, 1, -1, 0))),
+})
+_INPUTS = {"x": _X, "y": _Y, "t": _XT, "p": _XP}
+
+
 @pytest.mark.parametrize("semiring", SEMIRINGS)
-@pytest.mark.parametrize("name", list(INDEXED))
-def test_ops_at_indices_against_the_oracle(name, semiring):
-    """topk/sort/max/min/kthvalue/median/cummax over a dim read one element per
-    output (weight 1); index_add and scatter_add add sources at indices
-    (repeated indices fan in). Each is one step of a float64 oracle program."""
-    used, fn = INDEXED[name]
-    w = torch.randn(fn(_X, _Y).shape if len(used) == 2 else fn(_X).shape, generator=torch.Generator().manual_seed(9),
-                    dtype=torch.float64)
-    inputs = {"x": _X, "y": _Y}
-    inputs = {k: inputs[k] for k in used}
+@pytest.mark.parametrize("name", list(ONE_STEP_OPS))
+def test_aten_ops_against_the_oracle(name, semiring):
+    """Each op is one step of a float64 oracle program (its Jacobian's non-zero
+    entries are the edges): topk/sort/max/min/kthvalue/median/cummax over a
+    dim read one element per output; index_add and scatter_add add sources at
+    indices (repeated indices fan in); logsumexp, amax/amin and the full
+    max/min/median (ties share 1/count), maximum/minimum (ties 1/2 each),
+    vector norms, var/std; unary functions; flip, roll, tril/triu, pad."""
+    used, fn = ONE_STEP_OPS[name]
+    inputs = {k: _INPUTS[k] for k in used}
+    w = torch.randn(fn(*inputs.values()).shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     steps = [Step("z", fn, used), Step("out", lambda z: (z * w).sum(), ("z",))]
     prog = Program(name, inputs, steps, engine=None)
     want = oracle(prog, semiring)

@@ -192,6 +192,31 @@ _unary("SoftplusBackward0", lambda c: (lambda x, b, th: torch.where(x * b > th, 
        (c.saved("self"), c.saved("beta"), c.saved("threshold")).to(c.dtype))
 
 
+_unary("Expm1Backward0", lambda c: c.saved("result") + 1)
+_unary("Exp2Backward0", lambda c: c.saved("result") * math.log(2.0))
+_unary("Log2Backward0", lambda c: 1.0 / (c.saved("self") * math.log(2.0)))
+_unary("Log10Backward0", lambda c: 1.0 / (c.saved("self") * math.log(10.0)))
+_unary("SignBackward0", lambda c: 0)                          # piecewise constant: no edge
+_unary("NanToNumBackward0", lambda c: torch.isfinite(c.saved("self")).to(c.dtype))
+_unary("AtanBackward0", lambda c: 1.0 / (1 + c.saved("self") ** 2))
+_unary("ErfcBackward0", lambda c: -2 / math.sqrt(math.pi) * torch.exp(-c.saved("self") ** 2))
+_unary("LogSigmoidBackward0", lambda c: _sig(-c.saved("self")))
+_unary("HardswishBackward0", lambda c: (lambda x: torch.where(x < -3, 0.0, torch.where(x > 3, 1.0, (2 * x + 3) / 6)))
+       (c.saved("self")).to(c.dtype))
+_unary("MishBackward0", lambda c: (lambda x: (lambda t: t + x * _sig(x) * (1 - t * t))(
+       torch.tanh(torch.nn.functional.softplus(x))))(c.saved("self")))
+
+
+def _elu_grad(c):
+    """ELU/SELU/CELU: scale for x > 0, scale·α·s·exp(s·x) below (s = input_scale)."""
+    x = c.saved("self")
+    scale, alpha, s = float(c.saved("scale")), float(c.saved("alpha")), float(c.saved("input_scale"))
+    return torch.where(x > 0, torch.full_like(x, scale), scale * alpha * s * torch.exp(s * x))
+
+
+_unary("EluBackward0", _elu_grad)
+
+
 def _pow_grad(c):
     x = c.saved("self")
     e = c.saved("exponent")
@@ -217,6 +242,44 @@ def pow_tensor(ctx):  # self ** exponent, both tensors
     if ctx.needs[1]:
         out[1] = _pull(ctx, 1, torch.where((x == 0) & (e >= 0), 0.0, ctx.saved("result") * torch.log(x)))
     return out
+
+
+def _pick(ctx, keep_self, keep_other):
+    return [_pull(ctx, 0, keep_self.to(ctx.dtype)), _pull(ctx, 1, keep_other.to(ctx.dtype))]
+
+
+@rule("MaximumBackward0", "MinimumBackward0")
+def maximum(ctx):
+    """max(x, y) elementwise: an edge of weight 1 from the larger (smaller),
+    1/2 from each where they tie (as torch's backward)."""
+    x, y = ctx.saved("self"), ctx.saved("other")
+    win = x > y if type(ctx.node).__name__.startswith("Maximum") else x < y
+    tie = (x == y).to(ctx.dtype) * 0.5
+    return [_pull(ctx, 0, win.to(ctx.dtype) + tie), _pull(ctx, 1, (~win & (x != y)).to(ctx.dtype) + tie)]
+
+
+@rule("FmaxBackward0", "FminBackward0")
+def fmax(ctx):
+    """fmax/fmin: the NaN-ignoring forms; ties go to self (as torch's backward)."""
+    x, y = ctx.saved("self"), ctx.saved("other")
+    sel = (x >= y if type(ctx.node).__name__.startswith("Fmax") else x <= y) | torch.isnan(y)
+    return _pick(ctx, sel, ~sel)
+
+
+@rule("GluBackward0")
+def glu(ctx):
+    """glu(x) = a·σ(b), x = [a, b] halves along dim: a_i -> out_i weight σ(b_i),
+    b_i -> out_i weight a_i σ(b_i)(1 − σ(b_i))."""
+    if not ctx.needs[0]:
+        return [None] * ctx.n_inputs
+    x = ctx.saved("self")
+    dim = ctx.saved("dim") % x.dim()
+    a, b = x.chunk(2, dim)
+    sb = _sig(b)
+    v = ctx.grad()
+    va = ctx.sr.scale(v, sb)
+    vb = ctx.sr.scale(v, a * sb * (1 - sb))
+    return [tuple(torch.cat(pair, dim) for pair in zip(va, vb))] + [None] * (ctx.n_inputs - 1)
 
 
 @rule("ClampBackward1")

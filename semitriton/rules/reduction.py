@@ -1,9 +1,15 @@
-"""Reductions: sum and mean (edges x[i] -> y with weight 1 or 1/n)."""
+"""Reductions: sum and mean (edges x[i] -> y with weight 1 or 1/n), and the
+ones whose edge weights depend on x: logsumexp (softmax weights), amax/amin
+and the full max/min/median (1/count to each tied extreme, as torch's
+backward), vector norms and var/std (their exact partial derivatives)."""
 
 from __future__ import annotations
 
 import math
 
+import torch
+
+from ..errors import GraphError
 from . import rule
 
 
@@ -61,3 +67,78 @@ def mean_dim(ctx):
     n = math.prod(shape[d] for d in dims)
     v = _expand_back(ctx, shape, dims, ctx.saved("keepdim"))
     return [ctx.sr.scale(v, ctx.tensor(1.0 / n))]
+
+
+def _restore(t, shape, dims, keepdim):
+    """A reduced tensor broadcast back to ``shape`` (the reduced dims re-inserted)."""
+    if not keepdim:
+        for d in sorted(dims):
+            t = t.unsqueeze(d)
+    return t.expand(shape)
+
+
+def _weighted(ctx, weight_of):
+    """Value of x for y = reduce(x, dims): v[y] broadcast back, ⊗ the edge
+    weights ``weight_of(x, result restored to x's shape, dims)``."""
+    if not ctx.needs[0]:
+        return [None]
+    x = ctx.saved("self")
+    shape = tuple(x.shape)
+    dims = _dims_list(ctx.saved("dim") if ctx.has_saved("dim") else None, len(shape))
+    keepdim = bool(ctx.saved("keepdim")) if ctx.has_saved("keepdim") else False
+    if not ctx.has_saved("dim"):                        # a full reduction to a 0-dim result
+        dims, keepdim = list(range(len(shape))), False
+    r = _restore(ctx.saved("result"), shape, dims, keepdim) if ctx.has_saved("result") else None
+    v = ctx.sr.map(ctx.grad(), lambda c: _restore(c, shape, dims, keepdim))
+    return [ctx.sr.scale(v, weight_of(x, r, dims))]
+
+
+@rule("LogsumexpBackward0")
+def logsumexp(ctx):
+    """y = log Σ exp x: edge weights softmax(x) = exp(x − y)."""
+    return _weighted(ctx, lambda x, r, dims: torch.exp(x - r))
+
+
+@rule("AmaxBackward0", "AminBackward0", "MaxBackward1", "MinBackward1", "MedianBackward0", "NanmedianBackward0")
+def extreme(ctx):
+    """amax/amin over dims and the full max/min/median: weight 1/count to
+    each element equal to the result (ties share, as torch's backward)."""
+    def w(x, r, dims):
+        hit = (x == r) | (torch.isnan(x) & torch.isnan(r))
+        count = hit.sum(dim=dims, keepdim=True).clamp_min(1)
+        return hit.to(x.dtype) / count
+    return _weighted(ctx, w)
+
+
+@rule("LinalgVectorNormBackward0", "NormBackward1")
+def vector_norm(ctx):
+    """y = (Σ|x|^p)^(1/p), finite p > 0: weight sign(x)|x|^(p−1) / y^(p−1)
+    (0 where y = 0, as torch's subgradient)."""
+    p = float(ctx.saved("ord") if ctx.has_saved("ord") else ctx.saved("p"))
+    if not (0 < p < math.inf):
+        raise GraphError(f"{type(ctx.node).__name__}: only finite positive orders have a rule (ord={p})")
+
+    def w(x, r, dims):
+        safe = torch.where(r > 0, r, torch.ones_like(r))
+        g = torch.sign(x) * x.abs() ** (p - 1) / safe ** (p - 1)
+        return torch.where(r > 0, g, torch.zeros_like(g))
+    return _weighted(ctx, w)
+
+
+@rule("VarBackward0", "StdBackward0")
+def var(ctx):
+    """var = Σ (x − μ)² / (N − c): weight 2(x_i − μ)/(N − c); std = √var:
+    weight (x_i − μ)/((N − c)·std) (0 where std = 0)."""
+    is_std = type(ctx.node).__name__.startswith("Std")
+    corr = ctx.saved("correction")
+    corr = 1.0 if corr is None else float(corr)
+
+    def w(x, r, dims):
+        n = math.prod(x.shape[d] for d in dims)
+        d = x - x.mean(dim=dims, keepdim=True)
+        if not is_std:
+            return 2 * d / (n - corr)
+        safe = torch.where(r > 0, r, torch.ones_like(r))
+        return torch.where(r > 0, d / ((n - corr) * safe), torch.zeros_like(d))
+    return _weighted(ctx, w)
+

@@ -292,6 +292,68 @@ def scatter_add(ctx):
     return out
 
 
+@rule("FlipBackward0")
+def flip(ctx):
+    if not ctx.needs[0]:
+        return [None]
+    dims = list(ctx.saved("dims"))
+    return [ctx.sr.map(ctx.grad(), lambda c: c.flip(dims))]
+
+
+@rule("RollBackward0")
+def roll(ctx):
+    if not ctx.needs[0]:
+        return [None]
+    shifts, dims = list(ctx.saved("shifts")), list(ctx.saved("dims"))
+    back = [-s for s in shifts]
+    if dims:
+        return [ctx.sr.map(ctx.grad(), lambda c: c.roll(back, dims))]
+    shape = ctx.input_shape(0)                # rolled flattened
+    return [ctx.sr.map(ctx.grad(), lambda c: c.reshape(-1).roll(back).reshape(shape))]
+
+
+@rule("TrilBackward0", "TriuBackward0")
+def tril(ctx):
+    """Entries kept by tril/triu are weight-1 edges; the others have none."""
+    if not ctx.needs[0]:
+        return [None]
+    v = ctx.grad()
+    k = ctx.saved("diagonal")
+    rows, cols = v[0].shape[-2:]
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=v[0].device)
+    keep = keep.tril(k) if type(ctx.node).__name__.startswith("Tril") else keep.triu(k)
+    z = ctx.sr.zero((), v[0].dtype, v[0].device)
+    return [tuple(torch.where(keep, c, zc) for c, zc in zip(v, z))]
+
+
+@rule("ConstantPadNdBackward0")
+def constant_pad(ctx):
+    """F.pad(x, pad) with a constant: x's elements are weight-1 edges to their
+    places in the padded tensor (negative pads crop: the cropped elements
+    have no edge)."""
+    if not ctx.needs[0]:
+        return [None]
+    pad = list(ctx.saved("pad"))
+    shape = tuple(ctx.input_shape(0))
+    v = ctx.grad()
+    nd = v[0].dim()
+    idx = [slice(None)] * nd
+    src = [slice(None)] * nd
+    for i in range(len(pad) // 2):
+        d = nd - 1 - i
+        lo, hi = pad[2 * i], pad[2 * i + 1]
+        n = shape[d]
+        idx[d] = slice(max(lo, 0), max(lo, 0) + n - max(-lo, 0) - max(-hi, 0))
+        src[d] = slice(max(-lo, 0), n - max(-hi, 0))
+    part = ctx.sr.map(v, lambda c: c[tuple(idx)])
+    if all(p >= 0 for p in pad):
+        return [part]
+    out = tuple(c.clone() for c in ctx.sr.zero(shape, v[0].dtype, v[0].device))
+    for o, p_ in zip(out, part):
+        o[tuple(src)] = p_
+    return [out]
+
+
 @rule("EmbeddingBackward0")
 def embedding(ctx):
     if not ctx.needs[0]:
