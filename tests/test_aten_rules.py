@@ -160,9 +160,16 @@ ONE_STEP_OPS.update({
 _INPUTS = {"x": _X, "y": _Y, "t": _XT, "p": _XP}
 
 
+def _triton_ok():
+    from semitriton import backend
+    return backend.triton_available() and (torch.cuda.is_available() or backend.interpreting())
+
+
+@pytest.mark.parametrize("backend,dtype,tol", [("torch", torch.float64, 1e-12), ("triton", torch.float32, 2e-4)],
+                         ids=["torch-f64", "triton-f32"])
 @pytest.mark.parametrize("semiring", SEMIRINGS)
 @pytest.mark.parametrize("name", list(ONE_STEP_OPS))
-def test_aten_ops_against_the_oracle(name, semiring):
+def test_aten_ops_against_the_oracle(name, semiring, backend, dtype, tol):
     """Each op is one step of a float64 oracle program (its Jacobian's non-zero
     entries are the edges): topk/sort/max/min/kthvalue/median/cummax over a
     dim read one element per output; index_add and scatter_add add sources at
@@ -174,13 +181,16 @@ def test_aten_ops_against_the_oracle(name, semiring):
     w = torch.randn(fn(*inputs.values()).shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     steps = [Step("z", fn, used), Step("out", lambda z: (z * w).sum(), ("z",))]
     prog = Program(name, inputs, steps, engine=None)
+    if backend == "triton" and not _triton_ok():
+        pytest.skip("triton unavailable (or no GPU and TRITON_INTERPRET unset)")
     want = oracle(prog, semiring)
-    leaves = [t.clone().requires_grad_() for t in inputs.values()]
-    out = (fn(*leaves) * w).sum()
-    got = semitriton.grad(out, leaves, semiring=semiring,
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    leaves = [t.to(dev, dtype).requires_grad_() for t in inputs.values()]
+    out = (fn(*leaves) * w.to(dev, dtype)).sum()
+    got = semitriton.grad(out, leaves, semiring=semiring, backend=backend,
                           **({"fast_real": False} if semiring == "real" else {}))
     for k, g in zip(used, got):
-        assert_semiring_close(g, want[k], semiring, 1e-12, f"{name}/{k}/{semiring}")
+        assert_semiring_close(g, want[k], semiring, tol, f"{name}/{k}/{semiring}/{backend}")
 
 
 def _grouped_inputs():
