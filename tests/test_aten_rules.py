@@ -156,6 +156,8 @@ ONE_STEP_OPS.update({
     "triu": (("x",), lambda x: x.triu(1)),
     "pad": (("x",), lambda x: F.pad(x, (1, 2, 0, 1))),
     "pad_crop": (("x",), lambda x: F.pad(x, (-2, 1, -1, 0))),
+    "cumsum": (("x",), lambda x: x.cumsum(1)),
+    "cumsum_dim0": (("x",), lambda x: x.cumsum(-2)),
 })
 _INPUTS = {"x": _X, "y": _Y, "t": _XT, "p": _XP}
 

@@ -142,3 +142,22 @@ def var(ctx):
         return torch.where(r > 0, d / ((n - corr) * safe), torch.zeros_like(d))
     return _weighted(ctx, w)
 
+
+@rule("CumsumBackward0")
+def cumsum(ctx):
+    """y_i = Σ_{j≤i} x_j along dim: x_j -> y_i (i ≥ j) with weight 1, i.e.
+    x_j = ⊕_{i≥j} v_i, a semiring product with the triangular 0/1 matrix
+    (O(n²) per row; zero entries are no edge)."""
+    if not ctx.needs[0]:
+        return [None]
+    v = ctx.grad()
+    nd = v[0].dim()
+    if nd == 0:
+        return [v]
+    dim = ctx.saved("dim") % nd
+    n = v[0].shape[dim]
+    tri = torch.ones(n, n, dtype=v[0].dtype, device=v[0].device).tril()      # tri[i, j] = [i ≥ j]
+    moved = ctx.sr.map(v, lambda c: c.movedim(dim, -1))
+    out = ctx.sr.matmul(moved, tri)
+    return [ctx.sr.map(out, lambda c: c.movedim(-1, dim))]
+
