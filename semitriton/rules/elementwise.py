@@ -201,20 +201,27 @@ _unary("NanToNumBackward0", lambda c: torch.isfinite(c.saved("self")).to(c.dtype
 _unary("AtanBackward0", lambda c: 1.0 / (1 + c.saved("self") ** 2))
 _unary("ErfcBackward0", lambda c: -2 / math.sqrt(math.pi) * torch.exp(-c.saved("self") ** 2))
 _unary("LogSigmoidBackward0", lambda c: _sig(-c.saved("self")))
-_unary("HardswishBackward0", lambda c: (lambda x: torch.where(x < -3, 0.0, torch.where(x > 3, 1.0, (2 * x + 3) / 6)))
-       (c.saved("self")).to(c.dtype))
+# torch's own derivative (its value at the kinks x = ±3 changed between versions)
+_unary("HardswishBackward0", lambda c: torch.ops.aten.hardswish_backward(torch.ones_like(c.saved("self")),
+                                                                         c.saved("self")))
 _unary("MishBackward0", lambda c: (lambda x: (lambda t: t + x * _sig(x) * (1 - t * t))(
        torch.tanh(torch.nn.functional.softplus(x))))(c.saved("self")))
 
 
 def _elu_grad(c):
-    """ELU/SELU/CELU: scale for x > 0, scale·α·s·exp(s·x) below (s = input_scale)."""
+    """ELU/SELU (EluBackward0): scale for x > 0, scale·α·s·exp(s·x) below
+    (s = input_scale); CELU: 1 above 0, exp(x/α) below."""
     x = c.saved("self")
+    if type(c.node).__name__.startswith("Celu"):      # torch's backward takes 1/α in float32
+        alpha = float(c.saved("alpha"))
+        s = 1.0 / float(torch.tensor(alpha, dtype=torch.float32))
+        return torch.where(x > 0, torch.ones_like(x), alpha * s * torch.exp(s * x))
     scale, alpha, s = float(c.saved("scale")), float(c.saved("alpha")), float(c.saved("input_scale"))
     return torch.where(x > 0, torch.full_like(x, scale), scale * alpha * s * torch.exp(s * x))
 
 
 _unary("EluBackward0", _elu_grad)
+_unary("CeluBackward0", _elu_grad)
 
 
 def _pow_grad(c):
@@ -251,11 +258,12 @@ def _pick(ctx, keep_self, keep_other):
 @rule("MaximumBackward0", "MinimumBackward0")
 def maximum(ctx):
     """max(x, y) elementwise: an edge of weight 1 from the larger (smaller),
-    1/2 from each where they tie (as torch's backward)."""
+    1/2 from each where they tie, 1 from both where one is NaN (torch's
+    backward, formula for formula)."""
     x, y = ctx.saved("self"), ctx.saved("other")
-    win = x > y if type(ctx.node).__name__.startswith("Maximum") else x < y
-    tie = (x == y).to(ctx.dtype) * 0.5
-    return [_pull(ctx, 0, win.to(ctx.dtype) + tie), _pull(ctx, 1, (~win & (x != y)).to(ctx.dtype) + tie)]
+    base = torch.where(x == y, 0.5, 1.0).to(ctx.dtype)
+    lose_x, lose_y = (x < y, x > y) if type(ctx.node).__name__.startswith("Maximum") else (x > y, x < y)
+    return [_pull(ctx, 0, base.masked_fill(lose_x, 0.0)), _pull(ctx, 1, base.masked_fill(lose_y, 0.0))]
 
 
 @rule("FmaxBackward0", "FminBackward0")

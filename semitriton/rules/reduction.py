@@ -113,15 +113,19 @@ def extreme(ctx):
 @rule("LinalgVectorNormBackward0", "NormBackward1")
 def vector_norm(ctx):
     """y = (Σ|x|^p)^(1/p), finite p > 0: weight sign(x)|x|^(p−1) / y^(p−1)
-    (0 where y = 0, as torch's subgradient)."""
-    p = float(ctx.saved("ord") if ctx.has_saved("ord") else ctx.saved("p"))
-    if not (0 < p < math.inf):
-        raise GraphError(f"{type(ctx.node).__name__}: only finite positive orders have a rule (ord={p})")
+    (0 where y = 0, and where x = 0 for p < 1, as torch's subgradient); the
+    "norm" of order 0 (a count) has no edges."""
+    p = ctx.saved("ord") if ctx.has_saved("ord") else ctx.saved("p")
+    p = 2.0 if p is None else float(p)
+    if not (0 <= p < math.inf):
+        raise GraphError(f"{type(ctx.node).__name__}: only finite orders ≥ 0 have a rule (ord={p})")
 
     def w(x, r, dims):
+        if p == 0:
+            return torch.zeros_like(x)
         safe = torch.where(r > 0, r, torch.ones_like(r))
         g = torch.sign(x) * x.abs() ** (p - 1) / safe ** (p - 1)
-        return torch.where(r > 0, g, torch.zeros_like(g))
+        return torch.where((r > 0) & (x != 0), g, torch.zeros_like(g))
     return _weighted(ctx, w)
 
 

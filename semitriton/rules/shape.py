@@ -283,8 +283,11 @@ def scatter_add(ctx):
     if ctx.needs[0]:
         out[0] = ctx.sr.sum_to_shape(v, ctx.input_shape(0))
     if ctx.n_inputs > 1 and ctx.needs[1]:
-        dim = ctx.saved("dim") % v[0].dim()
         index = ctx.saved("index").to(v[0].device)
+        if v[0].dim() == 0:                             # 0-dim: every src element adds to the one value
+            out[1] = ctx.sr.map(v, lambda c: c.expand(index.shape))
+            return out
+        dim = ctx.saved("dim") % v[0].dim()
         if tuple(index.shape) != tuple(ctx.input_shape(1)):
             raise GraphError("ScatterAddBackward0: src is larger than index (torch's own backward "
                              "refuses this too); pass src[..., :k] with index's shape")
