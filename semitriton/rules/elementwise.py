@@ -222,6 +222,10 @@ def _elu_grad(c):
 
 _unary("EluBackward0", _elu_grad)
 _unary("CeluBackward0", _elu_grad)
+# in-place ELU/SELU (saves its output y): scale above 0, s·(y + α·scale) below
+_unary("EluBackward1", lambda c: (lambda y, scale, alpha, s: torch.where(y > 0, torch.full_like(y, scale),
+                                                                         s * (y + alpha * scale)))(
+       c.saved("result"), float(c.saved("scale")), float(c.saved("alpha")), float(c.saved("input_scale"))))
 
 
 def _pow_grad(c):

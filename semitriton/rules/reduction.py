@@ -129,13 +129,34 @@ def vector_norm(ctx):
     return _weighted(ctx, w)
 
 
-@rule("VarBackward0", "StdBackward0")
+@rule("VarBackward0", "StdBackward0", "VarMeanBackward0", "StdMeanBackward0")
 def var(ctx):
     """var = Σ (x − μ)² / (N − c): weight 2(x_i − μ)/(N − c); std = √var:
-    weight (x_i − μ)/((N − c)·std) (0 where std = 0)."""
-    is_std = type(ctx.node).__name__.startswith("Std")
+    weight (x_i − μ)/((N − c)·std) (0 where std = 0). var_mean/std_mean: the
+    same for their first output, ⊕ the mean's 1/n edges for the second."""
+    name = type(ctx.node).__name__
+    is_std = name.startswith("Std")
     corr = ctx.saved("correction")
     corr = 1.0 if corr is None else float(corr)
+    if name.endswith("MeanBackward0"):
+        if not ctx.needs[0]:
+            return [None]
+        x = ctx.saved("self")
+        shape = tuple(x.shape)
+        dims = _dims_list(ctx.saved("dim"), len(shape))
+        keepdim = bool(ctx.saved("keepdim"))
+        n = math.prod(shape[d] for d in dims)
+        d = x - x.mean(dim=dims, keepdim=True)
+        if is_std:
+            r = _restore(ctx.saved("result0"), shape, dims, keepdim)
+            safe = torch.where(r > 0, r, torch.ones_like(r))
+            w0 = torch.where(r > 0, d / ((n - corr) * safe), torch.zeros_like(d))
+        else:
+            w0 = 2 * d / (n - corr)
+        sr = ctx.sr
+        v0 = sr.scale(sr.map(ctx.grad(0), lambda c: _restore(c, shape, dims, keepdim)), w0)
+        v1 = sr.scale(sr.map(ctx.grad(1), lambda c: _restore(c, shape, dims, keepdim)), ctx.tensor(1.0 / n))
+        return [sr.plus(v0, v1)]
 
     def w(x, r, dims):
         n = math.prod(x.shape[d] for d in dims)
