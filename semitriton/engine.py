@@ -362,8 +362,8 @@ def _warn_if_nan(output: Tensor) -> None:
     reference returns NaN. (±inf is left alone: masked logits are -inf on
     purpose.) Checked after the pass is queued, so the check's
     synchronisation does not hold up the walk."""
-    if output.is_floating_point() and bool(torch.isnan(output).any()):
-        n = int(torch.isnan(output).sum())
+    n = int(torch.isnan(output).sum()) if output.is_floating_point() else 0
+    if n:
         warnings.warn(f"semitriton: the output holds {n} NaN value(s) of {output.numel()}: statistics of paths "
                       "through them are not meaningful (the forward pass is broken there)",
                       RuntimeWarning, stacklevel=4)

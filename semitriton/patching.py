@@ -575,8 +575,9 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
             cls = type(child)
             new = None
             if norms and _is_rms_candidate(cls, rms):
-                offset = _rms_offset(child, rms)
-                if cls not in rms and _on_meta(child):
+                unchecked = cls not in rms and _on_meta(child)
+                offset = None if unchecked else _rms_offset(child, rms)
+                if unchecked:
                     rec.skipped.append(f"{parent_name + '.' if parent_name else ''}{name} ({cls.__name__}): "
                                        "its forward cannot be checked on the meta device (patch after loading "
                                        "the weights)")

@@ -255,10 +255,6 @@ def pow_tensor(ctx):  # self ** exponent, both tensors
     return out
 
 
-def _pick(ctx, keep_self, keep_other):
-    return [_pull(ctx, 0, keep_self.to(ctx.dtype)), _pull(ctx, 1, keep_other.to(ctx.dtype))]
-
-
 @rule("MaximumBackward0", "MinimumBackward0")
 def maximum(ctx):
     """max(x, y) elementwise: an edge of weight 1 from the larger (smaller),
@@ -275,7 +271,7 @@ def fmax(ctx):
     """fmax/fmin: the NaN-ignoring forms; ties go to self (as torch's backward)."""
     x, y = ctx.saved("self"), ctx.saved("other")
     sel = (x >= y if type(ctx.node).__name__.startswith("Fmax") else x <= y) | torch.isnan(y)
-    return _pick(ctx, sel, ~sel)
+    return [_pull(ctx, 0, sel.to(ctx.dtype)), _pull(ctx, 1, (~sel).to(ctx.dtype))]
 
 
 @rule("GluBackward0")

@@ -22,12 +22,17 @@ def _dims_list(dim, ndim):
     return dims or list(range(ndim))
 
 
-def _expand_back(ctx, shape, dims, keepdim):
-    v = ctx.grad()
+def _restore(t, shape, dims, keepdim):
+    """A reduced tensor broadcast back to ``shape`` (the reduced dims re-inserted)."""
     if not keepdim:
         for d in sorted(dims):
-            v = ctx.sr.map(v, lambda c: c.unsqueeze(d))
-    return ctx.sr.map(v, lambda c: c.expand(shape))
+            t = t.unsqueeze(d)
+    return t.expand(shape)
+
+
+def _expand_back(ctx, shape, dims, keepdim, i: int = 0):
+    """Value of output ``i`` broadcast back to the reduced input's shape."""
+    return ctx.sr.map(ctx.grad(i), lambda c: _restore(c, shape, dims, keepdim))
 
 
 @rule("SumBackward0")
@@ -69,14 +74,6 @@ def mean_dim(ctx):
     return [ctx.sr.scale(v, ctx.tensor(1.0 / n))]
 
 
-def _restore(t, shape, dims, keepdim):
-    """A reduced tensor broadcast back to ``shape`` (the reduced dims re-inserted)."""
-    if not keepdim:
-        for d in sorted(dims):
-            t = t.unsqueeze(d)
-    return t.expand(shape)
-
-
 def _weighted(ctx, weight_of):
     """Value of x for y = reduce(x, dims): v[y] broadcast back, ⊗ the edge
     weights ``weight_of(x, result restored to x's shape, dims)``."""
@@ -89,8 +86,7 @@ def _weighted(ctx, weight_of):
     if not ctx.has_saved("dim"):                        # a full reduction to a 0-dim result
         dims, keepdim = list(range(len(shape))), False
     r = _restore(ctx.saved("result"), shape, dims, keepdim) if ctx.has_saved("result") else None
-    v = ctx.sr.map(ctx.grad(), lambda c: _restore(c, shape, dims, keepdim))
-    return [ctx.sr.scale(v, weight_of(x, r, dims))]
+    return [ctx.sr.scale(_expand_back(ctx, shape, dims, keepdim), weight_of(x, r, dims))]
 
 
 @rule("LogsumexpBackward0")
@@ -129,43 +125,39 @@ def vector_norm(ctx):
     return _weighted(ctx, w)
 
 
+def _var_weight(x, r, dims, correction: float, is_std: bool):
+    """∂var/∂x_i = 2(x_i − μ)/(N − c); ∂std/∂x_i = (x_i − μ)/((N − c)·std), 0 where std = 0."""
+    n = math.prod(x.shape[d] for d in dims)
+    d = x - x.mean(dim=dims, keepdim=True)
+    if not is_std:
+        return 2 * d / (n - correction)
+    safe = torch.where(r > 0, r, torch.ones_like(r))
+    return torch.where(r > 0, d / ((n - correction) * safe), torch.zeros_like(d))
+
+
 @rule("VarBackward0", "StdBackward0", "VarMeanBackward0", "StdMeanBackward0")
 def var(ctx):
-    """var = Σ (x − μ)² / (N − c): weight 2(x_i − μ)/(N − c); std = √var:
-    weight (x_i − μ)/((N − c)·std) (0 where std = 0). var_mean/std_mean: the
-    same for their first output, ⊕ the mean's 1/n edges for the second."""
+    """var = Σ (x − μ)² / (N − c) and std = √var (weights: ``_var_weight``).
+    var_mean/std_mean: the same for their first output, ⊕ the mean's 1/n
+    edges for the second."""
     name = type(ctx.node).__name__
     is_std = name.startswith("Std")
     corr = ctx.saved("correction")
     corr = 1.0 if corr is None else float(corr)
-    if name.endswith("MeanBackward0"):
-        if not ctx.needs[0]:
-            return [None]
-        x = ctx.saved("self")
-        shape = tuple(x.shape)
-        dims = _dims_list(ctx.saved("dim"), len(shape))
-        keepdim = bool(ctx.saved("keepdim"))
-        n = math.prod(shape[d] for d in dims)
-        d = x - x.mean(dim=dims, keepdim=True)
-        if is_std:
-            r = _restore(ctx.saved("result0"), shape, dims, keepdim)
-            safe = torch.where(r > 0, r, torch.ones_like(r))
-            w0 = torch.where(r > 0, d / ((n - corr) * safe), torch.zeros_like(d))
-        else:
-            w0 = 2 * d / (n - corr)
-        sr = ctx.sr
-        v0 = sr.scale(sr.map(ctx.grad(0), lambda c: _restore(c, shape, dims, keepdim)), w0)
-        v1 = sr.scale(sr.map(ctx.grad(1), lambda c: _restore(c, shape, dims, keepdim)), ctx.tensor(1.0 / n))
-        return [sr.plus(v0, v1)]
-
-    def w(x, r, dims):
-        n = math.prod(x.shape[d] for d in dims)
-        d = x - x.mean(dim=dims, keepdim=True)
-        if not is_std:
-            return 2 * d / (n - corr)
-        safe = torch.where(r > 0, r, torch.ones_like(r))
-        return torch.where(r > 0, d / ((n - corr) * safe), torch.zeros_like(d))
-    return _weighted(ctx, w)
+    if not name.endswith("MeanBackward0"):
+        return _weighted(ctx, lambda x, r, dims: _var_weight(x, r, dims, corr, is_std))
+    if not ctx.needs[0]:
+        return [None]
+    x = ctx.saved("self")
+    shape = tuple(x.shape)
+    dims = _dims_list(ctx.saved("dim"), len(shape))
+    keepdim = bool(ctx.saved("keepdim"))
+    r = _restore(ctx.saved("result0"), shape, dims, keepdim) if is_std else None
+    sr = ctx.sr
+    v0 = sr.scale(_expand_back(ctx, shape, dims, keepdim, 0), _var_weight(x, r, dims, corr, is_std))
+    n = math.prod(shape[d] for d in dims)
+    v1 = sr.scale(_expand_back(ctx, shape, dims, keepdim, 1), ctx.tensor(1.0 / n))
+    return [sr.plus(v0, v1)]
 
 
 @rule("CumsumBackward0")

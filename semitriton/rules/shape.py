@@ -77,12 +77,12 @@ def to_copy(ctx):
     return [ctx.sr.map(ctx.grad(), lambda c: c.to(dev))]
 
 
-def _embed(ctx, shape, index_fn):
-    """A zero value of ``shape`` with the output value written at ``index_fn(c)``
-    (one allocation per component: a language-model head's [B, T, V] value is
-    the largest tensor of the pass). Inside the walk, a large one is returned
-    unbuilt (:class:`~semitriton.embedded.EmbeddedValue`)."""
-    v = ctx.grad()
+def _embed(ctx, shape, index_fn, value=None):
+    """A zero value of ``shape`` with ``value`` (default: the output value)
+    written at ``index_fn(c)`` (one allocation per component: a language-model
+    head's [B, T, V] value is the largest tensor of the pass). Inside the
+    walk, a large one is returned unbuilt (:class:`~semitriton.embedded.EmbeddedValue`)."""
+    v = ctx.grad() if value is None else value
     if ctx.lazy and worth_embedding(shape, v):
         return EmbeddedValue.single(shape, index_fn, v)
     z = ctx.sr.zero((1,) * len(shape), ctx.dtype, v[0].device)
@@ -229,10 +229,13 @@ def index_select(ctx):
 def gather(ctx):
     if not ctx.needs[0]:
         return [None] * ctx.n_inputs
-    shape = tuple(ctx.saved("self").shape)
+    return _only0(ctx, _gather_along(ctx, tuple(ctx.saved("self").shape), ctx.saved("dim"), ctx.saved("index")))
+
+
+def _gather_along(ctx, shape, dim, index):
+    """Value of x for y = x.gather(dim, index): y's values scattered back with ⊕."""
     dev = ctx.grad()[0].device
-    positions = _arange(shape, dev).gather(ctx.saved("dim"), ctx.saved("index").to(dev))
-    return _only0(ctx, _gather_back(ctx, shape, positions))
+    return _gather_back(ctx, shape, _arange(shape, dev).gather(dim, index.to(dev)))
 
 
 @rule("TopkBackward0", "SortBackward0", "SortBackward1", "MaxBackward0", "MinBackward0", "KthvalueBackward0", "MedianBackward1",
@@ -244,15 +247,13 @@ def take_along_dim(ctx):
     if not ctx.needs[0]:
         return [None] * ctx.n_inputs
     shape = tuple(ctx.saved("self_sym_sizes")) if ctx.has_saved("self_sym_sizes") else tuple(ctx.saved("self").shape)
-    dev = ctx.grad()[0].device
     if not shape:                                     # a 0-dim input: the value itself
         return _only0(ctx, ctx.sr.sum_to_shape(ctx.grad(), ()))
     dim = ctx.saved("dim") % len(shape)
-    idx = ctx.saved("indices").to(dev)
+    idx = ctx.saved("indices")
     if ctx.has_saved("keepdim") and not ctx.saved("keepdim"):
         idx = idx.unsqueeze(dim)
-    positions = _arange(shape, dev).gather(dim, idx)
-    return _only0(ctx, _gather_back(ctx, shape, positions))
+    return _only0(ctx, _gather_along(ctx, shape, dim, idx))
 
 
 @rule("IndexAddBackward0")
@@ -351,10 +352,7 @@ def constant_pad(ctx):
     part = ctx.sr.map(v, lambda c: c[tuple(idx)])
     if all(p >= 0 for p in pad):
         return [part]
-    out = tuple(c.clone() for c in ctx.sr.zero(shape, v[0].dtype, v[0].device))
-    for o, p_ in zip(out, part):
-        o[tuple(src)] = p_
-    return [out]
+    return [_embed(ctx, shape, lambda c: c[tuple(src)], part)]
 
 
 @rule("EmbeddingBackward0")
