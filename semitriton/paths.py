@@ -115,7 +115,7 @@ class Path:
 def op_kind(node_name: str) -> str:
     """Friendly op name of an autograd node type ("AddmmBackward0" -> "addmm")."""
     base = re.sub(r"Backward\d*$", "", node_name)
-    base = {"NativeLayerNorm": "layer_norm", "CanonicalRMSNorm": "rms_norm",
+    base = {"NativeLayerNorm": "layer_norm", "CanonicalRMSNorm": "rms_norm", "FusedRmsNorm": "rms_norm",
             "CanonicalElementwise": "activation", "CanonicalLinear": "linear", "RotaryEmbedding": "rope",
             "SafeSoftmax": "softmax", "_SafeSoftmax": "softmax",
             "ToCopy": "cast"}.get(base, base)
