@@ -14,11 +14,13 @@ ScaledDotProductFlashAttentionForCpuBackward0 SelectBackward0 SiluBackward0 Slic
 SoftmaxBackward0 SplitBackward0 SumBackward0 TanhBackward0 ToCopyBackward0 TransposeBackward0
 UnsafeViewBackward0 UnsqueezeBackward0 ViewBackward0
 """.split()
-# recorded by other common code paths (flash on CUDA, composed RMS norms, slicing, gathers)
+# recorded by other common code paths (flash on CUDA, composed RMS norms and nn.RMSNorm's fused
+# node on CUDA, slicing, gathers)
 ALSO = """
 ScaledDotProductFlashAttentionBackward0 AddBackward1 SubBackward0 DivBackward0 MeanBackward0 SumBackward1
 EmbeddingBackward0 IndexBackward0 PermuteBackward0 TBackward0 SplitWithSizesBackward0 StackBackward0
 LogSoftmaxBackward0 WhereBackward0 MaskedFillBackward0 NativeDropoutBackward0 ReluBackward0
+FusedRmsNormBackward0
 """.split()
 
 
