@@ -3,6 +3,8 @@ torch.autograd.grad (real through the walk) and the |grad| / max-|grad|
 readouts of one-edge-per-element programs. Each case was wrong or failed
 before its fix (a fuzz of the rules against the float64 oracle)."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,6 +180,55 @@ _XN = _X.clone()
 _XN[1, 1] = float("nan")                              # maximum/minimum with a NaN operand
 _INPUTS = {"x": _X, "y": _Y, "t": _XT, "p": _XP, "k": _XK, "xz": _XZ, "n": _XN, "s": torch.tensor([0.5, -2.0],
                                                                                            dtype=torch.float64)}
+
+# convolutions (input, weight and bias values; one tap reads one input position per output) and prod
+_GC = torch.Generator().manual_seed(11)
+_INPUTS.update({
+    "c1": torch.randn(2, 2, 7, generator=_GC, dtype=torch.float64),          # conv1d input [N, C, L]
+    "cw1": torch.randn(3, 2, 3, generator=_GC, dtype=torch.float64),         # its weight [O, C, K]
+    "c2": torch.randn(1, 4, 5, 5, generator=_GC, dtype=torch.float64),       # conv2d input
+    "cw2": torch.randn(4, 2, 3, 3, generator=_GC, dtype=torch.float64),      # weight for groups=2
+    "cb2": torch.randn(4, generator=_GC, dtype=torch.float64),
+    "c3": torch.randn(1, 2, 3, 4, 3, generator=_GC, dtype=torch.float64),    # conv3d input
+    "ct": torch.randn(1, 4, 3, 3, generator=_GC, dtype=torch.float64),       # conv_transpose2d input
+    "cwt": torch.randn(4, 3, 3, 3, generator=_GC, dtype=torch.float64),      # its weight [C, O, K, K]
+})
+_XZ2 = _X.clone()
+_XZ2[0, 3] = 0.0                                      # one zero in row 0
+_XZ2[2, 0] = _XZ2[2, 4] = 0.0                         # two zeros in row 2
+_INPUTS["zp"] = _XZ2
+_XZ1 = _X.clone()
+_XZ1[1, 2] = 0.0                                      # a single zero in the whole tensor
+_INPUTS["zp1"] = _XZ1
+_CWD = torch.randn(8, 1, 2, 2, generator=_GC, dtype=torch.float64)          # depthwise, channel multiplier 2
+_CWS = torch.randn(3, 4, 2, 2, generator=_GC, dtype=torch.float64)          # even kernel for padding='same'
+_CW3 = torch.randn(2, 2, 2, 3, 2, generator=_GC, dtype=torch.float64)
+_CBT = torch.randn(3, generator=_GC, dtype=torch.float64)
+
+
+def _conv_same(x, w):
+    """padding='same' with an even kernel: torch pads (asymmetrically) first, with a warning about the copy."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return F.conv2d(x, w, padding="same")
+
+
+ONE_STEP_OPS.update({
+    "conv1d_stride_dilation": (("c1", "cw1"), lambda c1, cw1: F.conv1d(c1, cw1, stride=2, padding=1, dilation=2)),
+    "conv2d_groups_bias": (("c2", "cw2", "cb2"), lambda c2, cw2, cb2: F.conv2d(c2, cw2, cb2, padding=1, groups=2)),
+    "conv2d_depthwise": (("c2",), lambda c2: F.conv2d(c2, _CWD.to(c2.dtype), stride=2, padding="valid", groups=4)),
+    "conv2d_same_even": (("c2",), lambda c2: _conv_same(c2, _CWS.to(c2.dtype))),      # asymmetric: pad + conv
+    "conv3d": (("c3",), lambda c3: F.conv3d(c3, _CW3.to(c3.dtype), stride=(1, 2, 1), padding=(1, 0, 1))),
+    "conv_transpose2d": (("ct", "cwt"), lambda ct, cwt: F.conv_transpose2d(ct, cwt, _CBT.to(ct.dtype), stride=2,
+                                                                           padding=1, output_padding=1)),
+    # a weight (and bias) computed from another input, as a hypernetwork's
+    "conv1d_weight_from_input": (("c1", "y"), lambda c1, y: F.conv1d(c1, y[:3, :4].reshape(3, 2, 2), y[3, :3],
+                                                                     padding=1)),
+    "prod_dim_zeros": (("zp",), lambda zp: zp.prod(1)),
+    "prod_all": (("x",), lambda x: x.prod()),
+    "prod_all_one_zero": (("zp1",), lambda zp1: zp1.prod()),
+    "prod_keepdim": (("zp",), lambda zp: zp.prod(0, keepdim=True)),
+})
 
 
 def _triton_ok():

@@ -145,4 +145,4 @@ def rule_for(node) -> Optional[Callable]:
 
 
 # Register all rules.
-from . import attention, custom, elementwise, linalg, norm, reduction, shape, softmax  # noqa: E402,F401
+from . import attention, conv, custom, elementwise, linalg, norm, reduction, shape, softmax  # noqa: E402,F401

@@ -1,7 +1,8 @@
 """Reductions: sum and mean (edges x[i] -> y with weight 1 or 1/n), and the
 ones whose edge weights depend on x: logsumexp (softmax weights), amax/amin
 and the full max/min/median (1/count to each tied extreme, as torch's
-backward), vector norms and var/std (their exact partial derivatives)."""
+backward), vector norms and var/std (their exact partial derivatives), and
+prod (each element's edge is the product of the others)."""
 
 from __future__ import annotations
 
@@ -178,3 +179,24 @@ def cumsum(ctx):
     out = ctx.sr.matmul(moved, tri)
     return [ctx.sr.map(out, lambda c: c.movedim(-1, dim))]
 
+
+def _exclusive_prod(x, d: int):
+    """∏_{j≠i} x_j along ``d``, from the products before and after i (no
+    division: one zero leaves only its own entry non-zero, two zero all)."""
+    n = x.shape[d]
+    if n <= 1:
+        return torch.ones_like(x)
+    one = torch.ones_like(x.narrow(d, 0, 1))
+    before = torch.cat([one, x.narrow(d, 0, n - 1).cumprod(d)], d)
+    after = torch.cat([x.narrow(d, 1, n - 1).flip(d).cumprod(d).flip(d), one], d)
+    return before * after
+
+
+@rule("ProdBackward0", "ProdBackward1")
+def prod(ctx):
+    """y = ∏ x over all elements or one dim: edge x_i -> y with weight ∏_{j≠i} x_j."""
+    def w(x, r, dims):
+        if len(dims) == 1:
+            return _exclusive_prod(x, dims[0])
+        return _exclusive_prod(x.reshape(-1), 0).reshape(x.shape)
+    return _weighted(ctx, w)
