@@ -228,6 +228,8 @@ ONE_STEP_OPS.update({
     "prod_all": (("x",), lambda x: x.prod()),
     "prod_all_one_zero": (("zp1",), lambda zp1: zp1.prod()),
     "prod_keepdim": (("zp",), lambda zp: zp.prod(0, keepdim=True)),
+    "pad_reflect": (("x",), lambda x: F.pad(x, (2, 1), mode="reflect")),
+    "pad_replicate_2d": (("x",), lambda x: F.pad(x[None], (1, 2, 2, 0), mode="replicate")),
 })
 
 

@@ -171,21 +171,28 @@ def test_top_path_through_a_convolution():
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
-def test_padding_modes_are_exact_or_named(mode):
+def test_padding_modes(mode):
     """nn.Conv2d with a padding mode other than zeros pads with a separate op
-    (ReflectionPad2d, ReplicationPad2d, the copies of circular padding) and
-    convolves without padding: the walk either equals autograd or names the
-    padding node that has no rule, never the convolution."""
+    and convolves without padding: reflection and replication padding are
+    copies (weight-1 edges; real equals autograd, abs is Σ|w| over the
+    copies); circular padding writes into slices (CopySlices), which has no
+    rule: the error names that node, not the convolution."""
     torch.manual_seed(1)
     conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode).double()
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
     out = (conv(x) * torch.randn(1, 3, 5, 5, dtype=torch.float64)).sum()
-    try:
-        (got,) = semitriton.grad(out, x, semiring="real", fast_real=False)
-    except UnsupportedNodeError as exc:
-        assert "Convolution" not in str(exc) and ("Pad" in str(exc) or "CopySlices" in str(exc)), str(exc)
+    if mode == "circular":
+        with pytest.raises(UnsupportedNodeError, match="CopySlices"):
+            semitriton.grad(out, x, semiring="real", fast_real=False)
         return
-    torch.testing.assert_close(got, torch.autograd.grad(out, x)[0], rtol=1e-12, atol=1e-14)
+    (got,) = semitriton.grad(out, x, semiring="real", fast_real=False)
+    torch.testing.assert_close(got, torch.autograd.grad(out, x, retain_graph=True)[0], rtol=1e-12, atol=1e-14)
+    w = torch.randn(1, 2, 6, 8, dtype=torch.float64)
+    pad = (2, 1, 0, 1)
+    out = (F.pad(x, pad, mode=mode) * w).sum()
+    (got,) = semitriton.grad(out, x, semiring="abs")
+    want = torch.autograd.grad((F.pad(x, pad, mode=mode) * w.abs()).sum(), x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
 def test_inconsistent_shapes_are_an_error():

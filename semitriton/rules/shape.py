@@ -355,6 +355,23 @@ def constant_pad(ctx):
     return [_embed(ctx, shape, lambda c: c[tuple(src)], part)]
 
 
+@rule("ReflectionPad1DBackward0", "ReflectionPad2DBackward0", "ReflectionPad3DBackward0",
+      "ReplicationPad1DBackward0", "ReplicationPad2DBackward0", "ReplicationPad3DBackward0")
+def mirror_pad(ctx):
+    """F.pad with mode "reflect" or "replicate" (also nn.Conv*'s padding_mode):
+    every padded element is a copy of one input element, a weight-1 edge; an
+    element near the border fans out to its mirror images or replicas."""
+    if not ctx.needs[0]:
+        return [None] * ctx.n_inputs
+    import torch.nn.functional as F
+    shape = tuple(ctx.input_shape(0))
+    mode = "reflect" if ctx.name.startswith("Reflection") else "replicate"
+    dev = ctx.grad()[0].device
+    flat = torch.arange(math.prod(shape), dtype=torch.float64, device=dev).reshape(shape)   # exact below 2**53
+    positions = F.pad(flat, list(ctx.saved("padding")), mode=mode).long()
+    return _only0(ctx, _gather_back(ctx, shape, positions))
+
+
 @rule("EmbeddingBackward0")
 def embedding(ctx):
     if not ctx.needs[0]:
