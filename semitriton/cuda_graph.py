@@ -279,16 +279,22 @@ def live_rows(live: Tensor, max_live: float):
     return n, torch.nonzero_static(live, size=n, fill_value=0).squeeze(-1)
 
 
-def host_values(t: Tensor) -> list:
+def host_values(t: Tensor, what: str = "the group sizes of a grouped matmul"):
     """``t.tolist()`` for a rule whose work depends on a tensor's values (the
     group ends of a grouped matmul): a replay could not change what a capture
     read, so a pass that reads them is refused at capture (it runs eagerly on
     every call)."""
     rec = _ACTIVE
     if rec is not None and rec.capturing:
-        raise NotCapturable(f"the rule of {rec.current} reads tensor values on the host (the group sizes of a "
-                            "grouped matmul), which a replay could not follow")
+        raise NotCapturable(f"the rule of {rec.current} reads tensor values on the host ({what}), which a "
+                            "replay could not follow")
     return t.tolist()
+
+
+def real_node(node):
+    """The autograd node behind a recorder's proxy (itself otherwise): for a
+    rule that calls the node's own backward."""
+    return object.__getattribute__(node, "_node") if isinstance(node, _NodeProxy) else node
 
 
 # ---- the closure check ------------------------------------------------------------------------

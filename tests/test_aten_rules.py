@@ -79,6 +79,15 @@ def test_training_mode_dropout_node(p):
     torch.testing.assert_close(absv, real.abs(), rtol=1e-14, atol=0)
 
 
+def test_as_strided_over_shared_storage_is_an_error():
+    """as_strided of an expanded tensor: two of its elements share storage, so
+    which one an output reads cannot be told; the error names the node."""
+    x = torch.randn(1, 6, dtype=torch.float64, requires_grad=True)
+    out = (x.expand(3, 6).as_strided((2, 2), (1, 1)) * torch.tensor([1.0, 2.0], dtype=torch.float64)).sum()
+    with pytest.raises(GraphError, match="AsStridedBackward0: two elements"):
+        _walk(out, x, "abs")
+
+
 def test_cat_of_several_constants():
     """cat([BOS, x, EOS]) with constant ends: the node does not record their
     sizes; the error names the node and the fix, and the fix works."""
@@ -230,6 +239,11 @@ ONE_STEP_OPS.update({
     "prod_keepdim": (("zp",), lambda zp: zp.prod(0, keepdim=True)),
     "pad_reflect": (("x",), lambda x: F.pad(x, (2, 1), mode="reflect")),
     "pad_replicate_2d": (("x",), lambda x: F.pad(x[None], (1, 2, 2, 0), mode="replicate")),
+    # as_strided: overlapping windows (fan-out), a transposed view, and the in-place
+    # as_strided_ an adaptive pool applies to a channels-last-looking input (Swin's pooler)
+    "as_strided_windows": (("x",), lambda x: x.as_strided((4, 4), (3, 1))),
+    "as_strided_of_a_view": (("x",), lambda x: x.t().as_strided((3, 3), (1, 4), 2)),
+    "adaptive_avg_pool1d_strided": (("x",), lambda x: F.adaptive_avg_pool1d(x[None].transpose(1, 2), 1)),
 })
 
 

@@ -372,6 +372,43 @@ def mirror_pad(ctx):
     return _only0(ctx, _gather_back(ctx, shape, positions))
 
 
+@rule("AsStridedBackward0", "AsStridedBackward1")
+def as_strided(ctx):
+    """y = x.as_strided(size, stride, offset) (also the in-place as_strided_
+    some pooling ops apply to their result): y[i] reads x's storage at
+    offset + Σ i_d·stride_d, a weight-1 edge from the element of x stored
+    there. torch's node does not show x's own geometry, so the rule asks the
+    node's backward (two calls on float64 codes): with ones it returns k_j,
+    how many outputs read x_j; with the storage position + 1 of each output
+    it returns k_j·(s_j + 1), so s_j, where x_j is stored. Outputs that read
+    storage outside x get no edge (torch's gradient drops them too)."""
+    if not ctx.needs[0]:
+        return [None] * ctx.n_inputs
+    from .. import cuda_graph
+    node = cuda_graph.real_node(ctx.node)
+    size, stride = tuple(ctx.saved("size")), tuple(ctx.saved("stride"))
+    offset = ctx.saved("storage_offset") or 0
+    shape = tuple(ctx.input_shape(0))
+    dev = ctx.grad()[0].device
+    pos = torch.full(size, float(offset), dtype=torch.float64, device=dev)
+    for d, (n, st) in enumerate(zip(size, stride)):
+        pos = pos + (torch.arange(n, dtype=torch.float64, device=dev) * st).reshape([n] + [1] * (len(size) - d - 1))
+    k = node(torch.ones(size, dtype=torch.float64, device=dev)).reshape(-1)
+    s = node(pos + 1).reshape(-1) / k.clamp(min=1) - 1
+    read = k > 0
+    flat = torch.arange(k.numel(), device=dev)
+    what = "the storage positions of a strided input"
+    span = int(cuda_graph.host_values(pos.max(), what)) + 2 if pos.numel() else 2   # positions, and a sink
+    s_idx = torch.where(read, s.round().long(), span - 1).clamp(0, span - 1)
+    owner = torch.full((span,), -1, dtype=torch.long, device=dev).scatter_(0, s_idx, flat)
+    hits = torch.zeros(span, dtype=torch.long, device=dev).scatter_add_(0, s_idx, read.long())
+    if cuda_graph.host_values(hits[:-1].max(), what) > 1:
+        raise GraphError(f"{ctx.name}: two elements of the strided input share storage (an expanded or "
+                         "overlapping tensor under as_strided); its edges cannot be told apart")
+    own = owner[pos.long()]                                     # the element of x each output reads, or -1
+    return _only0(ctx, _gather_back(ctx, shape, own.clamp(min=0), own >= 0))
+
+
 @rule("EmbeddingBackward0")
 def embedding(ctx):
     if not ctx.needs[0]:
