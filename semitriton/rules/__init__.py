@@ -145,4 +145,5 @@ def rule_for(node) -> Optional[Callable]:
 
 
 # Register all rules.
-from . import attention, conv, custom, elementwise, linalg, norm, reduction, shape, softmax  # noqa: E402,F401
+from . import (attention, conv, custom, elementwise, indexing, linalg, norm, pooling, reduction,  # noqa: E402,F401
+               shape, softmax)

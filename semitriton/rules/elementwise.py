@@ -310,3 +310,105 @@ def clamp_min(ctx):
 @rule("ClampMaxBackward0")
 def clamp_max(ctx):
     return [_pull(ctx, 0, (ctx.saved("self") <= ctx.saved("max")).to(ctx.dtype))]
+
+
+# ---- addcmul, addcdiv, lerp, threshold, atan2, hypot, clamp with tensor bounds --------------------
+
+@rule("AddcmulBackward0")
+def addcmul(ctx):
+    """out = self + value·t1·t2: self 1, t1 value·t2, t2 value·t1."""
+    value = ctx.saved("value")
+    out = [_pull(ctx, 0), None, None]
+    if ctx.needs[1]:
+        out[1] = _pull(ctx, 1, ctx.tensor(ctx.saved("tensor2")) * value)
+    if ctx.needs[2]:
+        out[2] = _pull(ctx, 2, ctx.tensor(ctx.saved("tensor1")) * value)
+    return out
+
+
+@rule("AddcdivBackward0")
+def addcdiv(ctx):
+    """out = self + value·t1/t2: self 1, t1 value/t2, t2 −value·t1/t2²."""
+    value = ctx.saved("value")
+    out = [_pull(ctx, 0), None, None]
+    t2 = ctx.tensor(ctx.saved("tensor2"))
+    if ctx.needs[1]:
+        out[1] = _pull(ctx, 1, value / t2)
+    if ctx.needs[2]:
+        t1 = ctx.tensor(ctx.saved("tensor1"))
+        out[2] = _pull(ctx, 2, -value * t1 / (t2 * t2))
+    return out
+
+
+@rule("LerpBackward0")
+def lerp_scalar(ctx):
+    """out = self + w·(end − self), w a number: self 1 − w, end w."""
+    w = float(ctx.saved("weight"))
+    return [_pull(ctx, 0, 1.0 - w), _pull(ctx, 1, w)]
+
+
+@rule("LerpBackward1")
+def lerp(ctx):
+    """out = self + w·(end − self), w a tensor: self 1 − w, end w, w end − self."""
+    w = ctx.tensor(ctx.saved("weight"))
+    out = [_pull(ctx, 0, 1 - w), _pull(ctx, 1, w), None]
+    if ctx.needs[2]:
+        out[2] = _pull(ctx, 2, ctx.tensor(ctx.saved("end")) - ctx.tensor(ctx.saved("self")))
+    return out
+
+
+@rule("ThresholdBackward0", "ThresholdBackward1")
+def threshold(ctx):
+    """F.threshold(x, th, value) (and threshold_): edge 1 where x > th, none
+    where x is replaced."""
+    return [_pull(ctx, 0, (ctx.saved("self") > ctx.saved("threshold")).to(ctx.dtype))]
+
+
+@rule("Atan2Backward0")
+def atan2(ctx):
+    """out = atan2(self, other): self other/(self² + other²), other
+    −self/(self² + other²) (NaN at 0/0, as torch's backward)."""
+    y, x = ctx.tensor(ctx.saved("self")), ctx.tensor(ctx.saved("other"))
+    recip = (y * y + x * x).reciprocal()
+    out = [None, None]
+    if ctx.needs[0]:
+        out[0] = _pull(ctx, 0, x * recip)
+    if ctx.needs[1]:
+        out[1] = _pull(ctx, 1, -y * recip)
+    return out
+
+
+@rule("HypotBackward0")
+def hypot(ctx):
+    """out = hypot(self, other): self self/out, other other/out."""
+    r = ctx.tensor(ctx.saved("result"))
+    out = [None, None]
+    if ctx.needs[0]:
+        out[0] = _pull(ctx, 0, ctx.tensor(ctx.saved("self")) / r)
+    if ctx.needs[1]:
+        out[1] = _pull(ctx, 1, ctx.tensor(ctx.saved("other")) / r)
+    return out
+
+
+@rule("ClampBackward0")
+def clamp_tensor(ctx):
+    """torch.clamp(x, min, max) with tensor bounds (either may be None): x
+    has an edge where min ≤ x ≤ max; min where x < min (and min < max when
+    both are given); max where x > max (or max < min), torch's subgradients."""
+    x = ctx.saved("self")
+    lo, hi = ctx.saved("min"), ctx.saved("max")
+    out = [None] * ctx.n_inputs
+    if ctx.needs[0]:
+        keep = torch.ones_like(x, dtype=torch.bool)
+        if lo is not None:
+            keep = keep & (x >= lo)
+        if hi is not None:
+            keep = keep & (x <= hi)
+        out[0] = _pull(ctx, 0, keep.to(ctx.dtype))
+    if ctx.n_inputs > 1 and ctx.needs[1] and lo is not None:
+        sel = x < lo if hi is None else (x < lo) & (lo < hi)
+        out[1] = _pull(ctx, 1, sel.to(ctx.dtype))
+    if ctx.n_inputs > 2 and ctx.needs[2] and hi is not None:
+        sel = x > hi if lo is None else (x > hi) | (hi < lo)
+        out[2] = _pull(ctx, 2, sel.to(ctx.dtype))
+    return out

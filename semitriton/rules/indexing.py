@@ -1,0 +1,178 @@
+"""Writes at indices: index_put (``x[idx] = v``, ``x[mask] = v``),
+masked_scatter, index_fill, index_copy and scatter. The written tensor's
+elements are weight-1 edges to their places in the output; an element of
+the destination that is overwritten has no edge (with ``accumulate=True``
+it keeps its edge, the sum passes it through). Each rule follows the
+formulas of torch's own backward, including where a forward with repeated
+indices is non-deterministic."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import GraphError
+from . import rule
+from .shape import _arange
+
+
+def _zero_where(sr, v, mask):
+    """``v`` with the semiring zero where ``mask`` (no edge there)."""
+    z = sr.zero((), v[0].dtype, v[0].device)
+    return tuple(torch.where(mask, zc, c) for c, zc in zip(v, z))
+
+
+def _put_indices(ctx, dev):
+    return tuple(slice(None) if i is None else i.to(dev) for i in ctx.saved("indices"))
+
+
+@rule("IndexPutBackward0", "IndexPutImplBackward0", "UnsafeIndexPutBackward0")
+def index_put(ctx):
+    """out = x.index_put(indices, values, accumulate) (also ``x[idx] = values``
+    and ``x[mask] = values`` on a tensor that is not a view): x[p] -> out[p]
+    with weight 1, except at the written positions when accumulate=False;
+    values[q] -> out[position q is written to] with weight 1 (⊕ over the
+    positions one broadcast element is written to). With accumulate=False
+    and a repeated index, torch's backward gives every duplicate the value
+    at that position (though the forward keeps only one of them): so does
+    this rule."""
+    out = [None] * ctx.n_inputs
+    if not any(ctx.needs):
+        return out
+    sr = ctx.sr
+    v = ctx.grad()
+    dev = v[0].device
+    shape = tuple(v[0].shape)
+    idx = _put_indices(ctx, dev)
+    accumulate = bool(ctx.saved("accumulate"))
+    if ctx.needs[0]:
+        if accumulate:
+            out[0] = v
+        else:
+            written = torch.zeros(shape, dtype=torch.bool, device=dev)
+            written[idx] = True
+            out[0] = _zero_where(sr, v, written)
+        out[0] = sr.sum_to_shape(out[0], ctx.input_shape(0))
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        positions = _arange(shape, dev)[idx]
+        vals = sr.map(v, lambda c: c.reshape(-1)[positions])
+        out[1] = sr.sum_to_shape(vals, ctx.input_shape(1))
+    return out
+
+
+@rule("MaskedScatterBackward0")
+def masked_scatter(ctx):
+    """out = x.masked_scatter(mask, source): out[p] = x[p] outside the mask;
+    the k masked positions (row-major order) read source's first k elements
+    (weight 1 each); source's remaining elements have no edge."""
+    out = [None] * ctx.n_inputs
+    if not any(ctx.needs):
+        return out
+    sr = ctx.sr
+    v = ctx.grad()
+    mask = ctx.saved("mask").to(v[0].device).expand(v[0].shape)
+    if ctx.needs[0]:
+        out[0] = sr.sum_to_shape(_zero_where(sr, v, mask), ctx.input_shape(0))
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        src_shape = tuple(ctx.saved("source_sym_sizes"))
+        n = 1
+        for s in src_shape:
+            n *= int(s)
+        vals = sr.map(v, lambda c: c[mask])
+        k = vals[0].shape[0]
+        if k < n:
+            rest = sr.zero((n - k,), v[0].dtype, v[0].device)
+            vals = tuple(torch.cat([c, z]) for c, z in zip(vals, rest))
+        out[1] = sr.map(vals, lambda c: c.reshape(src_shape))
+    return out
+
+
+def _index_mask(shape, dim, index, dev):
+    """A bool mask of ``shape``: True on the slices ``index`` along ``dim``."""
+    n = shape[dim] if shape else 1
+    hit = torch.zeros(n, dtype=torch.bool, device=dev)
+    hit[index.to(dev).reshape(-1) % max(n, 1)] = True
+    if not shape:
+        return hit.reshape(())
+    return hit.reshape([n if d == dim else 1 for d in range(len(shape))]).expand(shape)
+
+
+@rule("IndexFillBackward0", "IndexFillBackward1")
+def index_fill(ctx):
+    """out = x.index_fill(dim, index, value): the filled slices have no edge
+    from x; a tensor ``value`` (0-dim) reaches each filled element with
+    weight 1 (once, also where the index repeats, as torch's backward)."""
+    out = [None] * ctx.n_inputs
+    if not any(ctx.needs):
+        return out
+    sr = ctx.sr
+    v = ctx.grad()
+    dev = v[0].device
+    shape = tuple(v[0].shape)
+    dim = ctx.saved("dim") % max(len(shape), 1)
+    index = ctx.saved("index").to(dev).reshape(-1)
+    filled = _index_mask(shape, dim, index, dev)
+    if ctx.needs[0]:
+        out[0] = sr.sum_to_shape(_zero_where(sr, v, filled), ctx.input_shape(0))
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        hit = _zero_where(sr, v, ~filled)
+        out[1] = sr.sum_to_shape(sr.sum(hit, list(range(len(shape)))) if shape else hit, ctx.input_shape(1))
+    return out
+
+
+@rule("IndexCopyBackward0")
+def index_copy(ctx):
+    """out = x.index_copy(dim, index, source): the copied slices have no edge
+    from x; source's slice j -> out's slice index[j] (weight 1; a repeated
+    index gives each duplicate the value there, as torch's backward)."""
+    out = [None] * ctx.n_inputs
+    if not any(ctx.needs):
+        return out
+    sr = ctx.sr
+    v = ctx.grad()
+    dev = v[0].device
+    shape = tuple(v[0].shape)
+    dim = ctx.saved("dim") % max(len(shape), 1)
+    index = ctx.saved("index").to(dev).reshape(-1)
+    if ctx.needs[0]:
+        out[0] = _zero_where(sr, v, _index_mask(shape, dim, index, dev))
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        src_shape = ctx.input_shape(1)
+        if shape:
+            vals = sr.map(v, lambda c: c.index_select(dim, index))
+        else:
+            vals = sr.map(v, lambda c: c.reshape(1).index_select(0, index))
+        out[1] = sr.map(vals, lambda c: c.reshape(src_shape))
+    return out
+
+
+@rule("ScatterBackward0", "ScatterBackward1")
+def scatter(ctx):
+    """out = x.scatter(dim, index, src) / x.scatter(dim, index, value): the
+    scattered positions have no edge from x; src[q] -> out[q with index[q]
+    along dim] (weight 1; torch's backward ``grad.gather(dim, index)`` gives
+    each of several src elements written to one position the value there)."""
+    out = [None] * ctx.n_inputs
+    if not any(ctx.needs):
+        return out
+    sr = ctx.sr
+    v = ctx.grad()
+    dev = v[0].device
+    index = ctx.saved("index").to(dev)
+    if v[0].dim() == 0:
+        flat = sr.map(v, lambda c: c.reshape(1))
+        if ctx.needs[0]:
+            out[0] = v if index.numel() == 0 else sr.map(sr.zeros_like(flat), lambda c: c.reshape(()))
+        if ctx.n_inputs > 1 and ctx.needs[1]:
+            out[1] = sr.map(flat, lambda c: c.expand(index.shape).reshape(ctx.input_shape(1)))
+        return out
+    dim = ctx.saved("dim") % v[0].dim()
+    if ctx.needs[0]:
+        written = torch.zeros(v[0].shape, dtype=torch.bool, device=dev)
+        written.scatter_(dim, index, True)
+        out[0] = _zero_where(sr, v, written)
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        if tuple(index.shape) != tuple(ctx.input_shape(1)):
+            raise GraphError(f"{ctx.name}: src is larger than index (torch's own backward refuses this "
+                             "too); pass src[..., :k] with index's shape")
+        out[1] = sr.map(v, lambda c: c.gather(dim, index))
+    return out
