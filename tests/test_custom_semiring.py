@@ -61,9 +61,16 @@ class MinAbs(semitriton.Semiring):
         return v[0]
 
 
+@pytest.mark.parametrize("budget", [None, 12], ids=["whole_rows", "column_blocks"])
 @pytest.mark.parametrize("make", [residual_mlp, lambda: _tiny_attention("causal", 2)],
                          ids=["residual_mlp", "gqa_causal_attention"])
-def test_user_semirings_equal_path_enumeration(make):
+def test_user_semirings_equal_path_enumeration(make, budget, monkeypatch):
+    """(column_blocks: a chunk budget below one row's n×n Jacobian, so the
+    generic softmax and layer norm contract rows in column blocks, as they do
+    for a group norm's long rows.)"""
+    if budget is not None:
+        from semitriton.semirings import base
+        monkeypatch.setattr(base, "_CPU_CHUNK_ELEMS", budget)
     prog = make()
     paths = enumerate_paths(prog, "x")
     x = prog.inputs["x"].clone().requires_grad_()

@@ -55,6 +55,11 @@ def rms_norm_rows(x: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Te
     return xf * rstd, rstd
 
 
+def _diagonal(n: int, c0: int, c1: int, device) -> Tensor:
+    """[n, c1 - c0] booleans: True where i = j (rows i of 0..n, columns j of c0..c1)."""
+    return torch.arange(n, device=device).unsqueeze(-1) == torch.arange(c0, c1, device=device)
+
+
 class Semiring:
     """Base class. Subclasses define the algebra; the contractions have generic
     defaults written with ``plus``/``times``/``edge`` only.
@@ -224,11 +229,12 @@ class Semiring:
         v = self.map(v, lambda c: c.movedim(dim, -1))
         n = y.shape[-1]
         yf = y.reshape(-1, n)
-        diag = torch.eye(n, dtype=torch.bool, device=v[0].device)
 
-        def jac_fn(r0, r1):                                        # [r, i, j] = y_j (δ_ij - y_i)
+        def jac_fn(r0, r1, c0, c1):                                # [r, i, j] = y_j (δ_ij - y_i)
             yr = yf[r0:r1]
-            return torch.where(diag, torch.diag_embed(yr * complement(yr)), -yr.unsqueeze(-1) * yr.unsqueeze(-2))
+            yj = yr[:, c0:c1]
+            return torch.where(_diagonal(n, c0, c1, yr.device), (yj * complement(yj)).unsqueeze(-2),
+                               -yr.unsqueeze(-1) * yj.unsqueeze(-2))
 
         out = self._rowwise_chunked(v, jac_fn)
         return self.map(out, lambda c: c.movedim(-1, dim))
@@ -241,26 +247,39 @@ class Semiring:
         v = self.map(v, lambda c: c.movedim(dim, -1))
         n = p.shape[-1]
         pf = p.reshape(-1, n)
-        diag = torch.eye(n, dtype=torch.bool, device=v[0].device)
 
-        def jac_fn(r0, r1):                                        # [r, i, j] = δ_ij - p_i
-            pr = pf[r0:r1]
-            return torch.where(diag, torch.diag_embed(complement(pr)), -pr.unsqueeze(-1).expand(-1, n, n))
+        def jac_fn(r0, r1, c0, c1):                                # [r, i, j] = δ_ij - p_i
+            pr = pf[r0:r1].unsqueeze(-1)
+            return torch.where(_diagonal(n, c0, c1, pr.device), complement(pr), -pr).expand(-1, n, c1 - c0)
 
         out = self._rowwise_chunked(v, jac_fn)
         return self.map(out, lambda c: c.movedim(-1, dim))
 
     def _rowwise_chunked(self, v: Value, jac_fn) -> Value:
-        """``rowwise`` over the rows of ``v`` [..., n] in chunks; ``jac_fn(r0, r1)``
-        builds the per-row Jacobians [r1 - r0, n, n] of rows r0..r1 (flattened)."""
+        """``rowwise`` over the rows of ``v`` [..., n] in chunks; ``jac_fn(r0, r1, c0, c1)``
+        builds the per-row Jacobian entries [r1 - r0, n, c1 - c0] of rows r0..r1
+        (flattened) for the outputs j in c0..c1. A row whose n×n Jacobian is
+        over the chunk budget (a group norm's rows) is done in column blocks,
+        ⊕-ed, so memory stays within the budget for any n."""
         rows = v[0].shape[:-1]
         n = v[0].shape[-1]
         flat_v = self.map(v, lambda c: c.reshape(-1, n))
         R = flat_v[0].shape[0]
         budget = _CHUNK_ELEMS if flat_v[0].is_cuda else _CPU_CHUNK_ELEMS
-        step = max(1, budget // max(1, n * n))
-        outs = [self.rowwise(jac_fn(r0, min(R, r0 + step)), self.map(flat_v, lambda c: c[r0:r0 + step]))
-                for r0 in range(0, R, step)]
+        if n * n <= budget:
+            step = max(1, budget // max(1, n * n))
+            outs = [self.rowwise(jac_fn(r0, min(R, r0 + step), 0, n), self.map(flat_v, lambda c: c[r0:r0 + step]))
+                    for r0 in range(0, R, step)]
+        else:
+            cols = max(1, budget // n)
+            outs = []
+            for r0 in range(R):
+                acc = None
+                for c0 in range(0, n, cols):
+                    c1 = min(n, c0 + cols)
+                    part = self.rowwise(jac_fn(r0, r0 + 1, c0, c1), self.map(flat_v, lambda c: c[r0:r0 + 1, c0:c1]))
+                    acc = part if acc is None else self.plus(acc, part)
+                outs.append(acc)
         if not outs:
             return self.map(v, lambda c: c.clone())
         out = tuple(torch.cat(cs, 0) for cs in zip(*outs))
@@ -317,14 +336,14 @@ class Semiring:
         xh = xhat.to(dt).reshape(-1, n)
         rs = rstd.to(dt).reshape(-1, 1)
         g = None if weight is None else weight.to(dt).reshape(n)
-        eye = torch.eye(n, dtype=dt, device=xh.device)
 
-        def jac_fn(r0, r1):
+        def jac_fn(r0, r1, c0, c1):
             x = xh[r0:r1]
-            j = eye - (x.unsqueeze(-1) * x.unsqueeze(-2) + (1.0 if centered else 0.0)) / n
+            j = _diagonal(n, c0, c1, x.device).to(dt) - (x.unsqueeze(-1) * x[:, c0:c1].unsqueeze(-2)
+                                                         + (1.0 if centered else 0.0)) / n
             j = j * rs[r0:r1].unsqueeze(-1)
             if g is not None:
-                j = j * g
+                j = j * g[c0:c1]
             return j
 
         return self._rowwise_chunked(v, jac_fn)
