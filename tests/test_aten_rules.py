@@ -88,6 +88,17 @@ def test_as_strided_over_shared_storage_is_an_error():
         _walk(out, x, "abs")
 
 
+def test_a_broadcast_write_into_a_slice_is_an_error():
+    """x[:, 1] = v with a scalar v on a path: one element of v is written to
+    several places, which the CopySlices rule cannot tell apart; the error
+    names the node and a rewrite."""
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = x * 1.0
+    b[:, 1] = x[0, 0]
+    with pytest.raises(GraphError, match="CopySlices: an element of input 1.*several places"):
+        _walk((b * torch.arange(12.0, dtype=torch.float64).reshape(3, 4)).sum(), x, "abs")
+
+
 def test_cat_of_several_constants():
     """cat([BOS, x, EOS]) with constant ends: the node does not record their
     sizes; the error names the node and the fix, and the fix works."""
@@ -113,6 +124,16 @@ _X = torch.randn(3, 5, generator=_G, dtype=torch.float64)
 _Y = torch.randn(4, 5, generator=_G, dtype=torch.float64)
 _IDX = torch.tensor([0, 2, 0, 1])                        # repeated: two sources add into row 0
 _SIDX = torch.tensor([[0, 1, 1], [2, 2, 0], [4, 3, 1]])  # scatter positions per row (repeats)
+
+def _written(x, y, kind):
+    b = x * 1.0
+    if kind == "copy":
+        b[:, 1:3] = y[:3, :2] * 2
+    else:
+        b[:, 0] *= 3
+        b[1:, 2:] += y[1:3, 2:]
+    return b
+
 
 #: name -> (inputs used, one primitive of them)
 ONE_STEP_OPS = {
@@ -244,6 +265,10 @@ ONE_STEP_OPS.update({
     "as_strided_windows": (("x",), lambda x: x.as_strided((4, 4), (3, 1))),
     "as_strided_of_a_view": (("x",), lambda x: x.t().as_strided((3, 3), (1, 4), 2)),
     "adaptive_avg_pool1d_strided": (("x",), lambda x: F.adaptive_avg_pool1d(x[None].transpose(1, 2), 1)),
+    # in-place writes into a view (CopySlices): a copy, in-place ops on slices, circular padding
+    "copy_into_slice": (("x", "y"), lambda x, y: _written(x, y, "copy")),
+    "inplace_ops_on_slices": (("x", "y"), lambda x, y: _written(x, y, "ops")),
+    "pad_circular": (("x",), lambda x: F.pad(x[None], (1, 2), mode="circular")),
 })
 
 

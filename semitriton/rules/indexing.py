@@ -1,5 +1,6 @@
 """Writes at indices: index_put (``x[idx] = v``, ``x[mask] = v``),
-masked_scatter, index_fill, index_copy and scatter. The written tensor's
+masked_scatter, index_fill, index_copy and scatter, and in-place writes into
+a view (``CopySlices``). The written tensor's
 elements are weight-1 edges to their places in the output; an element of
 the destination that is overwritten has no edge (with ``accumulate=True``
 it keeps its edge, the sum passes it through). Each rule follows the
@@ -7,6 +8,8 @@ formulas of torch's own backward, including where a forward with repeated
 indices is non-deterministic."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -175,4 +178,72 @@ def scatter(ctx):
             raise GraphError(f"{ctx.name}: src is larger than index (torch's own backward refuses this "
                              "too); pass src[..., :k] with index's shape")
         out[1] = sr.map(v, lambda c: c.gather(dim, index))
+    return out
+
+
+#: the probe results' dtypes whose rounding the routing check below can tell from a second edge
+_PROBE_DTYPES = {torch.float64: 1e-9, torch.float32: 2e-5}
+_DIGIT = 16
+
+
+@rule("CopySlices")
+def copy_slices(ctx):
+    """An in-place op on a view of a tensor (``x[:, :k] = y``,
+    ``x[..., 0] += y``, ``x[1:].mul_(c)``; circular padding): torch records
+    one node that wraps the op and the view, and shows neither. Its backward
+    is linear, so the rule reads the edges off the node itself: probes of
+    float64 codes (base-16 digits of each output position, ones, and two
+    random vectors u, u²) give, for every element of each input, the output
+    element it reaches and the weight. Each element must reach at most one
+    output element (copies, elementwise ops on the view): that is checked
+    (r(u)² = r(u²)·r(1), which two edges of one element would break); a
+    broadcast source on a path (one element written to several places), or
+    probes in half precision, raise a GraphError instead."""
+    out = [None] * ctx.n_inputs
+    if not any(ctx.needs):
+        return out
+    from .. import cuda_graph
+    node = cuda_graph.real_node(ctx.node)
+    v = ctx.grad()
+    dev = v[0].device
+    shape = tuple(v[0].shape)
+    n = v[0].numel()
+    index = torch.arange(n, device=dev)
+    gen = torch.Generator().manual_seed(0)
+    u = (1 + torch.rand(n, generator=gen, dtype=torch.float64)).to(dev)
+
+    def probe(codes):
+        r = node(codes.reshape(shape))
+        return r if isinstance(r, tuple) else (r,)
+
+    ones, ru, ru2 = probe(torch.ones(n, dtype=torch.float64, device=dev)), probe(u), probe(u * u)
+    digits = []
+    for d in range(max(1, math.ceil(math.log(max(n, 2), _DIGIT)))):
+        digits.append(probe(((index // _DIGIT ** d) % _DIGIT + 1).to(torch.float64)))
+    for i in range(ctx.n_inputs):
+        if not ctx.needs[i] or ones[i] is None:
+            continue
+        w = ones[i].reshape(-1)
+        tol = _PROBE_DTYPES.get(w.dtype)
+        if tol is None:
+            raise GraphError(f"{ctx.name}: the in-place write's backward runs in {w.dtype} for input {i}; its "
+                             "edges are read in float32 or float64 only (run the model in float32)")
+        w = w.double()
+        hit = w != 0
+        safe = torch.where(hit, w, 1.0)
+        pos = torch.zeros(w.numel(), dtype=torch.long, device=dev)
+        for d, r in enumerate(digits):
+            digit = (r[i].reshape(-1).double() / safe).round().long() - 1
+            pos = pos + digit.clamp(0, _DIGIT - 1) * _DIGIT ** d
+        pos = torch.where(hit, pos.clamp(0, n - 1), 0)
+        a, b = ru[i].reshape(-1).double(), ru2[i].reshape(-1).double()
+        single = ((a - w * u[pos]).abs() <= tol * (w * u[pos]).abs()) & \
+                 ((b - w * u[pos] ** 2).abs() <= tol * (w * u[pos] ** 2).abs())
+        if not bool(cuda_graph.host_values((single | ~hit).all(), "the edges of an in-place write")):
+            raise GraphError(f"{ctx.name}: an element of input {i} of the in-place write reaches several "
+                             "places (a broadcast source, e.g. x[:, 0] = v with v on a path); write "
+                             "x[:, 0] = v.expand(...).clone() or build the tensor with torch.cat/where")
+        vals = ctx.sr.scale(ctx.sr.map(v, lambda c: c.reshape(-1)[pos]), w.to(ctx.dtype))
+        vals = _zero_where(ctx.sr, vals, ~hit)
+        out[i] = ctx.sr.map(vals, lambda c: c.reshape(ctx.input_shape(i)))
     return out
