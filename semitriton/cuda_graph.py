@@ -284,11 +284,18 @@ def host_values(t: Tensor, what: str = "the group sizes of a grouped matmul"):
     group ends of a grouped matmul): a replay could not change what a capture
     read, so a pass that reads them is refused at capture (it runs eagerly on
     every call)."""
+    refuse_capture(what)
+    return t.tolist()
+
+
+def refuse_capture(what: str) -> None:
+    """Called first by a rule that reads tensor values on the host (``what``
+    it reads): inside a capture, the pass is refused before the rule issues
+    any device work, and runs eagerly on every call."""
     rec = _ACTIVE
     if rec is not None and rec.capturing:
         raise NotCapturable(f"the rule of {rec.current} reads tensor values on the host ({what}), which a "
                             "replay could not follow")
-    return t.tolist()
 
 
 def real_node(node):

@@ -605,6 +605,33 @@ def test_a_grouped_matmul_pass_is_never_captured(emulated):
         torch.testing.assert_close(g, pass_(offs, False), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("op", ["write_into_slice", "as_strided"])
+def test_probing_rules_are_never_captured(emulated, op):
+    """The rules of in-place writes into a view (CopySlices) and of
+    as_strided read their edges off the node's backward on the host: the
+    pass is refused at capture, before they issue device work, and every
+    call runs eagerly."""
+    w = torch.randn(3, 4)
+
+    def pass_(x, cuda_graph):
+        x = x.clone().requires_grad_()
+        if op == "write_into_slice":
+            y = x * 2.0
+            y[:, 1:3] = x[:, :2].sin()
+        else:
+            y = (x * 2.0).as_strided((3, 4), (2, 1))
+        return semitriton.grad((y * w).sum(), x, semiring="abs", cuda_graph=cuda_graph)[0]
+
+    xs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    before = _counts(emulated)
+    with pytest.warns(RuntimeWarning, match="in-place write|strided input"):
+        got = [pass_(x, True) for x in xs]
+    eager, captures, replays, _ = (x - y for x, y in zip(_counts(emulated), before))
+    assert captures == 0 and replays == 0 and eager >= 1
+    for x, g in zip(xs, got):
+        torch.testing.assert_close(g, pass_(x, False), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("limit", ["count", "bytes"])
 def test_only_the_most_recent_graphs_keep_their_buffers(emulated, monkeypatch, limit):
     """Three batch shapes: three signatures captured, but only the most

@@ -203,6 +203,8 @@ def copy_slices(ctx):
     if not any(ctx.needs):
         return out
     from .. import cuda_graph
+    what = "the edges of an in-place write"
+    cuda_graph.refuse_capture(what)
     node = cuda_graph.real_node(ctx.node)
     v = ctx.grad()
     dev = v[0].device
@@ -239,7 +241,7 @@ def copy_slices(ctx):
         a, b = ru[i].reshape(-1).double(), ru2[i].reshape(-1).double()
         single = ((a - w * u[pos]).abs() <= tol * (w * u[pos]).abs()) & \
                  ((b - w * u[pos] ** 2).abs() <= tol * (w * u[pos] ** 2).abs())
-        if not bool(cuda_graph.host_values((single | ~hit).all(), "the edges of an in-place write")):
+        if not bool(cuda_graph.host_values((single | ~hit).all(), what)):
             raise GraphError(f"{ctx.name}: an element of input {i} of the in-place write reaches several "
                              "places (a broadcast source, e.g. x[:, 0] = v with v on a path); write "
                              "x[:, 0] = v.expand(...).clone() or build the tensor with torch.cat/where")

@@ -385,6 +385,8 @@ def as_strided(ctx):
     if not ctx.needs[0]:
         return [None] * ctx.n_inputs
     from .. import cuda_graph
+    what = "the storage positions of a strided input"
+    cuda_graph.refuse_capture(what)
     node = cuda_graph.real_node(ctx.node)
     size, stride = tuple(ctx.saved("size")), tuple(ctx.saved("stride"))
     offset = ctx.saved("storage_offset") or 0
@@ -397,7 +399,6 @@ def as_strided(ctx):
     s = node(pos + 1).reshape(-1) / k.clamp(min=1) - 1
     read = k > 0
     flat = torch.arange(k.numel(), device=dev)
-    what = "the storage positions of a strided input"
     span = int(cuda_graph.host_values(pos.max(), what)) + 2 if pos.numel() else 2   # positions, and a sink
     s_idx = torch.where(read, s.round().long(), span - 1).clamp(0, span - 1)
     owner = torch.full((span,), -1, dtype=torch.long, device=dev).scatter_(0, s_idx, flat)
