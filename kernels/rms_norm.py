@@ -60,11 +60,14 @@ def _excl_sum(u, key, offs):
 @triton.jit
 def _rms_closed_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
                        N, s_c0, s_c1, s_x, s_o, eps, offset,
-                       SR: tl.constexpr, HAS_G: tl.constexpr, FROM_X: tl.constexpr, BLOCK: tl.constexpr):
+                       SR: tl.constexpr, HAS_G: tl.constexpr, FROM_X: tl.constexpr, EXACT_D: tl.constexpr,
+                       BLOCK: tl.constexpr):
     """One row: out_i = ⊕_j edge(w_ij) ⊗ v_j in closed form (module docstring;
     SR: 1 abs, 2 maxabs, 3 max, 4 entropy). FROM_X: ``x_ptr`` holds the norm's
     input x and r = (Σx²/n + eps)^-½, x̂ = x·r, γ = g + offset are formed here
-    (``rstd_ptr`` unused); else ``x_ptr`` holds x̂, ``rstd_ptr`` r and g is γ."""
+    (``rstd_ptr`` unused); else ``x_ptr`` holds x̂, ``rstd_ptr`` r and g is γ.
+    EXACT_D (eps known): the diagonal's 1 − x̂_i²/n is formed as
+    (Σ_{j≠i} x̂_j² + n·eps·r²)/n, without cancellation where x_i dominates."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < N
@@ -80,7 +83,11 @@ def _rms_closed_kernel(c0_ptr, c1_ptr, x_ptr, rstd_ptr, g_ptr, o0_ptr, o1_ptr,
             gam = tl.where(m, gam + offset, 0.0)
     else:
         gam = tl.where(m, 1.0, 0.0)
-    d = gam * r * (1.0 - xh * xh / N)
+    if EXACT_D:
+        q = xh * xh
+        d = gam * r * ((_excl_sum(q, q, offs) + N * eps * r * r) / N)
+    else:
+        d = gam * r * (1.0 - xh * xh / N)
     a = -r * xh / N
     b = gam * xh
     c0_row = c0_ptr + row * s_c0
@@ -186,7 +193,7 @@ def rms_norm_input_grad(x, grad_out, weight, eps: float, offset: float, out_dtyp
     return dx.reshape(x.shape)
 
 
-def _rms_norm(v, xhat, rstd, weight, kind: str):
+def _rms_norm(v, xhat, rstd, weight, kind: str, eps=None):
     rows = row_inputs(v, xhat, rstd, weight, max_n=MAX_BLOCK)
     if rows is None:
         return NotImplemented
@@ -197,9 +204,10 @@ def _rms_norm(v, xhat, rstd, weight, kind: str):
     o1 = outs[1] if len(outs) > 1 else o0
     block = next_pow2(n)
     _rms_closed_kernel[(R,)](a, b, x, rs, g if g is not None else x, o0, o1, n,
-                             a.stride(0), b.stride(0), x.stride(0), o0.stride(0), 0.0, 0.0,
-                             SR=_CODES[kind], HAS_G=g is not None, FROM_X=False, BLOCK=block,
-                             num_warps=row_warps(block))
+                             a.stride(0), b.stride(0), x.stride(0), o0.stride(0),
+                             0.0 if eps is None else float(eps), 0.0,
+                             SR=_CODES[kind], HAS_G=g is not None, FROM_X=False, EXACT_D=eps is not None,
+                             BLOCK=block, num_warps=row_warps(block))
     return tuple(o.reshape(v[0].shape) for o in outs)
 
 
@@ -224,14 +232,14 @@ def _rms_norm_from_input(v, x, eps: float, weight, offset: float, kind: str):
         block = next_pow2(n)
         _rms_closed_kernel[(R,)](a, b, xc, xc, g, o0, o1, n, a.stride(0), b.stride(0), xc.stride(0),
                                  o0.stride(0), float(eps), float(offset),
-                                 SR=_CODES[kind], HAS_G=weight is not None, FROM_X=True, BLOCK=block,
-                                 num_warps=row_warps(block))
+                                 SR=_CODES[kind], HAS_G=weight is not None, FROM_X=True, EXACT_D=True,
+                                 BLOCK=block, num_warps=row_warps(block))
     return tuple(o.reshape(c0.shape) for o in outs)
 
 
 def _make(kind: str):
-    def fn(v, xhat, rstd, weight):
-        return _rms_norm(v, xhat, rstd, weight, kind)
+    def fn(v, xhat, rstd, weight, eps=None):
+        return _rms_norm(v, xhat, rstd, weight, kind, eps)
 
     def from_input(v, x, eps, weight, offset):
         return _rms_norm_from_input(v, x, eps, weight, offset, kind)
@@ -262,7 +270,8 @@ def real_rms_norm_from_input(v, x, eps, weight, offset):
 
 def aot_specs():
     """(kernel, signature, constexprs, options): each semiring at n ≤ 1024 with
-    fp32 and bf16 γ, without γ, and at n ≤ 8192, from x̂ and from x; the
+    fp32 and bf16 γ, without γ, and at n ≤ 8192, from x̂ (eps unknown or
+    given) and from x; the
     ordinary input gradient for fp32 and bf16, and for bf16 x with fp32
     values (the real semiring's walk)."""
     specs = []
@@ -274,8 +283,8 @@ def aot_specs():
             types.update({"c0_ptr": "*fp32", "c1_ptr": "*fp32", "x_ptr": "*" + dt, "rstd_ptr": "*fp32",
                           "g_ptr": "*" + dt, "o0_ptr": "*fp32", "o1_ptr": "*fp32"})
             types.update({"eps": "fp32", "offset": "fp32"})
-            for from_x in (False, True):
-                const = dict(SR=sr, HAS_G=has_g, FROM_X=from_x, BLOCK=block)
+            for from_x, exact in ((False, False), (False, True), (True, True)):
+                const = dict(SR=sr, HAS_G=has_g, FROM_X=from_x, EXACT_D=exact, BLOCK=block)
                 specs.append(aot_entry(kern, types, const, row_warps(block), 1))
     # (x and γ, g, dx): the ordinary backward, and the real semiring's walk (fp32 values and output)
     for dt, has_w, block, g_dt in (("fp32", True, 1024, "fp32"), ("bf16", True, 1024, "bf16"),

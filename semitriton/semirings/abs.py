@@ -94,10 +94,10 @@ class Abs(LogSpaceSemiring):
         return (out.to(l.dtype),)
 
     @kernel_op("rms_norm")
-    def rms_norm(self, v, xhat, rstd, weight):
+    def rms_norm(self, v, xhat, rstd, weight, eps=None):
         """Z_i = |d_i| Z_i + |a_i| Σ_{j≠i} |b_j| Z_j (see Semiring.rms_factors)."""
         l = v[0]
-        d, a, b = self.rms_factors(xhat, rstd, weight, l.dtype)
+        d, a, b = self.rms_factors(xhat, rstd, weight, l.dtype, eps)
         t = log_abs(b) + l
         m = finite_amax(t, -1)
         off = log_abs(a) + torch.log(exclusive_sum(torch.exp(t - m), -1)) + m

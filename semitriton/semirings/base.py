@@ -23,8 +23,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..dispatch import kernel_op
-from ._util import activation_derivative, complement, finite_amax, rope_partner, rope_partner_weight
+from ..dispatch import is_builtin, kernel_op
+from ._util import (activation_derivative, complement, exclusive_sum, finite_amax, rope_partner,
+                    rope_partner_weight)
 
 Value = tuple  # tuple[Tensor, ...]: the components of a semiring value
 
@@ -303,9 +304,13 @@ class Semiring:
         r = self.layer_norm(vf, xhat, rs, g)
         return self.map(r, lambda c: c.reshape(x.shape))
 
-    def rms_norm(self, v: Value, xhat: Tensor, rstd: Tensor, weight: Tensor | None) -> Value:
+    def rms_norm(self, v: Value, xhat: Tensor, rstd: Tensor, weight: Tensor | None,
+                 eps: float | None = None) -> Value:
         """RMS norm over the last dim, ``xhat = x*rstd``. Edge x_i -> y_j:
-        ``γ_j rstd (δ_ij - x̂_i x̂_j / n)``."""
+        ``γ_j rstd (δ_ij - x̂_i x̂_j / n)``. ``eps`` (when the norm's eps is
+        known) lets the closed forms of the built-in semirings keep the
+        diagonal accurate where one element dominates its row
+        (:meth:`rms_factors`)."""
         return self._norm(v, xhat, rstd, weight, centered=False)
 
     @kernel_op("rms_norm_from_input")
@@ -317,18 +322,28 @@ class Semiring:
         dt = v[0].dtype
         xhat, rstd = rms_norm_rows(x, eps, dt)
         gamma = None if weight is None else weight.to(dt) + offset
+        if is_builtin(self):                      # a user's override may not take eps
+            return self.rms_norm(v, xhat, rstd, gamma, float(eps))
         return self.rms_norm(v, xhat, rstd, gamma)
 
     @staticmethod
-    def rms_factors(xhat: Tensor, rstd: Tensor, weight, dtype) -> tuple:
+    def rms_factors(xhat: Tensor, rstd: Tensor, weight, dtype, eps: float | None = None) -> tuple:
         """RMS norm's Jacobian w_ij = γ_j r (δ_ij - x̂_i x̂_j / n) written as
         d_i on the diagonal and a_i b_j off it: d = γ r (1 - x̂²/n),
-        a = -r x̂ / n, b = γ x̂ (so closed forms are O(n) per row)."""
+        a = -r x̂ / n, b = γ x̂ (so closed forms are O(n) per row). With the
+        norm's ``eps``, 1 - x̂_i²/n is formed as (Σ_{j≠i} x̂_j² + n·eps·r²)/n,
+        a sum of non-negative terms: 1 - x̂_i²/n cancels where one element
+        carries nearly all of its row's Σx² (a massive activation; float32
+        keeps no digit of it once the other elements' share is below 1e-7)."""
         xh = xhat.to(dtype)
         r = rstd.to(dtype)
         n = xh.shape[-1]
         g = torch.ones((), dtype=dtype, device=xh.device) if weight is None else weight.to(dtype)
-        return g * r * (1 - xh * xh / n), -r * xh / n, g * xh
+        if eps is None:
+            c = 1 - xh * xh / n
+        else:
+            c = (exclusive_sum(xh * xh, -1) + n * eps * r * r) / n
+        return g * r * c, -r * xh / n, g * xh
 
     def _norm(self, v, xhat, rstd, weight, centered):
         dt = v[0].dtype

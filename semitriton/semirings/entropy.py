@@ -160,13 +160,13 @@ class Entropy(Semiring):
         return _clean(L, torch.exp(l_off - shift) * mu_off + torch.exp(l_diag - shift) * mu_diag)
 
     @kernel_op("rms_norm")
-    def rms_norm(self, v, xhat, rstd, weight):
+    def rms_norm(self, v, xhat, rstd, weight, eps=None):
         """Off-diagonal |w| = |a_i||b_j|, diagonal |d_i| (Semiring.rms_factors):
         z_i = |a_i| B_i + |d_i| z_i, B_i = Σ_{j≠i} |b_j| z_j;
         z_i μ_i = |a_i| (A_i - log|a_i| B_i) + |d_i| z_i (μ_i - log|d_i|),
         A_i = Σ_{j≠i} |b_j| z_j (μ_j - log|b_j|)."""
         l, mu = v
-        d, a, b = self.rms_factors(xhat, rstd, weight, l.dtype)
+        d, a, b = self.rms_factors(xhat, rstd, weight, l.dtype, eps)
         lb, la, ld = log_abs(b), log_abs(a), log_abs(d)
         t_log = l + lb
         m = finite_amax(t_log, -1)

@@ -111,11 +111,11 @@ class Max(Semiring):
         return (torch.maximum(off_p, dp), torch.minimum(off_n, dn))
 
     @kernel_op("rms_norm")
-    def rms_norm(self, v, xhat, rstd, weight):
+    def rms_norm(self, v, xhat, rstd, weight, eps=None):
         """Off-diagonal edges a_i b_j: with P_j = max(b_j M+_j, b_j M-_j) and
         N_j = min(...), M+_i gets a_i max_{j≠i} P_j (a_i > 0) or a_i min_{j≠i} N_j."""
         mp, mn = v
-        d, a, b = self.rms_factors(xhat, rstd, weight, mp.dtype)
+        d, a, b = self.rms_factors(xhat, rstd, weight, mp.dtype, eps)
         live = (mp != NEG_INF) & (b != 0)
         bp, bn = torch.where(live, b * mp, 0.0), torch.where(live, b * mn, 0.0)
         P = torch.where(live, torch.maximum(bp, bn), NEG_INF)

@@ -54,9 +54,9 @@ class MaxAbs(LogSpaceSemiring):
         return (torch.maximum(torch.log(p) + exclusive_max(l, dim), torch.log(complement(p, dim)) + l),)
 
     @kernel_op("rms_norm")
-    def rms_norm(self, v, xhat, rstd, weight):
+    def rms_norm(self, v, xhat, rstd, weight, eps=None):
         """m_i = max(|d_i| m_i, |a_i| max_{j≠i} |b_j| m_j): a row top-2."""
         l = v[0]
-        d, a, b = self.rms_factors(xhat, rstd, weight, l.dtype)
+        d, a, b = self.rms_factors(xhat, rstd, weight, l.dtype, eps)
         off = log_abs(a) + exclusive_max(log_abs(b) + l, -1)
         return (torch.maximum(off, log_abs(d) + l),)

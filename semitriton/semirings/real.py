@@ -75,7 +75,7 @@ class Real(Semiring):
             g, x.to(dt), list(normalized_shape), mean.to(dt), rstd.to(dt), w, None, [True, False, False])
         return (dx,)
 
-    def rms_norm(self, v, xhat, rstd, weight):
+    def rms_norm(self, v, xhat, rstd, weight, eps=None):
         g = v[0] if weight is None else v[0] * weight.to(v[0].dtype)
         xh = xhat.to(g.dtype)
         n = g.shape[-1]
