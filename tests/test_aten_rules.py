@@ -258,6 +258,11 @@ ONE_STEP_OPS.update({
     "prod_all": (("x",), lambda x: x.prod()),
     "prod_all_one_zero": (("zp1",), lambda zp1: zp1.prod()),
     "prod_keepdim": (("zp",), lambda zp: zp.prod(0, keepdim=True)),
+    "cumprod": (("x",), lambda x: x.cumprod(1)),
+    "cumprod_zeros": (("zp",), lambda zp: zp.cumprod(-1)),
+    "cumprod_dim0": (("zp",), lambda zp: zp.cumprod(0)),
+    "logcumsumexp": (("x",), lambda x: x.logcumsumexp(1)),
+    "logcumsumexp_dim0": (("x",), lambda x: torch.logcumsumexp(x, 0)),
     "pad_reflect": (("x",), lambda x: F.pad(x, (2, 1), mode="reflect")),
     "pad_replicate_2d": (("x",), lambda x: F.pad(x[None], (1, 2, 2, 0), mode="replicate")),
     # as_strided: overlapping windows (fan-out), a transposed view, and the in-place

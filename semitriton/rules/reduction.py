@@ -1,8 +1,9 @@
 """Reductions: sum and mean (edges x[i] -> y with weight 1 or 1/n), and the
 ones whose edge weights depend on x: logsumexp (softmax weights), amax/amin
 and the full max/min/median (1/count to each tied extreme, as torch's
-backward), vector norms and var/std (their exact partial derivatives), and
-prod (each element's edge is the product of the others)."""
+backward), vector norms and var/std (their exact partial derivatives),
+prod (each element's edge is the product of the others), and the scans cumsum,
+cumprod and logcumsumexp."""
 
 from __future__ import annotations
 
@@ -178,6 +179,63 @@ def cumsum(ctx):
     moved = ctx.sr.map(v, lambda c: c.movedim(dim, -1))
     out = ctx.sr.matmul(moved, tri)
     return [ctx.sr.map(out, lambda c: c.movedim(-1, dim))]
+
+
+def _along_rows(ctx, jac_of):
+    """Value of x for a scan y = f(x) along ``dim`` whose edges x_i -> y_k
+    (k ≥ i) have weights that differ per row: ``jac_of(xr, yr)`` gives
+    ``jac(r0, r1, c0, c1)`` -> [r, n (i), c1 − c0 (k)] from the rows of x and
+    y; contracted row by row (O(n²) per row, in blocks)."""
+    if not ctx.needs[0]:
+        return [None]
+    v = ctx.grad()
+    nd = v[0].dim()
+    if nd == 0:                                       # a 0-dim scan is the identity
+        return [v]
+    dim = ctx.saved("dim") % nd
+    n = v[0].shape[dim]
+    xr = ctx.saved("self").movedim(dim, -1).reshape(-1, n)
+    yr = ctx.saved("result").movedim(dim, -1).reshape(-1, n)
+    moved = ctx.sr.map(v, lambda c: c.movedim(dim, -1))
+    out = ctx.sr._rowwise_chunked(moved, jac_of(xr, yr))
+    return [ctx.sr.map(out, lambda c: c.movedim(-1, dim))]
+
+
+def _upper(n: int, c0: int, c1: int, device):
+    """[n, c1 − c0]: True where i ≤ k (rows i, columns k of c0..c1)."""
+    return torch.arange(n, device=device).unsqueeze(-1) <= torch.arange(c0, c1, device=device)
+
+
+@rule("CumprodBackward0")
+def cumprod(ctx):
+    """y_k = ∏_{i≤k} x_i: edge x_i -> y_k (k ≥ i) with weight ∏_{j≤k, j≠i} x_j,
+    formed without dividing by x_i: the product before i times the product
+    over i < j ≤ k (so zeros in x give exactly torch's edges)."""
+    def jac_of(xr, yr):
+        n = xr.shape[-1]
+        idx = torch.arange(n, device=xr.device)
+        before = torch.cat([torch.ones_like(xr[:, :1]), xr[:, :-1].cumprod(-1)], -1)      # ∏_{j<i}
+
+        def jac(r0, r1, c0, c1):
+            xs = xr[r0:r1, :c1].unsqueeze(-2)                                             # x_j, j < c1
+            after = torch.where(idx[:, None] < idx[None, :c1], xs, 1.0).cumprod(-1)[..., c0:c1]
+            return torch.where(_upper(n, c0, c1, xr.device), before[r0:r1, :, None] * after, 0.0)
+        return jac
+    return _along_rows(ctx, jac_of)
+
+
+@rule("LogcumsumexpBackward0")
+def logcumsumexp(ctx):
+    """y_k = log Σ_{i≤k} exp(x_i): edge x_i -> y_k (k ≥ i) with weight
+    exp(x_i − y_k) (the softmax of the prefix)."""
+    def jac_of(xr, yr):
+        n = xr.shape[-1]
+
+        def jac(r0, r1, c0, c1):
+            w = torch.exp(xr[r0:r1, :, None] - yr[r0:r1, None, c0:c1])
+            return torch.where(_upper(n, c0, c1, xr.device), w, 0.0)
+        return jac
+    return _along_rows(ctx, jac_of)
 
 
 def _exclusive_prod(x, d: int):
