@@ -210,6 +210,7 @@ _XN = _X.clone()
 _XN[1, 1] = float("nan")                              # maximum/minimum with a NaN operand
 _INPUTS = {"x": _X, "y": _Y, "t": _XT, "p": _XP, "k": _XK, "xz": _XZ, "n": _XN, "s": torch.tensor([0.5, -2.0],
                                                                                            dtype=torch.float64)}
+_INPUTS.update({"u": _X.tanh() * 0.9, "q": _XP + 1.0, "s01": torch.sigmoid(_X * 2)})
 
 # convolutions (input, weight and bias values; one tap reads one input position per output) and prod
 _GC = torch.Generator().manual_seed(11)
@@ -263,6 +264,46 @@ ONE_STEP_OPS.update({
     "cumprod_dim0": (("zp",), lambda zp: zp.cumprod(0)),
     "logcumsumexp": (("x",), lambda x: x.logcumsumexp(1)),
     "logcumsumexp_dim0": (("x",), lambda x: torch.logcumsumexp(x, 0)),
+    # elementwise functions and small contractions (torch's own derivative formulas)
+    "asin": (("u",), lambda u: u.asin()),
+    "acos": (("u",), lambda u: u.acos()),
+    "asinh": (("x",), lambda x: x.asinh()),
+    "acosh": (("q",), lambda q: q.acosh()),
+    "atanh": (("u",), lambda u: u.atanh()),
+    "sinh": (("x",), lambda x: x.sinh()),
+    "cosh": (("x",), lambda x: x.cosh()),
+    "tan": (("u",), lambda u: u.tan()),
+    "sinc_zeros": (("xz",), lambda xz: xz.sinc()),
+    "logit": (("s01",), lambda s01: s01.logit()),
+    "logit_eps": (("s01",), lambda s01: s01.logit(0.3)),
+    "deg2rad": (("x",), lambda x: x.deg2rad()),
+    "rad2deg": (("x",), lambda x: x.rad2deg()),
+    "hardsigmoid_kinks": (("k",), lambda k: F.hardsigmoid(k)),
+    "hardshrink": (("x",), lambda x: F.hardshrink(x, 0.5)),
+    "softshrink": (("x",), lambda x: F.softshrink(x, 0.5)),
+    "leaky_relu": (("x",), lambda x: F.leaky_relu(x, 0.1)),        # the slope in float64 (was rounded to float32)
+    "leaky_relu_inplace": (("x",), lambda x: F.leaky_relu_(x * 1.0, 0.1)),
+    "copysign": (("xz", "y"), lambda xz, y: torch.copysign(xz, y[:3])),
+    "copysign_scalar": (("xz",), lambda xz: torch.copysign(xz, -1.0)),
+    "floor_ceil_round_trunc": (("x",), lambda x: x.floor() + x.ceil() * 2 + x.round() + x.trunc() + x * 0.5),
+    "frac": (("x",), lambda x: x.frac()),
+    "fmod": (("x",), lambda x: torch.fmod(x, 0.7)),
+    "fmod_tensor": (("x", "y"), lambda x, y: torch.fmod(x, y[:3].abs() + 0.5)),
+    "remainder_tensor": (("x", "y"), lambda x, y: torch.remainder(x, y[:3].abs() + 0.5)),
+    "div_floor": (("x", "p"), lambda x, p: torch.div(x, p, rounding_mode="floor") + x * p),
+    "pow_scalar_base": (("x",), lambda x: torch.pow(2.5, x)),
+    "logaddexp": (("x", "y"), lambda x, y: torch.logaddexp(x, y[:3])),
+    "logaddexp2": (("x", "y"), lambda x, y: torch.logaddexp2(x, y[:3])),
+    "clamp_min_tensor": (("t", "y"), lambda t, y: torch.clamp_min(t, y[:3])),
+    "clamp_max_tensor": (("x", "y"), lambda x, y: torch.clamp_max(x, y[:3])),
+    "masked_fill_tensor": (("x", "y"), lambda x, y: x.masked_fill(x > 0, y[0, 0])),
+    "prelu": (("x", "y"), lambda x, y: F.prelu(x, y[0])),
+    "prelu_shared": (("x", "y"), lambda x, y: F.prelu(x, y[0, :1])),
+    "nansum": (("n",), lambda n: n.nansum(1)),
+    "nansum_all": (("n",), lambda n: n.nansum()),
+    "trace": (("x",), lambda x: x[:, :3].trace()),
+    "addmv": (("x", "y"), lambda x, y: torch.addmv(y[0, :3], x, y[1], beta=0.5, alpha=2.0)),
+    "addr": (("x", "y"), lambda x, y: torch.addr(x[:, :4], y[0, :3], y[1, :4], beta=0.5, alpha=1.5)),
     "pad_reflect": (("x",), lambda x: F.pad(x, (2, 1), mode="reflect")),
     "pad_replicate_2d": (("x",), lambda x: F.pad(x[None], (1, 2, 2, 0), mode="replicate")),
     # as_strided: overlapping windows (fan-out), a transposed view, and the in-place

@@ -169,6 +169,13 @@ def _sig(x):
     return torch.sigmoid(x)
 
 
+def _slope_where(c, above):
+    """Leaky ReLU's edge: 1 where ``above``, the slope elsewhere, in the
+    compute dtype (a Python-float where() would round the slope to float32)."""
+    return torch.where(above, 1.0, torch.tensor(float(c.saved("negative_slope")), dtype=c.dtype,
+                                                device=above.device))
+
+
 _activation("GeluBackward0", lambda c: "gelu_tanh" if c.saved("approximate") == "tanh" else "gelu")
 _activation("SiluBackward0", lambda c: "silu")
 _unary("ReluBackward0", lambda c: (c.saved("result") > 0).to(c.dtype))
@@ -184,8 +191,7 @@ _unary("SinBackward0", lambda c: torch.cos(c.saved("self")))
 _unary("CosBackward0", lambda c: -torch.sin(c.saved("self")))
 _unary("AbsBackward0", lambda c: torch.sign(c.saved("self")))
 _unary("ErfBackward0", lambda c: 2 / math.sqrt(math.pi) * torch.exp(-c.saved("self") ** 2))
-_unary("LeakyReluBackward0", lambda c: torch.where(c.saved("self") > 0, 1.0, c.saved("negative_slope"))
-       .to(c.dtype))
+_unary("LeakyReluBackward0", lambda c: _slope_where(c, c.saved("self") > 0))
 _unary("HardtanhBackward0", lambda c: ((c.saved("self") > c.saved("min_val"))
                                       & (c.saved("self") < c.saved("max_val"))).to(c.dtype))
 _unary("SoftplusBackward0", lambda c: (lambda x, b, th: torch.where(x * b > th, 1.0, _sig(x * b)))
@@ -206,6 +212,137 @@ _unary("HardswishBackward0", lambda c: torch.ops.aten.hardswish_backward(torch.o
                                                                          c.saved("self")))
 _unary("MishBackward0", lambda c: (lambda x: (lambda t: t + x * _sig(x) * (1 - t * t))(
        torch.tanh(torch.nn.functional.softplus(x))))(c.saved("self")))
+
+
+# inverse trigonometric/hyperbolic functions, sinc, logit and friends (torch's formulas)
+_unary("AsinBackward0", lambda c: (1 - c.saved("self") ** 2).rsqrt())
+_unary("AcosBackward0", lambda c: -(1 - c.saved("self") ** 2).rsqrt())
+_unary("AsinhBackward0", lambda c: (c.saved("self") ** 2 + 1).rsqrt())
+_unary("AcoshBackward0", lambda c: (c.saved("self") ** 2 - 1).rsqrt())
+_unary("AtanhBackward0", lambda c: 1.0 / (1 - c.saved("self") ** 2))
+_unary("SinhBackward0", lambda c: torch.cosh(c.saved("self")))
+_unary("CoshBackward0", lambda c: torch.sinh(c.saved("self")))
+_unary("TanBackward0", lambda c: 1 + c.saved("result") ** 2)
+_unary("SincBackward0", lambda c: (lambda px: ((px * torch.cos(px) - torch.sin(px)) / (px * c.saved("self")))
+       .masked_fill(c.saved("self") == 0, 0.0))(math.pi * c.saved("self")))
+_unary("LogitBackward0", lambda c: torch.ops.aten.logit_backward(torch.ones_like(c.saved("self")), c.saved("self"),
+                                                                 c.saved("eps")))
+_unary("Deg2RadBackward0", lambda c: math.pi / 180)
+_unary("Rad2DegBackward0", lambda c: 180 / math.pi)
+_unary("HardsigmoidBackward0", lambda c: torch.ops.aten.hardsigmoid_backward(torch.ones_like(c.saved("self")),
+                                                                             c.saved("self")))
+_unary("HardshrinkBackward0", lambda c: torch.ops.aten.hardshrink_backward(torch.ones_like(c.saved("self")),
+                                                                           c.saved("self"), c.saved("lambd")))
+_unary("SoftshrinkBackward0", lambda c: torch.ops.aten.softshrink_backward(torch.ones_like(c.saved("self")),
+                                                                           c.saved("self"), c.saved("lambd")))
+# in-place leaky ReLU (saves its output): 1 above 0, the slope below
+_unary("LeakyReluBackward1", lambda c: _slope_where(c, c.saved("result") > 0))
+# copysign(x, s) = ±x: edge result/x (±1), none at x = 0 (torch's backward); s has no edge
+_unary("CopysignBackward0", lambda c: (lambda x: torch.where(x != 0, c.saved("result") / torch.where(x != 0, x, 1.0),
+                                                             0.0))(c.saved("self")))
+_unary("CopysignBackward1", lambda c: (lambda x: torch.where(x != 0, c.saved("result") / torch.where(x != 0, x, 1.0),
+                                                             0.0))(c.saved("self")))
+# piecewise constant: no edge; frac(x) = x − trunc(x) and x mod c: weight 1
+_unary("FloorBackward0", lambda c: 0)
+_unary("CeilBackward0", lambda c: 0)
+_unary("TruncBackward0", lambda c: 0)
+_unary("RoundBackward0", lambda c: 0)
+_unary("RoundBackward1", lambda c: 0)
+_unary("FracBackward0", lambda c: 1)
+_unary("FmodBackward0", lambda c: 1)
+_unary("RemainderBackward0", lambda c: 1)
+
+
+@rule("FmodBackward1", "RemainderBackward1")
+def fmod(ctx):
+    """x mod y with tensors: x weight 1; y weight −trunc(x/y) (fmod) or
+    −floor(x/y) (remainder), as torch's backward."""
+    x, y = ctx.saved("self"), ctx.saved("other")
+    mode = "trunc" if ctx.name.startswith("Fmod") else "floor"
+    out = [_pull(ctx, 0), None]
+    if ctx.needs[1]:
+        out[1] = _pull(ctx, 1, -torch.div(ctx.tensor(x), ctx.tensor(y), rounding_mode=mode))
+    return out
+
+
+@rule("DivBackward2", "DivBackward3")
+def div_rounding(ctx):
+    """torch.div with rounding_mode: "trunc"/"floor" are piecewise constant (no
+    edges); without one, an ordinary division."""
+    if ctx.saved("rounding_mode") is not None:
+        return [None] * ctx.n_inputs
+    if ctx.name == "DivBackward3":
+        return [_pull(ctx, 0, 1.0 / ctx.tensor(ctx.saved("other")))]
+    return div(ctx)
+
+
+@rule("PowBackward2")
+def pow_scalar_base(ctx):
+    """c ** e, c a number: e -> out with weight c^e·log c (0 where c = 0 and
+    e ≥ 0, torch's limit)."""
+    e = ctx.saved("exponent")
+    base = float(ctx.saved("self"))
+    if base == 0:
+        return [_pull(ctx, 0, torch.where(e >= 0, 0.0, ctx.tensor(ctx.saved("result")) * -math.inf))]
+    return [_pull(ctx, 0, ctx.tensor(ctx.saved("result")) * math.log(base))]
+
+
+@rule("LogaddexpBackward0", "Logaddexp2Backward0")
+def logaddexp(ctx):
+    """log(e^x + e^y) (base 2 for logaddexp2): x weight 1/(1 + b^(y−x)), y
+    weight 1/(1 + b^(x−y)), b = e or 2."""
+    x, y = ctx.tensor(ctx.saved("self")), ctx.tensor(ctx.saved("other"))
+    pw = torch.exp if ctx.name.startswith("LogaddexpB") else torch.exp2
+    return [_pull(ctx, 0, 1.0 / (1 + pw(y - x))), _pull(ctx, 1, 1.0 / (1 + pw(x - y)))]
+
+
+@rule("ClampMinBackward1", "ClampMaxBackward1")
+def clamp_tensor_bound(ctx):
+    """clamp_min(x, m) / clamp_max(x, m) with a tensor bound: x weight 1 where
+    it is kept (x ≥ m, resp. x ≤ m, ties to x), m weight 1 elsewhere."""
+    x = ctx.saved("self")
+    if ctx.name.startswith("ClampMin"):
+        keep = x >= ctx.saved("min")
+    else:
+        keep = x <= ctx.saved("max")
+    return [_pull(ctx, 0, keep.to(ctx.dtype)), _pull(ctx, 1, (~keep).to(ctx.dtype))]
+
+
+@rule("MaskedFillBackward1")
+def masked_fill_tensor(ctx):
+    """x.masked_fill(mask, value) with a 0-dim tensor value: x keeps its edges
+    outside the mask; value reaches every masked element with weight 1."""
+    mask = ctx.saved("mask")
+    v = ctx.grad()
+    z = ctx.sr.zero((), ctx.dtype, v[0].device)
+    m = mask.to(v[0].device).expand(v[0].shape)
+    out = [None] * ctx.n_inputs
+    if ctx.needs[0]:
+        kept = tuple(torch.where(m, zc, c) for c, zc in zip(v, z))
+        out[0] = ctx.sr.sum_to_shape(kept, ctx.input_shape(0))
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        filled = tuple(torch.where(m, c, zc) for c, zc in zip(v, z))
+        out[1] = ctx.sr.sum_to_shape(filled, ctx.input_shape(1))
+    return out
+
+
+@rule("PreluKernelBackward0")
+def prelu(ctx):
+    """prelu(x, a) = x (x > 0) or a_c·x, a per channel (dim 1) or one number:
+    x weight 1 or a_c; a_c weight x over channel c's elements where x ≤ 0."""
+    x, a = ctx.saved("self"), ctx.saved("weight")
+    shape = [1] * x.dim()
+    if a.numel() > 1:
+        shape[1 if x.dim() > 1 else 0] = a.numel()
+    ab = a.reshape(shape) if x.dim() else a.reshape(())
+    out = [_pull(ctx, 0, torch.where(x > 0, torch.ones_like(x), ab)), None]
+    if ctx.needs[1]:
+        v = ctx.sr.scale(ctx.grad(), torch.where(x > 0, torch.zeros_like(x), x))
+        keep = [d for d in range(x.dim()) if shape[d] == 1]
+        if keep:
+            v = ctx.sr.sum(v, keep, keepdim=True)
+        out[1] = ctx.sr.map(v, lambda c: c.reshape(ctx.input_shape(1)))
+    return out
 
 
 def _elu_grad(c):

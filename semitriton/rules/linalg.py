@@ -96,6 +96,47 @@ def mv(ctx):  # y = M @ x
     return out
 
 
+@rule("AddmvBackward0")
+def addmv(ctx):
+    """y = β·self + α·(M @ x): self weight β (broadcast), M_ij weight α·x_j,
+    x_j weight α·M_ij."""
+    v = ctx.grad()
+    alpha, beta = ctx.saved("alpha"), ctx.saved("beta")
+    col = ctx.sr.map(v, lambda c: c.unsqueeze(-1))
+    out = [None, None, None]
+    if ctx.needs[0] and beta != 0:
+        out[0] = ctx.sr.sum_to_shape(v if beta == 1 else ctx.sr.scale(v, ctx.tensor(beta)), ctx.input_shape(0))
+    if alpha == 0:
+        return out
+    if ctx.needs[1]:
+        out[1] = ctx.sr.matmul(col, _scaled(ctx.saved("vec"), alpha).unsqueeze(0))
+    if ctx.needs[2]:
+        m = _scaled(ctx.saved("mat", cast=False), alpha)
+        out[2] = ctx.sr.map(ctx.sr.rmatmul(m.transpose(-1, -2), col), lambda c: c.squeeze(-1))
+    return out
+
+
+@rule("AddrBackward0")
+def addr(ctx):
+    """Y = β·self + α·(a ⊗ b): self weight β, a_i weight α·b_j into Y_ij,
+    b_j weight α·a_i."""
+    v = ctx.grad()
+    alpha, beta = ctx.saved("alpha"), ctx.saved("beta")
+    out = [None, None, None]
+    if ctx.needs[0] and beta != 0:
+        out[0] = ctx.sr.sum_to_shape(v if beta == 1 else ctx.sr.scale(v, ctx.tensor(beta)), ctx.input_shape(0))
+    if alpha == 0:
+        return out
+    if ctx.needs[1]:
+        b = _scaled(ctx.saved("vec2"), alpha)
+        out[1] = ctx.sr.map(ctx.sr.matmul(v, b.unsqueeze(-1)), lambda c: c.squeeze(-1))
+    if ctx.needs[2]:
+        a = _scaled(ctx.saved("vec1"), alpha)
+        vt = ctx.sr.map(v, lambda c: c.transpose(0, 1))
+        out[2] = ctx.sr.map(ctx.sr.matmul(vt, a.unsqueeze(-1)), lambda c: c.squeeze(-1))
+    return out
+
+
 @rule("DotBackward0")
 def dot(ctx):  # y = a · b
     v = ctx.grad()

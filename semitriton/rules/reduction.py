@@ -55,6 +55,31 @@ def sum_dim(ctx):
     return [_expand_back(ctx, shape, dims, ctx.saved("keepdim"))]
 
 
+@rule("NansumBackward0")
+def nansum(ctx):
+    """nansum over dims: weight 1 from each non-NaN element, no edge from a NaN."""
+    if not ctx.needs[0]:
+        return [None]
+    x = ctx.saved("self")
+    dims = _dims_list(ctx.saved("dim"), x.dim())
+    v = _expand_back(ctx, tuple(x.shape), dims, ctx.saved("keepdim"))
+    z = ctx.sr.zero((), ctx.dtype, x.device)
+    nan = torch.isnan(x)
+    return [tuple(torch.where(nan, zc, c) for c, zc in zip(v, z))]
+
+
+@rule("TraceBackward0")
+def trace(ctx):
+    """trace of a matrix: each diagonal element with weight 1."""
+    if not ctx.needs[0]:
+        return [None]
+    shape = tuple(ctx.saved("self_sym_sizes"))
+    v = ctx.grad()
+    z = ctx.sr.zero(shape, ctx.dtype, v[0].device)
+    eye = torch.eye(*shape, dtype=torch.bool, device=v[0].device)
+    return [tuple(torch.where(eye, c.expand(shape), zc) for c, zc in zip(v, z))]
+
+
 @rule("MeanBackward0")
 def mean_all(ctx):
     if not ctx.needs[0]:
