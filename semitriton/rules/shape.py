@@ -410,6 +410,128 @@ def as_strided(ctx):
     return _only0(ctx, _gather_back(ctx, shape, own.clamp(min=0), own >= 0))
 
 
+# ---- ops that copy elements: the routing read off the op applied to codes ----------------------
+def _copied(ctx, in_shape, forward):
+    """Value of the input of an op whose every output element is one input
+    element or a fill (padding, a zero off the diagonal): ``forward`` applied
+    to float64 codes 1..N of the input (exact below 2**53) says which; the
+    output's value is gathered back with ⊕ (fan-out where windows overlap)."""
+    if not ctx.needs[0]:
+        return [None] * ctx.n_inputs
+    dev = ctx.grad()[0].device
+    codes = torch.arange(1, math.prod(in_shape) + 1, dtype=torch.float64, device=dev).reshape(in_shape)
+    pos = forward(codes).round().long() - 1
+    return _only0(ctx, _gather_back(ctx, tuple(in_shape), pos.clamp(min=0), pos >= 0))
+
+
+@rule("DiagonalBackward0")
+def diagonal(ctx):
+    return _copied(ctx, tuple(ctx.saved("self_sym_sizes")),
+                   lambda t: t.diagonal(ctx.saved("offset"), ctx.saved("dim1"), ctx.saved("dim2")))
+
+
+@rule("DiagEmbedBackward0")
+def diag_embed(ctx):
+    return _copied(ctx, ctx.input_shape(0),
+                   lambda t: torch.diag_embed(t, ctx.saved("offset"), ctx.saved("dim1"), ctx.saved("dim2")))
+
+
+@rule("Rot90Backward0")
+def rot90(ctx):
+    return _copied(ctx, ctx.input_shape(0), lambda t: t.rot90(ctx.saved("k"), list(ctx.saved("dims"))))
+
+
+@rule("PixelShuffleBackward0", "PixelUnshuffleBackward0", "ChannelShuffleBackward0")
+def shuffle(ctx):
+    """pixel_shuffle / pixel_unshuffle / channel_shuffle: permutations."""
+    import torch.nn.functional as F
+    if ctx.name.startswith("PixelShuffle"):
+        fwd = lambda t: F.pixel_shuffle(t, ctx.saved("upscale_factor"))        # noqa: E731
+    elif ctx.name.startswith("PixelUnshuffle"):
+        fwd = lambda t: F.pixel_unshuffle(t, ctx.saved("downscale_factor"))    # noqa: E731
+    else:
+        fwd = lambda t: F.channel_shuffle(t, ctx.saved("groups"))              # noqa: E731
+    return _copied(ctx, ctx.input_shape(0), fwd)
+
+
+@rule("UnfoldBackward0")
+def unfold(ctx):
+    """Tensor.unfold(dim, size, step): sliding windows (overlapping ones fan out)."""
+    return _copied(ctx, tuple(ctx.saved("self_sym_sizes")),
+                   lambda t: t.unfold(ctx.saved("dimension"), ctx.saved("size"), ctx.saved("step")))
+
+
+def _im2col(ctx):
+    import torch.nn.functional as F
+    return lambda t: F.unfold(t, list(ctx.saved("kernel_size")), list(ctx.saved("dilation")),
+                              list(ctx.saved("padding")), list(ctx.saved("stride")))
+
+
+@rule("Im2ColBackward0")
+def im2col(ctx):
+    """F.unfold: patches as columns (overlapping patches fan out; zero padding has no edge)."""
+    return _copied(ctx, ctx.input_shape(0), _im2col(ctx))
+
+
+@rule("Col2ImBackward0")
+def col2im(ctx):
+    """F.fold (the adjoint of F.unfold): each column entry is added into one
+    output position (none where it lands in the padding), weight 1: its value
+    is the output's value there."""
+    if not ctx.needs[0]:
+        return [None] * ctx.n_inputs
+    v = ctx.grad()
+    out_shape = tuple(v[0].shape)
+    codes = torch.arange(1, math.prod(out_shape) + 1, dtype=torch.float64, device=v[0].device)
+    pos = _im2col(ctx)(codes.reshape(out_shape)).round().long() - 1
+    got = ctx.sr.map(v, lambda c: c.reshape(-1)[pos.clamp(min=0)])
+    z = ctx.sr.zero((), ctx.dtype, v[0].device)
+    return _only0(ctx, tuple(torch.where(pos >= 0, c, zc) for c, zc in zip(got, z)))
+
+
+@rule("TakeBackward0")
+def take(ctx):
+    return _copied(ctx, tuple(ctx.saved("self").shape), lambda t: t.take(ctx.saved("index").to(t.device)))
+
+
+@rule("MaskedSelectBackward0")
+def masked_select(ctx):
+    return _copied(ctx, tuple(ctx.saved("self").shape),
+                   lambda t: t.masked_select(ctx.saved("mask").to(t.device)))
+
+
+@rule("NarrowCopyBackward0")
+def narrow_copy(ctx):
+    return _copied(ctx, tuple(ctx.saved("self_sym_sizes")),
+                   lambda t: t.narrow_copy(ctx.saved("dim"), ctx.saved("start"), ctx.saved("length")))
+
+
+@rule("SliceScatterBackward0", "SelectScatterBackward0")
+def slice_scatter(ctx):
+    """slice_scatter / select_scatter (the out-of-place slice writes a
+    compiled graph records): self keeps its edges outside the written slice;
+    src's elements are weight-1 edges to the slice."""
+    v = ctx.grad()
+    shape = tuple(v[0].shape)
+    dim = ctx.saved("dim") % len(shape)
+    idx = [slice(None)] * len(shape)
+    if ctx.name.startswith("Slice"):
+        start, end = ctx.saved("start"), ctx.saved("end")
+        idx[dim] = slice(start, end, ctx.saved("step"))
+    else:
+        idx[dim] = ctx.saved("index")
+    idx = tuple(idx)
+    out = [None] * ctx.n_inputs
+    if ctx.needs[0]:
+        z = ctx.sr.zero((), ctx.dtype, v[0].device)
+        written = torch.zeros(shape, dtype=torch.bool, device=v[0].device)
+        written[idx] = True
+        out[0] = tuple(torch.where(written, zc, c) for c, zc in zip(v, z))
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        out[1] = ctx.sr.map(v, lambda c: c[idx].reshape(ctx.input_shape(1)))
+    return out
+
+
 @rule("EmbeddingBackward0")
 def embedding(ctx):
     if not ctx.needs[0]:
