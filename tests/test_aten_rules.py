@@ -319,6 +319,9 @@ ONE_STEP_OPS.update({
     "narrow_copy": (("x",), lambda x: x.narrow_copy(1, 1, 3)),
     "slice_scatter": (("x", "y"), lambda x, y: torch.slice_scatter(x, y[:3, :2] * 2, 1, 1, 5, 2)),
     "select_scatter": (("x", "y"), lambda x, y: torch.select_scatter(x, y[0], 0, 1)),
+    "unsafe_index": (("x",), lambda x: torch.ops.aten._unsafe_index(x, [torch.tensor([0, 2, 2])])),
+    "unsafe_masked_index": (("x",), lambda x: torch.ops.aten._unsafe_masked_index(
+        x, _X[:, :4] > 0, [torch.tensor([0, 2, 2])[:, None], torch.tensor([0, 1, 1, 4])], 0.0)),
     "pad_reflect": (("x",), lambda x: F.pad(x, (2, 1), mode="reflect")),
     "pad_replicate_2d": (("x",), lambda x: F.pad(x[None], (1, 2, 2, 0), mode="replicate")),
     # as_strided: overlapping windows (fan-out), a transposed view, and the in-place

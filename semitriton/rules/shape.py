@@ -203,16 +203,23 @@ def _arange(shape, device):
     return torch.arange(math.prod(shape), device=device).reshape(shape)
 
 
-@rule("IndexBackward0")
+@rule("IndexBackward0", "UnsafeIndexBackward0", "UnsafeMaskedIndexBackward0")
 def index(ctx):
+    """x[indices] (and the unchecked ``_unsafe_index`` that decompositions
+    record; ``_unsafe_masked_index`` reads only where its mask is set, a fill
+    elsewhere): each output element is one input element, weight 1."""
     if not ctx.needs[0]:
         return [None] * ctx.n_inputs
     shape = tuple(ctx.saved("self_sym_sizes"))
     idx = tuple(slice(None) if i is None else i for i in ctx.saved("indices"))
     dev = ctx.grad()[0].device
     idx = tuple(i.to(dev) if isinstance(i, torch.Tensor) else i for i in idx)
+    valid = None
+    if ctx.has_saved("mask"):
+        valid = ctx.saved("mask").to(dev).expand(ctx.output_shape(0))
+        idx = tuple(torch.where(valid, i, 0) if isinstance(i, torch.Tensor) else i for i in idx)
     positions = _arange(shape, dev)[idx]
-    return _only0(ctx, _gather_back(ctx, shape, positions))
+    return _only0(ctx, _gather_back(ctx, shape, positions, valid))
 
 
 @rule("IndexSelectBackward0")
