@@ -129,6 +129,10 @@ def _written(x, y, kind):
     b = x * 1.0
     if kind == "copy":
         b[:, 1:3] = y[:3, :2] * 2
+    elif kind == "index_put":                   # an index_put inside the view write (float32: its dtype)
+        b[torch.tensor([0, 2]), 1:3] = y[:2, :2] * 2
+    elif kind == "broadcast_operand":           # y's column broadcast over the slice
+        b[:, 0:2] *= y[:3, :1]
     else:
         b[:, 0] *= 3
         b[1:, 2:] += y[1:3, 2:]
@@ -332,6 +336,12 @@ ONE_STEP_OPS.update({
     # in-place writes into a view (CopySlices): a copy, in-place ops on slices, circular padding
     "copy_into_slice": (("x", "y"), lambda x, y: _written(x, y, "copy")),
     "inplace_ops_on_slices": (("x", "y"), lambda x, y: _written(x, y, "ops")),
+    "index_put_into_slice": (("x", "y"), lambda x, y: _written(x, y, "index_put")),
+    "inplace_op_broadcast_operand": (("x", "y"), lambda x, y: _written(x, y, "broadcast_operand")),
+    # a broadcast value written twice to one row: one edge of weight 2 per element (the Jacobian's)
+    "index_put_broadcast_repeated": (("x", "y"), lambda x, y: x.index_put((torch.tensor([0, 2, 2]),), y[0])),
+    "index_put_broadcast_repeated_acc": (("x", "y"), lambda x, y: x.index_put((torch.tensor([0, 2, 2]),), y[0],
+                                                                           accumulate=True)),
     "pad_circular": (("x",), lambda x: F.pad(x[None], (1, 2), mode="circular")),
 })
 

@@ -14,6 +14,7 @@ import math
 import torch
 
 from ..errors import GraphError
+from ..semirings.base import scatter_plus
 from . import rule
 from .shape import _arange
 
@@ -34,10 +35,11 @@ def index_put(ctx):
     and ``x[mask] = values`` on a tensor that is not a view): x[p] -> out[p]
     with weight 1, except at the written positions when accumulate=False;
     values[q] -> out[position q is written to] with weight 1 (⊕ over the
-    positions one broadcast element is written to). With accumulate=False
-    and a repeated index, torch's backward gives every duplicate the value
-    at that position (though the forward keeps only one of them): so does
-    this rule."""
+    positions one broadcast element is written to; written twice to one
+    position through a repeated index, it is one edge of weight 2, the
+    Jacobian's entry). With accumulate=False and a repeated index, torch's
+    backward gives every duplicate the value at that position (though the
+    forward keeps only one of them): so does this rule."""
     out = [None] * ctx.n_inputs
     if not any(ctx.needs):
         return out
@@ -56,9 +58,15 @@ def index_put(ctx):
             out[0] = _zero_where(sr, v, written)
         out[0] = sr.sum_to_shape(out[0], ctx.input_shape(0))
     if ctx.n_inputs > 1 and ctx.needs[1]:
-        positions = _arange(shape, dev)[idx]
-        vals = sr.map(v, lambda c: c.reshape(-1)[positions])
-        out[1] = sr.sum_to_shape(vals, ctx.input_shape(1))
+        positions = _arange(shape, dev)[idx]                  # the output position of each written slot
+        vshape = tuple(ctx.input_shape(1))
+        src = _arange(vshape, dev).expand(positions.shape)    # the element of values each slot holds
+        total = max(1, math.prod(shape))
+        pairs, count = torch.unique(src.reshape(-1) * total + positions.reshape(-1), return_counts=True)
+        vals = sr.map(v, lambda c: c.reshape(-1)[pairs % total])
+        if bool((count > 1).any()):
+            vals = sr.scale(vals, count.to(ctx.dtype))
+        out[1] = sr.map(scatter_plus(sr, vals, pairs // total, math.prod(vshape)), lambda c: c.reshape(vshape))
     return out
 
 
@@ -211,17 +219,25 @@ def copy_slices(ctx):
     shape = tuple(v[0].shape)
     n = v[0].numel()
     index = torch.arange(n, device=dev)
+    # probes in the graph's own dtype (an index_put inside refuses another), float32 for half precision
+    pdt = ctx.node._input_metadata[0].dtype
+    pdt = pdt if pdt in _PROBE_DTYPES else torch.float32
     gen = torch.Generator().manual_seed(0)
-    u = (1 + torch.rand(n, generator=gen, dtype=torch.float64)).to(dev)
+    u = (1 + torch.rand(n, generator=gen, dtype=torch.float64)).to(device=dev, dtype=pdt)
+    ud = u.double()
 
     def probe(codes):
-        r = node(codes.reshape(shape))
+        try:
+            r = node(codes.to(pdt).reshape(shape))
+        except RuntimeError as exc:
+            raise GraphError(f"{ctx.name}: reading the in-place write's edges off its own backward failed "
+                             f"(torch said: {str(exc).splitlines()[0]})") from exc
         return r if isinstance(r, tuple) else (r,)
 
-    ones, ru, ru2 = probe(torch.ones(n, dtype=torch.float64, device=dev)), probe(u), probe(u * u)
+    ones, ru, ru2 = probe(torch.ones(n, dtype=pdt, device=dev)), probe(u), probe(u * u)
     digits = []
     for d in range(max(1, math.ceil(math.log(max(n, 2), _DIGIT)))):
-        digits.append(probe(((index // _DIGIT ** d) % _DIGIT + 1).to(torch.float64)))
+        digits.append(probe((index // _DIGIT ** d) % _DIGIT + 1))
     for i in range(ctx.n_inputs):
         if not ctx.needs[i] or ones[i] is None:
             continue
@@ -239,13 +255,18 @@ def copy_slices(ctx):
             pos = pos + digit.clamp(0, _DIGIT - 1) * _DIGIT ** d
         pos = torch.where(hit, pos.clamp(0, n - 1), 0)
         a, b = ru[i].reshape(-1).double(), ru2[i].reshape(-1).double()
-        single = ((a - w * u[pos]).abs() <= tol * (w * u[pos]).abs()) & \
-                 ((b - w * u[pos] ** 2).abs() <= tol * (w * u[pos] ** 2).abs())
+        up, u2p = ud[pos], (u * u).double()[pos]
+        single = ((a - w * up).abs() <= tol * (w * up).abs()) & ((b - w * u2p).abs() <= tol * (w * u2p).abs())
         if not bool(cuda_graph.host_values((single | ~hit).all(), what)):
             raise GraphError(f"{ctx.name}: an element of input {i} of the in-place write reaches several "
                              "places (a broadcast source, e.g. x[:, 0] = v with v on a path); write "
                              "x[:, 0] = v.expand(...).clone() or build the tensor with torch.cat/where")
         vals = ctx.sr.scale(ctx.sr.map(v, lambda c: c.reshape(-1)[pos]), w.to(ctx.dtype))
         vals = _zero_where(ctx.sr, vals, ~hit)
-        out[i] = ctx.sr.map(vals, lambda c: c.reshape(ctx.input_shape(i)))
+        # called directly, the node returns a broadcast operand's gradient unreduced (the view's
+        # shape): each of those entries is one edge, ⊕-ed onto the operand's elements
+        rshape, want = tuple(ones[i].shape), tuple(ctx.input_shape(i))
+        vals = ctx.sr.map(vals, lambda c: c.reshape(rshape))
+        out[i] = (ctx.sr.map(vals, lambda c: c.reshape(want)) if math.prod(rshape) == math.prod(want)
+                  else ctx.sr.sum_to_shape(vals, want))
     return out
