@@ -97,6 +97,14 @@ def masked_scatter(ctx):
     return out
 
 
+def _along_index(ctx):
+    """(semiring, output value, device, output shape, dim, flat index) of an index_fill/index_copy node."""
+    v = ctx.grad()
+    shape = tuple(v[0].shape)
+    return (ctx.sr, v, v[0].device, shape, ctx.saved("dim") % max(len(shape), 1),
+            ctx.saved("index").to(v[0].device).reshape(-1))
+
+
 def _index_mask(shape, dim, index, dev):
     """A bool mask of ``shape``: True on the slices ``index`` along ``dim``."""
     n = shape[dim] if shape else 1
@@ -115,12 +123,7 @@ def index_fill(ctx):
     out = [None] * ctx.n_inputs
     if not any(ctx.needs):
         return out
-    sr = ctx.sr
-    v = ctx.grad()
-    dev = v[0].device
-    shape = tuple(v[0].shape)
-    dim = ctx.saved("dim") % max(len(shape), 1)
-    index = ctx.saved("index").to(dev).reshape(-1)
+    sr, v, dev, shape, dim, index = _along_index(ctx)
     filled = _index_mask(shape, dim, index, dev)
     if ctx.needs[0]:
         out[0] = sr.sum_to_shape(_zero_where(sr, v, filled), ctx.input_shape(0))
@@ -138,12 +141,7 @@ def index_copy(ctx):
     out = [None] * ctx.n_inputs
     if not any(ctx.needs):
         return out
-    sr = ctx.sr
-    v = ctx.grad()
-    dev = v[0].device
-    shape = tuple(v[0].shape)
-    dim = ctx.saved("dim") % max(len(shape), 1)
-    index = ctx.saved("index").to(dev).reshape(-1)
+    sr, v, dev, shape, dim, index = _along_index(ctx)
     if ctx.needs[0]:
         out[0] = _zero_where(sr, v, _index_mask(shape, dim, index, dev))
     if ctx.n_inputs > 1 and ctx.needs[1]:

@@ -52,6 +52,11 @@ def _scaled(t, s):
     return t if s == 1 else t * s
 
 
+def _added_input(ctx, v, beta):
+    """Value of ``self`` in β·self + α·(product): weight β, ⊕ over broadcast."""
+    return ctx.sr.sum_to_shape(v if beta == 1 else ctx.sr.scale(v, ctx.tensor(beta)), ctx.input_shape(0))
+
+
 @rule("MmBackward0", "BmmBackward0")
 def mm(ctx):
     v = ctx.grad()
@@ -70,8 +75,7 @@ def addmm(ctx):
     a_name, b_name = ("batch1", "batch2") if ctx.has_saved("batch1") else ("mat1", "mat2")
     out = [None, None, None]
     if ctx.needs[0] and beta != 0:
-        vb = v if beta == 1 else ctx.sr.scale(v, ctx.tensor(beta))
-        out[0] = ctx.sr.sum_to_shape(vb, ctx.input_shape(0))
+        out[0] = _added_input(ctx, v, beta)
     if alpha == 0:
         return out
     if ctx.needs[1]:
@@ -105,7 +109,7 @@ def addmv(ctx):
     col = ctx.sr.map(v, lambda c: c.unsqueeze(-1))
     out = [None, None, None]
     if ctx.needs[0] and beta != 0:
-        out[0] = ctx.sr.sum_to_shape(v if beta == 1 else ctx.sr.scale(v, ctx.tensor(beta)), ctx.input_shape(0))
+        out[0] = _added_input(ctx, v, beta)
     if alpha == 0:
         return out
     if ctx.needs[1]:
@@ -124,7 +128,7 @@ def addr(ctx):
     alpha, beta = ctx.saved("alpha"), ctx.saved("beta")
     out = [None, None, None]
     if ctx.needs[0] and beta != 0:
-        out[0] = ctx.sr.sum_to_shape(v if beta == 1 else ctx.sr.scale(v, ctx.tensor(beta)), ctx.input_shape(0))
+        out[0] = _added_input(ctx, v, beta)
     if alpha == 0:
         return out
     if ctx.needs[1]:
