@@ -7,10 +7,13 @@ on a strided view). real equals torch.autograd.grad; |real| ≤ abs and
 maxabs ≤ abs elementwise (one path's |product| and the |sum| are each at
 most the sum of all |products|); patching keeps the outputs."""
 
+import os
+
 import pytest
 import torch
 
 import semitriton
+from conftest import SEMIRINGS, assert_semiring_close
 from semitriton.semirings import get
 
 transformers = pytest.importorskip("transformers")
@@ -94,3 +97,36 @@ def test_vision_and_audio_models_walk(name):
         v = semitriton.grad_values(score, x, semiring=s)[0]
         assert not any(bool(torch.isnan(c).any()) for c in v), f"NaN in {s}"
         assert bool(torch.isfinite(get(s).readout(v)).any())
+
+
+CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("name", ["vit", "wav2vec2", "resnet", "convnext"])
+def test_vision_and_audio_models_on_cuda(name):
+    """On CUDA (cuDNN convolutions and batch norm, the Triton kernels, TF32
+    off): real equals autograd, and every semiring's Triton backend agrees
+    with the torch reference."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        model, key, shape = MODELS[name](transformers)
+        model = model.eval().cuda()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        semitriton.patch(model)
+        x = torch.randn(*shape, device="cuda", requires_grad=True)
+        score = _score(model(**{key: x}))
+        (ref,) = torch.autograd.grad(score, x, retain_graph=True)
+        (real,) = semitriton.grad(score, x, semiring="real", fast_real=False)
+        torch.testing.assert_close(real, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+        for s in SEMIRINGS:
+            kw = {"fast_real": False} if s == "real" else {}
+            (a,) = semitriton.grad(score, x, semiring=s, backend="triton", **kw)
+            (b,) = semitriton.grad(score, x, semiring=s, backend="torch", **kw)
+            assert_semiring_close(a.double().cpu(), b.double().cpu().numpy(), s, 1e-4, f"{name}/{s}")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
