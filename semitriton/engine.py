@@ -71,6 +71,11 @@ def _edge_tables(relevant: set, nexts: dict) -> tuple[dict, dict, dict]:
     return edges, indeg, consumers
 
 
+#: nodes at the border of complex arithmetic (view_as_complex/view_as_real, polar, complex, real/imag)
+_COMPLEX_NODES = frozenset(("ViewAsComplexBackward0", "ViewAsRealBackward0", "PolarBackward0", "ComplexBackward0",
+                            "RealBackward0", "ImagBackward0"))
+
+
 class GradientGraph:
     """The part of the autograd graph between ``output`` and ``inputs``."""
 
@@ -136,10 +141,31 @@ class GradientGraph:
         self.relevant = relevant
         #: the relevant nodes, inputs before consumers (a deterministic order: CUDA-graph signatures)
         self.order = [n for n in order if n in relevant]
+        self._refuse_complex()
         #: relevant node -> (next_functions, needs), node -> in-degree, and
         #: (node, forward-output slot) -> [(consumer node, input index)]: the forward adjacency
         self.edges, self.indegree, self.consumers = _edge_tables(relevant, nexts)
         self.n_nodes = len(relevant)
+
+    def _refuse_complex(self):
+        """Complex values on a path (view_as_complex, polar, complex inputs:
+        e.g. a rotary embedding written as a complex product) have no edges in
+        the semirings, which are defined on real local derivatives: refused
+        here, naming where, rather than walked into a wrong value or a
+        reshape error."""
+        for i, t in enumerate(self.inputs):
+            if t.is_complex():
+                raise GraphError(f"inputs[{i}] is complex ({t.dtype}); the semirings take real tensors: pass "
+                                 "torch.view_as_real(...) of it instead")
+        for n in self.order:
+            name = type(n).__name__
+            if name in _COMPLEX_NODES:
+                where = self.module_of(n)
+                raise GraphError(
+                    f"autograd node {name}{f' (in module {where})' if where else ''} turns real values into "
+                    "complex ones or back: complex values on a path have no semiring edges (the semirings are "
+                    "defined on real local derivatives); write the computation in real arithmetic (a rotary "
+                    "embedding as x·cos + rotate_half(x)·sin, as transformers' LLaMA does)")
 
     def target_of(self, i: int):
         """(node, slot) that holds input ``i``'s value."""

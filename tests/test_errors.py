@@ -200,3 +200,25 @@ def test_a_nan_output_warns():
         warnings.simplefilter("error")
         semitriton.grad((x2 @ w).sum(), x2, semiring="abs")
         semitriton.grad(masked, x2, semiring="maxabs")
+
+
+def test_complex_arithmetic_on_a_path_is_refused_with_the_node():
+    """A rotary embedding written as a complex product (view_as_complex,
+    polar): the semirings have no edges for complex values; the error names
+    the node and the real rewrite, instead of a reshape error deep in the walk
+    (real through PyTorch's own backward still gives the gradient)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    freqs = torch.polar(torch.ones(4, 4), torch.randn(4, 4))
+    y = torch.view_as_real(torch.view_as_complex(x.reshape(2, 4, 4, 2)) * freqs).flatten(2)
+    out = (y * torch.randn(2, 4, 8)).sum()
+    for s in ("abs", "maxabs"):
+        with pytest.raises(GraphError, match="ViewAsComplexBackward0.*complex.*cos"):
+            semitriton.grad(out, x, semiring=s)
+    with pytest.raises(GraphError, match="complex"):
+        semitriton.grad(out, x, semiring="real", fast_real=False)
+    (g,) = semitriton.grad(out, x)
+    torch.testing.assert_close(g, torch.autograd.grad(out, x)[0])
+    z = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(GraphError, match=r"inputs\[0\] is complex"):
+        semitriton.grad(torch.view_as_real(z * 2).sum(), z, semiring="abs")

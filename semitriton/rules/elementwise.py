@@ -53,7 +53,7 @@ def rsub_scalar(ctx):
 
 
 @rule("AddBackward1", "SubBackward1", "CloneBackward0", "AliasBackward0", "ContiguousBackward0",
-      "LiftFreshBackward0", "PositiveBackward0", "ViewAsRealBackward0")
+      "LiftFreshBackward0", "PositiveBackward0")
 def identity(ctx):
     return [_pull(ctx, i) if i == 0 else None for i in range(ctx.n_inputs)]
 

@@ -22,7 +22,7 @@ def _only0(ctx, value):
 #: nodes whose rule is a reshape of the value to the input's shape (the walk
 #: runs the built-in rule for these inline, without a RuleContext)
 VIEW_NODES = frozenset(("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward0",
-                        "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "ViewAsComplexBackward0",
+                        "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3",
                         "_ReshapeAliasBackward0",
                         # in-place squeeze_ (1-D @ 2-D records one: matmul squeezes its result in place)
                         "SqueezeBackward4", "SqueezeBackward5"))
