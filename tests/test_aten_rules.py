@@ -306,6 +306,7 @@ ONE_STEP_OPS.update({
     "nansum": (("n",), lambda n: n.nansum(1)),
     "nansum_all": (("n",), lambda n: n.nansum()),
     "trace": (("x",), lambda x: x[:, :3].trace()),
+    "mv": (("x", "y"), lambda x, y: torch.mv(x, y[1])),
     "addmv": (("x", "y"), lambda x, y: torch.addmv(y[0, :3], x, y[1], beta=0.5, alpha=2.0)),
     "addr": (("x", "y"), lambda x, y: torch.addr(x[:, :4], y[0, :3], y[1, :4], beta=0.5, alpha=1.5)),
     # ops that copy elements (each output element is one input element or a fill)

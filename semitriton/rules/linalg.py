@@ -85,19 +85,22 @@ def addmm(ctx):
     return out
 
 
+def _matrix_vector(ctx, v, mat: str, vec: str, needs, alpha=1):
+    """Values of M and x in y = α·(M @ x) from y's value v (M and x named by
+    their saved attributes): M_ij <- edge(α x_j) ⊗ v_i, x_j <- ⊕_i edge(α M_ij) ⊗ v_i."""
+    col = ctx.sr.map(v, lambda c: c.unsqueeze(-1))
+    m_val = x_val = None
+    if needs[0]:
+        m_val = ctx.sr.matmul(col, _scaled(ctx.saved(vec), alpha).unsqueeze(0))
+    if needs[1]:
+        m = _scaled(ctx.saved(mat, cast=False), alpha)
+        x_val = ctx.sr.map(ctx.sr.rmatmul(m.transpose(-1, -2), col), lambda c: c.squeeze(-1))
+    return [m_val, x_val]
+
+
 @rule("MvBackward0")
 def mv(ctx):  # y = M @ x
-    v = ctx.grad()
-    col = ctx.sr.map(v, lambda c: c.unsqueeze(-1))
-    out = [None, None]
-    if ctx.needs[0]:
-        vec = ctx.saved("vec")
-        out[0] = ctx.sr.matmul(col, vec.unsqueeze(0))          # M[i,j] = v_i ⊗ x_j
-    if ctx.needs[1]:
-        m = ctx.saved("self", cast=False)
-        r = ctx.sr.rmatmul(m.transpose(-1, -2), col)            # x[j] = ⊕_i M[i,j] ⊗ v_i
-        out[1] = ctx.sr.map(r, lambda c: c.squeeze(-1))
-    return out
+    return _matrix_vector(ctx, ctx.grad(), "self", "vec", ctx.needs)
 
 
 @rule("AddmvBackward0")
@@ -106,17 +109,11 @@ def addmv(ctx):
     x_j weight α·M_ij."""
     v = ctx.grad()
     alpha, beta = ctx.saved("alpha"), ctx.saved("beta")
-    col = ctx.sr.map(v, lambda c: c.unsqueeze(-1))
     out = [None, None, None]
     if ctx.needs[0] and beta != 0:
         out[0] = _added_input(ctx, v, beta)
-    if alpha == 0:
-        return out
-    if ctx.needs[1]:
-        out[1] = ctx.sr.matmul(col, _scaled(ctx.saved("vec"), alpha).unsqueeze(0))
-    if ctx.needs[2]:
-        m = _scaled(ctx.saved("mat", cast=False), alpha)
-        out[2] = ctx.sr.map(ctx.sr.rmatmul(m.transpose(-1, -2), col), lambda c: c.squeeze(-1))
+    if alpha != 0:
+        out[1:] = _matrix_vector(ctx, v, "mat", "vec", ctx.needs[1:], alpha)
     return out
 
 
