@@ -122,6 +122,12 @@ class RuleContext:
         return torch.full((), x, dtype=self.dtype, device=dev)   # a fill, not a host copy (CUDA graphs)
 
 
+def zero_where(sr: Semiring, v: Value, mask: Tensor) -> Value:
+    """``v`` with the semiring zero where ``mask`` (broadcast to v): no edge there."""
+    z = sr.zero((), v[0].dtype, v[0].device)
+    return tuple(torch.where(mask, zc, c) for c, zc in zip(v, z))
+
+
 def _signed(x):
     """Saved int64 attributes such as dim=-1 come back as unsigned 2**64-1."""
     if isinstance(x, int) and not isinstance(x, bool) and x >= 2 ** 63:

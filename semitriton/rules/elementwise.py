@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from . import RuleContext, rule
+from . import RuleContext, rule, zero_where
 
 
 def _pull(ctx: RuleContext, i: int, w=None, grad_index: int = 0):
@@ -105,25 +105,9 @@ def where(ctx):
         if i >= ctx.n_inputs or not ctx.needs[i]:
             out.append(None)
             continue
-        v = ctx.grad()
-        z = ctx.sr.zero((), ctx.dtype, v[0].device)
-        sel = sel.expand(v[0].shape)
-        v = tuple(torch.where(sel, c, zc) for c, zc in zip(v, z))
+        v = zero_where(ctx.sr, ctx.grad(), ~sel)
         out.append(ctx.sr.sum_to_shape(v, ctx.input_shape(i)))
     return out + [None] * (ctx.n_inputs - len(out))
-
-
-@rule("MaskedFillBackward0")
-def masked_fill(ctx):
-    mask = ctx.saved("mask")
-    out = [None] * ctx.n_inputs
-    if ctx.needs[0]:
-        v = ctx.grad()
-        z = ctx.sr.zero((), ctx.dtype, v[0].device)
-        m = mask.expand(v[0].shape)
-        v = tuple(torch.where(m, zc, c) for c, zc in zip(v, z))
-        out[0] = ctx.sr.sum_to_shape(v, ctx.input_shape(0))
-    return out
 
 
 @rule("NativeDropoutBackward0")
@@ -308,21 +292,18 @@ def clamp_tensor_bound(ctx):
     return [_pull(ctx, 0, keep.to(ctx.dtype)), _pull(ctx, 1, (~keep).to(ctx.dtype))]
 
 
-@rule("MaskedFillBackward1")
-def masked_fill_tensor(ctx):
-    """x.masked_fill(mask, value) with a 0-dim tensor value: x keeps its edges
-    outside the mask; value reaches every masked element with weight 1."""
-    mask = ctx.saved("mask")
+@rule("MaskedFillBackward0", "MaskedFillBackward1")
+def masked_fill(ctx):
+    """x.masked_fill(mask, value): x keeps its edges outside the mask; a 0-dim
+    tensor value (MaskedFillBackward1) reaches every masked element with
+    weight 1."""
     v = ctx.grad()
-    z = ctx.sr.zero((), ctx.dtype, v[0].device)
-    m = mask.to(v[0].device).expand(v[0].shape)
+    m = ctx.saved("mask").to(v[0].device).expand(v[0].shape)
     out = [None] * ctx.n_inputs
     if ctx.needs[0]:
-        kept = tuple(torch.where(m, zc, c) for c, zc in zip(v, z))
-        out[0] = ctx.sr.sum_to_shape(kept, ctx.input_shape(0))
+        out[0] = ctx.sr.sum_to_shape(zero_where(ctx.sr, v, m), ctx.input_shape(0))
     if ctx.n_inputs > 1 and ctx.needs[1]:
-        filled = tuple(torch.where(m, c, zc) for c, zc in zip(v, z))
-        out[1] = ctx.sr.sum_to_shape(filled, ctx.input_shape(1))
+        out[1] = ctx.sr.sum_to_shape(zero_where(ctx.sr, v, ~m), ctx.input_shape(1))
     return out
 
 

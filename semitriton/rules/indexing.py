@@ -15,14 +15,8 @@ import torch
 
 from ..errors import GraphError
 from ..semirings.base import scatter_plus
-from . import rule
+from . import rule, zero_where
 from .shape import _arange
-
-
-def _zero_where(sr, v, mask):
-    """``v`` with the semiring zero where ``mask`` (no edge there)."""
-    z = sr.zero((), v[0].dtype, v[0].device)
-    return tuple(torch.where(mask, zc, c) for c, zc in zip(v, z))
 
 
 def _put_indices(ctx, dev):
@@ -55,7 +49,7 @@ def index_put(ctx):
         else:
             written = torch.zeros(shape, dtype=torch.bool, device=dev)
             written[idx] = True
-            out[0] = _zero_where(sr, v, written)
+            out[0] = zero_where(sr, v, written)
         out[0] = sr.sum_to_shape(out[0], ctx.input_shape(0))
     if ctx.n_inputs > 1 and ctx.needs[1]:
         positions = _arange(shape, dev)[idx]                  # the output position of each written slot
@@ -82,7 +76,7 @@ def masked_scatter(ctx):
     v = ctx.grad()
     mask = ctx.saved("mask").to(v[0].device).expand(v[0].shape)
     if ctx.needs[0]:
-        out[0] = sr.sum_to_shape(_zero_where(sr, v, mask), ctx.input_shape(0))
+        out[0] = sr.sum_to_shape(zero_where(sr, v, mask), ctx.input_shape(0))
     if ctx.n_inputs > 1 and ctx.needs[1]:
         src_shape = tuple(ctx.saved("source_sym_sizes"))
         n = 1
@@ -126,9 +120,9 @@ def index_fill(ctx):
     sr, v, dev, shape, dim, index = _along_index(ctx)
     filled = _index_mask(shape, dim, index, dev)
     if ctx.needs[0]:
-        out[0] = sr.sum_to_shape(_zero_where(sr, v, filled), ctx.input_shape(0))
+        out[0] = sr.sum_to_shape(zero_where(sr, v, filled), ctx.input_shape(0))
     if ctx.n_inputs > 1 and ctx.needs[1]:
-        hit = _zero_where(sr, v, ~filled)
+        hit = zero_where(sr, v, ~filled)
         out[1] = sr.sum_to_shape(sr.sum(hit, list(range(len(shape)))) if shape else hit, ctx.input_shape(1))
     return out
 
@@ -143,7 +137,7 @@ def index_copy(ctx):
         return out
     sr, v, dev, shape, dim, index = _along_index(ctx)
     if ctx.needs[0]:
-        out[0] = _zero_where(sr, v, _index_mask(shape, dim, index, dev))
+        out[0] = zero_where(sr, v, _index_mask(shape, dim, index, dev))
     if ctx.n_inputs > 1 and ctx.needs[1]:
         src_shape = ctx.input_shape(1)
         if shape:
@@ -178,7 +172,7 @@ def scatter(ctx):
     if ctx.needs[0]:
         written = torch.zeros(v[0].shape, dtype=torch.bool, device=dev)
         written.scatter_(dim, index, True)
-        out[0] = _zero_where(sr, v, written)
+        out[0] = zero_where(sr, v, written)
     if ctx.n_inputs > 1 and ctx.needs[1]:
         if tuple(index.shape) != tuple(ctx.input_shape(1)):
             raise GraphError(f"{ctx.name}: src is larger than index (torch's own backward refuses this "
@@ -260,7 +254,7 @@ def copy_slices(ctx):
                              "places (a broadcast source, e.g. x[:, 0] = v with v on a path); write "
                              "x[:, 0] = v.expand(...).clone() or build the tensor with torch.cat/where")
         vals = ctx.sr.scale(ctx.sr.map(v, lambda c: c.reshape(-1)[pos]), w.to(ctx.dtype))
-        vals = _zero_where(ctx.sr, vals, ~hit)
+        vals = zero_where(ctx.sr, vals, ~hit)
         # called directly, the node returns a broadcast operand's gradient unreduced (the view's
         # shape): each of those entries is one edge, ⊕-ed onto the operand's elements
         rshape, want = tuple(ones[i].shape), tuple(ctx.input_shape(i))

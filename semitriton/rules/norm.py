@@ -94,6 +94,26 @@ def _channel_sum(sr, v, ndim):
     return sr.map(sr.sum(v, [d for d in range(ndim) if d != 1]), lambda c: c.reshape(-1))
 
 
+def _rows_in_series(sr, v, weight, x_rows, mean, rstd, to_rows, from_rows):
+    """Value of x for y = γ_c x̂ (+ β_c), x̂ normalised over rows of x: the edge
+    γ_c in series with the layer-norm Jacobian of each row (``to_rows`` /
+    ``from_rows`` move a [N, C, *] tensor to the rows ``x_rows`` and back)."""
+    vg = v if weight is None else sr.scale(v, _per_channel(weight, v[0].dim()))
+    r = sr.layer_norm_from_input(sr.map(vg, to_rows), x_rows, (x_rows.shape[-1],), mean, rstd, None)
+    return sr.map(r, from_rows)
+
+
+def _affine_values(ctx, v, xhat_of, out):
+    """Values of the per-channel γ (edges x̂, ``xhat_of()`` built only when
+    needed) and β (edges 1) into ``out[1]`` and ``out[2]``."""
+    nd = v[0].dim()
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        out[1] = _channel_sum(ctx.sr, ctx.sr.scale(v, xhat_of()), nd)
+    if ctx.n_inputs > 2 and ctx.needs[2]:
+        out[2] = _channel_sum(ctx.sr, v, nd)
+    return out
+
+
 #: the longest channel row (N·prod(spatial)) a training-mode batch norm is walked with
 _BATCH_ROW_LIMIT = 1 << 15
 
@@ -116,21 +136,12 @@ def group_norm(ctx):
     N, G = int(ctx.saved("N")), int(ctx.saved("group"))
     weight = ctx.saved("weight")
     v = ctx.grad()
-    rows = (N, G, -1)
+    xr = x.reshape(N, G, -1)
     mean, rstd = ctx.saved("result1"), ctx.saved("result2")
     if ctx.needs[0]:
-        vg = v if weight is None else sr.scale(v, _per_channel(weight, len(shape)))
-        xr = x.reshape(rows)
-        r = sr.layer_norm_from_input(sr.map(vg, lambda c: c.reshape(xr.shape)), xr, (xr.shape[-1],),
-                                     mean, rstd, None)
-        out[0] = sr.map(r, lambda c: c.reshape(shape))
-    if ctx.n_inputs > 1 and ctx.needs[1]:
-        xr = x.reshape(rows)
-        xhat, _ = layer_norm_rows(xr, (xr.shape[-1],), mean, rstd)
-        out[1] = _channel_sum(sr, sr.scale(v, xhat.reshape(shape)), len(shape))
-    if ctx.n_inputs > 2 and ctx.needs[2]:
-        out[2] = _channel_sum(sr, v, len(shape))
-    return out
+        out[0] = _rows_in_series(sr, v, weight, xr, mean, rstd, lambda c: c.reshape(xr.shape),
+                                 lambda c: c.reshape(shape))
+    return _affine_values(ctx, v, lambda: layer_norm_rows(xr, (xr.shape[-1],), mean, rstd)[0].reshape(shape), out)
 
 
 @rule("NativeBatchNormBackward0", "NativeBatchNormLegitBackward0", "NativeBatchNormLegitBackward1",
@@ -180,25 +191,15 @@ def batch_norm(ctx):
                 "running statistics (one edge per element), or walk a smaller batch")
         mean, invstd = ctx.saved("result1"), ctx.saved("result2")
         xr = _channel_rows(x)
-        xhat_r, _ = layer_norm_rows(xr, (xr.shape[-1],), mean, invstd)
-        xhat = _from_channel_rows(xhat_r, shape)
-    else:
-        rm, rv = ctx.saved("running_mean"), ctx.saved("running_var")
-        if rm is None or rv is None:
-            raise GraphError(f"{ctx.name}: eval-mode batch norm without running statistics")
-        r = torch.rsqrt(rv.to(ctx.dtype) + eps)
-        xhat = (x - _per_channel(rm, nd)) * _per_channel(r, nd)
+        if ctx.needs[0]:
+            out[0] = _rows_in_series(sr, v, weight, xr, mean, invstd, _channel_rows,
+                                     lambda c: _from_channel_rows(c, shape))
+        return _affine_values(ctx, v, lambda: _from_channel_rows(
+            layer_norm_rows(xr, (xr.shape[-1],), mean, invstd)[0], shape), out)
+    rm, rv = ctx.saved("running_mean"), ctx.saved("running_var")
+    if rm is None or rv is None:
+        raise GraphError(f"{ctx.name}: eval-mode batch norm without running statistics")
+    r = torch.rsqrt(rv.to(ctx.dtype) + eps)
     if ctx.needs[0]:
-        if training:
-            vg = v if weight is None else sr.scale(v, _per_channel(weight, nd))
-            vr = sr.map(vg, _channel_rows)
-            res = sr.layer_norm_from_input(vr, xr, (xr.shape[-1],), mean, invstd, None)
-            out[0] = sr.map(res, lambda c: _from_channel_rows(c, shape))
-        else:
-            w = r if weight is None else weight * r
-            out[0] = sr.scale(v, _per_channel(w, nd))
-    if ctx.n_inputs > 1 and ctx.needs[1]:
-        out[1] = _channel_sum(sr, sr.scale(v, xhat), nd)
-    if ctx.n_inputs > 2 and ctx.needs[2]:
-        out[2] = _channel_sum(sr, v, nd)
-    return out
+        out[0] = sr.scale(v, _per_channel(r if weight is None else weight * r, nd))
+    return _affine_values(ctx, v, lambda: (x - _per_channel(rm, nd)) * _per_channel(r, nd), out)

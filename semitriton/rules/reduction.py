@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..errors import GraphError
-from . import rule
+from . import rule, zero_where
 
 
 def _dims_list(dim, ndim):
@@ -62,10 +62,7 @@ def nansum(ctx):
         return [None]
     x = ctx.saved("self")
     dims = _dims_list(ctx.saved("dim"), x.dim())
-    v = _expand_back(ctx, tuple(x.shape), dims, ctx.saved("keepdim"))
-    z = ctx.sr.zero((), ctx.dtype, x.device)
-    nan = torch.isnan(x)
-    return [tuple(torch.where(nan, zc, c) for c, zc in zip(v, z))]
+    return [zero_where(ctx.sr, _expand_back(ctx, tuple(x.shape), dims, ctx.saved("keepdim")), torch.isnan(x))]
 
 
 @rule("TraceBackward0")

@@ -12,7 +12,7 @@ import torch
 from ..embedded import EmbeddedValue, worth_embedding
 from ..errors import GraphError
 from ..semirings.base import scatter_plus
-from . import RuleContext, rule
+from . import RuleContext, rule, zero_where
 
 
 def _only0(ctx, value):
@@ -333,8 +333,7 @@ def tril(ctx):
     rows, cols = v[0].shape[-2:]
     keep = torch.ones(rows, cols, dtype=torch.bool, device=v[0].device)
     keep = keep.tril(k) if type(ctx.node).__name__.startswith("Tril") else keep.triu(k)
-    z = ctx.sr.zero((), v[0].dtype, v[0].device)
-    return [tuple(torch.where(keep, c, zc) for c, zc in zip(v, z))]
+    return [zero_where(ctx.sr, v, ~keep)]
 
 
 @rule("ConstantPadNdBackward0")
@@ -368,15 +367,9 @@ def mirror_pad(ctx):
     """F.pad with mode "reflect" or "replicate" (also nn.Conv*'s padding_mode):
     every padded element is a copy of one input element, a weight-1 edge; an
     element near the border fans out to its mirror images or replicas."""
-    if not ctx.needs[0]:
-        return [None] * ctx.n_inputs
     import torch.nn.functional as F
-    shape = tuple(ctx.input_shape(0))
     mode = "reflect" if ctx.name.startswith("Reflection") else "replicate"
-    dev = ctx.grad()[0].device
-    flat = torch.arange(math.prod(shape), dtype=torch.float64, device=dev).reshape(shape)   # exact below 2**53
-    positions = F.pad(flat, list(ctx.saved("padding")), mode=mode).long()
-    return _only0(ctx, _gather_back(ctx, shape, positions))
+    return _copied(ctx, tuple(ctx.input_shape(0)), lambda t: F.pad(t, list(ctx.saved("padding")), mode=mode))
 
 
 @rule("AsStridedBackward0", "AsStridedBackward1")
@@ -491,9 +484,7 @@ def col2im(ctx):
     out_shape = tuple(v[0].shape)
     codes = torch.arange(1, math.prod(out_shape) + 1, dtype=torch.float64, device=v[0].device)
     pos = _im2col(ctx)(codes.reshape(out_shape)).round().long() - 1
-    got = ctx.sr.map(v, lambda c: c.reshape(-1)[pos.clamp(min=0)])
-    z = ctx.sr.zero((), ctx.dtype, v[0].device)
-    return _only0(ctx, tuple(torch.where(pos >= 0, c, zc) for c, zc in zip(got, z)))
+    return _only0(ctx, zero_where(ctx.sr, ctx.sr.map(v, lambda c: c.reshape(-1)[pos.clamp(min=0)]), pos < 0))
 
 
 @rule("TakeBackward0")
@@ -530,10 +521,9 @@ def slice_scatter(ctx):
     idx = tuple(idx)
     out = [None] * ctx.n_inputs
     if ctx.needs[0]:
-        z = ctx.sr.zero((), ctx.dtype, v[0].device)
         written = torch.zeros(shape, dtype=torch.bool, device=v[0].device)
         written[idx] = True
-        out[0] = tuple(torch.where(written, zc, c) for c, zc in zip(v, z))
+        out[0] = zero_where(ctx.sr, v, written)
     if ctx.n_inputs > 1 and ctx.needs[1]:
         out[1] = ctx.sr.map(v, lambda c: c[idx].reshape(ctx.input_shape(1)))
     return out
