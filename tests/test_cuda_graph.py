@@ -595,14 +595,20 @@ def test_a_grouped_matmul_pass_is_never_captured(emulated):
         y = torch._grouped_mm(la, b, offs=torch.tensor(offs, dtype=torch.int32))
         return semitriton.grad((y * w).sum(), la, semiring="abs", cuda_graph=cuda_graph)[0]
 
-    calls = ([3, 5, 9], [3, 5, 9], [1, 7, 9], [6, 6, 9])
+    _assert_never_captured(emulated, pass_, ([3, 5, 9], [3, 5, 9], [1, 7, 9], [6, 6, 9]), "grouped matmul")
+
+
+def _assert_never_captured(emulated, pass_, calls, warning):
+    """``pass_(arg, cuda_graph)`` for each of ``calls`` with cuda_graph=True
+    warns (``warning``), neither captures nor replays, runs eagerly, and
+    equals the plain pass bit for bit."""
     before = _counts(emulated)
-    with pytest.warns(RuntimeWarning, match="grouped matmul"):
-        got = [pass_(o, True) for o in calls]
+    with pytest.warns(RuntimeWarning, match=warning):
+        got = [pass_(c, True) for c in calls]
     eager, captures, replays, _ = (x - y for x, y in zip(_counts(emulated), before))
     assert captures == 0 and replays == 0 and eager >= 1
-    for offs, g in zip(calls, got):
-        torch.testing.assert_close(g, pass_(offs, False), rtol=0, atol=0)
+    for c, g in zip(calls, got):
+        torch.testing.assert_close(g, pass_(c, False), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("op", ["write_into_slice", "as_strided"])
@@ -623,13 +629,7 @@ def test_probing_rules_are_never_captured(emulated, op):
         return semitriton.grad((y * w).sum(), x, semiring="abs", cuda_graph=cuda_graph)[0]
 
     xs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    before = _counts(emulated)
-    with pytest.warns(RuntimeWarning, match="in-place write|strided input"):
-        got = [pass_(x, True) for x in xs]
-    eager, captures, replays, _ = (x - y for x, y in zip(_counts(emulated), before))
-    assert captures == 0 and replays == 0 and eager >= 1
-    for x, g in zip(xs, got):
-        torch.testing.assert_close(g, pass_(x, False), rtol=0, atol=0)
+    _assert_never_captured(emulated, pass_, xs, "in-place write|strided input")
 
 
 @pytest.mark.parametrize("limit", ["count", "bytes"])
