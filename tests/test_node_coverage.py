@@ -15,12 +15,14 @@ SoftmaxBackward0 SplitBackward0 SumBackward0 TanhBackward0 ToCopyBackward0 Trans
 UnsafeViewBackward0 UnsqueezeBackward0 ViewBackward0
 """.split()
 # recorded by other common code paths (flash on CUDA, composed RMS norms and nn.RMSNorm's fused
-# node on CUDA, slicing, gathers)
+# node on CUDA, slicing, gathers; spatial transformers, metric learning and bilinear layers)
 ALSO = """
 ScaledDotProductFlashAttentionBackward0 AddBackward1 SubBackward0 DivBackward0 MeanBackward0 SumBackward1
 EmbeddingBackward0 IndexBackward0 PermuteBackward0 TBackward0 SplitWithSizesBackward0 StackBackward0
 LogSoftmaxBackward0 WhereBackward0 MaskedFillBackward0 NativeDropoutBackward0 ReluBackward0
 FusedRmsNormBackward0
+GridSampler2DBackward0 GridSampler3DBackward0 CudnnGridSamplerBackward0 AffineGridGeneratorBackward0
+CdistBackward0 PdistBackward0 TrilinearBackward0
 """.split()
 
 

@@ -151,5 +151,5 @@ def rule_for(node) -> Optional[Callable]:
 
 
 # Register all rules.
-from . import (attention, conv, custom, elementwise, indexing, linalg, norm, pooling, reduction,  # noqa: E402,F401
-               shape, softmax)
+from . import (attention, conv, custom, distance, elementwise, indexing, linalg, norm, pooling,  # noqa: E402,F401
+               reduction, sampling, shape, softmax)
