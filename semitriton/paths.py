@@ -119,6 +119,7 @@ def op_kind(node_name: str) -> str:
             "CanonicalElementwise": "activation", "CanonicalLinear": "linear", "RotaryEmbedding": "rope",
             "SafeSoftmax": "softmax", "_SafeSoftmax": "softmax",
             "ToCopy": "cast"}.get(base, base)
+    base = re.sub(r"(\d)D(?![a-z])", r"\1d", base)            # MaxPool2D -> max_pool2d, not max_pool2_d
     return re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
 
 

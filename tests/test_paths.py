@@ -243,3 +243,14 @@ def test_a_reused_graph_must_match_the_call():
         semitriton.sample_paths(out, x, n=-1)
     assert [p.weight for p in semitriton.top_paths(out, x, k=2, graph=pgm)] == \
         [p.weight for p in semitriton.top_paths(out, x, k=2)]
+
+
+def test_op_kind_names():
+    """Friendly op names of node types, "2D" kept as one word as aten spells it."""
+    from semitriton.paths import op_kind
+    assert op_kind("AddmmBackward0") == "addmm"
+    assert op_kind("NativeLayerNormBackward0") == "layer_norm"
+    assert op_kind("MaxPool2DWithIndicesBackward0") == "max_pool2d_with_indices"
+    assert op_kind("UpsampleBilinear2DBackward0") == "upsample_bilinear2d"
+    assert op_kind("GridSampler3DBackward0") == "grid_sampler3d"
+    assert op_kind("TBackward0") == "t"
