@@ -9,6 +9,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import _cpu_compiled
+
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 
@@ -184,13 +186,19 @@ def _budget(t: Tensor) -> int:
 def tropical_matmul(l: Tensor, lw: Tensor, lw_t: Tensor | None = None) -> Tensor:
     """Max-plus product ``out[..., i, k] = max_j l[..., i, j] + lw[..., j, k]``
     (reference: chunked broadcast, reduced over the contiguous last dim;
-    ``lw_t``: ``lw`` already transposed to a contiguous [..., K, J])."""
+    ``lw_t``: ``lw`` already transposed to a contiguous [..., K, J]). On CPUs
+    the compiled kernel of ``_cpu_compiled`` runs where it is chosen."""
     lead = torch.broadcast_shapes(l.shape[:-2], lw.shape[:-2])
     I, J = l.shape[-2:]
     K = lw.shape[-1]
     if J == 0 or I == 0 or K == 0:
         return l.new_full((*lead, I, K), NEG_INF)
-    lt = _kj(lw, lw_t).expand(*lead, K, J)
+    lt = _kj(lw, lw_t)
+    if not l.is_cuda:
+        out = _cpu_compiled.max_plus(l, lt, lead)
+        if out is not None:
+            return out
+    lt = lt.expand(*lead, K, J)
     l = l.expand(*lead, I, J).unsqueeze(-2)                       # [..., I, 1, J]
     outs = [torch.amax(l + lt[..., k0:k1, :].unsqueeze(-3), dim=-1)
             for k0, k1 in _k_chunks(I, J, K, lead, _budget(l))]
@@ -206,17 +214,23 @@ def signed_max_matmul(p: Tensor, n: Tensor, w: Tensor, w_t: Tensor | None = None
     edge and the value exist; missing edges (w = 0) and zero values (p = -inf)
     are excluded by an additive -inf penalty (reference: chunked broadcast,
     reduced over the contiguous last dim; ``w_t``: ``w`` as a contiguous
-    [..., K, J])."""
+    [..., K, J]; on CPUs the compiled kernel of ``_cpu_compiled`` where it is
+    chosen)."""
     lead = torch.broadcast_shapes(p.shape[:-2], w.shape[:-2])
     I, J = p.shape[-2:]
     K = w.shape[-1]
     if J == 0 or I == 0 or K == 0:
         return (p.new_full((*lead, I, K), NEG_INF), p.new_full((*lead, I, K), POS_INF))
+    wt = _kj(w, w_t)
+    if not p.is_cuda:
+        out = _cpu_compiled.signed_max_times(p, n, wt, lead)
+        if out is not None:
+            return out
     live = p != NEG_INF
     pen_v = torch.where(live, 0.0, NEG_INF).to(p.dtype).expand(*lead, I, J).unsqueeze(-2)   # [..., I, 1, J]
     pe = torch.where(live, p, 0.0).expand(*lead, I, J).unsqueeze(-2)
     ne = torch.where(live, n, 0.0).expand(*lead, I, J).unsqueeze(-2)
-    wt = _kj(w, w_t).expand(*lead, K, J)
+    wt = wt.expand(*lead, K, J)
     pen_w = torch.where(wt != 0, 0.0, NEG_INF).to(p.dtype)
     ps, ns = [], []
     for k0, k1 in _k_chunks(I, J, K, lead, _budget(p)):

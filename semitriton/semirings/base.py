@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import is_builtin, kernel_op
+from . import _cpu_compiled
 from ._util import (activation_derivative, complement, exclusive_sum, finite_amax, rope_partner,
                     rope_partner_weight)
 
@@ -351,6 +352,10 @@ class Semiring:
         xh = xhat.to(dt).reshape(-1, n)
         rs = rstd.to(dt).reshape(-1, 1)
         g = None if weight is None else weight.to(dt).reshape(n)
+        if is_builtin(self):
+            out = _cpu_compiled.norm_rows(self.name, self.map(v, lambda c: c.reshape(-1, n)), xh, rs, g, centered)
+            if out is not None:
+                return self.map(out, lambda c: c.reshape(v[0].shape))
 
         def jac_fn(r0, r1, c0, c1):
             x = xh[r0:r1]

@@ -1,0 +1,214 @@
+"""The compiled CPU contractions (``semirings/_cpu_compiled.py``) against the
+chunked torch reference they replace and against the float64 oracle, the
+``SEMITRITON_CPU_COMPILE`` switch, and the fallback when compiling fails."""
+
+import warnings
+
+import pytest
+import torch
+
+import semitriton
+from conftest import assert_semiring_close
+from oracle import oracle
+from programs import all_programs
+from semitriton.semirings import _cpu_compiled, get
+from semitriton.semirings._util import signed_max_matmul, tropical_matmul
+
+NEG, POS = float("-inf"), float("inf")
+
+
+@pytest.fixture
+def compile_mode(monkeypatch):
+    """Set SEMITRITON_CPU_COMPILE for one call: ``with compile_mode("1"): ...``."""
+    class _Mode:
+        def __call__(self, mode):
+            monkeypatch.setenv("SEMITRITON_CPU_COMPILE", mode)
+            return self
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            monkeypatch.delenv("SEMITRITON_CPU_COMPILE", raising=False)
+    return _Mode()
+
+
+def _equal(a, b):
+    """Bit-equal, NaN where the other has NaN."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    assert torch.equal(a.nan_to_num(0.5), b.nan_to_num(0.5))
+
+
+def _log_values(g, shape, dtype):
+    l = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype) * 3
+    l[torch.rand(*shape, generator=g) < 0.2] = NEG          # no path
+    return l
+
+
+def _signed_values(g, shape, dtype):
+    p = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    n = p - torch.rand(*shape, generator=g, dtype=torch.float64).to(dtype)
+    dead = torch.rand(*shape, generator=g) < 0.2
+    p[dead], n[dead] = NEG, POS
+    return p, n
+
+
+def _weights(g, shape, dtype):
+    w = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    w[torch.rand(*shape, generator=g) < 0.3] = 0.0           # missing edges
+    return w
+
+
+SHAPES = [  # (lead of the value, lead of the weight, I, J, K)
+    ((), (), 9, 70, 13),
+    ((2, 3), (), 5, 33, 7),             # a shared weight: lead dims folded into the rows
+    ((2, 3), (2, 3), 4, 17, 6),         # batched (attention)
+    ((2, 1), (1, 3), 4, 17, 6),         # broadcast lead dims
+    ((), (), 1, 40, 1),                 # size-1 dims
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lead_v,lead_w,I,J,K", SHAPES)
+def test_contractions_equal_the_reference(compile_mode, dtype, lead_v, lead_w, I, J, K):
+    """A max of sums or of products is exact in any order: the compiled
+    kernels give the reference's values bit for bit, with no-path values
+    (-inf), missing edges (w = 0), a NaN and subnormal products."""
+    g = torch.Generator().manual_seed(I * 1000 + J)
+    l = _log_values(g, (*lead_v, I, J), dtype)
+    l.view(-1)[0] = float("nan")
+    lw = _log_values(g, (*lead_w, J, K), dtype)
+    p, n = _signed_values(g, (*lead_v, I, J), dtype)
+    p.view(-1)[1] = torch.finfo(dtype).tiny / 4                # subnormal
+    w = _weights(g, (*lead_w, J, K), dtype)
+    with compile_mode("0"):
+        ref = tropical_matmul(l, lw), signed_max_matmul(p, n, w)
+    with compile_mode("1"):
+        assert _cpu_compiled.wanted("max-plus", l, I * J * K)
+        got = tropical_matmul(l, lw), signed_max_matmul(p, n, w)
+    _equal(got[0], ref[0])
+    _equal(got[1][0], ref[1][0])
+    _equal(got[1][1], ref[1][1])
+
+
+def _norm_inputs(g, R, n, centered, dtype):
+    x = torch.randn(R, n, generator=g, dtype=torch.float64)
+    x[0, 0] = 40.0                                             # a dominant element
+    if centered:
+        x = x - x.mean(-1, keepdim=True)
+    rs = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    gamma = torch.randn(n, generator=g, dtype=torch.float64)
+    gamma[1] = 0.0                                             # an output with no edges
+    return (x * rs).to(dtype), rs.to(dtype), gamma.to(dtype)
+
+
+def _norm_value(name, g, R, n, dtype):
+    if name == "max":
+        return _signed_values(g, (R, n), dtype)
+    l = _log_values(g, (R, n), dtype)
+    if name == "maxabs":
+        return (l,)
+    mu = torch.rand(R, n, generator=g, dtype=torch.float64).to(dtype)
+    return l, torch.where(l == NEG, 0.0, mu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("centered", [True, False], ids=["layer", "rms"])
+@pytest.mark.parametrize("name", ["max", "maxabs", "entropy"])
+def test_norm_rows_match_the_reference(compile_mode, name, centered, dtype):
+    """The dense per-row norm Jacobian formed inside the compiled loop gives
+    the chunked reference's values (max exactly; maxabs and entropy to
+    rounding: the sums and logs are ordered differently), with and without γ."""
+    g = torch.Generator().manual_seed(7)
+    sr = get(name)
+    xh, rs, gamma = _norm_inputs(g, 6, 37, centered, dtype)
+    v = _norm_value(name, g, 6, 37, dtype)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-5
+    for weight in (gamma, None):
+        with compile_mode("0"):
+            ref = sr._norm(v, xh, rs, weight, centered)
+        with compile_mode("1"):
+            assert _cpu_compiled.norm_rows(name, v, xh, rs, weight, centered) is not None
+            got = sr._norm(v, xh, rs, weight, centered)
+        for a, b in zip(got, ref):
+            assert torch.equal(torch.isinf(a), torch.isinf(b))
+            fin = torch.isfinite(b)
+            if name == "max":
+                _equal(a, b)
+            else:
+                torch.testing.assert_close(a[fin], b[fin], rtol=rtol, atol=rtol)
+
+
+COMPILED_SEMIRINGS = ["max", "maxabs", "entropy"]
+PROGRAMS = [p for p in all_programs() if p.name in ("residual_mlp", "mha_causal_sdpa", "llama_block_sdpa")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("semiring", COMPILED_SEMIRINGS)
+@pytest.mark.parametrize("prog", PROGRAMS, ids=[p.name for p in PROGRAMS])
+def test_compiled_walk_matches_oracle(compile_mode, prog, semiring, dtype):
+    """Whole programs (a layer norm MLP, causal attention, a LLaMA block)
+    walked with every CPU contraction compiled, against the float64 oracle."""
+    expected = oracle(prog, semiring, token=True)
+    inputs = {k: v.to(dtype).clone().requires_grad_() for k, v in prog.inputs.items()}
+    out = prog.engine(**inputs)
+    with compile_mode("1"):
+        vals = semitriton.grad_values(out, list(inputs.values()), semiring=semiring, backend="torch")
+    sr = get(semiring)
+    for name, v in zip(inputs, vals):
+        assert_semiring_close(sr.readout(v), expected[name], semiring, 1e-9 if dtype == torch.float64 else 1e-4,
+                              f"{prog.name}/{name}")
+
+
+def test_modes(compile_mode, monkeypatch):
+    """``auto`` counts the reference's work on contractions of at least
+    MIN_MACS (weighted by kind) and compiles once it reaches AUTO_UNITS; ``0``
+    never compiles, ``1`` always; CUDA and integer tensors never take this path."""
+    t = torch.zeros(2)
+    big = _cpu_compiled.MIN_MACS
+    monkeypatch.setattr(_cpu_compiled, "AUTO_UNITS", 10 * big)
+    monkeypatch.setattr(_cpu_compiled, "_units_done", 0)
+    with compile_mode("auto"):
+        assert not _cpu_compiled.wanted("max-plus", t, big - 1)             # too small: not counted
+        assert _cpu_compiled._units_done == 0
+        assert not _cpu_compiled.wanted("max-plus", t, 2 * big)
+        assert _cpu_compiled._units_done == 2 * big
+        assert not _cpu_compiled.wanted("signed max-times", t, big)            # 2 + 7 units: still below
+        assert _cpu_compiled._units_done == 9 * big
+    monkeypatch.setattr(_cpu_compiled, "_units_done", 0)
+    with compile_mode("auto"):
+        assert not _cpu_compiled.wanted("norm-rows maxabs", t, big)        # 8
+        assert _cpu_compiled.wanted("norm-rows maxabs", t, big)            # 16: over
+        assert _cpu_compiled.wanted("max-plus", t, big)                    # from then on
+        assert not _cpu_compiled.wanted("max-plus", t, big - 1)
+    with compile_mode("0"):
+        assert not _cpu_compiled.wanted("max-plus", t, 1 << 40)
+    with compile_mode("1"):
+        assert _cpu_compiled.wanted("max-plus", t, 1)
+        assert not _cpu_compiled.wanted("max-plus", torch.zeros(2, dtype=torch.int64), 1)
+
+
+def test_compile_failure_falls_back_with_one_warning(compile_mode, monkeypatch):
+    """A platform where torch.compile fails (no C++ compiler) gets one
+    warning naming the setting, the reference's values, and no further tries."""
+    def broken(fn, **kw):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(_cpu_compiled, "_compiled", {})
+    monkeypatch.setattr(_cpu_compiled, "_failed", None)
+    monkeypatch.setattr(torch, "compile", broken)
+    g = torch.Generator().manual_seed(3)
+    l, lw = _log_values(g, (5, 9), torch.float64), _log_values(g, (9, 4), torch.float64)
+    with compile_mode("0"):
+        ref = tropical_matmul(l, lw)
+    with compile_mode("1"):
+        with pytest.warns(RuntimeWarning, match="SEMITRITON_CPU_COMPILE=0"):
+            got = tropical_matmul(l, lw)
+        assert _cpu_compiled._failed is not None and "no C++ compiler" in _cpu_compiled._failed
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again = tropical_matmul(l, lw)
+        assert not _cpu_compiled.wanted("max-plus", l, 5 * 9 * 4)
+    _equal(got, ref)
+    _equal(again, ref)
