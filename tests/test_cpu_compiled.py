@@ -212,3 +212,38 @@ def test_compile_failure_falls_back_with_one_warning(compile_mode, monkeypatch):
         assert not _cpu_compiled.wanted("max-plus", l, 5 * 9 * 4)
     _equal(got, ref)
     _equal(again, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_maxabs_rows_in_linear_and_log_space(compile_mode, dtype):
+    """maxabs norm rows run in linear space with one shift per row; rows
+    whose values span more than the exponent range, or whose result is below
+    it (a tiny γ), are redone in log space: every row agrees with the
+    reference, the dead rows read -inf, and both kernels ran."""
+    g = torch.Generator().manual_seed(11)
+    R, n = 8, 23
+    xh, rs, gamma = _norm_inputs(g, R, n, True, dtype)
+    span = 100.0 if dtype == torch.float32 else 800.0
+    l = torch.randn(R, n, generator=g, dtype=torch.float64).to(dtype)
+    l[1, 5] -= span                                      # a row spanning more than exp's range
+    l[2] = NEG                                           # a dead row
+    l[3, ::2] = NEG                                      # a row with missing values
+    gamma = gamma.clone()
+    scale = torch.ones(n, dtype=dtype)
+    scale[:] = 1e-36 if dtype == torch.float32 else 1e-300   # every result underflows in linear space
+    sr = get("maxabs")
+    with compile_mode("0"):
+        ref = sr._norm((l,), xh, rs, gamma, True)[0]
+        ref_tiny = sr._norm((l,), xh, rs, gamma * scale, True)[0]
+    before = dict(_cpu_compiled.calls)
+    with compile_mode("1"):
+        got = sr._norm((l,), xh, rs, gamma, True)[0]
+        got_tiny = sr._norm((l,), xh, rs, gamma * scale, True)[0]
+    ran = {k: _cpu_compiled.calls[k] - before.get(k, 0) for k in _cpu_compiled.calls}
+    assert ran.get("norm-rows maxabs", 0) == 2 and ran.get("norm-rows maxabs (log space)", 0) == 2
+    rtol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in ((got, ref), (got_tiny, ref_tiny)):
+        assert torch.equal(torch.isinf(a), torch.isinf(b))
+        assert bool(torch.isneginf(a[2]).all())
+        fin = torch.isfinite(b)
+        torch.testing.assert_close(a[fin], b[fin], rtol=rtol, atol=rtol)

@@ -53,7 +53,7 @@ COST = {"max-plus": 1, "signed max-times": 7, "norm-rows maxabs": 8, "norm-rows 
 AUTO_UNITS = 1 << 35
 
 _lock = threading.Lock()
-_compiled: dict[str, Callable] = {}
+_compiled: dict[Callable, Callable] = {}
 _failed: Optional[str] = None
 _units_done = 0
 #: compiled calls per contraction kind in this process (for benchmarks)
@@ -92,6 +92,46 @@ def _norm_maxabs(xh: Tensor, rs: Tensor, g: Tensor, l: Tensor, centered: float) 
     return torch.amax(torch.log(torch.abs(w)) + l.unsqueeze(-2), dim=-1)
 
 
+def _norm_maxabs_linear(xh: Tensor, rs: Tensor, g: Tensor, e: Tensor, centered: float) -> Tensor:
+    """m_i / e^shift = max_j |w_ij| e_j with e_j = m_j / e^shift: no log per
+    Jacobian entry (see :func:`_maxabs_rows` for when it is exact)."""
+    w = _norm_jacobian(xh, rs, g, centered)
+    return torch.amax(torch.abs(w) * e.unsqueeze(-2), dim=-1)
+
+
+#: the linear-space maxabs rows need every value of a row within e^-SPAN of
+#: its largest (all e_j normal numbers), and a result of at least e^-FLOOR
+#: (its winning term normal, so no term lost to underflow could have won)
+_SPAN = {torch.float32: 80.0, torch.float64: 700.0}
+_FLOOR = {torch.float32: 69.0, torch.float64: 620.0}
+
+
+def _maxabs_rows(xh: Tensor, rs: Tensor, g: Tensor, l: Tensor, c: float) -> Optional[Tensor]:
+    """The maxabs value of a norm's input rows: in linear space with one shift
+    per row (a product and a max per Jacobian entry), and in log space
+    (:func:`_norm_maxabs`) for the rows where that could underflow; the two
+    agree to rounding."""
+    from ._util import finite_amax
+    if l.dtype not in _SPAN:
+        return _run("norm-rows maxabs (log space)", _norm_maxabs, xh, rs, g, l, c)
+    shift = finite_amax(l, -1)
+    e = torch.exp(l - shift)
+    q = _run("norm-rows maxabs", _norm_maxabs_linear, xh, rs, g, e, c)
+    if q is None:
+        return None
+    out = torch.log(q) + shift
+    lo = torch.where(l == NEG_INF, shift, l).amin(-1)
+    live = (l != NEG_INF).any(-1)
+    redo = live & ((lo - shift.squeeze(-1) < -_SPAN[l.dtype]) | (out - shift < -_FLOOR[l.dtype]).any(-1))
+    if bool(redo.any()):
+        rows = redo.nonzero().squeeze(-1)
+        part = _run("norm-rows maxabs (log space)", _norm_maxabs, xh[rows], rs[rows], g, l[rows], c)
+        if part is None:
+            return None
+        out = out.index_copy(0, rows, part)
+    return torch.where(live.unsqueeze(-1), out, NEG_INF)
+
+
 def _norm_max(xh: Tensor, rs: Tensor, g: Tensor, p: Tensor, n: Tensor,
               centered: float) -> tuple[Tensor, Tensor]:
     """(M+, M-)_i = signed max-times of the row's w_ij with (M+, M-)_j."""
@@ -126,11 +166,11 @@ def wanted(kind: str, t: Tensor, macs: int) -> bool:
     return _units_done >= AUTO_UNITS
 
 
-def _function(name: str, fn: Callable) -> Callable:
+def _function(fn: Callable) -> Callable:
     with _lock:
-        if name not in _compiled:
-            _compiled[name] = torch.compile(fn, dynamic=True)
-        return _compiled[name]
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn, dynamic=True)
+        return _compiled[fn]
 
 
 def _run(name: str, fn: Callable, *args: Tensor):
@@ -141,7 +181,7 @@ def _run(name: str, fn: Callable, *args: Tensor):
     try:
         import torch._dynamo
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=64), torch.no_grad():
-            out = _function(name, fn)(*args)
+            out = _function(fn)(*args)
         calls[name] += 1
         return out
     except Exception as e:                                  # noqa: BLE001 - any compile failure
@@ -195,7 +235,7 @@ def norm_rows(name: str, v: tuple, xh: Tensor, rs: Tensor, g: Optional[Tensor], 
     g = torch.ones(n, dtype=xh.dtype, device=xh.device) if g is None else g.contiguous()
     c = 1.0 if centered else 0.0
     if name == "maxabs":
-        out = _run("norm-rows maxabs", _norm_maxabs, xh, rs, g, v[0].contiguous(), c)
+        out = _maxabs_rows(xh, rs, g, v[0].contiguous(), c)
         return None if out is None else (out,)
     if name == "max":
         out = _run("norm-rows max", _norm_max, xh, rs, g, v[0].contiguous(), v[1].contiguous(), c)
