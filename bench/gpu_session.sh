@@ -81,14 +81,16 @@ M=bench/bench_models.py
 # pre-split bf16/fp16 GEMM and the norms' separate redo launch (maxabs, max; ninth session),
 # the sorted abs layer norm's skip of zero rows (twelfth session), torch's fused RMS-norm node
 # (FusedRmsNormBackward0, recorded only on CUDA) and vision models with cuDNN convolutions and
-# batch norm (thirteenth session)
+# batch norm (thirteenth session), grid_sample on CUDA (cuDNN's grid-sampler node for bilinear,
+# zero padding, align_corners; fourteenth session)
 NEW_TESTS="tests/test_kernels_dense.py::test_norm_every_candidate_gpu tests/test_kernels_dense.py::test_rms_norm_from_input
  tests/test_kernels_dense.py::test_layer_norm_abs_sorted
  tests/test_kernels_attention.py::test_every_launch_plan_gpu[maxabs-causal_gqa]
  tests/test_kernels_attention.py::test_every_launch_plan_gpu[max-causal_gqa]
  tests/test_kernels_dense.py::test_matmul_lowp_pre_split tests/test_kernels_dense.py::test_maxabs_norm_underflow_fallback
  tests/test_kernels_dense.py::test_max_norm_zero_weight_edges
- tests/test_fused_rms_norm.py tests/test_vision_models.py"
+ tests/test_fused_rms_norm.py tests/test_vision_models.py
+ tests/test_sampling_distance_rules.py::test_sampling_distance_ops_against_the_oracle"
 for s in ${STEPS//,/ }; do
   case $s in
     warm) t0=$(date +%s)
