@@ -21,6 +21,7 @@ max norm."""
 
 import functools
 import itertools
+import os
 
 import pytest
 import torch
@@ -332,3 +333,29 @@ def _node_names(fn) -> set:
             seen.add(f)
             stack.extend(n for n, _ in f.next_functions)
     return {type(f).__name__ for f in seen}
+
+
+CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)], ids=["f64", "f32"])
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+@pytest.mark.parametrize("name", ["grid2d_bilinear_zeros_align", "grid2d_bilinear_border_noalign",
+                                  "grid3d_bilinear_reflection_align", "affine_grid_then_sample", "cdist_p2",
+                                  "bilinear_bias"])
+def test_on_cuda_against_the_oracle(name, semiring, dtype, tol):
+    """On CUDA (cuDNN records CudnnGridSamplerBackward0 for bilinear, zero
+    padding and align_corners; torch's CUDA kernels elsewhere), both backends
+    against the float64 oracle."""
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        want = _want(name, semiring)
+        for backend in ("torch", "triton"):
+            used, _, out, got = _walk(name, semiring, backend, dtype, "cuda")
+            for k, g in zip(used, got):
+                assert_semiring_close(g.cpu(), want[k], semiring, tol, f"{name}/{k}/{semiring}/{backend}")
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn
