@@ -247,3 +247,75 @@ def test_maxabs_rows_in_linear_and_log_space(compile_mode, dtype):
         assert bool(torch.isneginf(a[2]).all())
         fin = torch.isfinite(b)
         torch.testing.assert_close(a[fin], b[fin], rtol=rtol, atol=rtol)
+
+
+def test_signed_contractions_keep_the_value_dtype(compile_mode):
+    """The -inf penalties take the values' dtype, not torch's default: float32
+    values under a float64 default dtype give the reference's dtype and
+    values, for the contraction and the norm rows. (Half-precision values
+    take the reference: compiled code would not round each intermediate to
+    half as it does.)"""
+    dtype = torch.float32
+    assert not _cpu_compiled.wanted("max-plus", torch.zeros(2, dtype=torch.bfloat16), 1 << 40)
+    g = torch.Generator().manual_seed(5)
+    p, n = _signed_values(g, (6, 19), dtype)
+    w = _weights(g, (19, 7), dtype)
+    xh, rs, gamma = _norm_inputs(g, 4, 9, True, dtype)
+    v = _signed_values(g, (4, 9), dtype)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with compile_mode("0"):
+            ref = signed_max_matmul(p, n, w), get("max")._norm(v, xh, rs, gamma, True)
+        with compile_mode("1"):
+            got = signed_max_matmul(p, n, w), get("max")._norm(v, xh, rs, gamma, True)
+    finally:
+        torch.set_default_dtype(old)
+    for a, b in zip((*got[0], *got[1]), (*ref[0], *ref[1])):
+        assert a.dtype == dtype
+        _equal(a, b)
+
+
+def test_maxabs_rows_with_an_infinite_value(compile_mode):
+    """A +inf log value (an infinite edge upstream) sends its row to the log
+    space kernel: the reference's inf/NaN pattern, not NaN everywhere."""
+    xh = torch.tensor([[1.0, -1.0, 0.5, -0.5], [0.3, -0.2, 0.1, -0.2]])
+    rs = torch.ones(2, 1)
+    gamma = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    l = torch.tensor([[POS, 100.0, 0.0, 1.0], [0.5, 1.0, -1.0, 2.0]])
+    sr = get("maxabs")
+    with compile_mode("0"):
+        ref = sr._norm((l,), xh, rs, gamma, True)[0]
+    with compile_mode("1"):
+        got = sr._norm((l,), xh, rs, gamma, True)[0]
+    _equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1], rtol=2e-5, atol=0)
+
+
+def test_recompile_limit_switches_off_one_function(compile_mode, monkeypatch):
+    """A contraction met in more shape/dtype variants than dynamo keeps runs
+    the reference from then on, with its own warning; the others stay
+    compiled and nothing is marked as failed."""
+    def max_plus_copy(l, lt):                           # a fresh code object: its own dynamo cache
+        return torch.amax(l.unsqueeze(-2) + lt.unsqueeze(-3), dim=-1)
+
+    monkeypatch.setattr(_cpu_compiled, "_max_plus", max_plus_copy)
+    monkeypatch.setattr(_cpu_compiled, "_exhausted", set())
+    monkeypatch.setattr(_cpu_compiled, "RECOMPILE_LIMIT", 1)
+    g = torch.Generator().manual_seed(2)
+    l2, lw2 = _log_values(g, (5, 9), torch.float64), _log_values(g, (9, 4), torch.float64)
+    l3, lw3 = _log_values(g, (2, 5, 9), torch.float64), _log_values(g, (2, 9, 4), torch.float64)
+    p, n = _signed_values(g, (5, 9), torch.float64)
+    w = _weights(g, (9, 4), torch.float64)
+    with compile_mode("0"):
+        ref = tropical_matmul(l2, lw2), tropical_matmul(l3, lw3)
+    with compile_mode("1"):
+        first = tropical_matmul(l2, lw2)
+        with pytest.warns(RuntimeWarning, match="recompile limit"):
+            second = tropical_matmul(l3, lw3)               # a second variant: over the limit of 1
+        assert max_plus_copy in _cpu_compiled._exhausted and _cpu_compiled._failed is None
+        before = _cpu_compiled.calls["signed max-times"]
+        signed_max_matmul(p, n, w)
+        assert _cpu_compiled.calls["signed max-times"] == before + 1
+    _equal(first, ref[0])
+    _equal(second, ref[1])

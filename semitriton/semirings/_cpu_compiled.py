@@ -43,6 +43,7 @@ from torch import Tensor
 from .. import backend
 
 NEG_INF = float("-inf")
+POS_INF = float("inf")
 
 #: contractions with fewer semiring MACs always take the chunked reference
 MIN_MACS = 1 << 20
@@ -55,6 +56,9 @@ AUTO_UNITS = 1 << 35
 _lock = threading.Lock()
 _compiled: dict[Callable, Callable] = {}
 _failed: Optional[str] = None
+_exhausted: set = set()
+#: compiled variants (shapes with size-0/1 dims, ranks, dtypes) kept per function
+RECOMPILE_LIMIT = 64
 _units_done = 0
 #: compiled calls per contraction kind in this process (for benchmarks)
 calls: Counter = Counter()
@@ -68,8 +72,8 @@ def _signed_max_times(p: Tensor, n: Tensor, wt: Tensor) -> tuple[Tensor, Tensor]
     live = p != NEG_INF
     pe = torch.where(live, p, 0.0).unsqueeze(-2)
     ne = torch.where(live, n, 0.0).unsqueeze(-2)
-    pen = (torch.where(live, 0.0, NEG_INF).unsqueeze(-2)
-           + torch.where(wt != 0, 0.0, NEG_INF).unsqueeze(-3))
+    pen = (torch.where(live, 0.0, NEG_INF).to(p.dtype).unsqueeze(-2)
+           + torch.where(wt != 0, 0.0, NEG_INF).to(p.dtype).unsqueeze(-3))
     w = wt.unsqueeze(-3)
     a, b = w * pe, w * ne
     return torch.amax(torch.maximum(a, b) + pen, dim=-1), torch.amin(torch.minimum(a, b) - pen, dim=-1)
@@ -122,7 +126,8 @@ def _maxabs_rows(xh: Tensor, rs: Tensor, g: Tensor, l: Tensor, c: float) -> Opti
     out = torch.log(q) + shift
     lo = torch.where(l == NEG_INF, shift, l).amin(-1)
     live = (l != NEG_INF).any(-1)
-    redo = live & ((lo - shift.squeeze(-1) < -_SPAN[l.dtype]) | (out - shift < -_FLOOR[l.dtype]).any(-1))
+    redo = live & ((lo - shift.squeeze(-1) < -_SPAN[l.dtype]) | (out - shift < -_FLOOR[l.dtype]).any(-1)
+                   | (l == POS_INF).any(-1))
     if bool(redo.any()):
         rows = redo.nonzero().squeeze(-1)
         part = _run("norm-rows maxabs (log space)", _norm_maxabs, xh[rows], rs[rows], g, l[rows], c)
@@ -152,7 +157,7 @@ def wanted(kind: str, t: Tensor, macs: int) -> bool:
     """Whether a ``kind`` contraction of ``macs`` semiring MACs on ``t``'s
     device takes the compiled kernel (``auto``: counts the reference's work)."""
     global _units_done
-    if t.is_cuda or _failed is not None or not t.is_floating_point():
+    if t.device.type != "cpu" or _failed is not None or t.dtype not in (torch.float32, torch.float64):
         return False
     mode = str(backend.env("SEMITRITON_CPU_COMPILE", "auto")).strip().lower()
     if mode in ("0", "off", "false", "no"):
@@ -174,22 +179,33 @@ def _function(fn: Callable) -> Callable:
 
 
 def _run(name: str, fn: Callable, *args: Tensor):
-    """The compiled ``fn`` on ``args``; None (and the reference from then on)
-    where compiling fails. Dynamo's recompile limit raises here instead of
+    """The compiled ``fn`` on ``args``; None where it cannot run: a compile
+    failure switches every compiled contraction off (the reference from then
+    on); dynamo's recompile limit (``fn`` met in more shape/dtype variants than
+    it keeps) switches off ``fn`` alone. The limit raises here instead of
     falling back to eager, which would materialise the whole broadcast."""
     global _failed
+    if fn in _exhausted:
+        return None
+    import torch._dynamo
     try:
-        import torch._dynamo
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=64), torch.no_grad():
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=RECOMPILE_LIMIT), \
+                torch.no_grad():
             out = _function(fn)(*args)
-        calls[name] += 1
-        return out
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        _exhausted.add(fn)
+        warnings.warn(f"semitriton: the compiled CPU {name} contraction met more than {RECOMPILE_LIMIT} shape "
+                      "and dtype variants (dynamo's recompile limit); it runs the chunked torch reference from "
+                      "now on (slower, same values).", RuntimeWarning, stacklevel=3)
+        return None
     except Exception as e:                                  # noqa: BLE001 - any compile failure
         _failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         warnings.warn(f"semitriton: compiling the CPU {name} contraction with torch.compile failed "
                       f"({_failed[:300]}); the chunked torch reference runs instead (slower). "
                       "SEMITRITON_CPU_COMPILE=0 skips the attempt.", RuntimeWarning, stacklevel=3)
         return None
+    calls[name] += 1
+    return out
 
 
 def _batched(lead: tuple, *ts: Tensor) -> list[Tensor]:
