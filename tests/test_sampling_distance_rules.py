@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import semitriton
 from conftest import SEMIRINGS, assert_semiring_close
 from oracle import Program, Step, oracle
+from test_custom_semiring import PathCount
 
 _G = torch.Generator().manual_seed(23)
 
@@ -178,28 +179,13 @@ def test_real_walk_equals_autograd(name):
                                    msg=f"{name}/{k}")
 
 
-class _GenericReal(semitriton.Semiring):
+class _GenericReal(PathCount):
     """The real semiring from the required methods only (generic contractions)."""
 
     name = "generic_real"
 
-    def zero(self, shape, dtype, device):
-        return (torch.zeros(shape, dtype=dtype, device=device),)
-
-    def one(self, shape, dtype, device):
-        return (torch.ones(shape, dtype=dtype, device=device),)
-
-    def plus(self, a, b):
-        return (a[0] + b[0],)
-
-    def times(self, a, b):
-        return (a[0] * b[0],)
-
     def edge(self, w):
         return (w,)
-
-    def readout(self, v):
-        return v[0]
 
 
 class _GenericMaxAbs(_GenericReal):

@@ -116,8 +116,6 @@ def _maxabs_rows(xh: Tensor, rs: Tensor, g: Tensor, l: Tensor, c: float) -> Opti
     (:func:`_norm_maxabs`) for the rows where that could underflow; the two
     agree to rounding."""
     from ._util import finite_amax
-    if l.dtype not in _SPAN:
-        return _run("norm-rows maxabs (log space)", _norm_maxabs, xh, rs, g, l, c)
     shift = finite_amax(l, -1)
     e = torch.exp(l - shift)
     q = _run("norm-rows maxabs", _norm_maxabs_linear, xh, rs, g, e, c)
