@@ -319,3 +319,26 @@ def test_recompile_limit_switches_off_one_function(compile_mode, monkeypatch):
         assert _cpu_compiled.calls["signed max-times"] == before + 1
     _equal(first, ref[0])
     _equal(second, ref[1])
+
+
+def test_an_older_torch_without_the_settings_falls_back(compile_mode, monkeypatch):
+    """A torch without dynamo's recompile-limit setting and exception (before
+    2.6): the settings patch fails, which counts as a compile failure (one
+    warning, the reference's values), not an error."""
+    import torch._dynamo
+
+    def no_such_setting(*args, **kwargs):
+        raise AttributeError("torch._dynamo.config has no attribute 'recompile_limit'")
+
+    monkeypatch.delattr(torch._dynamo.exc, "FailOnRecompileLimitHit")
+    monkeypatch.setattr(type(torch._dynamo.config), "patch", no_such_setting)
+    monkeypatch.setattr(_cpu_compiled, "_failed", None)
+    g = torch.Generator().manual_seed(4)
+    l, lw = _log_values(g, (5, 9), torch.float64), _log_values(g, (9, 4), torch.float64)
+    with compile_mode("0"):
+        ref = tropical_matmul(l, lw)
+    with compile_mode("1"):
+        with pytest.warns(RuntimeWarning, match="recompile_limit"):
+            got = tropical_matmul(l, lw)
+    assert _cpu_compiled._failed is not None
+    _equal(got, ref)

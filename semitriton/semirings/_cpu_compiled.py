@@ -176,6 +176,12 @@ def _function(fn: Callable) -> Callable:
         return _compiled[fn]
 
 
+class _NeverRaised(Exception):
+    """Stands in for dynamo's recompile-limit exception on a torch without it
+    (there the settings ``_run`` patches are missing too, which counts as a
+    compile failure)."""
+
+
 def _run(name: str, fn: Callable, *args: Tensor):
     """The compiled ``fn`` on ``args``; None where it cannot run: a compile
     failure switches every compiled contraction off (the reference from then
@@ -186,11 +192,12 @@ def _run(name: str, fn: Callable, *args: Tensor):
     if fn in _exhausted:
         return None
     import torch._dynamo
+    limit_hit = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None) or _NeverRaised
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=RECOMPILE_LIMIT), \
                 torch.no_grad():
             out = _function(fn)(*args)
-    except torch._dynamo.exc.FailOnRecompileLimitHit:
+    except limit_hit:
         _exhausted.add(fn)
         warnings.warn(f"semitriton: the compiled CPU {name} contraction met more than {RECOMPILE_LIMIT} shape "
                       "and dtype variants (dynamo's recompile limit); it runs the chunked torch reference from "
