@@ -52,9 +52,15 @@ def _scaled(t, s):
     return t if s == 1 else t * s
 
 
-def _added_input(ctx, v, beta):
-    """Value of ``self`` in β·self + α·(product): weight β, ⊕ over broadcast."""
-    return ctx.sr.sum_to_shape(v if beta == 1 else ctx.sr.scale(v, ctx.tensor(beta)), ctx.input_shape(0))
+def _scaled_sum_start(ctx):
+    """For Y = β·self + α·(product): the output's value, α, and the rule's
+    outputs with self's value filled in (weight β, ⊕ over broadcast)."""
+    v = ctx.grad()
+    alpha, beta = ctx.saved("alpha"), ctx.saved("beta")
+    out = [None, None, None]
+    if ctx.needs[0] and beta != 0:
+        out[0] = ctx.sr.sum_to_shape(v if beta == 1 else ctx.sr.scale(v, ctx.tensor(beta)), ctx.input_shape(0))
+    return v, alpha, out
 
 
 @rule("MmBackward0", "BmmBackward0")
@@ -70,12 +76,8 @@ def mm(ctx):
 
 @rule("AddmmBackward0", "BaddbmmBackward0", "AddbmmBackward0")
 def addmm(ctx):
-    v = ctx.grad()
-    alpha, beta = ctx.saved("alpha"), ctx.saved("beta")
+    v, alpha, out = _scaled_sum_start(ctx)
     a_name, b_name = ("batch1", "batch2") if ctx.has_saved("batch1") else ("mat1", "mat2")
-    out = [None, None, None]
-    if ctx.needs[0] and beta != 0:
-        out[0] = _added_input(ctx, v, beta)
     if alpha == 0:
         return out
     if ctx.needs[1]:
@@ -107,11 +109,7 @@ def mv(ctx):  # y = M @ x
 def addmv(ctx):
     """y = β·self + α·(M @ x): self weight β (broadcast), M_ij weight α·x_j,
     x_j weight α·M_ij."""
-    v = ctx.grad()
-    alpha, beta = ctx.saved("alpha"), ctx.saved("beta")
-    out = [None, None, None]
-    if ctx.needs[0] and beta != 0:
-        out[0] = _added_input(ctx, v, beta)
+    v, alpha, out = _scaled_sum_start(ctx)
     if alpha != 0:
         out[1:] = _matrix_vector(ctx, v, "mat", "vec", ctx.needs[1:], alpha)
     return out
@@ -121,11 +119,7 @@ def addmv(ctx):
 def addr(ctx):
     """Y = β·self + α·(a ⊗ b): self weight β, a_i weight α·b_j into Y_ij,
     b_j weight α·a_i."""
-    v = ctx.grad()
-    alpha, beta = ctx.saved("alpha"), ctx.saved("beta")
-    out = [None, None, None]
-    if ctx.needs[0] and beta != 0:
-        out[0] = _added_input(ctx, v, beta)
+    v, alpha, out = _scaled_sum_start(ctx)
     if alpha == 0:
         return out
     if ctx.needs[1]:
