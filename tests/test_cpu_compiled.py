@@ -189,6 +189,20 @@ def test_modes(compile_mode, monkeypatch):
         assert not _cpu_compiled.wanted("max-plus", torch.zeros(2, dtype=torch.int64), 1)
 
 
+def _falls_back(compile_mode, seed: int, match: str):
+    """A max-plus contraction run chunked, then with compiling on while it
+    fails: (the reference's value, the value that came with a warning
+    matching ``match``, the operands)."""
+    g = torch.Generator().manual_seed(seed)
+    l, lw = _log_values(g, (5, 9), torch.float64), _log_values(g, (9, 4), torch.float64)
+    with compile_mode("0"):
+        ref = tropical_matmul(l, lw)
+    with compile_mode("1"):
+        with pytest.warns(RuntimeWarning, match=match):
+            got = tropical_matmul(l, lw)
+    return ref, got, (l, lw)
+
+
 def test_compile_failure_falls_back_with_one_warning(compile_mode, monkeypatch):
     """A platform where torch.compile fails (no C++ compiler) gets one
     warning naming the setting, the reference's values, and no further tries."""
@@ -198,13 +212,8 @@ def test_compile_failure_falls_back_with_one_warning(compile_mode, monkeypatch):
     monkeypatch.setattr(_cpu_compiled, "_compiled", {})
     monkeypatch.setattr(_cpu_compiled, "_failed", None)
     monkeypatch.setattr(torch, "compile", broken)
-    g = torch.Generator().manual_seed(3)
-    l, lw = _log_values(g, (5, 9), torch.float64), _log_values(g, (9, 4), torch.float64)
-    with compile_mode("0"):
-        ref = tropical_matmul(l, lw)
+    ref, got, (l, lw) = _falls_back(compile_mode, 3, "SEMITRITON_CPU_COMPILE=0")
     with compile_mode("1"):
-        with pytest.warns(RuntimeWarning, match="SEMITRITON_CPU_COMPILE=0"):
-            got = tropical_matmul(l, lw)
         assert _cpu_compiled._failed is not None and "no C++ compiler" in _cpu_compiled._failed
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -333,12 +342,6 @@ def test_an_older_torch_without_the_settings_falls_back(compile_mode, monkeypatc
     monkeypatch.delattr(torch._dynamo.exc, "FailOnRecompileLimitHit")
     monkeypatch.setattr(type(torch._dynamo.config), "patch", no_such_setting)
     monkeypatch.setattr(_cpu_compiled, "_failed", None)
-    g = torch.Generator().manual_seed(4)
-    l, lw = _log_values(g, (5, 9), torch.float64), _log_values(g, (9, 4), torch.float64)
-    with compile_mode("0"):
-        ref = tropical_matmul(l, lw)
-    with compile_mode("1"):
-        with pytest.warns(RuntimeWarning, match="recompile_limit"):
-            got = tropical_matmul(l, lw)
+    ref, got, _ = _falls_back(compile_mode, 4, "recompile_limit")
     assert _cpu_compiled._failed is not None
     _equal(got, ref)
