@@ -179,6 +179,19 @@ class GradientGraph:
         return self.labels.describe(node)
 
 
+#: what to do about nodes that hide a whole region of the forward behind one opaque backward
+_OPAQUE_HINTS = {
+    "CompiledFunctionBackward": (
+        "it is a torch.compile'd region, whose backward is one compiled function with no per-op "
+        "derivatives to read; run the model uncompiled (the module itself, not torch.compile(model))"),
+    "CheckpointFunctionBackward": (
+        "it is reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True), "
+        "whose region keeps no graph until its own backward runs (torch.autograd.grad refuses it too); "
+        "use use_reentrant=False (model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+        "{'use_reentrant': False})), which semitriton walks, or turn checkpointing off"),
+}
+
+
 def _unsupported(graph: GradientGraph, node) -> UnsupportedNodeError:
     name = type(node).__name__
     where = graph.module_of(node)
@@ -187,6 +200,9 @@ def _unsupported(graph: GradientGraph, node) -> UnsupportedNodeError:
     else:
         loc = (" (module unknown: call semitriton.track(model) or semitriton.patch(model) before the "
                "forward pass to have modules named)")
+    hint = _OPAQUE_HINTS.get(name)
+    if hint is not None:
+        return UnsupportedNodeError(f"no semiring rule for autograd node {name}{loc}: {hint}")
     return UnsupportedNodeError(
         f"no semiring rule for autograd node {name}{loc}. semitriton does not skip nodes silently; "
         "replace the op, or register a rule with semitriton.rules.rule('" + name + "')")

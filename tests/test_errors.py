@@ -222,3 +222,35 @@ def test_complex_arithmetic_on_a_path_is_refused_with_the_node():
     z = torch.randn(3, dtype=torch.complex64, requires_grad=True)
     with pytest.raises(GraphError, match=r"inputs\[0\] is complex"):
         semitriton.grad(torch.view_as_real(z * 2).sum(), z, semiring="abs")
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def test_reentrant_checkpointing_is_refused_with_the_way_out():
+    from torch.utils.checkpoint import checkpoint
+    m = _mlp()
+    x = torch.randn(2, 4, requires_grad=True)
+    out = checkpoint(m, x, use_reentrant=True).sum()
+    with pytest.raises(UnsupportedNodeError, match=r"CheckpointFunctionBackward.*use_reentrant=False"):
+        semitriton.grad(out, x, semiring="maxabs")
+
+
+@pytest.mark.parametrize("semiring", ["real", "abs", "maxabs", "entropy", "max"])
+def test_non_reentrant_checkpointing_gives_the_unchecked_statistics(semiring):
+    from torch.utils.checkpoint import checkpoint
+    m = _mlp()
+    x = torch.randn(2, 4, requires_grad=True)
+    (want,) = semitriton.grad(m(x).sum(), x, semiring=semiring)
+    (got,) = semitriton.grad(checkpoint(m, x, use_reentrant=False).sum(), x, semiring=semiring)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_a_compiled_region_is_refused_with_the_way_out():
+    m = torch.compile(_mlp(), backend="aot_eager")
+    x = torch.randn(2, 4, requires_grad=True)
+    out = m(x).sum()
+    with pytest.raises(UnsupportedNodeError, match=r"CompiledFunctionBackward.*torch\.compile"):
+        semitriton.grad(out, x, semiring="abs")
