@@ -74,10 +74,13 @@ _ACTIVATIONS = [
     ("transformers.activations", "FastGELUActivation"),
     ("transformers.activations", "QuickGELUActivation"),
     ("transformers.activations", "GELUTanh"),
+    ("transformers.models.bloom.modeling_bloom", "BloomGelu"),
 ]
 #: the ones that compute a function with a fused rule (``Semiring.activation``):
-#: 0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³))), FastGELU's constant 0.7978845608 included
-_ACTIVATION_KINDS = {"NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh"}
+#: 0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³))), FastGELU's constant 0.7978845608 and BLOOM's
+#: 0.79788456 included (they move f' by < 1e-8 relative)
+_ACTIVATION_KINDS = {"NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
+                     "BloomGelu": "gelu_tanh"}
 #: class-name endings of norms that are RMS norms without being listed above
 #: (Phi3, OLMo2, Granite, SmolLM3, GLM, Gemma3, Mixtral, T5 and its kin, ...);
 #: each module is checked against the formula, with offset 0 then 1
@@ -119,13 +122,21 @@ def _is_rms_candidate(cls, known: dict) -> bool:
     return cls in known or (cls.__name__.endswith(_RMS_NAME_ENDINGS) and not cls.__module__.startswith("torch."))
 
 
-def _composed_norm(cls) -> bool:
-    """A norm class outside torch, with a forward of its own, that patch()
+#: torch's norm modules, each recorded as one canonical node
+_TORCH_NORMS = tuple(c for c in (nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.GroupNorm) if c is not None)
+
+
+def _composed_norm(module: nn.Module) -> bool:
+    """A norm module outside torch, with a forward of its own, that patch()
     does not swap: its forward is walked as its aten ops (pow, mean, rsqrt,
     ...), not as one primitive (a subclass of nn.LayerNorm that keeps torch's
-    forward records torch's one node)."""
+    forward records torch's one node; a container that normalises with torch
+    norm modules, such as StableLM's per-head layer norm, records theirs)."""
+    cls = type(module)
     fwd = getattr(cls, "forward", None)
     own = fwd is not None and not getattr(fwd, "__module__", "").startswith("torch.")
+    if any(isinstance(m, _TORCH_NORMS) for m in module.modules() if m is not module):
+        return False
     return "Norm" in cls.__name__ and not cls.__module__.startswith("torch.") and own
 
 
@@ -586,7 +597,7 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
                 else:
                     rec.skipped.append(f"{parent_name + '.' if parent_name else ''}{name} ({cls.__name__}): "
                                        "forward differs from γ·x·rsqrt(mean(x²)+eps)")
-            elif norms and _composed_norm(cls) and cls.__name__ not in composed:
+            elif norms and _composed_norm(child) and cls.__name__ not in composed:
                 composed.add(cls.__name__)
                 rec.skipped.append(f"{cls.__name__} (e.g. {parent_name + '.' if parent_name else ''}{name}): "
                                    "a norm semitriton does not know, walked as its aten ops (not one primitive)")

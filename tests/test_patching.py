@@ -752,3 +752,89 @@ def test_patching_a_bare_norm_warns_that_it_cannot_swap_it():
     semitriton.unpatch(norm)
     wrapped = semitriton.patch(nn.Sequential(nn.RMSNorm(8)))
     assert semitriton.patch_summary(wrapped)["swapped"] == {"RMSNorm": 1}
+
+
+def _bloom():
+    torch.manual_seed(0)
+    cfg = transformers.BloomConfig(vocab_size=60, hidden_size=16, n_layer=2, n_head=4)
+    cfg._attn_implementation = "eager"
+    return transformers.BloomForCausalLM(cfg).double().eval()
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_bloom_gelu_function_is_one_primitive(patched):
+    """BLOOM's MLP runs its tanh-GELU as a custom autograd Function with a
+    hand-written backward (GeLUFunction). Unpatched, the node's edges are that
+    backward's own f'(x) (its rule is keyed by the Function class); patched,
+    BloomGelu is the fused gelu_tanh node. Either way: the model walks in every
+    semiring, real equals autograd, and the statistics agree (both are one
+    elementwise primitive with f'(x) of the same formula)."""
+    model = _bloom()
+    ids = torch.tensor([[3, 17, 41, 9, 23]])
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+    ref = model(inputs_embeds=emb).logits
+    stats = {}
+    for s in SEMIRINGS:
+        stats[s] = semitriton.grad(ref[0, -1, 3] - ref[0, -1, 7], emb, semiring=s,
+                                   **({"fast_real": False} if s == "real" else {}))[0]
+    assert "GeLUFunctionBackward" in _node_types(ref[0, -1, 3])
+    if patched:
+        semitriton.patch(model)
+        assert semitriton.patch_summary(model)["swapped"].get("BloomGelu") == 2
+        out = model(inputs_embeds=emb).logits
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=0)
+        score = out[0, -1, 3] - out[0, -1, 7]
+        assert "GeLUFunctionBackward" not in _node_types(score)
+    else:
+        score = ref[0, -1, 3] - ref[0, -1, 7]
+    (want,) = torch.autograd.grad(score, emb, retain_graph=True)
+    for s in SEMIRINGS:
+        (got,) = semitriton.grad(score, emb, semiring=s, **({"fast_real": False} if s == "real" else {}))
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, stats[s], rtol=1e-7, atol=0)
+        if s == "real":
+            torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)
+    if patched:
+        semitriton.unpatch(model)
+        assert "GeLUFunctionBackward" in _node_types(model(inputs_embeds=emb).logits[0, -1, 3])
+
+
+def test_a_third_party_function_named_like_blooms_is_not_taken_for_it():
+    class GeLUFunction(torch.autograd.Function):       # same name, another module
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(semitriton.UnsupportedNodeError, match="GeLUFunctionBackward"):
+        semitriton.grad(GeLUFunction.apply(x).sum(), x, semiring="abs")
+
+
+def test_a_norm_built_from_torch_norm_modules_is_not_reported_as_composed():
+    """StableLM's per-head q/k layer norm is a container of nn.LayerNorm (one
+    canonical node per head): the summary must not list it as walked op by op,
+    while a norm with a forward of its own ops still is."""
+    t = transformers
+    torch.manual_seed(0)
+    cfg = t.StableLmConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=24, qk_layernorm=True)
+    model = semitriton.patch(t.StableLmForCausalLM(cfg).eval())
+    try:
+        assert not any("StableLmLayerNormPerHead" in s for s in semitriton.patch_summary(model)["skipped"])
+    finally:
+        semitriton.unpatch(model)
+
+    class MyNorm(nn.Module):
+        def forward(self, x):
+            return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
+
+    model = semitriton.patch(nn.Sequential(nn.Linear(4, 4), MyNorm()))
+    try:
+        assert any("MyNorm" in s for s in semitriton.patch_summary(model)["skipped"])
+    finally:
+        semitriton.unpatch(model)

@@ -20,6 +20,10 @@ from ..errors import GraphError, GraphFreedError
 from ..semirings import Semiring, Value
 
 RULES: dict[str, Callable[["RuleContext"], list]] = {}
+#: rules for third-party custom autograd Functions, keyed by the Function
+#: class's (module, name): a node name such as "GeLUFunctionBackward" alone
+#: could belong to any library
+FUNCTION_RULES: dict[tuple[str, str], Callable[["RuleContext"], list]] = {}
 
 
 def rule(*names: str):
@@ -147,6 +151,8 @@ def rule_for(node) -> Optional[Callable]:
     fwd = getattr(node, "_forward_cls", None)
     if fwd is not None and hasattr(fwd, "semiring_backward"):
         return RULES["<custom>"]
+    if fwd is not None:
+        return FUNCTION_RULES.get((getattr(fwd, "__module__", ""), getattr(fwd, "__name__", "")))
     return None
 
 
