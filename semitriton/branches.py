@@ -17,11 +17,23 @@ projection output, or the head slice of the attention output) pulled back to
 R_L through the few nodes in between (``engine.propagate``); the skip's is the
 residual add's contribution. Module names come from ``semitriton.track`` /
 ``semitriton.patch``, which must be active during the forward pass.
+
+The layout is read from the graph, not assumed: R_L is the operand of the
+add where the attention's output rejoins the stream that the attention was
+computed from (through dropout, a norm after the branch, or a residual
+multiplier), and "skip" is every edge that leaves the fan-out between R_L
+and q/k/v other than into them. In a parallel block (Phi, GPT-J, GPT-NeoX,
+Falcon, Cohere: attention and MLP read the same R_L) the attention table's
+skip therefore holds the MLP's paths too, and the MLP table (at R_L) holds
+the attention's, as "not this branch" does in a sequential layer. A layer
+whose branches do not ⊕ to its stream's value raises an error rather than
+giving a table.
 """
 
 from __future__ import annotations
 
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -29,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .backend import use as _backend_use
-from .engine import GradientGraph, propagate
+from .engine import GradientGraph, SubGraph, propagate
 from .errors import SemitritonError
 from .jsonsafe import none_as_neg_inf
 from .rules import RuleContext, rule_for
@@ -40,29 +52,42 @@ from .tracking import _TAG
 ATTN_BRANCHES = ("query", "key", "value", "skip")
 MLP_BRANCHES = ("mlp", "skip")
 
-_Q = ("q_proj", "query", "q", "wq", "W_q")
-_K = ("k_proj", "key", "k", "wk", "W_k")
-_V = ("v_proj", "value", "v", "wv", "W_v")
+_Q = ("q_proj", "query", "q", "wq", "W_q", "q_lin", "query_proj")
+_K = ("k_proj", "key", "k", "wk", "W_k", "k_lin", "key_proj")
+_V = ("v_proj", "value", "v", "wv", "W_v", "v_lin", "value_proj")
 _QKV = ("c_attn", "qkv_proj", "query_key_value", "Wqkv", "qkv")
-_ATTN_OUT = ("o_proj", "c_proj", "out_proj", "dense", "wo")
+_ATTN_OUT = ("o_proj", "c_proj", "out_proj", "dense", "wo", "o", "out_lin", "Wo")
+#: the MLP's output module, as a path below the layer (BART/OPT/Whisper keep fc2 in the layer itself)
+#: (first match wins; then the MLP module itself, whose output is the block's for mixtures of experts)
 _MLP_OUT = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "output.dense", "mlp.dense_4h_to_h",
-            "feed_forward.w2", "mlp.w2")
-_PASS = re.compile(r"^(View|UnsafeView|ReshapeAlias|Clone|Alias|NativeDropout|ToCopy|Contiguous|"
+            "feed_forward.w2", "mlp.w2", "mlp.fc_out", "mlp.Wo", "fc2", "ffn.lin2", "feed_forward.output_dense",
+            "ffn.down_proj", "mlp", "block_sparse_moe", "feed_forward", "ffn")
+_MLP_OUT_RE = re.compile(r"layer\.\d+\.DenseReluDense\.wo")          # T5: block.N.layer.M.DenseReluDense.wo
+_PASS = re.compile(r"^(View|UnsafeView|ReshapeAlias|Clone|Alias|NativeDropout|ToCopy|Contiguous|Unsqueeze|Squeeze|"
                    r"Transpose|Permute|Expand)Backward\d*$")
 
 
 @dataclass
 class LayerSites:
-    """Where layer ``index`` branches, as (node, slot) tensor references."""
+    """Where layer ``index`` branches, as (node, slot) tensor references.
+
+    ``skip_edges`` are the edges (tensor, consumer node, input index) that
+    leave the attention's fan-out without entering query, key or value: the
+    residual add, and in a parallel block (Phi, GPT-J, GPT-NeoX) the MLP's
+    input too. ``mlp_skip_edges`` likewise for the MLP's fan-out at
+    ``mlp_residual`` (R_L itself in a parallel block)."""
 
     index: int
     attention: str                      # qualified name of the attention core module
     residual: tuple                     # R_L
-    attn_skip: tuple                    # (residual add node, input index of R_L)
     entries: dict                       # "query"/"key"/"value" -> (node, slot) of the projection output
+    skip_edges: list = field(default_factory=list)
     attn_node: object = None            # the fused/SDPA attention node, if any
+    mlp: Optional[str] = None           # qualified name of the MLP's output module
     mlp_residual: Optional[tuple] = None  # R'_L
-    mlp_skip: Optional[tuple] = None
+    mlp_exit: Optional[tuple] = None    # the MLP output module's output
+    mlp_entry_edges: Optional[list] = None  # R'_L's edges into the MLP, when nothing else leaves the MLP's fan-out
+    mlp_skip_edges: list = field(default_factory=list)
 
 
 @dataclass
@@ -165,80 +190,246 @@ def _parent(q: str) -> str:
     return q.rsplit(".", 1)[0] if "." in q else ""
 
 
-def _layer_index(q: str) -> Optional[int]:
-    nums = re.findall(r"\.(\d+)(?:\.|$)", q)
-    return int(nums[-1]) if nums else None
+def _numbers(q: str) -> tuple:
+    return tuple(int(n) for n in re.findall(r"\.(\d+)(?=\.|$)", q))
 
 
-def _layer_prefix(q: str) -> str:
-    m = list(re.finditer(r"\.(\d+)(?=\.|$)", q))
-    return q[: m[-1].end()] if m else q
+def _numbered_prefixes(q: str) -> list:
+    """The prefixes of ``q`` that end in a number (module-list items), deepest first."""
+    return [q[: m.end()] for m in reversed(list(re.finditer(r"\.(\d+)(?=\.|$)", q)))]
 
 
-def _walk_to_add(graph: GradientGraph, ref):
-    """From a module output, follow single consumers through weight-1 nodes to
-    the residual add; returns (add node, input index of the *other* operand)."""
-    for _ in range(16):
-        cons = graph.consumers.get(ref, [])
-        if len(cons) != 1:
-            return None
-        node, i = cons[0]
-        name = type(node).__name__
-        if name == "AddBackward0":
-            other = 1 - i
-            if node.next_functions[other][0] is None:
-                return None
-            return node, other
-        if not _PASS.match(name):
-            return None
-        ref = (node, 0)
+def _ancestors(start) -> set:
+    """The nodes whose outputs ``start``'s output is computed from (``start`` included)."""
+    seen, stack = set(), [start]
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        stack.extend(f for f, _ in n.next_functions if f is not None and f not in seen)
+    return seen
+
+
+def _stream_operand(add, j: int, ancestors: set, depth: int = 4):
+    """(add node, input index) of the residual stream among operand ``j`` of
+    ``add``: the operand itself when the branch was computed from it, or a
+    stream operand inside an add it is made of ((stream + a) + b)."""
+    f = add.next_functions[j][0]
+    if f is None:
+        return None
+    if f in ancestors:
+        return add, j
+    if depth and type(f).__name__ == "AddBackward0":
+        for jj in (0, 1):
+            hit = _stream_operand(f, jj, ancestors, depth - 1)
+            if hit is not None:
+                return hit
     return None
 
 
-def discover(graph: GradientGraph) -> list:
-    """The branch sites of every transformer layer found in the graph."""
-    idx = _Index(graph)
-    sites = []
-    cores = sorted({_parent(q) for q in idx.outputs
-                    if q.rsplit(".", 1)[-1] in _Q + _QKV},
-                   key=lambda q: (_layer_index(q) or 0, q))
-    for core in cores:
-        L = _layer_index(core)
-        if L is None:
+def _join(graph: GradientGraph, exit_ref, max_nodes: int = 512):
+    """Where a branch rejoins the residual stream it left: searching forward
+    from the branch's output ``exit_ref`` (breadth first, so through dropout,
+    a norm after the branch (Gemma2/3) or a residual multiplier (Granite)), the
+    first add with an operand the branch was computed from (the stream), also
+    inside a chain of adds (attn + mlp + stream). Returns (add node, input
+    index of the stream) or None."""
+    anc = _ancestors(exit_ref[0])
+    queue, seen = deque([exit_ref]), set()
+    while queue and len(seen) < max_nodes:
+        ref = queue.popleft()
+        for node, i in graph.consumers.get(ref, ()):
+            if type(node).__name__ == "AddBackward0":
+                hit = _stream_operand(node, 1 - i, anc)
+                if hit is not None:
+                    return hit
+            if node not in seen:
+                seen.add(node)
+                queue.extend((node, s) for s in range(len(node._input_metadata)))
+    return None
+
+
+def _fan_out(graph: GradientGraph, stream, entries) -> tuple:
+    """The nodes between ``stream`` and a branch's entry tensors, and the
+    edges that leave them elsewhere: (region, [(tensor, consumer, input index)])."""
+    sub = SubGraph([e[0] for e in entries], stream)
+    region = set(sub.relevant) - {stream[0]}
+    inside = set(entries)
+    refs = [stream] + [(n, s) for n in region for s in range(len(n._input_metadata))]
+    leaks = [(ref, c, i) for ref in refs if ref not in inside
+             for c, i in graph.consumers.get(ref, ()) if c not in region]
+    return region, leaks
+
+
+_FANOUT = ("SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0", "SliceBackward0", "SelectBackward0",
+           "IndexBackward0")
+
+
+def _piece_position(node) -> Optional[tuple]:
+    """(dim, first element) of the part of its input a slice/select/index
+    node takes, or None where that is not one contiguous piece."""
+    name = type(node).__name__
+    try:
+        sizes = tuple(node._saved_self_sym_sizes)
+        if name == "SliceBackward0":
+            d = int(node._saved_dim) % len(sizes)
+            return d, slice(int(node._saved_start), int(node._saved_end)).indices(sizes[d])[0]
+        if name == "SelectBackward0":
+            d = int(node._saved_dim) % len(sizes)
+            return d, int(node._saved_index) % sizes[d]
+        if name == "IndexBackward0":          # x[..., [i], :]: one index list on one dim
+            idx = list(node._saved_indices)
+            dims = [d for d, t in enumerate(idx) if t is not None]
+            if len(dims) != 1 or idx[dims[0]].dim() != 1:
+                return None
+            d = dims[0]
+            return d, int(idx[d].min()) % sizes[d]
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return None
+    return None
+
+
+def _cut(graph: GradientGraph, ref) -> Optional[list]:
+    """The pieces tensor ``ref`` is cut into, in order, followed through views:
+    the outputs of a split/chunk/unbind, or slices, selects and single-index
+    lists by their position along one dim; None where it is read otherwise."""
+    for _ in range(8):
+        cons = graph.consumers.get(ref, [])
+        names = [type(c).__name__ for c, _ in cons]
+        if len(cons) == 1 and _PASS.match(names[0]):
+            ref = (cons[0][0], 0)
             continue
-        entries = {}
-        fused = idx.child(core, _QKV)
-        if fused:
-            out = idx.output_ref(fused)
-            split = [c for c, _ in graph.consumers.get(out, []) if "Split" in type(c).__name__]
-            if not split:
-                continue
-            entries = {b: (split[0], s) for s, b in enumerate(ATTN_BRANCHES[:3])}
+        if not cons or not all(n in _FANOUT for n in names):
+            return None
+        if len(cons) == 1 and names[0].startswith(("Split", "Unbind")):
+            node = cons[0][0]
+            return [(node, s) for s in range(len(node._input_metadata))]
+        pos = [_piece_position(c) for c, _ in cons]
+        if any(p is None for p in pos) or len({p[0] for p in pos}) != 1 or len(cons) < 2:
+            return None
+        return [(cons[j][0], 0) for j in sorted(range(len(cons)), key=lambda j: pos[j][1])]
+    return None
+
+
+def _fused_entries(graph: GradientGraph, ref) -> Optional[dict]:
+    """query/key/value of a fused projection's output: GPT-2's split,
+    GPT-NeoX's chunk, Phi-3's slices, BLOOM's selects, Falcon's slice and
+    index lists, and GPT-BigCode's q | kv split with kv split again (a piece
+    is cut further only while there are fewer than three)."""
+    pieces = _cut(graph, ref)
+    while pieces is not None and len(pieces) < 3:
+        for j, piece in enumerate(pieces):
+            more = _cut(graph, piece)
+            if more is not None:
+                pieces = pieces[:j] + more + pieces[j + 1:]
+                break
         else:
-            for b, names in zip(ATTN_BRANCHES[:3], (_Q, _K, _V)):
-                q = idx.child(core, names)
-                if q is not None:
-                    entries[b] = idx.output_ref(q)
-        if len(entries) != 3:
-            continue
-        out_mod = idx.child(core, _ATTN_OUT) or idx.child(_parent(core), ("output.dense",))
-        if out_mod is None:
-            continue
-        add = _walk_to_add(graph, idx.output_ref(out_mod))
-        if add is None:
-            continue
-        add_node, other = add
-        residual = add_node.next_functions[other]
-        attn_node = next((n for n in graph.relevant if is_attention_node(n)
-                          and graph.labels.of(n) and graph.labels.of(n)[0].startswith(core)), None)
-        site = LayerSites(L, core, residual, (add_node, other), entries, attn_node)
-        mlp_out = idx.child(_layer_prefix(core), _MLP_OUT)
-        if mlp_out is not None:
-            madd = _walk_to_add(graph, idx.output_ref(mlp_out))
-            if madd is not None:
-                site.mlp_residual = madd[0].next_functions[madd[1]]
-                site.mlp_skip = madd
-        sites.append(site)
+            return None
+    if pieces is None or len(pieces) != 3:
+        return None
+    return dict(zip(ATTN_BRANCHES[:3], pieces))
+
+
+def _inside(label, qual: str) -> bool:
+    return bool(label) and (label[0] == qual or label[0].startswith(qual + "."))
+
+
+def _mlp_exit(idx: "_Index", core: str) -> Optional[str]:
+    """The MLP output module of the layer that holds attention ``core``: the
+    deepest numbered container of ``core`` with one below it."""
+    for prefix in _numbered_prefixes(core):
+        for name in _MLP_OUT:
+            if f"{prefix}.{name}" in idx.outputs and not core.startswith(f"{prefix}.{name}."):
+                return f"{prefix}.{name}"
+        found = [q for q in idx.outputs if q.startswith(prefix + ".") and _MLP_OUT_RE.fullmatch(q[len(prefix) + 1:])]
+        if found:
+            return sorted(found)[0]
+    return None
+
+
+def _site(graph: GradientGraph, idx: "_Index", core: str):
+    """The LayerSites of attention ``core`` (index still unset), or a string
+    saying which part of the layout could not be read, or None where the
+    layer is not on a path from the inputs."""
+    fused = idx.child(core, _QKV)
+    if fused:
+        entries = _fused_entries(graph, idx.output_ref(fused))
+        if entries is None:
+            return (f"the output of the fused projection {fused} is not cut into query, key and value "
+                    "by splits, slices, selects or index lists")
+    else:
+        entries = {}
+        for b, names in zip(ATTN_BRANCHES[:3], (_Q, _K, _V)):
+            q = idx.child(core, names)
+            if q is not None:
+                entries[b] = idx.output_ref(q)
+    out_mod = idx.child(core, _ATTN_OUT) or idx.child(_parent(core), ("output.dense",))
+    if out_mod is None:
+        return f"no output projection ({'/'.join(_ATTN_OUT)}) of {core} was found in the graph"
+    join = _join(graph, idx.output_ref(out_mod))
+    if join is None:
+        return f"the output of {out_mod} could not be followed to an add with the residual stream"
+    add_node, j = join
+    residual = add_node.next_functions[j]
+    if residual[0] not in graph.relevant:
+        return None                     # e.g. a cross-attention whose stream does not come from the inputs
+    region, leaks = _fan_out(graph, residual, list(entries.values()))
+    # (BLOOM adds the residual inside its attention module: that add is the skip)
+    odd = [c for _, c, _ in leaks if c is not add_node and _inside(graph.labels.of(c), core)]
+    if odd:
+        return (f"{core} reads the stream through {type(odd[0]).__name__} as well as its "
+                f"{'/'.join(entries) or 'no'} projection(s): its query/key/value inputs are not all named "
+                f"({'/'.join(_Q[:1] + _K[:1] + _V[:1] + _QKV[:1])}, ...)")
+    attn_node = next((n for n in graph.relevant if is_attention_node(n) and _inside(graph.labels.of(n), core)), None)
+    site = LayerSites(-1, core, residual, entries, leaks, attn_node)
+    mlp = _mlp_exit(idx, core)
+    if mlp is not None:
+        exit_ref = idx.output_ref(mlp)
+        mjoin = _join(graph, exit_ref)
+        if mjoin is None:
+            return f"the output of {mlp} could not be followed to an add with the residual stream"
+        stream = mjoin[0].next_functions[mjoin[1]]
+        mregion, mleaks = _fan_out(graph, stream, [exit_ref])
+        site.mlp, site.mlp_residual, site.mlp_exit, site.mlp_skip_edges = mlp, stream, exit_ref, mleaks
+        if all(ref == stream for ref, _, _ in mleaks):
+            site.mlp_entry_edges = [(c, i) for c, i in graph.consumers.get(stream, ()) if c in mregion]
+    return site
+
+
+def discover(graph: GradientGraph) -> list:
+    """The branch sites of every transformer layer found in the graph, in
+    forward order. ``index`` is the layer's number in its module list, or,
+    where those repeat (an encoder and a decoder, T5's blocks, Swin's stages),
+    the site's position in forward order (``BranchAttribution.modules`` names
+    each). Raises SemitritonError naming the layer whose layout it cannot read."""
+    idx = _Index(graph)
+    cores = sorted({_parent(q) for q in idx.outputs
+                    if q.rsplit(".", 1)[-1] in _Q + _K + _V + _QKV and _numbers(q)})
+    sites, problems = [], []
+    for core in cores:
+        site = _site(graph, idx, core)
+        if isinstance(site, str):
+            problems.append(f"{core}: {site}")
+        elif site is not None:
+            sites.append(site)
+    if problems:
+        raise SemitritonError("branch attribution cannot read these attention layers: " + "; ".join(problems))
+    pos = {n: i for i, n in enumerate(graph.order)}
+    sites.sort(key=lambda s: pos.get(s.residual[0], -1))
+    # an MLP shared by two attentions of one layer (a decoder's self- and
+    # cross-attention) belongs to the one it follows
+    seen = set()
+    for s in reversed(sites):
+        if s.mlp in seen:
+            s.mlp = s.mlp_residual = s.mlp_exit = s.mlp_entry_edges = None
+            s.mlp_skip_edges = []
+        elif s.mlp is not None:
+            seen.add(s.mlp)
+    firsts = [_numbers(s.attention)[0] for s in sites]
+    unique = len(set(firsts)) == len(firsts)
+    for n, s in enumerate(sites):
+        s.index = firsts[n] if unique else n
     return sites
 
 
@@ -270,8 +461,10 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
     g, keep, dtype = graph.graph, graph.keep, graph.dtype
     sites = discover(g)
     if not sites:
-        raise SemitritonError("no transformer layers with query/key/value projections were found in the "
-                              "graph (is the model tracked, and does the output depend on the layers?)")
+        raise SemitritonError("no attention layers with query/key/value projections (q_proj/k_proj/v_proj, "
+                              "query/key/value, a fused c_attn/qkv_proj/query_key_value, ...) were found on the "
+                              "paths from the inputs to the output (is the model tracked or patched before the "
+                              "forward pass, and does the output depend on the layers?)")
     res = BranchAttribution(sr.name, [s.index for s in sites])
 
     def value_of(ref):
@@ -305,26 +498,59 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
             out = sr.plus(out, v)
         return out
 
+    def pulled(edges, stream):
+        """⊕ of the values the edges (tensor, consumer, input index) bring,
+        pulled back to ``stream`` through the nodes between."""
+        direct, seeds = [], {}
+        for ref, c, i in edges:
+            v = edge_value(c, i)
+            if v is None:
+                continue
+            if ref == stream:
+                direct.append(v)
+            else:
+                seeds[ref] = v if ref not in seeds else sr.plus(seeds[ref], v)
+        if seeds:
+            direct.append(propagate(seeds, stream, sr, dtype, g.labels, backend))
+        return combine(direct, stream)
+
+    def through(ref, stream):
+        return propagate({ref: value_of(ref)}, stream, sr, dtype, g.labels, backend)
+
     with torch.no_grad():
         for s in sites:
             res.modules[s.index] = s.attention
-            br = {}
-            for b, entry in s.entries.items():
-                br[b] = token(propagate({entry: value_of(entry)}, s.residual, sr, dtype, g.labels, backend),
-                              s.residual)
-            br["skip"] = token(combine([edge_value(*s.attn_skip)], s.residual), s.residual)
+            R = s.residual
+            br = {b: token(through(s.entries[b], R) if b in s.entries else combine([], R), R)
+                  for b in ATTN_BRANCHES[:3]}
+            br["skip"] = token(pulled(s.skip_edges, R), R)
             res.attention[s.index] = br
-            res.total[s.index] = token(value_of(s.residual), s.residual)
+            res.total[s.index] = token(value_of(R), R)
+            _check_split(s, "query/key/value/skip", br, res.total[s.index])
             if s.mlp_residual is not None:
-                cons = g.consumers.get(s.mlp_residual, [])
-                res.mlp[s.index] = {
-                    "mlp": token(combine([edge_value(n, i) for n, i in cons if (n, i) != s.mlp_skip],
-                                         s.mlp_residual), s.mlp_residual),
-                    "skip": token(combine([edge_value(*s.mlp_skip)], s.mlp_residual), s.mlp_residual),
-                }
+                R2 = s.mlp_residual
+                if s.mlp_entry_edges is not None:
+                    mlp = combine([edge_value(c, i) for c, i in s.mlp_entry_edges], R2)
+                else:                   # the MLP's fan-out has other exits (a parallel block): pull its output back
+                    mlp = through(s.mlp_exit, R2)
+                res.mlp[s.index] = {"mlp": token(mlp, R2), "skip": token(pulled(s.mlp_skip_edges, R2), R2)}
+                _check_split(s, "mlp/skip", res.mlp[s.index], token(value_of(R2), R2))
             if heads and s.attn_node is not None:
                 res.heads[s.index] = _head_weights(s, keep, sr, dtype, g, backend, value_of, token)
     return res
+
+
+def _check_split(site: LayerSites, what: str, parts: dict, total: Tensor) -> None:
+    """The branches of a fan-out must account for every path through it: their
+    ⊕ (a max of top-path weights) is the stream's own value. A layout read
+    wrongly fails here instead of giving a table that looks right."""
+    best = torch.stack(list(parts.values())).amax(0)
+    ok = (best == total) | torch.isclose(best, total, rtol=1e-4, atol=0)
+    if not bool(ok.all()):
+        raise SemitritonError(
+            f"branch attribution at {site.attention}: the {what} branches do not account for every path "
+            f"through the layer's fan-out (largest branch {float((best - total).abs().max()):.3g} away from "
+            "the stream's value); its layout is not one semitriton reads")
 
 
 def _head_weights(site, keep, sr, dtype, graph, backend, value_of, token) -> dict:

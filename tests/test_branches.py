@@ -2,6 +2,8 @@
 branch equals the plain maxabs value at R_L of the same model with every
 other branch of that layer detached."""
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -140,3 +142,271 @@ def test_needs_module_names():
     x = torch.randn(2, 3, requires_grad=True)
     with pytest.raises(semitriton.SemitritonError, match="track"):
         semitriton.branch_attribution((x * 2).sum(), x)
+
+
+# ---- other layer layouts, against the same graph surgery -------------------------------------------
+class FusedAttn(nn.Module):
+    """q, k, v from one projection, cut by slices (Phi-3) or by a view + chunk
+    (GPT-NeoX); ``keep`` as in Attn (the cut branch reads a detached input)."""
+
+    def __init__(self, d, h, cut):
+        super().__init__()
+        self.h, self.dh, self.cut = h, d // h, cut
+        self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, keep=None):
+        B, T, D = x.shape
+
+        fused = self.qkv_proj(x) if keep is None else None          # one projection output, cut three ways
+
+        def qkv(b):
+            t = fused if fused is not None else self.qkv_proj(x if keep == b else x.detach())
+            if self.cut == "slice":
+                part = t[..., {"query": slice(0, D), "key": slice(D, 2 * D), "value": slice(2 * D, 3 * D)}[b]]
+                return part.view(B, T, self.h, self.dh).transpose(1, 2)
+            return t.view(B, T, self.h, 3 * self.dh).transpose(1, 2).chunk(3, dim=-1)[ATTN_BRANCHES.index(b)]
+
+        if fused is not None and self.cut == "chunk":
+            q, k, v = fused.view(B, T, self.h, 3 * self.dh).transpose(1, 2).chunk(3, dim=-1)
+        else:
+            q, k, v = qkv("query"), qkv("key"), qkv("value")
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, D))
+
+
+class LayoutLayer(nn.Module):
+    """One transformer layer in a given layout:
+    "sequential" (LLaMA): h = x + attn(n1(x)); y = h + mlp(n2(h));
+    "parallel" (Phi, GPT-J: one norm): y = attn(n1(x)) + mlp(n1(x)) + x;
+    "parallel2" (GPT-NeoX: two norms): y = mlp(n2(x)) + attn(n1(x)) + x;
+    "chained" (Cohere): y = (x + attn(n1(x))) + mlp(n1(x));
+    "sandwich" (Gemma2/3): h = x + n3(attn(n1(x))); y = h + n4(mlp(n2(h)));
+    "scaled" (Granite): h = x + 0.5·attn(n1(x)); y = h + 0.5·mlp(n2(h)).
+    ``cut`` keeps one branch of the layer's fan-out and detaches the others:
+    query/key/value (the attention table), "skip" (everything but the
+    attention), "mlp" (only the MLP), "mlp_skip" (everything but the MLP).
+    The fan-out streams are appended to ``self.streams``."""
+
+    def __init__(self, d, h, layout, fused=None):
+        super().__init__()
+        self.layout = layout
+        self.input_layernorm, self.post_attention_layernorm = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.self_attn = FusedAttn(d, h, fused) if fused else Attn(d, h, h)
+        self.mlp = MLP(d)
+        if layout == "sandwich":
+            self.post_attn_norm, self.post_mlp_norm = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.streams = []
+
+    def forward(self, x, cut=None):
+        lay = self.layout
+        parallel = lay in ("parallel", "parallel2", "chained")
+        # which edges of the fan-out(s) stay live under the cut
+        if cut in ATTN_BRANCHES[:3]:
+            live = {cut} | ({"mlp_in2", "skip2"} if not parallel else set())
+        elif cut == "skip":
+            live = {"skip", "mlp_in", "mlp_in2", "skip2"}
+        elif cut == "mlp":
+            live = {"mlp_in"} if parallel else set(ATTN_BRANCHES[:3]) | {"skip", "mlp_in2"}
+        elif cut == "mlp_skip":
+            live = set(ATTN_BRANCHES[:3]) | ({"skip"} if parallel else {"skip", "skip2"})
+        else:
+            live = set(ATTN_BRANCHES[:3]) | {"skip", "mlp_in", "mlp_in2", "skip2"}
+
+        def src(t, part):
+            return t if part in live else t.detach()
+
+        self.streams.append(x)
+        n1 = self.input_layernorm(x)
+        a = self.self_attn(n1, keep=None if cut is None or cut not in ATTN_BRANCHES[:3] else cut)
+        if cut is not None and not (set(ATTN_BRANCHES[:3]) & live):
+            a = a.detach()
+        elif cut in ATTN_BRANCHES[:3]:
+            pass                                   # the attention reads only the kept branch
+        elif cut is not None:
+            a = self.self_attn(n1, keep=None)
+        if lay == "sandwich":
+            a = self.post_attn_norm(a)
+        if lay == "scaled":
+            a = 0.5 * a
+        if parallel:
+            n2 = n1 if lay != "parallel2" else self.post_attention_layernorm(x)
+            m = self.mlp(src(n2, "mlp_in"))
+            if lay == "parallel":
+                return a + m + src(x, "skip")
+            if lay == "parallel2":
+                return m + a + src(x, "skip")
+            return (src(x, "skip") + a) + m
+        h = src(x, "skip") + a
+        self.streams.append(h)
+        m = self.mlp(self.post_attention_layernorm(src(h, "mlp_in2")))
+        if lay == "sandwich":
+            m = self.post_mlp_norm(m)
+        if lay == "scaled":
+            m = 0.5 * m
+        return src(h, "skip2") + m
+
+
+class LayoutModel(nn.Module):
+    def __init__(self, layout, fused=None, d=8, h=4, n=2):
+        super().__init__()
+        self.layers = nn.ModuleList(LayoutLayer(d, h, layout, fused) for _ in range(n))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x, cut_layer=None, cut=None):
+        for layer in self.layers:
+            layer.streams = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cut if i == cut_layer else None)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("layout,fused", [("sequential", "slice"), ("parallel", None), ("parallel2", "chunk"),
+                                          ("chained", None), ("sandwich", None), ("scaled", "slice")])
+@pytest.mark.parametrize("semiring", ["maxabs", "max"])
+def test_layouts_equal_graph_surgery(layout, fused, semiring):
+    """Each table entry is the plain semiring value at the fan-out's stream of
+    the same model with every other branch of that fan-out detached; the
+    total is the value at R_L (the layer's input)."""
+    torch.manual_seed(0)
+    model = semitriton.patch(LayoutModel(layout, fused).double())
+    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    score = y[0, -1, 2] - y[0, -1, 4]
+    attr = semitriton.branch_attribution(score, x, semiring=semiring)
+    assert attr.layers == [0, 1]
+    sr = semitriton.semirings.get(semiring)
+    parallel = layout in ("parallel", "parallel2", "chained")
+
+    def at(L, cut, stream):
+        yc = model(x, cut_layer=L, cut=cut)
+        (v,) = semitriton.grad_values(yc[0, -1, 2] - yc[0, -1, 4], model.layers[L].streams[stream],
+                                      semiring=semiring)
+        return sr.readout(sr.sum(v, -1))[0].double()
+
+    for L in (0, 1):
+        torch.testing.assert_close(attr.total[L][0], at(L, None, 0), rtol=1e-9, atol=0)
+        for b in ATTN_BRANCHES:
+            torch.testing.assert_close(attr.attention[L][b][0], at(L, b, 0), rtol=1e-9, atol=0)
+        mstream = 0 if parallel else 1
+        torch.testing.assert_close(attr.mlp[L]["mlp"][0], at(L, "mlp", mstream), rtol=1e-9, atol=0)
+        torch.testing.assert_close(attr.mlp[L]["skip"][0], at(L, "mlp_skip", mstream), rtol=1e-9, atol=0)
+
+
+def test_an_attention_input_that_is_not_query_key_or_value_is_refused():
+    """A gated attention (a gate projection inside the attention module that
+    reads the normed stream) has a fourth way in: refused with the module
+    named, not counted as skip."""
+    class Gated(Attn):
+        def __init__(self, d, h, hk):
+            super().__init__(d, h, hk)
+            self.gate = nn.Linear(d, d)
+
+        def forward(self, x, keep=None, head=None):
+            return super().forward(x) * torch.sigmoid(self.gate(x))
+
+    torch.manual_seed(0)
+    model = Tiny()
+    for layer in model.layers:
+        layer.self_attn = Gated(8, 4, 2)
+    model = semitriton.patch(model.double())
+    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    score = model(x)[0, -1, 2]
+    with pytest.raises(semitriton.SemitritonError, match=r"layers\.0\.self_attn reads the stream through"):
+        semitriton.branch_attribution(score, x)
+
+
+def _hf(kind):
+    t = pytest.importorskip("transformers")
+    common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=24, max_position_embeddings=32)
+    small = dict(vocab_size=64, n_embd=16, n_layer=2, n_head=4, n_positions=32)
+    return {
+        "phi": lambda: t.PhiForCausalLM(t.PhiConfig(**common, partial_rotary_factor=0.5)),
+        "phi3": lambda: t.Phi3ForCausalLM(t.Phi3Config(**common, pad_token_id=0)),
+        "cohere": lambda: t.CohereForCausalLM(t.CohereConfig(**common)),
+        "gemma2": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**common, head_dim=4)),
+        "granite": lambda: t.GraniteForCausalLM(t.GraniteConfig(**common, residual_multiplier=0.5)),
+        "gpt_neox": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
+            rotary_pct=0.5)),
+        "gptj": lambda: t.GPTJForCausalLM(t.GPTJConfig(**small, rotary_dim=2)),
+        "bloom": lambda: t.BloomForCausalLM(t.BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=4)),
+        "falcon": lambda: t.FalconForCausalLM(t.FalconConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+            new_decoder_architecture=True)),
+        "gpt_bigcode": lambda: t.GPTBigCodeForCausalLM(t.GPTBigCodeConfig(**small, multi_query=True)),
+        "distilbert": lambda: t.DistilBertForMaskedLM(t.DistilBertConfig(
+            vocab_size=64, dim=16, n_layers=2, n_heads=4, hidden_dim=24, max_position_embeddings=32)),
+        "opt": lambda: t.OPTForCausalLM(t.OPTConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, ffn_dim=24,
+            max_position_embeddings=32, word_embed_proj_dim=16)),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["phi", "phi3", "cohere", "gemma2", "granite", "gpt_neox", "gptj", "bloom",
+                                  "falcon", "gpt_bigcode", "distilbert", "opt"])
+def test_hf_layouts_read_at_the_layer_inputs(kind):
+    """Parallel blocks (Phi, GPT-J, GPT-NeoX, Falcon, Cohere's attn + mlp +
+    stream), norms after the branch (Gemma2), a residual multiplier
+    (Granite), fused q/k/v cut by slices (Phi-3), chunks (GPT-NeoX), selects
+    (BLOOM), index lists (Falcon) or nested splits (GPT-BigCode), other module
+    names (DistilBERT, OPT): R_L is the decoder layer's input (its value is the
+    total), each fan-out's branches ⊕ to its stream's value, and every layer
+    has an MLP table."""
+    torch.manual_seed(0)
+    model = semitriton.patch(_hf(kind)().double().eval())
+    ids = torch.tensor([[3, 5, 7, 9, 11, 2]])
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+    inputs = {}
+    layers = [m for n, m in model.named_modules() if re.fullmatch(r".*\.(layers|h|layer)\.\d+", n)]
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, a, kw, i=i: inputs.__setitem__(i, a[0] if a else kw["hidden_states"]), with_kwargs=True)
+        for i, m in enumerate(layers)]
+    logits = model(inputs_embeds=emb).logits
+    for h in hooks:
+        h.remove()
+    score = logits[0, -1, 7] - logits[0, -1, 3]
+    attr = semitriton.branch_attribution(score, emb, heads=True)
+    assert attr.layers == [0, 1] and sorted(attr.mlp) == [0, 1]
+    sr = semitriton.semirings.get("maxabs")
+    for L in attr.layers:
+        (v,) = semitriton.grad_values(score, inputs[L], semiring="maxabs")
+        torch.testing.assert_close(attr.total[L], sr.readout(sr.sum(v, -1)).double(), rtol=1e-9, atol=0)
+        branches = torch.stack([attr.attention[L][b] for b in ATTN_BRANCHES])
+        torch.testing.assert_close(branches.amax(0), attr.total[L], rtol=1e-9, atol=0)
+        assert (branches[:3] > 0).any()                # the attention is found, not read as nothing
+        assert (attr.mlp[L]["mlp"] > 0).any()           # and the MLP (Cohere's read 0 before)
+        if L in attr.heads:
+            hq = torch.stack([attr.heads[L][b] for b in ATTN_BRANCHES[:3]])
+            torch.testing.assert_close(hq.amax(-1), branches[:3], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+def test_encoder_decoder_sites_are_numbered_in_forward_order(kind):
+    """An encoder and a decoder repeat layer numbers (T5 nests its blocks'
+    sublayers too): the sites are numbered in forward order, ``modules``
+    names each, and nothing is overwritten (a decoder layer's self- and
+    cross-attention both appear; the MLP table goes to the cross-attention it
+    follows)."""
+    t = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "bart":
+        model = t.BartForConditionalGeneration(t.BartConfig(
+            vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=32))
+    else:
+        model = t.T5ForConditionalGeneration(t.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2,
+                                                        num_heads=4, decoder_start_token_id=0))
+    model = semitriton.patch(model.double().eval())
+    ids, dec = torch.tensor([[3, 5, 7, 9, 11, 2, 13]]), torch.tensor([[0, 4, 6, 8]])
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+    lg = model(inputs_embeds=emb, decoder_input_ids=dec).logits
+    attr = semitriton.branch_attribution(lg[0, -1, 7] - lg[0, -1, 3], emb)
+    mods = [attr.modules[L] for L in attr.layers]
+    assert attr.layers == list(range(len(mods))) and len(set(mods)) == len(mods) == 4
+    assert all(re.match(r"(model\.)?encoder\.", m) for m in mods[:2])
+    assert all(re.match(r"(model\.)?decoder\.", m) for m in mods[2:])   # the decoder's layer 1: self, then cross
+    cross = 3
+    assert ("EncDecAttention" if kind == "t5" else "encoder_attn") in mods[cross]
+    assert cross in attr.mlp and 2 not in attr.mlp and {0, 1} <= set(attr.mlp)
