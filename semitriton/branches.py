@@ -158,30 +158,37 @@ class BranchAttribution:
 
 # ---- discovery ------------------------------------------------------------------------------------
 class _Index:
+    """Module outputs of a tracked graph: qualified name -> output node of
+    each call, in forward order (a layer module applied several times, as in
+    ALBERT or a looped model, has one per call)."""
+
     def __init__(self, graph: GradientGraph):
         self.graph = graph
-        self.outputs: dict = {}          # module qualname -> output node (tagged by tracking)
-        self.classes: dict = {}
-        for node in graph.relevant:
+        self.pos = {n: i for i, n in enumerate(graph.order)}
+        calls: dict = {}                 # qualname -> {call number: output node}
+        for node in graph.order:
             try:
                 tags = node.metadata.get(_TAG)
             except (AttributeError, RuntimeError):
                 tags = None
-            for qual, cls, seq, _ in tags or ():
-                self.outputs.setdefault(qual, node)
-                self.classes[qual] = cls
-        if not self.outputs:
+            for qual, _cls, seq, _ in tags or ():
+                calls.setdefault(qual, {}).setdefault(seq, node)
+        self.calls = {q: [c[k] for k in sorted(c)] for q, c in calls.items()}
+        if not self.calls:
             raise SemitritonError("branch attribution needs module names: call semitriton.patch(model) or "
                                   "semitriton.track(model) before the forward pass")
 
-    def output_ref(self, qual: str):
-        node = self.outputs.get(qual)
-        return None if node is None else (node, 0)
+    def output_ref(self, qual: str, call: int = 0):
+        nodes = self.calls.get(qual)
+        return None if not nodes or call >= len(nodes) else (nodes[call], 0)
+
+    def n_calls(self, qual: str) -> int:
+        return len(self.calls.get(qual, ()))
 
     def child(self, parent: str, names) -> Optional[str]:
         for n in names:
             q = f"{parent}.{n}" if parent else n
-            if q in self.outputs:
+            if q in self.calls:
                 return q
         return None
 
@@ -199,61 +206,82 @@ def _numbered_prefixes(q: str) -> list:
     return [q[: m.end()] for m in reversed(list(re.finditer(r"\.(\d+)(?=\.|$)", q)))]
 
 
-def _ancestors(start) -> set:
-    """The nodes whose outputs ``start``'s output is computed from (``start`` included)."""
-    seen, stack = set(), [start]
+def _computed_from(node, targets, pos: dict) -> bool:
+    """Whether any of ``targets`` is computed from ``node``'s output (searched
+    down from the targets, never below ``node`` in the topological order)."""
+    floor = pos.get(node, -1)
+    seen, stack = set(), list(targets)
     while stack:
         n = stack.pop()
         if n is None or n in seen:
             continue
+        if n is node:
+            return True
         seen.add(n)
-        stack.extend(f for f, _ in n.next_functions if f is not None and f not in seen)
-    return seen
+        if pos.get(n, -1) > floor:
+            stack.extend(f for f, _ in n.next_functions if f is not None and f not in seen)
+    return False
 
 
-def _stream_operand(add, j: int, ancestors: set, depth: int = 4):
-    """(add node, input index) of the residual stream among operand ``j`` of
-    ``add``: the operand itself when the branch was computed from it, or a
-    stream operand inside an add it is made of ((stream + a) + b)."""
-    f = add.next_functions[j][0]
+#: single-input nodes the stream may pass before its add (a scaled or copied stream: DeepNorm's α·x, x.clone())
+_STREAM_PASS = re.compile(r"^(Mul|Div|Clone|NativeDropout|ToCopy|_?ToCopy|Alias|View|UnsafeView)Backward\d*$")
+
+
+def _stream_candidates(add, j: int, targets, pos: dict, depth: int = 4) -> list:
+    """[(add node, stream ref)] for operand ``j`` of ``add``: the operand, or
+    the tensor it was scaled or copied from, when the branch was computed
+    from it; inside an add it is made of ((stream + a) + b), each of that
+    add's operands."""
+    f, slot = add.next_functions[j]
     if f is None:
-        return None
-    if f in ancestors:
-        return add, j
+        return []
+    ref = (f, slot)
+    for _ in range(4):
+        if _computed_from(ref[0], targets, pos):
+            return [(add, ref)]
+        live = [nf for nf in ref[0].next_functions if nf[0] is not None]
+        if not (_STREAM_PASS.match(type(ref[0]).__name__) and len(live) == 1):
+            break
+        ref = live[0]
     if depth and type(f).__name__ == "AddBackward0":
-        for jj in (0, 1):
-            hit = _stream_operand(f, jj, ancestors, depth - 1)
-            if hit is not None:
-                return hit
-    return None
+        return [c for jj in (0, 1) for c in _stream_candidates(f, jj, targets, pos, depth - 1)]
+    return []
 
 
-def _join(graph: GradientGraph, exit_ref, max_nodes: int = 512):
-    """Where a branch rejoins the residual stream it left: searching forward
-    from the branch's output ``exit_ref`` (breadth first, so through dropout,
-    a norm after the branch (Gemma2/3) or a residual multiplier (Granite)), the
-    first add with an operand the branch was computed from (the stream), also
-    inside a chain of adds (attn + mlp + stream). Returns (add node, input
-    index of the stream) or None."""
-    anc = _ancestors(exit_ref[0])
+def _join(graph: GradientGraph, exit_ref, pos: dict, max_nodes: int = 512):
+    """Where a branch rejoins the residual stream it left. Searching forward
+    from the branch's output ``exit_ref`` (breadth first: through dropout, a
+    norm after the branch (Gemma2/3) or a residual multiplier (Granite)) for
+    the first add of two tensors, and along the chain of adds it starts
+    (attn + mlp + stream, (a + x0) + x), the operands the branch's output was
+    computed from (not the output itself): the one computed last is the
+    stream. Returns (add node, stream ref) or None."""
+    targets = [f for f, _ in exit_ref[0].next_functions if f is not None]
     queue, seen = deque([exit_ref]), set()
     while queue and len(seen) < max_nodes:
         ref = queue.popleft()
         for node, i in graph.consumers.get(ref, ()):
-            if type(node).__name__ == "AddBackward0":
-                hit = _stream_operand(node, 1 - i, anc)
-                if hit is not None:
-                    return hit
+            if type(node).__name__ == "AddBackward0" and node.next_functions[1 - i][0] is not None:
+                found, add, came = [], node, i
+                for _ in range(8):
+                    found += _stream_candidates(add, 1 - came, targets, pos)
+                    nxt = graph.consumers.get((add, 0), [])
+                    if len(nxt) != 1 or type(nxt[0][0]).__name__ != "AddBackward0":
+                        break
+                    add, came = nxt[0]
+                # the first add of two tensors on the way is the join, or there is none
+                # (a cross-attention whose stream does not come from the inputs)
+                return max(found, key=lambda c: pos.get(c[1][0], -1)) if found else None
             if node not in seen:
                 seen.add(node)
                 queue.extend((node, s) for s in range(len(node._input_metadata)))
     return None
 
 
-def _fan_out(graph: GradientGraph, stream, entries) -> tuple:
+def _fan_out(graph: GradientGraph, stream, entries, pos: dict) -> tuple:
     """The nodes between ``stream`` and a branch's entry tensors, and the
     edges that leave them elsewhere: (region, [(tensor, consumer, input index)])."""
-    sub = SubGraph([e[0] for e in entries], stream)
+    sub = SubGraph([e[0] for e in entries], stream, positions=pos)
     region = set(sub.relevant) - {stream[0]}
     inside = set(entries)
     refs = [stream] + [(n, s) for n in region for s in range(len(n._input_metadata))]
@@ -328,7 +356,28 @@ def _fused_entries(graph: GradientGraph, ref) -> Optional[dict]:
             return None
     if pieces is None or len(pieces) != 3:
         return None
+    # label by the attention input each piece reaches (CodeGen cuts q | v | k);
+    # in position order where no fused attention node is reached (eager attention)
+    slots = [_attention_input(graph, p) for p in pieces]
+    if all(sl is not None for sl in slots) and sorted(sl[1] for sl in slots) == [0, 1, 2] \
+            and len({sl[0] for sl in slots}) == 1:
+        return {ATTN_BRANCHES[sl[1]]: p for p, sl in zip(pieces, slots)}
     return dict(zip(ATTN_BRANCHES[:3], pieces))
+
+
+def _attention_input(graph: GradientGraph, ref, max_nodes: int = 64) -> Optional[tuple]:
+    """(attention node, input index) of the first fused attention node
+    ``ref`` reaches, searching forward breadth first; None if none is near."""
+    queue, seen = deque([ref]), set()
+    while queue and len(seen) < max_nodes:
+        r = queue.popleft()
+        for node, i in graph.consumers.get(r, ()):
+            if is_attention_node(node):
+                return node, i
+            if node not in seen:
+                seen.add(node)
+                queue.extend((node, s) for s in range(len(node._input_metadata)))
+    return None
 
 
 def _inside(label, qual: str) -> bool:
@@ -340,57 +389,71 @@ def _mlp_exit(idx: "_Index", core: str) -> Optional[str]:
     deepest numbered container of ``core`` with one below it."""
     for prefix in _numbered_prefixes(core):
         for name in _MLP_OUT:
-            if f"{prefix}.{name}" in idx.outputs and not core.startswith(f"{prefix}.{name}."):
+            if f"{prefix}.{name}" in idx.calls and not core.startswith(f"{prefix}.{name}."):
                 return f"{prefix}.{name}"
-        found = [q for q in idx.outputs if q.startswith(prefix + ".") and _MLP_OUT_RE.fullmatch(q[len(prefix) + 1:])]
+        found = [q for q in idx.calls if q.startswith(prefix + ".") and _MLP_OUT_RE.fullmatch(q[len(prefix) + 1:])]
         if found:
             return sorted(found)[0]
     return None
 
 
-def _site(graph: GradientGraph, idx: "_Index", core: str):
-    """The LayerSites of attention ``core`` (index still unset), or a string
-    saying which part of the layout could not be read, or None where the
-    layer is not on a path from the inputs."""
+def _entries(graph: GradientGraph, idx: "_Index", core: str, call: int):
+    """query/key/value entry tensors of ``call`` of attention ``core``, or a
+    string saying why they cannot be read."""
     fused = idx.child(core, _QKV)
     if fused:
-        entries = _fused_entries(graph, idx.output_ref(fused))
+        entries = _fused_entries(graph, idx.output_ref(fused, call))
         if entries is None:
             return (f"the output of the fused projection {fused} is not cut into query, key and value "
                     "by splits, slices, selects or index lists")
-    else:
-        entries = {}
-        for b, names in zip(ATTN_BRANCHES[:3], (_Q, _K, _V)):
-            q = idx.child(core, names)
-            if q is not None:
-                entries[b] = idx.output_ref(q)
+        return entries
+    entries = {}
+    for b, names in zip(ATTN_BRANCHES[:3], (_Q, _K, _V)):
+        q = idx.child(core, names)
+        if q is not None and idx.output_ref(q, call) is not None:
+            entries[b] = idx.output_ref(q, call)
+    return entries
+
+
+def _site(graph: GradientGraph, idx: "_Index", core: str, call: int):
+    """The LayerSites of ``call`` of attention ``core`` (index still unset),
+    or a string saying which part of the layout could not be read, or None
+    where the layer is not on a path from the inputs."""
+    pos = idx.pos
+    entries = _entries(graph, idx, core, call)
+    if isinstance(entries, str):
+        return entries
     out_mod = idx.child(core, _ATTN_OUT) or idx.child(_parent(core), ("output.dense",))
-    if out_mod is None:
+    if out_mod is None or idx.output_ref(out_mod, call) is None:
         return f"no output projection ({'/'.join(_ATTN_OUT)}) of {core} was found in the graph"
-    join = _join(graph, idx.output_ref(out_mod))
+    if not entries:
+        return None
+    join = _join(graph, idx.output_ref(out_mod, call), pos)
+    if join is None and len(entries) < 3:
+        return None                     # a cross-attention whose stream does not come from the inputs
     if join is None:
         return f"the output of {out_mod} could not be followed to an add with the residual stream"
-    add_node, j = join
-    residual = add_node.next_functions[j]
+    add_node, residual = join
     if residual[0] not in graph.relevant:
         return None                     # e.g. a cross-attention whose stream does not come from the inputs
-    region, leaks = _fan_out(graph, residual, list(entries.values()))
+    region, leaks = _fan_out(graph, residual, list(entries.values()), pos)
     # (BLOOM adds the residual inside its attention module: that add is the skip)
     odd = [c for _, c, _ in leaks if c is not add_node and _inside(graph.labels.of(c), core)]
     if odd:
         return (f"{core} reads the stream through {type(odd[0]).__name__} as well as its "
-                f"{'/'.join(entries) or 'no'} projection(s): its query/key/value inputs are not all named "
+                f"{'/'.join(entries)} projection(s): its query/key/value inputs are not all named "
                 f"({'/'.join(_Q[:1] + _K[:1] + _V[:1] + _QKV[:1])}, ...)")
-    attn_node = next((n for n in graph.relevant if is_attention_node(n) and _inside(graph.labels.of(n), core)), None)
+    reached = [_attention_input(graph, e) for e in entries.values()]
+    attn_node = next((r[0] for r in reached if r is not None), None)
     site = LayerSites(-1, core, residual, entries, leaks, attn_node)
     mlp = _mlp_exit(idx, core)
-    if mlp is not None:
-        exit_ref = idx.output_ref(mlp)
-        mjoin = _join(graph, exit_ref)
+    if mlp is not None and idx.output_ref(mlp, call) is not None:
+        exit_ref = idx.output_ref(mlp, call)
+        mjoin = _join(graph, exit_ref, pos)
         if mjoin is None:
             return f"the output of {mlp} could not be followed to an add with the residual stream"
-        stream = mjoin[0].next_functions[mjoin[1]]
-        mregion, mleaks = _fan_out(graph, stream, [exit_ref])
+        stream = mjoin[1]
+        mregion, mleaks = _fan_out(graph, stream, [exit_ref], pos)
         site.mlp, site.mlp_residual, site.mlp_exit, site.mlp_skip_edges = mlp, stream, exit_ref, mleaks
         if all(ref == stream for ref, _, _ in mleaks):
             site.mlp_entry_edges = [(c, i) for c, i in graph.consumers.get(stream, ()) if c in mregion]
@@ -399,33 +462,37 @@ def _site(graph: GradientGraph, idx: "_Index", core: str):
 
 def discover(graph: GradientGraph) -> list:
     """The branch sites of every transformer layer found in the graph, in
-    forward order. ``index`` is the layer's number in its module list, or,
-    where those repeat (an encoder and a decoder, T5's blocks, Swin's stages),
-    the site's position in forward order (``BranchAttribution.modules`` names
+    forward order (one per call of a layer applied several times). ``index``
+    is the layer's number in its module list, or, where those repeat (an
+    encoder and a decoder, T5's blocks, Swin's stages, shared layers), the
+    site's position in forward order (``BranchAttribution.modules`` names
     each). Raises SemitritonError naming the layer whose layout it cannot read."""
     idx = _Index(graph)
-    cores = sorted({_parent(q) for q in idx.outputs
+    cores = sorted({_parent(q) for q in idx.calls
                     if q.rsplit(".", 1)[-1] in _Q + _K + _V + _QKV and _numbers(q)})
     sites, problems = [], []
     for core in cores:
-        site = _site(graph, idx, core)
-        if isinstance(site, str):
-            problems.append(f"{core}: {site}")
-        elif site is not None:
-            sites.append(site)
+        projections = [idx.child(core, names) for names in (_Q, _K, _V, _QKV)]
+        n = max(idx.n_calls(q) for q in projections if q is not None)
+        for call in range(n):
+            site = _site(graph, idx, core, call)
+            if isinstance(site, str):
+                problems.append(f"{core}: {site}")
+            elif site is not None:
+                sites.append(site)
     if problems:
-        raise SemitritonError("branch attribution cannot read these attention layers: " + "; ".join(problems))
-    pos = {n: i for i, n in enumerate(graph.order)}
-    sites.sort(key=lambda s: pos.get(s.residual[0], -1))
+        raise SemitritonError("branch attribution cannot read these attention layers: "
+                              + "; ".join(dict.fromkeys(problems)))
+    sites.sort(key=lambda s: idx.pos.get(s.residual[0], -1))
     # an MLP shared by two attentions of one layer (a decoder's self- and
     # cross-attention) belongs to the one it follows
     seen = set()
     for s in reversed(sites):
-        if s.mlp in seen:
+        if s.mlp_exit in seen:
             s.mlp = s.mlp_residual = s.mlp_exit = s.mlp_entry_edges = None
             s.mlp_skip_edges = []
-        elif s.mlp is not None:
-            seen.add(s.mlp)
+        elif s.mlp_exit is not None:
+            seen.add(s.mlp_exit)
     firsts = [_numbers(s.attention)[0] for s in sites]
     unique = len(set(firsts)) == len(firsts)
     for n, s in enumerate(sites):
@@ -460,6 +527,7 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
         raise ValueError("branch attribution reads top paths: use semiring 'maxabs' or 'max'")
     g, keep, dtype = graph.graph, graph.keep, graph.dtype
     sites = discover(g)
+    pos = {n: i for i, n in enumerate(g.order)}
     if not sites:
         raise SemitritonError("no attention layers with query/key/value projections (q_proj/k_proj/v_proj, "
                               "query/key/value, a fused c_attn/qkv_proj/query_key_value, ...) were found on the "
@@ -479,7 +547,7 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
 
     def token(v, ref=None):
         if at == "inputs" and ref is not None and ref != source:
-            v = propagate({ref: v}, source, sr, dtype, g.labels, backend)
+            v = propagate({ref: v}, source, sr, dtype, g.labels, backend, pos)
         return sr.readout(sr.sum(v, -1)).double().cpu()
 
     def edge_value(node, i):
@@ -511,11 +579,11 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
             else:
                 seeds[ref] = v if ref not in seeds else sr.plus(seeds[ref], v)
         if seeds:
-            direct.append(propagate(seeds, stream, sr, dtype, g.labels, backend))
+            direct.append(propagate(seeds, stream, sr, dtype, g.labels, backend, pos))
         return combine(direct, stream)
 
     def through(ref, stream):
-        return propagate({ref: value_of(ref)}, stream, sr, dtype, g.labels, backend)
+        return propagate({ref: value_of(ref)}, stream, sr, dtype, g.labels, backend, pos)
 
     with torch.no_grad():
         for s in sites:
@@ -536,7 +604,7 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
                 res.mlp[s.index] = {"mlp": token(mlp, R2), "skip": token(pulled(s.mlp_skip_edges, R2), R2)}
                 _check_split(s, "mlp/skip", res.mlp[s.index], token(value_of(R2), R2))
             if heads and s.attn_node is not None:
-                res.heads[s.index] = _head_weights(s, keep, sr, dtype, g, backend, value_of, token)
+                res.heads[s.index] = _head_weights(s, keep, sr, dtype, g, backend, value_of, token, pos)
     return res
 
 
@@ -553,7 +621,7 @@ def _check_split(site: LayerSites, what: str, parts: dict, total: Tensor) -> Non
             "the stream's value); its layout is not one semitriton reads")
 
 
-def _head_weights(site, keep, sr, dtype, graph, backend, value_of, token) -> dict:
+def _head_weights(site, keep, sr, dtype, graph, backend, value_of, token, pos) -> dict:
     """Per query head h: the attention rule on the output value masked to head
     h, pulled back from the q/k/v inputs to R_L."""
     node = site.attn_node
@@ -572,10 +640,11 @@ def _head_weights(site, keep, sr, dtype, graph, backend, value_of, token) -> dic
         grads = [vh] + list(keep.get(node, [None])[1:])
         vals = fn(RuleContext(node, grads, needs, sr, dtype))
         for i, b in enumerate(ATTN_BRANCHES[:3]):
-            if vals[i] is None:
-                out[b].append(torch.zeros(1))
+            if vals[i] is None:                 # no path through this input (e.g. k/v computed without grad)
+                meta = site.residual[0]._input_metadata[site.residual[1]]
+                out[b].append(token(sr.zero(tuple(meta.shape), dtype, meta.device), site.residual))
                 continue
             ref = nexts[i]
-            out[b].append(token(propagate({ref: vals[i]}, site.residual, sr, dtype, graph.labels, backend),
+            out[b].append(token(propagate({ref: vals[i]}, site.residual, sr, dtype, graph.labels, backend, pos),
                                 site.residual))
     return {b: torch.stack(v, -1) for b, v in out.items()}

@@ -412,12 +412,18 @@ def _warn_if_nan(output: Tensor) -> None:
 
 
 class SubGraph:
-    """The nodes on paths from some start nodes down to one target (node, slot)."""
+    """The nodes on paths from some start nodes down to one target (node, slot).
 
-    def __init__(self, starts, target, labels=None):
+    ``positions``: {node: index} of a topological order of the enclosing
+    graph (inputs first, as ``GradientGraph.order``): nodes placed before the
+    target, or not in it, cannot lie on such a path and are not searched
+    (without it, everything below the starts is)."""
+
+    def __init__(self, starts, target, labels=None, positions: Optional[dict] = None):
         tnode, tslot = target
         self.targets = {tnode: [(tslot, 0)]}
         self.labels = labels
+        floor = positions.get(tnode, -1) if positions is not None else None
         order, seen, stack = [], set(), [(n, False) for n in starts]
         while stack:
             n, done = stack.pop()
@@ -428,6 +434,8 @@ class SubGraph:
                 continue
             seen.add(n)
             stack.append((n, True))
+            if floor is not None and n is not tnode and positions.get(n, -1) < floor:
+                continue                                  # below the target: nothing here reaches it
             stack.extend((f, False) for f, _ in n.next_functions if f is not None and f not in seen)
         relevant = {tnode} if tnode in seen else set()
         for n in order:
@@ -444,15 +452,16 @@ class SubGraph:
 
 
 def propagate(seeds: dict, target, semiring: Union[str, Semiring], dtype: torch.dtype,
-              labels=None, backend: Optional[str] = None) -> Value:
+              labels=None, backend: Optional[str] = None, positions: Optional[dict] = None) -> Value:
     """Pull semiring values given at some nodes' outputs (``seeds`` =
     {(node, slot): value}) down to the tensor ``target`` = (node, slot), through
-    the recorded sub-graph between them. Used to split a value by branch."""
+    the recorded sub-graph between them. Used to split a value by branch.
+    ``positions``: as for :class:`SubGraph` (bounds the search for that sub-graph)."""
     sr = get(semiring)
     by_node: dict = {}
     for (node, slot), v in seeds.items():
         by_node.setdefault(node, [None] * len(node._input_metadata))[slot] = v
-    sub = SubGraph(list(by_node), target, labels)
+    sub = SubGraph(list(by_node), target, labels, positions)
     seeds_in = {n: v for n, v in by_node.items() if n in sub.relevant}
     first = next(iter(seeds.values()), None)
     on = first[0] if isinstance(first, tuple) and first else None

@@ -162,13 +162,16 @@ class FusedAttn(nn.Module):
 
         def qkv(b):
             t = fused if fused is not None else self.qkv_proj(x if keep == b else x.detach())
-            if self.cut == "slice":
-                part = t[..., {"query": slice(0, D), "key": slice(D, 2 * D), "value": slice(2 * D, 3 * D)}[b]]
+            if self.cut in ("slice", "qvk"):
+                at = {"query": 0, "key": 1, "value": 2} if self.cut == "slice" else {"query": 0, "value": 1, "key": 2}
+                part = t[..., at[b] * D:(at[b] + 1) * D]
                 return part.view(B, T, self.h, self.dh).transpose(1, 2)
             return t.view(B, T, self.h, 3 * self.dh).transpose(1, 2).chunk(3, dim=-1)[ATTN_BRANCHES.index(b)]
 
         if fused is not None and self.cut == "chunk":
             q, k, v = fused.view(B, T, self.h, 3 * self.dh).transpose(1, 2).chunk(3, dim=-1)
+        elif fused is not None and self.cut == "qvk":              # CodeGen: query, value, key = split
+            q, v, k = (t.view(B, T, self.h, self.dh).transpose(1, 2) for t in fused.split(D, dim=-1))
         else:
             q, k, v = qkv("query"), qkv("key"), qkv("value")
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -182,7 +185,10 @@ class LayoutLayer(nn.Module):
     "parallel2" (GPT-NeoX: two norms): y = mlp(n2(x)) + attn(n1(x)) + x;
     "chained" (Cohere): y = (x + attn(n1(x))) + mlp(n1(x));
     "sandwich" (Gemma2/3): h = x + n3(attn(n1(x))); y = h + n4(mlp(n2(h)));
-    "scaled" (Granite): h = x + 0.5·attn(n1(x)); y = h + 0.5·mlp(n2(h)).
+    "scaled" (Granite): h = x + 0.5·attn(n1(x)); y = h + 0.5·mlp(n2(h));
+    "deepnorm": h = 2·x + attn(n1(x)); y = 2·h + mlp(n2(h)) (the stream scaled before its add);
+    "inplace": h = x.clone(); h += attn(n1(x)); y = h + mlp(n2(h));
+    "reinject": h = (attn(n1(x)) + e) + x, e the embeddings (an earlier ancestor); y = h + mlp(n2(h)).
     ``cut`` keeps one branch of the layer's fan-out and detaches the others:
     query/key/value (the attention table), "skip" (everything but the
     attention), "mlp" (only the MLP), "mlp_skip" (everything but the MLP).
@@ -198,7 +204,7 @@ class LayoutLayer(nn.Module):
             self.post_attn_norm, self.post_mlp_norm = nn.RMSNorm(d), nn.RMSNorm(d)
         self.streams = []
 
-    def forward(self, x, cut=None):
+    def forward(self, x, cut=None, e=None):
         lay = self.layout
         parallel = lay in ("parallel", "parallel2", "chained")
         # which edges of the fan-out(s) stay live under the cut
@@ -237,13 +243,23 @@ class LayoutLayer(nn.Module):
             if lay == "parallel2":
                 return m + a + src(x, "skip")
             return (src(x, "skip") + a) + m
-        h = src(x, "skip") + a
+        if lay == "deepnorm":
+            h = 2.0 * src(x, "skip") + a
+        elif lay == "inplace":
+            h = src(x, "skip").clone()
+            h += a
+        elif lay == "reinject":                    # at layer 0 the embeddings are R_0 itself
+            h = (a + (src(e, "skip") if e is x else e)) + src(x, "skip")
+        else:
+            h = src(x, "skip") + a
         self.streams.append(h)
         m = self.mlp(self.post_attention_layernorm(src(h, "mlp_in2")))
         if lay == "sandwich":
             m = self.post_mlp_norm(m)
         if lay == "scaled":
             m = 0.5 * m
+        if lay == "deepnorm":
+            return 2.0 * src(h, "skip2") + m
         return src(h, "skip2") + m
 
 
@@ -256,13 +272,16 @@ class LayoutModel(nn.Module):
     def forward(self, x, cut_layer=None, cut=None):
         for layer in self.layers:
             layer.streams = []
+        # the embeddings are R_0: a cut at layer 0 that detaches its skip detaches them everywhere
+        e = x.detach() if cut_layer == 0 and cut in ATTN_BRANCHES[:3] else x
         for i, layer in enumerate(self.layers):
-            x = layer(x, cut if i == cut_layer else None)
+            x = layer(x, cut if i == cut_layer else None, x if i == 0 else e)
         return self.head(x)
 
 
 @pytest.mark.parametrize("layout,fused", [("sequential", "slice"), ("parallel", None), ("parallel2", "chunk"),
-                                          ("chained", None), ("sandwich", None), ("scaled", "slice")])
+                                          ("chained", None), ("sandwich", None), ("scaled", "slice"),
+                                          ("deepnorm", "qvk"), ("inplace", None), ("reinject", None)])
 @pytest.mark.parametrize("semiring", ["maxabs", "max"])
 def test_layouts_equal_graph_surgery(layout, fused, semiring):
     """Each table entry is the plain semiring value at the fan-out's stream of
@@ -410,3 +429,63 @@ def test_encoder_decoder_sites_are_numbered_in_forward_order(kind):
     cross = 3
     assert ("EncDecAttention" if kind == "t5" else "encoder_attn") in mods[cross]
     assert cross in attr.mlp and 2 not in attr.mlp and {0, 1} <= set(attr.mlp)
+
+
+class Looped(nn.Module):
+    """One layer applied three times (weights shared, as in ALBERT or a looped
+    transformer): one site per application."""
+
+    def __init__(self, n=3, d=8):
+        super().__init__()
+        self.layers = nn.ModuleList([LayoutLayer(d, 4, "sequential")])
+        self.n, self.head = n, nn.Linear(d, 5)
+
+    def forward(self, x, cut_call=None, cut=None):
+        streams = []
+        for i in range(self.n):
+            x = self.layers[0](x, cut if i == cut_call else None)
+            streams.append(self.layers[0].streams[-2])
+            self.layers[0].streams = []
+        self.streams = streams
+        return self.head(x)
+
+
+def test_a_layer_applied_several_times_has_one_site_per_application():
+    torch.manual_seed(0)
+    model = semitriton.patch(Looped().double())
+    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    attr = semitriton.branch_attribution(y[0, -1, 2] - y[0, -1, 4], x, heads=True)
+    assert attr.layers == [0, 1, 2] and set(attr.modules.values()) == {"layers.0.self_attn"}
+    sr = semitriton.semirings.get("maxabs")
+    for call in range(3):
+        for b in ATTN_BRANCHES:
+            yc = model(x, cut_call=call, cut=b)
+            (v,) = semitriton.grad_values(yc[0, -1, 2] - yc[0, -1, 4], model.streams[call], semiring="maxabs")
+            torch.testing.assert_close(attr.attention[call][b][0], sr.readout(sr.sum(v, -1))[0].double(),
+                                       rtol=1e-9, atol=0)
+        hq = torch.stack([attr.heads[call][b] for b in ATTN_BRANCHES[:3]]).amax(-1)
+        torch.testing.assert_close(hq, torch.stack([attr.attention[call][b] for b in ATTN_BRANCHES[:3]]),
+                                   rtol=1e-9, atol=0)
+
+
+def test_heads_where_key_and_value_have_no_path_are_the_semiring_zero():
+    """Cross-attention over encoder states computed without grad: key and
+    value carry nothing, per head too ([B, T, H] of the zero, so top_head works)."""
+    t = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = t.BartForConditionalGeneration(t.BartConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=32))
+    model = semitriton.patch(model.double().eval().requires_grad_(False))       # frozen: k/v have no graph
+    with torch.no_grad():
+        enc = model.get_encoder()(input_ids=torch.tensor([[3, 5, 7, 9, 11]]))
+    dec = model.get_decoder().embed_tokens(torch.tensor([[0, 4, 6, 8]])).detach().requires_grad_()
+    lg = model(encoder_outputs=enc, decoder_inputs_embeds=dec).logits
+    for semiring, zero in (("maxabs", 0.0), ("max", float("-inf"))):
+        attr = semitriton.branch_attribution(lg[0, -1, 7] - lg[0, -1, 3], dec, semiring=semiring, heads=True)
+        cross = next(L for L, m in attr.modules.items() if "encoder_attn" in m)
+        for b in ("key", "value"):
+            assert attr.heads[cross][b].shape == (1, 4, 4)
+            assert (attr.heads[cross][b] == zero).all() and (attr.attention[cross][b] == zero).all()
+        assert attr.top_head(cross).shape == (1, 4, 2)
