@@ -155,3 +155,15 @@ def test_no_path_values_are_strict_json_and_read_back(tmp_path):
         assert b.stats["log_flow"] == a.stats["log_flow"] and b.stats["top_path"] == a.stats["top_path"]
         if a.branches is not None:
             assert torch.equal(b.branches.total[0], a.branches.total[0])
+
+
+def test_a_model_without_readable_attention_layers_still_gets_a_report_and_is_told_why():
+    """A model with no q/k/v layers (here a plain MLP stack) has no branch
+    tables; the rest of the analysis is there, and a warning says why."""
+    torch.manual_seed(0)
+    model = semitriton.patch(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)))
+    emb = torch.randn(1, 3, 4, requires_grad=True)
+    score = model(emb)[0, -1, 0]
+    with pytest.warns(UserWarning, match="no branch tables: no attention layers"):
+        a = analyze(score, emb, k=1)
+    assert a.branches is None and len(a.stats["entropy"]) == 3 and a.paths

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -212,7 +213,8 @@ def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Seq
     if branches:
         try:
             attribution = branch_attribution(outputs, embeds, semiring, heads=heads, backend=backend, graph=pg)
-        except SemitritonError:
+        except SemitritonError as exc:            # the rest of the report does not need it
+            warnings.warn(f"the report has no branch tables: {exc}", stacklevel=2)
             attribution = None
     scores = outputs.detach().double().cpu()
     out = []
