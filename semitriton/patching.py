@@ -605,6 +605,10 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
                 new = _swap(child, "activation")
             elif linear and cls is nn.Linear:
                 new = _swap(child, "linear", _semitriton_transposed=False)
+            elif linear and isinstance(child, nn.Linear) and cls.__name__ not in composed:
+                composed.add(cls.__name__)
+                rec.skipped.append(f"{cls.__name__} (e.g. {parent_name + '.' if parent_name else ''}{name}): a "
+                                   "subclass of nn.Linear, left as it is (linear=True swaps nn.Linear itself)")
             elif linear and _conv1d_class() is not None and cls is _conv1d_class():
                 new = _swap(child, "linear", _semitriton_transposed=True)
             elif rope and (modname := _rope_module(cls)) is not None:

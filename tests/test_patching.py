@@ -838,3 +838,20 @@ def test_a_norm_built_from_torch_norm_modules_is_not_reported_as_composed():
         assert any("MyNorm" in s for s in semitriton.patch_summary(model)["skipped"])
     finally:
         semitriton.unpatch(model)
+
+
+def test_linear_subclasses_are_named_in_the_summary():
+    """linear=True swaps nn.Linear itself; a subclass (Falcon's FalconLinear
+    has its own forward) is left alone and the summary says so, once."""
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    model = semitriton.patch(nn.Sequential(MyLinear(4, 4), nn.Linear(4, 4), MyLinear(4, 2)), linear=True)
+    try:
+        summary = semitriton.patch_summary(model)
+        assert summary["swapped"] == {"Linear": 1}
+        assert [s for s in summary["skipped"] if "MyLinear" in s] == [
+            "MyLinear (e.g. 0): a subclass of nn.Linear, left as it is (linear=True swaps nn.Linear itself)"]
+    finally:
+        semitriton.unpatch(model)
