@@ -14,15 +14,18 @@ under each query head it serves).
 Everything comes from one semiring pass that keeps every tensor's value:
 a branch's value at R_L is the value at the branch's entry (the q/k/v
 projection output, or the head slice of the attention output) pulled back to
-R_L through the few nodes in between (``engine.propagate``); the skip's is the
-residual add's contribution. Module names come from ``semitriton.track`` /
+R_L through the few nodes in between (``engine.propagate``); the skip's is
+the ⊕ of what every other edge out of the fan-out brings (the residual add's
+contribution, in a plain layer). Module names come from ``semitriton.track`` /
 ``semitriton.patch``, which must be active during the forward pass.
 
 The layout is read from the graph, not assumed: R_L is the operand of the
-add where the attention's output rejoins the stream that the attention was
-computed from (through dropout, a norm after the branch, or a residual
-multiplier), and "skip" is every edge that leaves the fan-out between R_L
-and q/k/v other than into them. In a parallel block (Phi, GPT-J, GPT-NeoX,
+add where the attention's output rejoins the stream (reached through
+dropout, a norm after the branch, or a residual multiplier; along a chain of
+adds, the latest operand the attention was computed from; followed back
+through a scaling or a copy of the stream), and "skip" is every edge that
+leaves the fan-out between R_L and q/k/v other than into them. A layer
+applied several times has one site per application. In a parallel block (Phi, GPT-J, GPT-NeoX,
 Falcon, Cohere: attention and MLP read the same R_L) the attention table's
 skip therefore holds the MLP's paths too, and the MLP table (at R_L) holds
 the attention's, as "not this branch" does in a sequential layer. A layer
