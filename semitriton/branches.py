@@ -36,6 +36,7 @@ giving a table.
 from __future__ import annotations
 
 import re
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -588,6 +589,12 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
     def through(ref, stream):
         return propagate({ref: value_of(ref)}, stream, sr, dtype, g.labels, backend, pos)
 
+    unfused = [s.attention for s in sites if s.attn_node is None]
+    if heads and unfused:
+        warnings.warn(f"branch_attribution(heads=True): no per-head weights for {len(unfused)} attention layer(s) "
+                      f"(e.g. {unfused[0]}) whose attention is not one fused node; semitriton.patch(model) before "
+                      "the forward pass fuses it where the model uses transformers' attention interface",
+                      stacklevel=2)
     with torch.no_grad():
         for s in sites:
             res.modules[s.index] = s.attention

@@ -489,3 +489,19 @@ def test_heads_where_key_and_value_have_no_path_are_the_semiring_zero():
             assert attr.heads[cross][b].shape == (1, 4, 4)
             assert (attr.heads[cross][b] == zero).all() and (attr.attention[cross][b] == zero).all()
         assert attr.top_head(cross).shape == (1, 4, 2)
+
+
+def test_heads_of_an_unfused_attention_are_refused_with_a_warning():
+    """Per-head weights split the fused attention node; a tracked (unpatched)
+    eager attention has none, and the caller is told so."""
+    t = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = t.LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=24)
+    cfg._attn_implementation = "eager"
+    model = semitriton.track(t.LlamaForCausalLM(cfg).double().eval())
+    emb = model.get_input_embeddings()(torch.tensor([[3, 5, 7, 9]])).detach().requires_grad_()
+    score = model(inputs_embeds=emb).logits[0, -1, 3]
+    with pytest.warns(UserWarning, match=r"no per-head weights for 2 attention layer\(s\)"):
+        attr = semitriton.branch_attribution(score, emb, heads=True)
+    assert attr.heads == {} and attr.layers == [0, 1]
