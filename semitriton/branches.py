@@ -35,6 +35,7 @@ giving a table.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections import deque
@@ -549,10 +550,18 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
 
     source = g.target_of(0)
 
+    positions = tuple(inputs.shape[:-1])
+
     def token(v, ref=None):
         if at == "inputs" and ref is not None and ref != source:
             v = propagate({ref: v}, source, sr, dtype, g.labels, backend, pos)
-        return sr.readout(sr.sum(v, -1)).double().cpu()
+        r = sr.readout(sr.sum(v, -1)).double().cpu()
+        if tuple(r.shape) != positions:          # a stream kept flat as [B·T, D] (OPT's MLP)
+            if r.numel() != math.prod(positions):
+                raise SemitritonError(f"branch attribution: a layer's stream has {tuple(v[0].shape)} elements, "
+                                      f"which do not map to the input's positions {positions}")
+            r = r.reshape(positions)
+        return r
 
     def edge_value(node, i):
         """The contribution of consumer ``node`` through its input ``i`` (its rule re-run)."""

@@ -396,6 +396,8 @@ def test_hf_layouts_read_at_the_layer_inputs(kind):
         torch.testing.assert_close(branches.amax(0), attr.total[L], rtol=1e-9, atol=0)
         assert (branches[:3] > 0).any()                # the attention is found, not read as nothing
         assert (attr.mlp[L]["mlp"] > 0).any()           # and the MLP (Cohere's read 0 before)
+        for table in (attr.attention[L], attr.mlp[L]):   # per position, also where the stream is flat (OPT)
+            assert all(v.shape == (1, 6) for v in table.values())
         if L in attr.heads:
             hq = torch.stack([attr.heads[L][b] for b in ATTN_BRANCHES[:3]])
             torch.testing.assert_close(hq.amax(-1), branches[:3], rtol=1e-9, atol=0)
