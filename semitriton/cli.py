@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -116,6 +117,27 @@ def _semiring(name: str) -> str:
         raise UsageError(f"--semiring {name}: top paths and branches need a max semiring "
                          f"({' or '.join(PATH_SEMIRINGS)}); entropy and |w| flow are always reported")
     return name
+
+
+def _noting(log, fn, *args, **kw):
+    """``fn(*args, **kw)`` with the library's UserWarnings (a report without
+    branch tables or per-head weights, and why) as one "note:" log line each
+    instead of Python warnings with a source line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        out = fn(*args, **kw)
+    for msg in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+        log(f"note: {msg}")
+    return out
+
+
+def _k(k: int, semiring: str) -> int:
+    if not 0 <= k <= 16:
+        raise UsageError("--k must be between 0 and 16")
+    if semiring == "max" and k > 1:
+        raise UsageError(f"--k {k} with --semiring max: the signed max semiring gives the single top path "
+                         "(--k 0 or 1); use --semiring maxabs for the k best |path products|")
+    return k
 
 
 def _load(args, log):
@@ -224,7 +246,7 @@ def _write_report(out: Path, title: str, summary: dict, results, args, meta: dic
 # ---- subcommands -------------------------------------------------------------------------------------
 def cmd_sva(args) -> int:
     from .sva.templates import generate, parse_conditions, single_token_pairs
-    from .sva.run import analyse, summarize
+    from .sva.run import ScoringError, analyse, summarize
     from tqdm.auto import tqdm
     try:
         semiring = _semiring(args.semiring)
@@ -233,8 +255,7 @@ def cmd_sva(args) -> int:
             raise UsageError("--n must be at least 1")
         if args.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
-        if not 0 <= args.k <= 16:
-            raise UsageError("--k must be between 0 and 16")
+        _k(args.k, semiring)
         _device_holder["device"] = _device(args.device)
         outdir = OutputDir(args.out, args.overwrite, protect=_model_dirs(args))
     except (UsageError, ValueError) as exc:
@@ -246,22 +267,30 @@ def cmd_sva(args) -> int:
     except UsageError as exc:
         return _fail(str(exc))
     n = args.n if args.n is not None else (400 if _device_holder["device"].startswith("cuda") else 24)
-    pairs = generate(conditions, n=n, seed=args.seed)
-    if loaded.kind == "masked":
-        pairs, dropped = single_token_pairs(pairs, _StripTok(loaded.tokenizer))
-    else:
-        dropped = []
+    keep, note = None, ""
+    if loaded.kind == "masked":                  # a masked LM scores single-token verbs only: sample among those
+        every = generate(conditions)
+        usable, dropped = single_token_pairs(every, _StripTok(loaded.tokenizer))
+        usable = set(usable)
+        keep = usable.__contains__
+        if dropped:
+            note = (f"\n(sampled from the {len(usable)} of {len(every)} pairs whose target and foil are "
+                    "single tokens for this masked LM)\n")
+    pairs = generate(conditions, n=n, seed=args.seed, keep=keep)
     if not pairs:
-        return _fail("no minimal pair can be scored with this model's tokenizer")
+        return _fail("no minimal pair can be scored with this model's tokenizer (a masked LM needs the "
+                     "verbs as single tokens)")
     items = [(p, p.prefix, p.target, p.foil) for p in pairs]
-    with tqdm(total=len(items), desc="sentences", unit="sent", disable=args.quiet) as bar:
-        results = analyse(loaded, items, _device_holder["device"], batch_size=args.batch_size, k=args.k,
-                          heads=args.heads, semiring=semiring, progress=bar.update)
+    try:
+        with tqdm(total=len(items), desc="sentences", unit="sent", disable=args.quiet) as bar:
+            results = _noting(log, analyse, loaded, items, _device_holder["device"], batch_size=args.batch_size,
+                              k=args.k, heads=args.heads, semiring=semiring, progress=bar.update)
+    except ScoringError as exc:
+        return _fail(str(exc))
     summary = summarize(results)
     seconds = time.time() - t0
     text = _summary_text(summary, args, loaded.name, seconds)
-    if dropped:
-        text += f"\n({len(dropped)} pairs skipped: target or foil not a single token for this masked LM)\n"
+    text += note
     meta = {"model": loaded.name, "kind": loaded.kind, "semiring": semiring, "n": len(results),
             "conditions": list(conditions), "device": _device_holder["device"], "seconds": round(seconds, 1),
             "semitriton": __version__}
@@ -285,6 +314,7 @@ class _StripTok:
 
     def __init__(self, tok):
         self.tok = tok
+        self.unk_token_id = getattr(tok, "unk_token_id", None)
 
     def __call__(self, text, **kw):
         return self.tok(text.strip(), **kw)
@@ -294,8 +324,7 @@ def cmd_explain(args) -> int:
     from .sva.run import ScoringError, analyse
     try:
         semiring = _semiring(args.semiring)
-        if not 0 <= args.k <= 16:
-            raise UsageError("--k must be between 0 and 16")
+        _k(args.k, semiring)
         if not args.text or not args.text.strip():
             raise UsageError("--text is empty: there is no position to score")
         _device_holder["device"] = _device(args.device)
@@ -312,8 +341,8 @@ def cmd_explain(args) -> int:
                     raise UsageError(f"{name} {form!r} is not a single token for {loaded.name} "
                                      f"(it is {len(ids)} tokens); pick a single-token form, e.g. with a "
                                      "leading space")
-        (res,) = analyse(loaded, [(None, args.text, args.target, args.foil)], _device_holder["device"],
-                         batch_size=1, k=args.k, heads=args.heads, semiring=semiring)
+        (res,) = _noting(log, analyse, loaded, [(None, args.text, args.target, args.foil)],
+                         _device_holder["device"], batch_size=1, k=args.k, heads=args.heads, semiring=semiring)
     except (UsageError, ScoringError) as exc:
         return _fail(str(exc))
     a = res.analysis
@@ -362,7 +391,8 @@ def _common(p):
     p.add_argument("--semiring", default="maxabs", help="semiring of the top paths and branch weights: "
                    "maxabs (|path products|, default) or max (signed)")
     p.add_argument("--device", default=None, help="cpu, cuda[:N] or auto (default: cuda when available)")
-    p.add_argument("--k", type=int, default=1, help="top paths per sentence (0-16, default 1)")
+    p.add_argument("--k", type=int, default=1, help="top paths per sentence (0-16, default 1; "
+                   "0 or 1 with --semiring max)")
     p.add_argument("--heads", action="store_true", help="also attribute the top path weight per attention head")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")

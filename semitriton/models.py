@@ -80,6 +80,11 @@ def _kind(cfg, tok, path: Path) -> str:
     *ForConditionalGeneration). A checkpoint without the weights of that
     head (a sequence classifier loaded as an LM) is refused by the loader."""
     archs = list(getattr(cfg, "architectures", None) or [])
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ModelLoadError(f"{path} holds an encoder-decoder (seq2seq) model "
+                             f"({archs[0] if archs else type(cfg).__name__}): the tool scores the next token of a "
+                             "causal LM or a [MASK] of a masked LM (in Python, semitriton.grad and the readouts "
+                             "work on seq2seq models too)")
     causal = any(a.endswith(_CAUSAL_HEADS) for a in archs)
     masked = any(a.endswith(_MASKED_HEADS) for a in archs)
     if masked and not causal:
@@ -121,6 +126,11 @@ def _load_dir(path: Path, name: str, progress: bool = True) -> LoadedModel:
         raise ModelLoadError(f"{path} has no weights for {len(missing)} of the {kind} LM's tensors "
                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): "
                              "they would be initialised at random")
+    n_emb = model.get_input_embeddings().num_embeddings
+    if len(tok) > n_emb:
+        raise ModelLoadError(f"the tokenizer in {path} has {len(tok)} tokens but the model's embedding has "
+                             f"{n_emb} rows: token ids beyond {n_emb - 1} have no embedding (a tokenizer of "
+                             "another model?)")
     return LoadedModel(model.eval(), tok, name, kind, tok.mask_token_id if kind == "masked" else None)
 
 

@@ -94,6 +94,8 @@ def test_explain(causal_dir, tmp_path, capsys):
     (["sva", "--semiring", "entropy"], "need a max semiring"),
     (["sva", "--conditions", "prep,nested"], "nested"),
     (["explain", "--text", "   ", "--target", " are", "--foil", " is"], "no position to score"),
+    (["sva", "--semiring", "max", "--k", "2"], "the signed max semiring gives the single top path"),
+    (["explain", "--semiring", "max", "--k", "3", "--text", "a", "--target", "b", "--foil", "c"], "--k 0 or 1"),
 ])
 def test_errors_exit_2_one_line(argv, msg, tmp_path, capsys):
     out = tmp_path / "o"
@@ -248,3 +250,104 @@ def test_negative_examples_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         _run(["sva", "--examples", "-1", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "negative" in capsys.readouterr().err
+
+
+def test_seq2seq_models_and_foreign_tokenizers_are_refused(tmp_path, capsys):
+    """An encoder-decoder (BART, whose tokenizer has a mask token, used to be
+    taken for a masked LM and crash) and a tokenizer with more tokens than the
+    model's embedding (ids that would index out of range) exit 2 with one line."""
+    import transformers as t
+    tok = tiny_lm.tokenizer()
+    args = ["--text", "The keys to the cabinet", "--target", "are", "--foil", "is", "--out", str(tmp_path / "o")]
+    bart = tmp_path / "bart"
+    t.BartForConditionalGeneration(t.BartConfig(
+        vocab_size=len(tok), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, max_position_embeddings=64)
+    ).save_pretrained(bart)
+    tok.save_pretrained(bart)
+    small = tmp_path / "small"
+    t.LlamaForCausalLM(t.LlamaConfig(vocab_size=len(tok) - 5, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=24,
+                                     max_position_embeddings=64)).save_pretrained(small)
+    tok.save_pretrained(small)
+    capsys.readouterr()
+    _one_line_error(capsys, _run(["explain", "--model", str(bart)] + args), "encoder-decoder (seq2seq) model")
+    _one_line_error(capsys, _run(["sva", "--model", str(small), "--out", str(tmp_path / "o")]),
+                    f"has {len(tok)} tokens but the model's embedding has {len(tok) - 5} rows")
+    assert not (tmp_path / "o").exists()
+
+
+def test_signed_max_summary_averages_only_tokens_with_a_path(causal_dir, tmp_path, capsys):
+    """With --semiring max a branch without a path reads -inf for that token;
+    the summary's mean is over the tokens that have one (an all-inf group is
+    -inf), recomputed here from the per-pair tables in results.json."""
+    import math
+    out = tmp_path / "out"
+    assert _run(["sva", "--model", causal_dir, "--n", "8", "--out", str(out), "--semiring", "max"]) == 0
+    res = json.load(open(out / "results.json"))
+    neg = lambda x: -math.inf if x is None else x          # noqa: E731  (strict JSON writes -inf as null)
+    for group, rows in res["summary"]["branches"].items():
+        for row in rows:
+            L = str(row["layer"])
+            for b in ("query", "key", "value", "skip"):
+                vals = []
+                for p in res["pairs"]:
+                    a = p["analysis"]
+                    n = len(a["tokens"])
+                    taken = set(a["spans"].get("subject", [])) | set(a["spans"].get("attractor", []))
+                    toks = [t for t in range(n) if t not in taken] if group == "other" else a["spans"].get(group, [])
+                    vals += [neg(a["branches"]["attention"][L][b][0][t]) for t in toks]
+                finite = [v for v in vals if v != -math.inf]
+                want = sum(finite) / len(finite) if finite else -math.inf
+                assert neg(row[b]) == pytest.approx(want, rel=1e-12), (group, L, b)
+    assert any(neg(r["skip"]) > -math.inf for rows in res["summary"]["branches"].values() for r in rows)
+
+
+def test_library_warnings_become_note_lines(tmp_path, capsys):
+    """--heads on a family whose attention patch() does not fuse (BLOOM): the
+    log says so in one "note:" line, not as a Python warning."""
+    import transformers as t
+    tok = tiny_lm.tokenizer()
+    d = tmp_path / "bloom"
+    torch.manual_seed(0)
+    t.BloomForCausalLM(t.BloomConfig(vocab_size=len(tok), hidden_size=16, n_layer=2, n_head=4)).save_pretrained(d)
+    tok.save_pretrained(d)
+    capsys.readouterr()
+    rc = main(["explain", "--model", str(d), "--text", "The keys to the cabinet", "--target", "are", "--foil", "is",
+               "--heads", "--device", "cpu", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 0
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "no per-head weights for 2 attention layer(s)" in notes[0]
+    assert "UserWarning" not in err
+
+
+def test_masked_lm_sva_samples_among_pairs_it_can_score(tmp_path, capsys):
+    """A masked LM scores single-token verbs only. With three of the four verb
+    pairs missing from its vocabulary, --n 6 still gives 6 pairs (all with
+    the scorable verbs; sampling first and dropping after could leave none),
+    and the summary says what was sampled from."""
+    import transformers as t
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+    missing = {"talks", "talk", "walks", "walk", "smiles", "smile"}
+    vocab = {w: i for i, w in enumerate(w for w in tiny_lm._vocab() if w not in missing)}
+    tk = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", mask_token="[MASK]",
+                                  cls_token="[CLS]", sep_token="[SEP]")
+    d = tmp_path / "m"
+    torch.manual_seed(0)
+    t.BertForMaskedLM(t.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=64, pad_token_id=0)
+                      ).save_pretrained(d)
+    tok.save_pretrained(d)
+    capsys.readouterr()
+    out = tmp_path / "o"
+    assert _run(["sva", "--model", str(d), "--n", "6", "--k", "0", "--out", str(out)]) == 0
+    res = json.load(open(out / "results.json"))
+    assert len(res["pairs"]) == 6
+    assert all({p["pair"]["target"].strip(), p["pair"]["foil"].strip()} == {"is", "are"} for p in res["pairs"])
+    assert "sampled from the 5620 of 22480 pairs" in (out / "summary.txt").read_text()

@@ -240,11 +240,18 @@ def test_token_spans_with_torch_tensor():
 
 
 class _WordTokenizer:
-    """Stand-in tokenizer: one token per 4 characters."""
+    """Stand-in tokenizer: one token per 4 characters (ids from the text, so
+    different words get different ids); words in ``unknown`` read as id 0."""
+
+    unk_token_id = 0
+
+    def __init__(self, unknown=()):
+        self.unknown = set(unknown)
 
     def __call__(self, text, add_special_tokens=True):
         n = max(1, (len(text) + 3) // 4)
-        return {"input_ids": list(range(n + (1 if add_special_tokens else 0)))}
+        base = 0 if text.strip() in self.unknown else 10 * sum(map(ord, text))
+        return {"input_ids": [base + i for i in range(n + (1 if add_special_tokens else 0))]}
 
 
 def test_single_token_pairs_with_stub_tokenizer():
@@ -254,6 +261,9 @@ def test_single_token_pairs_with_stub_tokenizer():
     # " is"/" are" (<=4 chars) are single; " talks" (6 chars) is not
     assert usable and all({p.target, p.foil} <= {" is", " are"} for p in usable)
     assert all(" is" not in (p.target, p.foil) for p in dropped)
+    # a single token that is the unknown token (a word the vocabulary lacks) cannot be scored either
+    usable, dropped = single_token_pairs(pairs, _WordTokenizer(unknown={"are"}))
+    assert not usable and len(dropped) == len(pairs)
 
 
 # --------------------------------------------------------------------- real tokenizer

@@ -204,8 +204,10 @@ def _group_tokens(a: Analysis, group: str) -> list:
 
 def summarize(results: Sequence[PairResult]) -> dict:
     """Accuracy per condition and attractor match; mean top-path weight per
-    branch and layer for subject / attractor / other tokens; the fraction of
-    those tokens whose top path takes each branch; mean per-token entropy."""
+    branch and layer for subject / attractor / other tokens (over the tokens
+    with a path through the branch: the signed max semiring's -inf is left
+    out); the fraction of those tokens whose top path takes each branch;
+    mean per-token entropy."""
     from ..branches import ATTN_BRANCHES
     acc: dict = {}
     for r in results:
@@ -236,17 +238,21 @@ def summarize(results: Sequence[PairResult]) -> dict:
                 top = a.branches.top_branch(L)[0]
                 for t in toks:
                     s = sums.setdefault(L, {"n": 0, **{b: 0.0 for b in ATTN_BRANCHES},
+                                            **{f"n_{b}": 0 for b in ATTN_BRANCHES},
                                             **{f"frac_{b}": 0.0 for b in ATTN_BRANCHES}})
                     s["n"] += 1
                     for i, b in enumerate(ATTN_BRANCHES):
-                        s[b] += float(a.branches.attention[L][b][0, t])
+                        w = float(a.branches.attention[L][b][0, t])
+                        if w != -math.inf:          # the signed max semiring's "no path" is not averaged
+                            s[b] += w
+                            s[f"n_{b}"] += 1
                         s[f"frac_{b}"] += float(top[t] == i)
         rows = []
         for L in sorted(sums):
             s = sums[L]
             row = {"layer": L, "tokens": s["n"]}
             for b in ATTN_BRANCHES:
-                row[b] = s[b] / s["n"]
+                row[b] = s[b] / s[f"n_{b}"] if s[f"n_{b}"] else -math.inf
             row["top"] = max(ATTN_BRANCHES, key=lambda b: row[b])
             for b in ATTN_BRANCHES:
                 row[f"frac_{b}"] = s[f"frac_{b}"] / s["n"]

@@ -40,7 +40,7 @@ import random
 from collections import deque
 from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 __all__ = [
     "CONDITIONS",
@@ -350,7 +350,7 @@ def _normalize_conditions(conditions: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def generate(conditions: str | Iterable[str] = CONDITIONS, n: int | None = None,
-             seed: int = 0) -> list[MinimalPair]:
+             seed: int = 0, keep: Callable[[MinimalPair], bool] | None = None) -> list[MinimalPair]:
     """All pairs of the given conditions (deterministic order), or a balanced
     deterministic sample of n pairs (round-robin over conditions and over the
     sg/pl x attractor cells, so that every condition and cell is represented
@@ -364,11 +364,14 @@ def generate(conditions: str | Iterable[str] = CONDITIONS, n: int | None = None,
     differ by at most one (earlier conditions get the extra items) and so do
     per-cell counts within a condition, until a cell runs out, in which case the
     others make up for it.  ``n`` larger than the number of pairs returns all
-    of them (shuffled)."""
+    of them (shuffled).  ``keep``: only pairs it accepts are drawn (e.g. those
+    a masked LM can score), before sampling, so that n is reached if it can be."""
     conds = _normalize_conditions(conditions)
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
         raise ValueError(f"n must be a non-negative int or None, got {n!r}")
     per_cond = [[_pairs_for(c, sn, an) for sn, an in cells(c)] for c in conds]
+    if keep is not None:
+        per_cond = [[[p for p in lst if keep(p)] for lst in cell_lists] for cell_lists in per_cond]
     if n is None:
         return [p for cell_lists in per_cond for lst in cell_lists for p in lst]
 
@@ -477,22 +480,26 @@ def token_spans(pair: MinimalPair, offsets: Any) -> dict:
 def single_token_pairs(pairs: Iterable[MinimalPair], tokenizer: Any) -> tuple[list, list]:
     """Split pairs into (usable, dropped): usable if target and foil are each
     exactly one token when tokenized without special tokens
-    (tokenizer(text, add_special_tokens=False).input_ids has length 1).
+    (tokenizer(text, add_special_tokens=False).input_ids has length 1), not
+    the unknown token, and not the same token.
     (The lead's scorer falls back to log-probabilities for multi-token forms;
     this helper lets callers count them.)"""
-    cache: dict[str, bool] = {}
+    cache: dict[str, Any] = {}
+    unk = getattr(tokenizer, "unk_token_id", None)
 
-    def single(text: str) -> bool:
+    def single(text: str):
+        """The token id of ``text`` if it is one known token, else None."""
         if text not in cache:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if hasattr(ids, "tolist"):
                 ids = ids.tolist()
             if ids and isinstance(ids[0], (list, tuple)):   # batched output
                 ids = ids[0]
-            cache[text] = len(ids) == 1
+            cache[text] = ids[0] if len(ids) == 1 and (unk is None or ids[0] != unk) else None
         return cache[text]
 
     usable, dropped = [], []
     for p in pairs:
-        (usable if single(p.target) and single(p.foil) else dropped).append(p)
+        t, f = single(p.target), single(p.foil)
+        (usable if t is not None and f is not None and t != f else dropped).append(p)
     return usable, dropped
