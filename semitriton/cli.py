@@ -270,7 +270,7 @@ def cmd_sva(args) -> int:
     keep, note = None, ""
     if loaded.kind == "masked":                  # a masked LM scores single-token verbs only: sample among those
         every = generate(conditions)
-        usable, dropped = single_token_pairs(every, _StripTok(loaded.tokenizer))
+        usable, dropped = single_token_pairs(every, _WordTok(loaded.tokenizer))
         usable = set(usable)
         keep = usable.__contains__
         if dropped:
@@ -309,15 +309,17 @@ def cmd_sva(args) -> int:
     return 0
 
 
-class _StripTok:
-    """Tokenizer view that drops the leading space (masked LMs score bare words)."""
+class _WordTok:
+    """Tokenizer view that reads each text as a space-separated word (the way
+    a masked LM's mask sees it: ``semitriton.sva.run.word_ids``)."""
 
     def __init__(self, tok):
         self.tok = tok
         self.unk_token_id = getattr(tok, "unk_token_id", None)
 
     def __call__(self, text, **kw):
-        return self.tok(text.strip(), **kw)
+        from .sva.run import word_ids
+        return {"input_ids": word_ids(self.tok, text)}
 
 
 def cmd_explain(args) -> int:

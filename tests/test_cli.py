@@ -351,3 +351,43 @@ def test_masked_lm_sva_samples_among_pairs_it_can_score(tmp_path, capsys):
     assert len(res["pairs"]) == 6
     assert all({p["pair"]["target"].strip(), p["pair"]["foil"].strip()} == {"is", "are"} for p in res["pairs"])
     assert "sampled from the 5620 of 22480 pairs" in (out / "summary.txt").read_text()
+
+
+def _byte_level_masked_dir(path):
+    """A RoBERTa-style masked LM: byte-level BPE (words after a space are
+    'Ġword'), <mask> that takes the space before it."""
+    import transformers as t
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from semitriton.sva.templates import generate
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator([p.prefix + p.target for p in generate()[::7]] + ["The keys to the cabinet are"], trainer)
+    tok = t.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                    pad_token="<pad>", mask_token=AddedToken("<mask>", lstrip=True))
+    torch.manual_seed(0)
+    t.RobertaForMaskedLM(t.RobertaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=80,
+                                         pad_token_id=1)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return tok
+
+
+def test_byte_level_masked_lm_scores_the_word_after_a_space(tmp_path, capsys):
+    """For a byte-level BPE masked LM the mask after "... cabinet" stands for
+    'Ġare', not the bare 'are' (which this vocabulary may not even hold as
+    one token): target and foil ids are read the way the word follows the text."""
+    from semitriton.models import load
+    from semitriton.sva.run import encode
+    d = tmp_path / "roberta"
+    tok = _byte_level_masked_dir(d)
+    loaded = load(str(d), log=lambda m: None, progress=False)
+    assert loaded.kind == "masked"
+    e = encode(loaded, "The keys to the cabinet", " are", " is")
+    assert tok.convert_ids_to_tokens(e.target_ids + e.foil_ids) == ["Ġare", "Ġis"]
+    capsys.readouterr()
+    assert _run(["explain", "--model", str(d), "--text", "The keys to the cabinet", "--target", " are",
+                 "--foil", " is", "--out", str(tmp_path / "o")]) == 0
+    assert _run(["sva", "--model", str(d), "--n", "4", "--k", "0", "--out", str(tmp_path / "s")]) == 0

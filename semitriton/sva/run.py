@@ -41,6 +41,22 @@ def _ids(tok, text: str) -> list:
     return list(tok(text, add_special_tokens=False).input_ids)
 
 
+def word_ids(tok, word: str, prefix: str = "") -> list:
+    """The tokens of ``word`` as the next space-separated word after
+    ``prefix``: what a masked LM predicts at a mask that follows a space
+    (" are" is 'Ġare' for a byte-level BPE such as RoBERTa's, 'are' for
+    WordPiece). Read in context (the tokens the word adds to the prefix),
+    else from " word" alone."""
+    word = word.strip()
+    if not word:
+        return []
+    if prefix.strip():
+        pre, full = _ids(tok, prefix), _ids(tok, f"{prefix} {word}")
+        if full[:len(pre)] == pre:
+            return full[len(pre):]
+    return _ids(tok, " " + word)
+
+
 #: families whose position ids start after the padding index (max_position_embeddings counts those)
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "data2vec-text", "xmod")
 
@@ -60,7 +76,7 @@ def encode(loaded, prefix: str, target: str, foil: str, pair: Optional[MinimalPa
     if not prefix.strip():
         raise ScoringError("the text is empty: there is no position to score")
     if loaded.kind == "masked":
-        t_ids, f_ids = _ids(tok, target.strip()), _ids(tok, foil.strip())
+        t_ids, f_ids = word_ids(tok, target, prefix), word_ids(tok, foil, prefix)
         if len(t_ids) != 1 or len(f_ids) != 1:
             bad = target if len(t_ids) != 1 else foil
             raise ScoringError(f"{bad!r} is not a single token for this masked LM (it splits into "
