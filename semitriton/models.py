@@ -112,9 +112,15 @@ def _load_dir(path: Path, name: str, progress: bool = True) -> LoadedModel:
     _quiet_transformers(progress)
     try:
         cfg = AutoConfig.from_pretrained(path)
-        tok = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise ModelLoadError(f"cannot read a Hugging Face model from {path}: {_short(exc)}") from None
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} has no tokenizer ({', '.join(_TOKENIZER_FILES[:3])}, ...): save it "
+                             "next to the model (tokenizer.save_pretrained(directory))")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the tokenizer in {path}: {_short(exc)}") from None
     kind = _kind(cfg, tok, path)
     auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
     try:
@@ -185,6 +191,11 @@ def load_smollm2(log=print, progress: bool = True) -> LoadedModel:
     return LoadedModel(model.eval(), tok, "SmolLM2-135M-Instruct", "causal")
 
 
+#: files one of which a model directory's tokenizer is saved as
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
 def load(spec: Optional[str] = None, device: Optional[str] = None, log=print,
          progress: bool = True) -> LoadedModel:
     """``spec``: None/"smollm2" for the default, else a local model directory;
@@ -195,8 +206,12 @@ def load(spec: Optional[str] = None, device: Optional[str] = None, log=print,
         path = Path(spec).expanduser()
         if not path.exists():
             raise ModelLoadError(f"model directory {spec} does not exist")
-        if not path.is_dir() or not (path / "config.json").is_file():
+        if not path.is_dir():
+            raise ModelLoadError(f"{spec} is a file; --model takes the model's directory"
+                                 + (f" ({path.parent})" if path.name == "config.json" else ""))
+        if not (path / "config.json").is_file():
             raise ModelLoadError(f"{spec} is not a Hugging Face model directory (no config.json)")
+
         if not os.access(path / "config.json", os.R_OK):
             raise ModelLoadError(f"cannot read {path / 'config.json'}")
         loaded = _load_dir(path, path.name, progress)

@@ -391,3 +391,19 @@ def test_byte_level_masked_lm_scores_the_word_after_a_space(tmp_path, capsys):
     assert _run(["explain", "--model", str(d), "--text", "The keys to the cabinet", "--target", " are",
                  "--foil", " is", "--out", str(tmp_path / "o")]) == 0
     assert _run(["sva", "--model", str(d), "--n", "4", "--k", "0", "--out", str(tmp_path / "s")]) == 0
+
+
+def test_model_path_mistakes_are_named(causal_dir, tmp_path, capsys):
+    """--model given the config file instead of its directory, and a model
+    directory saved without its tokenizer: one line saying which."""
+    import shutil
+    _one_line_error(capsys, _run(["sva", "--model", os.path.join(causal_dir, "config.json"),
+                                  "--out", str(tmp_path / "o")]), "is a file; --model takes the model's directory")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in os.listdir(causal_dir):
+        if f.startswith(("config", "model", "generation")):
+            shutil.copy(os.path.join(causal_dir, f), bare / f)
+    _one_line_error(capsys, _run(["sva", "--model", str(bare), "--out", str(tmp_path / "o")]),
+                    "has no tokenizer (tokenizer.json, tokenizer_config.json, tokenizer.model, ...)")
+    assert not (tmp_path / "o").exists()
