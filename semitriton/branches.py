@@ -550,17 +550,15 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
 
     source = g.target_of(0)
 
-    positions = tuple(inputs.shape[:-1])
-
-    def token(v, ref=None):
+    def token(v, ref=None, like=None):
+        """Per position: ⊕ over the last dim, read out; ``like``: the
+        positions of the layer's R_L, for a stream kept flat as [B·T, D]
+        (OPT's MLP)."""
         if at == "inputs" and ref is not None and ref != source:
             v = propagate({ref: v}, source, sr, dtype, g.labels, backend, pos)
         r = sr.readout(sr.sum(v, -1)).double().cpu()
-        if tuple(r.shape) != positions:          # a stream kept flat as [B·T, D] (OPT's MLP)
-            if r.numel() != math.prod(positions):
-                raise SemitritonError(f"branch attribution: a layer's stream has {tuple(v[0].shape)} elements, "
-                                      f"which do not map to the input's positions {positions}")
-            r = r.reshape(positions)
+        if like is not None and tuple(r.shape) != like and r.numel() == math.prod(like):
+            r = r.reshape(like)
         return r
 
     def edge_value(node, i):
@@ -620,8 +618,10 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
                     mlp = combine([edge_value(c, i) for c, i in s.mlp_entry_edges], R2)
                 else:                   # the MLP's fan-out has other exits (a parallel block): pull its output back
                     mlp = through(s.mlp_exit, R2)
-                res.mlp[s.index] = {"mlp": token(mlp, R2), "skip": token(pulled(s.mlp_skip_edges, R2), R2)}
-                _check_split(s, "mlp/skip", res.mlp[s.index], token(value_of(R2), R2))
+                like = tuple(res.total[s.index].shape)
+                res.mlp[s.index] = {"mlp": token(mlp, R2, like),
+                                    "skip": token(pulled(s.mlp_skip_edges, R2), R2, like)}
+                _check_split(s, "mlp/skip", res.mlp[s.index], token(value_of(R2), R2, like))
             if heads and s.attn_node is not None:
                 res.heads[s.index] = _head_weights(s, keep, sr, dtype, g, backend, value_of, token, pos)
     return res
