@@ -211,7 +211,6 @@ def load(spec: Optional[str] = None, device: Optional[str] = None, log=print,
                                  + (f" ({path.parent})" if path.name == "config.json" else ""))
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{spec} is not a Hugging Face model directory (no config.json)")
-
         if not os.access(path / "config.json", os.R_OK):
             raise ModelLoadError(f"cannot read {path / 'config.json'}")
         loaded = _load_dir(path, path.name, progress)

@@ -578,7 +578,7 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
     rec = PatchRecord()
     rms = _rms_classes()
     acts = _activation_classes()
-    composed: set = set()
+    reported: set = set()             # classes named once in the summary's skipped list
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent._modules.items()):
             if child is None or getattr(type(child), "_semitriton_original_class", None):
@@ -597,16 +597,16 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
                 else:
                     rec.skipped.append(f"{parent_name + '.' if parent_name else ''}{name} ({cls.__name__}): "
                                        "forward differs from γ·x·rsqrt(mean(x²)+eps)")
-            elif norms and _composed_norm(child) and cls.__name__ not in composed:
-                composed.add(cls.__name__)
+            elif norms and _composed_norm(child) and cls.__name__ not in reported:
+                reported.add(cls.__name__)
                 rec.skipped.append(f"{cls.__name__} (e.g. {parent_name + '.' if parent_name else ''}{name}): "
                                    "a norm semitriton does not know, walked as its aten ops (not one primitive)")
             elif activations and isinstance(child, acts) and cls in acts:
                 new = _swap(child, "activation")
             elif linear and cls is nn.Linear:
                 new = _swap(child, "linear", _semitriton_transposed=False)
-            elif linear and isinstance(child, nn.Linear) and cls.__name__ not in composed:
-                composed.add(cls.__name__)
+            elif linear and isinstance(child, nn.Linear) and cls.__name__ not in reported:
+                reported.add(cls.__name__)
                 rec.skipped.append(f"{cls.__name__} (e.g. {parent_name + '.' if parent_name else ''}{name}): a "
                                    "subclass of nn.Linear, left as it is (linear=True swaps nn.Linear itself)")
             elif linear and _conv1d_class() is not None and cls is _conv1d_class():
