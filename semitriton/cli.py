@@ -395,7 +395,8 @@ def _common(p):
     p.add_argument("--device", default=None, help="cpu, cuda[:N] or auto (default: cuda when available)")
     p.add_argument("--k", type=int, default=1, help="top paths per sentence (0-16, default 1; "
                    "0 or 1 with --semiring max)")
-    p.add_argument("--heads", action="store_true", help="also attribute the top path weight per attention head")
+    p.add_argument("--heads", action="store_true", help="also attribute the top path weight per attention "
+                   "head (the token table names it, e.g. value/h3; every head's weight is in the JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 

@@ -52,6 +52,16 @@ def test_tables(analysis):
         assert sum(r[f"frac_{b}"] for b in semitriton.ATTN_BRANCHES) == pytest.approx(1.0)
     sub = a.layer_table(tokens=[1])
     assert sub[0]["key"] == pytest.approx(float(a.branches.attention[0]["key"][0, 1]))
+    # with per-head weights, a top path inside the attention names its head
+    for L in a.branches.layers:
+        for t, row in enumerate(rows):
+            b = semitriton.ATTN_BRANCHES[int(a.branches.top_branch(L)[0, t])]
+            if b == "skip":
+                assert row[f"L{L}"] == "skip"
+            else:
+                h = int(a.branches.heads[L][b][0, t].argmax())
+                assert row[f"L{L}"] == f"{b}/h{h}"
+    assert any("/h" in row[f"L{L}"] for row in rows for L in a.branches.layers)
 
 
 def test_json_round_trip(analysis, tmp_path):

@@ -42,14 +42,19 @@ class Analysis:
     # -- tables ------------------------------------------------------------------------------
     def token_table(self) -> list:
         """One row per token: the token, its per-token statistics, and per layer
-        the branch its top path takes at the attention input."""
+        the branch its top path takes at the attention input, with the head
+        where per-head weights were computed ("value/h3")."""
         rows = []
+        tops = {}
+        if self.branches is not None:
+            for L in self.branches.layers:
+                tops[L] = (self.branches.top_branch(L)[0], self.branches.top_head(L))
         for t, tok in enumerate(self.tokens):
             row = {"index": t, "token": tok}
             row.update({k: v[t] for k, v in self.stats.items()})
-            if self.branches is not None:
-                for L in self.branches.layers:
-                    row[f"L{L}"] = ATTN_BRANCHES[int(self.branches.top_branch(L)[0, t])]
+            for L, (branch, head) in tops.items():
+                b = int(branch[t])
+                row[f"L{L}"] = ATTN_BRANCHES[b] + (f"/h{int(head[0, t, 1])}" if head is not None and b < 3 else "")
             for name, idx in self.spans.items():
                 row[name] = t in idx
             rows.append(row)
