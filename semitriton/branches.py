@@ -229,7 +229,7 @@ def _computed_from(node, targets, pos: dict) -> bool:
 
 
 #: single-input nodes the stream may pass before its add (a scaled or copied stream: DeepNorm's α·x, x.clone())
-_STREAM_PASS = re.compile(r"^(Mul|Div|Clone|NativeDropout|ToCopy|_?ToCopy|Alias|View|UnsafeView)Backward\d*$")
+_STREAM_PASS = re.compile(r"^(Mul|Div|Clone|NativeDropout|_?ToCopy|Alias|View|UnsafeView)Backward\d*$")
 
 
 def _stream_candidates(add, j: int, targets, pos: dict, depth: int = 4) -> list:
@@ -448,7 +448,7 @@ def _site(graph: GradientGraph, idx: "_Index", core: str, call: int):
         return (f"{core} reads the stream through {type(odd[0]).__name__} as well as its "
                 f"{'/'.join(entries)} projection(s): its query/key/value inputs are not all named "
                 f"({'/'.join(_Q[:1] + _K[:1] + _V[:1] + _QKV[:1])}, ...)")
-    reached = [_attention_input(graph, e) for e in entries.values()]
+    reached = (_attention_input(graph, e) for e in entries.values())       # the first one found will do
     attn_node = next((r[0] for r in reached if r is not None), None)
     site = LayerSites(-1, core, residual, entries, leaks, attn_node)
     mlp = _mlp_exit(idx, core)
