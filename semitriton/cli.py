@@ -54,14 +54,17 @@ class OutputDir:
                                  "choose a new directory")
         if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
             raise UsageError(f"output directory {path} is not empty (use --overwrite to replace it)")
-        parent = self.path.parent
-        if not parent.exists():
-            raise UsageError(f"the parent directory of --out ({parent}) does not exist")
-        if not os.access(parent, os.W_OK):
-            raise UsageError(f"cannot write to {parent}")
+        existing = self.path.parent             # missing parents are made when the results are written
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UsageError(f"--out {path}: {existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot write to {existing}")
         self.tmp: Optional[Path] = None
 
     def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
         return self.tmp
 

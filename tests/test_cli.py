@@ -131,6 +131,18 @@ def test_target_not_single_token(causal_dir, tmp_path, capsys):
     assert rc == 2 and "not a single token" in err and not (tmp_path / "o").exists()
 
 
+def test_out_with_missing_parents_is_made(causal_dir, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "o"
+    assert _run(["explain", "--model", causal_dir, "--text", "The keys to the cabinet", "--target", " are",
+                 "--foil", " is", "--out", str(out)]) == 0
+    assert (out / "analysis.json").is_file()
+    assert [p.name for p in out.parent.iterdir()] == ["o"]          # no temporary directory left
+    # a parent that is a file is a usage error, and nothing is made
+    (tmp_path / "file").write_text("x")
+    _one_line_error(capsys, _run(["sva", "--model", causal_dir, "--n", "2", "--out", str(tmp_path / "file" / "a" / "o")]),
+                    "is not a directory")
+
+
 def test_non_empty_out_needs_overwrite(causal_dir, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
@@ -209,6 +221,8 @@ def test_model_without_a_language_model_head_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("text,target,foil,msg", [
     ("The keys to the cabinet", "are", "are", "the same token"),
     ("The [MASK] to the cabinet", "are", "is", "contains the mask token"),
+    ("The keys to the cabinet", "zebra", "is", "'zebra' is not in this masked LM's vocabulary"),
+    ("The keys to the cabinet", "are", "zebra", "'zebra' is not in this masked LM's vocabulary"),
     (" ".join(["the"] * 80), "are", "is", "at most 64"),
 ])
 def test_masked_lm_input_errors(masked_dir, tmp_path, capsys, text, target, foil, msg):

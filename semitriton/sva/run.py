@@ -81,6 +81,11 @@ def encode(loaded, prefix: str, target: str, foil: str, pair: Optional[MinimalPa
             bad = target if len(t_ids) != 1 else foil
             raise ScoringError(f"{bad!r} is not a single token for this masked LM (it splits into "
                                f"{len(t_ids) if bad == target else len(f_ids)}); choose single-token forms")
+        unk = getattr(tok, "unk_token_id", None)
+        for word, w_ids in ((target, t_ids), (foil, f_ids)):
+            if unk is not None and w_ids[0] == unk:
+                raise ScoringError(f"{word!r} is not in this masked LM's vocabulary (it reads as "
+                                   f"{tok.unk_token}); choose a word it knows")
         if t_ids == f_ids:
             raise ScoringError("the target and the foil are the same token")
         if tok.mask_token and tok.mask_token in prefix:
