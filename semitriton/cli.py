@@ -182,6 +182,9 @@ def _cell(v, f=None) -> str:
     return str(v)
 
 
+_HEAD_COLS = ["layer", "tokens", "top_head", "share", "second", "second_share"]
+
+
 def _summary_text(summary: dict, args, model_name: str, seconds: float) -> str:
     from .branches import ATTN_BRANCHES
     out = io.StringIO()
@@ -195,6 +198,11 @@ def _summary_text(summary: dict, args, model_name: str, seconds: float) -> str:
         out.write(f"\nmean top-path weight per branch at the attention input: {g} tokens "
                   f"({rows[0]['tokens']} tokens)\n")
         _print_table(rows, ["layer", *ATTN_BRANCHES, "top"], out)
+    for g, rows in summary.get("heads", {}).items():
+        if rows:
+            out.write(f"\nattention head the top path takes: {g} tokens whose top path enters the attention "
+                      "(query/key/value)\n")
+            _print_table(rows, _HEAD_COLS, out, {"share": ".2f", "second_share": ".2f"})
     out.write("\nmean per-token entropy of the path distribution (nats)\n")
     _print_table(summary["entropy"], ["group", "tokens", "mean_entropy"], out, {"mean_entropy": ".2f"})
     return out.getvalue()
@@ -242,6 +250,9 @@ def _write_report(out: Path, title: str, summary: dict, results, args, meta: dic
     for g, rows in summary.get("branches", {}).items():
         sections.append((f"{g} tokens: mean top-path weight per branch",
                          table(rows, ["layer", "tokens", *ATTN_BRANCHES, "top"])))
+    for g, rows in summary.get("heads", {}).items():
+        if rows:
+            sections.append((f"{g} tokens: attention head the top path takes", table(rows, _HEAD_COLS)))
     html = report_html(title, sections, [r.analysis for r in results], max_examples=args.examples, meta=meta)
     (out / "report.html").write_text(html)
 

@@ -317,6 +317,45 @@ def test_signed_max_summary_averages_only_tokens_with_a_path(causal_dir, tmp_pat
     assert any(neg(r["skip"]) > -math.inf for rows in res["summary"]["branches"].values() for r in rows)
 
 
+def test_sva_head_summary_recomputed_from_the_pairs(causal_dir, tmp_path, capsys):
+    """With --heads the summary names, per layer and token group, the head the
+    top paths entering the attention take; recomputed here from the per-pair
+    branch and head tables in results.json."""
+    out = tmp_path / "out"
+    assert _run(["sva", "--model", causal_dir, "--n", "8", "--out", str(out), "--heads"]) == 0
+    res = json.load(open(out / "results.json"))
+    branches = ("query", "key", "value", "skip")
+    seen = 0
+    for group, rows in res["summary"]["heads"].items():
+        assert rows, group
+        for row in rows:
+            L = str(row["layer"])
+            counts: dict = {}
+            for p in res["pairs"]:
+                a = p["analysis"]
+                taken = set(a["spans"].get("subject", [])) | set(a["spans"].get("attractor", []))
+                toks = [t for t in range(len(a["tokens"])) if t not in taken] if group == "other" \
+                    else a["spans"].get(group, [])
+                for t in toks:
+                    w = [a["branches"]["attention"][L][b][0][t] for b in branches]
+                    if max(range(4), key=lambda i: w[i]) == 3:
+                        continue                      # the top path skips the attention
+                    cands = [(a["branches"]["heads"][L][b][0][t][h], f"{b}/h{h}")
+                             for b in branches[:3] for h in range(len(a["branches"]["heads"][L][b][0][t]))]
+                    label = max(cands, key=lambda c: c[0])[1]
+                    counts[label] = counts.get(label, 0) + 1
+            n = sum(counts.values())
+            assert row["tokens"] == n
+            if n:
+                best = max(counts.values())
+                assert counts[row["top_head"]] == best
+                assert row["share"] == pytest.approx(best / n)
+                seen += 1
+    assert seen
+    assert "attention head the top path takes: subject tokens" in (out / "summary.txt").read_text()
+    assert "attention head the top path takes" in (out / "report.html").read_text()
+
+
 def test_library_warnings_become_note_lines(tmp_path, capsys):
     """--heads on a family whose attention patch() does not fuse (BLOOM): the
     log says so in one "note:" line, not as a Python warning."""

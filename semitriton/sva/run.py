@@ -228,7 +228,8 @@ def summarize(results: Sequence[PairResult]) -> dict:
     branch and layer for subject / attractor / other tokens (over the tokens
     with a path through the branch: the signed max semiring's -inf is left
     out); the fraction of those tokens whose top path takes each branch;
-    mean per-token entropy."""
+    with per-head weights, the head those top paths take inside the
+    attention (``_head_rows``); mean per-token entropy."""
     from ..branches import ATTN_BRANCHES
     acc: dict = {}
     for r in results:
@@ -281,4 +282,39 @@ def summarize(results: Sequence[PairResult]) -> dict:
         branches[g] = rows
     ent_rows = [{"group": g, "tokens": len(v), "mean_entropy": sum(v) / len(v) if v else math.nan}
                 for g, v in entropy.items()]
-    return {"n": len(results), "accuracy": accuracy, "branches": branches, "entropy": ent_rows}
+    return {"n": len(results), "accuracy": accuracy, "branches": branches,
+            "heads": {g: _head_rows(results, g) for g in GROUPS}, "entropy": ent_rows}
+
+
+def _head_rows(results: Sequence[PairResult], group: str) -> list:
+    """Per layer with per-head weights: of the ``group`` tokens whose top path
+    enters the attention (top branch query, key or value), how many, the
+    (branch, head) most of them take ("value/h3") and its share, and the
+    runner-up."""
+    from ..branches import ATTN_BRANCHES
+    counts: dict = {}
+    for r in results:
+        a = r.analysis
+        if a.branches is None or not a.branches.heads:
+            continue
+        toks = _group_tokens(a, group)
+        for L in a.branches.layers:
+            head = a.branches.top_head(L)
+            if head is None:
+                continue
+            top = a.branches.top_branch(L)[0]
+            c = counts.setdefault(L, {})
+            for t in toks:
+                if int(top[t]) < 3:
+                    label = f"{ATTN_BRANCHES[int(head[0, t, 0])]}/h{int(head[0, t, 1])}"
+                    c[label] = c.get(label, 0) + 1
+    rows = []
+    for L in sorted(counts):
+        ranked = sorted(counts[L].items(), key=lambda kv: (-kv[1], kv[0]))
+        n = sum(counts[L].values())
+        row = {"layer": L, "tokens": n, "top_head": ranked[0][0] if ranked else "-",
+               "share": ranked[0][1] / n if n else math.nan,
+               "second": ranked[1][0] if len(ranked) > 1 else "-",
+               "second_share": ranked[1][1] / n if len(ranked) > 1 else math.nan}
+        rows.append(row)
+    return rows
