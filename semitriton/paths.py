@@ -34,6 +34,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .columns import structural_column
 from .engine import GradientGraph, compute_dtype, run
 from .rules import RuleContext, rule_for
 from .rules.attention import attention_args, is_attention_node
@@ -262,6 +263,10 @@ class PathGraph:
         key = (node, slot, flat)
         col = self._columns.get(key)
         if col is not None:
+            return col
+        col = structural_column(node, slot, flat)
+        if col is not None:
+            self._columns[key] = col
             return col
         metas = node._input_metadata
         gs = [torch.ones(tuple(m.shape), dtype=self.dtype, device=m.device, requires_grad=True)

@@ -254,3 +254,69 @@ def test_op_kind_names():
     assert op_kind("UpsampleBilinear2DBackward0") == "upsample_bilinear2d"
     assert op_kind("GridSampler3DBackward0") == "grid_sampler3d"
     assert op_kind("TBackward0") == "t"
+
+
+def _input_shape(node, slot):
+    fn, nr = node.next_functions[slot]
+    if fn is None:
+        return None
+    if hasattr(fn, "variable"):
+        return tuple(fn.variable.shape)
+    return tuple(fn._input_metadata[nr].shape)
+
+
+def _normalised(col):
+    out = {}
+    for o, u, w in col:
+        out.setdefault(o, []).extend(zip(u.tolist(), w.tolist()))
+    return {o: sorted(v) for o, v in out.items() if v}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_structural_columns_equal_the_generic_ones(dtype, monkeypatch):
+    """Index maps (views, transposes, permutes, negative and stepped selects
+    and slices, squeezes) and matrix products (mm, addmm with α ≠ 1) have their
+    Jacobian columns read off the saved attributes: every column of every such
+    node equals the one from the node's real rule and autograd."""
+    from semitriton import columns, paths
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, generator=g, dtype=dtype, requires_grad=True)
+    W = torch.randn(4, 5, generator=g, dtype=dtype, requires_grad=True)
+    W[1, 2].data.zero_()                                             # an exact zero: no edge
+    bias = torch.randn(5, generator=g, dtype=dtype, requires_grad=True)
+    pieces = [
+        x.view(6, 4), x.reshape(3, 8), x.transpose(0, 2), x.permute(2, 0, 1), x.permute(-1, -3, -2),
+        x.select(1, -1), x.select(-1, 2), x[:, 1:], x[:, ::2], x[:, -2:-1], x[..., 1:4:2], x.narrow(2, 1, 2),
+        x.unsqueeze(1), x.unsqueeze(-1), x[:1].squeeze(0), x[:, :1].squeeze(), x.transpose(1, 2).reshape(2, 12),
+        x[0].t(), x.clone(), x.view(6, 4) @ W, torch.addmm(bias, x.view(6, 4), W, beta=0.5, alpha=1.5),
+        torch.mm(W.t(), x.view(6, 4).t()),
+    ]
+    out = sum((p * torch.randn(p.shape, generator=g, dtype=dtype)).sum() for p in pieces)
+    pg = paths.PathGraph(out, x, "maxabs")
+    names, checked = set(), 0
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack += [fn for fn, _ in node.next_functions]
+        for slot in range(len(node.next_functions)):
+            shape = _input_shape(node, slot)
+            if shape is None:
+                continue
+            for flat in range(math.prod(shape)):
+                fast = columns.structural_column(node, slot, flat)
+                if fast is None:
+                    continue
+                monkeypatch.setattr(paths, "structural_column", lambda *a: None)
+                pg._columns.clear()
+                slow = pg._column(node, slot, flat)
+                monkeypatch.undo()
+                assert _normalised(fast) == _normalised(slow), (type(node).__name__, slot, flat)
+                names.add(type(node).__name__)
+                checked += 1
+    assert {"ViewBackward0", "TransposeBackward0", "PermuteBackward0", "SelectBackward0", "SliceBackward0",
+            "UnsqueezeBackward0", "SqueezeBackward0", "TBackward0", "CloneBackward0", "MmBackward0",
+            "AddmmBackward0", "UnsafeViewBackward0"} <= names, names
+    assert checked > 500
