@@ -269,18 +269,22 @@ class PathGraph:
             self._columns[key] = col
             return col
         metas = node._input_metadata
+        # only the outputs the graph reads get a value (as in the walk: a norm's
+        # mean/rstd outputs, read by nothing, must stay unreached)
         gs = [torch.ones(tuple(m.shape), dtype=self.dtype, device=m.device, requires_grad=True)
-              for m in metas]
+              if self.graph.consumers.get((node, o)) or ("t", node, o) == self.sink_ref else None
+              for o, m in enumerate(metas)]
         needs = [i == slot for i in range(len(node.next_functions))]
-        ctx = RuleContext(node, [(g,) for g in gs], needs, _REAL, self.dtype)
+        ctx = RuleContext(node, [None if g is None else (g,) for g in gs], needs, _REAL, self.dtype)
         fn = rule_for(node)
         col = []
+        live = [(o, g) for o, g in enumerate(gs) if g is not None]
         with torch.enable_grad():
             res = fn(ctx)[slot]
-            if res is not None:
+            if res is not None and live and res[0].requires_grad:
                 sel = res[0].reshape(-1)[flat]
-                grads = torch.autograd.grad(sel, gs, allow_unused=True)
-                for o, gr in enumerate(grads):
+                grads = torch.autograd.grad(sel, [g for _, g in live], allow_unused=True)
+                for (o, _), gr in zip(live, grads):
                     if gr is None:
                         continue
                     gr = gr.detach().reshape(-1)
@@ -363,6 +367,10 @@ def _element_index(index, shape: tuple) -> tuple:
     """``index`` (an int or a sequence, negative entries counting from the end)
     as a tuple of non-negative ints into ``shape``; IndexError if it does not
     name one element."""
+    if isinstance(index, Tensor):
+        if index.is_floating_point() or index.is_complex():
+            raise TypeError(f"index must hold integers, got a {index.dtype} tensor")
+        index = index.tolist()
     index = tuple(int(i) for i in (index if isinstance(index, (tuple, list)) else (index,)))
     if len(index) != len(shape):
         raise IndexError(f"index {index} has {len(index)} dims, input has {len(shape)}")
@@ -382,6 +390,27 @@ def _batch_index(batch: Optional[int], shape: tuple) -> Optional[int]:
 
 
 # ---- top paths ---------------------------------------------------------------------------------------
+def _check_tensors(output, input, who: str) -> None:
+    for what, t in (("output", output), ("input", input)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{who}: {what} must be one tensor, got {type(t).__name__}"
+                            + (" (paths run from one input tensor: call it once per input)"
+                               if what == "input" and isinstance(t, (list, tuple)) else ""))
+
+
+def _empty_paths(input: Tensor, n: int, index, batch, semiring: str) -> list:
+    """Paths of no edges (weight 1) when the output is the input itself:
+    from ``input[index]``, else the first ``n`` elements (of ``input[batch]``)."""
+    shape = tuple(input.shape)
+    if index is not None:
+        starts = [index]
+    else:
+        lo = 0 if batch is None else batch * (math.prod(shape[1:]))
+        hi = input.numel() if batch is None else lo + math.prod(shape[1:])
+        starts = [_unravel(f, shape) for f in range(lo, min(hi, lo + n))]
+    return [Path(1.0, tuple(int(i) for i in s), shape, [], semiring) for s in starts]
+
+
 def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs",
               index: Optional[Sequence[int]] = None, backend: Optional[str] = None,
               graph: Optional[PathGraph] = None, batch: Optional[int] = None) -> list:
@@ -401,14 +430,17 @@ def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs
     if name == "max" and k != 1:
         raise ValueError("the signed max semiring gives the single top path: use k=1 "
                          "(or semiring='maxabs' for the k best |products|)")
-    if graph is not None:
-        graph.check(output, input, name, "top_paths")
-    pg = graph if graph is not None else PathGraph(output, input, name, backend=backend)
-    if pg.source is None:
-        return []
+    _check_tensors(output, input, "top_paths")
     if index is not None:
         index = _element_index(index, tuple(input.shape))
     batch = _batch_index(batch, tuple(input.shape))
+    if output is input:                  # each element is its own output: paths of no edges
+        return _empty_paths(input, 1 if name == "max" else k, index, batch, name)
+    if graph is not None:
+        graph.check(output, input, name, "top_paths")
+    pg = graph if graph is not None else PathGraph(output, input, name, backend=backend)
+    if pg.source is None or input.numel() == 0:
+        return []
     if name == "max":
         p = _signed_top_path(pg, index, batch)
         return [] if p is None else [p]
@@ -575,13 +607,21 @@ def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Se
     semiring's H is the entropy of this distribution."""
     if n < 0:
         raise ValueError(f"n must be at least 0, got {n}")
-    if graph is not None:
-        graph.check(output, input, "abs", "sample_paths")
-    pg = graph if graph is not None else PathGraph(output, input, "abs", backend=backend)
+    _check_tensors(output, input, "sample_paths")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None    # draws on the CPU
     if index is not None:
         index = _element_index(index, tuple(input.shape))
-    if pg.source is None:
+    if output is input:                  # paths of no edges, each element Z = 1: a uniform start
+        if input.numel() == 0:
+            return []
+        shape = tuple(input.shape)
+        starts = [index] * n if index is not None else \
+            [_unravel(f, shape) for f in torch.randint(input.numel(), (n,), generator=gen).tolist()]
+        return [Path(1.0, tuple(int(i) for i in s), shape, [], "abs") for s in starts]
+    if graph is not None:
+        graph.check(output, input, "abs", "sample_paths")
+    pg = graph if graph is not None else PathGraph(output, input, "abs", backend=backend)
+    if pg.source is None or input.numel() == 0:
         return []
     src_val = pg.value(pg.source)[0].double().cpu()
     # no path from input[index] (or from any scalar of input): nothing to draw

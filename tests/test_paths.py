@@ -191,6 +191,44 @@ def test_top_paths_arguments():
         semitriton.top_paths(out, x, k=2, semiring="max")
     with pytest.raises(ValueError, match="maxabs"):
         semitriton.top_paths(out, x, semiring="abs")
+    with pytest.raises(TypeError, match="input must be one tensor, got list"):
+        semitriton.top_paths(out, [x])
+    with pytest.raises(TypeError, match="input must be one tensor"):
+        semitriton.sample_paths(out, (x,))
+    with pytest.raises(TypeError, match="integers"):
+        semitriton.top_paths(out, x, index=torch.tensor([1.0]))
+
+
+def test_index_may_be_a_tensor():
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    out = torch.tanh(x @ torch.randn(3, 3, dtype=torch.float64)).sum()
+    (a,) = semitriton.top_paths(out, x, index=torch.tensor([1, 2]))
+    (b,) = semitriton.top_paths(out, x, index=(1, 2))
+    assert a.source_index == b.source_index == (1, 2) and a.weight == b.weight
+
+
+@pytest.mark.parametrize("semiring", ["maxabs", "max"])
+def test_empty_inputs_have_no_paths(semiring):
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    e = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    out = (e.sum(0) * x).sum()
+    assert semitriton.top_paths(out, e, semiring=semiring) == []
+    assert semitriton.sample_paths(out, e, n=2) == []
+
+
+def test_output_is_the_input_paths_of_no_edges():
+    """grad(x, x) reads 1 everywhere (each element is its own output); the
+    paths are the empty ones, weight 1, as many as asked for."""
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    (m,) = semitriton.grad(x, x, semiring="maxabs")
+    assert bool((m == 1).all())
+    ps = semitriton.top_paths(x, x, k=4)
+    assert [p.source_index for p in ps] == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert all(p.weight == 1.0 and p.steps == [] for p in ps)
+    assert [p.source_index for p in semitriton.top_paths(x, x, k=2, batch=1)] == [(1, 0), (1, 1)]
+    assert [p.source_index for p in semitriton.top_paths(x, x, semiring="max", index=(1, -1))] == [(1, 2)]
+    sampled = semitriton.sample_paths(x, x, n=5, seed=0)
+    assert len(sampled) == 5 and all(p.weight == 1.0 and not p.steps for p in sampled)
 
 
 def test_negative_indices_name_the_same_scalar():
@@ -281,7 +319,8 @@ def test_structural_columns_equal_the_generic_ones(dtype, monkeypatch):
     from semitriton import columns, paths
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 4, generator=g, dtype=dtype, requires_grad=True)
-    W = torch.randn(4, 5, generator=g, dtype=dtype, requires_grad=True)
+    W0 = torch.randn(4, 5, generator=g, dtype=dtype, requires_grad=True)
+    W = W0 * (x.sum() / 1000 + 1)                                    # on a path from x too (mm's slot 1)
     W[1, 2].data.zero_()                                             # an exact zero: no edge
     bias = torch.randn(5, generator=g, dtype=dtype, requires_grad=True)
     pieces = [
@@ -301,6 +340,8 @@ def test_structural_columns_equal_the_generic_ones(dtype, monkeypatch):
             continue
         seen.add(node)
         stack += [fn for fn, _ in node.next_functions]
+        if not pg.graph.consumers.get((node, 0)) and node is not out.grad_fn:
+            continue                                     # not between x and out: never searched
         for slot in range(len(node.next_functions)):
             shape = _input_shape(node, slot)
             if shape is None:
@@ -320,3 +361,18 @@ def test_structural_columns_equal_the_generic_ones(dtype, monkeypatch):
             "UnsqueezeBackward0", "SqueezeBackward0", "TBackward0", "CloneBackward0", "MmBackward0",
             "AddmmBackward0", "UnsafeViewBackward0"} <= names, names
     assert checked > 500
+
+
+@pytest.mark.parametrize("semiring", ["maxabs", "max"])
+def test_paths_through_a_group_norm(semiring):
+    """A group norm node has three outputs (y, mean, rstd); the columns give
+    only the read ones a value (the norm's rule refuses a value at mean/rstd)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 6, dtype=torch.float64, requires_grad=True)
+    gn = torch.nn.GroupNorm(2, 4).double()
+    out = (gn(x) * torch.randn(1, 4, 6, dtype=torch.float64)).sum()
+    (best,) = semitriton.grad(out, x, semiring=semiring)
+    (p,) = semitriton.top_paths(out, x, k=1, semiring=semiring)
+    assert p.weight == pytest.approx(float(best.max()), rel=1e-12)
+    assert math.prod(s.weight for s in p.steps) == pytest.approx(p.weight, rel=1e-12)
+    assert len(semitriton.sample_paths(out, x, n=3, seed=0)) == 3
