@@ -12,6 +12,7 @@ so one forward can be queried with several semirings.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
 from collections import deque
@@ -79,7 +80,7 @@ _COMPLEX_NODES = frozenset(("ViewAsComplexBackward0", "ViewAsRealBackward0", "Po
 class GradientGraph:
     """The part of the autograd graph between ``output`` and ``inputs``."""
 
-    def __init__(self, output: Tensor, inputs: Sequence[Tensor]):
+    def __init__(self, output: Tensor, inputs: Sequence[Tensor], allow_unused: bool = False):
         if not isinstance(output, Tensor):
             raise TypeError(f"output must be a tensor, got {type(output).__name__}")
         if not output.requires_grad:
@@ -92,6 +93,9 @@ class GradientGraph:
                                  "the forward pass")
         self.output = output
         self.inputs = tuple(inputs)
+        self.allow_unused = allow_unused
+        #: indices of inputs the output does not depend on (only with ``allow_unused``)
+        self.unused: set = set()
         self.root = output.grad_fn
         self.labels = ModuleLabels(self.root)
         #: node -> number of forward outputs, view node -> its input's shape (filled by the walks)
@@ -129,9 +133,13 @@ class GradientGraph:
         found = {i for lst in targets.values() for _, i in lst}
         for i, t in enumerate(self.inputs):
             if i not in found and not (t is self.output):
+                if self.allow_unused:
+                    self.unused.add(i)
+                    continue
                 raise GraphError(f"inputs[{i}] (shape {tuple(t.shape)}) is not part of the gradient "
                                  "graph of output: output does not depend on it (or it was replaced "
-                                 "by a copy, e.g. .to()/.detach(), before use)")
+                                 "by a copy, e.g. .to()/.detach(), before use); allow_unused=True gives "
+                                 "None for it")
         self.targets = targets
         # Relevance: a node matters iff it is a target or reaches one.
         relevant = set(targets)
@@ -353,7 +361,7 @@ def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route
 def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] = "real",
         backend: Optional[str] = None, keep: Optional[dict] = None,
         progress: bool = False, route=None, graph: Optional[GradientGraph] = None,
-        cuda_graph: bool = False) -> tuple[Value, ...]:
+        cuda_graph: bool = False, seed_weight: Optional[Tensor] = None) -> tuple[Optional[Value], ...]:
     """One semiring backward pass; returns the raw semiring value of each input.
 
     ``keep``: if a dict is given, every visited node's output values are stored
@@ -362,7 +370,10 @@ def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] 
     applied to each rule output before it is ⊕-accumulated. ``graph``: a
     prebuilt :class:`GradientGraph`. ``cuda_graph``: replay repeated passes
     from CUDA graphs (:mod:`semitriton.cuda_graph`; not with keep, route,
-    progress or a RuleProfile)."""
+    progress or a RuleProfile). ``seed_weight``: an edge of that weight from
+    each output element into the sink (``grad_outputs``; default 1). Inputs
+    the graph was built to allow as unused (``GradientGraph(...,
+    allow_unused=True)``) get None."""
     inputs = _as_tuple(inputs)
     sr = get(semiring)
     if graph is None:
@@ -370,17 +381,23 @@ def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] 
     dtype = compute_dtype(output, inputs)
     results: list[Optional[Value]] = [None] * len(inputs)
     with _backend.use(backend), _backend.pass_settings(), torch.no_grad(), _device_scope(output):
+        def sink_value():
+            if seed_weight is None:
+                return sr.one(tuple(output.shape), dtype, output.device)
+            return sr.edge(seed_weight.to(device=output.device, dtype=dtype))
+
         for i, t in enumerate(inputs):
             if t is output:
-                results[i] = sr.one(tuple(output.shape), dtype, output.device)
+                results[i] = sink_value()
         if graph.root is not None:
             def seeds():
                 seed = [None] * len(graph.root._input_metadata)
-                seed[output.output_nr] = sr.one(tuple(output.shape), dtype, output.device)
+                seed[output.output_nr] = sink_value()
                 return {graph.root: seed}
 
             t0 = time.perf_counter()
-            if cuda_graph and keep is None and route is None and not progress and RuleProfile._active is None:
+            if cuda_graph and keep is None and route is None and not progress and RuleProfile._active is None \
+                    and seed_weight is None:
                 from . import cuda_graph as _cuda_graph
                 captured = _cuda_graph.walk(graph, seeds, sr, dtype, _walk, _backend.resolve())
             else:
@@ -393,8 +410,8 @@ def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] 
                 for slot, i in lst:
                     results[i] = captured.get((node, slot))
     _warn_if_nan(output)
-    return tuple(r if r is not None else sr.zero(tuple(t.shape), dtype, t.device)
-                 for r, t in zip(results, inputs))
+    return tuple(None if i in graph.unused else r if r is not None else sr.zero(tuple(t.shape), dtype, t.device)
+                 for i, (r, t) in enumerate(zip(results, inputs)))
 
 
 def _warn_if_nan(output: Tensor) -> None:
@@ -483,15 +500,79 @@ def _progress(total: int):
     return tqdm(total=total, desc="semiring backward", unit="node", leave=False)
 
 
-def grad_values(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] = "real",
-                backend: Optional[str] = None, progress: bool = False,
-                cuda_graph: bool = False) -> tuple[Value, ...]:
+def _one_output(output, grad_outputs) -> tuple[Tensor, Optional[Tensor]]:
+    """``output`` (a tensor or a sequence of them, as torch.autograd.grad
+    takes) as one tensor and the sink-edge weights of its elements: a
+    sequence is joined by weight-1 edges (its elements' sinks ⊕ together, as
+    the gradients of several outputs add up)."""
+    if isinstance(output, (list, tuple)):
+        outs = list(output)
+        if not outs:
+            raise ValueError("outputs is empty: pass the tensor(s) to take the statistics of")
+        for i, o in enumerate(outs):
+            if not isinstance(o, Tensor):
+                raise TypeError(f"outputs[{i}] is a {type(o).__name__}, not a tensor")
+        if grad_outputs is None or isinstance(grad_outputs, Tensor):
+            gos = [grad_outputs] + [None] * (len(outs) - 1) if len(outs) == 1 else None
+            if gos is None and grad_outputs is not None:
+                raise TypeError(f"grad_outputs: pass one tensor (or None) per output, {len(outs)} in all")
+            gos = gos or [None] * len(outs)
+        else:
+            gos = list(grad_outputs)
+            if len(gos) != len(outs):
+                raise ValueError(f"grad_outputs has {len(gos)} entries for {len(outs)} outputs")
+        if len(outs) == 1:
+            output, grad_outputs = outs[0], gos[0]
+        else:
+            for i, o in enumerate(outs):
+                if not o.requires_grad:
+                    raise GraphError(f"outputs[{i}] does not require grad: it was computed without a gradient "
+                                     "graph (torch.no_grad, detached, or from inputs that do not require grad)")
+            dtype = functools.reduce(torch.promote_types, [o.dtype for o in outs])
+            weights = [None if g is None else _checked_weight(g, o, f"grad_outputs[{i}]")
+                       for i, (o, g) in enumerate(zip(outs, gos))]
+            joined = torch.cat([o.reshape(-1).to(dtype) for o in outs])
+            if all(w is None for w in weights):
+                return joined, None
+            return joined, torch.cat([torch.ones(o.numel(), dtype=dtype, device=joined.device) if w is None
+                                      else w.reshape(-1).to(device=joined.device, dtype=dtype)
+                                      for o, w in zip(outs, weights)])
+    if not isinstance(output, Tensor):
+        raise TypeError(f"output must be a tensor (or a sequence of tensors), got {type(output).__name__}")
+    if grad_outputs is not None and not isinstance(grad_outputs, Tensor):
+        gos = list(grad_outputs)
+        if len(gos) != 1:
+            raise ValueError(f"grad_outputs has {len(gos)} entries for 1 output")
+        grad_outputs = gos[0]
+    return output, None if grad_outputs is None else _checked_weight(grad_outputs, output, "grad_outputs")
+
+
+def _checked_weight(g, output: Tensor, what: str) -> Tensor:
+    if not isinstance(g, Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(g).__name__}")
+    if tuple(g.shape) != tuple(output.shape):
+        raise ValueError(f"{what} has shape {tuple(g.shape)}, the output has {tuple(output.shape)}: "
+                         "it weights each output element, so the shapes must match")
+    if not g.is_floating_point():
+        raise TypeError(f"{what} has dtype {g.dtype}; pass a floating-point tensor")
+    return g.detach()
+
+
+def grad_values(output: Union[Tensor, Sequence[Tensor]], inputs: TensorOrTensors,
+                semiring: Union[str, Semiring] = "real", backend: Optional[str] = None, progress: bool = False,
+                cuda_graph: bool = False, *, grad_outputs: Optional[TensorOrTensors] = None,
+                allow_unused: bool = False) -> tuple[Optional[Value], ...]:
     """Raw semiring values (tuples of component tensors), one per input
-    (``cuda_graph``: as in :func:`grad`)."""
-    return run(output, inputs, semiring, backend=backend, progress=progress, cuda_graph=cuda_graph)
+    (``cuda_graph``, ``grad_outputs``, ``allow_unused``: as in :func:`grad`)."""
+    output, weight = _one_output(output, grad_outputs)
+    inputs = _as_tuple(inputs)
+    graph = GradientGraph(output, inputs, allow_unused=allow_unused)
+    return run(output, inputs, semiring, backend=backend, progress=progress, cuda_graph=cuda_graph,
+               graph=graph, seed_weight=weight)
 
 
-def _native_real(output: Tensor, inputs: tuple) -> Optional[tuple]:
+def _native_real(output: Tensor, inputs: tuple, weight: Optional[Tensor] = None,
+                 allow_unused: bool = False) -> Optional[tuple]:
     """The real semiring through PyTorch's own autograd engine (it *is* the
     gradient), keeping the graph. None when the walk is needed instead:
     half-precision graphs (statistics are accumulated in float32 here)."""
@@ -505,25 +586,35 @@ def _native_real(output: Tensor, inputs: tuple) -> Optional[tuple]:
             raise GraphError(f"inputs[{i}] (shape {tuple(t.shape)}) does not require grad, so it cannot be in "
                              "the gradient graph; call .requires_grad_() on it before the forward pass")
     try:
-        grads = torch.autograd.grad(output, inputs, grad_outputs=torch.ones_like(output), retain_graph=True,
-                                    allow_unused=True)
+        go = torch.ones_like(output) if weight is None else weight.to(device=output.device, dtype=output.dtype)
+        grads = torch.autograd.grad(output, inputs, grad_outputs=go, retain_graph=True, allow_unused=True)
     except RuntimeError as exc:
         if "second time" in str(exc) or "freed" in str(exc):
             from .errors import GraphFreedError
             raise GraphFreedError("the autograd graph of output was already freed by an earlier backward pass; "
                                   "run the forward again, or pass retain_graph=True to the earlier backward") \
                 from None
+        if "inplace" in str(exc) or "in-place" in str(exc):
+            said = str(exc).strip().splitlines()[0]
+            raise GraphError("a tensor saved for the backward pass was modified in place after the forward "
+                             "pass (e.g. a weight updated under torch.no_grad()), so its local derivatives are "
+                             f"gone; run the forward again after the change (torch said: {said})") from None
         raise
+    if allow_unused:
+        return grads
     for i, g in enumerate(grads):
         if g is None and inputs[i] is not output:
             raise GraphError(f"inputs[{i}] (shape {tuple(inputs[i].shape)}) is not part of the gradient graph "
-                             "of output: output does not depend on it")
+                             "of output: output does not depend on it (or it was replaced by a copy, e.g. "
+                             ".to()/.detach(), before use); allow_unused=True gives None for it")
     return grads
 
 
-def grad(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] = "real",
+def grad(output: Union[Tensor, Sequence[Tensor]], inputs: TensorOrTensors, semiring: Union[str, Semiring] = "real",
          backend: Optional[str] = None, progress: bool = False,
-         log_space: bool = False, fast_real: bool = True, cuda_graph: bool = False) -> tuple[Tensor, ...]:
+         log_space: bool = False, fast_real: bool = True, cuda_graph: bool = False, *,
+         grad_outputs: Optional[TensorOrTensors] = None, allow_unused: bool = False,
+         retain_graph: Optional[bool] = None) -> tuple[Optional[Tensor], ...]:
     """Generalised ``torch.autograd.grad``: one semiring backward pass from
     ``output`` to each of ``inputs``; returns the semiring's readout per input
     (same shape as the input).
@@ -558,25 +649,36 @@ def grad(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring]
     and is used only when every other value the rules read (shapes, indices,
     flags, parameter addresses) equals the captured one, else the pass runs
     eagerly (:mod:`semitriton.cuda_graph`). A replay waits for the device
-    before returning."""
+    before returning.
+
+    As in ``torch.autograd.grad``: ``output`` may be a sequence of tensors
+    (their sinks ⊕ together, as gradients of several outputs add up);
+    ``grad_outputs`` (one tensor per output, its shape) puts an edge of that
+    weight between each output element and the sink (a weighted sum of
+    outputs: for ``real`` the vector-Jacobian product); ``allow_unused=True``
+    returns None for an input the output does not depend on instead of
+    raising. ``retain_graph`` is accepted for drop-in use: the graph is
+    always kept."""
     sr = get(semiring)
     _backend.resolve(backend)                     # reject an unknown backend name early
-    if not isinstance(output, Tensor):
-        raise TypeError(f"output must be a tensor, got {type(output).__name__}")
+    output, weight = _one_output(output, grad_outputs)
     if log_space and not hasattr(sr, "log_readout"):
         raise ValueError(f"log_space=True: the {sr.name} semiring has no log-space readout "
                          "(abs and maxabs have)")
+    inputs = _as_tuple(inputs)
     if fast_real and type(sr) is Real:
-        fast = _native_real(output, _as_tuple(inputs))
+        fast = _native_real(output, inputs, weight, allow_unused)
         if fast is not None:
             return fast
-    vals = run(output, inputs, sr, backend=backend, progress=progress, cuda_graph=cuda_graph)
+    graph = GradientGraph(output, inputs, allow_unused=allow_unused)
+    vals = run(output, inputs, sr, backend=backend, progress=progress, cuda_graph=cuda_graph, graph=graph,
+               seed_weight=weight)
     if log_space:
-        return tuple(sr.log_readout(v) for v in vals)
-    outs = tuple(sr.readout(v) for v in vals)
+        return tuple(None if v is None else sr.log_readout(v) for v in vals)
+    outs = tuple(None if v is None else sr.readout(v) for v in vals)
     if hasattr(sr, "log_readout"):
         for v, r in zip(vals, outs):
-            if bool((torch.isinf(r) & torch.isfinite(v[0])).any()):
+            if v is not None and bool((torch.isinf(r) & torch.isfinite(v[0])).any()):
                 raise FloatingPointError(
                     f"the {sr.name} readout overflows float64 (log value up to "
                     f"{float(v[0][torch.isfinite(v[0])].max()):.1f}); call with log_space=True")
