@@ -157,5 +157,5 @@ def rule_for(node) -> Optional[Callable]:
 
 
 # Register all rules.
-from . import (attention, conv, custom, distance, elementwise, indexing, linalg, norm, pooling,  # noqa: E402,F401
-               reduction, sampling, shape, softmax)
+from . import (attention, conv, custom, distance, elementwise, indexing, linalg, loss, norm,  # noqa: E402,F401
+               pooling, reduction, sampling, shape, softmax)

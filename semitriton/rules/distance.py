@@ -1,6 +1,7 @@
 """Distances and bilinear forms: ``torch.cdist`` (CdistBackward0),
-``torch.pdist`` (PdistBackward0) and ``torch._trilinear``
-(TrilinearBackward0: ``F.bilinear``, ``nn.Bilinear``).
+``torch.pdist`` (PdistBackward0), ``torch.dist`` (DistBackward0),
+``torch._trilinear`` (TrilinearBackward0: ``F.bilinear``, ``nn.Bilinear``)
+and ``torch.linalg.cross`` (LinalgCrossBackward0).
 
 cdist: d[b, i, j] = ‖x1[b, i] − x2[b, j]‖_p. The edge x1[b, i, k] -> d[b, i, j]
 has weight ∂d/∂x1 = g(δ, d), δ = x1[b, i, k] − x2[b, j, k], formed as torch's
@@ -96,6 +97,73 @@ def pdist(ctx):
         f[iu, ju] = c
         f[ju, iu] = c
     return [_pair_value(sr, x, x, dist, full, p)]
+
+
+# ---- torch.dist ------------------------------------------------------------------------------------
+def _norm_weight(d: Tensor, n: Tensor, p: float) -> Tensor:
+    """∂‖d‖_p/∂d_k over all elements of d (norm n), formed as torch's
+    ``norm_backward`` with a unit gradient: p = 1 sgn d; p = 2 d/n; p = ±∞
+    sgn d / count on the elements with |d| = n (ties share); p < 1
+    sgn d·|d|^(p−1)·n^(1−p), none where d = 0; otherwise sgn d·|d|^(p−1)/n^(p−1)
+    (d·|d|^(p−2)/n^(p−1) for p ≥ 2); none anywhere where n = 0."""
+    if p == 1:
+        return torch.sgn(d)
+    if p == 2:
+        return (d / n).masked_fill(n == 0, 0)
+    if math.isinf(p):
+        mask = (d.abs() == n) | torch.isnan(d.abs())
+        return torch.sgn(d) * ((1.0 / mask.sum().to(d.dtype)) * mask)      # (an integer count: not a float32 1/n)
+    if p < 1:
+        return torch.sgn(d) * d.abs().pow(p - 1).masked_fill(d == 0, 0) * n.pow(1 - p)
+    scaled = torch.sgn(d) * d.abs().pow(p - 1) if p < 2 else d * d.abs().pow(p - 2)
+    return scaled * (1.0 / n.pow(p - 1)).masked_fill(n == 0, 0)
+
+
+@rule("DistBackward0")
+def dist(ctx):
+    """``torch.dist(x, y, p)`` = ‖x − y‖_p over all elements (x, y broadcast):
+    d = x − y, edge x_k -> out of weight ∂‖d‖_p/∂d_k (``_norm_weight``), y_k's
+    the negative; broadcast operands ⊕ over their copies; p = 0 (a count)
+    has no edges."""
+    out = [None, None]
+    p = float(ctx.saved("p"))
+    if p == 0 or not any(ctx.needs):
+        return out
+    d = ctx.saved("self") - ctx.saved("other")
+    w = _norm_weight(d, ctx.saved("result"), p)
+    v = ctx.sr.map(ctx.grad(), lambda c: c.expand(d.shape))
+    for i, sign in ((0, 1.0), (1, -1.0)):
+        if ctx.needs[i]:
+            out[i] = ctx.sr.sum_to_shape(ctx.sr.scale(v, w * sign), ctx.input_shape(i))
+    return out
+
+
+# ---- torch.linalg.cross ------------------------------------------------------------------------------
+@rule("LinalgCrossBackward0")
+def linalg_cross(ctx):
+    """``torch.linalg.cross(a, b, dim)`` (and ``torch.cross``; batch dims
+    broadcast): c_i = a_{i+1} b_{i+2} − a_{i+2} b_{i+1} (indices mod 3), so
+    a_m -> c_{m+1} has weight −b_{m+2} and a_m -> c_{m+2} weight b_{m+1};
+    b_m -> c_{m+1} weight a_{m+2} and b_m -> c_{m+2} weight −a_{m+1} (two
+    edges per element, ⊕-ed; a zero factor is no edge)."""
+    out = [None, None]
+    if not any(ctx.needs):
+        return out
+    a, b = ctx.saved("self"), ctx.saved("other")
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    dim = ctx.saved("dim") % len(shape)
+    a, b = a.expand(shape), b.expand(shape)
+    sr, v = ctx.sr, ctx.grad()
+
+    def ahead(t, k):                      # t_{i+k} at position i
+        return t.roll(-k, dim)
+
+    v1, v2 = sr.map(v, lambda c: ahead(c, 1)), sr.map(v, lambda c: ahead(c, 2))
+    for i, other, sign in ((0, b, -1.0), (1, a, 1.0)):
+        if ctx.needs[i]:
+            val = sr.plus(sr.scale(v1, sign * ahead(other, 2)), sr.scale(v2, -sign * ahead(other, 1)))
+            out[i] = sr.sum_to_shape(val, ctx.input_shape(i))
+    return out
 
 
 # ---- torch._trilinear ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ..errors import GraphError
 from . import RuleContext, rule, zero_where
 
 
@@ -187,6 +188,20 @@ _unary("Exp2Backward0", lambda c: c.saved("result") * math.log(2.0))
 _unary("Log2Backward0", lambda c: 1.0 / (c.saved("self") * math.log(2.0)))
 _unary("Log10Backward0", lambda c: 1.0 / (c.saved("self") * math.log(10.0)))
 _unary("SignBackward0", lambda c: 0)                          # piecewise constant: no edge
+
+
+def _sgn_grad(c):
+    """torch.sgn of a real tensor is sign(x): piecewise constant, no edge (torch's
+    backward gives 0 there too). Complex sgn (x/|x|) has no rule."""
+    if c.saved("self", cast=False).is_complex():
+        raise GraphError("SgnBackward0: torch.sgn of a complex tensor has no rule (complex graphs are not "
+                         "supported)")
+    return 0
+
+
+_unary("SgnBackward0", _sgn_grad)
+# erfinv'(x) = √π/2 · exp(erfinv(x)²)
+_unary("ErfinvBackward0", lambda c: 0.5 * math.sqrt(math.pi) * torch.exp(torch.erfinv(c.saved("self")) ** 2))
 _unary("NanToNumBackward0", lambda c: torch.isfinite(c.saved("self")).to(c.dtype))
 _unary("AtanBackward0", lambda c: 1.0 / (1 + c.saved("self") ** 2))
 _unary("ErfcBackward0", lambda c: -2 / math.sqrt(math.pi) * torch.exp(-c.saved("self") ** 2))
@@ -529,4 +544,26 @@ def clamp_tensor(ctx):
     if ctx.n_inputs > 2 and ctx.needs[2] and hi is not None:
         sel = x > hi if lo is None else (x > hi) | (hi < lo)
         out[2] = _pull(ctx, 2, sel.to(ctx.dtype))
+    return out
+
+
+@rule("XlogyBackward0", "XlogyBackward1", "XlogyBackward2",
+      "SpecialXlog1PyBackward0", "SpecialXlog1PyBackward1", "SpecialXlog1PyBackward2")
+def xlogy(ctx):
+    """out = x·log y (xlogy; ``F.kl_div`` records it) or x·log1p(y) (xlog1py):
+    x edge log y (log1p y), none where x = 0 and y ≤ 0 (y ≤ −1), torch's
+    convention; y edge x/y (x/(1 + y)). Backward1 (x a number) has y alone as
+    input, Backward2 (y a number) x alone."""
+    log1p = ctx.name.startswith("SpecialXlog1Py")
+    x, y = ctx.tensor(ctx.saved("self")), ctx.tensor(ctx.saved("other"))
+    which = ctx.name[-1]
+    slots = {"0": (0, 1), "1": (None, 0), "2": (0, None)}[which]
+    out = [None] * ctx.n_inputs
+    ix, iy = slots
+    if ix is not None and ctx.needs[ix]:
+        w = torch.special.xlog1py(torch.ones_like(y), y) if log1p else torch.xlogy(torch.ones_like(y), y)
+        w = torch.where((x == 0) & (y <= (-1.0 if log1p else 0.0)), 0.0, w)
+        out[ix] = _pull(ctx, ix, w)
+    if iy is not None and ctx.needs[iy]:
+        out[iy] = _pull(ctx, iy, x / (y + 1) if log1p else x / y)
     return out

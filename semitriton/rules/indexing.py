@@ -181,6 +181,74 @@ def scatter(ctx):
     return out
 
 
+def _scatter_reduce_weights(x, src, index, dim: int, reduce: str, include_self: bool, result):
+    """Edge weights of out = x.scatter_reduce(dim, index, src, reduce,
+    include_self): (x[p] -> out[p], src[q] -> out[q with index[q] along dim]),
+    torch's ``scatter_reduce_backward`` with a unit gradient."""
+    if reduce == "sum":
+        wx, ws = torch.ones_like(x), torch.ones_like(src)
+    elif reduce == "mean":
+        n = (torch.ones_like(x) if include_self else torch.zeros_like(x)).scatter_add(dim, index, torch.ones_like(src))
+        inv = 1.0 / n.masked_fill(n == 0, 1)
+        wx, ws = inv, inv.gather(dim, index)
+    elif reduce == "prod":
+        # the product of the others, also where x or src hold zeros (one zero in src: the
+        # product of the rest, recomputed; two or more at one position: 0)
+        masked_x = x.masked_fill(x == 0, 1)
+        wx = masked_x.scatter_reduce(dim, index, src, "prod", include_self=include_self) / masked_x
+        src_zero = src == 0
+        zeros_at = torch.zeros_like(x).scatter_add(dim, index, src_zero.to(x.dtype)).gather(dim, index)
+        single = src_zero & (zeros_at == 1)
+        rest = x.scatter_reduce(dim, index, src.masked_fill(single, 1), "prod", include_self=include_self)
+        ws = torch.where(single, rest.gather(dim, index), result.gather(dim, index) / src.masked_fill(src_zero, 1))
+    elif reduce in ("amax", "amin"):
+        # ties at the extreme share 1/count (x counts as a tie where it equals the
+        # result, also with include_self=False: torch's backward)
+        value = result.gather(dim, index)
+        x_hit, src_hit = (x == result).to(x.dtype), (src == value).to(x.dtype)
+        share = 1.0 / x_hit.scatter_add(dim, index, src_hit)
+        wx, ws = x_hit * share, src_hit * share.gather(dim, index)
+    else:
+        raise GraphError(f"ScatterReduceBackward0: reduce={reduce!r} has no rule")
+    if not include_self:
+        wx = wx.scatter(dim, index, 0)
+    return wx, ws
+
+
+@rule("ScatterReduceBackward0")
+def scatter_reduce(ctx):
+    """out = x.scatter_reduce(dim, index, src, reduce, include_self): x[p] ->
+    out[p] and src[q] -> out[q with index[q] along dim], one edge each, of
+    the weights of torch's backward: "sum" 1; "mean" 1/count (count = the
+    sources at the position, + 1 for x with include_self); "prod" the
+    product of the others (exact at zeros); "amax"/"amin" 1/ties to each
+    element equal to the result (none to the others). With
+    include_self=False the written positions have no edge from x."""
+    out = [None] * ctx.n_inputs
+    if not any(ctx.needs):
+        return out
+    sr = ctx.sr
+    v = ctx.grad()
+    x, src, result = ctx.saved("self"), ctx.saved("src"), ctx.saved("result")
+    index = ctx.saved("index").to(x.device)
+    if x.dim() == 0:                                  # a 0-dim scatter: one position
+        x, result = x.reshape(1), result.reshape(1)
+        index, src = index.reshape(-1), src.reshape(-1)
+        v = sr.map(v, lambda c: c.reshape(1))
+    dim = ctx.saved("dim") % x.dim()
+    if tuple(index.shape) != tuple(src.shape):
+        raise GraphError(f"{ctx.name}: src {tuple(src.shape)} is larger than index {tuple(index.shape)} "
+                         "(torch's own backward refuses this too); pass src[..., :k] with index's shape")
+    wx, ws = _scatter_reduce_weights(x, src, index, dim, str(ctx.saved("reduce")), bool(ctx.saved("include_self")),
+                                     result)
+    if ctx.needs[0]:
+        out[0] = sr.map(sr.scale(v, wx), lambda c: c.reshape(ctx.input_shape(0)))
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        vs = sr.map(v, lambda c: c.gather(dim, index))
+        out[1] = sr.map(sr.scale(vs, ws), lambda c: c.reshape(ctx.input_shape(1)))
+    return out
+
+
 #: the probe results' dtypes whose rounding the routing check below can tell from a second edge
 _PROBE_DTYPES = {torch.float64: 1e-9, torch.float32: 2e-5}
 _DIGIT = 16

@@ -167,8 +167,12 @@ def _join_outputs(ctx: RuleContext, dim: int, stack: bool = False):
     return tuple(torch.cat(cs, dim) for cs in zip(*parts))
 
 
-@rule("SplitBackward0", "SplitWithSizesBackward0", "SplitBackward1", "SplitWithSizesBackward1")
+@rule("SplitBackward0", "SplitWithSizesBackward0", "SplitBackward1", "SplitWithSizesBackward1",
+      "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0")
 def split(ctx):
+    """split / split_with_sizes / chunk (and their ``unsafe_`` forms, which
+    nn.GRU, nn.LSTMCell and nn.GRUCell record): weight-1 edges, the outputs'
+    values joined back along dim (an output nothing reached reads zero)."""
     if not ctx.needs[0]:
         return [None]
     shape = tuple(ctx.saved("self_sym_sizes"))
