@@ -197,6 +197,14 @@ _OPAQUE_HINTS = {
         "whose region keeps no graph until its own backward runs (torch.autograd.grad refuses it too); "
         "use use_reentrant=False (model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
         "{'use_reentrant': False})), which semitriton walks, or turn checkpointing off"),
+    "MkldnnRnnLayerBackward0": (
+        "the recurrent layer (nn.LSTM/nn.GRU/nn.RNN) ran as one fused oneDNN kernel, with no per-op "
+        "derivatives to read; run the forward under torch.backends.mkldnn.flags(enabled=False), which "
+        "records the cells as ordinary ops that semitriton walks"),
+    "CudnnRnnBackward0": (
+        "the recurrent layer (nn.LSTM/nn.GRU/nn.RNN) ran as one fused cuDNN kernel, with no per-op "
+        "derivatives to read; run the recurrent part on the CPU under torch.backends.mkldnn.flags("
+        "enabled=False), which records the cells as ordinary ops that semitriton walks"),
 }
 
 

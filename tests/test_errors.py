@@ -248,6 +248,27 @@ def test_non_reentrant_checkpointing_gives_the_unchecked_statistics(semiring):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_a_fused_onednn_lstm_is_refused_with_the_way_out():
+    """nn.LSTM in float32 on the CPU is one oneDNN node; with oneDNN off the
+    cells are ordinary ops, walked (real equals autograd)."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 5, batch_first=True)
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    out = lstm(x)[0].sum()
+    if "MkldnnRnnLayerBackward0" not in repr(out.grad_fn.next_functions[0][0].next_functions):
+        pytest.skip("this torch does not record the oneDNN RNN node")
+    with pytest.raises(UnsupportedNodeError, match=r"MkldnnRnnLayerBackward0.*mkldnn\.flags\(enabled=False\)"):
+        semitriton.grad(out, x, semiring="abs")
+    with torch.backends.mkldnn.flags(enabled=False):
+        out = lstm(x)[0].sum()
+    (got,) = semitriton.grad(out, x, semiring="real", fast_real=False)
+    (want,) = torch.autograd.grad(out, x, retain_graph=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (flow,) = semitriton.grad(out, x, semiring="abs")
+    assert bool((flow >= want.abs() * (1 - 1e-5)).all())      # Σ|Π w| ≥ |Σ Π w|
+
+
 def test_a_compiled_region_is_refused_with_the_way_out():
     m = torch.compile(_mlp(), backend="aot_eager")
     x = torch.randn(2, 4, requires_grad=True)
