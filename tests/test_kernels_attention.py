@@ -200,6 +200,43 @@ def test_kernel_matches_reference(semiring, case):
         compare(semiring, a, b, f"{semiring}/{case}/{name}")
 
 
+def _allocated_bytes(fn) -> int:
+    """Bytes torch allocates on the CPU while ``fn`` runs (top-level ops,
+    from the profiler's memory records)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0 and e.cpu_parent is None)
+
+
+@cpu_only
+@pytest.mark.parametrize("semiring,bias", [(s, False) for s in SEMIRINGS] + [("entropy", True)])
+def test_memory_is_linear_in_the_sequence_length(semiring, bias):
+    """The fused backward recomputes P block by block: what it allocates
+    doubles when T doubles (a [B, H, T, T] buffer would quadruple it; the
+    torch reference, which holds P, is the control that the measure sees
+    such a buffer). A float bias [1, 1, T, T] is the caller's, read in place."""
+    def run(T, kernel):
+        g = torch.Generator().manual_seed(3)
+        B, H, HK, D = 1, 4, 2, 16
+        q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (H, HK, HK))
+        vo = make_vo(semiring, (B, H, T, D), g)
+        b = torch.randn(1, 1, T, T, generator=g) if bias else None
+        if kernel:
+            def call():
+                assert KERNELS[("attention", semiring)](vo, q, k, v, b, not bias, 0.25, (True, True, True)) \
+                    is not NotImplemented
+        else:
+            def call():
+                with semitriton.use_backend("torch"):
+                    get(semiring).attention(vo, q, k, v, b, not bias, 0.25, (True, True, True))
+        return _allocated_bytes(call)
+    small, large = run(32, True), run(64, True)
+    assert large <= 2.25 * small, (small, large)
+    ref_small, ref_large = run(32, False), run(64, False)
+    assert ref_large >= 3 * ref_small, (ref_small, ref_large)          # the control: P is [B, H, T, T]
+
+
 @cpu_only
 @pytest.mark.parametrize("needs", [(True, False, True), (False, True, False), (False, False, True)],
                          ids=["qv", "k", "v"])
