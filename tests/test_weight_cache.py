@@ -63,3 +63,45 @@ def test_identity_transform_is_not_copied_or_cached():
     h = weight(w.to(torch.bfloat16), "same", torch.float32)
     assert h.dtype == torch.float32
     weight_cache.clear()
+
+
+def test_the_triton_matmuls_transform_each_weight_once(monkeypatch):
+    """On the Triton backend, the per-weight transforms the matmul kernels ask
+    for (|W|, −|W|log|W|, log|W|) are computed once per weight over several
+    passes and served from the cache after that (a kernel that bypassed the
+    cache, or a key that changed per call, would compute them every pass)."""
+    import os
+    import collections
+    import pytest
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs TRITON_INTERPRET=1 (the CPU kernel tests)")
+    pytest.importorskip("triton")
+    pytest.importorskip("transformers")
+    import semitriton
+    from hf_models import build, embeds_and_output
+    computed, served = collections.Counter(), collections.Counter()
+    real_transform = weight_cache.transform
+
+    def counting(t, name, fn):
+        key = (t.data_ptr(), tuple(t.shape), name)
+        served[key] += 1
+
+        def counted(x):
+            computed[key] += 1
+            return fn(x)
+        return real_transform(t, name, counted)
+    monkeypatch.setattr(weight_cache, "transform", counting)
+    model = semitriton.patch(build("bert"))
+    params = {p.data_ptr() for p in model.parameters()}
+    ids = torch.tensor([[3, 5, 7, 9, 11, 2]])
+    for semiring in ("entropy", "maxabs"):
+        weight_cache.clear()
+        computed.clear()
+        served.clear()
+        for _ in range(3):
+            emb, score = embeds_and_output(model, "bert", ids)
+            semitriton.grad(score, emb, semiring=semiring, backend="triton")
+        keys = [k for k in served if k[0] in params]
+        assert keys, f"{semiring}: no weight transform was asked for"
+        assert all(computed[k] == 1 for k in keys), {k: computed[k] for k in keys if computed[k] != 1}
+        assert all(served[k] >= 3 for k in keys)                     # asked for in every pass
