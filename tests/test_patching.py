@@ -88,6 +88,31 @@ def test_summary_lists_what_was_swapped(capsys):
     assert semitriton.patch_summary(gpt)["swapped"] == {"NewGELUActivation": 2}
 
 
+@pytest.mark.parametrize("kind,norm", [("qwen2", "Qwen2RMSNorm"), ("mistral", "MistralRMSNorm"),
+                                       ("gemma", "GemmaRMSNorm")])
+def test_rms_norms_of_llama_relatives_are_swapped(kind, norm):
+    """Every RMS norm of the model (2 per layer and the final one) becomes
+    semitriton's one-node norm, and each attention one fused node: the
+    patched graph holds no composed norm (pow/rsqrt) or softmax nodes."""
+    model = semitriton.patch(_model(kind))
+    s = semitriton.patch_summary(model)
+    assert s["swapped"].get(norm) == 5 and s["attention_modules"] == 2, s
+    assert not any(type(m).__name__ == norm for m in model.modules())
+    emb = model.get_input_embeddings()(IDS).detach().requires_grad_()
+    out = model(inputs_embeds=emb, attention_mask=MASK).logits.sum()
+    names, stack, seen = [], [out.grad_fn], set()
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        names.append(type(n).__name__)
+        stack += [f for f, _ in n.next_functions]
+    assert not {"PowBackward0", "RsqrtBackward0", "SoftmaxBackward0", "ScaledDotProductEfficientAttentionBackward0",
+                "ScaledDotProductFlashAttentionForCpuBackward0"} & set(names), sorted(set(names))
+    assert sum("RMSNorm" in n for n in names) == 5 and sum("Attention" in n for n in names) == 2, sorted(set(names))
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama", "gemma"])
 def test_training_backward_still_correct(kind):
     model = _model(kind).train()
@@ -217,7 +242,8 @@ def _canonical_program(x0, w, eps, gelu_mod):
 #: module (Phi3, Gemma3 with 1 + weight, T5's "LayerNorm"): (module, class, γ offset)
 RMS_NORMS = {"nn.RMSNorm": (None, "RMSNorm", 0.0), "LlamaRMSNorm": ("llama", "LlamaRMSNorm", 0.0),
              "Phi3RMSNorm": ("phi3", "Phi3RMSNorm", 0.0), "Gemma3RMSNorm": ("gemma3", "Gemma3RMSNorm", 1.0),
-             "T5LayerNorm": ("t5", "T5LayerNorm", 0.0)}
+             "T5LayerNorm": ("t5", "T5LayerNorm", 0.0), "Qwen2RMSNorm": ("qwen2", "Qwen2RMSNorm", 0.0),
+             "MistralRMSNorm": ("mistral", "MistralRMSNorm", 0.0), "GemmaRMSNorm": ("gemma", "GemmaRMSNorm", 1.0)}
 
 
 @pytest.mark.parametrize("norm", list(RMS_NORMS))
