@@ -71,8 +71,12 @@ def test_outputs_equal_and_unpatch_restores(kind, attn):
     # patching twice changes nothing
     mods = dict(model.named_modules())
     semitriton.patch(model)
+    assert list(dict(model.named_modules())) == list(mods)
     assert all(mods[k] is v for k, v in model.named_modules())
+    assert semitriton.patch_summary(model) == summary
+    assert torch.equal(_logits(model), after)
     semitriton.unpatch(model)
+    assert list(dict(model.named_modules())) == list(modules_before)
     assert all(modules_before[k] is v for k, v in model.named_modules())
     assert model.config._attn_implementation == impl_before
     assert torch.equal(_logits(model), before)
@@ -219,8 +223,13 @@ def test_half_precision_models(kind, dtype):
     semitriton.patch(model)
     after = _logits(model)
     assert after.dtype == dtype
-    torch.testing.assert_close(after, before, rtol=2e-2, atol=2e-2)
+    # the same ops in the same dtype: equal up to one rounding of the largest logit
+    torch.testing.assert_close(after, before, rtol=0, atol=torch.finfo(dtype).eps * before.abs().max().item())
     emb, score = embeds_and_output(model, kind, IDS, MASK)
+    (walked,) = semitriton.grad(score, emb, semiring="real")             # a half graph: walked in float32
+    (ref,) = torch.autograd.grad(score, emb, torch.ones_like(score), retain_graph=True)   # torch's, in half
+    assert walked.dtype == torch.float32
+    torch.testing.assert_close(walked, ref.float(), rtol=0, atol=3e-2 * ref.abs().max().item())
     (flow,) = semitriton.grad(score, emb, semiring="abs")
     has_path = flow > 0
     for semiring in SEMIRINGS:
@@ -363,8 +372,27 @@ def test_nn_rmsnorm_and_custom_modules():
     torch.testing.assert_close(after, before)
     (g,) = semitriton.grad(after.sum(), x, fast_real=False)
     torch.testing.assert_close(g, torch.autograd.grad(before.sum(), x)[0], rtol=1e-5, atol=1e-6)
+    # every semiring against the oracle: the swapped RMSNorm one primitive,
+    # the custom module's tanh(x)·x two edges (through tanh and directly)
+    model = model.double()
+    x0 = torch.randn(3, 5, dtype=torch.float64)
+    xd = x0.clone().requires_grad_()
+    out = model(xd).sum()
+    (W1, b1), rms_w, (W2, b2) = (model[0].weight.detach(), model[0].bias.detach()), model[1].weight.detach(), \
+        (model[3].weight.detach(), model[3].bias.detach())
+    eps = torch.finfo(torch.float64).eps if model[1].eps is None else model[1].eps
+    steps = [
+        Step("h", lambda t: t @ W1.T + b1, ("x",)),
+        Step("n", lambda t: rms_w * t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps), ("h",)),
+        Step("th", torch.tanh, ("n",)),
+        Step("c", lambda a, b: a * b, ("th", "n")),
+        Step("y", lambda t: t @ W2.T + b2, ("c",)),
+        Step("out", lambda t: t.sum(), ("y",)),
+    ]
     for s in SEMIRINGS:
-        assert torch.isfinite(semitriton.grad(after.sum(), x, semiring=s)[0]).all()
+        (got,) = semitriton.grad(out, xd, semiring=s)
+        expected = oracle(Program("custom", {"x": x0}, steps, engine=None), s)["x"]
+        assert_semiring_close(got, expected, s, 1e-9, f"patched custom model/{s}")
 
 
 def test_unsupported_node_inside_patched_model_names_module():
