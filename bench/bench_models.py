@@ -280,8 +280,10 @@ def run_config(name, dtype, dev, quick, semirings, log, linear=False, reps=5, on
                 (a,) = _grad(score, emb, s, backend="triton")
                 (b,) = _grad(score, emb, s, backend="torch")
                 row["triton_vs_torch_rel_err"], row["triton_vs_torch_same_infinities"] = rel_err(a, b, s)
+            pk, po = row.get("peak_ratio"), row.get("python_overhead_ms")
             log(f"  {s:8s} fwd+bwd {ms:8.2f} ms  backward ratio {row['ratio']:.2f} (target {TARGETS[s]})  "
-                f"peak {row.get('peak_ratio') or 0:.2f}x  python overhead {row.get('python_overhead_ms') or 0:.1f} ms"
+                f"peak {'-' if pk is None else f'{pk:.2f}x'}  "
+                f"python overhead {'-' if po is None else f'{po:.1f} ms'}"
                 f"  triton-vs-torch {row.get('triton_vs_torch_rel_err', float('nan')):.1e}")
         except Exception as exc:                      # record and go on
             _failed(row, exc, f"  {s:8s}", log)
