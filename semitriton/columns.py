@@ -9,12 +9,18 @@ For the nodes a top path crosses most, the column is known in closed form:
 - index maps (view, reshape, clone, squeeze/unsqueeze, transpose, permute,
   select, slice): x feeds at most one u, with weight 1;
 - ``Y = A @ B`` (mm, addmm): A[i, j] feeds Y[i, :] with weights α·B[j, :],
-  B[j, k] feeds Y[:, k] with weights α·A[:, j].
+  B[j, k] feeds Y[:, k] with weights α·A[:, j];
+- ``a + α·b`` / ``a − α·b`` of same-shaped tensors: one edge (1, ±α);
+- the canonical RMS norm (``patch``'s one-node norm): x_i feeds its row's
+  y_j with γ_j r (δ_ij − x̂_i x̂_j / n), the diagonal formed without
+  cancellation as the semirings form it (``Semiring.rms_factors``).
 
 :func:`structural_column` returns those in ``_column``'s format, or None
 where the node is not one of them (or does not carry what is needed), and
 the generic path runs. The entries equal the generic ones exactly (the real
-rule on ones multiplies each weight by 1).
+rule on ones multiplies each weight by 1), except the RMS norm's, which are
+the same Jacobian rounded once per entry (the real rule's diagonal cancels
+where one element dominates its row).
 """
 
 from __future__ import annotations
@@ -119,12 +125,61 @@ _INDEX_MAPS = _IDENTITY | {"TBackward0", "TransposeBackward0", "PermuteBackward0
                            "SliceBackward0"}
 
 
-def structural_column(node, slot: int, flat: int) -> Optional[Column]:
+def _input_meta_shape(node, slot: int) -> Optional[tuple]:
+    fn, nr = node.next_functions[slot]
+    if fn is None:
+        return None
+    if hasattr(fn, "variable"):
+        return tuple(fn.variable.shape)
+    return tuple(fn._input_metadata[nr].shape)
+
+
+def _add(node, name: str, slot: int, flat: int) -> Optional[Column]:
+    """a ± α·b: one edge per element where the input has the output's shape."""
+    out_shape = tuple(node._input_metadata[0].shape)
+    if _input_meta_shape(node, slot) != out_shape:
+        return None                                      # broadcast: the generic column
+    if slot == 0:
+        w = 1.0
+    else:
+        alpha = _signed(getattr(node, "_saved_alpha", 1))
+        if not isinstance(alpha, (int, float)):
+            return None
+        w = float(alpha) * (-1.0 if name == "SubBackward0" else 1.0)
+    if w == 0:
+        return []
+    return [(0, torch.tensor([flat], dtype=torch.long), torch.tensor([w], dtype=torch.float64))]
+
+
+def _rms_norm(node, slot: int, flat: int, dtype: torch.dtype) -> Optional[Column]:
+    """Row of x_i in the canonical RMS norm: weights to y_j of its row."""
+    from .fused._saved import saved_tensors
+    from .fused.rms_norm import CanonicalRMSNorm
+    from .semirings.base import Semiring, rms_norm_rows
+    if slot != 0 or getattr(node, "_forward_cls", None) is not CanonicalRMSNorm:
+        return None
+    x, weight = saved_tensors(node)
+    n = x.shape[-1]
+    r, i = divmod(flat, n)
+    xhat, rstd = rms_norm_rows(x.reshape(-1, n)[r:r + 1], node.eps, dtype)
+    gamma = None if weight is None else weight.to(dtype) + node.offset
+    d, a, b = Semiring.rms_factors(xhat, rstd, gamma, dtype, node.eps)
+    w = (a[0, i] * b[0]).expand(n).clone()
+    w[i] = d[0, i]
+    return _nonzero(0, r * n + torch.arange(n), w)
+
+
+def structural_column(node, slot: int, flat: int, dtype: torch.dtype = torch.float64) -> Optional[Column]:
     """Non-zero J[u, x] of input ``slot``'s element ``flat`` of ``node`` for
-    index maps and matrix products, read off the saved attributes; None
+    the nodes listed in the module docstring, read off the saved attributes
+    (``dtype``: the pass's compute dtype, for the RMS norm's weights); None
     where the generic column is needed."""
     name = type(node).__name__
     try:
+        if name in ("AddBackward0", "SubBackward0"):
+            return _add(node, name, slot, flat)
+        if name == "CanonicalRMSNormBackward":
+            return _rms_norm(node, slot, flat, dtype)
         if name in _INDEX_MAPS:
             metas = node._input_metadata
             if slot != 0 or len(metas) != 1:

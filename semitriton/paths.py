@@ -264,7 +264,7 @@ class PathGraph:
         col = self._columns.get(key)
         if col is not None:
             return col
-        col = structural_column(node, slot, flat)
+        col = structural_column(node, slot, flat, self.dtype)
         if col is not None:
             self._columns[key] = col
             return col
