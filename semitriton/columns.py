@@ -11,6 +11,7 @@ For the nodes a top path crosses most, the column is known in closed form:
 - ``Y = A @ B`` (mm, addmm): A[i, j] feeds Y[i, :] with weights α·B[j, :],
   B[j, k] feeds Y[:, k] with weights α·A[:, j];
 - ``a + α·b`` / ``a − α·b`` of same-shaped tensors: one edge (1, ±α);
+- layer norm: x_i feeds its row's y_j with γ_j r (δ_ij − (1 + x̂_i x̂_j)/n);
 - the canonical RMS norm (``patch``'s one-node norm): x_i feeds its row's
   y_j with γ_j r (δ_ij − x̂_i x̂_j / n), the diagonal formed without
   cancellation as the semirings form it (``Semiring.rms_factors``).
@@ -18,9 +19,9 @@ For the nodes a top path crosses most, the column is known in closed form:
 :func:`structural_column` returns those in ``_column``'s format, or None
 where the node is not one of them (or does not carry what is needed), and
 the generic path runs. The entries equal the generic ones exactly (the real
-rule on ones multiplies each weight by 1), except the RMS norm's, which are
-the same Jacobian rounded once per entry (the real rule's diagonal cancels
-where one element dominates its row).
+rule on ones multiplies each weight by 1), except the norms', which are the
+same Jacobian rounded once per entry (the RMS norm's diagonal without the
+cancellation the real rule has where one element dominates its row).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ import torch
 from .rules import _signed
 
 Column = list            # [(output slot, LongTensor of flat output indices, float64 weights)]
+
+#: False: every column takes the generic path (benchmarks compare the two)
+ENABLED = True
 
 _IDENTITY = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0",
                        "CloneBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1",
@@ -169,17 +173,37 @@ def _rms_norm(node, slot: int, flat: int, dtype: torch.dtype) -> Optional[Column
     return _nonzero(0, r * n + torch.arange(n), w)
 
 
+def _layer_norm(node, slot: int, flat: int, dtype: torch.dtype) -> Optional[Column]:
+    """Row of x_i in ``F.layer_norm``: weights to y_j of its row."""
+    if slot != 0:
+        return None
+    x = node._saved_input
+    n = math.prod(int(d) for d in _signed(tuple(node._saved_normalized_shape)))
+    r, i = divmod(flat, n)
+    rs = node._saved_result2.reshape(-1)[r].to(dtype)
+    xh = (x.reshape(-1, n)[r].to(dtype) - node._saved_result1.reshape(-1)[r].to(dtype)) * rs
+    weight = node._saved_weight
+    g = torch.ones(n, dtype=dtype, device=x.device) if weight is None else weight.reshape(n).to(dtype)
+    w = -(g * rs) * (1 + xh[i] * xh) / n
+    w[i] = w[i] + g[i] * rs
+    return _nonzero(0, r * n + torch.arange(n), w)
+
+
 def structural_column(node, slot: int, flat: int, dtype: torch.dtype = torch.float64) -> Optional[Column]:
     """Non-zero J[u, x] of input ``slot``'s element ``flat`` of ``node`` for
     the nodes listed in the module docstring, read off the saved attributes
     (``dtype``: the pass's compute dtype, for the RMS norm's weights); None
     where the generic column is needed."""
+    if not ENABLED:
+        return None
     name = type(node).__name__
     try:
         if name in ("AddBackward0", "SubBackward0"):
             return _add(node, name, slot, flat)
         if name == "CanonicalRMSNormBackward":
             return _rms_norm(node, slot, flat, dtype)
+        if name == "NativeLayerNormBackward0":
+            return _layer_norm(node, slot, flat, dtype)
         if name in _INDEX_MAPS:
             metas = node._input_metadata
             if slot != 0 or len(metas) != 1:
