@@ -1,6 +1,6 @@
 """Reproduce the synthetic experiment of Du et al. (ACL 2023) with exact top paths.
 
-    python examples/first_token_repeated.py            # full: 10,000 examples, ~1 min training on 2 CPU cores
+    python examples/first_token_repeated.py            # full: 10,000 examples, ~10 s training on 2 CPU cores
     python examples/first_token_repeated.py --quick    # 2,000 examples, seconds
 
 Trains (or loads from the cache) a 1-layer BERT on FirstTokenRepeatedOnce,

@@ -137,6 +137,9 @@ def test_out_with_missing_parents_is_made(causal_dir, tmp_path, capsys):
                  "--foil", " is", "--out", str(out)]) == 0
     assert (out / "analysis.json").is_file()
     assert [p.name for p in out.parent.iterdir()] == ["o"]          # no temporary directory left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~umask)         # a new directory's mode, not mkdtemp's 0700
     # a parent that is a file is a usage error, and nothing is made
     (tmp_path / "file").write_text("x")
     _one_line_error(capsys, _run(["sva", "--model", causal_dir, "--n", "2", "--out", str(tmp_path / "file" / "a" / "o")]),
