@@ -5,6 +5,21 @@ from __future__ import annotations
 import json
 
 
+def cpu_device() -> str:
+    """The CPU's model name, torch's thread count and version (the device
+    column of the CPU benchmarks)."""
+    import platform
+
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 def save_json(path, device: str, date: str, rows: list, autotune: dict | None = None) -> None:
     """The rows so far (and, if given, the autotuner's measurements as
     [{"key", "candidates": [[config, ms], ...]}]), so that a run cut off by a

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _output import finish, save_json  # noqa: E402
+from _output import cpu_device, finish, save_json  # noqa: E402
 
 SEMIRINGS = ("abs", "entropy", "maxabs", "max")
 
@@ -87,13 +86,7 @@ def main(argv=None) -> int:
     import semitriton
     from semitriton.semirings import _cpu_compiled
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    device = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    device = cpu_device()
     date = time.strftime("%Y-%m-%d")
     rows = []
     for name in args.models.split(","):

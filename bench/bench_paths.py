@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _output import finish, save_json  # noqa: E402
+from _output import cpu_device, finish, save_json  # noqa: E402
 from bench_cpu import build  # noqa: E402
 
 
@@ -90,14 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
-    import platform
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    device = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    device = cpu_device()
     date = time.strftime("%Y-%m-%d")
     rows = []
     for name in args.models.split(","):

@@ -17,6 +17,12 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 SEMIRINGS = ("real", "abs", "max", "maxabs", "entropy")
+
+
+def triton_ok() -> bool:
+    """Whether the Triton backend can run here: a GPU, or the interpreter."""
+    from semitriton import backend
+    return backend.triton_available() and (torch.cuda.is_available() or backend.interpreting())
 NORMWISE = {"real", "entropy"}
 
 

@@ -114,9 +114,7 @@ def test_cat_of_several_constants():
 
 
 # ---- one-step programs against the oracle, grouped matmuls, mixture-of-experts models ------------
-import numpy as np  # noqa: E402
-
-from conftest import SEMIRINGS, assert_semiring_close  # noqa: E402
+from conftest import SEMIRINGS, assert_semiring_close, triton_ok  # noqa: E402
 from oracle import Program, Step, oracle  # noqa: E402
 
 _G = torch.Generator().manual_seed(5)
@@ -347,11 +345,6 @@ ONE_STEP_OPS.update({
 })
 
 
-def _triton_ok():
-    from semitriton import backend
-    return backend.triton_available() and (torch.cuda.is_available() or backend.interpreting())
-
-
 @pytest.mark.parametrize("backend,dtype,tol", [("torch", torch.float64, 1e-12), ("triton", torch.float32, 2e-4)],
                          ids=["torch-f64", "triton-f32"])
 @pytest.mark.parametrize("semiring", SEMIRINGS)
@@ -368,7 +361,7 @@ def test_aten_ops_against_the_oracle(name, semiring, backend, dtype, tol):
     w = torch.randn(fn(*inputs.values()).shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     steps = [Step("z", fn, used), Step("out", lambda z: (z * w).sum(), ("z",))]
     prog = Program(name, inputs, steps, engine=None)
-    if backend == "triton" and not _triton_ok():
+    if backend == "triton" and not triton_ok():
         pytest.skip("triton unavailable (or no GPU and TRITON_INTERPRET unset)")
     want = oracle(prog, semiring)
     dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"

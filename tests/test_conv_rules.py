@@ -12,13 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import semitriton
-from conftest import SEMIRINGS, assert_semiring_close
+from conftest import SEMIRINGS, assert_semiring_close, triton_ok
 from oracle import Program, Step, oracle
-
-
-def _triton_ok():
-    from semitriton import backend
-    return backend.triton_available() and (torch.cuda.is_available() or backend.interpreting())
 
 
 def _kw(semiring):
@@ -72,7 +67,7 @@ def test_cnn_real_equals_autograd():
                          ids=["torch-f64", "triton-f32"])
 @pytest.mark.parametrize("semiring", SEMIRINGS)
 def test_cnn_against_the_oracle(semiring, backend, dtype, tol):
-    if backend == "triton" and not _triton_ok():
+    if backend == "triton" and not triton_ok():
         pytest.skip("triton unavailable (or no GPU and TRITON_INTERPRET unset)")
     model, x, w = _cnn()
     want = oracle(_cnn_program(model, x, w), semiring)["x"]

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import semitriton
-from conftest import SEMIRINGS, assert_semiring_close
+from conftest import SEMIRINGS, assert_semiring_close, triton_ok
 from oracle import Program, Step, oracle
 
 _G = torch.Generator().manual_seed(31)
@@ -297,11 +297,6 @@ def _node_names(out):
     return names
 
 
-def _triton_ok():
-    from semitriton import backend
-    return backend.triton_available() and (torch.cuda.is_available() or backend.interpreting())
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_real_walk_equals_autograd(name):
     """The real semiring walked rule by rule (fast_real=False) is torch.autograd.grad."""
@@ -318,7 +313,7 @@ def test_real_walk_equals_autograd(name):
 @pytest.mark.parametrize("semiring", SEMIRINGS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_against_the_oracle(name, semiring, backend, dtype, tol):
-    if backend == "triton" and not _triton_ok():
+    if backend == "triton" and not triton_ok():
         pytest.skip("triton unavailable (or no GPU and TRITON_INTERPRET unset)")
     want = _want(name, semiring)
     dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import semitriton
-from conftest import SEMIRINGS, assert_semiring_close
+from conftest import SEMIRINGS, assert_semiring_close, triton_ok
 from oracle import brute_force, enumerate_paths, oracle, run_steps
 from programs import all_programs, intermediate_input, mha, residual_mlp
 
@@ -27,11 +27,6 @@ def test_programs_agree_forward(prog):
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
-def _triton_ok():
-    from semitriton import backend
-    return backend.triton_available() and (torch.cuda.is_available() or backend.interpreting())
-
-
 BACKENDS = [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32)]
 
 
@@ -39,7 +34,7 @@ BACKENDS = [("torch", torch.float64), ("torch", torch.float32), ("triton", torch
 @pytest.mark.parametrize("semiring", SEMIRINGS)
 @pytest.mark.parametrize("prog", PROGRAMS, ids=[p.name for p in PROGRAMS])
 def test_engine_matches_oracle(prog, semiring, backend, dtype):
-    if backend == "triton" and not _triton_ok():
+    if backend == "triton" and not triton_ok():
         pytest.skip("triton unavailable (or no GPU and TRITON_INTERPRET unset)")
     expected = oracle(prog, semiring, token=True)
     vals, out = _engine(prog, semiring, dtype, backend=backend)

@@ -103,15 +103,7 @@ def test_rms_norms_of_llama_relatives_are_swapped(kind, norm):
     assert s["swapped"].get(norm) == 5 and s["attention_modules"] == 2, s
     assert not any(type(m).__name__ == norm for m in model.modules())
     emb = model.get_input_embeddings()(IDS).detach().requires_grad_()
-    out = model(inputs_embeds=emb, attention_mask=MASK).logits.sum()
-    names, stack, seen = [], [out.grad_fn], set()
-    while stack:
-        n = stack.pop()
-        if n is None or n in seen:
-            continue
-        seen.add(n)
-        names.append(type(n).__name__)
-        stack += [f for f, _ in n.next_functions]
+    names = _node_types(model(inputs_embeds=emb, attention_mask=MASK).logits.sum())
     assert not {"PowBackward0", "RsqrtBackward0", "SoftmaxBackward0", "ScaledDotProductEfficientAttentionBackward0",
                 "ScaledDotProductFlashAttentionForCpuBackward0"} & set(names), sorted(set(names))
     assert sum("RMSNorm" in n for n in names) == 5 and sum("Attention" in n for n in names) == 2, sorted(set(names))

@@ -294,15 +294,6 @@ def test_op_kind_names():
     assert op_kind("TBackward0") == "t"
 
 
-def _input_shape(node, slot):
-    fn, nr = node.next_functions[slot]
-    if fn is None:
-        return None
-    if hasattr(fn, "variable"):
-        return tuple(fn.variable.shape)
-    return tuple(fn._input_metadata[nr].shape)
-
-
 def _normalised(col):
     out = {}
     for o, u, w in col:
@@ -347,7 +338,7 @@ def test_structural_columns_equal_the_generic_ones(dtype, monkeypatch):
         if not pg.graph.consumers.get((node, 0)) and node is not out.grad_fn:
             continue                                     # not between x and out: never searched
         for slot in range(len(node.next_functions)):
-            shape = _input_shape(node, slot)
+            shape = columns._input_meta_shape(node, slot)
             if shape is None:
                 continue
             for flat in range(math.prod(shape)):

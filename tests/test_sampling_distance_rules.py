@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import semitriton
-from conftest import SEMIRINGS, assert_semiring_close
+from conftest import SEMIRINGS, assert_semiring_close, triton_ok
 from oracle import Program, Step, oracle
 from test_custom_semiring import PathCount
 
@@ -128,11 +128,6 @@ NODES.update({"affine_grid": "AffineGridGeneratorBackward0", "affine_grid_3d_ali
               "affine_grid_then_sample": "GridSampler2DBackward0"})
 
 
-def _triton_ok():
-    from semitriton import backend
-    return backend.triton_available() and (torch.cuda.is_available() or backend.interpreting())
-
-
 def _weights(name):
     used, fn = CASES[name][:2]
     shape = fn(*[INPUTS[k] for k in used]).shape
@@ -161,7 +156,7 @@ def _walk(name, semiring, backend="torch", dtype=torch.float64, dev="cpu"):
 @pytest.mark.parametrize("semiring", SEMIRINGS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_sampling_distance_ops_against_the_oracle(name, semiring, backend, dtype, tol):
-    if backend == "triton" and not _triton_ok():
+    if backend == "triton" and not triton_ok():
         pytest.skip("triton unavailable (or no GPU and TRITON_INTERPRET unset)")
     want = _want(name, semiring)
     dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import semitriton
-from conftest import SEMIRINGS, assert_semiring_close
+from conftest import SEMIRINGS, assert_semiring_close, triton_ok
 from oracle import Program, Step, oracle
 
 _G = torch.Generator().manual_seed(11)
@@ -148,11 +148,6 @@ def _setitem(x, idx, v):
     return y
 
 
-def _triton_ok():
-    from semitriton import backend
-    return backend.triton_available() and (torch.cuda.is_available() or backend.interpreting())
-
-
 def _program(name):
     used, fn = CASES[name]
     inputs = {k: INPUTS[k] for k in used}
@@ -172,7 +167,7 @@ def _want(name, semiring):
 @pytest.mark.parametrize("semiring", SEMIRINGS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_vision_ops_against_the_oracle(name, semiring, backend, dtype, tol):
-    if backend == "triton" and not _triton_ok():
+    if backend == "triton" and not triton_ok():
         pytest.skip("triton unavailable (or no GPU and TRITON_INTERPRET unset)")
     used, fn = CASES[name]
     _, w = _program(name)
