@@ -80,7 +80,10 @@ _COMPLEX_NODES = frozenset(("ViewAsComplexBackward0", "ViewAsRealBackward0", "Po
 class GradientGraph:
     """The part of the autograd graph between ``output`` and ``inputs``."""
 
-    def __init__(self, output: Tensor, inputs: Sequence[Tensor], allow_unused: bool = False):
+    def __init__(self, output: Tensor, inputs: Sequence[Tensor], allow_unused: Optional[bool] = None):
+        """``allow_unused``: True records inputs the output does not depend
+        on in ``unused`` instead of raising; None (callers without that
+        option) raises without mentioning it."""
         if not isinstance(output, Tensor):
             raise TypeError(f"output must be a tensor, got {type(output).__name__}")
         if not output.requires_grad:
@@ -138,8 +141,9 @@ class GradientGraph:
                     continue
                 raise GraphError(f"inputs[{i}] (shape {tuple(t.shape)}) is not part of the gradient "
                                  "graph of output: output does not depend on it (or it was replaced "
-                                 "by a copy, e.g. .to()/.detach(), before use); allow_unused=True gives "
-                                 "None for it")
+                                 "by a copy, e.g. .to()/.detach(), before use)"
+                                 + ("; allow_unused=True gives None for it" if self.allow_unused is False
+                                    else ""))
         self.targets = targets
         # Relevance: a node matters iff it is a target or reaches one.
         relevant = set(targets)

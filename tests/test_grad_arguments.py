@@ -91,6 +91,9 @@ def test_allow_unused_gives_none(semiring):
     assert got_y is None
     (want,) = semitriton.grad(out, x, semiring=semiring)
     torch.testing.assert_close(got_x, want, rtol=0, atol=0)
+    with pytest.raises(GraphError) as info:                 # readouts without that option do not offer it
+        semitriton.top_paths(out, y)
+    assert "not part of the gradient graph" in str(info.value) and "allow_unused" not in str(info.value)
     vx, vy = semitriton.grad_values(out, [x, y], semiring, allow_unused=True)
     assert vy is None and vx is not None
     # retain_graph is accepted (the graph is always kept)
