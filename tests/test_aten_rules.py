@@ -213,6 +213,14 @@ _XN[1, 1] = float("nan")                              # maximum/minimum with a N
 _INPUTS = {"x": _X, "y": _Y, "t": _XT, "p": _XP, "k": _XK, "xz": _XZ, "n": _XN, "s": torch.tensor([0.5, -2.0],
                                                                                            dtype=torch.float64)}
 _INPUTS.update({"u": _X.tanh() * 0.9, "q": _XP + 1.0, "s01": torch.sigmoid(_X * 2)})
+_GL = torch.Generator().manual_seed(13)
+_INPUTS.update({
+    "sq": torch.eye(3, dtype=torch.float64) + 0.4 * torch.randn(2, 3, 3, generator=_GL, dtype=torch.float64),
+    "rhs": torch.randn(2, 3, 2, generator=_GL, dtype=torch.float64),
+    "vec": torch.randn(3, generator=_GL, dtype=torch.float64),
+    # rank 2 (row 3 = row 1 + row 2): det 0, cofactors n mᵀ with no zero entry (n = (5, -4, 1), m = (1, 1, -1))
+    "sing": torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 4.0], [1.0, 3.0, 7.0]], dtype=torch.float64),
+})
 
 # convolutions (input, weight and bias values; one tap reads one input position per output) and prod
 _GC = torch.Generator().manual_seed(11)
@@ -342,6 +350,13 @@ ONE_STEP_OPS.update({
     "index_put_broadcast_repeated_acc": (("x", "y"), lambda x, y: x.index_put((torch.tensor([0, 2, 2]),), y[0],
                                                                            accumulate=True)),
     "pad_circular": (("x",), lambda x: F.pad(x[None], (1, 2), mode="circular")),
+    # determinants, inverses and solves of (batched) square matrices: one primitive each
+    "det": (("sq",), lambda a: torch.linalg.det(a)),
+    "det_singular": (("sing",), lambda a: torch.linalg.det(a)),
+    "slogdet": (("sq",), lambda a: torch.linalg.slogdet(a)[1]),
+    "inv": (("sq",), lambda a: torch.linalg.inv(a)),
+    "solve": (("sq", "rhs"), lambda a, b: torch.linalg.solve(a, b)),
+    "solve_vector_broadcast": (("sq", "vec"), lambda a, b: torch.linalg.solve(a, b)),
 })
 
 

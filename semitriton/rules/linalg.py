@@ -200,3 +200,80 @@ def grouped_mm(ctx):
         out[1] = vb
     return out + [None] * (ctx.n_inputs - 2)
 
+
+
+# ---- determinants, inverses, solves ------------------------------------------------------------------
+# Each is one primitive: its Jacobian entries are the edges. Those of an
+# inverse or a solve are products of two matrix entries (∂Y_kl/∂A_ij =
+# −Y_ki Y_jl), so the ⊕ over k and l is two semiring contractions, valid in
+# every semiring because an edge of weight ab is edge(a) ⊗ edge(b).
+def _det_edges(ctx, fn):
+    """∂fn(A)/∂A per matrix (the cofactors, or A⁻ᵀ for log|det|), as torch's
+    own backward forms them (singular matrices included)."""
+    import torch
+    a = ctx.saved("A").detach().clone().requires_grad_()
+    with torch.enable_grad():
+        (w,) = torch.autograd.grad(fn(a).sum(), a)
+    return w
+
+
+def _to_matrices(ctx, v, w):
+    """The output's value broadcast over its matrix: v ⊗ edge(w), w [..., n, n]."""
+    return ctx.sr.scale(ctx.sr.map(v, lambda c: c[..., None, None]), w)
+
+
+@rule("LinalgDetBackward0")
+def det(ctx):
+    """y = det A: edge A_ij -> y of weight ∂det/∂A_ij (the cofactor C_ij)."""
+    import torch
+    if not ctx.needs[0]:
+        return [None]
+    return [_to_matrices(ctx, ctx.grad(), _det_edges(ctx, torch.linalg.det))]
+
+
+@rule("LinalgSlogdetBackward0")
+def slogdet(ctx):
+    """(sign, log|det A|): edges A_ij -> log|det A| of weight (A⁻¹)_ji; the sign has none."""
+    import torch
+    if not ctx.needs[0] or ctx.grads[1] is None:
+        return [None]
+    return [_to_matrices(ctx, ctx.grad(1), _det_edges(ctx, lambda a: torch.linalg.slogdet(a)[1]))]
+
+
+@rule("LinalgInvExBackward0")
+def inv(ctx):
+    """Y = A⁻¹: A_ij = ⊕_{k,l} edge(−Y_ki Y_jl) ⊗ v_kl, i.e. ⊕_k edge(−Y_ki) ⊗
+    (⊕_l v_kl ⊗ edge(Y_jl)). (The second output, info, has no edges.)"""
+    if not ctx.needs[0]:
+        return [None] * ctx.n_inputs
+    y = ctx.saved("inverse")
+    t = ctx.sr.matmul(ctx.grad(0), y.transpose(-1, -2))
+    return [ctx.sr.rmatmul(-y.transpose(-1, -2), t)] + [None] * (ctx.n_inputs - 1)
+
+
+@rule("LinalgSolveExBackward0")
+def solve(ctx):
+    """X = A⁻¹B (``left=True``): B_jm -> X_im of weight (A⁻¹)_ij, and A_ij ->
+    X_km of weight −(A⁻¹)_ki X_jm; a vector B ([..., n]) is one column.
+    ``left=False`` (X A = B) is refused."""
+    import torch
+    if not bool(ctx.saved("left")):
+        raise GraphError("LinalgSolveExBackward0: torch.linalg.solve(..., left=False) has no rule; write it "
+                         "as solve(Aᵀ, Bᵀ)ᵀ")
+    a, x = ctx.saved("A"), ctx.saved("result")
+    y = torch.linalg.inv(a)
+    vector = x.dim() == a.dim() - 1
+    v = ctx.grad(0)
+    if vector:
+        v = ctx.sr.map(v, lambda c: c.unsqueeze(-1))
+        x = x.unsqueeze(-1)
+    out = [None] * ctx.n_inputs
+    if ctx.needs[0]:
+        t = ctx.sr.matmul(v, x.transpose(-1, -2))
+        out[0] = ctx.sr.sum_to_shape(ctx.sr.rmatmul(-y.transpose(-1, -2), t), ctx.input_shape(0))
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        vb = ctx.sr.rmatmul(y.transpose(-1, -2), v)
+        if vector:
+            vb = ctx.sr.map(vb, lambda c: c.squeeze(-1))
+        out[1] = ctx.sr.sum_to_shape(vb, ctx.input_shape(1))
+    return out
