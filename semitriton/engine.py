@@ -517,46 +517,39 @@ def _one_output(output, grad_outputs) -> tuple[Tensor, Optional[Tensor]]:
     takes) as one tensor and the sink-edge weights of its elements: a
     sequence is joined by weight-1 edges (its elements' sinks ⊕ together, as
     the gradients of several outputs add up)."""
-    if isinstance(output, (list, tuple)):
-        outs = list(output)
-        if not outs:
-            raise ValueError("outputs is empty: pass the tensor(s) to take the statistics of")
-        for i, o in enumerate(outs):
-            if not isinstance(o, Tensor):
-                raise TypeError(f"outputs[{i}] is a {type(o).__name__}, not a tensor")
-        if grad_outputs is None or isinstance(grad_outputs, Tensor):
-            gos = [grad_outputs] + [None] * (len(outs) - 1) if len(outs) == 1 else None
-            if gos is None and grad_outputs is not None:
-                raise TypeError(f"grad_outputs: pass one tensor (or None) per output, {len(outs)} in all")
-            gos = gos or [None] * len(outs)
-        else:
-            gos = list(grad_outputs)
-            if len(gos) != len(outs):
-                raise ValueError(f"grad_outputs has {len(gos)} entries for {len(outs)} outputs")
-        if len(outs) == 1:
-            output, grad_outputs = outs[0], gos[0]
-        else:
-            for i, o in enumerate(outs):
-                if not o.requires_grad:
-                    raise GraphError(f"outputs[{i}] does not require grad: it was computed without a gradient "
-                                     "graph (torch.no_grad, detached, or from inputs that do not require grad)")
-            dtype = functools.reduce(torch.promote_types, [o.dtype for o in outs])
-            weights = [None if g is None else _checked_weight(g, o, f"grad_outputs[{i}]")
-                       for i, (o, g) in enumerate(zip(outs, gos))]
-            joined = torch.cat([o.reshape(-1).to(dtype) for o in outs])
-            if all(w is None for w in weights):
-                return joined, None
-            return joined, torch.cat([torch.ones(o.numel(), dtype=dtype, device=joined.device) if w is None
-                                      else w.reshape(-1).to(device=joined.device, dtype=dtype)
-                                      for o, w in zip(outs, weights)])
-    if not isinstance(output, Tensor):
-        raise TypeError(f"output must be a tensor (or a sequence of tensors), got {type(output).__name__}")
-    if grad_outputs is not None and not isinstance(grad_outputs, Tensor):
+    if not isinstance(output, (list, tuple)):
+        if not isinstance(output, Tensor):
+            raise TypeError(f"output must be a tensor (or a sequence of tensors), got {type(output).__name__}")
+    outs = list(output) if isinstance(output, (list, tuple)) else [output]
+    if not outs:
+        raise ValueError("outputs is empty: pass the tensor(s) to take the statistics of")
+    for i, o in enumerate(outs):
+        if not isinstance(o, Tensor):
+            raise TypeError(f"outputs[{i}] is a {type(o).__name__}, not a tensor")
+    if grad_outputs is None:
+        gos = [None] * len(outs)
+    elif isinstance(grad_outputs, Tensor):
+        if len(outs) != 1:
+            raise TypeError(f"grad_outputs: pass one tensor (or None) per output, {len(outs)} in all")
+        gos = [grad_outputs]
+    else:
         gos = list(grad_outputs)
-        if len(gos) != 1:
-            raise ValueError(f"grad_outputs has {len(gos)} entries for 1 output")
-        grad_outputs = gos[0]
-    return output, None if grad_outputs is None else _checked_weight(grad_outputs, output, "grad_outputs")
+        if len(gos) != len(outs):
+            raise ValueError(f"grad_outputs has {len(gos)} entries for {len(outs)} output"
+                             + ("s" if len(outs) != 1 else ""))
+    if len(outs) == 1:
+        return outs[0], None if gos[0] is None else _checked_weight(gos[0], outs[0], "grad_outputs")
+    for i, o in enumerate(outs):
+        if not o.requires_grad:
+            raise GraphError(f"outputs[{i}] does not require grad: it was computed without a gradient "
+                             "graph (torch.no_grad, detached, or from inputs that do not require grad)")
+    dtype = functools.reduce(torch.promote_types, [o.dtype for o in outs])
+    joined = torch.cat([o.reshape(-1).to(dtype) for o in outs])
+    if all(g is None for g in gos):
+        return joined, None
+    return joined, torch.cat([torch.ones(o.numel(), dtype=dtype, device=joined.device) if g is None
+                              else _checked_weight(g, o, f"grad_outputs[{i}]").reshape(-1).to(joined.device, dtype)
+                              for i, (o, g) in enumerate(zip(outs, gos))])
 
 
 def _checked_weight(g, output: Tensor, what: str) -> Tensor:

@@ -19,6 +19,19 @@ sys.path.insert(0, os.path.dirname(__file__))
 SEMIRINGS = ("real", "abs", "max", "maxabs", "entropy")
 
 
+def node_types(t) -> list:
+    """The type names of the autograd nodes of ``t``'s graph, each node once."""
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        names.append(type(n).__name__)
+        stack.extend(f for f, _ in n.next_functions)
+    return names
+
+
 def triton_ok() -> bool:
     """Whether the Triton backend can run here: a GPU, or the interpreter."""
     from semitriton import backend

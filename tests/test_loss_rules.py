@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import semitriton
-from conftest import SEMIRINGS, assert_semiring_close, triton_ok
+from conftest import SEMIRINGS, assert_semiring_close, node_types, triton_ok
 from oracle import Program, Step, oracle
 
 _G = torch.Generator().manual_seed(31)
@@ -285,23 +285,11 @@ def _walk(name, semiring, backend="torch", dtype=torch.float64, dev="cpu"):
     return used, leaves, out, got
 
 
-def _node_names(out):
-    seen, stack, names = set(), [out.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_real_walk_equals_autograd(name):
     """The real semiring walked rule by rule (fast_real=False) is torch.autograd.grad."""
     used, leaves, out, got = _walk(name, "real")
-    assert CASES[name][3] in _node_names(out), f"{name} does not record {CASES[name][3]}"
+    assert CASES[name][3] in node_types(out), f"{name} does not record {CASES[name][3]}"
     ref = torch.autograd.grad(out, leaves, allow_unused=True)
     for k, g, r in zip(used, got, ref):
         torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=1e-13, atol=1e-15,
@@ -352,7 +340,7 @@ def test_recurrent_modules_walk(kind, semiring):
         mod = nn.GRUCell(3, 4).double()
         x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
         out = mod(x).sum()
-    assert "UnsafeSplitBackward0" in _node_names(out)
+    assert "UnsafeSplitBackward0" in node_types(out)
     (ref,) = torch.autograd.grad(out, x, retain_graph=True)
     (got,) = semitriton.grad(out, x, semiring=semiring, **({"fast_real": False} if semiring == "real" else {}))
     if semiring == "real":

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import semitriton
-from conftest import SEMIRINGS, assert_semiring_close
+from conftest import SEMIRINGS, assert_semiring_close, node_types
 from hf_models import build, embeds_and_output
 from oracle import Program, Step, oracle
 
@@ -103,7 +103,7 @@ def test_rms_norms_of_llama_relatives_are_swapped(kind, norm):
     assert s["swapped"].get(norm) == 5 and s["attention_modules"] == 2, s
     assert not any(type(m).__name__ == norm for m in model.modules())
     emb = model.get_input_embeddings()(IDS).detach().requires_grad_()
-    names = _node_types(model(inputs_embeds=emb, attention_mask=MASK).logits.sum())
+    names = node_types(model(inputs_embeds=emb, attention_mask=MASK).logits.sum())
     assert not {"PowBackward0", "RsqrtBackward0", "SoftmaxBackward0", "ScaledDotProductEfficientAttentionBackward0",
                 "ScaledDotProductFlashAttentionForCpuBackward0"} & set(names), sorted(set(names))
     assert sum("RMSNorm" in n for n in names) == 5 and sum("Attention" in n for n in names) == 2, sorted(set(names))
@@ -448,18 +448,6 @@ def test_patched_graphs_are_freed_without_the_cyclic_gc():
         gc.enable()
 
 
-def _node_types(t):
-    seen, stack, names = set(), [t.grad_fn], []
-    while stack:
-        n = stack.pop()
-        if n is None or n in seen:
-            continue
-        seen.add(n)
-        names.append(type(n).__name__)
-        stack.extend(f for f, _ in n.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gemma"])
 def test_rotary_node_same_outputs_and_statistics(kind):
     """RoPE as one RotaryEmbedding node per q/k: bit-identical outputs, the
@@ -475,14 +463,14 @@ def test_rotary_node_same_outputs_and_statistics(kind):
     original = getattr(fn, "_semitriton_original", fn)
     emb, score = embeds_and_output(model, "llama", IDS, MASK)
     ref = {s: semitriton.grad_values(score, emb, semiring=s)[0] for s in SEMIRINGS}
-    assert "RotaryEmbeddingBackward" not in _node_types(score)
+    assert "RotaryEmbeddingBackward" not in node_types(score)
 
     semitriton.patch(model, norms=False, activations=False, attention=False)
     assert semitriton.patch_summary(model)["rotary_modules"] == 2
     assert semitriton.patch_summary(model)["swapped"] == {}
     emb2, score2 = embeds_and_output(model, "llama", IDS, MASK)
     assert torch.equal(score2, score)
-    types = _node_types(score2)
+    types = node_types(score2)
     assert types.count("RotaryEmbeddingBackward") == 4           # q and k of two layers
     assert "NegBackward0" not in types
     for s in SEMIRINGS:
@@ -494,12 +482,12 @@ def test_rotary_node_same_outputs_and_statistics(kind):
     torch.testing.assert_close(g2, g1, rtol=1e-12, atol=1e-12)
     # another model of the same family, not patched, keeps its aten graph
     e3, s3 = embeds_and_output(other, "llama", IDS, MASK)
-    assert "RotaryEmbeddingBackward" not in _node_types(s3)
+    assert "RotaryEmbeddingBackward" not in node_types(s3)
 
     semitriton.unpatch(model)
     assert sys.modules[modname].apply_rotary_pos_emb is original
     e4, s4 = embeds_and_output(model, "llama", IDS, MASK)
-    assert "RotaryEmbeddingBackward" not in _node_types(s4) and torch.equal(s4, score)
+    assert "RotaryEmbeddingBackward" not in node_types(s4) and torch.equal(s4, score)
 
 
 def test_rotary_dispatcher_shared_by_two_patched_models():
@@ -513,7 +501,7 @@ def test_rotary_dispatcher_shared_by_two_patched_models():
     semitriton.patch(b)
     semitriton.unpatch(a)
     e, s = embeds_and_output(b, "llama", IDS, MASK)
-    assert "RotaryEmbeddingBackward" in _node_types(s)          # b still patched
+    assert "RotaryEmbeddingBackward" in node_types(s)          # b still patched
     semitriton.unpatch(b)
     assert sys.modules[modname].apply_rotary_pos_emb is original
 
@@ -551,7 +539,7 @@ def test_rotary_half_precision_conventions(kind):
         out = model(inputs_embeds=emb).logits
         assert torch.equal(out, ref)
         score = out[0, -1, 3].float() - out[0, -1, 7].float()
-        assert "RotaryEmbeddingBackward" in _node_types(score)
+        assert "RotaryEmbeddingBackward" in node_types(score)
         for s, want in walked.items():
             (got,) = semitriton.grad(score, emb, semiring=s, **({"fast_real": False} if s == "real" else {}))
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
@@ -588,7 +576,7 @@ def test_rotary_not_fused_without_grad_or_with_rope_false():
     model = semitriton.patch(_model("llama"), rope=False)
     assert semitriton.patch_summary(model)["rotary_modules"] == 0
     e, s = embeds_and_output(model, "llama", IDS, MASK)
-    assert "RotaryEmbeddingBackward" not in _node_types(s)
+    assert "RotaryEmbeddingBackward" not in node_types(s)
     semitriton.unpatch(model)
 
 
@@ -729,7 +717,7 @@ def test_unpatching_a_deep_copy_leaves_the_original_patched():
     semitriton.unpatch(c)
     assert c.config._attn_implementation == "sdpa" and a.config._attn_implementation == "semitriton"
     e, s = embeds_and_output(a, "llama", IDS, MASK)
-    assert "RotaryEmbeddingBackward" in _node_types(s)
+    assert "RotaryEmbeddingBackward" in node_types(s)
     semitriton.unpatch(a)
     assert sys.modules[modname].apply_rotary_pos_emb is original
 
@@ -747,7 +735,7 @@ def test_a_patched_model_pickles(tmp_path):
     assert semitriton.is_patched(clone)
     torch.testing.assert_close(_logits(clone), before)
     e, s = embeds_and_output(clone, "llama", IDS, MASK)
-    assert {"RotaryEmbeddingBackward", "FusedAttentionBackward"} <= set(_node_types(s))
+    assert {"RotaryEmbeddingBackward", "FusedAttentionBackward"} <= set(node_types(s))
     semitriton.unpatch(clone)
     assert not any(type(m).__name__.startswith("Semiring") for m in clone.modules())
     assert clone.config._attn_implementation == "sdpa" and model.config._attn_implementation == "semitriton"
@@ -786,7 +774,7 @@ def test_a_model_without_sdpa_support_keeps_its_attention():
     assert model.config._attn_implementation == "sdpa"
     assert any("does not support sdpa" in s for s in semitriton.patch_summary(model)["skipped"])
     e, s = embeds_and_output(model, "llama", IDS, MASK)
-    assert "FusedAttentionBackward" not in _node_types(s)
+    assert "FusedAttentionBackward" not in node_types(s)
     semitriton.unpatch(model)
 
 
@@ -823,14 +811,14 @@ def test_bloom_gelu_function_is_one_primitive(patched):
     for s in SEMIRINGS:
         stats[s] = semitriton.grad(ref[0, -1, 3] - ref[0, -1, 7], emb, semiring=s,
                                    **({"fast_real": False} if s == "real" else {}))[0]
-    assert "GeLUFunctionBackward" in _node_types(ref[0, -1, 3])
+    assert "GeLUFunctionBackward" in node_types(ref[0, -1, 3])
     if patched:
         semitriton.patch(model)
         assert semitriton.patch_summary(model)["swapped"].get("BloomGelu") == 2
         out = model(inputs_embeds=emb).logits
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=0)
         score = out[0, -1, 3] - out[0, -1, 7]
-        assert "GeLUFunctionBackward" not in _node_types(score)
+        assert "GeLUFunctionBackward" not in node_types(score)
     else:
         score = ref[0, -1, 3] - ref[0, -1, 7]
     (want,) = torch.autograd.grad(score, emb, retain_graph=True)
@@ -842,7 +830,7 @@ def test_bloom_gelu_function_is_one_primitive(patched):
             torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)
     if patched:
         semitriton.unpatch(model)
-        assert "GeLUFunctionBackward" in _node_types(model(inputs_embeds=emb).logits[0, -1, 3])
+        assert "GeLUFunctionBackward" in node_types(model(inputs_embeds=emb).logits[0, -1, 3])
 
 
 def test_a_third_party_function_named_like_blooms_is_not_taken_for_it():
