@@ -623,14 +623,8 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
                "submodules in place): patch a module that contains it, e.g. nn.Sequential(module)")
         rec.skipped.append(msg)
         warnings.warn(f"semitriton.patch: {msg}", stacklevel=2)
-    if attention and getattr(model, "_supports_sdpa", True) is False:
-        rec.skipped.append("attention: the model does not support sdpa, whose semantics the fused node has")
-    elif attention:
-        cfg = getattr(model, "config", None)
-        n_attn = sum(_uses_attention_interface(m) for m in model.modules())
-        if cfg is not None and hasattr(cfg, "_attn_implementation") and n_attn and _register_attention():
-            rec.attention_configs.append((cfg, _select_attention(cfg)))
-            rec.attention_modules = n_attn
+    if attention:
+        _patch_attention(model, rec)
     if not getattr(model, "_semitriton_track_handles", None):
         track(model)
         rec.tracked_here = True
@@ -640,6 +634,39 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
     if verbose:
         print(msg)
     return model
+
+
+def _config_owners(model: nn.Module) -> list:
+    """(qualified name, module) of the outermost modules that carry a
+    transformers config (``config._attn_implementation``): the model itself,
+    or the models inside a wrapper (a scoring module, nn.DataParallel, an
+    nn.Sequential, ...). A config that is the same object as, or a sub-config
+    of, one found higher up is not listed again (setting the parent's passes
+    it on)."""
+    owners, covered = [], set()
+    for name, m in model.named_modules():
+        cfg = getattr(m, "config", None)
+        if cfg is None or not hasattr(cfg, "_attn_implementation") or id(cfg) in covered:
+            continue
+        owners.append((name, m))
+        covered.update(id(c) for c in _config_tree(cfg))
+    return owners
+
+
+def _patch_attention(model: nn.Module, rec: PatchRecord) -> None:
+    """Select the fused attention on the config of every model in ``model``
+    whose attention modules go through transformers' attention interface."""
+    for name, owner in _config_owners(model):
+        where = f" ({name}: {type(owner).__name__})" if name else ""
+        n_attn = sum(_uses_attention_interface(m) for m in owner.modules())
+        if not n_attn:
+            continue
+        if getattr(owner, "_supports_sdpa", True) is False:
+            rec.skipped.append(f"attention{where}: the model does not support sdpa, whose semantics the fused "
+                               "node has")
+        elif _register_attention():
+            rec.attention_configs.append((owner.config, _select_attention(owner.config)))
+            rec.attention_modules += n_attn
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -2,6 +2,7 @@
 
 import copy
 import gc
+import warnings
 
 import pytest
 import torch
@@ -776,6 +777,56 @@ def test_a_model_without_sdpa_support_keeps_its_attention():
     e, s = embeds_and_output(model, "llama", IDS, MASK)
     assert "FusedAttentionBackward" not in node_types(s)
     semitriton.unpatch(model)
+
+
+class _Scorer(nn.Module):
+    """A user's wrapper around a Hugging Face model (no config of its own)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, inputs_embeds, attention_mask=None):
+        return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
+
+
+@pytest.mark.parametrize("wrap", [_Scorer, nn.DataParallel, lambda m: nn.ModuleList([m])],
+                         ids=["wrapper", "data_parallel", "module_list"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_patching_a_wrapper_fuses_the_attention_of_the_model_inside(wrap, attn):
+    """The attention of a model inside a wrapper is selected on the inner
+    model's config, as when the model itself is patched; unpatch restores it."""
+    direct = _model("llama", attn)
+    semitriton.patch(direct)
+    model = _model("llama", attn)
+    before = _logits(model)
+    w = wrap(model)
+    semitriton.patch(w)
+    summary = semitriton.patch_summary(w)
+    assert summary["attention_modules"] == semitriton.patch_summary(direct)["attention_modules"] > 0
+    assert summary["attention_implementation"] == "semitriton"
+    assert model.config._attn_implementation == "semitriton"
+    torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
+    e, s = embeds_and_output(model, "llama", IDS, MASK)
+    assert "FusedAttentionBackward" in node_types(s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)       # no "attention is not one fused node" warning
+        attr = semitriton.branch_attribution(s[1], e, heads=True)
+    assert attr.heads, "per-head weights need the fused attention node"
+    semitriton.unpatch(w)
+    assert model.config._attn_implementation == attn
+    semitriton.unpatch(direct)
+
+
+def test_a_wrapped_model_without_sdpa_support_is_named_in_the_summary():
+    model = _model("llama")
+    model._supports_sdpa = False
+    w = _Scorer(model)
+    semitriton.patch(w)
+    skipped = semitriton.patch_summary(w)["skipped"]
+    assert any("lm: LlamaForCausalLM" in s and "does not support sdpa" in s for s in skipped), skipped
+    assert model.config._attn_implementation == "sdpa"
+    semitriton.unpatch(w)
 
 
 def test_patching_a_bare_norm_warns_that_it_cannot_swap_it():
