@@ -13,7 +13,7 @@ from .backend import use as use_backend
 from .engine import GradientGraph, grad, grad_values
 from .errors import GraphError, GraphFreedError, SemitritonError, UnsupportedNodeError
 from .patching import is_patched, patch, patch_summary, unpatch
-from .branches import ATTN_BRANCHES, MLP_BRANCHES, BranchAttribution, branch_attribution
+from .branches import ATTN_BRANCHES, MLP_BRANCHES, NO_PATH, BranchAttribution, branch_attribution
 from .paths import Path, PathGraph, PathStep, sample_paths, top_paths
 from .readouts import log_readout, token_readout, token_values
 from .semirings import Semiring
@@ -22,7 +22,7 @@ from .tracking import track, untrack
 __version__ = "0.1.0"
 
 __all__ = [
-    "grad", "grad_values", "branch_attribution", "BranchAttribution", "ATTN_BRANCHES", "MLP_BRANCHES", "top_paths", "sample_paths", "Path", "PathStep", "PathGraph", "token_readout", "token_values", "log_readout", "semirings", "Semiring",
+    "grad", "grad_values", "branch_attribution", "BranchAttribution", "ATTN_BRANCHES", "MLP_BRANCHES", "NO_PATH", "top_paths", "sample_paths", "Path", "PathStep", "PathGraph", "token_readout", "token_values", "log_readout", "semirings", "Semiring",
     "track", "untrack", "use_backend", "patch", "unpatch", "patch_summary", "is_patched", "GradientGraph", "SemitritonError", "UnsupportedNodeError",
     "GraphError", "GraphFreedError", "cuda_graph", "__version__",
 ]

@@ -56,6 +56,13 @@ from .tracking import _TAG
 
 ATTN_BRANCHES = ("query", "key", "value", "skip")
 MLP_BRANCHES = ("mlp", "skip")
+#: ``top_branch``'s index where no branch carries a path to the output
+NO_PATH = -1
+
+
+def branch_name(index: int) -> str:
+    """The name of ``top_branch``'s ``index``: a branch, or "-" for ``NO_PATH``."""
+    return "-" if index == NO_PATH else ATTN_BRANCHES[index]
 
 _Q = ("q_proj", "query", "q", "wq", "W_q", "q_lin", "query_proj")
 _K = ("k_proj", "key", "k", "wk", "W_k", "k_lin", "key_proj")
@@ -111,20 +118,28 @@ class BranchAttribution:
     modules: dict = field(default_factory=dict)
 
     def top_branch(self, layer: int) -> Tensor:
-        """Index into ATTN_BRANCHES of the branch the top path takes, [batch, T]."""
-        return torch.stack([self.attention[layer][b] for b in ATTN_BRANCHES], -1).argmax(-1)
+        """Index into ATTN_BRANCHES of the branch the top path takes, [batch, T];
+        ``NO_PATH`` (-1) at a position from which no path reaches the output
+        (every branch reads the semiring's zero: 0 for maxabs, -inf for max)."""
+        w = torch.stack([self.attention[layer][b] for b in ATTN_BRANCHES], -1)
+        return torch.where((w == self.no_path_value()).all(-1), NO_PATH, w.argmax(-1))
+
+    def no_path_value(self) -> float:
+        """The readout of the semiring's zero: what a branch without a path reads."""
+        return 0.0 if self.semiring == "maxabs" else -math.inf
 
     def top_head(self, layer: int) -> Optional[Tensor]:
-        """(branch index, head) of the top path inside the attention, [batch, T, 2]."""
+        """(branch index, head) of the top path inside the attention, [batch, T, 2];
+        meaningful where ``top_branch`` is query, key or value."""
         if layer not in self.heads:
             return None
         h = torch.stack([self.heads[layer][b] for b in ATTN_BRANCHES[:3]], -2)   # [B, T, 3, H]
         flat = h.flatten(-2).argmax(-1)
         return torch.stack([flat // h.shape[-1], flat % h.shape[-1]], -1)
 
-    def select(self, batch: int, length: Optional[int] = None) -> "BranchAttribution":
-        """The attribution of one example of a batch (positions [:length])."""
-        sl = slice(None) if length is None else slice(0, length)
+    def select(self, batch: int, length: Optional[int] = None, start: int = 0) -> "BranchAttribution":
+        """The attribution of one example of a batch (positions [start, start + length))."""
+        sl = slice(start, None) if length is None else slice(start, start + length)
 
         def cut(x):
             return x[batch:batch + 1, sl]
@@ -134,6 +149,33 @@ class BranchAttribution:
             {L: {b: cut(v) for b, v in d.items()} for L, d in self.mlp.items()},
             {L: {b: cut(v) for b, v in d.items()} for L, d in self.heads.items()},
             {L: cut(v) for L, v in self.total.items()}, dict(self.modules))
+
+    def merge_calls(self) -> "BranchAttribution":
+        """The layers that are calls of one attention module (a model run
+        several times on one input, e.g. once per scored continuation) as one
+        layer each: every table ⊕ (max) over the calls, at the positions the
+        calls share. Keys are then the modules' layer numbers (forward order
+        where those repeat). Not for a layer applied at several depths
+        (ALBERT), whose calls are different layers."""
+        groups: dict = {}
+        for L in self.layers:
+            groups.setdefault(self.modules.get(L, L), []).append(L)
+        if all(len(g) == 1 for g in groups.values()):
+            return self
+        firsts = [_numbers(m)[0] if isinstance(m, str) and _numbers(m) else None for m in groups]
+        keys = firsts if None not in firsts and len(set(firsts)) == len(firsts) else list(range(len(groups)))
+
+        def top(xs):
+            n = min(x.shape[1] for x in xs)
+            return torch.stack([x[:, :n] for x in xs]).amax(0)
+
+        def merged(d):
+            return {key: {b: top([d[L][b] for L in calls]) for b in d[calls[0]]}
+                    for key, calls in zip(keys, groups.values()) if all(L in d for L in calls)}
+        return BranchAttribution(
+            self.semiring, keys, merged(self.attention), merged(self.mlp), merged(self.heads),
+            {key: top([self.total[L] for L in calls]) for key, calls in zip(keys, groups.values())},
+            {key: m for key, m in zip(keys, groups)})
 
     def table(self, layer: int, batch: int = 0) -> dict:
         return {b: self.attention[layer][b][batch].tolist() for b in ATTN_BRANCHES}

@@ -372,8 +372,8 @@ def cmd_explain(args) -> int:
         ([f"L{L}" for L in a.branches.layers] if a.branches is not None and len(a.branches.layers) <= 12 else [])
     _print_table(a.token_table(), cols, out)
     for i, p in enumerate(a.paths):
-        src = p.source_index
-        out.write(f"\ntop path {i + 1}: weight {p.weight:.4g} from token {a.tokens[src[1]]!r} unit {src[-1]}, "
+        src, t = p.source_index, a.source_token(p)
+        out.write(f"\ntop path {i + 1}: weight {p.weight:.4g} from token {a.tokens[t]!r} unit {src[-1]}, "
                   f"{len(p.steps)} steps; layer by layer: ")
         out.write(" -> ".join(_milestone(m) for m in a.milestones(p)) + "\n")
     text = out.getvalue()

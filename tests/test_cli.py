@@ -245,6 +245,33 @@ def test_causal_text_and_continuation_longer_than_the_model_reads(causal_dir):
         encode(loaded, " ".join(["the"] * 63), " are the", " is")
 
 
+def test_log_probability_pairs_have_one_table_per_layer(causal_dir):
+    """A continuation of several tokens is scored by two forward passes (target
+    and foil) from one prefix: each layer's attention is called twice, and the
+    two calls are one layer of the tables (their ⊕), numbered as the model's
+    layers, as for a single-token pair."""
+    import math
+    import semitriton
+    from semitriton.models import load
+    from semitriton.sva.run import analyse, summarize
+    loaded = load(causal_dir, log=lambda m: None)
+    semitriton.patch(loaded.model)
+    items = [(None, "The keys to the cabinet", " are the", " is"), (None, "The keys to the cabinet", " are", " is")]
+    res = analyse(loaded, items, "cpu", k=1)
+    assert [r.method for r in res] == ["logprob", "logit"]
+    for r in res:
+        br = r.analysis.branches
+        assert br.layers == [0, 1]
+        assert br.modules == {0: "model.layers.0.self_attn", 1: "model.layers.1.self_attn"}
+        # R_0 is the input embedding: its top path over all branches is the token's top path
+        top = [max(float(br.attention[0][b][0, t]) for b in semitriton.ATTN_BRANCHES)
+               for t in range(len(r.analysis.tokens))]
+        assert top == pytest.approx(r.analysis.stats["top_path"], rel=1e-5)
+        assert math.isfinite(r.analysis.stats["top_path"][0])
+    assert [row["layer"] for row in summarize(res)["branches"]["other"]] == [0, 1]
+    semitriton.unpatch(loaded.model)
+
+
 def test_out_may_not_replace_the_working_or_model_directory(causal_dir, tmp_path, capsys, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()

@@ -64,6 +64,95 @@ def test_tables(analysis):
     assert any("/h" in row[f"L{L}"] for row in rows for L in a.branches.layers)
 
 
+@pytest.mark.parametrize("semiring", ["maxabs", "max"])
+def test_tokens_without_a_path_take_no_branch(semiring, tmp_path):
+    """A causal LM scored at position 2 of 5: tokens 3 and 4 cannot reach the
+    score, so their top path takes no branch ("-", NO_PATH), they are left out
+    of the branch fractions, and the signed max semiring's means stay finite."""
+    from hf_models import build
+    from semitriton.sva.run import PairResult, summarize
+    model = semitriton.patch(build("llama", "sdpa", dtype=torch.float64))
+    emb = model.get_input_embeddings()(torch.tensor([[3, 5, 7, 9, 11]])).detach().requires_grad_()
+    logits = model(inputs_embeds=emb).logits
+    a = analyze(logits[0, 2, 7] - logits[0, 2, 3], emb, tokens=list("abcde"), k=1, semiring=semiring,
+                spans={"subject": [1, 4]})
+    for L in a.branches.layers:
+        top = a.branches.top_branch(L)[0]
+        assert top[3:].tolist() == [semitriton.NO_PATH] * 2
+        assert (top[:3] >= 0).all()
+        assert [r[f"L{L}"] for r in a.token_table()][3:] == ["-", "-"]
+    for r in a.layer_table():
+        assert sum(r[f"frac_{b}"] for b in semitriton.ATTN_BRANCHES) == pytest.approx(1.0)
+        assert max(r[b] for b in semitriton.ATTN_BRANCHES) > (0 if semiring == "maxabs" else -float("inf"))
+    only_none = a.layer_table(tokens=[3, 4])
+    assert all(r[f"frac_{b}"] != r[f"frac_{b}"] for r in only_none for b in semitriton.ATTN_BRANCHES)   # NaN
+    summary = summarize([PairResult(None, a, True, "logit")])
+    for r in summary["branches"]["subject"]:
+        assert r["tokens"] == 2 and r["top"] != "-"
+        assert sum(r[f"frac_{b}"] for b in semitriton.ATTN_BRANCHES) == pytest.approx(1.0)
+    plot_branch_fractions(only_none, tmp_path / "f.png")
+    plot_token_heatmap(a, tmp_path / "h.png")
+    assert ">-<" in a.to_html()
+
+
+def _same_analysis(a, alone):
+    """A batch example's analysis reads like the example analysed alone."""
+    assert a.tokens == alone.tokens
+    for name, v in alone.stats.items():
+        torch.testing.assert_close(torch.tensor(a.stats[name]), torch.tensor(v), rtol=1e-9, atol=1e-12)
+    assert [r[f"L{L}"] for r in a.token_table() for L in a.branches.layers] == \
+        [r[f"L{L}"] for r in alone.token_table() for L in alone.branches.layers]
+    for x, y in zip(a.layer_table(), alone.layer_table()):
+        assert x == pytest.approx(y, rel=1e-9, nan_ok=True)
+    assert [p.weight for p in a.paths] == pytest.approx([p.weight for p in alone.paths], rel=1e-9)
+    for p, q in zip(a.paths, alone.paths):
+        assert a.source_token(p) == alone.source_token(q)
+        assert a.milestones(p) == alone.milestones(q)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_analyze_batch_with_padding_equals_each_example_alone(side):
+    """Each example of a padded batch reads as if analysed alone: left padding
+    through ``attention_mask`` (positions and path milestones shifted), right
+    padding through ``lengths`` or the mask; trimming positions that reach
+    the output (``lengths`` on a left-padded batch) is an error."""
+    from hf_models import build
+    from semitriton.report import analyze_batch
+    model = semitriton.patch(build("llama", "sdpa", dtype=torch.float64))
+    E = model.get_input_embeddings()
+    seqs = [torch.tensor([21, 22, 23, 24, 25, 26]), torch.tensor([11, 12, 13, 14])]
+    T = 6
+    ids = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[b, sl], mask[b, sl] = s, 1
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    emb = E(ids).detach().requires_grad_()
+    lo = model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).logits
+    last = [T - 1, T - 1] if side == "left" else [len(s) - 1 for s in seqs]
+    score = torch.stack([lo[b, last[b], 7] - lo[b, last[b], 9] for b in range(2)])
+    toks = [[f"t{int(x)}" for x in s] for s in seqs]
+    variants = [dict(attention_mask=mask)] + ([dict(lengths=[6, 4])] if side == "right" else [])
+    for v in variants:
+        batch = analyze_batch(score, emb, tokens=toks, k=3, heads=True, **v)
+        for b, s in enumerate(seqs):
+            e1 = E(s[None]).detach().requires_grad_()
+            l1 = model(inputs_embeds=e1).logits
+            alone = analyze(l1[0, -1, 7] - l1[0, -1, 9], e1, tokens=toks[b], k=3, heads=True)
+            _same_analysis(batch[b], alone)
+            back = Analysis.from_json(batch[b].to_json())
+            assert (back.offset, back.seq_len) == (batch[b].offset, batch[b].seq_len)
+            assert [back.milestones(p) for p in back.paths] == [batch[b].milestones(p) for p in batch[b].paths]
+    if side == "left":
+        with pytest.raises(ValueError, match="left-padded"):
+            analyze_batch(score, emb, tokens=toks, lengths=[6, 4], k=0)
+    holes = mask.clone()
+    holes[0, 2] = 0
+    with pytest.raises(ValueError, match="one run of consecutive positions"):
+        analyze_batch(score, emb, attention_mask=holes, k=0)
+
+
 def test_json_round_trip(analysis, tmp_path):
     a, _, _ = analysis
     p = tmp_path / "a.json"

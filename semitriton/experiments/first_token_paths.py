@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..branches import ATTN_BRANCHES, branch_attribution
+from ..branches import ATTN_BRANCHES, NO_PATH, branch_attribution
 from ..patching import patch
 
 #: the paper's numbers (mean top-path weight by branch at the attention input)
@@ -50,6 +50,7 @@ def branch_means(model, data, n: int = 1000, batch_size: int = 100, semiring: st
     sums = {g: {b: 0.0 for b in ATTN_BRANCHES} for g in GROUPS}
     fracs = {g: {b: 0 for b in ATTN_BRANCHES} for g in GROUPS}
     counts = {g: 0 for g in GROUPS}
+    reached = {g: 0 for g in GROUPS}           # tokens with a path to the output
     correct = 0
     batches = range(0, ids.shape[0], batch_size)
     if progress:
@@ -66,7 +67,7 @@ def branch_means(model, data, n: int = 1000, batch_size: int = 100, semiring: st
         attr = branch_attribution(gold, emb, semiring=semiring, backend=backend, at=at)
         L = attr.layers[0]
         w = torch.stack([attr.attention[L][b] for b in ATTN_BRANCHES], -1)   # [B, T, 4]
-        top = w.argmax(-1)
+        top = attr.top_branch(L)                                               # NO_PATH: none reaches the output
         T = w.shape[1]
         for b in range(w.shape[0]):
             groups = {"first": [0], "repeated": [int(brep[b])] if brep[b] > 0 else [],
@@ -76,14 +77,16 @@ def branch_means(model, data, n: int = 1000, batch_size: int = 100, semiring: st
                     counts[g] += 1
                     for j, br in enumerate(ATTN_BRANCHES):
                         sums[g][br] += float(w[b, t, j])
-                    fracs[g][ATTN_BRANCHES[int(top[b, t])]] += 1
+                    if int(top[b, t]) != NO_PATH:
+                        reached[g] += 1
+                        fracs[g][ATTN_BRANCHES[int(top[b, t])]] += 1
     out = {"n_examples": int(ids.shape[0]), "accuracy": correct / max(1, int(ids.shape[0])),
            "semiring": semiring, "at": at, "groups": {}}
     for g in GROUPS:
         c = max(1, counts[g])
         out["groups"][g] = {"tokens": counts[g],
                             "mean_weight": {b: sums[g][b] / c for b in ATTN_BRANCHES},
-                            "top_branch_fraction": {b: fracs[g][b] / c for b in ATTN_BRANCHES}}
+                            "top_branch_fraction": {b: fracs[g][b] / max(1, reached[g]) for b in ATTN_BRANCHES}}
     return out
 
 

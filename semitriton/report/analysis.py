@@ -8,9 +8,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
-from ..branches import ATTN_BRANCHES, BranchAttribution, branch_attribution
+from ..branches import ATTN_BRANCHES, NO_PATH, BranchAttribution, branch_attribution, branch_name
 from ..engine import grad_values
 from ..errors import SemitritonError
 from ..jsonsafe import json_safe, none_as_neg_inf
@@ -27,8 +28,11 @@ STATS = {
 @dataclass
 class Analysis:
     """Everything read off one input. ``stats[name][t]`` per token;
-    ``branches`` per layer and branch; ``paths`` the top paths; ``spans``
-    named token groups (e.g. subject, attractor)."""
+    ``branches`` per layer and branch; ``paths`` the top paths (indexed in
+    the input tensor); ``spans`` named token groups (e.g. subject,
+    attractor). In a padded batch, ``offset`` is the position of ``tokens[0]``
+    in the input tensor (left padding) and ``seq_len`` that tensor's
+    sequence length (None: ``len(tokens)``)."""
 
     tokens: list
     score: float
@@ -38,12 +42,15 @@ class Analysis:
     paths: list = field(default_factory=list)
     spans: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    offset: int = 0
+    seq_len: Optional[int] = None
 
     # -- tables ------------------------------------------------------------------------------
     def token_table(self) -> list:
         """One row per token: the token, its per-token statistics, and per layer
         the branch its top path takes at the attention input, with the head
-        where per-head weights were computed ("value/h3")."""
+        where per-head weights were computed ("value/h3"); "-" where no path
+        from the token reaches the output."""
         rows = []
         tops = {}
         if self.branches is not None:
@@ -54,7 +61,7 @@ class Analysis:
             row.update({k: v[t] for k, v in self.stats.items()})
             for L, (branch, head) in tops.items():
                 b = int(branch[t])
-                row[f"L{L}"] = ATTN_BRANCHES[b] + (f"/h{int(head[0, t, 1])}" if head is not None and b < 3 else "")
+                row[f"L{L}"] = branch_name(b) + (f"/h{int(head[0, t, 1])}" if head is not None and 0 <= b < 3 else "")
             for name, idx in self.spans.items():
                 row[name] = t in idx
             rows.append(row)
@@ -63,18 +70,22 @@ class Analysis:
     def layer_table(self, tokens: Optional[Sequence[int]] = None) -> list:
         """One row per layer: mean top-path weight per branch over ``tokens``
         (all by default) and the fraction of those tokens whose top path takes
-        each branch."""
+        each branch. Tokens with no path to the output are left out of the
+        fractions, and, for the signed max semiring (where "no path" reads
+        -inf), out of the branch's mean (-inf when no token has one)."""
         if self.branches is None:
             return []
         toks = list(range(len(self.tokens))) if tokens is None else list(tokens)
         rows = []
         for L in self.branches.layers:
             row = {"layer": L}
-            tb = self.branches.top_branch(L)[0]
+            tb = self.branches.top_branch(L)[0][toks]
+            reached = tb != NO_PATH
             for i, b in enumerate(ATTN_BRANCHES):
-                vals = self.branches.attention[L][b][0]
-                row[b] = float(vals[toks].mean()) if toks else float("nan")
-                row[f"frac_{b}"] = float((tb[toks] == i).float().mean()) if toks else float("nan")
+                vals = self.branches.attention[L][b][0][toks]
+                vals = vals[vals != float("-inf")]
+                row[b] = float(vals.mean()) if len(vals) else (float("-inf") if toks else float("nan"))
+                row[f"frac_{b}"] = float((tb[reached] == i).float().mean()) if bool(reached.any()) else float("nan")
             rows.append(row)
         return rows
 
@@ -84,7 +95,8 @@ class Analysis:
                 "stats": {k: [float(x) for x in v] for k, v in self.stats.items()},
                 "branches": None if self.branches is None else self.branches.to_dict(),
                 "paths": [p.to_dict() for p in self.paths],
-                "spans": {k: list(v) for k, v in self.spans.items()}, "meta": self.meta}
+                "spans": {k: list(v) for k, v in self.spans.items()}, "meta": self.meta,
+                "offset": self.offset, "seq_len": self.seq_len}
 
     @classmethod
     def from_dict(cls, d) -> "Analysis":
@@ -92,7 +104,8 @@ class Analysis:
                    {k: none_as_neg_inf(list(v)) for k, v in d.get("stats", {}).items()},
                    None if d.get("branches") is None else BranchAttribution.from_dict(d["branches"]),
                    [Path.from_dict(p) for p in d.get("paths", [])],
-                   {k: list(v) for k, v in d.get("spans", {}).items()}, d.get("meta", {}))
+                   {k: list(v) for k, v in d.get("spans", {}).items()}, d.get("meta", {}),
+                   d.get("offset", 0), d.get("seq_len"))
 
     def to_json(self, path=None, **kw) -> str:
         s = json.dumps(json_safe(self.to_dict()), allow_nan=False, **kw)     # -inf (no path) as null
@@ -111,7 +124,14 @@ class Analysis:
 
     # -- views --------------------------------------------------------------------------------------
     def milestones(self, path: Path) -> list:
-        return path_milestones(path, len(self.tokens))
+        """:func:`path_milestones` with positions counted in ``tokens``."""
+        return path_milestones(path, self.seq_len or len(self.tokens), self.offset)
+
+    def source_token(self, path: Path) -> Optional[int]:
+        """The index into ``tokens`` of the token a path starts at (None: not a token)."""
+        src = path.source_index
+        t = int(src[1]) - self.offset if len(src) >= 2 else None
+        return t if t is not None and 0 <= t < len(self.tokens) else None
 
     def to_html(self, title: str = "semitriton analysis") -> str:
         from .html import analysis_html
@@ -136,10 +156,20 @@ def _position(shape: tuple, index: tuple, T: int, op: str) -> Optional[int]:
     return None
 
 
-def path_milestones(path: Path, T: int) -> list:
+def path_milestones(path: Path, T: int, offset: int = 0) -> list:
     """Where a path is, layer by layer: [(layer, position, branch, head)]. The
     branch at a layer is query/key/value when the path enters that layer's q/k/v
-    projection, "skip" otherwise; the head is read off the attention steps."""
+    projection, "skip" otherwise; the head is read off the attention steps.
+    ``T``: the sequence length of the path's tensors; positions are reported
+    minus ``offset`` (the example's first position in a left-padded batch)."""
+    out = _milestones(path, T)
+    if offset:
+        for m in out:
+            m["position"] -= offset
+    return out
+
+
+def _milestones(path: Path, T: int) -> list:
     out = []
     pos = path.source_index[1] if len(path.source_index) >= 2 else 0
     cur = {"layer": -1, "position": int(pos), "branch": "input", "head": None}
@@ -189,23 +219,54 @@ def analyze(output: Tensor, embeds: Tensor, tokens: Optional[Sequence[str]] = No
                          spans=[spans or {}], metas=[meta or {}], semiring=semiring)[0]
 
 
+def _windows(B: int, T: int, lengths, attention_mask) -> list:
+    """(first position, number of positions) of each example's tokens."""
+    if attention_mask is None:
+        if lengths is None:
+            return [(0, T)] * B
+        lengths = [int(n) for n in lengths]
+        if len(lengths) != B or not all(0 < n <= T for n in lengths):
+            raise ValueError(f"lengths must give 1..{T} positions for each of the {B} examples; got {lengths}")
+        return [(0, n) for n in lengths]
+    mask = attention_mask.detach().cpu()
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}]; got {tuple(mask.shape)}")
+    out = []
+    for b in range(B):
+        pos = torch.nonzero(mask[b] != 0).flatten().tolist()
+        if not pos or pos[-1] - pos[0] + 1 != len(pos):
+            raise ValueError(f"attention_mask[{b}] must mark one run of consecutive positions (a left- or "
+                             f"right-padded example); it marks {pos}")
+        out.append((pos[0], len(pos)))
+    if lengths is not None and [int(n) for n in lengths] != [n for _, n in out]:
+        raise ValueError(f"lengths {list(lengths)} disagree with attention_mask's {[n for _, n in out]}")
+    return out
+
+
 def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Sequence[str]]] = None,
                   lengths: Optional[Sequence[int]] = None, k: int = 1, heads: bool = False,
                   branches: bool = True, backend: Optional[str] = None,
                   descriptions: Optional[Sequence[str]] = None, spans: Optional[Sequence[dict]] = None,
-                  metas: Optional[Sequence[dict]] = None, semiring: str = "maxabs") -> list:
+                  metas: Optional[Sequence[dict]] = None, semiring: str = "maxabs",
+                  attention_mask: Optional[Tensor] = None) -> list:
     """:func:`analyze` for a batch of independent examples in one set of
     passes: ``outputs`` [B] (example b's score depends only on embeds[b]),
-    ``embeds`` [B, T, D]; ``lengths`` trims padding from each example's tables."""
+    ``embeds`` [B, T, D]. Padding is left out of each example's tables:
+    ``lengths`` for a right-padded batch (example b: positions [0, n_b)), or
+    ``attention_mask`` [B, T] (1 on each example's tokens, one run per row)
+    for left or right padding. A padding position from which a path reaches
+    the output is an error (the padding is on the other side, or the model
+    did not get the mask). ``tokens[b]`` lists the example's tokens (or all
+    T positions'); ``spans`` index into them."""
     if outputs.dim() != 1 or embeds.dim() != 3 or embeds.shape[0] != outputs.shape[0]:
         raise ValueError(f"outputs must be [B] and embeds [B, T, D]; got {tuple(outputs.shape)} and "
                          f"{tuple(embeds.shape)}")
     B, T = embeds.shape[:2]
-    lengths = list(lengths) if lengths is not None else [T] * B
+    windows = _windows(B, T, lengths, attention_mask)
     if tokens is not None:
         if len(tokens) != B:
             raise ValueError(f"tokens: {len(tokens)} lists for a batch of {B}")
-        for b, (toks, n) in enumerate(zip(tokens, lengths)):
+        for b, (toks, (_, n)) in enumerate(zip(tokens, windows)):
             if len(toks) not in (n, T):
                 raise ValueError(f"tokens[{b}] has {len(toks)} entries for {n} positions")
     pg = PathGraph(outputs, embeds, semiring, backend=backend)
@@ -214,6 +275,13 @@ def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Seq
     h = token_readout(ent, "entropy").double().cpu()
     lf = flow[0].logsumexp(-1).double().cpu()
     tp = pg.sr.readout(pg.sr.sum(pg.input_value, -1)).double().cpu()
+    for b, (s, n) in enumerate(windows):
+        outside = [t for t in range(T) if not s <= t < s + n and lf[b, t] > float("-inf")]
+        if outside:
+            raise ValueError(
+                f"example {b}: positions {outside} are left out as padding, but paths from them reach "
+                f"outputs[{b}]" + (" (is the batch left-padded? pass attention_mask=)" if attention_mask is None
+                                   else " (was the attention mask passed to the model?)"))
     attribution = None
     if branches:
         try:
@@ -223,13 +291,17 @@ def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Seq
             attribution = None
     scores = outputs.detach().double().cpu()
     out = []
-    for b in range(B):
-        n = lengths[b]
-        toks = list(tokens[b])[:n] if tokens is not None else [str(i) for i in range(n)]
+    for b, (s, n) in enumerate(windows):
+        if tokens is None:
+            toks = [str(i) for i in range(n)]
+        else:
+            toks = list(tokens[b])
+            toks = toks[s:s + n] if len(toks) == T and n < T else toks
         paths = top_paths(outputs, embeds, k=k, graph=pg, batch=b, semiring=semiring) if k else []
-        stats = {"entropy": h[b, :n].tolist(), "log_flow": lf[b, :n].tolist(), "top_path": tp[b, :n].tolist()}
+        stats = {"entropy": h[b, s:s + n].tolist(), "log_flow": lf[b, s:s + n].tolist(),
+                 "top_path": tp[b, s:s + n].tolist()}
         out.append(Analysis(toks, float(scores[b]), (descriptions or [""] * B)[b], stats,
-                            None if attribution is None else attribution.select(b, n), paths,
+                            None if attribution is None else attribution.select(b, n, start=s), paths,
                             {k_: list(v) for k_, v in ((spans or [{}] * B)[b]).items()},
-                            dict((metas or [{}] * B)[b])))
+                            dict((metas or [{}] * B)[b]), s, T if n != T else None))
     return out

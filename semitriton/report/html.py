@@ -8,7 +8,7 @@ import json
 import math
 from typing import Optional, Sequence
 
-from ..branches import ATTN_BRANCHES
+from ..branches import branch_name
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;max-width:1200px;color:#222}
@@ -117,8 +117,8 @@ def path_svg(a, path) -> str:
 def _paths_html(a) -> str:
     out = []
     for r, p in enumerate(a.paths):
-        src = p.source_index
-        tok = a.tokens[src[1]] if len(src) >= 2 and src[1] < len(a.tokens) else "?"
+        src, t = p.source_index, a.source_token(p)
+        tok = a.tokens[t] if t is not None else "?"
         steps = table([{"op": s.op, "module": s.module, "index": list(s.index), "weight": s.weight}
                        for s in p.steps], left=("op", "module", "index"))
         out.append(f"<h3>path {r + 1}: weight {_fmt(p.weight)} from token {_e(repr(tok))} "
@@ -136,7 +136,7 @@ def _branch_tables(a) -> str:
         top = br.top_branch(L)[0]
         row = {"layer": L}
         for t, tok in enumerate(a.tokens):
-            row[f"{t}:{tok}"] = ATTN_BRANCHES[int(top[t])][0].upper()
+            row[f"{t}:{tok}"] = branch_name(int(top[t]))[0].upper()
         rows.append(row)
     weights = table(a.layer_table(), left=())
     return (f"<h3>branch taken by each token's top path (Q/K/V/S)</h3>{table(rows)}"

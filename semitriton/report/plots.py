@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..branches import ATTN_BRANCHES
+from ..branches import ATTN_BRANCHES, branch_name
 
 _COLORS = {"query": "#1f77b4", "key": "#ff7f0e", "value": "#2ca02c", "skip": "#7f7f7f"}
 
@@ -49,13 +49,14 @@ def plot_branch_weights(groups: dict, path=None, title: str = "mean top-path wei
 
 def plot_branch_fractions(rows: list, path=None, title: str = "branch taken by the top path"):
     """Stacked bars: per layer, the fraction of tokens whose top path takes
-    each branch at the attention input."""
+    each branch at the attention input (of the tokens with a path)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.25 * len(rows) + 2), 3.2))
     layers = [r["layer"] for r in rows]
     bottom = [0.0] * len(rows)
     for b in ATTN_BRANCHES:
         vals = [r.get(f"frac_{b}", 0.0) for r in rows]
+        vals = [v if v == v else 0.0 for v in vals]          # NaN: no token of the layer has a path
         ax.bar(layers, vals, bottom=bottom, color=_COLORS[b], label=b, width=0.85)
         bottom = [x + y for x, y in zip(bottom, vals)]
     ax.set_ylim(0, 1)
@@ -82,7 +83,7 @@ def plot_token_heatmap(analysis, path=None, title: Optional[str] = None):
     for j, L in enumerate(br.layers):
         top = br.top_branch(L)[0]
         for t in range(T):
-            ax.text(j, t, ATTN_BRANCHES[int(top[t])][0].upper(), ha="center", va="center", fontsize=6,
+            ax.text(j, t, branch_name(int(top[t]))[0].upper(), ha="center", va="center", fontsize=6,
                     color="white")
     ax.set_yticks(range(T))
     ax.set_yticklabels([repr(x)[1:-1][:14] for x in analysis.tokens], fontsize=7)

@@ -203,6 +203,8 @@ def analyse(loaded, items: Sequence[tuple], device, batch_size: int = 8, k: int 
                                  heads=heads, descriptions=descr, spans=[e.spans for e in encs],
                                  metas=metas, semiring=semiring)
         for (item, e), a in zip(chunk, analyses):
+            if e.method == "logprob" and a.branches is not None:
+                a.branches = a.branches.merge_calls()      # the target and the foil pass: one table per layer
             if item[0] is not None:
                 a.meta.update({"condition": item[0].condition, "subject_number": item[0].subject_number,
                                "attractor_number": item[0].attractor_number})
@@ -229,8 +231,10 @@ def summarize(results: Sequence[PairResult]) -> dict:
     with a path through the branch: the signed max semiring's -inf is left
     out); the fraction of those tokens whose top path takes each branch;
     with per-head weights, the head those top paths take inside the
-    attention (``_head_rows``); mean per-token entropy."""
-    from ..branches import ATTN_BRANCHES
+    attention (``_head_rows``); mean per-token entropy. Tokens from which no
+    path reaches the score count in "tokens" but in no fraction ("top" is
+    "-" where no token has one)."""
+    from ..branches import ATTN_BRANCHES, NO_PATH
     acc: dict = {}
     for r in results:
         if r.pair is None:
@@ -259,10 +263,11 @@ def summarize(results: Sequence[PairResult]) -> dict:
             for L in a.branches.layers:
                 top = a.branches.top_branch(L)[0]
                 for t in toks:
-                    s = sums.setdefault(L, {"n": 0, **{b: 0.0 for b in ATTN_BRANCHES},
+                    s = sums.setdefault(L, {"n": 0, "n_path": 0, **{b: 0.0 for b in ATTN_BRANCHES},
                                             **{f"n_{b}": 0 for b in ATTN_BRANCHES},
                                             **{f"frac_{b}": 0.0 for b in ATTN_BRANCHES}})
                     s["n"] += 1
+                    s["n_path"] += int(top[t] != NO_PATH)
                     for i, b in enumerate(ATTN_BRANCHES):
                         w = float(a.branches.attention[L][b][0, t])
                         if w != -math.inf:          # the signed max semiring's "no path" is not averaged
@@ -275,9 +280,10 @@ def summarize(results: Sequence[PairResult]) -> dict:
             row = {"layer": L, "tokens": s["n"]}
             for b in ATTN_BRANCHES:
                 row[b] = s[b] / s[f"n_{b}"] if s[f"n_{b}"] else -math.inf
-            row["top"] = max(ATTN_BRANCHES, key=lambda b: row[b])
-            for b in ATTN_BRANCHES:
-                row[f"frac_{b}"] = s[f"frac_{b}"] / s["n"]
+            best = max(ATTN_BRANCHES, key=lambda b: row[b])
+            row["top"] = best if s["n_path"] else "-"
+            for b in ATTN_BRANCHES:         # of the tokens from which a path reaches the score
+                row[f"frac_{b}"] = s[f"frac_{b}"] / s["n_path"] if s["n_path"] else math.nan
             rows.append(row)
         branches[g] = rows
     ent_rows = [{"group": g, "tokens": len(v), "mean_entropy": sum(v) / len(v) if v else math.nan}
@@ -305,7 +311,7 @@ def _head_rows(results: Sequence[PairResult], group: str) -> list:
             top = a.branches.top_branch(L)[0]
             c = counts.setdefault(L, {})
             for t in toks:
-                if int(top[t]) < 3:
+                if 0 <= int(top[t]) < 3:
                     label = f"{ATTN_BRANCHES[int(head[0, t, 0])]}/h{int(head[0, t, 1])}"
                     c[label] = c.get(label, 0) + 1
     rows = []
