@@ -83,7 +83,7 @@ def use_triton(t: torch.Tensor) -> bool:
         return True
     if name == "triton" and t.device.type == "cpu":
         if not interpreting():
-            raise RuntimeError("SEMITRITON_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 "
-                               "(set before importing triton)")
+            raise RuntimeError("the triton backend (backend='triton' or SEMITRITON_BACKEND=triton) on CPU "
+                               "tensors needs TRITON_INTERPRET=1 (set before importing triton)")
         return True
     return False

@@ -88,7 +88,8 @@ class GradientGraph:
             raise TypeError(f"output must be a tensor, got {type(output).__name__}")
         if not output.requires_grad:
             raise GraphError("output does not require grad: it was computed without a gradient "
-                             "graph (torch.no_grad, detached, or from inputs that do not require grad)")
+                             "graph (torch.no_grad, torch.inference_mode, detached, or from inputs that "
+                             "do not require grad)")
         for i, t in enumerate(inputs):
             if not t.requires_grad:
                 raise GraphError(f"inputs[{i}] (shape {tuple(t.shape)}) does not require grad, so it "
@@ -542,7 +543,8 @@ def _one_output(output, grad_outputs) -> tuple[Tensor, Optional[Tensor]]:
     for i, o in enumerate(outs):
         if not o.requires_grad:
             raise GraphError(f"outputs[{i}] does not require grad: it was computed without a gradient "
-                             "graph (torch.no_grad, detached, or from inputs that do not require grad)")
+                             "graph (torch.no_grad, torch.inference_mode, detached, or from inputs that "
+                             "do not require grad)")
     dtype = functools.reduce(torch.promote_types, [o.dtype for o in outs])
     joined = torch.cat([o.reshape(-1).to(dtype) for o in outs])
     if all(g is None for g in gos):

@@ -78,6 +78,10 @@ def test_output_without_graph():
         out = (x * 2).sum()
     with pytest.raises(GraphError, match="output does not require grad"):
         semitriton.grad(out, x)
+    with torch.inference_mode():
+        out = (x * 2).sum()
+    with pytest.raises(GraphError, match="output does not require grad.*inference_mode"):
+        semitriton.grad(out, x)
 
 
 def test_graph_freed_by_earlier_backward():
