@@ -27,7 +27,8 @@ PY36 = os.environ.get("SEMITRITON_TRITON36_PYTHON", "/work/venv36/bin/python")
 def _triton_version(python):
     try:
         r = subprocess.run([python, "-c", "import triton; print(triton.__version__)"],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, TRITON_INTERPRET="0"))    # the interpreter would need numpy
     except (OSError, subprocess.TimeoutExpired):
         return None
     return r.stdout.strip() if r.returncode == 0 else None

@@ -222,6 +222,57 @@ def test_matmul_split_j(name, device, monkeypatch):
               f"split/{name}/{vs}/S={split}/pipe={pipe}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_maxplus_blocked_kernel(device, monkeypatch):
+    """The register-blocked max-plus kernel (cached log|W|) equals the rank-1
+    kernel and the torch reference bit for bit: tiles past the matrix edge in
+    rows, columns or both (masked loads) and inside it (unmasked), dead rows,
+    zero weights, leading batch dims, slices of the contraction (split-J),
+    one- and two-step loops; on the CPU with small quarter blocks."""
+    from semitriton.kernels import matmul as mm
+
+    sr = BUILTIN["maxabs"]
+    g = torch.Generator().manual_seed(12)
+    fn = kernel("matmul", "maxabs")
+    if device == "cpu":
+        blocks = [dict(mm._cfg(8, 8, None, 1, 1), BLOCKED=True, RM=2, RN=2),
+                  dict(mm._cfg(8, 16, None, 1, 1), BLOCKED=True, RM=2, RN=4)]
+        shapes = [((13, 37), 21), ((2, 12, 37), 16), ((16, 5), 16), ((7, 1), 3), ((9, 2), 40)]
+    else:
+        blocks = mm._blocked_configs(4096, gpu=True)
+        shapes = [((300, 768), 257), ((2, 128, 512), 256), ((4096, 768), 768), ((129, 2), 3000)]
+    for vs, K in shapes:
+        v = gen_values("maxabs", vs, device, g, dead=0.3)
+        w = _weights((vs[-1], K), torch.float32, device, g, zeros=0.4)
+        ref = reference(sr.matmul, v, w)
+        rank1 = fn(v, w)
+        for cfg in blocks:
+            for split in (1, 3):
+                monkeypatch.setattr(mm, "_simt_configs", lambda *a, **k: [])
+                monkeypatch.setattr(mm, "_blocked_configs", lambda *a, _c=cfg, _s=split, **k: [dict(_c, SPLIT_J=_s)])
+                out = fn(v, w)
+                monkeypatch.undo()
+                what = f"blocked/{vs}x{K}/{cfg['BM']}x{cfg['BN']}/S={split}"
+                assert torch.equal(out[0], rank1[0]), what
+                check(out, ref, "maxabs", 0.0, None, what)
+
+
+def test_blocked_candidates_fit_their_layout():
+    """The register-blocked candidates are offered on the GPU only, not for a
+    few rows, and each quarter tile's thread grid (TM × TN) is the CTA's
+    threads with operand vectors smaller than it (what keeps them out of
+    shared memory)."""
+    from semitriton.kernels import matmul as mm
+
+    assert mm._blocked_configs(4096) == [] and mm._blocked_configs(8, gpu=True) == []
+    cfgs = mm._blocked_configs(4096, gpu=True)
+    assert cfgs
+    for c in cfgs:
+        tm, tn = c["BM"] // 2 // c["RM"], c["BN"] // 2 // c["RN"]
+        threads = 32 * c["num_warps"]
+        assert tm * tn == threads and c["RM"] * tm < threads and c["RN"] * tn < threads
+
+
 def test_split_j_candidates_only_for_small_grids(monkeypatch):
     """The autotuner is offered split-J variants only where the unsplit grid
     leaves SMs idle, with at least SPLIT_MIN_STEPS steps per slice and bounded
