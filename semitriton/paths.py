@@ -600,23 +600,27 @@ def _signed_top_path(pg: PathGraph, index, batch=None) -> Optional[Path]:
 # ---- sampling -----------------------------------------------------------------------------------------
 def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Sequence[int]] = None,
                  seed: Optional[int] = None, backend: Optional[str] = None,
-                 graph: Optional[PathGraph] = None) -> list:
+                 graph: Optional[PathGraph] = None, batch: Optional[int] = None) -> list:
     """Draw ``n`` paths with probability ∝ Π|w| exactly: the start scalar with
-    probability Z(x)/ΣZ (or ``input[index]``), then each out-edge x -> u with
-    probability |w| Z(u) / Z(x), using the abs semiring's values. The entropy
-    semiring's H is the entropy of this distribution."""
+    probability Z(x)/ΣZ over ``input`` (or over ``input[batch]``, or
+    ``input[index]``), then each out-edge x -> u with probability
+    |w| Z(u) / Z(x), using the abs semiring's values. The entropy semiring's H
+    is the entropy of this distribution."""
     if n < 0:
         raise ValueError(f"n must be at least 0, got {n}")
     _check_tensors(output, input, "sample_paths")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None    # draws on the CPU
     if index is not None:
         index = _element_index(index, tuple(input.shape))
+    batch = _batch_index(batch, tuple(input.shape))
     if output is input:                  # paths of no edges, each element Z = 1: a uniform start
         if input.numel() == 0:
             return []
         shape = tuple(input.shape)
+        per = input.numel() if batch is None else math.prod(shape[1:])
+        lo = 0 if batch is None else batch * per
         starts = [index] * n if index is not None else \
-            [_unravel(f, shape) for f in torch.randint(input.numel(), (n,), generator=gen).tolist()]
+            [_unravel(lo + f, shape) for f in torch.randint(per, (n,), generator=gen).tolist()]
         return [Path(1.0, tuple(int(i) for i in s), shape, [], "abs") for s in starts]
     if graph is not None:
         graph.check(output, input, "abs", "sample_paths")
@@ -624,8 +628,9 @@ def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Se
     if pg.source is None or input.numel() == 0:
         return []
     src_val = pg.value(pg.source)[0].double().cpu()
-    # no path from input[index] (or from any scalar of input): nothing to draw
-    if (float(src_val[index]) if index is not None else float(src_val.max())) == float("-inf"):
+    pool = src_val if batch is None else src_val[batch]          # where a start is drawn
+    # no path from input[index] (or from any scalar of input / input[batch]): nothing to draw
+    if (float(src_val[index]) if index is not None else float(pool.max())) == float("-inf"):
         return []
     succ_cache: dict = {}
 
@@ -637,11 +642,11 @@ def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Se
         return s
 
     paths = []
-    flat = src_val.reshape(-1)
-    start_p = torch.softmax(flat, 0)
+    start_p = torch.softmax(pool.reshape(-1), 0)
+    lead = () if batch is None else (batch,)
     for _ in range(n):
         if index is None:
-            sidx = _unravel(int(torch.multinomial(start_p, 1, generator=gen)), tuple(src_val.shape))
+            sidx = lead + _unravel(int(torch.multinomial(start_p, 1, generator=gen)), tuple(pool.shape))
         else:
             sidx = index
         steps = [("start", sidx)]

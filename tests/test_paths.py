@@ -161,6 +161,15 @@ def test_sampling_matches_exact_path_probabilities():
     frac = start[(0, 1)] / 2000
     exp = (zz[0, 1] / zz.sum()).item()
     assert abs(frac - exp) < 4 * math.sqrt(exp * (1 - exp) / 2000) + 1e-3
+    # drawing from one row (an example of a batch): starts in that row, in proportion to its Z
+    rowp = semitriton.sample_paths(out, x, n=2000, seed=2, batch=-2)
+    assert {p.source_index[0] for p in rowp} == {0}
+    frac = Counter(p.source_index for p in rowp)[(0, 1)] / 2000
+    exp = (zz[0, 1] / zz[0].sum()).item()
+    assert abs(frac - exp) < 4 * math.sqrt(exp * (1 - exp) / 2000) + 1e-3
+    assert {p.source_index[0] for p in semitriton.sample_paths(x, x, n=20, seed=0, batch=1)} == {1}
+    with pytest.raises(IndexError, match="batch 2 is out of range"):
+        semitriton.sample_paths(out, x, n=1, batch=2)
 
 
 def test_paths_name_modules_on_a_patched_model():
