@@ -146,14 +146,14 @@ def _k(k: int, semiring: str) -> int:
     return k
 
 
-def _load(args, log):
+def _load(args, log, on_tokenizer=None):
     from .models import ModelLoadError, load
     from .patching import patch, patch_summary
     from tqdm.auto import tqdm
     with tqdm(total=2, desc="loading model", unit="step", disable=args.quiet) as bar:
         try:
             loaded = load(args.model, log=lambda m: bar.write(m) if not args.quiet else None,
-                          progress=not args.quiet)
+                          progress=not args.quiet, on_tokenizer=on_tokenizer)
         except ModelLoadError as exc:
             raise UsageError(str(exc)) from None
         bar.update(1)
@@ -339,8 +339,13 @@ class _WordTok:
         return {"input_ids": word_ids(self.tok, text)}
 
 
+def _model_name(args) -> str:
+    from .models import DEFAULT_MODEL
+    return "SmolLM2-135M-Instruct" if args.model in (None, "", DEFAULT_MODEL) else Path(args.model).name
+
+
 def cmd_explain(args) -> int:
-    from .sva.run import ScoringError, analyse
+    from .sva.run import ScoringError, analyse, check_forms
     try:
         semiring = _semiring(args.semiring)
         _k(args.k, semiring)
@@ -351,15 +356,18 @@ def cmd_explain(args) -> int:
     except UsageError as exc:
         return _fail(str(exc))
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
-    try:
-        loaded = _load(args, log)
-        if loaded.kind == "causal":
-            for name, form in (("--target", args.target), ("--foil", args.foil)):
-                ids = loaded.tokenizer(form, add_special_tokens=False).input_ids
-                if len(ids) != 1:
-                    raise UsageError(f"{name} {form!r} is not a single token for {loaded.name} "
-                                     f"(it is {len(ids)} tokens); pick a single-token form, e.g. with a "
+
+    def check_input(tok, kind):
+        """Refuse a target or foil the model cannot score before its weights load."""
+        ids = check_forms(tok, kind, args.text, args.target, args.foil)
+        if kind == "causal":
+            for name, form, form_ids in zip(("--target", "--foil"), (args.target, args.foil), ids):
+                if len(form_ids) != 1:
+                    raise UsageError(f"{name} {form!r} is not a single token for {_model_name(args)} "
+                                     f"(it is {len(form_ids)} tokens); pick a single-token form, e.g. with a "
                                      "leading space")
+    try:
+        loaded = _load(args, log, check_input)
         (res,) = _noting(log, analyse, loaded, [(None, args.text, args.target, args.foil)],
                          _device_holder["device"], batch_size=1, k=args.k, heads=args.heads, semiring=semiring)
     except (UsageError, ScoringError) as exc:

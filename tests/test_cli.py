@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,11 +125,25 @@ def test_unreadable_model(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_target_not_single_token(causal_dir, tmp_path, capsys):
-    rc = _run(["explain", "--model", causal_dir, "--text", "The keys to the cabinet", "--target", " are is",
-               "--foil", " is", "--out", str(tmp_path / "o")])
+def _no_weights(monkeypatch):
+    """Make loading any model's weights fail loudly (the input must be refused first)."""
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("the weights were loaded before the input was checked")
+    for cls in ("AutoModelForCausalLM", "AutoModelForMaskedLM"):
+        monkeypatch.setattr(getattr(transformers, cls), "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("target,foil,msg", [(" are is", " is", "not a single token"),
+                                             (" are", " are", "the same tokens")])
+def test_target_refused_before_the_weights_load(causal_dir, tmp_path, capsys, monkeypatch, target, foil, msg):
+    _no_weights(monkeypatch)
+    rc = _run(["explain", "--model", causal_dir, "--text", "The keys to the cabinet", "--target", target,
+               "--foil", foil, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and "not a single token" in err and not (tmp_path / "o").exists()
+    assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    assert Path(causal_dir).name in err or msg != "not a single token"
 
 
 def test_out_with_missing_parents_is_made(causal_dir, tmp_path, capsys):
@@ -228,7 +243,9 @@ def test_model_without_a_language_model_head_is_refused(tmp_path, capsys):
     ("The keys to the cabinet", "are", "zebra", "'zebra' is not in this masked LM's vocabulary"),
     (" ".join(["the"] * 80), "are", "is", "at most 64"),
 ])
-def test_masked_lm_input_errors(masked_dir, tmp_path, capsys, text, target, foil, msg):
+def test_masked_lm_input_errors(masked_dir, tmp_path, capsys, monkeypatch, text, target, foil, msg):
+    if msg != "at most 64":              # the length limit needs the model's config: checked after loading
+        _no_weights(monkeypatch)
     rc = _run(["explain", "--model", masked_dir, "--text", text, "--target", target, "--foil", foil,
                "--out", str(tmp_path / "o")])
     _one_line_error(capsys, rc, msg)

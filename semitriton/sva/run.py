@@ -70,12 +70,13 @@ def _max_positions(cfg) -> Optional[int]:
     return limit
 
 
-def encode(loaded, prefix: str, target: str, foil: str, pair: Optional[MinimalPair] = None) -> Encoded:
-    """Tokenise one input and decide how to score it."""
-    tok = loaded.tokenizer
+def check_forms(tok, kind: str, prefix: str, target: str, foil: str) -> tuple:
+    """The target's and the foil's token ids for a ``kind`` ("causal" or
+    "masked") LM, or ScoringError where the input cannot be scored; needs the
+    tokenizer only (so a command can refuse an input before the weights load)."""
     if not prefix.strip():
         raise ScoringError("the text is empty: there is no position to score")
-    if loaded.kind == "masked":
+    if kind == "masked":
         t_ids, f_ids = word_ids(tok, target, prefix), word_ids(tok, foil, prefix)
         if len(t_ids) != 1 or len(f_ids) != 1:
             bad = target if len(t_ids) != 1 else foil
@@ -91,23 +92,32 @@ def encode(loaded, prefix: str, target: str, foil: str, pair: Optional[MinimalPa
         if tok.mask_token and tok.mask_token in prefix:
             raise ScoringError(f"the text contains the mask token {tok.mask_token}: the tool appends the one "
                                "it scores")
+    else:
+        t_ids, f_ids = _ids(tok, target), _ids(tok, foil)
+        if not t_ids or not f_ids:
+            raise ScoringError("the target and the foil must not be empty")
+        if t_ids == f_ids:
+            raise ScoringError("the target and the foil are the same tokens")
+    return t_ids, f_ids
+
+
+def encode(loaded, prefix: str, target: str, foil: str, pair: Optional[MinimalPair] = None) -> Encoded:
+    """Tokenise one input and decide how to score it."""
+    tok = loaded.tokenizer
+    t_ids, f_ids = check_forms(tok, loaded.kind, prefix, target, foil)
+    if loaded.kind == "masked":
         text = f"{prefix} {tok.mask_token}"
         enc = tok(text, return_offsets_mapping=True)
         ids = list(enc.input_ids)
         pos = ids.index(loaded.mask_token_id)
         method = "logit"
     else:
-        t_ids, f_ids = _ids(tok, target), _ids(tok, foil)
-        if not t_ids or not f_ids:
-            raise ScoringError("the target and the foil must not be empty")
         enc = tok(prefix, return_offsets_mapping=True)
         ids = list(enc.input_ids)
         if not ids:
             raise ScoringError("the text has no tokens: there is no position to score")
         pos = len(ids) - 1
         method = "logit" if len(t_ids) == 1 and len(f_ids) == 1 else "logprob"
-        if t_ids == f_ids:
-            raise ScoringError("the target and the foil are the same tokens")
     limit = _max_positions(loaded.model.config)
     needed = len(ids) + (max(len(t_ids), len(f_ids)) if method == "logprob" else 0)   # + the continuation
     if limit is not None and needed > limit:
