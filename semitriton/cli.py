@@ -9,8 +9,10 @@ Bad input gets a one-line error and exit code 2, and nothing is written.
 from __future__ import annotations
 
 import argparse
+import html
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -181,7 +183,7 @@ def _print_table(rows, cols, out, fmt=None):
 
 def _cell(v, f=None) -> str:
     if isinstance(v, float):
-        return format(v, f or ".3g")
+        return "-" if v == -math.inf or v != v else format(v, f or ".3g")     # no path / nothing to average
     return str(v)
 
 
@@ -243,7 +245,7 @@ def _write_report(out: Path, title: str, summary: dict, results, args, meta: dic
     from .report.html import image_tag, report_html, table
     from .branches import ATTN_BRANCHES
     pngs = _plots(out, summary, results) if summary.get("accuracy") is not None else {}
-    sections = [("summary", f"<pre>{text}</pre>")]
+    sections = [("summary", f"<pre>{html.escape(text)}</pre>")]
     if "accuracy" in pngs:
         sections.append(("accuracy", image_tag(pngs["accuracy"].read_bytes(), "accuracy")))
     if "branch_weights" in pngs:
@@ -256,8 +258,8 @@ def _write_report(out: Path, title: str, summary: dict, results, args, meta: dic
     for g, rows in summary.get("heads", {}).items():
         if rows:
             sections.append((f"{g} tokens: attention head the top path takes", table(rows, _HEAD_COLS)))
-    html = report_html(title, sections, [r.analysis for r in results], max_examples=args.examples, meta=meta)
-    (out / "report.html").write_text(html)
+    page = report_html(title, sections, [r.analysis for r in results], max_examples=args.examples, meta=meta)
+    (out / "report.html").write_text(page)
 
 
 # ---- subcommands -------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from .columns import structural_column
 from .engine import GradientGraph, compute_dtype, run
 from .rules import RuleContext, rule_for
 from .rules.attention import attention_args, is_attention_node
-from .semirings import Real, Semiring, get
+from .semirings import Real, Semiring, get, is_builtin
 from .semirings.base import attention_probs
 
 _REAL = Real()
@@ -142,7 +142,7 @@ class PathGraph:
 
     def __init__(self, output: Tensor, input: Tensor, semiring: Union[str, Semiring],
                  backend: Optional[str] = None):
-        self.sr = get(semiring)
+        self.sr = _path_semiring(semiring, "PathGraph")
         self.output = output
         self.input = input
         self.graph = GradientGraph(output, [input])
@@ -159,7 +159,7 @@ class PathGraph:
 
     def check(self, output: Tensor, input: Tensor, semiring: Union[str, Semiring], who: str) -> None:
         """A reused graph must be the one the call asks about."""
-        name = get(semiring).name
+        name = _path_semiring(semiring, who).name
         if self.sr.name != name:
             raise ValueError(f"{who}: graph= was built with semiring {self.sr.name!r}, the call asks for "
                              f"{name!r}; build PathGraph(output, input, {name!r})")
@@ -411,6 +411,18 @@ def _empty_paths(input: Tensor, n: int, index, batch, semiring: str) -> list:
     return [Path(1.0, tuple(int(i) for i in s), shape, [], semiring) for s in starts]
 
 
+def _path_semiring(semiring: Union[str, Semiring], who: str) -> Semiring:
+    """The built-in semiring a path readout runs: the path search reads the
+    built-in algebras' values (maxabs/max/abs), so a user's class, whatever
+    its name, is refused rather than read as the built-in of that name."""
+    sr = get(semiring)
+    if not is_builtin(sr):
+        raise ValueError(f"{who}: paths are read with the built-in 'maxabs', 'max' or 'abs' semirings; "
+                         f"got the custom semiring {type(sr).__name__} (named {sr.name!r}). Run it with "
+                         "semitriton.grad / grad_values instead")
+    return sr
+
+
 def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs",
               index: Optional[Sequence[int]] = None, backend: Optional[str] = None,
               graph: Optional[PathGraph] = None, batch: Optional[int] = None) -> list:
@@ -422,7 +434,7 @@ def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs
     ``semiring="max"``: the path with the largest signed product (k = 1).
     A :class:`PathGraph` built once can be passed as ``graph`` to query
     several indices without recomputing the pass."""
-    name = semiring if isinstance(semiring, str) else semiring.name
+    name = _path_semiring(semiring, "top_paths").name
     if name not in ("maxabs", "max"):
         raise ValueError(f"top_paths supports semiring 'maxabs' (k-best) or 'max' (k=1), not {name!r}")
     if not 1 <= k <= MAX_K:

@@ -268,8 +268,10 @@ def test_log_probability_pairs_have_one_table_per_layer(causal_dir):
     two calls are one layer of the tables (their ⊕), numbered as the model's
     layers, as for a single-token pair."""
     import math
+    import re
     import semitriton
     from semitriton.models import load
+    from semitriton.report.html import path_svg
     from semitriton.sva.run import analyse, summarize
     loaded = load(causal_dir, log=lambda m: None)
     semitriton.patch(loaded.model)
@@ -285,8 +287,23 @@ def test_log_probability_pairs_have_one_table_per_layer(causal_dir):
                for t in range(len(r.analysis.tokens))]
         assert top == pytest.approx(r.analysis.stats["top_path"], rel=1e-5)
         assert math.isfinite(r.analysis.stats["top_path"][0])
+        # the path drawing has a row for every position a path visits (the continuation's too)
+        for p in r.analysis.paths:
+            svg = path_svg(r.analysis, p)
+            height = int(re.search(r"<svg width='\d+' height='(\d+)'", svg).group(1))
+            assert all(int(y) < height for y in re.findall(r"<circle cx='\d+' cy='(\d+)'", svg))
     assert [row["layer"] for row in summarize(res)["branches"]["other"]] == [0, 1]
     semitriton.unpatch(loaded.model)
+
+
+def test_report_escapes_the_model_name(causal_dir, tmp_path, capsys):
+    """A model directory whose name holds markup is written as text in report.html."""
+    import shutil
+    odd = tmp_path / "tiny<i>lm&co"
+    shutil.copytree(causal_dir, odd)
+    assert _run(["sva", "--model", str(odd), "--n", "2", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    page = (tmp_path / "o" / "report.html").read_text()
+    assert "tiny<i>lm" not in page and "tiny&lt;i&gt;lm&amp;co" in page
 
 
 def test_out_may_not_replace_the_working_or_model_directory(causal_dir, tmp_path, capsys, monkeypatch):

@@ -148,3 +148,42 @@ def test_incomplete_user_semirings_are_named_in_the_error():
         semitriton.grad(out, x, semiring=BareEdge())
     with pytest.raises(TypeError, match="pass an instance, PathCount()"):
         semitriton.grad(out, x, semiring=PathCount)
+
+    class BarePlus(PathCount):
+        name = "bare_plus"
+
+        def plus(self, a, b):
+            return a[0] + b[0]
+
+    class BareTimes(PathCount):
+        name = "bare_times"
+
+        def times(self, a, b):
+            return a[0] * b[0]
+
+    class TupleReadout(PathCount):
+        name = "tuple_readout"
+
+        def readout(self, v):
+            return v
+
+    for cls, what in ((BarePlus, "plus must return a tuple of tensors"),
+                      (BareTimes, "times must return a tuple of tensors"),
+                      (TupleReadout, "readout must return one tensor")):
+        with pytest.raises(TypeError, match=f"{cls.__name__}.{what}"):
+            semitriton.grad(out, x, semiring=cls())
+
+
+def test_path_readouts_refuse_a_user_semiring_named_like_a_builtin():
+    """The path search reads the built-in algebras: a user's class named
+    "maxabs" or "max" is refused by name, not answered with the built-in's paths."""
+    prog = residual_mlp()
+    x = prog.inputs["x"].clone().requires_grad_()
+    out = prog.engine(x)
+    for name in ("maxabs", "max"):
+        named = type("Named", (PathCount,), {"name": name})()
+        for call in (lambda: semitriton.top_paths(out, x, semiring=named),
+                     lambda: semitriton.branch_attribution(out, x, semiring=named),
+                     lambda: semitriton.PathGraph(out, x, named)):
+            with pytest.raises(ValueError, match="custom semiring Named"):
+                call()

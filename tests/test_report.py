@@ -81,18 +81,65 @@ def test_tokens_without_a_path_take_no_branch(semiring, tmp_path):
         assert top[3:].tolist() == [semitriton.NO_PATH] * 2
         assert (top[:3] >= 0).all()
         assert [r[f"L{L}"] for r in a.token_table()][3:] == ["-", "-"]
+    none = a.branches.no_path_value()
     for r in a.layer_table():
         assert sum(r[f"frac_{b}"] for b in semitriton.ATTN_BRANCHES) == pytest.approx(1.0)
         assert max(r[b] for b in semitriton.ATTN_BRANCHES) > (0 if semiring == "maxabs" else -float("inf"))
+        # a branch's mean is over the tokens with a path through it, in either semiring
+        for b in semitriton.ATTN_BRANCHES:
+            vals = [v for v in a.branches.attention[r["layer"]][b][0].tolist() if v != none]
+            assert r[b] == (pytest.approx(sum(vals) / len(vals), rel=1e-12) if vals else -float("inf"))
     only_none = a.layer_table(tokens=[3, 4])
     assert all(r[f"frac_{b}"] != r[f"frac_{b}"] for r in only_none for b in semitriton.ATTN_BRANCHES)   # NaN
     summary = summarize([PairResult(None, a, True, "logit")])
-    for r in summary["branches"]["subject"]:
+    for r, lt in zip(summary["branches"]["subject"], a.layer_table(tokens=[1, 4])):
         assert r["tokens"] == 2 and r["top"] != "-"
         assert sum(r[f"frac_{b}"] for b in semitriton.ATTN_BRANCHES) == pytest.approx(1.0)
+        assert [r[b] for b in semitriton.ATTN_BRANCHES] == pytest.approx([lt[b] for b in semitriton.ATTN_BRANCHES])
     plot_branch_fractions(only_none, tmp_path / "f.png")
-    plot_token_heatmap(a, tmp_path / "h.png")
+    plot_branch_weights({"subject": summary["branches"]["subject"]}, tmp_path / "w.png")
+    fig = plot_token_heatmap(a, tmp_path / "h.png")
+    lo, hi = fig.axes[0].images[0].get_clim()
+    assert -30 < lo <= hi < 30                  # no-path cells are blank, not a floor that stretches the scale
     assert ">-<" in a.to_html()
+
+
+def test_encoder_decoder_report_keeps_the_layers_on_the_input_positions():
+    """T5 analysed at its encoder embeddings: the decoder layers run along the
+    decoder's positions, so the per-token tables leave them out (with a
+    warning) at any decoder length; at="inputs" reads every layer per input
+    token."""
+    import transformers as t
+    torch.manual_seed(0)
+    cfg = t.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=4,
+                     decoder_start_token_id=0)
+    m = semitriton.patch(t.T5ForConditionalGeneration(cfg).eval())
+    for enc_len, dec_len in ((5, 3), (3, 5), (4, 4)):
+        emb = m.get_input_embeddings()(torch.arange(3, 3 + enc_len)[None]).detach().requires_grad_()
+        lg = m(inputs_embeds=emb, decoder_input_ids=torch.arange(10, 10 + dec_len)[None]).logits
+        score = lg[0, -1, 5] - lg[0, -1, 6]
+        toks = [f"e{i}" for i in range(enc_len)]
+        with pytest.warns(UserWarning, match="not on the input's positions"):
+            a = analyze(score, emb, tokens=toks, k=1)
+        assert all(m_.startswith("encoder.") for m_ in a.branches.modules.values()) and len(a.branches.layers) == 2
+        assert len(a.token_table()) == enc_len and len(a.layer_table()) == 2
+        assert "<svg" in a.to_html()
+    per_token = analyze(score, emb, tokens=toks, k=1, at="inputs")
+    assert len(per_token.branches.layers) == 4
+    assert all(tuple(per_token.branches.total[L].shape) == (1, enc_len) for L in per_token.branches.layers)
+    assert len(per_token.token_table()) == enc_len
+
+
+def test_analyze_checks_its_semiring_and_k_first():
+    from hf_models import build, embeds_and_output
+    model = semitriton.patch(build("llama", "sdpa"))
+    emb, score = embeds_and_output(model, "llama", torch.tensor([[3, 5, 7]]))
+    assert len(analyze(score[0], emb, semiring="max").paths) == 1          # k defaults to 1 for max
+    assert len(analyze(score[0], emb).paths) == 4                          # and to 4 for maxabs
+    with pytest.raises(ValueError, match="k=2 with semiring='max'"):
+        analyze(score[0], emb, semiring="max", k=2)
+    with pytest.raises(ValueError, match="semiring='entropy'"):
+        analyze(score[0], emb, semiring="entropy")
 
 
 def _same_analysis(a, alone):

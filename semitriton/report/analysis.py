@@ -48,9 +48,11 @@ class Analysis:
     # -- tables ------------------------------------------------------------------------------
     def token_table(self) -> list:
         """One row per token: the token, its per-token statistics, and per layer
-        the branch its top path takes at the attention input, with the head
+        the branch taken at the attention input by the top path through the
+        token's position of that layer's residual stream (branch tables
+        computed with at="inputs": by the token's own top path), with the head
         where per-head weights were computed ("value/h3"); "-" where no path
-        from the token reaches the output."""
+        reaches the output."""
         rows = []
         tops = {}
         if self.branches is not None:
@@ -71,8 +73,8 @@ class Analysis:
         """One row per layer: mean top-path weight per branch over ``tokens``
         (all by default) and the fraction of those tokens whose top path takes
         each branch. Tokens with no path to the output are left out of the
-        fractions, and, for the signed max semiring (where "no path" reads
-        -inf), out of the branch's mean (-inf when no token has one)."""
+        fractions, and tokens with no path through a branch (maxabs reads 0,
+        max -inf) out of the branch's mean (-inf when no token has one)."""
         if self.branches is None:
             return []
         toks = list(range(len(self.tokens))) if tokens is None else list(tokens)
@@ -83,7 +85,7 @@ class Analysis:
             reached = tb != NO_PATH
             for i, b in enumerate(ATTN_BRANCHES):
                 vals = self.branches.attention[L][b][0][toks]
-                vals = vals[vals != float("-inf")]
+                vals = vals[vals != self.branches.no_path_value()]
                 row[b] = float(vals.mean()) if len(vals) else (float("-inf") if toks else float("nan"))
                 row[f"frac_{b}"] = float((tb[reached] == i).float().mean()) if bool(reached.any()) else float("nan")
             rows.append(row)
@@ -202,21 +204,62 @@ def _milestones(path: Path, T: int) -> list:
     return out
 
 
-def analyze(output: Tensor, embeds: Tensor, tokens: Optional[Sequence[str]] = None, k: int = 4,
+def _check_semiring_k(semiring, k: int) -> None:
+    name = semiring if isinstance(semiring, str) else getattr(semiring, "name", semiring)
+    if name not in ("maxabs", "max"):
+        raise ValueError(f"semiring={name!r}: the report's top paths and branch tables are read with 'maxabs' "
+                         "(|path products|) or 'max' (signed); entropy and |w| flow are always in its statistics")
+    if name == "max" and k > 1:
+        raise ValueError(f"k={k} with semiring='max': the signed max semiring gives the single top path "
+                         "(k=0 or 1); use semiring='maxabs' for the k best |path products|")
+
+
+def analyze(output: Tensor, embeds: Tensor, tokens: Optional[Sequence[str]] = None, k: Optional[int] = None,
             heads: bool = False, branches: bool = True, backend: Optional[str] = None,
             description: str = "", spans: Optional[dict] = None, meta: Optional[dict] = None,
-            semiring: str = "maxabs") -> Analysis:
+            semiring: str = "maxabs", at: str = "residual") -> Analysis:
     """Per-token entropy, log flow and top-path weight; branch attribution per
-    layer (if the model is tracked/patched); the ``k`` best paths. ``output``: a
+    layer (if the model is tracked/patched; ``at`` as in :func:`analyze_batch`);
+    the ``k`` best paths (default 4 for maxabs, 1 for max). ``output``: a
     scalar; ``embeds``: [1, T, D] input embeddings that require grad.
-    ``semiring``: "maxabs" (|products|, k-best) or "max" (signed, k = 1)."""
+    ``semiring``: "maxabs" (|products|, k-best) or "max" (signed, k ≤ 1)."""
+    if k is None:
+        k = 1 if semiring == "max" else 4
     if output.numel() != 1:
         raise ValueError("analyze() reads one scalar output; pass e.g. logits[0, -1, a] - logits[0, -1, b]")
     if embeds.dim() != 3 or embeds.shape[0] != 1:
         raise ValueError(f"embeds must be [1, T, D], got {tuple(embeds.shape)}")
     return analyze_batch(output.reshape(1), embeds, [tokens] if tokens is not None else None, k=k,
                          heads=heads, branches=branches, backend=backend, descriptions=[description],
-                         spans=[spans or {}], metas=[meta or {}], semiring=semiring)[0]
+                         spans=[spans or {}], metas=[meta or {}], semiring=semiring, at=at)[0]
+
+
+def _on_input_positions(attr: BranchAttribution, T: int) -> Optional[BranchAttribution]:
+    """The layers whose residual stream runs along the input's positions (the
+    per-token tables index them by input token; a stream may run on past
+    them, as when a causal LM reads a continuation appended to the input).
+    An encoder-decoder's decoder layers run along the decoder's positions:
+    they are left out, with a warning, when the input is the encoder's
+    (encoder and decoder layers both reached), as is any stream shorter than
+    the input."""
+    def side(module: str) -> Optional[str]:
+        parts = module.split(".")
+        return "encoder" if "encoder" in parts else "decoder" if "decoder" in parts else None
+
+    sides = {L: side(attr.modules.get(L, "")) for L in attr.layers}
+    both = {"encoder", "decoder"} <= set(sides.values())
+    off = [L for L in attr.layers if attr.total[L].shape[1] < T or (both and sides[L] == "decoder")]
+    if not off:
+        return attr
+    warnings.warn(f"the report's per-token branch tables leave out {len(off)} layer(s) whose residual stream is not "
+                  f"on the input's positions (e.g. {attr.modules.get(off[0], off[0])}); at='inputs' reads every "
+                  "layer per input token", stacklevel=3)
+    keep = [L for L in attr.layers if L not in off]
+    if not keep:
+        return None
+    return BranchAttribution(attr.semiring, keep, *({L: d[L] for L in keep if L in d}
+                                                   for d in (attr.attention, attr.mlp, attr.heads, attr.total)),
+                             {L: attr.modules[L] for L in keep if L in attr.modules})
 
 
 def _windows(B: int, T: int, lengths, attention_mask) -> list:
@@ -248,7 +291,7 @@ def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Seq
                   branches: bool = True, backend: Optional[str] = None,
                   descriptions: Optional[Sequence[str]] = None, spans: Optional[Sequence[dict]] = None,
                   metas: Optional[Sequence[dict]] = None, semiring: str = "maxabs",
-                  attention_mask: Optional[Tensor] = None) -> list:
+                  attention_mask: Optional[Tensor] = None, at: str = "residual") -> list:
     """:func:`analyze` for a batch of independent examples in one set of
     passes: ``outputs`` [B] (example b's score depends only on embeds[b]),
     ``embeds`` [B, T, D]. Padding is left out of each example's tables:
@@ -257,10 +300,15 @@ def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Seq
     for left or right padding. A padding position from which a path reaches
     the output is an error (the padding is on the other side, or the model
     did not get the mask). ``tokens[b]`` lists the example's tokens (or all
-    T positions'); ``spans`` index into them."""
+    T positions'); ``spans`` index into them. ``at``: the branch tables per
+    position of each layer's residual stream ("residual"; the layers whose
+    stream is not on the input's positions, such as a decoder's, are left
+    out) or per input token ("inputs": the branches taken by each token's
+    own top paths; a pass through the lower layers per branch and layer)."""
     if outputs.dim() != 1 or embeds.dim() != 3 or embeds.shape[0] != outputs.shape[0]:
         raise ValueError(f"outputs must be [B] and embeds [B, T, D]; got {tuple(outputs.shape)} and "
                          f"{tuple(embeds.shape)}")
+    _check_semiring_k(semiring, k)
     B, T = embeds.shape[:2]
     windows = _windows(B, T, lengths, attention_mask)
     if tokens is not None:
@@ -285,10 +333,13 @@ def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Seq
     attribution = None
     if branches:
         try:
-            attribution = branch_attribution(outputs, embeds, semiring, heads=heads, backend=backend, graph=pg)
+            attribution = branch_attribution(outputs, embeds, semiring, heads=heads, backend=backend, graph=pg,
+                                             at=at)
         except SemitritonError as exc:            # the rest of the report does not need it
             warnings.warn(f"the report has no branch tables: {exc}", stacklevel=2)
             attribution = None
+        if attribution is not None and at == "residual":
+            attribution = _on_input_positions(attribution, T)
     scores = outputs.detach().double().cpu()
     out = []
     for b, (s, n) in enumerate(windows):

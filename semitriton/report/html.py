@@ -83,15 +83,20 @@ def _token_strip(a, ident: str) -> str:
 
 def path_svg(a, path) -> str:
     """The path drawn layer by layer: columns are layers, rows are tokens; a
-    dot per layer coloured by the branch taken (Q/K/V/skip), with the head."""
+    dot per layer coloured by the branch taken (Q/K/V/skip), with the head.
+    Positions past the last token (a scored continuation read after the
+    text) get rows of their own, labelled +1, +2, ..."""
     ms = a.milestones(path)
-    T = len(a.tokens)
+    labels = [repr(tok)[1:-1][:12] for tok in a.tokens]
+    last = max([m["position"] for m in ms if m["position"] is not None] + [len(labels) - 1])
+    labels += [f"+{i}" for i in range(1, last - len(labels) + 2)]
+    T = len(labels)
     cols = len(ms)
     W, H = 90 + 46 * cols, 24 + 18 * T
     parts = [f"<svg width='{W}' height='{H}' xmlns='http://www.w3.org/2000/svg'>"]
-    for t, tok in enumerate(a.tokens):
+    for t, label in enumerate(labels):
         y = 20 + 18 * t
-        parts.append(f"<text x='2' y='{y + 4}' font-size='10'>{_e(repr(tok)[1:-1][:12])}</text>")
+        parts.append(f"<text x='2' y='{y + 4}' font-size='10'>{_e(label)}</text>")
         parts.append(f"<line x1='86' y1='{y}' x2='{W - 4}' y2='{y}' stroke='#eee'/>")
     pts = []
     for c, m in enumerate(ms):

@@ -17,6 +17,12 @@ def _plt():
     return plt
 
 
+def _log_scale_values(vals) -> list:
+    """Values for a log axis: those that are not positive (no path: 0 or -inf,
+    a negative signed product, or NaN) become NaN, so nothing is drawn there."""
+    return [v if v == v and 0 < v < float("inf") else float("nan") for v in vals]
+
+
 def _save(fig, path):
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -25,7 +31,8 @@ def _save(fig, path):
 
 def plot_branch_weights(groups: dict, path=None, title: str = "mean top-path weight by branch"):
     """``groups``: {group name: layer_table rows}. One panel per group; per
-    layer the mean top-path weight through each branch (log scale)."""
+    layer the mean top-path weight through each branch (log scale; a layer
+    where a branch has no path, or a non-positive signed mean, is a gap)."""
     plt = _plt()
     names = [g for g, rows in groups.items() if rows]
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.4), squeeze=False)
@@ -33,10 +40,11 @@ def plot_branch_weights(groups: dict, path=None, title: str = "mean top-path wei
         rows = groups[g]
         layers = [r["layer"] for r in rows]
         for b in ATTN_BRANCHES:
-            vals = [r[b] for r in rows]
-            if any(v > 0 for v in vals):
+            vals = _log_scale_values([r[b] for r in rows])
+            if any(v == v for v in vals):
                 ax.plot(layers, vals, marker="o", ms=3, label=b, color=_COLORS[b])
         ax.set_yscale("log")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(g)
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
@@ -70,21 +78,28 @@ def plot_branch_fractions(rows: list, path=None, title: str = "branch taken by t
 
 def plot_token_heatmap(analysis, path=None, title: Optional[str] = None):
     """Tokens × layers: log10 top-path weight at the layer input, with the
-    branch the top path takes (Q/K/V/S) written in each cell."""
+    branch the top path takes (Q/K/V/S; "-": no path) written in each cell;
+    cells without a positive weight (no path, or a negative signed product)
+    are left blank rather than stretching the colour scale."""
     import math
+
+    import numpy as np
     plt = _plt()
     br = analysis.branches
     if br is None:
         raise ValueError("this analysis has no branch attribution")
     T = len(analysis.tokens)
-    data = [[math.log10(max(float(br.total[L][0, t]), 1e-300)) for L in br.layers] for t in range(T)]
+    data = np.ma.masked_invalid([[math.log10(v) if v == v and 0 < v < math.inf else math.nan
+                                  for v in (float(br.total[L][0, t]) for L in br.layers)] for t in range(T)])
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(br.layers) + 2), max(2.5, 0.3 * T + 1)))
-    im = ax.imshow(data, aspect="auto", cmap="viridis")
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("#dddddd")
+    im = ax.imshow(data, aspect="auto", cmap=cmap)
     for j, L in enumerate(br.layers):
         top = br.top_branch(L)[0]
         for t in range(T):
             ax.text(j, t, branch_name(int(top[t]))[0].upper(), ha="center", va="center", fontsize=6,
-                    color="white")
+                    color="white" if data[t, j] is not np.ma.masked else "black")
     ax.set_yticks(range(T))
     ax.set_yticklabels([repr(x)[1:-1][:14] for x in analysis.tokens], fontsize=7)
     ax.set_xticks(range(len(br.layers)))

@@ -43,14 +43,39 @@ def _check_custom(sr: Semiring) -> None:
     if missing:
         raise TypeError(f"semiring {cls.__name__} does not define {', '.join(missing)}: a Semiring subclass "
                         f"implements {', '.join(_REQUIRED)} on tuples of tensors")
-    try:
-        probes = (("one", sr.one((1,), torch.float32, torch.device("cpu"))), ("edge", sr.edge(torch.ones(1))))
-    except Exception:
-        probes = ()
-    for what, v in probes:
-        if not isinstance(v, (tuple, list)) or not all(isinstance(c, torch.Tensor) for c in v):
+    def tuple_of_tensors(v) -> bool:
+        return isinstance(v, (tuple, list)) and all(isinstance(c, torch.Tensor) for c in v)
+
+    cpu = torch.device("cpu")
+    for what, make in (("zero", lambda: sr.zero((1,), torch.float32, cpu)),
+                       ("one", lambda: sr.one((1,), torch.float32, cpu)),
+                       ("edge", lambda: sr.edge(torch.ones(1)))):
+        try:
+            v = make()
+        except Exception:          # a semiring that cannot take the probe is left to the walk
+            continue
+        if not tuple_of_tensors(v):
             raise TypeError(f"{cls.__name__}.{what} must return a tuple of tensors (one per value "
                             f"component), got {type(v).__name__}")
+    try:
+        one = sr.one((1,), torch.float32, cpu)
+        ops = (("plus", lambda: sr.plus(one, one)), ("times", lambda: sr.times(one, one)))
+    except Exception:
+        ops = ()
+    for what, make in ops:
+        try:
+            v = make()
+        except Exception:
+            continue
+        if not tuple_of_tensors(v):
+            raise TypeError(f"{cls.__name__}.{what} must return a tuple of tensors (one per value "
+                            f"component), got {type(v).__name__}")
+    try:
+        r = sr.readout(sr.one((1,), torch.float32, cpu))
+    except Exception:
+        r = torch.zeros(1)
+    if not isinstance(r, torch.Tensor):
+        raise TypeError(f"{cls.__name__}.readout must return one tensor (the statistic), got {type(r).__name__}")
     _checked.add(cls)
 
 

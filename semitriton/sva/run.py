@@ -238,8 +238,8 @@ def _group_tokens(a: Analysis, group: str) -> list:
 def summarize(results: Sequence[PairResult]) -> dict:
     """Accuracy per condition and attractor match; mean top-path weight per
     branch and layer for subject / attractor / other tokens (over the tokens
-    with a path through the branch: the signed max semiring's -inf is left
-    out); the fraction of those tokens whose top path takes each branch;
+    with a path through the branch, in either semiring: maxabs's 0 and max's
+    -inf, which mean "no path", are left out; -inf where no token has one); the fraction of those tokens whose top path takes each branch;
     with per-head weights, the head those top paths take inside the
     attention (``_head_rows``); mean per-token entropy. Tokens from which no
     path reaches the score count in "tokens" but in no fraction ("top" is
@@ -270,6 +270,7 @@ def summarize(results: Sequence[PairResult]) -> dict:
             ent += [a.stats["entropy"][t] for t in toks]
             if a.branches is None:
                 continue
+            no_path = a.branches.no_path_value()
             for L in a.branches.layers:
                 top = a.branches.top_branch(L)[0]
                 for t in toks:
@@ -280,7 +281,7 @@ def summarize(results: Sequence[PairResult]) -> dict:
                     s["n_path"] += int(top[t] != NO_PATH)
                     for i, b in enumerate(ATTN_BRANCHES):
                         w = float(a.branches.attention[L][b][0, t])
-                        if w != -math.inf:          # the signed max semiring's "no path" is not averaged
+                        if w != no_path:            # "no path" (0 for maxabs, -inf for max) is not averaged
                             s[b] += w
                             s[f"n_{b}"] += 1
                         s[f"frac_{b}"] += float(top[t] == i)
