@@ -383,7 +383,8 @@ def cmd_explain(args) -> int:
     _print_table(a.token_table(), cols, out)
     for i, p in enumerate(a.paths):
         src, t = p.source_index, a.source_token(p)
-        out.write(f"\ntop path {i + 1}: weight {p.weight:.4g} from token {a.tokens[t]!r} unit {src[-1]}, "
+        tok = a.tokens[t] if t is not None else "?"
+        out.write(f"\ntop path {i + 1}: weight {p.weight:.4g} from token {tok!r} unit {src[-1]}, "
                   f"{len(p.steps)} steps; layer by layer: ")
         out.write(" -> ".join(_milestone(m) for m in a.milestones(p)) + "\n")
     text = out.getvalue()

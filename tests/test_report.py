@@ -130,6 +130,19 @@ def test_encoder_decoder_report_keeps_the_layers_on_the_input_positions():
     assert len(per_token.token_table()) == enc_len
 
 
+def test_layer_numbers_of_module_names():
+    from semitriton.report.analysis import _layer_of
+    assert _layer_of("model.layers.3.self_attn.q_proj") == 3
+    assert _layer_of("model.layers.3.block_sparse_moe.experts.5.w1") == 3          # not the expert
+    assert _layer_of("encoder.block.1.layer.0.SelfAttention.q") == 1                # T5: the block
+    assert _layer_of("decoder.block.2.layer.2.DenseReluDense.wo") == 2
+    assert _layer_of("transformer.h.7.attn.c_attn") == 7
+    assert _layer_of("bert.encoder.layer.4.attention.self.query") == 4
+    assert _layer_of("models.0.model.layers.6.mlp") == 6                             # inside a wrapper's list
+    assert _layer_of("encoder.albert_layer_groups.0.albert_layers.1.attention") == 1
+    assert _layer_of("lm_head") is None
+
+
 def test_analyze_checks_its_semiring_and_k_first():
     from hf_models import build, embeds_and_output
     model = semitriton.patch(build("llama", "sdpa"))

@@ -140,7 +140,17 @@ class Analysis:
         return analysis_html(self, title)
 
 
+#: the first item of one of these module lists in a name is its layer (T5's
+#: block.N.layer.M is block N; an expert's number inside a layer is not a layer)
+_LAYER_LIST = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
+
+
 def _layer_of(module: str) -> Optional[int]:
+    """The layer number in a module's qualified name: the item of its first
+    layer list (layers, layer, h, block, blocks), else its last number."""
+    m = _LAYER_LIST.search(module or "")
+    if m:
+        return int(m.group(1))
     nums = re.findall(r"\.(\d+)(?:\.|$)", module or "")
     return int(nums[-1]) if nums else None
 

@@ -144,7 +144,7 @@ def _branch_tables(a) -> str:
             row[f"{t}:{tok}"] = branch_name(int(top[t]))[0].upper()
         rows.append(row)
     weights = table(a.layer_table(), left=())
-    return (f"<h3>branch taken by each token's top path (Q/K/V/S)</h3>{table(rows)}"
+    return (f"<h3>branch taken by the top path through each token's position (Q/K/V/S; -: no path)</h3>{table(rows)}"
             f"<h3>mean top-path weight per branch and fraction of tokens taking it</h3>{weights}")
 
 
