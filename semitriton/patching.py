@@ -640,16 +640,16 @@ def _config_owners(model: nn.Module) -> list:
     """(qualified name, module) of the outermost modules that carry a
     transformers config (``config._attn_implementation``): the model itself,
     or the models inside a wrapper (a scoring module, nn.DataParallel, an
-    nn.Sequential, ...). A config that is the same object as, or a sub-config
-    of, one found higher up is not listed again (setting the parent's passes
-    it on)."""
-    owners, covered = [], set()
+    nn.Sequential, ...); a model's own submodules are its (setting its config
+    passes the choice on to its sub-configs)."""
+    owners: list = []
     for name, m in model.named_modules():
         cfg = getattr(m, "config", None)
-        if cfg is None or not hasattr(cfg, "_attn_implementation") or id(cfg) in covered:
+        if cfg is None or not hasattr(cfg, "_attn_implementation"):
+            continue
+        if any(o == "" or name.startswith(o + ".") for o, _ in owners):
             continue
         owners.append((name, m))
-        covered.update(id(c) for c in _config_tree(cfg))
     return owners
 
 
