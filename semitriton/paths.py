@@ -363,21 +363,34 @@ def _scalar(t: Tensor, idx: tuple) -> float:
     return float(t[idx]) if t.dim() else float(t)
 
 
-def _element_index(index, shape: tuple) -> tuple:
+def _element_index(index, shape: tuple, partial: bool = False) -> tuple:
     """``index`` (an int or a sequence, negative entries counting from the end)
     as a tuple of non-negative ints into ``shape``; IndexError if it does not
-    name one element."""
+    name one element (``partial``: or the sub-tensor of its leading dims)."""
     if isinstance(index, Tensor):
         if index.is_floating_point() or index.is_complex():
             raise TypeError(f"index must hold integers, got a {index.dtype} tensor")
         index = index.tolist()
     index = tuple(int(i) for i in (index if isinstance(index, (tuple, list)) else (index,)))
-    if len(index) != len(shape):
+    if len(index) > len(shape) or (not partial and len(index) != len(shape)) or not index:
         raise IndexError(f"index {index} has {len(index)} dims, input has {len(shape)}")
     for d, (i, n) in enumerate(zip(index, shape)):
         if not -n <= i < n:
             raise IndexError(f"index {index} is out of range in dim {d} (size {n})")
     return tuple(i % n for i, n in zip(index, shape))
+
+
+def _start_region(index, batch, shape: tuple) -> tuple:
+    """(one start element, or None; the leading index of the sub-tensor the
+    starts are drawn from, or ()) for ``index`` (an element, or a prefix such
+    as (b, t): every unit of token t of example b) and ``batch``."""
+    b = _batch_index(batch, shape)
+    if index is None:
+        return None, (() if b is None else (b,))
+    idx = _element_index(index, shape, partial=True)
+    if b is not None and idx[0] != b:
+        raise ValueError(f"index {idx} and batch {b} name different examples")
+    return (idx, ()) if len(idx) == len(shape) else (None, idx)
 
 
 def _batch_index(batch: Optional[int], shape: tuple) -> Optional[int]:
@@ -398,16 +411,16 @@ def _check_tensors(output, input, who: str) -> None:
                                if what == "input" and isinstance(t, (list, tuple)) else ""))
 
 
-def _empty_paths(input: Tensor, n: int, index, batch, semiring: str) -> list:
+def _empty_paths(input: Tensor, n: int, index, prefix: tuple, semiring: str) -> list:
     """Paths of no edges (weight 1) when the output is the input itself:
-    from ``input[index]``, else the first ``n`` elements (of ``input[batch]``)."""
+    from ``input[index]``, else the first ``n`` elements (of ``input[prefix]``)."""
     shape = tuple(input.shape)
     if index is not None:
         starts = [index]
     else:
-        lo = 0 if batch is None else batch * (math.prod(shape[1:]))
-        hi = input.numel() if batch is None else lo + math.prod(shape[1:])
-        starts = [_unravel(f, shape) for f in range(lo, min(hi, lo + n))]
+        per = math.prod(shape[len(prefix):])
+        lo = _ravel(prefix, shape[:len(prefix)]) * per
+        starts = [_unravel(f, shape) for f in range(lo, min(lo + per, lo + n))]
     return [Path(1.0, tuple(int(i) for i in s), shape, [], semiring) for s in starts]
 
 
@@ -427,8 +440,9 @@ def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs
               index: Optional[Sequence[int]] = None, backend: Optional[str] = None,
               graph: Optional[PathGraph] = None, batch: Optional[int] = None) -> list:
     """The ``k`` highest-weighted paths from any scalar of ``input`` (or from
-    ``input[index]``, or from any scalar of ``input[batch]``) to ``output``,
-    best first.
+    ``input[index]``: one scalar, or with fewer indices than dims any scalar
+    of that sub-tensor, e.g. ``index=(b, t)`` for token t of example b; or
+    from any scalar of ``input[batch]``) to ``output``, best first.
 
     ``semiring="maxabs"``: weights are |Π w|, exact k-best (k ≤ 16).
     ``semiring="max"``: the path with the largest signed product (k = 1).
@@ -443,20 +457,18 @@ def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs
         raise ValueError("the signed max semiring gives the single top path: use k=1 "
                          "(or semiring='maxabs' for the k best |products|)")
     _check_tensors(output, input, "top_paths")
-    if index is not None:
-        index = _element_index(index, tuple(input.shape))
-    batch = _batch_index(batch, tuple(input.shape))
+    index, prefix = _start_region(index, batch, tuple(input.shape))
     if output is input:                  # each element is its own output: paths of no edges
-        return _empty_paths(input, 1 if name == "max" else k, index, batch, name)
+        return _empty_paths(input, 1 if name == "max" else k, index, prefix, name)
     if graph is not None:
         graph.check(output, input, name, "top_paths")
     pg = graph if graph is not None else PathGraph(output, input, name, backend=backend)
     if pg.source is None or input.numel() == 0:
         return []
     if name == "max":
-        p = _signed_top_path(pg, index, batch)
+        p = _signed_top_path(pg, index, prefix)
         return [] if p is None else [p]
-    return _kbest(pg, k, index, batch)
+    return _kbest(pg, k, index, prefix)
 
 
 class _Ranked:
@@ -497,7 +509,7 @@ class _Ranked:
         return float(self.key[i]), float(self.lw[i]), self.step(i)
 
 
-def _kbest(pg: PathGraph, k: int, index, batch=None) -> list:
+def _kbest(pg: PathGraph, k: int, index, prefix: tuple = ()) -> list:
     """Best-first search with exact potentials. A heap item is "partial path P
     (log weight g, head h) extended by the r-th best successor of h", with
     priority g + log|w_r| + pot(u_r) — an exact bound on its best completion.
@@ -518,12 +530,10 @@ def _kbest(pg: PathGraph, k: int, index, batch=None) -> list:
     if index is not None:
         starts = [(_scalar(src_val, index), index)]
     else:
-        flat = (src_val if batch is None else src_val[batch]).reshape(-1)
-        shape = tuple(src_val.shape if batch is None else src_val.shape[1:])
+        part = src_val[prefix]
+        flat = part.reshape(-1)
         order = torch.argsort(flat, descending=True)[: 4 * k]
-        starts = [(float(flat[i]), _unravel(int(i), shape)) for i in order.tolist()]
-        if batch is not None:
-            starts = [(v, (batch,) + idx) for v, idx in starts]
+        starts = [(float(flat[i]), prefix + _unravel(int(i), tuple(part.shape))) for i in order.tolist()]
     starts = [(pot, (("start", idx),), idx) for pot, idx in starts if pot != NEG]
     tie = itertools.count()
     heap: list = []
@@ -567,16 +577,14 @@ def _make_path(pg: PathGraph, steps, semiring: str) -> Path:
     return Path(weight, tuple(int(i) for i in source), tuple(pg.input.shape), out_steps, semiring)
 
 
-def _signed_top_path(pg: PathGraph, index, batch=None) -> Optional[Path]:
+def _signed_top_path(pg: PathGraph, index, prefix: tuple = ()) -> Optional[Path]:
     """Follow M+ (or M- after a negative edge) greedily; exact for k = 1."""
     NEG = float("-inf")
     src = pg.source
     vp, _ = pg.value(src)
     if index is None:
-        part = vp if batch is None else vp[batch]
-        index = _unravel(int(torch.argmax(part.reshape(-1))), tuple(part.shape))
-        if batch is not None:
-            index = (batch,) + index
+        part = vp[prefix]
+        index = prefix + _unravel(int(torch.argmax(part.reshape(-1))), tuple(part.shape))
     if _scalar(vp, index) == NEG:
         return None
     steps = [("start", index)]
@@ -615,22 +623,21 @@ def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Se
                  graph: Optional[PathGraph] = None, batch: Optional[int] = None) -> list:
     """Draw ``n`` paths with probability ∝ Π|w| exactly: the start scalar with
     probability Z(x)/ΣZ over ``input`` (or over ``input[batch]``, or
-    ``input[index]``), then each out-edge x -> u with probability
-    |w| Z(u) / Z(x), using the abs semiring's values. The entropy semiring's H
-    is the entropy of this distribution."""
+    ``input[index]``: one scalar, or a sub-tensor as in :func:`top_paths`),
+    then each out-edge x -> u with probability |w| Z(u) / Z(x), using the abs
+    semiring's values. The entropy semiring's H is the entropy of this
+    distribution."""
     if n < 0:
         raise ValueError(f"n must be at least 0, got {n}")
     _check_tensors(output, input, "sample_paths")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None    # draws on the CPU
-    if index is not None:
-        index = _element_index(index, tuple(input.shape))
-    batch = _batch_index(batch, tuple(input.shape))
+    index, prefix = _start_region(index, batch, tuple(input.shape))
     if output is input:                  # paths of no edges, each element Z = 1: a uniform start
         if input.numel() == 0:
             return []
         shape = tuple(input.shape)
-        per = input.numel() if batch is None else math.prod(shape[1:])
-        lo = 0 if batch is None else batch * per
+        per = math.prod(shape[len(prefix):])
+        lo = _ravel(prefix, shape[:len(prefix)]) * per
         starts = [index] * n if index is not None else \
             [_unravel(lo + f, shape) for f in torch.randint(per, (n,), generator=gen).tolist()]
         return [Path(1.0, tuple(int(i) for i in s), shape, [], "abs") for s in starts]
@@ -640,8 +647,8 @@ def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Se
     if pg.source is None or input.numel() == 0:
         return []
     src_val = pg.value(pg.source)[0].double().cpu()
-    pool = src_val if batch is None else src_val[batch]          # where a start is drawn
-    # no path from input[index] (or from any scalar of input / input[batch]): nothing to draw
+    pool = src_val[prefix]                                        # where a start is drawn
+    # no path from input[index] (or from any scalar of input / input[prefix]): nothing to draw
     if (float(src_val[index]) if index is not None else float(pool.max())) == float("-inf"):
         return []
     succ_cache: dict = {}
@@ -655,10 +662,9 @@ def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Se
 
     paths = []
     start_p = torch.softmax(pool.reshape(-1), 0)
-    lead = () if batch is None else (batch,)
     for _ in range(n):
         if index is None:
-            sidx = lead + _unravel(int(torch.multinomial(start_p, 1, generator=gen)), tuple(pool.shape))
+            sidx = prefix + _unravel(int(torch.multinomial(start_p, 1, generator=gen)), tuple(pool.shape))
         else:
             sidx = index
         steps = [("start", sidx)]

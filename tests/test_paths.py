@@ -240,6 +240,31 @@ def test_output_is_the_input_paths_of_no_edges():
     assert len(sampled) == 5 and all(p.weight == 1.0 and not p.steps for p in sampled)
 
 
+def test_an_index_prefix_starts_anywhere_in_its_sub_tensor():
+    """``index=(i, j)`` on a 3-d input: the k best paths starting at any
+    scalar of ``input[i, j]``, against brute force over that slice; the signed
+    top path and sampling draw there too; a prefix that disagrees with
+    ``batch`` is an error."""
+    prog = residual_mlp()
+    prods = _products(prog)
+    x, out = _run(prog)
+    shape = tuple(x.shape)
+    prefix = (0, -2)
+    rows = [f for f in range(x.numel()) if tuple(torch.unravel_index(torch.tensor(f), shape))[:2] == (0, 1)]
+    best = sorted((abs(w) for f in rows for w in prods[f]), reverse=True)[:4]
+    got = semitriton.top_paths(out, x, k=4, index=prefix)
+    assert [p.weight for p in got] == pytest.approx(best, rel=1e-10)
+    assert all(p.source_index[:2] == (0, 1) for p in got)
+    (s,) = semitriton.top_paths(out, x, semiring="max", index=prefix)
+    assert s.source_index[:2] == (0, 1)
+    assert s.weight == pytest.approx(max(w for f in rows for w in prods[f]), rel=1e-10)
+    assert {p.source_index[:2] for p in semitriton.sample_paths(out, x, n=20, index=prefix, seed=0)} == {(0, 1)}
+    assert semitriton.top_paths(out, x, k=4, index=(0,)) == semitriton.top_paths(out, x, k=4, batch=0)
+    assert semitriton.top_paths(out, x, k=2, index=prefix, batch=0)[0].weight == got[0].weight
+    with pytest.raises(ValueError, match="name different examples"):
+        semitriton.top_paths(out, x, index=(0, 1), batch=1)
+
+
 def test_negative_indices_name_the_same_scalar():
     """``index`` counts from the end like tensor indexing: the path, its
     ``source_index`` and its weight are those of the normalised element."""
