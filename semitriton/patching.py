@@ -654,19 +654,31 @@ def _config_owners(model: nn.Module) -> list:
 
 
 def _patch_attention(model: nn.Module, rec: PatchRecord) -> None:
-    """Select the fused attention on the config of every model in ``model``
-    whose attention modules go through transformers' attention interface."""
+    """Select the fused attention for every attention module of the models in
+    ``model`` that goes through transformers' attention interface: on the
+    model's config (which passes it on to its sub-configs) and on each other
+    config those modules read (``module.config``: T5's stacks and a backbone
+    inside a scoring model hold configs of their own, which setting the outer
+    one does not reach)."""
     for name, owner in _config_owners(model):
         where = f" ({name}: {type(owner).__name__})" if name else ""
-        n_attn = sum(_uses_attention_interface(m) for m in owner.modules())
-        if not n_attn:
+        attn = [m for m in owner.modules() if _uses_attention_interface(m)]
+        if not attn:
             continue
         if getattr(owner, "_supports_sdpa", True) is False:
             rec.skipped.append(f"attention{where}: the model does not support sdpa, whose semantics the fused "
                                "node has")
-        elif _register_attention():
-            rec.attention_configs.append((owner.config, _select_attention(owner.config)))
-            rec.attention_modules += n_attn
+            continue
+        if not _register_attention():
+            return
+        configs = {id(owner.config): owner.config}
+        for m in attn:
+            cfg = getattr(m, "config", None)
+            if hasattr(cfg, "_attn_implementation"):
+                configs.setdefault(id(cfg), cfg)
+        for cfg in configs.values():
+            rec.attention_configs.append((cfg, _select_attention(cfg)))
+        rec.attention_modules += len(attn)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

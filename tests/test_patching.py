@@ -818,6 +818,42 @@ def test_patching_a_wrapper_fuses_the_attention_of_the_model_inside(wrap, attn):
     semitriton.unpatch(direct)
 
 
+def test_a_backbone_with_a_config_of_its_own_is_fused():
+    """A PreTrainedModel (its own config) holding a language model with
+    another config (a reward/scoring model): the backbone's attention reads
+    the backbone's config, which setting the outer one does not reach."""
+    t = transformers
+
+    class ScorerConfig(t.PretrainedConfig):
+        model_type = "semitriton_test_scorer"
+
+    class Scorer(t.PreTrainedModel):
+        config_class = ScorerConfig
+        _supports_sdpa = True
+
+        def __init__(self, config, lm):
+            super().__init__(config)
+            self.backbone = lm
+            self.head = nn.Linear(16, 1)
+
+        def forward(self, inputs_embeds):
+            h = self.backbone(inputs_embeds=inputs_embeds, output_hidden_states=True).hidden_states[-1]
+            return self.head(h[:, -1]).squeeze(-1)
+
+    lm = _model("llama")
+    m = Scorer(ScorerConfig(), lm).eval()
+    emb = lm.get_input_embeddings()(IDS).detach().requires_grad_()
+    before = m(emb).detach()
+    semitriton.patch(m)
+    assert lm.config._attn_implementation == "semitriton"
+    s = m(emb)
+    torch.testing.assert_close(s.detach(), before, rtol=1e-5, atol=1e-6)
+    assert "FusedAttentionBackward" in node_types(s)
+    semitriton.unpatch(m)
+    assert lm.config._attn_implementation == "sdpa" and m.config._attn_implementation != "semitriton"
+    assert "FusedAttentionBackward" not in node_types(m(emb))
+
+
 def test_a_wrapped_model_without_sdpa_support_is_named_in_the_summary():
     model = _model("llama")
     model._supports_sdpa = False

@@ -143,11 +143,32 @@ def test_layer_numbers_of_module_names():
     assert _layer_of("lm_head") is None
 
 
+def test_bert2bert_decoder_layers_are_told_from_the_encoder_ones():
+    """An EncoderDecoderModel of two BERTs names its decoder layers
+    decoder.bert.encoder.layer.N: they are the decoder's (left out at the
+    encoder's positions), not the encoder's."""
+    import transformers as t
+    torch.manual_seed(0)
+    enc = t.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=32)
+    dec = t.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=32, is_decoder=True, add_cross_attention=True)
+    cfg = t.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id = 1, 0
+    m = semitriton.patch(t.EncoderDecoderModel(config=cfg).eval())
+    emb = m.get_input_embeddings()(torch.arange(3, 7)[None]).detach().requires_grad_()
+    lg = m(inputs_embeds=emb, decoder_input_ids=torch.arange(10, 17)[None]).logits
+    with pytest.warns(UserWarning, match="not on the input's positions"):
+        a = analyze(lg[0, -1, 5] - lg[0, -1, 6], emb, tokens=list("abcd"), k=1)
+    assert a.branches.modules and all(v.startswith("encoder.") for v in a.branches.modules.values())
+
+
 def test_analyze_checks_its_semiring_and_k_first():
     from hf_models import build, embeds_and_output
     model = semitriton.patch(build("llama", "sdpa"))
     emb, score = embeds_and_output(model, "llama", torch.tensor([[3, 5, 7]]))
     assert len(analyze(score[0], emb, semiring="max").paths) == 1          # k defaults to 1 for max
+    assert len(analyze(score[0], emb, semiring=semitriton.semirings.Max()).paths) == 1
     assert len(analyze(score[0], emb).paths) == 4                          # and to 4 for maxabs
     with pytest.raises(ValueError, match="k=2 with semiring='max'"):
         analyze(score[0], emb, semiring="max", k=2)

@@ -234,7 +234,7 @@ def analyze(output: Tensor, embeds: Tensor, tokens: Optional[Sequence[str]] = No
     scalar; ``embeds``: [1, T, D] input embeddings that require grad.
     ``semiring``: "maxabs" (|products|, k-best) or "max" (signed, k ≤ 1)."""
     if k is None:
-        k = 1 if semiring == "max" else 4
+        k = 1 if (semiring if isinstance(semiring, str) else getattr(semiring, "name", "")) == "max" else 4
     if output.numel() != 1:
         raise ValueError("analyze() reads one scalar output; pass e.g. logits[0, -1, a] - logits[0, -1, b]")
     if embeds.dim() != 3 or embeds.shape[0] != 1:
@@ -253,8 +253,9 @@ def _on_input_positions(attr: BranchAttribution, T: int) -> Optional[BranchAttri
     (encoder and decoder layers both reached), as is any stream shorter than
     the input."""
     def side(module: str) -> Optional[str]:
-        parts = module.split(".")
-        return "encoder" if "encoder" in parts else "decoder" if "decoder" in parts else None
+        """The outermost of "encoder"/"decoder" in the name (a BERT2BERT
+        decoder is decoder.bert.encoder.layer.N)."""
+        return next((p for p in module.split(".") if p in ("encoder", "decoder")), None)
 
     sides = {L: side(attr.modules.get(L, "")) for L in attr.layers}
     both = {"encoder", "decoder"} <= set(sides.values())
