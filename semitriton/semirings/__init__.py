@@ -43,6 +43,7 @@ def _check_custom(sr: Semiring) -> None:
     if missing:
         raise TypeError(f"semiring {cls.__name__} does not define {', '.join(missing)}: a Semiring subclass "
                         f"implements {', '.join(_REQUIRED)} on tuples of tensors")
+
     def tuple_of_tensors(v) -> bool:
         return isinstance(v, (tuple, list)) and all(isinstance(c, torch.Tensor) for c in v)
 

@@ -239,8 +239,9 @@ def summarize(results: Sequence[PairResult]) -> dict:
     """Accuracy per condition and attractor match; mean top-path weight per
     branch and layer for subject / attractor / other tokens (over the tokens
     with a path through the branch, in either semiring: maxabs's 0 and max's
-    -inf, which mean "no path", are left out; -inf where no token has one); the fraction of those tokens whose top path takes each branch;
-    with per-head weights, the head those top paths take inside the
+    -inf, which mean "no path", are left out; -inf where no token has one);
+    the fraction of those tokens whose top path takes each branch; with
+    per-head weights, the head those top paths take inside the
     attention (``_head_rows``); mean per-token entropy. Tokens from which no
     path reaches the score count in "tokens" but in no fraction ("top" is
     "-" where no token has one)."""
