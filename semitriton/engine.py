@@ -77,6 +77,11 @@ _COMPLEX_NODES = frozenset(("ViewAsComplexBackward0", "ViewAsRealBackward0", "Po
                             "RealBackward0", "ImagBackward0"))
 
 
+#: why an output has no graph to walk
+_NO_GRAPH = ("does not require grad: it was computed without a gradient graph (torch.no_grad, "
+             "torch.inference_mode, detached, or from inputs that do not require grad)")
+
+
 class GradientGraph:
     """The part of the autograd graph between ``output`` and ``inputs``."""
 
@@ -87,9 +92,7 @@ class GradientGraph:
         if not isinstance(output, Tensor):
             raise TypeError(f"output must be a tensor, got {type(output).__name__}")
         if not output.requires_grad:
-            raise GraphError("output does not require grad: it was computed without a gradient "
-                             "graph (torch.no_grad, torch.inference_mode, detached, or from inputs that "
-                             "do not require grad)")
+            raise GraphError(f"output {_NO_GRAPH}")
         for i, t in enumerate(inputs):
             if not t.requires_grad:
                 raise GraphError(f"inputs[{i}] (shape {tuple(t.shape)}) does not require grad, so it "
@@ -518,9 +521,8 @@ def _one_output(output, grad_outputs) -> tuple[Tensor, Optional[Tensor]]:
     takes) as one tensor and the sink-edge weights of its elements: a
     sequence is joined by weight-1 edges (its elements' sinks ⊕ together, as
     the gradients of several outputs add up)."""
-    if not isinstance(output, (list, tuple)):
-        if not isinstance(output, Tensor):
-            raise TypeError(f"output must be a tensor (or a sequence of tensors), got {type(output).__name__}")
+    if not isinstance(output, (list, tuple, Tensor)):
+        raise TypeError(f"output must be a tensor (or a sequence of tensors), got {type(output).__name__}")
     outs = list(output) if isinstance(output, (list, tuple)) else [output]
     if not outs:
         raise ValueError("outputs is empty: pass the tensor(s) to take the statistics of")
@@ -542,9 +544,7 @@ def _one_output(output, grad_outputs) -> tuple[Tensor, Optional[Tensor]]:
         return outs[0], None if gos[0] is None else _checked_weight(gos[0], outs[0], "grad_outputs")
     for i, o in enumerate(outs):
         if not o.requires_grad:
-            raise GraphError(f"outputs[{i}] does not require grad: it was computed without a gradient "
-                             "graph (torch.no_grad, torch.inference_mode, detached, or from inputs that "
-                             "do not require grad)")
+            raise GraphError(f"outputs[{i}] {_NO_GRAPH}")
     dtype = functools.reduce(torch.promote_types, [o.dtype for o in outs])
     joined = torch.cat([o.reshape(-1).to(dtype) for o in outs])
     if all(g is None for g in gos):

@@ -393,6 +393,12 @@ def _start_region(index, batch, shape: tuple) -> tuple:
     return (idx, ()) if len(idx) == len(shape) else (None, idx)
 
 
+def _region(prefix: tuple, shape: tuple) -> tuple:
+    """(first flat index, number of elements) of ``input[prefix]``."""
+    per = math.prod(shape[len(prefix):])
+    return _ravel(prefix, shape[:len(prefix)]) * per, per
+
+
 def _batch_index(batch: Optional[int], shape: tuple) -> Optional[int]:
     """``batch`` (negative counts from the end) as an index into ``shape[0]``."""
     if batch is None:
@@ -418,9 +424,8 @@ def _empty_paths(input: Tensor, n: int, index, prefix: tuple, semiring: str) -> 
     if index is not None:
         starts = [index]
     else:
-        per = math.prod(shape[len(prefix):])
-        lo = _ravel(prefix, shape[:len(prefix)]) * per
-        starts = [_unravel(f, shape) for f in range(lo, min(lo + per, lo + n))]
+        lo, per = _region(prefix, shape)
+        starts = [_unravel(f, shape) for f in range(lo, lo + min(per, n))]
     return [Path(1.0, tuple(int(i) for i in s), shape, [], semiring) for s in starts]
 
 
@@ -636,8 +641,7 @@ def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Se
         if input.numel() == 0:
             return []
         shape = tuple(input.shape)
-        per = math.prod(shape[len(prefix):])
-        lo = _ravel(prefix, shape[:len(prefix)]) * per
+        lo, per = _region(prefix, shape)
         starts = [index] * n if index is not None else \
             [_unravel(lo + f, shape) for f in torch.randint(per, (n,), generator=gen).tolist()]
         return [Path(1.0, tuple(int(i) for i in s), shape, [], "abs") for s in starts]

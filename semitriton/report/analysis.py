@@ -214,8 +214,12 @@ def _milestones(path: Path, T: int) -> list:
     return out
 
 
+def _semiring_name(semiring) -> str:
+    return semiring if isinstance(semiring, str) else getattr(semiring, "name", semiring)
+
+
 def _check_semiring_k(semiring, k: int) -> None:
-    name = semiring if isinstance(semiring, str) else getattr(semiring, "name", semiring)
+    name = _semiring_name(semiring)
     if name not in ("maxabs", "max"):
         raise ValueError(f"semiring={name!r}: the report's top paths and branch tables are read with 'maxabs' "
                          "(|path products|) or 'max' (signed); entropy and |w| flow are always in its statistics")
@@ -234,7 +238,7 @@ def analyze(output: Tensor, embeds: Tensor, tokens: Optional[Sequence[str]] = No
     scalar; ``embeds``: [1, T, D] input embeddings that require grad.
     ``semiring``: "maxabs" (|products|, k-best) or "max" (signed, k ≤ 1)."""
     if k is None:
-        k = 1 if (semiring if isinstance(semiring, str) else getattr(semiring, "name", "")) == "max" else 4
+        k = 1 if _semiring_name(semiring) == "max" else 4
     if output.numel() != 1:
         raise ValueError("analyze() reads one scalar output; pass e.g. logits[0, -1, a] - logits[0, -1, b]")
     if embeds.dim() != 3 or embeds.shape[0] != 1:

@@ -17,10 +17,14 @@ def _plt():
     return plt
 
 
+def _positive(v: float) -> bool:
+    """Drawable on a log axis: not "no path" (0 or -inf), a negative signed product, NaN or inf."""
+    return v == v and 0 < v < float("inf")
+
+
 def _log_scale_values(vals) -> list:
-    """Values for a log axis: those that are not positive (no path: 0 or -inf,
-    a negative signed product, or NaN) become NaN, so nothing is drawn there."""
-    return [v if v == v and 0 < v < float("inf") else float("nan") for v in vals]
+    """Values for a log axis; the others become NaN, so nothing is drawn there."""
+    return [v if _positive(v) else float("nan") for v in vals]
 
 
 def _save(fig, path):
@@ -89,7 +93,7 @@ def plot_token_heatmap(analysis, path=None, title: Optional[str] = None):
     if br is None:
         raise ValueError("this analysis has no branch attribution")
     T = len(analysis.tokens)
-    data = np.ma.masked_invalid([[math.log10(v) if v == v and 0 < v < math.inf else math.nan
+    data = np.ma.masked_invalid([[math.log10(v) if _positive(v) else math.nan
                                   for v in (float(br.total[L][0, t]) for L in br.layers)] for t in range(T)])
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(br.layers) + 2), max(2.5, 0.3 * T + 1)))
     cmap = plt.get_cmap("viridis").copy()

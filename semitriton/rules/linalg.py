@@ -201,7 +201,6 @@ def grouped_mm(ctx):
     return out + [None] * (ctx.n_inputs - 2)
 
 
-
 # ---- determinants, inverses, solves ------------------------------------------------------------------
 # Each is one primitive: its Jacobian entries are the edges. Those of an
 # inverse or a solve are products of two matrix entries (∂Y_kl/∂A_ij =
