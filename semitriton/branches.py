@@ -64,6 +64,12 @@ def branch_name(index: int) -> str:
     """The name of ``top_branch``'s ``index``: a branch, or "-" for ``NO_PATH``."""
     return "-" if index == NO_PATH else ATTN_BRANCHES[index]
 
+
+def no_path_value(semiring: str) -> float:
+    """What a branch without a path reads in ``semiring``'s readout: 0 for maxabs, -inf for max."""
+    return 0.0 if semiring == "maxabs" else -math.inf
+
+
 _Q = ("q_proj", "query", "q", "wq", "W_q", "q_lin", "query_proj")
 _K = ("k_proj", "key", "k", "wk", "W_k", "k_lin", "key_proj")
 _V = ("v_proj", "value", "v", "wv", "W_v", "v_lin", "value_proj")
@@ -126,7 +132,7 @@ class BranchAttribution:
 
     def no_path_value(self) -> float:
         """The readout of the semiring's zero: what a branch without a path reads."""
-        return 0.0 if self.semiring == "maxabs" else -math.inf
+        return no_path_value(self.semiring)
 
     def top_head(self, layer: int) -> Optional[Tensor]:
         """(branch index, head) of the top path inside the attention, [batch, T, 2];

@@ -49,3 +49,42 @@ def test_branch_weights_match_plain_maxabs_per_token(trained):
     best = torch.stack([attr.attention[0][b] for b in ATTN_BRANCHES]).amax(0)
     (m,) = semitriton.grad(gold, emb, semiring="maxabs")
     torch.testing.assert_close(best, m.amax(-1), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("semiring", ["maxabs", "max"])
+def test_branch_means_average_only_tokens_with_a_path(trained, monkeypatch, semiring):
+    """A token without a path through a branch (the semiring's zero) is left out
+    of that branch's mean, in both semirings, as in sva's tables; a branch that
+    no token of a group reaches prints "no path"."""
+    from semitriton.experiments import first_token_paths as ftp
+
+    model, test, _ = trained
+    real = ftp.branch_attribution
+    seen = []
+
+    def cut_some_keys(*args, **kwargs):              # the first two examples' key branch reads "no path"
+        attr = real(*args, **kwargs)
+        L = attr.layers[0]
+        attr.attention[L]["key"][:2] = attr.no_path_value()
+        seen.append({b: attr.attention[L][b].clone() for b in ATTN_BRANCHES})
+        return attr
+
+    monkeypatch.setattr(ftp, "branch_attribution", cut_some_keys)
+    res = branch_means(model, test, n=8, batch_size=8, semiring=semiring)
+    (w,) = seen
+    rep = test.repeat_position[test.labels == 1][:8]
+    g = res["groups"]
+    for b in ATTN_BRANCHES:
+        first = w[b][:, 0]
+        keep = first != ftp.no_path_value(semiring)
+        assert g["first"]["tokens_with_path"][b] == int(keep.sum())
+        assert g["first"]["mean_weight"][b] == pytest.approx(float(first[keep].mean()), rel=1e-6)
+        repeated = w[b][torch.arange(8), rep]
+        keep = repeated != ftp.no_path_value(semiring)
+        if keep.any():
+            assert g["repeated"]["mean_weight"][b] == pytest.approx(float(repeated[keep].mean()), rel=1e-6)
+        else:
+            assert g["repeated"]["mean_weight"][b] == ftp.no_path_value(semiring)
+    assert g["first"]["tokens_with_path"]["key"] == 6 and g["repeated"]["tokens_with_path"]["query"] == 0
+    text = format_table(res)
+    assert text.count("no path") == 4            # query and skip of the repeated and other tokens

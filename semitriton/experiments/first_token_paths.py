@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..branches import ATTN_BRANCHES, NO_PATH, branch_attribution
+from ..branches import ATTN_BRANCHES, NO_PATH, branch_attribution, no_path_value
 from ..patching import patch
 
 #: the paper's numbers (mean top-path weight by branch at the attention input)
@@ -38,7 +38,12 @@ def branch_means(model, data, n: int = 1000, batch_size: int = 100, semiring: st
     (positives only by default: negatives have no repeated token). The output
     back-propagated is the gold-class logit of each example. ``at="inputs"``
     starts paths at each token's input embedding (as the paper does);
-    ``"residual"`` at the attention input itself (after the embedding LayerNorm)."""
+    ``"residual"`` at the attention input itself (after the embedding LayerNorm).
+
+    A branch's mean is over the tokens with a path through it
+    (``tokens_with_path``); with none it reads the semiring's no-path value
+    (0 for maxabs, -inf for max). Branch fractions are over the tokens from
+    which a path reaches the output (``tokens_reaching_output``)."""
     patch(model)
     model.eval()
     ids = data.input_ids
@@ -48,9 +53,11 @@ def branch_means(model, data, n: int = 1000, batch_size: int = 100, semiring: st
     ids, labels, rep = ids[keep][:n], labels[keep][:n], rep[keep][:n]
     emb_layer = model.get_input_embeddings()
     sums = {g: {b: 0.0 for b in ATTN_BRANCHES} for g in GROUPS}
+    with_path = {g: {b: 0 for b in ATTN_BRANCHES} for g in GROUPS}   # tokens with a path through b
     fracs = {g: {b: 0 for b in ATTN_BRANCHES} for g in GROUPS}
     counts = {g: 0 for g in GROUPS}
     reached = {g: 0 for g in GROUPS}           # tokens with a path to the output
+    no_path = no_path_value(semiring)          # 0 (maxabs) or -inf (max)
     correct = 0
     batches = range(0, ids.shape[0], batch_size)
     if progress:
@@ -76,16 +83,21 @@ def branch_means(model, data, n: int = 1000, batch_size: int = 100, semiring: st
                 for t in toks:
                     counts[g] += 1
                     for j, br in enumerate(ATTN_BRANCHES):
-                        sums[g][br] += float(w[b, t, j])
+                        v = float(w[b, t, j])
+                        if v != no_path:        # a token without a path through br is not averaged
+                            sums[g][br] += v
+                            with_path[g][br] += 1
                     if int(top[b, t]) != NO_PATH:
                         reached[g] += 1
                         fracs[g][ATTN_BRANCHES[int(top[b, t])]] += 1
     out = {"n_examples": int(ids.shape[0]), "accuracy": correct / max(1, int(ids.shape[0])),
            "semiring": semiring, "at": at, "groups": {}}
     for g in GROUPS:
-        c = max(1, counts[g])
         out["groups"][g] = {"tokens": counts[g],
-                            "mean_weight": {b: sums[g][b] / c for b in ATTN_BRANCHES},
+                            "tokens_reaching_output": reached[g],
+                            "tokens_with_path": dict(with_path[g]),
+                            "mean_weight": {b: sums[g][b] / with_path[g][b] if with_path[g][b] else no_path
+                                            for b in ATTN_BRANCHES},
                             "top_branch_fraction": {b: fracs[g][b] / max(1, reached[g]) for b in ATTN_BRANCHES}}
     return out
 
@@ -103,10 +115,11 @@ def format_table(res: dict) -> str:
         for b in ATTN_BRANCHES:
             paper = PAPER.get(g, {}).get(b)
             v = r["mean_weight"][b]
-            ours = f"{v:>8.3f}" if v != float("-inf") else " no path"
+            ours = " no path" if r["tokens_with_path"][b] == 0 else f"{v:>8.3f}"
             cells.append(ours + (f" [{paper:.3f}]" if paper is not None else " " * 8))
         frac = r["top_branch_fraction"]
         best = max(frac, key=frac.get)
-        lines.append(f"{g:<10}" + "".join(f"{c:>16}" for c in cells) + f"   {best} ({frac[best]:.0%})")
+        takes = f"{best} ({frac[best]:.0%})" if r["tokens_reaching_output"] else "- (no path)"
+        lines.append(f"{g:<10}" + "".join(f"{c:>16}" for c in cells) + f"   {takes}")
     lines.append("paper: other tokens near zero")
     return "\n".join(lines)
