@@ -405,13 +405,15 @@ def cmd_explain(args) -> int:
 
 
 def _milestone(m) -> str:
+    from .report.analysis import milestone_label
+
     if m["layer"] == -1:
         return f"in@{m['position']}"
     if m["layer"] == "out":
         return "out"
     tag = {"query": "Q", "key": "K", "value": "V", "skip": "S"}.get(m["branch"], "?")
     head = f"h{m['head']}" if m["head"] is not None else ""
-    return f"L{m['layer']}:{tag}{head}@{m['position']}"
+    return f"{milestone_label(m).replace(' ', '')}:{tag}{head}@{m['position']}"
 
 
 # ---- argument parsing --------------------------------------------------------------------------------

@@ -128,6 +128,21 @@ def test_encoder_decoder_report_keeps_the_layers_on_the_input_positions():
     assert len(per_token.branches.layers) == 4
     assert all(tuple(per_token.branches.total[L].shape) == (1, enc_len) for L in per_token.branches.layers)
     assert len(per_token.token_table()) == enc_len
+    # the top path crosses from the encoder's block 1 into the decoder's blocks, also numbered 0 and 1:
+    # each stack's layers are milestones of their own, labelled by side
+    from semitriton.report.analysis import _layer_of, milestone_label
+    (path,) = a.paths
+    visited = []
+    for s in path.steps:
+        key = (s.module.split(".")[0], _layer_of(s.module))
+        if key[1] is not None and (not visited or visited[-1] != key):
+            visited.append(key)
+    ms = a.milestones(path)
+    assert [(m_["side"], m_["layer"]) for m_ in ms[1:-1]] == visited
+    assert visited[0] == ("encoder", 0) and visited[-1] == ("decoder", 1) and ("encoder", 1) in visited
+    labels = [milestone_label(m_) for m_ in ms]
+    assert labels[0] == "in" and labels[-1] == "out" and "enc L1" in labels and "dec L1" in labels
+    assert "dec L1" in a.to_html()
 
 
 def test_layer_numbers_of_module_names():

@@ -155,6 +155,23 @@ def _layer_of(module: str) -> Optional[int]:
     return int(nums[-1]) if nums else None
 
 
+def _side(module: str) -> Optional[str]:
+    """The outermost of "encoder"/"decoder" in a module's name (a BERT2BERT
+    decoder is decoder.bert.encoder.layer.N)."""
+    return next((p for p in (module or "").split(".") if p in ("encoder", "decoder")), None)
+
+
+def milestone_label(m: dict) -> str:
+    """A milestone's column label: "in", "out", "L3", or "enc L3"/"dec L3"
+    on a path through both stacks of an encoder-decoder."""
+    if m["layer"] == -1:
+        return "in"
+    if m["layer"] == "out":
+        return "out"
+    side = {"encoder": "enc ", "decoder": "dec "}.get(m.get("side"), "")
+    return f"{side}L{m['layer']}"
+
+
 def _position(shape: tuple, index: tuple, T: int, op: str) -> Optional[int]:
     """The sequence position a scalar belongs to, from its tensor's shape."""
     if op.startswith("attention.") and len(shape) == 4:
@@ -173,7 +190,10 @@ def path_milestones(path: Path, T: int, offset: int = 0) -> list:
     branch at a layer is query/key/value when the path enters that layer's q/k/v
     projection, "skip" otherwise; the head is read off the attention steps.
     ``T``: the sequence length of the path's tensors; positions are reported
-    minus ``offset`` (the example's first position in a left-padded batch)."""
+    minus ``offset`` (the example's first position in a left-padded batch).
+    On a path through an encoder-decoder's two stacks each layer also has
+    its ``side`` ("encoder"/"decoder"; else None): their layers are numbered
+    alike."""
     out = _milestones(path, T)
     if offset:
         for m in out:
@@ -184,7 +204,7 @@ def path_milestones(path: Path, T: int, offset: int = 0) -> list:
 def _milestones(path: Path, T: int) -> list:
     out = []
     pos = path.source_index[1] if len(path.source_index) >= 2 else 0
-    cur = {"layer": -1, "position": int(pos), "branch": "input", "head": None}
+    cur = {"layer": -1, "position": int(pos), "branch": "input", "head": None, "side": None}
     out.append(dict(cur))
     for s in path.steps:
         L = _layer_of(s.module)
@@ -192,8 +212,9 @@ def _milestones(path: Path, T: int) -> list:
         last = s.module.rsplit(".", 1)[-1] if s.module else ""
         branch = {"q_proj": "query", "query": "query", "k_proj": "key", "key": "key",
                   "v_proj": "value", "value": "value"}.get(last)
-        if L is not None and L != cur["layer"]:
-            cur = {"layer": L, "position": cur["position"], "branch": "skip", "head": None}
+        side = _side(s.module)
+        if L is not None and (L, side) != (cur["layer"], cur["side"]):
+            cur = {"layer": L, "position": cur["position"], "branch": "skip", "head": None, "side": side}
             out.append(cur)
         if branch and cur["branch"] == "skip":
             cur["branch"] = branch
@@ -210,7 +231,10 @@ def _milestones(path: Path, T: int) -> list:
                 cur["branch"] = "value"
         if p is not None:
             cur["position"] = p
-    out.append({"layer": "out", "position": cur["position"], "branch": "output", "head": None})
+    out.append({"layer": "out", "position": cur["position"], "branch": "output", "head": None, "side": None})
+    if {m["side"] for m in out} != {None, "encoder", "decoder"}:
+        for m in out:                   # one stack (BERT's encoder, a decoder-only LM): no side to tell
+            m["side"] = None
     return out
 
 
@@ -256,12 +280,7 @@ def _on_input_positions(attr: BranchAttribution, T: int) -> Optional[BranchAttri
     they are left out, with a warning, when the input is the encoder's
     (encoder and decoder layers both reached), as is any stream shorter than
     the input."""
-    def side(module: str) -> Optional[str]:
-        """The outermost of "encoder"/"decoder" in the name (a BERT2BERT
-        decoder is decoder.bert.encoder.layer.N)."""
-        return next((p for p in module.split(".") if p in ("encoder", "decoder")), None)
-
-    sides = {L: side(attr.modules.get(L, "")) for L in attr.layers}
+    sides = {L: _side(attr.modules.get(L, "")) for L in attr.layers}
     both = {"encoder", "decoder"} <= set(sides.values())
     off = [L for L in attr.layers if attr.total[L].shape[1] < T or (both and sides[L] == "decoder")]
     if not off:

@@ -9,6 +9,7 @@ import math
 from typing import Optional, Sequence
 
 from ..branches import branch_name
+from .analysis import milestone_label
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;max-width:1200px;color:#222}
@@ -103,7 +104,7 @@ def path_svg(a, path) -> str:
         x = 100 + 46 * c
         y = 20 + 18 * (m["position"] if m["position"] is not None else 0)
         pts.append((x, y, m))
-        label = "in" if m["layer"] == -1 else ("out" if m["layer"] == "out" else f"L{m['layer']}")
+        label = milestone_label(m)
         parts.append(f"<text x='{x - 8}' y='{H - 2}' font-size='9' fill='#777'>{label}</text>")
     parts.append("<polyline fill='none' stroke='#d62728' stroke-width='1.5' points='"
                  + " ".join(f"{x},{y}" for x, y, _ in pts) + "'/>")
