@@ -79,6 +79,24 @@ def test_training_mode_dropout_node(p):
     torch.testing.assert_close(absv, real.abs(), rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("semiring", ["real", "abs", "maxabs", "entropy", "max"])
+def test_eval_mode_native_dropout_node(semiring):
+    """native_dropout(x, p, train=False) records the training node (p and an
+    all-keep mask, no train flag); torch's edge is 1 there, not 1/(1 − p): a
+    mask keeping every one of many elements is read as train=False."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 32, dtype=torch.float64)
+    y, keep = torch.native_dropout(x, 0.3, False)
+    assert bool(keep.all()) and type(y.grad_fn).__name__ == "NativeDropoutBackward0"
+    got = _walk((y * w).sum(), x, semiring)
+    want = _walk((x * w).sum(), x, semiring)          # the same program without the dropout
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+    if semiring == "real":
+        torch.testing.assert_close(got[0], torch.autograd.grad((y * w).sum(), x)[0], rtol=1e-14, atol=0)
+
+
 def test_as_strided_over_shared_storage_is_an_error():
     """as_strided of an expanded tensor: two of its elements share storage, so
     which one an output reads cannot be told; the error names the node."""

@@ -111,16 +111,26 @@ def where(ctx):
     return out + [None] * (ctx.n_inputs - len(out))
 
 
+#: log of the probability below which a training-mode keep mask that keeps every element is
+#: taken for ``train=False`` (a mask of all ones over many elements is not a random draw)
+_LOG_IMPROBABLE = math.log(1e-9)
+
+
 @rule("NativeDropoutBackward0")
 def dropout(ctx):
     """Training-mode dropout (the node saves p and the keep mask): edge
     mask·1/(1 − p), 0 everywhere at p = 1 (as torch's backward). A direct
     ``torch.native_dropout(x, p, train=False)`` records the same node without
-    saving ``train`` (its edge is 1, read here as 1/(1 − p)); ``F.dropout``
-    in eval mode records no node."""
+    saving ``train``; its mask keeps everything and its edge is 1. A mask
+    keeping all n elements is read that way where a training draw would do
+    so with probability (1 − p)^n < 1e-9 (no host sync: a tensor select);
+    ``F.dropout`` in eval mode records no node."""
     mask = ctx.saved("result1")
     p = float(ctx.saved("p"))
-    return [_pull(ctx, 0, ctx.tensor(mask) * (0.0 if p == 1 else 1.0 / (1.0 - p)))]
+    edge = ctx.tensor(mask) * (0.0 if p == 1 else 1.0 / (1.0 - p))
+    if 0 < p < 1 and mask.numel() * math.log1p(-p) < _LOG_IMPROBABLE:
+        edge = torch.where(mask.all(), torch.ones_like(edge), edge)
+    return [_pull(ctx, 0, edge)]
 
 
 # ---- unary functions: edge weight f'(x) --------------------------------------------------
