@@ -3,6 +3,7 @@ torch.autograd.grad (real through the walk) and the |grad| / max-|grad|
 readouts of one-edge-per-element programs. Each case was wrong or failed
 before its fix (a fuzz of the rules against the float64 oracle)."""
 
+import math
 import warnings
 
 import pytest
@@ -97,6 +98,32 @@ def test_eval_mode_native_dropout_node(semiring):
         torch.testing.assert_close(got[0], torch.autograd.grad((y * w).sum(), x)[0], rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("semiring", ["real", "abs", "maxabs", "entropy", "max"])
+def test_degenerate_inputs_do_not_crash_the_rules(semiring):
+    """The mean of an empty tensor (or over an empty dim) has no edges, as
+    torch's empty gradient; a negative number raised to a tensor power has
+    NaN edges, as torch's gradient (it raised a bare math-domain error)."""
+    x = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    for out in (x.mean(), x.mean(0).sum()):
+        (g,) = _walk(out, x, semiring)
+        assert (g if torch.is_tensor(g) else g[0]).shape == (0, 4)
+    e = torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    out = torch.pow(-2.0, e).sum()
+    (g,) = _walk(out, e, semiring)
+    if semiring == "real":
+        torch.testing.assert_close(g, torch.autograd.grad(out, e)[0], equal_nan=True)
+
+
+def test_in_place_op_mixing_a_views_elements_is_named():
+    """cumsum_ on a view: one CopySlices node whose input elements each reach
+    several outputs; the error names that case, not only a broadcast source."""
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    b = x * 1.0
+    b[:, :3].cumsum_(1)
+    with pytest.raises(GraphError, match=r"CopySlices: .*mixes the view's elements \(x\[:, :3\]\.cumsum_"):
+        _walk(b.sum(), x, "abs")
+
+
 def test_as_strided_over_shared_storage_is_an_error():
     """as_strided of an expanded tensor: two of its elements share storage, so
     which one an output reads cannot be told; the error names the node."""
@@ -185,6 +212,11 @@ ONE_STEP_OPS.update({
     "fmax": (("t", "y"), lambda t, y: torch.fmax(t, y[:3])),
     "norm3": (("x",), lambda x: torch.linalg.vector_norm(x, 3, dim=1)),
     "norm2_keepdim": (("x",), lambda x: x.norm(dim=0, keepdim=True)),
+    "norm_inf_ties": (("t",), lambda t: torch.linalg.vector_norm(t, math.inf, dim=1)),
+    "norm_inf_sign_tie": (("st",), lambda t: torch.linalg.vector_norm(t, math.inf, dim=1)),
+    "norm_neg_inf": (("x",), lambda x: torch.linalg.vector_norm(x, -math.inf, dim=0)),
+    "norm_inf_all": (("st",), lambda t: torch.linalg.vector_norm(t, math.inf)),
+    "diag_of_matrix": (("x",), lambda x: torch.diag(x, 1)),          # DiagonalBackward0_copy
     "var": (("x",), lambda x: x.var(1)),
     "std_all": (("x",), lambda x: x.std()),
     "expm1": (("x",), lambda x: x.expm1()),
@@ -259,6 +291,10 @@ _INPUTS["zp"] = _XZ2
 _XZ1 = _X.clone()
 _XZ1[1, 2] = 0.0                                      # a single zero in the whole tensor
 _INPUTS["zp1"] = _XZ1
+_XS = _X.clone()
+_XS[0, 4] = -_XS[0].abs().max()                       # |x| ties with opposite signs at row 0's maximum
+_XS[0, 2] = -_XS[0, 4]
+_INPUTS["st"] = _XS
 _CWD = torch.randn(8, 1, 2, 2, generator=_GC, dtype=torch.float64)          # depthwise, channel multiplier 2
 _CWS = torch.randn(3, 4, 2, 2, generator=_GC, dtype=torch.float64)          # even kernel for padding='same'
 _CW3 = torch.randn(2, 2, 2, 3, 2, generator=_GC, dtype=torch.float64)

@@ -288,12 +288,12 @@ def div_rounding(ctx):
 @rule("PowBackward2")
 def pow_scalar_base(ctx):
     """c ** e, c a number: e -> out with weight c^e·log c (0 where c = 0 and
-    e ≥ 0, torch's limit)."""
+    e ≥ 0, torch's limit; NaN for c < 0, as torch's gradient)."""
     e = ctx.saved("exponent")
     base = float(ctx.saved("self"))
     if base == 0:
         return [_pull(ctx, 0, torch.where(e >= 0, 0.0, ctx.tensor(ctx.saved("result")) * -math.inf))]
-    return [_pull(ctx, 0, ctx.tensor(ctx.saved("result")) * math.log(base))]
+    return [_pull(ctx, 0, ctx.tensor(ctx.saved("result")) * (math.log(base) if base > 0 else math.nan))]
 
 
 @rule("LogaddexpBackward0", "Logaddexp2Backward0")

@@ -265,8 +265,9 @@ def copy_slices(ctx):
     element it reaches and the weight. Each element must reach at most one
     output element (copies, elementwise ops on the view): that is checked
     (r(u)² = r(u²)·r(1), which two edges of one element would break); a
-    broadcast source on a path (one element written to several places), or
-    probes in half precision, raise a GraphError instead."""
+    broadcast source on a path (one element written to several places), an
+    op that mixes the view's elements (cumsum_, addmm_), or probes in half
+    precision, raise a GraphError instead."""
     out = [None] * ctx.n_inputs
     if not any(ctx.needs):
         return out
@@ -319,8 +320,10 @@ def copy_slices(ctx):
         single = ((a - w * up).abs() <= tol * (w * up).abs()) & ((b - w * u2p).abs() <= tol * (w * u2p).abs())
         if not bool(cuda_graph.host_values((single | ~hit).all(), what)):
             raise GraphError(f"{ctx.name}: an element of input {i} of the in-place write reaches several "
-                             "places (a broadcast source, e.g. x[:, 0] = v with v on a path); write "
-                             "x[:, 0] = v.expand(...).clone() or build the tensor with torch.cat/where")
+                             "places: a broadcast source (x[:, 0] = v with v on a path; write "
+                             "x[:, 0] = v.expand(...).clone()), or an in-place op that mixes the view's "
+                             "elements (x[:, :3].cumsum_(1), addmm_ on a view; compute it out of place "
+                             "and assemble the tensor with torch.cat/where)")
         vals = ctx.sr.scale(ctx.sr.map(v, lambda c: c.reshape(-1)[pos]), w.to(ctx.dtype))
         vals = zero_where(ctx.sr, vals, ~hit)
         # called directly, the node returns a broadcast operand's gradient unreduced (the view's

@@ -84,7 +84,7 @@ def mean_all(ctx):
     shape = tuple(ctx.saved("self_sym_sizes"))
     n = math.prod(shape)
     v = ctx.sr.map(ctx.grad(), lambda c: c.reshape([1] * len(shape)).expand(shape))
-    return [ctx.sr.scale(v, ctx.tensor(1.0 / n))]
+    return [ctx.sr.scale(v, ctx.tensor(1.0 / max(n, 1)))]        # n = 0: no element, no edge
 
 
 @rule("MeanBackward1")
@@ -95,7 +95,7 @@ def mean_dim(ctx):
     dims = _dims_list(ctx.saved("dim"), len(shape))
     n = math.prod(shape[d] for d in dims)
     v = _expand_back(ctx, shape, dims, ctx.saved("keepdim"))
-    return [ctx.sr.scale(v, ctx.tensor(1.0 / n))]
+    return [ctx.sr.scale(v, ctx.tensor(1.0 / max(n, 1)))]        # n = 0: no element, no edge
 
 
 def _weighted(ctx, weight_of):
@@ -134,15 +134,20 @@ def extreme(ctx):
 def vector_norm(ctx):
     """y = (Σ|x|^p)^(1/p), finite p > 0: weight sign(x)|x|^(p−1) / y^(p−1)
     (0 where y = 0, and where x = 0 for p < 1, as torch's subgradient); the
-    "norm" of order 0 (a count) has no edges."""
+    "norm" of order 0 (a count) has no edges; orders ±inf (max/min |x|):
+    weight sign(x)/count to each element whose |x| is the result (ties
+    share, as torch's backward)."""
     p = ctx.saved("ord") if ctx.has_saved("ord") else ctx.saved("p")
     p = 2.0 if p is None else float(p)
-    if not (0 <= p < math.inf):
-        raise GraphError(f"{type(ctx.node).__name__}: only finite orders ≥ 0 have a rule (ord={p})")
+    if not (0 <= p or p == -math.inf):
+        raise GraphError(f"{type(ctx.node).__name__}: only orders ≥ 0 and ±inf have a rule (ord={p})")
 
     def w(x, r, dims):
         if p == 0:
             return torch.zeros_like(x)
+        if math.isinf(p):
+            hit = x.abs() == r
+            return torch.sign(x) * hit.to(x.dtype) / hit.sum(dim=dims, keepdim=True).clamp_min(1)
         safe = torch.where(r > 0, r, torch.ones_like(r))
         g = torch.sign(x) * x.abs() ** (p - 1) / safe ** (p - 1)
         return torch.where((r > 0) & (x != 0), g, torch.zeros_like(g))

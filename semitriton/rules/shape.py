@@ -428,7 +428,7 @@ def _copied(ctx, in_shape, forward):
     return _only0(ctx, _gather_back(ctx, tuple(in_shape), pos.clamp(min=0), pos >= 0))
 
 
-@rule("DiagonalBackward0")
+@rule("DiagonalBackward0", "DiagonalBackward0_copy")          # x.diagonal(k); torch.diag(matrix, k)
 def diagonal(ctx):
     return _copied(ctx, tuple(ctx.saved("self_sym_sizes")),
                    lambda t: t.diagonal(ctx.saved("offset"), ctx.saved("dim1"), ctx.saved("dim2")))
