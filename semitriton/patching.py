@@ -39,6 +39,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import re
 import sys
 import threading
 import warnings
@@ -126,18 +127,38 @@ def _is_rms_candidate(cls, known: dict) -> bool:
 _TORCH_NORMS = tuple(c for c in (nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.GroupNorm) if c is not None)
 
 
+#: a norm class's name: ...Norm, ...Normalization, or a short tag after it (NemotronLayerNorm1P)
+_NORM_NAME = re.compile(r"Norm(alization)?[0-9A-Z]{0,3}$")
+#: a forward that calls torch's layer/group norm records its one canonical node
+_TORCH_NORM_CALL = re.compile(r"\b(layer_norm|group_norm)\(")
+
+
 def _composed_norm(module: nn.Module) -> bool:
     """A norm module outside torch, with a forward of its own, that patch()
     does not swap: its forward is walked as its aten ops (pow, mean, rsqrt,
-    ...), not as one primitive (a subclass of nn.LayerNorm that keeps torch's
-    forward records torch's one node; a container that normalises with torch
-    norm modules, such as StableLM's per-head layer norm, records theirs)."""
+    ...), not as one primitive. Not: a subclass of nn.LayerNorm that keeps
+    torch's forward, or a forward that calls ``F.layer_norm``/``F.group_norm``
+    (OLMo's parameter-free norm, Nemotron's 1 + weight), which record torch's
+    one node; a container that normalises with torch norm modules, such as
+    StableLM's per-head layer norm, records theirs; a module whose name only
+    contains "Norm" (RobertaPreLayerNormSelfAttention)."""
     cls = type(module)
+    if cls.__module__.startswith("torch.") or not _NORM_NAME.search(cls.__name__):
+        return False
     fwd = getattr(cls, "forward", None)
-    own = fwd is not None and not getattr(fwd, "__module__", "").startswith("torch.")
+    if fwd is None or getattr(fwd, "__module__", "").startswith("torch."):
+        return False
     if any(isinstance(m, _TORCH_NORMS) for m in module.modules() if m is not module):
         return False
-    return "Norm" in cls.__name__ and not cls.__module__.startswith("torch.") and own
+    return not _TORCH_NORM_CALL.search(_source(fwd))
+
+
+@functools.lru_cache(maxsize=None)
+def _source(fn) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
 
 
 @functools.lru_cache(maxsize=None)
@@ -543,7 +564,8 @@ class PatchRecord:
             if getattr(type(new), "_semitriton_kind", None) != "rope":
                 kinds[type(orig).__name__] = kinds.get(type(orig).__name__, 0) + 1
         return {"swapped": kinds, "attention_modules": self.attention_modules,
-                "rotary_modules": len(self.rope_modules),
+                # a layer without rotary embedding (SmolLM3's no_rope_layers, Llama4's) is swapped, but not counted
+                "rotary_modules": sum(bool(getattr(m, "use_rope", True)) for _, m in self.rope_modules),
                 "attention_implementation": ATTN_NAME if self.attention_configs else None,
                 "skipped": list(self.skipped)}
 
@@ -551,7 +573,8 @@ class PatchRecord:
         s = self.summary()
         parts = [f"{n}× {k}" for k, n in sorted(s["swapped"].items())]
         if s["attention_modules"]:
-            parts.append(f"{s['attention_modules']}× attention -> one fused node each")
+            parts.append(f"{s['attention_modules']}× attention -> one fused node per call (a call whose mask "
+                         "or bias requires grad, as a learned relative-position bias, runs SDPA's own graph)")
         if s["rotary_modules"]:
             parts.append(f"{s['rotary_modules']}× rotary embedding -> one node per q/k (where the whole head "
                          "dimension rotates)")

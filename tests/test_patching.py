@@ -298,7 +298,16 @@ def test_norms_patch_cannot_swap_are_named_in_the_summary():
     class PlainLayerNorm(nn.LayerNorm):             # torch's forward: one canonical node, not reported
         pass
 
-    model = nn.Sequential(OddRMSNorm(), ScaleNorm(), ScaleNorm(), PlainLayerNorm(6))
+    class FreeLayerNorm1P(nn.Module):               # OLMo/Nemotron: calls F.layer_norm, one node
+        def forward(self, x):
+            return torch.nn.functional.layer_norm(x, (6,), None, None, eps=1e-5)
+
+    class PreLayerNormBlock(nn.Module):             # not a norm: "Norm" inside its name only
+        def forward(self, x):
+            return x * 2
+
+    model = nn.Sequential(OddRMSNorm(), ScaleNorm(), ScaleNorm(), PlainLayerNorm(6), FreeLayerNorm1P(),
+                          PreLayerNormBlock())
     x = torch.randn(2, 6)
     ref = model(x)
     semitriton.patch(model)
@@ -306,8 +315,9 @@ def test_norms_patch_cannot_swap_are_named_in_the_summary():
     assert summary["swapped"] == {}
     assert any("OddRMSNorm" in m and "differs" in m for m in summary["skipped"])
     assert sum("ScaleNorm" in m and "aten ops" in m for m in summary["skipped"]) == 1
-    assert not any("PlainLayerNorm" in m for m in summary["skipped"])
+    assert not any(n in m for m in summary["skipped"] for n in ("PlainLayerNorm", "FreeLayerNorm1P", "PreLayerNorm"))
     assert torch.equal(model(x), ref)
+    assert node_types(model(x.requires_grad_())).count("NativeLayerNormBackward0") == 2   # the two unreported
     semitriton.unpatch(model)
 
 
@@ -976,3 +986,28 @@ def test_linear_subclasses_are_named_in_the_summary():
             "MyLinear (e.g. 0): a subclass of nn.Linear, left as it is (linear=True swaps nn.Linear itself)"]
     finally:
         semitriton.unpatch(model)
+
+
+def test_summary_counts_only_layers_that_rotate_and_calls_that_fuse():
+    """SmolLM3 rotates q/k in the layers its no_rope_layers marks 1 only: the
+    summary counts those (it counted every attention); the attention line says
+    a call with a learned mask or bias runs SDPA's own graph."""
+    import transformers as t
+    torch.manual_seed(0)
+    cfg = t.SmolLM3Config(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                          no_rope_layers=[1, 0, 1, 0], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = t.SmolLM3ForCausalLM(cfg).eval()
+    ids = torch.tensor([[5, 7, 9, 11, 13]])
+    ref = model(ids).logits
+    semitriton.patch(model)
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+    logits = model(inputs_embeds=emb).logits
+    assert torch.allclose(logits, ref, rtol=1e-5, atol=1e-6)
+    assert node_types(logits).count("RotaryEmbeddingBackward") == 4          # q and k of 2 layers
+    assert semitriton.patch_summary(model)["rotary_modules"] == 2
+    text = getattr(model, semitriton.patching._RECORD).describe()
+    assert "2× rotary embedding" in text and "4× attention -> one fused node per call" in text
+    assert "requires grad" in text
+    semitriton.unpatch(model)
+    assert torch.equal(model(ids).logits, ref)
