@@ -219,13 +219,15 @@ class _Index:
         self.graph = graph
         self.pos = {n: i for i, n in enumerate(graph.order)}
         calls: dict = {}                 # qualname -> {call number: output node}
+        self.classes: dict = {}          # qualname -> class name
         for node in graph.order:
             try:
                 tags = node.metadata.get(_TAG)
             except (AttributeError, RuntimeError):
                 tags = None
-            for qual, _cls, seq, _ in tags or ():
+            for qual, cls, seq, _ in tags or ():
                 calls.setdefault(qual, {}).setdefault(seq, node)
+                self.classes.setdefault(qual, getattr(cls, "__name__", str(cls)))
         self.calls = {q: [c[k] for k in sorted(c)] for q, c in calls.items()}
         if not self.calls:
             raise SemitritonError("branch attribution needs module names: call semitriton.patch(model) or "
@@ -513,6 +515,26 @@ def _site(graph: GradientGraph, idx: "_Index", core: str, call: int):
     return site
 
 
+def _unread_attention(idx: _Index, most: int = 2) -> list:
+    """Attention modules of numbered layers (a name ending in "attn" or
+    "attention") whose projections have none of the query/key/value names:
+    the first of each class (at most ``most``), with its submodules, for the
+    error message."""
+    found, classes = [], set()
+    for q in idx.calls:
+        if re.search(r"(attn|attention)$", q.rsplit(".", 1)[-1].lower()) and _numbers(q) \
+                and idx.classes.get(q) not in classes:
+            found.append(q)
+            classes.add(idx.classes.get(q))
+    out = []
+    for q in found[:most]:
+        kids = sorted({c[len(q) + 1:].split(".")[0] for c in idx.calls if c.startswith(q + ".")})
+        out.append(f"{q} ({idx.classes.get(q, '?')}): none of its submodules ({', '.join(kids) or 'none'}) is a "
+                   "query/key/value projection by name (q_proj/k_proj/v_proj, query/key/value, a fused "
+                   "c_attn/qkv_proj/query_key_value, ...)")
+    return out
+
+
 def discover(graph: GradientGraph) -> list:
     """The branch sites of every transformer layer found in the graph, in
     forward order (one per call of a layer applied several times). ``index``
@@ -533,6 +555,8 @@ def discover(graph: GradientGraph) -> list:
                 problems.append(f"{core}: {site}")
             elif site is not None:
                 sites.append(site)
+    if not cores:
+        problems += _unread_attention(idx)
     if problems:
         raise SemitritonError("branch attribution cannot read these attention layers: "
                               + "; ".join(dict.fromkeys(problems)))

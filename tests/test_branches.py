@@ -507,3 +507,23 @@ def test_heads_of_an_unfused_attention_are_refused_with_a_warning():
     with pytest.warns(UserWarning, match=r"no per-head weights for 2 attention layer\(s\)"):
         attr = semitriton.branch_attribution(score, emb, heads=True)
     assert attr.heads == {} and attr.layers == [0, 1]
+
+
+def test_unread_attention_layout_names_the_module():
+    """DeepseekV3's multi-head latent attention projects through q_a/q_b and a
+    joint kv projection: no query/key/value projection by name. The error
+    names the attention module, its class and its submodules (it named none)."""
+    import transformers as t
+    torch.manual_seed(0)
+    cfg = t.DeepseekV3Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=4, intermediate_size=64, max_position_embeddings=64,
+                             n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                             first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16,
+                             qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1)
+    model = semitriton.patch(t.DeepseekV3ForCausalLM(cfg).eval())
+    emb = model.get_input_embeddings()(torch.tensor([[5, 7, 9, 11]])).detach().requires_grad_()
+    logits = model(inputs_embeds=emb).logits
+    with pytest.raises(semitriton.SemitritonError,
+                       match=r"model\.layers\.0\.self_attn \(\w*DeepseekV3Attention\): none of its submodules "
+                             r"\(.*kv_a_proj_with_mqa.*q_b_proj\) is a query/key/value projection"):
+        semitriton.branch_attribution(logits[0, -1, 7] - logits[0, -1, 3], emb)
