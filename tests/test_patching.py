@@ -1011,3 +1011,59 @@ def test_summary_counts_only_layers_that_rotate_and_calls_that_fuse():
     assert "requires grad" in text
     semitriton.unpatch(model)
     assert torch.equal(model(ids).logits, ref)
+
+
+_NEWER_DECODERS = {      # config class, model class, extra config (sequences of 6 reach past the sliding windows)
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),                     # q_norm/k_norm per head
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "sliding_window": 4}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {"no_rope_layers": [1, 0]}),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {}),                                     # parameter-free layer norm
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", {"sliding_window": 4}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {}),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {"head_dim": 8, "sliding_window": 4}),
+}
+
+
+@pytest.mark.parametrize("kind", list(_NEWER_DECODERS))
+def test_newer_decoder_families(kind):
+    """Families beyond the ones above, on a left-padded batch of two: patched
+    outputs equal the unpatched model's; real equals autograd; eager and sdpa
+    give the same statistics patched; with the norms left alone, the patched
+    model's statistics equal the unpatched model's (attention and RoPE are
+    canonical either way)."""
+    t = pytest.importorskip("transformers")
+    cfg_name, cls_name, extra = _NEWER_DECODERS[kind]
+    if not hasattr(t, cls_name):
+        pytest.skip(f"transformers has no {cls_name}")
+
+    def build_(attn):
+        torch.manual_seed(0)
+        cfg = getattr(t, cfg_name)(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+        cfg._attn_implementation = attn
+        return getattr(t, cls_name)(cfg).eval()
+
+    ids = torch.tensor([[0, 0, 5, 7, 9, 11], [3, 5, 7, 9, 11, 13]])
+    mask = (ids != 0).long()
+
+    def stats(model, semirings=SEMIRINGS):
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        lg = model(inputs_embeds=emb, attention_mask=mask).logits
+        score = lg[:, -1, 7] - lg[:, -1, 3]
+        return lg, emb, score, {s: semitriton.grad(score, emb, semiring=s, fast_real=False)[0] for s in semirings}
+
+    ref_lg, _, _, plain = stats(build_("eager"))
+    per_attn = {}
+    for attn in ("eager", "sdpa"):
+        model = semitriton.patch(build_(attn))
+        lg, emb, score, per_attn[attn] = stats(model)
+        keep = mask.bool()          # a padding query attends to no key: SDPA's output there (README)
+        torch.testing.assert_close(lg[keep], ref_lg[keep], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(per_attn[attn]["real"], torch.autograd.grad(score.sum(), emb)[0],
+                                   rtol=1e-4, atol=1e-6)
+    for s in SEMIRINGS:
+        assert_semiring_close(per_attn["eager"][s], per_attn["sdpa"][s], s, 1e-4, f"{kind} eager/sdpa {s}")
+    lg, _, _, kept_norms = stats(semitriton.patch(build_("sdpa"), norms=False))
+    for s in SEMIRINGS:
+        assert_semiring_close(kept_norms[s], plain[s], s, 1e-4, f"{kind} patched(norms=False)/unpatched {s}")
