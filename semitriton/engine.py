@@ -27,7 +27,7 @@ from .errors import GraphError, UnsupportedNodeError
 from .rules import RULES, RuleContext, rule_for
 from .rules.shape import VIEW_NODES
 from .rules.shape import view as view_rule
-from .semirings import Real, Semiring, Value, get
+from .semirings import Max, Real, Semiring, Value, get
 from .tracking import ModuleLabels
 
 TensorOrTensors = Union[Tensor, Sequence[Tensor]]
@@ -426,8 +426,22 @@ def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] 
                 for slot, i in lst:
                     results[i] = captured.get((node, slot))
     _warn_if_nan(output)
+    _warn_if_underflow(sr, results, dtype)
     return tuple(None if i in graph.unused else r if r is not None else sr.zero(tuple(t.shape), dtype, t.device)
                  for i, (r, t) in enumerate(zip(results, inputs)))
+
+
+def _warn_if_underflow(sr: Semiring, results, dtype: torch.dtype) -> None:
+    """The max semiring keeps (M+, M-) in linear space: every edge is non-zero,
+    so a path product of exactly 0 is one that underflowed the compute dtype,
+    and its M+ readout says 0 where the top path has a tiny non-zero product."""
+    if not isinstance(sr, Max):
+        return
+    n = sum(int((r[0] == 0).sum()) for r in results if r is not None)
+    if n:
+        warnings.warn(f"semitriton: {n} max-semiring readout(s) underflowed {dtype} and read 0: their top path's "
+                      "product is smaller than the dtype's range; semiring='maxabs' keeps the magnitude in log "
+                      "space (or run the model in float64)", RuntimeWarning, stacklevel=4)
 
 
 def _warn_if_nan(output: Tensor) -> None:
@@ -644,7 +658,9 @@ def grad(output: Union[Tensor, Sequence[Tensor]], inputs: TensorOrTensors, semir
     the compute dtype instead. ``backend``: "auto" | "torch" | "triton".
 
     ``real`` on float32/float64 graphs runs PyTorch's autograd engine (the
-    gradient is the real semiring's value), which runs the tensors' and
+    gradient is the real semiring's value; on bfloat16/float16 graphs it is
+    the float32 walk, which differs from torch's low-precision backward by
+    that dtype's rounding), which runs the tensors' and
     modules' backward hooks as ``torch.autograd.grad`` does; ``fast_real=False``
     forces the semiring walk (the tests compare the two), which, like every
     other semiring, reads the recorded graph and runs no hooks.

@@ -101,3 +101,33 @@ def test_silu_derivative_keeps_its_subnormal_tail():
     got = activation_derivative(x, "silu")
     assert (got != 0).all()
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=0)      # subnormals keep ~2-3 digits
+
+
+def test_max_underflow_is_warned():
+    """A 60-step tanh chain without a residual: the top path product (~1e-61)
+    is below float32's range, so max's linear-space M+ reads 0; that comes
+    with a warning naming maxabs, which keeps the magnitude. The float64 walk
+    of the same program has the range and does not warn."""
+    import warnings
+
+    torch.manual_seed(0)
+    ws = [torch.randn(8, 8, dtype=torch.float64) * 0.05 for _ in range(60)]
+
+    def chain(x):
+        for w in ws:
+            x = torch.tanh(x @ w.to(x.dtype))
+        return x.sum()
+
+    x64 = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (m64,) = semitriton.grad(chain(x64), x64, semiring="max")
+    assert (m64 > 0).all() and m64.max() < 1e-45
+    x32 = x64.detach().float().requires_grad_()
+    with pytest.warns(RuntimeWarning, match=r"32 max-semiring readout\(s\) underflowed torch.float32.*maxabs"):
+        (m32,) = semitriton.grad(chain(x32), x32, semiring="max")
+    assert (m32 == 0).all()
+    (ma32,) = semitriton.grad(chain(x32), x32, semiring="maxabs")
+    (ma64,) = semitriton.grad(chain(x64), x64, semiring="maxabs")
+    assert (ma64 >= m64 * (1 - 1e-12)).all()          # |M+| ≤ the largest |product| (log-space rounding)
+    torch.testing.assert_close(ma32, ma64, rtol=1e-4, atol=0)
