@@ -3,7 +3,7 @@
 For every built-in semiring, ``attention(vo, q, k, v, bias, causal, scale,
 needs) -> (vq, vk, vv)`` pulls the value ``vo`` of ``O = softmax(q kᵀ·scale +
 bias) v`` back to q, k and v through the canonical graph S -> P -> O of
-DESIGN.md (masked scores and P = 0 are not edges), like
+the README's "Semirings" (masked scores and P = 0 are not edges), like
 ``semitriton.semirings.*.attention`` (the torch reference, which is the spec).
 
 Layout of the computation, for every semiring (FlashAttention-2 style, memory

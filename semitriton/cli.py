@@ -378,9 +378,19 @@ def cmd_explain(args) -> int:
     out = io.StringIO()
     out.write(f"{args.text!r}: score logit({args.target!r}) - logit({args.foil!r}) = {a.score:.4f} "
               f"({'prefers the target' if a.score > 0 else 'prefers the foil'})\n\n")
-    cols = ["index", "token", "entropy", "log_flow", "top_path"] + \
-        ([f"L{L}" for L in a.branches.layers] if a.branches is not None and len(a.branches.layers) <= 12 else [])
-    _print_table(a.token_table(), cols, out)
+    cols = ["index", "token", "entropy", "log_flow", "top_path"]
+    rows = a.token_table()
+    layers = a.branches.layers if a.branches is not None else []
+    if len(layers) <= _LAYER_COLUMNS:
+        cols += [f"L{L}" for L in layers]
+    else:                           # one letter per layer, in groups of ten (heads: report.html, analysis.json)
+        col = f"branch by layer L{layers[0]}..L{layers[-1]}"
+        cols.append(col)
+        for r in rows:
+            letters = "".join(_BRANCH_LETTER.get(r[f"L{L}"].split("/")[0], "?") for L in layers)
+            r[col] = " ".join(letters[i:i + 10] for i in range(0, len(letters), 10))
+        out.write("branch taken at each layer's input: Q query, K key, V value, S skip, - no path\n")
+    _print_table(rows, cols, out)
     for i, p in enumerate(a.paths):
         src, t = p.source_index, a.source_token(p)
         tok = a.tokens[t] if t is not None else "?"
@@ -404,6 +414,11 @@ def cmd_explain(args) -> int:
     return 0
 
 
+#: explain's token table: a column per layer up to this many layers, else one letter per layer
+_LAYER_COLUMNS = 12
+_BRANCH_LETTER = {"query": "Q", "key": "K", "value": "V", "skip": "S", "-": "-"}
+
+
 def _milestone(m) -> str:
     from .report.analysis import milestone_label
 
@@ -411,7 +426,7 @@ def _milestone(m) -> str:
         return f"in@{m['position']}"
     if m["layer"] == "out":
         return "out"
-    tag = {"query": "Q", "key": "K", "value": "V", "skip": "S"}.get(m["branch"], "?")
+    tag = _BRANCH_LETTER.get(m["branch"], "?")
     head = f"h{m['head']}" if m["head"] is not None else ""
     return f"{milestone_label(m).replace(' ', '')}:{tag}{head}@{m['position']}"
 

@@ -1,8 +1,9 @@
 """Drop-in patching of PyTorch and Hugging Face models.
 
 ``patch(model)`` swaps, in place, the modules whose autograd graph is not
-canonical (DESIGN.md §1) for modules with the same forward numerics and a
-single custom autograd node carrying its semiring rule:
+canonical (one primitive per op, as the README's "Semirings" says) for
+modules with the same forward numerics and a single custom autograd node
+carrying its semiring rule:
 
 * RMS norms (``nn.RMSNorm``; transformers' LlamaRMSNorm, Qwen2/Qwen3RMSNorm,
   MistralRMSNorm, and Gemma's ``1 + weight`` form; any other class named

@@ -87,6 +87,26 @@ def test_explain(causal_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "top path 1" in text and "cabinet" in text
     assert {"summary.txt", "analysis.json", "report.html", "token_heatmap.png"} <= set(os.listdir(out))
+    assert "L0" in text.splitlines()[2] and "L1" in text.splitlines()[2]       # a column per layer
+
+
+def test_explain_prints_the_branches_of_a_deep_model_as_letters(causal_dir, tmp_path, capsys, monkeypatch):
+    """Past 12 layers (SmolLM2 has 30) the per-layer columns do not fit: the
+    table prints one letter per layer instead of leaving the branches out."""
+    import semitriton.cli as cli
+    monkeypatch.setattr(cli, "_LAYER_COLUMNS", 1)
+    out = tmp_path / "ex"
+    assert _run(["explain", "--model", causal_dir, "--text", "The keys to the cabinet", "--target", " are",
+                 "--foil", " is", "--out", str(out), "--k", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("index"))
+    assert "Q query, K key, V value, S skip, - no path" in lines[head - 1]
+    assert lines[head].rstrip().endswith("branch by layer L0..L1")
+    from semitriton.report import Analysis
+    tokens = Analysis.from_json(out / "analysis.json").token_table()
+    letter = {"query": "Q", "key": "K", "value": "V", "skip": "S", "-": "-"}
+    for row, line in zip(tokens, lines[head + 1:head + 1 + len(tokens)]):
+        assert line.rstrip().endswith(" " + letter[row["L0"]] + letter[row["L1"]])
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -118,8 +118,11 @@ def format_table(res: dict) -> str:
             ours = " no path" if r["tokens_with_path"][b] == 0 else f"{v:>8.3f}"
             cells.append(ours + (f" [{paper:.3f}]" if paper is not None else " " * 8))
         frac = r["top_branch_fraction"]
-        best = max(frac, key=frac.get)
-        takes = f"{best} ({frac[best]:.0%})" if r["tokens_reaching_output"] else "- (no path)"
+        best, second = sorted(frac, key=frac.get, reverse=True)[:2]
+        takes = f"{best} ({frac[best]:.0%})" if frac[second] == 0 else \
+            f"{best} {frac[best]:.0%}, {second} {frac[second]:.0%}"
+        if not r["tokens_reaching_output"]:
+            takes = "- (no path)"
         lines.append(f"{g:<10}" + "".join(f"{c:>16}" for c in cells) + f"   {takes}")
     lines.append("paper: other tokens near zero")
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 ``y = x·cos + rotate_half(x)·sin`` with ``rotate_half(x) = cat(-x[h:], x[:h])``
 (h = D/2, the LLaMA/Mistral/Qwen/Gemma form). RoPE is linear in x; its edges
-(DESIGN.md §1) are
+(the README's "Semirings": one edge per non-zero Jacobian entry) are
 
     x[j] -> y[j]      weight cos[j]
     x[j] -> y[j + h]  weight  sin[j + h]   (j < h)

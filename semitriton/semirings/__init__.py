@@ -1,7 +1,7 @@
 """Semirings: small classes with zero/one/plus/times/edge/readout.
 
 Built-in, by name: ``real``, ``abs``, ``max``, ``maxabs``, ``entropy`` (the
-definitions are in DESIGN.md section 1). A user-defined semiring subclasses
+definitions are in the README's "Semirings" table). A user-defined semiring subclasses
 :class:`Semiring`, implements the algebra on tuples of tensors, and runs on the
 torch backend through the generic contractions of the base class.
 """

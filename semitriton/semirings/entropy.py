@@ -1,6 +1,6 @@
 """The expectation (entropy) semiring over p(path) ∝ Π|w|.
 
-The pair <z, e> of DESIGN.md (edge -> <|w|, -|w| log|w|>, ⊕ componentwise +,
+The pair <z, e> of the README's semiring table (edge -> <|w|, -|w| log|w|>, ⊕ componentwise +,
 ⊗ <z1 z2, z1 e2 + z2 e1>) is stored as (log z, μ = e/z): μ is the mean of
 -log Π|w| under the path distribution, so it stays O(depth) while z may span
 hundreds of orders of magnitude. In this form
