@@ -415,9 +415,9 @@ def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] 
             if cuda_graph and keep is None and route is None and not progress and RuleProfile._active is None \
                     and seed_weight is None:
                 from . import cuda_graph as _cuda_graph
-                captured = _cuda_graph.walk(graph, seeds, sr, dtype, _walk, _backend.resolve())
+                captured = _checked(lambda: _cuda_graph.walk(graph, seeds, sr, dtype, _walk, _backend.resolve()))
             else:
-                captured = _walk(graph, seeds(), sr, dtype, keep, route, progress)
+                captured = _checked(lambda: _walk(graph, seeds(), sr, dtype, keep, route, progress))
             if RuleProfile._active is not None:
                 if output.is_cuda:
                     torch.cuda.synchronize(output.device)
@@ -442,6 +442,20 @@ def _warn_if_underflow(sr: Semiring, results, dtype: torch.dtype) -> None:
         warnings.warn(f"semitriton: {n} max-semiring readout(s) underflowed {dtype} and read 0: their top path's "
                       "product is smaller than the dtype's range; semiring='maxabs' keeps the magnitude in log "
                       "space (or run the model in float64)", RuntimeWarning, stacklevel=4)
+
+
+def _checked(walk):
+    """``walk()``, rerun once if a weight whose cached transforms it used was
+    changed without a version bump (written through ``.data``) since they were
+    computed: :mod:`semitriton.weight_cache` checks the pass's hits at its end,
+    and the rerun computes the changed weights' transforms afresh."""
+    from . import weight_cache
+
+    with weight_cache.checking() as hits:
+        captured = walk()
+    if hits and weight_cache.drop_stale(hits):
+        captured = walk()
+    return captured
 
 
 def _warn_if_nan(output: Tensor) -> None:
@@ -514,7 +528,7 @@ def propagate(seeds: dict, target, semiring: Union[str, Semiring], dtype: torch.
     on = first[0] if isinstance(first, tuple) and first else None
     with _backend.use(backend), _backend.pass_settings(), torch.no_grad(), _device_scope(on):
         # seed nodes that lie below other seed nodes receive contributions too
-        captured = _walk(sub, seeds_in, sr, dtype) if seeds_in else {}
+        captured = _checked(lambda: _walk(sub, seeds_in, sr, dtype)) if seeds_in else {}
     v = captured.get(target)
     if v is None:
         meta = target[0]._input_metadata[target[1]]

@@ -10,10 +10,16 @@ hit is validated:
   same storage;
 - the tensor's version counter (``_version``) must be the one recorded, so an
   in-place update (``w.mul_()``, ``optimizer.step()``, ``w.copy_()`` under
-  no_grad) invalidates the entry.
-
-Caveat: writes through ``w.data`` bypass the version counter; call
-:func:`clear` after modifying weights that way.
+  no_grad) invalidates the entry;
+- writes through ``w.data`` (an ablation such as ``w.data[:, h] = 0``)
+  bypass the version counter, so each entry also keeps a fingerprint of the
+  weight's values (its product with a fixed random vector,
+  :func:`fingerprint`). A semiring pass records its hits (:func:`checking`);
+  after the pass, :func:`drop_stale` compares them all at once (one
+  synchronisation), drops a changed weight's entries, and the engine reruns
+  the pass. A direct call of :func:`transform` outside a pass is not
+  checked: call :func:`clear` after modifying weights through ``.data``
+  there.
 
 Only 2-D tensors without an autograd history are cached (parameters, buffers,
 constants): activations are new tensors on every forward pass and are
@@ -38,10 +44,65 @@ _inserts_since_sweep = 0
 
 
 class _Entry:
-    __slots__ = ("ref", "cdata", "version", "value", "nbytes")
+    __slots__ = ("ref", "cdata", "version", "value", "nbytes", "fp")
 
-    def __init__(self, ref, cdata, version, value, nbytes):
+    def __init__(self, ref, cdata, version, value, nbytes, fp):
         self.ref, self.cdata, self.version, self.value, self.nbytes = ref, cdata, version, value, nbytes
+        self.fp = fp
+
+
+_local = threading.local()          # the hits of the pass running on this thread
+_probes: dict = {}                  # (cols, dtype, device) -> the fingerprint's vector u
+
+
+def fingerprint(t):
+    """W·u for a fixed random u (float32; float64 for float64 weights): a
+    vector on the weight's device that changes with any edit of a row's
+    values (zeroed columns, scaled, negated or permuted entries) except one
+    exactly in the null space of u; one matrix-vector product, no host sync."""
+    import torch
+
+    dt = torch.float64 if t.dtype == torch.float64 else torch.float32
+    key = (t.shape[1], dt, t.device)
+    u = _probes.get(key)
+    if u is None:
+        u = _probes[key] = torch.randn(t.shape[1], generator=torch.Generator().manual_seed(0), dtype=dt).to(t.device)
+    with torch.no_grad():
+        return torch.mv(t.to(dt), u)
+
+
+@contextlib.contextmanager
+def checking():
+    """Inside (one semiring pass): the cache hits are recorded, as
+    {key: (weight, entry)}, for :func:`drop_stale` after the pass."""
+    prev = getattr(_local, "hits", None)
+    _local.hits = hits = {}
+    try:
+        yield hits
+    finally:
+        _local.hits = prev
+
+
+def drop_stale(hits: dict) -> bool:
+    """Compare the recorded hits' weights with their fingerprints (one
+    synchronisation per device and fingerprint dtype); drop the entries of every weight that changed
+    and say whether there was one (the pass that used them must be rerun)."""
+    import torch
+
+    groups: dict = {}
+    for key, (t, e) in hits.items():
+        groups.setdefault((e.fp.device, e.fp.dtype), []).append((key, t, e))
+    stale = []
+    for items in groups.values():
+        now = [fingerprint(t) for _, t, _ in items]
+        if torch.equal(torch.cat(now), torch.cat([e.fp for _, _, e in items])):
+            continue                                    # the usual case: one comparison, one sync
+        stale += [(key, e) for (key, _, e), f in zip(items, now) if not torch.equal(f, e.fp)]
+    with _lock:
+        for key, e in stale:
+            if _cache.get(key) is e:
+                _drop(key)
+    return bool(stale)
 
 
 def _limits():
@@ -128,6 +189,9 @@ def transform(t, name: str, fn):
         if e is not None:
             if e.version == version and not e.ref.expired() and e.cdata == t.untyped_storage()._cdata:
                 _cache.move_to_end(key)
+                hits = getattr(_local, "hits", None)
+                if hits is not None:
+                    hits[key] = (t, e)
                 return e.value
             _drop(key)
     storage = t.untyped_storage()
@@ -137,7 +201,7 @@ def transform(t, name: str, fn):
     max_n, max_bytes = _limits()
     if nbytes > max_bytes or max_n <= 0:
         return value
-    entry = _Entry(_weak(storage), storage._cdata, version, value, nbytes)
+    entry = _Entry(_weak(storage), storage._cdata, version, value, nbytes, fingerprint(t))
     with _lock:
         _inserts_since_sweep += 1
         if _inserts_since_sweep >= max(64, len(_cache)):

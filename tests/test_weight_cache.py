@@ -105,3 +105,49 @@ def test_the_triton_matmuls_transform_each_weight_once(monkeypatch):
         assert keys, f"{semiring}: no weight transform was asked for"
         assert all(computed[k] == 1 for k in keys), {k: computed[k] for k in keys if computed[k] != 1}
         assert all(served[k] >= 3 for k in keys)                     # asked for in every pass
+
+
+def test_writes_through_data_are_caught_by_the_fingerprint():
+    """w.data[...] = 0 bumps no version counter: the entry's fingerprint sees
+    the change once a pass checks its hits; an unchanged weight passes."""
+    weight_cache.clear()
+    w = torch.randn(6, 5)
+
+    def fn(t):                                       # a signed transform (max's copy of W is one)
+        return t * 2 + 1
+    with weight_cache.checking() as hits:
+        weight_cache.transform(w, "t", fn)           # a miss: not a hit to check
+        weight_cache.transform(w, "t", fn)
+    assert len(hits) == 1 and not weight_cache.drop_stale(hits)
+    for edit in (lambda d: d[:, 2].zero_(), lambda d: d.copy_(d.flip(0)), lambda d: d[3].neg_()):
+        edit(w.data)
+        with weight_cache.checking() as hits:
+            stale = weight_cache.transform(w, "t", fn)
+        assert not torch.equal(stale, fn(w))         # served from the cache, as before the fix
+        assert weight_cache.drop_stale(hits) and weight_cache.stats()["entries"] == 0
+        assert torch.equal(weight_cache.transform(w, "t", fn), fn(w))
+    weight_cache.clear()
+
+
+def test_an_ablation_through_data_changes_the_next_pass():
+    """An interpretability ablation written through .data between two passes:
+    the second pass's statistics are the ablated model's in every semiring
+    (they were the cached transforms of the weight before the ablation)."""
+    import semitriton
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    x = torch.randn(4, 5, requires_grad=True)
+    for s in ("abs", "maxabs", "entropy", "max", "real"):
+        weight_cache.clear()
+        kw = {"fast_real": False} if s == "real" else {}
+        semitriton.grad(model(x).sum(), x, semiring=s, **kw)             # fills the cache
+        saved = model[0].weight.detach().clone()
+        model[0].weight.data[:, 1] = 0
+        (got,) = semitriton.grad(model(x).sum(), x, semiring=s, **kw)
+        weight_cache.clear()
+        (want,) = semitriton.grad(model(x).sum(), x, semiring=s, **kw)
+        assert torch.equal(got, want), s
+        assert (got[:, 1] == (float("-inf") if s == "max" else 0)).all(), s
+        with torch.no_grad():
+            model[0].weight.copy_(saved)
+    weight_cache.clear()
