@@ -1,5 +1,8 @@
 """The per-weight transform cache: hits, the entry bound, and freed weights."""
 
+import os
+
+import pytest
 import torch
 
 from semitriton import weight_cache
@@ -70,9 +73,7 @@ def test_the_triton_matmuls_transform_each_weight_once(monkeypatch):
     for (|W|, −|W|log|W|, log|W|) are computed once per weight over several
     passes and served from the cache after that (a kernel that bypassed the
     cache, or a key that changed per call, would compute them every pass)."""
-    import os
     import collections
-    import pytest
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("needs TRITON_INTERPRET=1 (the CPU kernel tests)")
     pytest.importorskip("triton")
@@ -129,14 +130,19 @@ def test_writes_through_data_are_caught_by_the_fingerprint():
     weight_cache.clear()
 
 
-def test_an_ablation_through_data_changes_the_next_pass():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_an_ablation_through_data_changes_the_next_pass(device):
     """An interpretability ablation written through .data between two passes:
     the second pass's statistics are the ablated model's in every semiring
-    (they were the cached transforms of the weight before the ablation)."""
+    (they were the cached transforms of the weight before the ablation). On
+    CUDA the Triton kernels' own transforms (|W|, log|W|, the entropy stack)
+    are checked too."""
     import semitriton
+    if device == "cuda" and not (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")):
+        pytest.skip("needs a CUDA GPU and TRITON_INTERPRET=0")
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
-    x = torch.randn(4, 5, requires_grad=True)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(device)
+    x = torch.randn(4, 5, device=device, requires_grad=True)
     for s in ("abs", "maxabs", "entropy", "max", "real"):
         weight_cache.clear()
         kw = {"fast_real": False} if s == "real" else {}
