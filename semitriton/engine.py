@@ -435,9 +435,10 @@ def _warn_if_underflow(sr: Semiring, results, dtype: torch.dtype) -> None:
     """The max semiring keeps (M+, M-) in linear space: every edge is non-zero,
     so a path product of exactly 0 is one that underflowed the compute dtype,
     and its M+ readout says 0 where the top path has a tiny non-zero product."""
-    if not isinstance(sr, Max):
+    if type(sr) is not Max:                 # a subclass may keep other values
         return
-    n = sum(int((r[0] == 0).sum()) for r in results if r is not None)
+    zeros = [(r[0] == 0).sum() for r in results if r is not None]
+    n = int(torch.stack(zeros).sum()) if zeros else 0        # one synchronisation
     if n:
         warnings.warn(f"semitriton: {n} max-semiring readout(s) underflowed {dtype} and read 0: their top path's "
                       "product is smaller than the dtype's range; semiring='maxabs' keeps the magnitude in log "
@@ -448,9 +449,14 @@ def _checked(walk):
     """``walk()``, rerun once if a weight whose cached transforms it used was
     changed without a version bump (written through ``.data``) since they were
     computed: :mod:`semitriton.weight_cache` checks the pass's hits at its end,
-    and the rerun computes the changed weights' transforms afresh."""
+    and the rerun computes the changed weights' transforms afresh (a rerun
+    repeats the walk's ``route`` calls, progress bar and profile counts).
+    ``SEMITRITON_CHECK_WEIGHTS=0`` skips the check (one matrix-vector product
+    per cached weight per pass)."""
     from . import weight_cache
 
+    if _backend.env("SEMITRITON_CHECK_WEIGHTS", "1") in ("", "0"):
+        return walk()
     with weight_cache.checking() as hits:
         captured = walk()
     if hits and weight_cache.drop_stale(hits):
@@ -528,7 +534,9 @@ def propagate(seeds: dict, target, semiring: Union[str, Semiring], dtype: torch.
     on = first[0] if isinstance(first, tuple) and first else None
     with _backend.use(backend), _backend.pass_settings(), torch.no_grad(), _device_scope(on):
         # seed nodes that lie below other seed nodes receive contributions too
-        captured = _checked(lambda: _walk(sub, seeds_in, sr, dtype)) if seeds_in else {}
+        # not checked against .data writes: it splits the values of a pass over the same graph, which
+        # was checked, and no user code runs in between
+        captured = _walk(sub, seeds_in, sr, dtype) if seeds_in else {}
     v = captured.get(target)
     if v is None:
         meta = target[0]._input_metadata[target[1]]

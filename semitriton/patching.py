@@ -128,8 +128,9 @@ def _is_rms_candidate(cls, known: dict) -> bool:
 _TORCH_NORMS = tuple(c for c in (nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.GroupNorm) if c is not None)
 
 
-#: a norm class's name: ...Norm, ...Normalization, or a short tag after it (NemotronLayerNorm1P)
-_NORM_NAME = re.compile(r"Norm(alization)?[0-9A-Z]{0,3}$")
+#: a norm class's name: ...Norm or ...Normalization, or with a tag after it (NemotronLayerNorm1P,
+#: FrozenBatchNorm2d, Mamba's RMSNormGated); not a module named after one (PreLayerNormSelfAttention)
+_NORM_NAME = re.compile(r"Norm(alization)?([0-9][A-Za-z]?|[0-9]?[A-Z]|Gated)?$")
 #: a forward that calls torch's layer/group norm records its one canonical node
 _TORCH_NORM_CALL = re.compile(r"\b(layer_norm|group_norm)\(")
 

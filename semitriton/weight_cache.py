@@ -12,14 +12,15 @@ hit is validated:
   in-place update (``w.mul_()``, ``optimizer.step()``, ``w.copy_()`` under
   no_grad) invalidates the entry;
 - writes through ``w.data`` (an ablation such as ``w.data[:, h] = 0``)
-  bypass the version counter, so each entry also keeps a fingerprint of the
-  weight's values (its product with a fixed random vector,
-  :func:`fingerprint`). A semiring pass records its hits (:func:`checking`);
-  after the pass, :func:`drop_stale` compares them all at once (one
-  synchronisation), drops a changed weight's entries, and the engine reruns
-  the pass. A direct call of :func:`transform` outside a pass is not
-  checked: call :func:`clear` after modifying weights through ``.data``
-  there.
+  bypass the version counter, so each weight view also has a fingerprint of
+  its values (its product with a fixed random vector, :func:`fingerprint`).
+  A semiring pass records the weights it took transforms of
+  (:func:`checking`); after the pass, :func:`drop_stale` prints each once
+  and compares them all at once (one synchronisation), drops every
+  transform of a weight that changed, and the engine reruns the pass. An
+  edit smaller than the rounding of a row's product with the random vector
+  goes unseen, and a direct call of :func:`transform` outside a pass is not
+  checked: call :func:`clear` after such writes.
 
 Only 2-D tensors without an autograd history are cached (parameters, buffers,
 constants): activations are new tensors on every forward pass and are
@@ -44,22 +45,32 @@ _inserts_since_sweep = 0
 
 
 class _Entry:
-    __slots__ = ("ref", "cdata", "version", "value", "nbytes", "fp")
+    __slots__ = ("ref", "cdata", "version", "value", "nbytes")
 
-    def __init__(self, ref, cdata, version, value, nbytes, fp):
+    def __init__(self, ref, cdata, version, value, nbytes):
         self.ref, self.cdata, self.version, self.value, self.nbytes = ref, cdata, version, value, nbytes
-        self.fp = fp
 
 
-_local = threading.local()          # the hits of the pass running on this thread
-_probes: dict = {}                  # (cols, dtype, device) -> the fingerprint's vector u
+class _Print:
+    """A weight view's fingerprint, the version it was taken at, and a weak
+    reference to its storage (swept with the dead entries)."""
+    __slots__ = ("fp", "version", "ref")
+
+    def __init__(self, fp, version, ref):
+        self.fp, self.version, self.ref = fp, version, ref
+
+
+_prints: dict = {}                  # view key (the cache key without the transform) -> _Print
+_local = threading.local()          # the weights the pass running on this thread took from the cache
+_probes: dict = {}                  # (columns, dtype, device) -> the fingerprint's random vector u
 
 
 def fingerprint(t):
-    """W·u for a fixed random u (float32; float64 for float64 weights): a
-    vector on the weight's device that changes with any edit of a row's
-    values (zeroed columns, scaled, negated or permuted entries) except one
-    exactly in the null space of u; one matrix-vector product, no host sync."""
+    """W·u for a fixed random u, in float32 (float64 for float64 weights),
+    autocast off: a vector on the weight's device that changes with any edit
+    of a row (zeroed, scaled, negated or permuted entries) larger than the
+    rounding of the row's product; one matrix-vector product in the weight's
+    own layout, no host sync. Compared bit for bit (a NaN matches itself)."""
     import torch
 
     dt = torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -67,14 +78,22 @@ def fingerprint(t):
     u = _probes.get(key)
     if u is None:
         u = _probes[key] = torch.randn(t.shape[1], generator=torch.Generator().manual_seed(0), dtype=dt).to(t.device)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(t.device.type, enabled=False):
         return torch.mv(t.to(dt), u)
+
+
+def _same(a, b) -> bool:
+    """Bitwise equality of two fingerprints (or their concatenations)."""
+    import torch
+
+    ints = torch.int64 if a.dtype == torch.float64 else torch.int32
+    return a.shape == b.shape and torch.equal(a.view(ints), b.view(ints))
 
 
 @contextlib.contextmanager
 def checking():
-    """Inside (one semiring pass): the cache hits are recorded, as
-    {key: (weight, entry)}, for :func:`drop_stale` after the pass."""
+    """Inside (one semiring pass): the weights served from the cache are
+    recorded, as {view key: weight}, for :func:`drop_stale` after the pass."""
     prev = getattr(_local, "hits", None)
     _local.hits = hits = {}
     try:
@@ -84,23 +103,27 @@ def checking():
 
 
 def drop_stale(hits: dict) -> bool:
-    """Compare the recorded hits' weights with their fingerprints (one
-    synchronisation per device and fingerprint dtype); drop the entries of every weight that changed
-    and say whether there was one (the pass that used them must be rerun)."""
+    """Compare the recorded weights with their fingerprints (one comparison
+    and synchronisation per device and dtype); drop every cached transform of each
+    weight that changed and say whether there was one (the pass that used
+    them must be rerun)."""
     import torch
 
     groups: dict = {}
-    for key, (t, e) in hits.items():
-        groups.setdefault((e.fp.device, e.fp.dtype), []).append((key, t, e))
+    for vkey, t in hits.items():
+        p = _prints.get(vkey)
+        if p is not None:
+            groups.setdefault((p.fp.device, p.fp.dtype), []).append((vkey, t, p))
     stale = []
     for items in groups.values():
         now = [fingerprint(t) for _, t, _ in items]
-        if torch.equal(torch.cat(now), torch.cat([e.fp for _, _, e in items])):
-            continue                                    # the usual case: one comparison, one sync
-        stale += [(key, e) for (key, _, e), f in zip(items, now) if not torch.equal(f, e.fp)]
-    with _lock:
-        for key, e in stale:
-            if _cache.get(key) is e:
+        if _same(torch.cat(now), torch.cat([p.fp for _, _, p in items])):
+            continue                                    # the usual case
+        stale += [vkey for (vkey, _, p), f in zip(items, now) if not _same(f, p.fp)]
+    if stale:
+        with _lock:
+            gone = set(stale)
+            for key in [k for k in _cache if k[:-1] in gone]:
                 _drop(key)
     return bool(stale)
 
@@ -116,6 +139,7 @@ def clear() -> None:
     global _bytes, _inserts_since_sweep
     with _lock:
         _cache.clear()
+        _prints.clear()
         _bytes = 0
         _inserts_since_sweep = 0
 
@@ -155,6 +179,8 @@ def _sweep_dead():
     global _inserts_since_sweep
     for k in [k for k, v in _cache.items() if v.ref.expired()]:
         _drop(k)
+    for k in [k for k, p in _prints.items() if p.ref.expired()]:
+        del _prints[k]
     _inserts_since_sweep = 0
 
 
@@ -191,7 +217,7 @@ def transform(t, name: str, fn):
                 _cache.move_to_end(key)
                 hits = getattr(_local, "hits", None)
                 if hits is not None:
-                    hits[key] = (t, e)
+                    hits[key[:-1]] = t
                 return e.value
             _drop(key)
     storage = t.untyped_storage()
@@ -201,8 +227,17 @@ def transform(t, name: str, fn):
     max_n, max_bytes = _limits()
     if nbytes > max_bytes or max_n <= 0:
         return value
-    entry = _Entry(_weak(storage), storage._cdata, version, value, nbytes, fingerprint(t))
+    ref = _weak(storage)
+    entry = _Entry(ref, storage._cdata, version, value, nbytes)
+    vkey = key[:-1]
+    p = _prints.get(vkey)
+    if p is None or p.version != version or p.ref.expired():
+        # a new weight view, or one updated in place since its print: print it now. (A print of the
+        # same version is kept: if the weight was written through .data since, the pass's check
+        # finds that and drops this transform with the others.)
+        p = _Print(fingerprint(t), version, ref)
     with _lock:
+        _prints[vkey] = p
         _inserts_since_sweep += 1
         if _inserts_since_sweep >= max(64, len(_cache)):
             _sweep_dead()

@@ -96,6 +96,12 @@ def test_eval_mode_native_dropout_node(semiring):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
     if semiring == "real":
         torch.testing.assert_close(got[0], torch.autograd.grad((y * w).sum(), x)[0], rtol=1e-14, atol=0)
+    y1, keep1 = torch.native_dropout(x[:1, :2], 1.0, False)           # p = 1: training keeps nothing
+    assert bool(keep1.all())
+    (g1,) = _walk((y1 * w[:1, :2]).sum(), x, semiring)
+    (want1,) = _walk((x[:1, :2] * w[:1, :2]).sum(), x, semiring)
+    for a, b in zip(g1 if isinstance(g1, tuple) else (g1,), want1 if isinstance(want1, tuple) else (want1,)):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("semiring", ["real", "abs", "maxabs", "entropy", "max"])

@@ -306,8 +306,12 @@ def test_norms_patch_cannot_swap_are_named_in_the_summary():
         def forward(self, x):
             return x * 2
 
+    class ToyRMSNormGated(nn.Module):               # Mamba's gated RMS norm: composed, listed
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
     model = nn.Sequential(OddRMSNorm(), ScaleNorm(), ScaleNorm(), PlainLayerNorm(6), FreeLayerNorm1P(),
-                          PreLayerNormBlock())
+                          PreLayerNormBlock(), ToyRMSNormGated())
     x = torch.randn(2, 6)
     ref = model(x)
     semitriton.patch(model)
@@ -316,6 +320,7 @@ def test_norms_patch_cannot_swap_are_named_in_the_summary():
     assert any("OddRMSNorm" in m and "differs" in m for m in summary["skipped"])
     assert sum("ScaleNorm" in m and "aten ops" in m for m in summary["skipped"]) == 1
     assert not any(n in m for m in summary["skipped"] for n in ("PlainLayerNorm", "FreeLayerNorm1P", "PreLayerNorm"))
+    assert any("ToyRMSNormGated" in m and "aten ops" in m for m in summary["skipped"])
     assert torch.equal(model(x), ref)
     assert node_types(model(x.requires_grad_())).count("NativeLayerNormBackward0") == 2   # the two unreported
     semitriton.unpatch(model)

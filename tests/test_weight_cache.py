@@ -120,7 +120,9 @@ def test_writes_through_data_are_caught_by_the_fingerprint():
         weight_cache.transform(w, "t", fn)           # a miss: not a hit to check
         weight_cache.transform(w, "t", fn)
     assert len(hits) == 1 and not weight_cache.drop_stale(hits)
-    for edit in (lambda d: d[:, 2].zero_(), lambda d: d.copy_(d.flip(0)), lambda d: d[3].neg_()):
+    edits = (lambda d: d[:, 2].zero_(), lambda d: d.copy_(d.flip(0)), lambda d: d[3].neg_(),
+             lambda d: d[1, 1].mul_(1.001))
+    for edit in edits:
         edit(w.data)
         with weight_cache.checking() as hits:
             stale = weight_cache.transform(w, "t", fn)
@@ -130,22 +132,48 @@ def test_writes_through_data_are_caught_by_the_fingerprint():
     weight_cache.clear()
 
 
+def test_a_stale_weight_loses_every_transform_and_nan_weights_are_not_stale():
+    """A .data write found through one transform drops the weight's other
+    transforms too (each would have cost its own rerun, and a direct call
+    got the old value); a weight holding NaN matches its own fingerprint."""
+    weight_cache.clear()
+    w = torch.randn(4, 3)
+    weight_cache.transform(w, "a", lambda t: t + 1)
+    weight_cache.transform(w, "b", lambda t: t * 3)
+    w.data[0, 0] = 5.0
+    with weight_cache.checking() as hits:
+        weight_cache.transform(w, "a", lambda t: t + 1)
+    assert weight_cache.drop_stale(hits)
+    assert torch.equal(weight_cache.transform(w, "b", lambda t: t * 3), w * 3)
+    weight_cache.clear()
+    w[1, 1] = float("nan")
+    weight_cache.transform(w, "a", lambda t: t + 1)
+    with weight_cache.checking() as hits:
+        weight_cache.transform(w, "a", lambda t: t + 1)
+    assert len(hits) == 1 and not weight_cache.drop_stale(hits)
+    weight_cache.clear()
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_an_ablation_through_data_changes_the_next_pass(device):
+def test_an_ablation_through_data_changes_the_next_pass(device, monkeypatch):
     """An interpretability ablation written through .data between two passes:
     the second pass's statistics are the ablated model's in every semiring
     (they were the cached transforms of the weight before the ablation). On
     CUDA the Triton kernels' own transforms (|W|, log|W|, the entropy stack)
     are checked too."""
     import semitriton
+    from semitriton import engine
     if device == "cuda" and not (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")):
         pytest.skip("needs a CUDA GPU and TRITON_INTERPRET=0")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(device)
     x = torch.randn(4, 5, device=device, requires_grad=True)
-    for s in ("abs", "maxabs", "entropy", "max", "real"):
+    walks = []
+    real_walk = engine._walk
+    monkeypatch.setattr(engine, "_walk", lambda *a, **k: walks.append(1) or real_walk(*a, **k))
+    for s in ("abs", "maxabs", "entropy", "max"):                   # (real uses no cached transform)
         weight_cache.clear()
-        kw = {"fast_real": False} if s == "real" else {}
+        kw = {}
         semitriton.grad(model(x).sum(), x, semiring=s, **kw)             # fills the cache
         saved = model[0].weight.detach().clone()
         model[0].weight.data[:, 1] = 0
@@ -154,6 +182,27 @@ def test_an_ablation_through_data_changes_the_next_pass(device):
         (want,) = semitriton.grad(model(x).sum(), x, semiring=s, **kw)
         assert torch.equal(got, want), s
         assert (got[:, 1] == (float("-inf") if s == "max" else 0)).all(), s
+        assert len(walks) == 4, s              # the first pass, the stale one and its rerun, the fresh one
+        walks.clear()
         with torch.no_grad():
             model[0].weight.copy_(saved)
+    weight_cache.clear()
+
+
+def test_the_check_can_be_switched_off(monkeypatch):
+    """SEMITRITON_CHECK_WEIGHTS=0: no fingerprint is compared (the README's
+    way out for code that never writes through .data), so the stale cache
+    is what a pass reads."""
+    import semitriton
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3, bias=False)
+    x = torch.randn(2, 4, requires_grad=True)
+    weight_cache.clear()
+    semitriton.grad(lin(x).sum(), x, semiring="abs")
+    lin.weight.data[:, 0] = 0
+    monkeypatch.setenv("SEMITRITON_CHECK_WEIGHTS", "0")
+    (stale,) = semitriton.grad(lin(x).sum(), x, semiring="abs")
+    monkeypatch.setenv("SEMITRITON_CHECK_WEIGHTS", "1")
+    (fresh,) = semitriton.grad(lin(x).sum(), x, semiring="abs")
+    assert (stale[:, 0] > 0).all() and (fresh[:, 0] == 0).all()
     weight_cache.clear()

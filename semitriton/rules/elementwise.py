@@ -122,13 +122,15 @@ def dropout(ctx):
     mask·1/(1 − p), 0 everywhere at p = 1 (as torch's backward). A direct
     ``torch.native_dropout(x, p, train=False)`` records the same node without
     saving ``train``; its mask keeps everything and its edge is 1. A mask
-    keeping all n elements is read that way where a training draw would do
-    so with probability (1 − p)^n < 1e-9 (no host sync: a tensor select);
-    ``F.dropout`` in eval mode records no node."""
+    keeping all n elements is read that way at p = 1 (a training draw keeps
+    nothing) and where a training draw would keep all with probability
+    (1 − p)^n < 1e-9 (no host sync: a tensor select); a small tensor's
+    all-keep mask at 0 < p < 1 is read as training. ``F.dropout`` in eval
+    mode records no node."""
     mask = ctx.saved("result1")
     p = float(ctx.saved("p"))
     edge = ctx.tensor(mask) * (0.0 if p == 1 else 1.0 / (1.0 - p))
-    if 0 < p < 1 and mask.numel() * math.log1p(-p) < _LOG_IMPROBABLE:
+    if p == 1 or (0 < p < 1 and mask.numel() * math.log1p(-p) < _LOG_IMPROBABLE):
         edge = torch.where(mask.all(), torch.ones_like(edge), edge)
     return [_pull(ctx, 0, edge)]
 
