@@ -125,6 +125,8 @@ def drop_stale(hits: dict) -> bool:
             gone = set(stale)
             for key in [k for k in _cache if k[:-1] in gone]:
                 _drop(key)
+            for vkey in gone:               # the next transform prints the weight afresh
+                _prints.pop(vkey, None)
     return bool(stale)
 
 

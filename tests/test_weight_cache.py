@@ -178,11 +178,13 @@ def test_an_ablation_through_data_changes_the_next_pass(device, monkeypatch):
         saved = model[0].weight.detach().clone()
         model[0].weight.data[:, 1] = 0
         (got,) = semitriton.grad(model(x).sum(), x, semiring=s, **kw)
+        (again,) = semitriton.grad(model(x).sum(), x, semiring=s, **kw)       # fresh entries: no rerun
+        assert torch.equal(again, got) and len(walks) == 4, s
         weight_cache.clear()
         (want,) = semitriton.grad(model(x).sum(), x, semiring=s, **kw)
         assert torch.equal(got, want), s
         assert (got[:, 1] == (float("-inf") if s == "max" else 0)).all(), s
-        assert len(walks) == 4, s              # the first pass, the stale one and its rerun, the fresh one
+        assert len(walks) == 5, s              # + the pass after a clear()
         walks.clear()
         with torch.no_grad():
             model[0].weight.copy_(saved)
