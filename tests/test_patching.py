@@ -1072,3 +1072,52 @@ def test_newer_decoder_families(kind):
     lg, _, _, kept_norms = stats(semitriton.patch(build_("sdpa"), norms=False))
     for s in SEMIRINGS:
         assert_semiring_close(kept_norms[s], plain[s], s, 1e-4, f"{kind} patched(norms=False)/unpatched {s}")
+
+
+_NEWER_ENCODERS = {      # config class, model class, extra config, whether the model supports sdpa
+    "electra": ("ElectraConfig", "ElectraForSequenceClassification", {"embedding_size": 16}, True),
+    "xlm_roberta": ("XLMRobertaConfig", "XLMRobertaForSequenceClassification", {}, True),
+    "albert": ("AlbertConfig", "AlbertForSequenceClassification", {"embedding_size": 16}, True),    # shared layer
+    "deberta_v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification",
+                   {"relative_attention": True, "position_buckets": 8, "max_relative_positions": 16,
+                    "pos_att_type": ["p2c", "c2p"]}, False),              # its own attention, eager only
+}
+
+
+@pytest.mark.parametrize("kind", list(_NEWER_ENCODERS))
+def test_newer_encoder_families(kind):
+    """Encoder classifiers beyond BERT/RoBERTa/DistilBERT on a right-padded
+    batch: patched outputs equal the unpatched model's and real equals
+    autograd; with norms and activations left alone (ALBERT's tanh-GELU
+    becomes one primitive otherwise), patched eager and sdpa (where
+    supported) give the unpatched model's statistics."""
+    t = pytest.importorskip("transformers")
+    cfg_name, cls_name, extra, sdpa = _NEWER_ENCODERS[kind]
+    if not hasattr(t, cls_name):
+        pytest.skip(f"transformers has no {cls_name}")
+
+    def build_(attn):
+        torch.manual_seed(0)
+        cfg = getattr(t, cfg_name)(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+                                   num_labels=2, **extra)
+        cfg._attn_implementation = attn
+        return getattr(t, cls_name)(cfg).eval()
+
+    ids = torch.tensor([[5, 7, 9, 11, 0, 0], [3, 5, 7, 9, 11, 13]])
+    mask = (ids != 0).long()
+
+    def stats(model):
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        lg = model(inputs_embeds=emb, attention_mask=mask).logits
+        score = lg[:, 1] - lg[:, 0]
+        return lg, emb, score, {s: semitriton.grad(score, emb, semiring=s, fast_real=False)[0] for s in SEMIRINGS}
+
+    ref_lg, _, _, plain = stats(build_("eager"))
+    for attn in ("eager", "sdpa") if sdpa else ("eager",):
+        lg, emb, score, got = stats(semitriton.patch(build_(attn)))
+        torch.testing.assert_close(lg, ref_lg, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["real"], torch.autograd.grad(score.sum(), emb)[0], rtol=1e-4, atol=1e-6)
+        _, _, _, got = stats(semitriton.patch(build_(attn), norms=False, activations=False))
+        for s in SEMIRINGS:
+            assert_semiring_close(got[s], plain[s], s, 1e-4, f"{kind} patched {attn}/unpatched eager {s}")
