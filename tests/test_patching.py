@@ -1018,6 +1018,16 @@ def test_summary_counts_only_layers_that_rotate_and_calls_that_fuse():
     assert torch.equal(model(ids).logits, ref)
 
 
+def _tiny_family(cfg_name: str, cls_name: str, attn: str, **config):
+    """A 2-layer, hidden-32 random model of a transformers family (seed 0), in eval mode."""
+    import transformers as t
+    torch.manual_seed(0)
+    cfg = getattr(t, cfg_name)(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=64, pad_token_id=0, **config)
+    cfg._attn_implementation = attn
+    return getattr(t, cls_name)(cfg).eval()
+
+
 _NEWER_DECODERS = {      # config class, model class, extra config (sequences of 6 reach past the sliding windows)
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),                     # q_norm/k_norm per head
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "sliding_window": 4}),
@@ -1042,12 +1052,8 @@ def test_newer_decoder_families(kind):
         pytest.skip(f"transformers has no {cls_name}")
 
     def build_(attn):
-        torch.manual_seed(0)
-        cfg = getattr(t, cfg_name)(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                   pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
-        cfg._attn_implementation = attn
-        return getattr(t, cls_name)(cfg).eval()
+        return _tiny_family(cfg_name, cls_name, attn, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                            **extra)
 
     ids = torch.tensor([[0, 0, 5, 7, 9, 11], [3, 5, 7, 9, 11, 13]])
     mask = (ids != 0).long()
@@ -1097,12 +1103,7 @@ def test_newer_encoder_families(kind):
         pytest.skip(f"transformers has no {cls_name}")
 
     def build_(attn):
-        torch.manual_seed(0)
-        cfg = getattr(t, cfg_name)(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
-                                   num_labels=2, **extra)
-        cfg._attn_implementation = attn
-        return getattr(t, cls_name)(cfg).eval()
+        return _tiny_family(cfg_name, cls_name, attn, num_labels=2, **extra)
 
     ids = torch.tensor([[5, 7, 9, 11, 0, 0], [3, 5, 7, 9, 11, 13]])
     mask = (ids != 0).long()

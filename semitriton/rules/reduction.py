@@ -119,15 +119,17 @@ def logsumexp(ctx):
     return _weighted(ctx, lambda x, r, dims: torch.exp(x - r))
 
 
+def _tie_share(hit, dims, dtype):
+    """1/count to each element ``hit`` marks over ``dims`` (ties share, as torch's backward)."""
+    return hit.to(dtype) / hit.sum(dim=dims, keepdim=True).clamp_min(1)
+
+
 @rule("AmaxBackward0", "AminBackward0", "MaxBackward1", "MinBackward1", "MedianBackward0", "NanmedianBackward0")
 def extreme(ctx):
     """amax/amin over dims and the full max/min/median: weight 1/count to
     each element equal to the result (ties share, as torch's backward)."""
-    def w(x, r, dims):
-        hit = (x == r) | (torch.isnan(x) & torch.isnan(r))
-        count = hit.sum(dim=dims, keepdim=True).clamp_min(1)
-        return hit.to(x.dtype) / count
-    return _weighted(ctx, w)
+    return _weighted(ctx, lambda x, r, dims: _tie_share((x == r) | (torch.isnan(x) & torch.isnan(r)), dims,
+                                                        x.dtype))
 
 
 @rule("LinalgVectorNormBackward0", "NormBackward1")
@@ -146,8 +148,7 @@ def vector_norm(ctx):
         if p == 0:
             return torch.zeros_like(x)
         if math.isinf(p):
-            hit = x.abs() == r
-            return torch.sign(x) * hit.to(x.dtype) / hit.sum(dim=dims, keepdim=True).clamp_min(1)
+            return torch.sign(x) * _tie_share(x.abs() == r, dims, x.dtype)
         safe = torch.where(r > 0, r, torch.ones_like(r))
         g = torch.sign(x) * x.abs() ** (p - 1) / safe ** (p - 1)
         return torch.where((r > 0) & (x != 0), g, torch.zeros_like(g))
