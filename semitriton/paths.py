@@ -28,6 +28,7 @@ import heapq
 import itertools
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -451,8 +452,10 @@ def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs
 
     ``semiring="maxabs"``: weights are |Π w|, exact k-best (k ≤ 16).
     ``semiring="max"``: the path with the largest signed product (k = 1).
-    A :class:`PathGraph` built once can be passed as ``graph`` to query
-    several indices without recomputing the pass."""
+    Exactly tied paths come in the order of their start scalars' flat
+    indices, then of the out-edges. A :class:`PathGraph` built once can be
+    passed as ``graph`` to query several indices without recomputing the
+    pass."""
     name = _path_semiring(semiring, "top_paths").name
     if name not in ("maxabs", "max"):
         raise ValueError(f"top_paths supports semiring 'maxabs' (k-best) or 'max' (k=1), not {name!r}")
@@ -534,12 +537,15 @@ def _kbest(pg: PathGraph, k: int, index, prefix: tuple = ()) -> list:
     # top-k by potential can start one of the k best paths
     if index is not None:
         starts = [(_scalar(src_val, index), index)]
+        _warn_if_nan_starts(src_val[index], "top_paths")
     else:
         part = src_val[prefix]
         flat = part.reshape(-1)
-        order = torch.argsort(flat, descending=True)[: 4 * k]
+        _warn_if_nan_starts(flat, "top_paths")
+        # stable: exactly tied starts come in index order
+        order = torch.argsort(flat.nan_to_num(NEG), descending=True, stable=True)[: 4 * k]
         starts = [(float(flat[i]), prefix + _unravel(int(i), tuple(part.shape))) for i in order.tolist()]
-    starts = [(pot, (("start", idx),), idx) for pot, idx in starts if pot != NEG]
+    starts = [(pot, (("start", idx),), idx) for pot, idx in starts if pot > NEG]
     tie = itertools.count()
     heap: list = []
 
@@ -567,6 +573,19 @@ def _kbest(pg: PathGraph, k: int, index, prefix: tuple = ()) -> list:
             continue
         push_extension(g + lw, step[3], step[4], steps, 0)
     return out
+
+
+def _nan_starts(values: Tensor) -> int:
+    """How many start scalars have a NaN path weight."""
+    return int(torch.isnan(values).sum()) if values.is_floating_point() else 0
+
+
+def _warn_if_nan_starts(values: Tensor, fn: str) -> None:
+    n = _nan_starts(values)
+    if n:
+        warnings.warn(f"semitriton: {fn}: {n} start scalar(s) have a NaN path weight (a NaN weight or activation "
+                      "on some path from them, where torch's gradient is NaN too); paths through NaN edges are "
+                      "skipped, so paths from those scalars can be missing", RuntimeWarning, stacklevel=3)
 
 
 def _make_path(pg: PathGraph, steps, semiring: str) -> Path:
@@ -652,6 +671,11 @@ def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Se
         return []
     src_val = pg.value(pg.source)[0].double().cpu()
     pool = src_val[prefix]                                        # where a start is drawn
+    n_nan = _nan_starts(src_val[index] if index is not None else pool)
+    if n_nan:
+        raise ValueError(f"sample_paths: {n_nan} start scalar(s) have a NaN path weight (a NaN weight or "
+                         "activation on some path from them, where torch's gradient is NaN too): the path "
+                         "distribution is undefined; find the NaN in the forward pass or choose index= elsewhere")
     # no path from input[index] (or from any scalar of input / input[prefix]): nothing to draw
     if (float(src_val[index]) if index is not None else float(pool.max())) == float("-inf"):
         return []

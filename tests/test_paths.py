@@ -414,3 +414,30 @@ def test_paths_through_a_group_norm(semiring):
     assert p.weight == pytest.approx(float(best.max()), rel=1e-12)
     assert math.prod(s.weight for s in p.steps) == pytest.approx(p.weight, rel=1e-12)
     assert len(semitriton.sample_paths(out, x, n=3, seed=0)) == 3
+
+
+def test_exactly_tied_starts_come_in_index_order():
+    """Every path weighs exactly 1: the k best start at the first k scalars
+    (the start ranking is a stable sort, as the out-edge ranking is)."""
+    for n in (10, 5000):
+        x = torch.randn(n, dtype=torch.float64, requires_grad=True)
+        out = (x * 1.0).sum()
+        assert [p.source_index for p in semitriton.top_paths(out, x, k=4)] == [(0,), (1,), (2,), (3,)]
+
+
+def test_nan_path_weights_warn_in_top_paths_and_stop_sampling():
+    """A NaN weight on an edge into a dead end makes the start's path weight
+    NaN (as torch's gradient is): top_paths says paths can be missing;
+    sample_paths refuses, naming the NaN, instead of failing inside
+    torch.multinomial."""
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([[1.0, 0.5], [float("nan"), 3.0]], dtype=torch.float64)
+    out = (x @ w)[1]
+    with pytest.warns(RuntimeWarning, match=r"top_paths: 1 start scalar\(s\) have a NaN path weight"):
+        paths = semitriton.top_paths(out, x, k=4)
+    assert [(p.source_index, p.weight) for p in paths] == [((0,), 0.5)]
+    with pytest.warns(RuntimeWarning, match="NaN path weight"):
+        semitriton.top_paths(out, x, index=(1,))
+    with pytest.raises(ValueError, match=r"sample_paths: 1 start scalar\(s\) have a NaN path weight"):
+        semitriton.sample_paths(out, x, n=3, seed=0)
+    assert [p.source_index for p in semitriton.sample_paths(out, x, n=3, index=(0,), seed=0)] == [(0,)] * 3
