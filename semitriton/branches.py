@@ -126,9 +126,17 @@ class BranchAttribution:
     def top_branch(self, layer: int) -> Tensor:
         """Index into ATTN_BRANCHES of the branch the top path takes, [batch, T];
         ``NO_PATH`` (-1) at a position from which no path reaches the output
-        (every branch reads the semiring's zero: 0 for maxabs, -inf for max)."""
-        w = torch.stack([self.attention[layer][b] for b in ATTN_BRANCHES], -1)
+        (every branch reads the semiring's zero: 0 for maxabs, -inf for max).
+        At an exact tie the first branch in ATTN_BRANCHES' order is named."""
+        w = torch.stack([self._layer(layer)[b] for b in ATTN_BRANCHES], -1)
         return torch.where((w == self.no_path_value()).all(-1), NO_PATH, w.argmax(-1))
+
+    def _layer(self, layer) -> dict:
+        """The attention branches of ``layer``; a KeyError that lists the layers there are."""
+        try:
+            return self.attention[layer]
+        except KeyError:
+            raise KeyError(f"no layer {layer!r} in this attribution; its layers are {self.layers}") from None
 
     def no_path_value(self) -> float:
         """The readout of the semiring's zero: what a branch without a path reads."""
@@ -136,7 +144,10 @@ class BranchAttribution:
 
     def top_head(self, layer: int) -> Optional[Tensor]:
         """(branch index, head) of the top path inside the attention, [batch, T, 2];
-        meaningful where ``top_branch`` is query, key or value."""
+        meaningful where ``top_branch`` is query, key or value (at an exact
+        tie, the first branch, then the lowest head). None for a layer without
+        per-head weights."""
+        self._layer(layer)
         if layer not in self.heads:
             return None
         h = torch.stack([self.heads[layer][b] for b in ATTN_BRANCHES[:3]], -2)   # [B, T, 3, H]
@@ -184,7 +195,7 @@ class BranchAttribution:
             {key: m for key, m in zip(keys, groups)})
 
     def table(self, layer: int, batch: int = 0) -> dict:
-        return {b: self.attention[layer][b][batch].tolist() for b in ATTN_BRANCHES}
+        return {b: self._layer(layer)[b][batch].tolist() for b in ATTN_BRANCHES}
 
     def to_dict(self) -> dict:
         def t(x):
@@ -594,7 +605,8 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
     L; costs a pass through the layers below L per branch)."""
     if at not in ("residual", "inputs"):
         raise ValueError(f"at must be 'residual' or 'inputs', not {at!r}")
-    from .paths import PathGraph
+    from .paths import PathGraph, _check_tensors
+    _check_tensors(output, inputs, "branch_attribution")
     if graph is None:
         graph = PathGraph(output, inputs, "maxabs" if semiring is None else semiring, backend=backend)
     else:

@@ -12,7 +12,9 @@ from .semirings import Semiring, Value, get
 
 def token_values(values: Value, semiring: Union[str, Semiring], dim: int = -1) -> Value:
     """⊕ of raw semiring values over ``dim`` (default: the embedding dimension)."""
-    return get(semiring).sum(values, dim)
+    sr = get(semiring)
+    _check_components(values, sr, "token_values")
+    return sr.sum(values, dim)
 
 
 def token_readout(values: Union[Value, Tensor], semiring: Union[str, Semiring], dim: int = -1) -> Tensor:
@@ -32,7 +34,16 @@ def token_readout(values: Union[Value, Tensor], semiring: Union[str, Semiring], 
             return values.amax(dim)
         raise TypeError(f"token_readout for the {sr.name} semiring needs the raw values from "
                         "semitriton.grad_values(...), not readouts")
+    _check_components(values, sr, "token_readout")
     return sr.readout(sr.sum(values, dim))
+
+
+def _check_components(values, sr, who: str) -> None:
+    """Raw values of another semiring (a different number of components) are an error, not a number."""
+    if isinstance(values, (tuple, list)) and len(values) != len(sr.components):
+        raise ValueError(f"{who}: these values have {len(values)} component(s), but the {sr.name} semiring's "
+                         f"have {len(sr.components)} ({', '.join(sr.components)}): pass the values of "
+                         f"semitriton.grad_values(..., semiring={sr.name!r})")
 
 
 def log_readout(values: Value, semiring: Union[str, Semiring]) -> Tensor:
@@ -40,5 +51,6 @@ def log_readout(values: Value, semiring: Union[str, Semiring]) -> Tensor:
     finite where a float32 readout would overflow."""
     sr = get(semiring)
     if hasattr(sr, "log_readout"):
+        _check_components(values, sr, "log_readout")
         return sr.log_readout(values)
     raise TypeError(f"the {sr.name} semiring has no log-space readout")

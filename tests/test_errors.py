@@ -279,3 +279,27 @@ def test_a_compiled_region_is_refused_with_the_way_out():
     out = m(x).sum()
     with pytest.raises(UnsupportedNodeError, match=r"CompiledFunctionBackward.*torch\.compile"):
         semitriton.grad(out, x, semiring="abs")
+
+
+def test_readout_and_attribution_mistakes_are_named():
+    """Raw values of another semiring, a list for branch_attribution's one
+    input tensor, and a layer the attribution does not have: each an error
+    that says what is wrong (not an unpacking error, an AttributeError, a
+    bare KeyError, or a meaningless number)."""
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    y = (x.tanh() * 2).sum()
+    (abs_v,) = semitriton.grad_values(y, x, semiring="abs")
+    (max_v,) = semitriton.grad_values(y, x, semiring="max")
+    with pytest.raises(ValueError, match=r"1 component\(s\), but the entropy semiring's have 2"):
+        semitriton.token_readout(abs_v, "entropy")
+    with pytest.raises(ValueError, match=r"2 component\(s\), but the abs semiring's have 1.*semiring='abs'"):
+        semitriton.token_readout(max_v, "abs")
+    with pytest.raises(ValueError, match=r"token_values: these values have 2 component"):
+        semitriton.token_values(max_v, "maxabs")
+    with pytest.raises(ValueError, match=r"log_readout: these values have 2 component"):
+        semitriton.log_readout(max_v, "abs")
+    with pytest.raises(TypeError, match=r"branch_attribution: input must be one tensor, got list"):
+        semitriton.branch_attribution(y, [x])
+    attr = semitriton.BranchAttribution("maxabs", [0, 1], {0: {}, 1: {}})
+    with pytest.raises(KeyError, match=r"no layer 7 in this attribution; its layers are \[0, 1\]"):
+        attr.top_branch(7)
