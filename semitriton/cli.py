@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -39,6 +40,11 @@ def _fail(msg: str) -> int:
 
 
 # ---- output directory: all or nothing --------------------------------------------------------------
+#: the files sva and explain write (what --overwrite may replace)
+_OUR_FILES = re.compile(r"(summary\.txt|summary\.json|results\.json|analysis\.json|report\.html|"
+                        r"branch_weights\.png|branch_fractions(_\w+)?\.png|accuracy\.png|token_heatmap\.png)")
+
+
 class OutputDir:
     """Writes into a temporary sibling and moves it into place at the end. The
     directory is the one ``path`` resolves to (a symbolic link's target); it
@@ -56,6 +62,12 @@ class OutputDir:
                                  "choose a new directory")
         if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
             raise UsageError(f"output directory {path} is not empty (use --overwrite to replace it)")
+        if self.path.is_dir() and overwrite:
+            foreign = sorted(p.name for p in self.path.iterdir() if not _OUR_FILES.fullmatch(p.name))
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise UsageError(f"--overwrite replaces only an earlier semitriton output directory; {path} "
+                                 f"also holds {shown}: choose another directory")
         existing = self.path.parent             # missing parents are made when the results are written
         while not existing.exists():
             existing = existing.parent
@@ -148,14 +160,30 @@ def _k(k: int, semiring: str) -> int:
     return k
 
 
+def _terminal() -> bool:
+    """Is stderr (where the progress bars go) a terminal?"""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _bar_options(args) -> dict:
+    """tqdm options: none with --quiet; where stderr is a log file, not a
+    terminal, a refresh every 30 s (each refresh is a line there)."""
+    if args.quiet:
+        return {"disable": True}
+    return {} if _terminal() else {"mininterval": 30.0, "ascii": True}
+
+
 def _load(args, log, on_tokenizer=None):
     from .models import ModelLoadError, load
     from .patching import patch, patch_summary
     from tqdm.auto import tqdm
-    with tqdm(total=2, desc="loading model", unit="step", disable=args.quiet) as bar:
+    with tqdm(total=2, desc="loading model", unit="step", **_bar_options(args)) as bar:
         try:
             loaded = load(args.model, log=lambda m: bar.write(m) if not args.quiet else None,
-                          progress=not args.quiet, on_tokenizer=on_tokenizer)
+                          progress=not args.quiet and _terminal(), on_tokenizer=on_tokenizer)
         except ModelLoadError as exc:
             raise UsageError(str(exc)) from None
         bar.update(1)
@@ -200,9 +228,9 @@ def _summary_text(summary: dict, args, model_name: str, seconds: float) -> str:
     for g, rows in summary["branches"].items():
         if not rows:
             continue
-        out.write(f"\nmean top-path weight per branch at the attention input: {g} tokens "
-                  f"({rows[0]['tokens']} tokens)\n")
-        _print_table(rows, ["layer", *ATTN_BRANCHES, "top"], out)
+        out.write(f"\nmean top-path weight per branch at the attention input, and the branch most top "
+                  f"paths take (share of the tokens with a path): {g} tokens ({rows[0]['tokens']} tokens)\n")
+        _print_table(rows, ["layer", *ATTN_BRANCHES, "most_taken", "taken_share"], out, {"taken_share": ".2f"})
     for g, rows in summary.get("heads", {}).items():
         if rows:
             out.write(f"\nattention head the top path takes: {g} tokens whose top path enters the attention "
@@ -214,31 +242,28 @@ def _summary_text(summary: dict, args, model_name: str, seconds: float) -> str:
 
 
 def _plots(out: Path, summary: dict, results) -> dict:
-    from .report import plot_branch_fractions, plot_branch_weights
+    """The sva PNGs; none (with a note) where matplotlib is not installed."""
+    from .report import plots
+    if not plots.available():
+        print(_NO_MATPLOTLIB, file=sys.stderr)
+        return {}
     pngs = {}
-    plot_branch_weights(summary["branches"], out / "branch_weights.png",
-                        title="mean top-path weight by branch (attention input)")
+    plots.plot_branch_weights(summary["branches"], out / "branch_weights.png",
+                              title="mean top-path weight by branch (attention input)")
     pngs["branch_weights"] = out / "branch_weights.png"
     for g, rows in summary["branches"].items():
         if rows:
             f = out / f"branch_fractions_{g}.png"
-            plot_branch_fractions(rows, f, title=f"branch taken by the top path: {g} tokens")
+            plots.plot_branch_fractions(rows, f, title=f"branch taken by the top path: {g} tokens")
             pngs[f"branch_fractions_{g}"] = f
-    import matplotlib.pyplot as plt
     rows = [r for r in summary["accuracy"] if r["condition"] != "all" and r["cell"] != "all"]
     if rows:
-        fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(rows) + 1), 3))
-        ax.bar(range(len(rows)), [r["accuracy"] for r in rows], color="#4c72b0")
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([f"{r['condition']}\n{r['cell']}" for r in rows], fontsize=7)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy")
-        fig.tight_layout()
-        fig.savefig(out / "accuracy.png", dpi=120)
-        plt.close(fig)
+        plots.plot_accuracy(rows, out / "accuracy.png")
         pngs["accuracy"] = out / "accuracy.png"
-    plt.close("all")
     return pngs
+
+
+_NO_MATPLOTLIB = "semitriton: matplotlib is not installed, so no PNG plots were written (pip install 'semitriton[plot]')"
 
 
 def _write_report(out: Path, title: str, summary: dict, results, args, meta: dict, text: str):
@@ -254,7 +279,7 @@ def _write_report(out: Path, title: str, summary: dict, results, args, meta: dic
                                    if k.startswith("branch_fractions"))))
     for g, rows in summary.get("branches", {}).items():
         sections.append((f"{g} tokens: mean top-path weight per branch",
-                         table(rows, ["layer", "tokens", *ATTN_BRANCHES, "top"])))
+                         table(rows, ["layer", "tokens", *ATTN_BRANCHES, "most_taken", "taken_share"])))
     for g, rows in summary.get("heads", {}).items():
         if rows:
             sections.append((f"{g} tokens: attention head the top path takes", table(rows, _HEAD_COLS)))
@@ -301,7 +326,7 @@ def cmd_sva(args) -> int:
                      "verbs as single tokens)")
     items = [(p, p.prefix, p.target, p.foil) for p in pairs]
     try:
-        with tqdm(total=len(items), desc="sentences", unit="sent", disable=args.quiet) as bar:
+        with tqdm(total=len(items), desc="sentences", unit="sent", **_bar_options(args)) as bar:
             results = _noting(log, analyse, loaded, items, _device_holder["device"], batch_size=args.batch_size,
                               k=args.k, heads=args.heads, semiring=semiring, progress=bar.update)
     except ScoringError as exc:
@@ -324,7 +349,8 @@ def cmd_sva(args) -> int:
                       f, allow_nan=False)
         _write_report(tmp, f"subject-verb agreement: {loaded.name}", summary, results, args, meta, text)
     print(text)
-    print(f"wrote {args.out}/: summary.txt, summary.json, results.json, report.html and PNG plots")
+    print(f"wrote {args.out}/: summary.txt, summary.json, results.json, report.html"
+          + (" and PNG plots" if any(p.suffix == ".png" for p in Path(args.out).iterdir()) else ""))
     return 0
 
 
@@ -405,12 +431,15 @@ def cmd_explain(args) -> int:
         (tmp / "summary.txt").write_text(text)
         a.to_json(tmp / "analysis.json")
         (tmp / "report.html").write_text(a.to_html(f"semitriton explain: {args.text}"))
-        if a.branches is not None:
-            from .report import plot_branch_fractions, plot_token_heatmap
-            plot_token_heatmap(a, tmp / "token_heatmap.png")
-            plot_branch_fractions(a.layer_table(), tmp / "branch_fractions.png")
+        from .report import plots
+        drawn = a.branches is not None and plots.available()
+        if drawn:
+            plots.plot_token_heatmap(a, tmp / "token_heatmap.png")
+            plots.plot_branch_fractions(a.layer_table(), tmp / "branch_fractions.png")
+        elif a.branches is not None:
+            print(_NO_MATPLOTLIB, file=sys.stderr)
     print(text)
-    print(f"wrote {args.out}/: summary.txt, analysis.json, report.html and PNG plots")
+    print(f"wrote {args.out}/: summary.txt, analysis.json, report.html" + (" and PNG plots" if drawn else ""))
     return 0
 
 
@@ -442,8 +471,10 @@ def _common(p):
                    "0 or 1 with --semiring max)")
     p.add_argument("--heads", action="store_true", help="also attribute the top path weight per attention "
                    "head (the token table names it, e.g. value/h3; every head's weight is in the JSON)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output directory "
+                   "(one holding files semitriton does not write is refused)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines (where stderr is "
+                   "not a terminal, the bars refresh every 30 s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -458,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default all)")
     s.add_argument("--out", default="semitriton-out", help="output directory (default semitriton-out)")
     s.add_argument("--batch-size", type=int, default=8, help="sentences per semiring pass (default 8)")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed of the minimal pairs")
-    s.add_argument("--examples", type=_non_negative, default=20, help="sentences shown in the HTML report")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed of the minimal pairs (default 0)")
+    s.add_argument("--examples", type=_non_negative, default=20, help="sentences shown in the HTML report (default 20)")
     s.set_defaults(func=cmd_sva)
     e = sub.add_parser("explain", help="the same analysis for one input text")
     _common(e)
@@ -474,9 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()          # a closed pipe shows here, not at the interpreter's exit
+        return rc
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was written")
+    except BrokenPipeError:         # stdout closed early (`| head`): the files are written; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

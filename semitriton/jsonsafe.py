@@ -3,8 +3,9 @@
 A statistic with no path reads -inf (log flow, the signed top path), which
 Python's json writes as ``-Infinity``: not JSON, and a browser's
 ``JSON.parse`` rejects it. Results are written with non-finite numbers as
-``null`` and read back with ``null`` as -inf, the only non-finite value they
-hold.
+``null`` and read back with ``null`` as -inf, the only non-finite value an
+analysis holds (a summary's mean or fraction over no tokens is NaN, also
+written ``null``).
 """
 
 from __future__ import annotations

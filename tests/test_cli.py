@@ -188,8 +188,16 @@ def test_non_empty_out_needs_overwrite(causal_dir, tmp_path, capsys):
     rc = _run(["sva", "--model", causal_dir, "--n", "2", "--out", str(out)])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces an earlier output, never a directory holding other files
+    rc = _run(["sva", "--model", causal_dir, "--n", "2", "--out", str(out), "--overwrite"])
+    assert rc == 2 and "also holds keep.txt" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert _run(["sva", "--model", causal_dir, "--n", "2", "--out", str(out)]) == 0
+    assert _run(["explain", "--model", causal_dir, "--text", "The keys to the cabinet", "--target", " are",
+                 "--foil", " is", "--out", str(out), "--overwrite"]) == 0
+    assert (out / "analysis.json").exists() and not (out / "results.json").exists()
     assert _run(["sva", "--model", causal_dir, "--n", "2", "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "report.html").exists()
 
 
 def test_python_dash_m_entry_point(tmp_path):
@@ -544,3 +552,48 @@ def test_model_path_mistakes_are_named(causal_dir, tmp_path, capsys):
     _one_line_error(capsys, _run(["sva", "--model", str(bare), "--out", str(tmp_path / "o")]),
                     "has no tokenizer (tokenizer.json, tokenizer_config.json, tokenizer.model, ...)")
     assert not (tmp_path / "o").exists()
+
+
+def test_without_matplotlib_everything_but_the_plots_is_written(causal_dir, tmp_path, capsys, monkeypatch):
+    """matplotlib is the optional ``plot`` extra: without it both commands
+    still write their tables, JSON and HTML, and say why there is no PNG."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    out = tmp_path / "ex"
+    rc = _run(["explain", "--model", causal_dir, "--text", "The keys to the cabinet", "--target", " are",
+               "--foil", " is", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert set(os.listdir(out)) == {"summary.txt", "analysis.json", "report.html"}
+    assert "matplotlib is not installed" in captured.err and "PNG" not in captured.out
+    out = tmp_path / "sva"
+    assert _run(["sva", "--model", causal_dir, "--n", "2", "--out", str(out)]) == 0
+    assert {"summary.txt", "summary.json", "results.json", "report.html"} == set(os.listdir(out))
+    assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_a_closed_stdout_ends_quietly_after_the_files_are_written(causal_dir, tmp_path):
+    """``semitriton explain ... | head -1``: no BrokenPipeError traceback
+    (``| true`` closes the pipe before anything is printed)."""
+    out = tmp_path / "ex"
+    cmd = (f"{sys.executable} -m semitriton explain --model {causal_dir} --text 'The keys to the cabinet' "
+           f"--target ' are' --foil ' is' --out {out} --quiet --device cpu | true; echo \"rc=${{PIPESTATUS[0]}}\" >&2")
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert "rc=1" in p.stderr and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+    assert {"summary.txt", "analysis.json", "report.html"} <= set(os.listdir(out))
+
+
+def test_tokens_that_split_a_character_show_the_character(tmp_path):
+    """A byte-level BPE splits "é" into two byte tokens, each of which
+    decodes to U+FFFD on its own: the tables show the character the text
+    has there instead (on each of its tokens)."""
+    from semitriton.models import load
+    from semitriton.sva.run import encode
+    d = tmp_path / "roberta"
+    tok = _byte_level_masked_dir(d)
+    loaded = load(str(d), log=lambda m: None, progress=False)
+    e = encode(loaded, "The keys to the café ünï", " are", " is")
+    assert any("\ufffd" in tok.convert_tokens_to_string([t]) for t in tok.convert_ids_to_tokens(e.ids))
+    assert not any("\ufffd" in t for t in e.tokens)
+    assert e.tokens.count("é") == 2 and e.tokens.count("ü") == 2 and e.tokens[:4] == ["The", " keys", " to", " the"]

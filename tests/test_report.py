@@ -1,12 +1,13 @@
 """Analysis results: tables, JSON round trip, plots and the HTML report."""
 
 import json
+import warnings
 
 import pytest
 import torch
 
 import semitriton
-from semitriton.report import (Analysis, analyze, plot_branch_fractions, plot_branch_weights,
+from semitriton.report import (Analysis, analyze, analyze_batch, plot_branch_fractions, plot_branch_weights,
                                plot_token_heatmap, report_html)
 
 pytest.importorskip("transformers")
@@ -93,8 +94,11 @@ def test_tokens_without_a_path_take_no_branch(semiring, tmp_path):
     assert all(r[f"frac_{b}"] != r[f"frac_{b}"] for r in only_none for b in semitriton.ATTN_BRANCHES)   # NaN
     summary = summarize([PairResult(None, a, True, "logit")])
     for r, lt in zip(summary["branches"]["subject"], a.layer_table(tokens=[1, 4])):
-        assert r["tokens"] == 2 and r["top"] != "-"
+        assert r["tokens"] == 2
         assert sum(r[f"frac_{b}"] for b in semitriton.ATTN_BRANCHES) == pytest.approx(1.0)
+        # the branch most top paths take, with its share (not the branch of the largest mean)
+        share = max(r[f"frac_{b}"] for b in semitriton.ATTN_BRANCHES)
+        assert r["taken_share"] == share and r[f"frac_{r['most_taken']}"] == share
         assert [r[b] for b in semitriton.ATTN_BRANCHES] == pytest.approx([lt[b] for b in semitriton.ATTN_BRANCHES])
     plot_branch_fractions(only_none, tmp_path / "f.png")
     plot_branch_weights({"subject": summary["branches"]["subject"]}, tmp_path / "w.png")
@@ -362,3 +366,67 @@ def test_a_model_without_readable_attention_layers_still_gets_a_report_and_is_to
     with pytest.warns(UserWarning, match="no branch tables: no attention layers"):
         a = analyze(score, emb, k=1)
     assert a.branches is None and len(a.stats["entropy"]) == 3 and a.paths
+
+
+def test_table_cells_keep_tokens_that_look_like_numbers():
+    """Only numbers are rounded: a token such as "007", " 1.50" or "Infinity"
+    is shown as it is (left cells keep their leading spaces), and a cell
+    without a class carries no empty class attribute."""
+    from semitriton.report.html import table
+    page = table([{"token": t, "v": 1234.5678} for t in ("007", " 1.50", "Infinity", "1_000", "<b>")],
+                 left=("token",))
+    for cell in ("<td class=l>007</td>", "<td class=l> 1.50</td>", "<td class=l>Infinity</td>",
+                 "<td class=l>1_000</td>", "<td class=l>&lt;b&gt;</td>", "<td>1.23e+03</td>"):
+        assert cell in page
+    assert "class=>" not in page
+
+
+def test_plots_leave_the_users_matplotlib_state_alone(tmp_path):
+    """The plot functions return figures without going through pyplot: the
+    backend a notebook chose stays, and pyplot's figure list is unchanged."""
+    matplotlib = pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    import matplotlib.pyplot as plt
+    from semitriton.report import plot_branch_fractions
+    before, figs = matplotlib.get_backend(), plt.get_fignums()
+    rows = [{"layer": 0, "frac_query": 0.1, "frac_key": 0.2, "frac_value": 0.3, "frac_skip": 0.4}]
+    try:
+        matplotlib.use("pdf")                   # a backend the user chose (Agg is what the plots used to force)
+        fig = plot_branch_fractions(rows, tmp_path / "f.png")
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+    assert isinstance(fig, Figure) and (tmp_path / "f.png").stat().st_size > 0
+    assert plt.get_fignums() == figs
+
+
+def test_left_padded_rotary_batch_needs_position_ids():
+    """transformers does not derive positions from the mask: a left-padded
+    example of a RoPE model then sits at shifted positions, where the score
+    is the same but the cos/sin edges are not. analyze_batch warns (patched
+    model); with position_ids from the mask the tables equal the example
+    analysed alone."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = semitriton.patch(transformers.LlamaForCausalLM(cfg).eval())
+    seqs = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    ids = torch.tensor([seqs[0], [0, 0] + seqs[1]])
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    e1 = model.get_input_embeddings()(torch.tensor([seqs[1]])).detach().requires_grad_()
+    l1 = model(inputs_embeds=e1).logits
+    alone = analyze(l1[0, -1, 3] - l1[0, -1, 4], e1)
+    for pos in (None, (mask.cumsum(-1) - 1).clamp(min=0)):
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        lg = model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).logits
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            batch = analyze_batch(lg[:, -1, 3] - lg[:, -1, 4], emb, attention_mask=mask)
+        shifted = [str(m.message) for m in w if "rotary position 0" in str(m.message)]
+        assert batch[1].score == pytest.approx(alone.score, rel=1e-5)
+        diff = max(abs(x - y) for k in alone.stats for x, y in zip(batch[1].stats[k], alone.stats[k]))
+        if pos is None:
+            assert shifted and shifted[0].startswith("examples [1] are left-padded") and diff > 1e-3
+        else:
+            assert not shifted and diff < 1e-4

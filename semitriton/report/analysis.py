@@ -320,6 +320,25 @@ def _windows(B: int, T: int, lengths, attention_mask) -> list:
     return out
 
 
+def _rotary_shifted(pg: PathGraph, windows: list, T: int) -> list:
+    """The left-padded examples whose first token is not at rotary position 0
+    (sin ≠ 0 there), read off the first of the patched model's rotary nodes
+    (``semitriton.fused.rope``; an unpatched model's RoPE is not checked)."""
+    padded = [(b, s) for b, (s, _) in enumerate(windows) if s > 0]
+    node = next((n for n in pg.graph.order if type(n).__name__ == "RotaryEmbeddingBackward"), None) \
+        if padded else None
+    if node is None:
+        return []
+    _, sin = node.saved_tensors
+    rows = []
+    for b, s in padded:
+        sb = sin[min(b, sin.shape[0] - 1)] if sin.dim() >= 3 else sin
+        if sb.numel() != T * sin.shape[-1]:        # positions not laid out along the input (a KV cache)
+            return []
+        rows.append(sb.reshape(T, -1)[s].ne(0).any())
+    return [b for (b, _), bad in zip(padded, torch.stack(rows).tolist()) if bad]
+
+
 def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Sequence[str]]] = None,
                   lengths: Optional[Sequence[int]] = None, k: int = 1, heads: bool = False,
                   branches: bool = True, backend: Optional[str] = None,
@@ -333,7 +352,9 @@ def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Seq
     ``attention_mask`` [B, T] (1 on each example's tokens, one run per row)
     for left or right padding. A padding position from which a path reaches
     the output is an error (the padding is on the other side, or the model
-    did not get the mask). ``tokens[b]`` lists the example's tokens (or all
+    did not get the mask). A left-padded rotary (RoPE) model must also get
+    ``position_ids`` that start at each example's first token, or its path
+    weights read shifted positions' cos/sin (warned for patched models). ``tokens[b]`` lists the example's tokens (or all
     T positions'); ``spans`` index into them. ``at``: the branch tables per
     position of each layer's residual stream ("residual"; the layers whose
     stream is not on the input's positions, such as a decoder's, are left
@@ -364,6 +385,13 @@ def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Seq
                 f"example {b}: positions {outside} are left out as padding, but paths from them reach "
                 f"outputs[{b}]" + (" (is the batch left-padded? pass attention_mask=)" if attention_mask is None
                                    else " (was the attention mask passed to the model?)"))
+    shifted = _rotary_shifted(pg, windows, T)
+    if shifted:
+        warnings.warn(f"examples {shifted} are left-padded, but their first token is not at rotary position 0: "
+                      "the score is the same (rotary attention is relative), but the path weights read the "
+                      "cos/sin of the shifted positions, so the tables differ from the example analysed alone; "
+                      "pass position_ids=attention_mask.cumsum(-1) - 1 (clamped at 0) to the model",
+                      RuntimeWarning, stacklevel=2)
     attribution = None
     if branches:
         try:

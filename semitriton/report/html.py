@@ -6,6 +6,7 @@ import base64
 import html
 import json
 import math
+import numbers
 from typing import Optional, Sequence
 
 from ..branches import branch_name
@@ -16,7 +17,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;max-wid
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}h3{font-size:1em}
 table{border-collapse:collapse;font-size:.82em;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}th{background:#f4f4f4}
-td.l,th.l{text-align:left}.tok{display:inline-block;padding:2px 4px;margin:1px;border-radius:3px;
+td.l,th.l{text-align:left}td.l{white-space:pre}.tok{display:inline-block;padding:2px 4px;margin:1px;border-radius:3px;
 font-family:ui-monospace,monospace;white-space:pre;border:1px solid #ccc}
 .sub{outline:2px solid #d62728}.att{outline:2px dashed #9467bd}
 .btn{margin-right:6px;padding:2px 8px;cursor:pointer}.btn.on{background:#333;color:#fff}
@@ -49,10 +50,11 @@ def _e(x) -> str:
 
 
 def _fmt(v) -> str:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
+    """A number to 3 significant digits; anything else (a token such as
+    "007" or " 1.50" included) escaped as it is."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
         return _e(v)
+    v = float(v)
     if v == 0 or not math.isfinite(v):
         return f"{v:g}"
     return f"{v:.3g}"
@@ -62,9 +64,10 @@ def table(rows: Sequence[dict], cols: Optional[Sequence[str]] = None, left: Sequ
     if not rows:
         return "<p class=muted>(empty)</p>"
     cols = list(cols or rows[0].keys())
-    head = "".join(f"<th class={'l' if c in left else ''}>{_e(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td class={'l' if c in left else ''}>{_fmt(r.get(c, ''))}</td>"
-                                    for c in cols) + "</tr>" for r in rows)
+    cls = {c: " class=l" if c in left else "" for c in cols}
+    head = "".join(f"<th{cls[c]}>{_e(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td{cls[c]}>{_fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>"
+                   for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 

@@ -1,8 +1,11 @@
-"""Matplotlib plots (Agg backend; each function returns the figure and saves
-it when given a path)."""
+"""Matplotlib plots. Each function returns a ``matplotlib.figure.Figure``
+(it displays in a notebook) and saves it when given a path. The figures are
+made without pyplot, so the user's backend and pyplot's figure list are
+left as they were."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 from ..branches import ATTN_BRANCHES, branch_name
@@ -10,11 +13,22 @@ from ..branches import ATTN_BRANCHES, branch_name
 _COLORS = {"query": "#1f77b4", "key": "#ff7f0e", "value": "#2ca02c", "skip": "#7f7f7f"}
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    return plt
+def available() -> bool:
+    """Is matplotlib installed (the ``plot`` extra)?"""
+    try:
+        importlib.import_module("matplotlib.figure")
+    except ImportError:
+        return False
+    return True
+
+
+def _figure(figsize):
+    """A figure that pyplot does not track (no backend switch, nothing to close)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError("semitriton's plots need matplotlib: pip install 'semitriton[plot]'") from exc
+    return Figure(figsize=figsize)
 
 
 def _positive(v: float) -> bool:
@@ -37,9 +51,9 @@ def plot_branch_weights(groups: dict, path=None, title: str = "mean top-path wei
     """``groups``: {group name: layer_table rows}. One panel per group; per
     layer the mean top-path weight through each branch (log scale; a layer
     where a branch has no path, or a non-positive signed mean, is a gap)."""
-    plt = _plt()
     names = [g for g, rows in groups.items() if rows]
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.4), squeeze=False)
+    fig = _figure((4.2 * max(1, len(names)), 3.4))
+    axes = fig.subplots(1, max(1, len(names)), squeeze=False)
     for ax, g in zip(axes[0], names):
         rows = groups[g]
         layers = [r["layer"] for r in rows]
@@ -62,8 +76,8 @@ def plot_branch_weights(groups: dict, path=None, title: str = "mean top-path wei
 def plot_branch_fractions(rows: list, path=None, title: str = "branch taken by the top path"):
     """Stacked bars: per layer, the fraction of tokens whose top path takes
     each branch at the attention input (of the tokens with a path)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.25 * len(rows) + 2), 3.2))
+    fig = _figure((max(4.0, 0.25 * len(rows) + 2), 3.2))
+    ax = fig.subplots()
     layers = [r["layer"] for r in rows]
     bottom = [0.0] * len(rows)
     for b in ATTN_BRANCHES:
@@ -88,15 +102,16 @@ def plot_token_heatmap(analysis, path=None, title: Optional[str] = None):
     import math
 
     import numpy as np
-    plt = _plt()
     br = analysis.branches
     if br is None:
         raise ValueError("this analysis has no branch attribution")
     T = len(analysis.tokens)
     data = np.ma.masked_invalid([[math.log10(v) if _positive(v) else math.nan
                                   for v in (float(br.total[L][0, t]) for L in br.layers)] for t in range(T)])
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(br.layers) + 2), max(2.5, 0.3 * T + 1)))
-    cmap = plt.get_cmap("viridis").copy()
+    fig = _figure((max(4.0, 0.35 * len(br.layers) + 2), max(2.5, 0.3 * T + 1)))
+    ax = fig.subplots()
+    import matplotlib
+    cmap = matplotlib.colormaps["viridis"].copy()
     cmap.set_bad("#dddddd")
     im = ax.imshow(data, aspect="auto", cmap=cmap)
     for j, L in enumerate(br.layers):
@@ -111,5 +126,18 @@ def plot_token_heatmap(analysis, path=None, title: Optional[str] = None):
     ax.set_xlabel("layer")
     fig.colorbar(im, ax=ax, label="log10 top-path weight")
     ax.set_title(title or analysis.description or "top-path weight per token and layer", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_accuracy(rows: list, path=None):
+    """Bars: accuracy per (condition, cell) row of a summary's accuracy table."""
+    fig = _figure((max(4, 0.8 * len(rows) + 1), 3))
+    ax = fig.subplots()
+    ax.bar(range(len(rows)), [r["accuracy"] for r in rows], color="#4c72b0")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['condition']}\n{r['cell']}" for r in rows], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
     fig.tight_layout()
     return _save(fig, path)

@@ -124,10 +124,23 @@ def encode(loaded, prefix: str, target: str, foil: str, pair: Optional[MinimalPa
         raise ScoringError(f"the text is {needed} tokens long (with the scored continuation); this model "
                            f"reads at most {limit}")
     offsets = [tuple(o) for o in enc.offset_mapping]
-    tokens = tok.convert_ids_to_tokens(ids)
-    tokens = [tok.convert_tokens_to_string([t]) for t in tokens]
+    tokens = _token_texts(tok, ids, offsets, text if loaded.kind == "masked" else prefix)
     spans = token_spans(pair, offsets) if pair is not None else {}
     return Encoded(ids, tokens, offsets, pos, t_ids, f_ids, method, spans)
+
+
+def _token_texts(tok, ids, offsets, text: str) -> list:
+    """Each token as text. A byte-level token holding part of a multi-byte
+    character decodes to U+FFFD on its own: it shows the characters of the
+    text its offsets cover instead (the split character, on each of its
+    tokens)."""
+    out = []
+    for t, (a, b) in zip(tok.convert_ids_to_tokens(ids), offsets):
+        s = tok.convert_tokens_to_string([t])
+        if "\ufffd" in s and 0 <= a < b <= len(text) and "\ufffd" not in text[a:b]:
+            s = text[a:b]
+        out.append(s)
+    return out
 
 
 def _score_logits(logits, position, t, f):
@@ -240,11 +253,12 @@ def summarize(results: Sequence[PairResult]) -> dict:
     branch and layer for subject / attractor / other tokens (over the tokens
     with a path through the branch, in either semiring: maxabs's 0 and max's
     -inf, which mean "no path", are left out; -inf where no token has one);
-    the fraction of those tokens whose top path takes each branch; with
+    the fraction of those tokens whose top path takes each branch, and the
+    branch most of them take ("most_taken", its "taken_share"); with
     per-head weights, the head those top paths take inside the
     attention (``_head_rows``); mean per-token entropy. Tokens from which no
-    path reaches the score count in "tokens" but in no fraction ("top" is
-    "-" where no token has one)."""
+    path reaches the score count in "tokens" but in no fraction
+    ("most_taken" is "-" where no token has one)."""
     from ..branches import ATTN_BRANCHES, NO_PATH
     acc: dict = {}
     for r in results:
@@ -292,10 +306,13 @@ def summarize(results: Sequence[PairResult]) -> dict:
             row = {"layer": L, "tokens": s["n"]}
             for b in ATTN_BRANCHES:
                 row[b] = s[b] / s[f"n_{b}"] if s[f"n_{b}"] else -math.inf
-            best = max(ATTN_BRANCHES, key=lambda b: row[b])
-            row["top"] = best if s["n_path"] else "-"
             for b in ATTN_BRANCHES:         # of the tokens from which a path reaches the score
                 row[f"frac_{b}"] = s[f"frac_{b}"] / s["n_path"] if s["n_path"] else math.nan
+            # the branch most of these tokens' top paths take (first in ATTN_BRANCHES' order at a tie),
+            # not the largest mean: each mean is over the tokens with a path through its branch
+            most = max(ATTN_BRANCHES, key=lambda b: s[f"frac_{b}"])
+            row["most_taken"] = most if s["n_path"] else "-"
+            row["taken_share"] = row[f"frac_{most}"]
             rows.append(row)
         branches[g] = rows
     ent_rows = [{"group": g, "tokens": len(v), "mean_entropy": sum(v) / len(v) if v else math.nan}
