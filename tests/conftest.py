@@ -65,3 +65,17 @@ def assert_semiring_close(actual, expected, semiring, rtol, what=""):
 @pytest.fixture
 def semiring_close():
     return assert_semiring_close
+
+
+def check_each_operand_alone(name, fn, inputs: dict, used, weights, want: dict, semiring: str, rtol=1e-12):
+    """Walk ``(fn(*operands) * weights).sum()`` with one operand at a time
+    requiring grad: torch then saves only what that operand's edges need
+    (the others may be saved as None), and its statistic must still be the
+    oracle's ``want[name of that operand]`` (from the program where all require grad)."""
+    import semitriton
+    for k, key in enumerate(used):
+        leaves = [inputs[u].detach().clone().requires_grad_(i == k) for i, u in enumerate(used)]
+        out = (fn(*leaves) * weights).sum()
+        (got,) = semitriton.grad(out, leaves[k], semiring=semiring,
+                                 **({"fast_real": False} if semiring == "real" else {}))
+        assert_semiring_close(got, want[key], semiring, rtol, f"{name}/{key} alone/{semiring}")

@@ -165,7 +165,7 @@ def test_cat_of_several_constants():
 
 
 # ---- one-step programs against the oracle, grouped matmuls, mixture-of-experts models ------------
-from conftest import SEMIRINGS, assert_semiring_close, triton_ok  # noqa: E402
+from conftest import SEMIRINGS, assert_semiring_close, check_each_operand_alone, triton_ok  # noqa: E402
 from oracle import Program, Step, oracle  # noqa: E402
 
 _G = torch.Generator().manual_seed(5)
@@ -582,3 +582,55 @@ def test_top_paths_through_the_new_rules():
     two = top_paths(out, x, k=2)
     if two[0].steps[0].index == two[1].steps[0].index:      # joined at index_add's row 0
         assert {two[0].source_index[0], two[1].source_index[0]} == {0, 2}
+
+
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+@pytest.mark.parametrize("name", [n for n in ONE_STEP_OPS if len(ONE_STEP_OPS[n][0]) > 1])
+def test_one_step_ops_with_each_operand_alone_requiring_grad(name, semiring):
+    """torch saves only what the operands that require grad need: each
+    operand alone reads what the oracle gives it when all require grad."""
+    used, fn = ONE_STEP_OPS[name]
+    inputs = {k: _INPUTS[k] for k in used}
+    w = torch.randn(fn(*inputs.values()).shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    want = oracle(Program(name, inputs, [Step("z", fn, used), Step("out", lambda z: (z * w).sum(), ("z",))],
+                          engine=None), semiring)
+    check_each_operand_alone(name, fn, inputs, used, w, want, semiring)
+
+
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_atan2_at_the_origin_follows_torch(semiring):
+    """atan2's edges at (0, 0) are what the running torch's backward gives
+    (0 in torch 2.13: no edge), so the other paths through that element keep
+    their statistic (the rule's x/(x² + y²) as written gave NaN there)."""
+    y = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)
+    x = torch.tensor([0.0, 0.5, 1.5], dtype=torch.float64)
+    steps = [Step("a", torch.atan2, ("y", "x")), Step("b", lambda y: 2.0 * y, ("y",)),
+             Step("out", lambda a, b: (a + b).sum(), ("a", "b"))]
+    want = oracle(Program("atan2_origin", {"y": y, "x": x}, steps, engine=None), semiring)
+    ly, lx = y.clone().requires_grad_(), x.clone().requires_grad_()
+    out = (torch.atan2(ly, lx) + 2.0 * ly).sum()
+    got = semitriton.grad(out, (ly, lx), semiring=semiring, **({"fast_real": False} if semiring == "real" else {}))
+    for k, g in zip(("y", "x"), got):
+        assert_semiring_close(g, want[k], semiring, 1e-12, f"atan2_origin/{k}/{semiring}")
+    if semiring == "real":
+        for g, r in zip(got, torch.autograd.grad(out, (ly, lx))):
+            torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_one_dimensional_values_through_semiring_matmuls(semiring):
+    """cumsum of a 1-D tensor (also inside cumulative_trapezoid) and a
+    patched Linear on a 1-D activation hand a 1-D value to the semiring
+    matmul, whose max and maxabs products took only [..., i, j] values (an
+    unpacking error)."""
+    lin = torch.nn.Linear(4, 3).double().requires_grad_(False)
+    semitriton.patch(lin, linear=True)
+    x = torch.randn(4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for name, fn in (("cumsum", lambda x: x.cumsum(0)), ("linear", lin)):
+        w = torch.randn(fn(x).shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+        want = oracle(Program(name, {"x": x}, [Step("z", fn, ("x",)), Step("out", lambda z: (z * w).sum(), ("z",))],
+                              engine=None), semiring)
+        leaf = x.clone().requires_grad_()
+        (got,) = semitriton.grad((fn(leaf) * w).sum(), leaf, semiring=semiring,
+                                 **({"fast_real": False} if semiring == "real" else {}))
+        assert_semiring_close(got, want["x"], semiring, 1e-12, f"{name}/{semiring}")

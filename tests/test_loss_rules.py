@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import semitriton
-from conftest import SEMIRINGS, assert_semiring_close, node_types, triton_ok
+from conftest import SEMIRINGS, assert_semiring_close, check_each_operand_alone, node_types, triton_ok
 from oracle import Program, Step, oracle
 
 _G = torch.Generator().manual_seed(31)
@@ -390,3 +390,12 @@ def test_top_paths_through_the_new_rules(name):
     (best,) = top_paths(out, leaves[0], k=1)
     (m,) = semitriton.grad(out, leaves[0], semiring="maxabs")
     torch.testing.assert_close(abs(best.product), float(m.max()), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+@pytest.mark.parametrize("name", [n for n in CASES if len(CASES[n][0]) > 1])
+def test_each_operand_alone_requiring_grad(name, semiring):
+    """A cross product with a constant vector (only one operand requires
+    grad, so torch saves only the other) reads what the oracle does."""
+    used, fn = CASES[name][:2]
+    check_each_operand_alone(name, fn, INPUTS, used, _weights(name), _want(name, semiring), semiring)

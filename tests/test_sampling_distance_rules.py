@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import semitriton
-from conftest import SEMIRINGS, assert_semiring_close, node_types, triton_ok
+from conftest import SEMIRINGS, assert_semiring_close, check_each_operand_alone, node_types, triton_ok
 from oracle import Program, Step, oracle
 from test_custom_semiring import PathCount
 
@@ -61,6 +61,7 @@ _C2[0, 2] = _C1[0, 3] + torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)   # 
 _PD = _halves(5, 3)
 _PD[3] = _PD[1]                                          # a zero pairwise distance
 _XB = _randn(27, 2)                                      # over 25 rows: cdist's mm path unless told not to
+_XBB = torch.randn(2, 27, 2, generator=torch.Generator().manual_seed(27), dtype=torch.float64)   # not from _G
 
 INPUTS = {
     "img": _randn(2, 2, 4, 5), "grid": _GRID2, "grid_near": _GRID2.clamp(-1.125, 1.125),
@@ -68,11 +69,12 @@ INPUTS = {
     "vol": _randn(1, 2, 3, 4, 5), "grid3": _GRID3,
     "theta": _randn(2, 2, 3), "theta3": _randn(1, 3, 4),
     "c1": _C1, "c2": _C2, "c2b": _halves(5, 3), "r1": _randn(3, 4), "r2": _randn(2, 4), "pd": _PD,
-    "xb": _XB, "yb": _randn(3, 2),
+    "xb": _XB, "yb": _randn(3, 2), "xbb": _XBB,
     "b1": _randn(4, 3), "b2": _randn(4, 2), "bw": _randn(5, 3, 2), "bb": _randn(5),
     "b1b": _randn(2, 3, 3), "b2b": _randn(2, 3, 2),
     "ta": _randn(3, 4), "tb": _randn(4, 5), "tc": _randn(3, 5), "tv": _randn(3), "tw": _randn(3),
 }
+INPUTS["xbb"][1, 4] = INPUTS["yb"][0]                    # a zero distance (the mm path reads about 1e-15)
 
 
 def _sampler(mode, padding, align):
@@ -107,6 +109,11 @@ CASES.update({
     "cdist_random_p3": (("r1", "r2"), lambda a, b: torch.cdist(a, b, p=3.0)),
     "cdist_random_p0.5": (("r1", "r2"), lambda a, b: torch.cdist(a, b, p=0.5)),
     "cdist_p2_many_rows": (("xb", "yb"), lambda a, b: torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")),
+    # the default compute_mode past 25 rows: torch's _euclidean_dist (matmuls, one EuclideanDistBackward0 node)
+    "cdist_p2_many_rows_mm": (("xb", "yb"), lambda a, b: torch.cdist(a, b), lambda a, b: torch.cdist(
+        a, b, compute_mode="donot_use_mm_for_euclid_dist")),
+    "cdist_p2_many_rows_mm_batched": (("xbb", "yb"), lambda a, b: torch.cdist(a, b), lambda a, b: torch.cdist(
+        a, b, compute_mode="donot_use_mm_for_euclid_dist")),
     "pdist_random_p1.5": (("r1",), lambda a: torch.pdist(a, p=1.5)),
     "bilinear_bias": (("b1", "b2", "bw", "bb"), lambda a, b, w, c: F.bilinear(a, b, w, c)),
     "bilinear_no_bias": (("b1", "b2", "bw"), lambda a, b, w: F.bilinear(a, b, w)),
@@ -121,7 +128,8 @@ CASES.update({
 #: the node each case is about (its output's grad_fn, or the one below a view)
 NODES = {name: ("GridSampler2DBackward0" if name.startswith("grid2d") else "GridSampler3DBackward0")
          for name in CASES if name.startswith("grid")}
-NODES.update({n: "CdistBackward0" for n in CASES if n.startswith("cdist")})
+NODES.update({n: "EuclideanDistBackward0" if n.endswith(("_mm", "_mm_batched")) else "CdistBackward0"
+              for n in CASES if n.startswith("cdist")})
 NODES.update({n: "PdistBackward0" for n in CASES if n.startswith("pdist")})
 NODES.update({n: "TrilinearBackward0" for n in CASES if n.startswith(("trilinear", "bilinear"))})
 NODES.update({"affine_grid": "AffineGridGeneratorBackward0", "affine_grid_3d_align": "AffineGridGeneratorBackward0",
@@ -330,3 +338,12 @@ def test_on_cuda_against_the_oracle(name, semiring, dtype, tol):
                 assert_semiring_close(g.cpu(), want[k], semiring, tol, f"{name}/{k}/{semiring}/{backend}")
     finally:
         torch.backends.cudnn.allow_tf32 = cudnn
+
+
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+@pytest.mark.parametrize("name", [n for n in CASES if len(CASES[n][0]) > 1])
+def test_each_operand_alone_requiring_grad(name, semiring):
+    """A frozen nn.Bilinear fed one constant input (only one operand
+    requires grad, so torch saves only the others) reads what the oracle does."""
+    used, fn = CASES[name][:2]
+    check_each_operand_alone(name, fn, INPUTS, used, _weights(name), _want(name, semiring), semiring)

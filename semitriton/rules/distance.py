@@ -9,8 +9,9 @@ backward forms it: p = 1: sign δ; p < 2: sign δ·|δ|^(p−1) / d^(p−1);
 p = 2: δ / d; p = ∞: sign δ where |δ| = d (every tied coordinate, as
 torch); other p: δ·|δ|^(p−2) / d^(p−1); 0 (no edge) where d = 0, and where
 δ = 0 for p < 1; p = 0 has no edges. x2's edges have weight g(−δ, d) = −g(δ, d).
-pdist is the same over the pairs i < j of one tensor's rows. (cdist with
-p = 2 and more than 25 rows records matmuls instead, walked by their rules.)
+pdist is the same over the pairs i < j of one tensor's rows. cdist with
+p = 2 and more than 25 rows (``compute_mode`` left at its default) records
+EuclideanDistBackward0, the same edges at p = 2.
 """
 
 from __future__ import annotations
@@ -62,8 +63,20 @@ def _pair_value(sr, x: Tensor, y: Tensor, dist: Tensor, v, p: float):
 @rule("CdistBackward0")
 def cdist(ctx):
     """``torch.cdist(x1, x2, p)`` (batch dims broadcast: ⊕ over them)."""
+    return _cdist_values(ctx, float(ctx.saved("p")))
+
+
+@rule("EuclideanDistBackward0")
+def euclidean_dist(ctx):
+    """``torch.cdist(x1, x2)`` at p = 2 with more than 25 rows, which torch
+    computes through matmuls (``_euclidean_dist``: the result clamped at
+    1e-30 before the root) and records as one node: the edges of p = 2,
+    δ / d, 0 where d = 0 (as its backward's masked ratio)."""
+    return _cdist_values(ctx, 2.0)
+
+
+def _cdist_values(ctx, p: float) -> list:
     out = [None, None]
-    p = float(ctx.saved("p"))
     if p == 0 or not any(ctx.needs):
         return out
     x1, x2, d = ctx.saved("x1"), ctx.saved("x2"), ctx.saved("result")
@@ -149,18 +162,18 @@ def linalg_cross(ctx):
     out = [None, None]
     if not any(ctx.needs):
         return out
-    a, b = ctx.saved("self"), ctx.saved("other")
-    shape = torch.broadcast_shapes(a.shape, b.shape)
-    dim = ctx.saved("dim") % len(shape)
-    a, b = a.expand(shape), b.expand(shape)
     sr, v = ctx.sr, ctx.grad()
+    shape = tuple(v[0].shape)             # the broadcast shape
+    dim = ctx.saved("dim") % len(shape)
 
     def ahead(t, k):                      # t_{i+k} at position i
         return t.roll(-k, dim)
 
     v1, v2 = sr.map(v, lambda c: ahead(c, 1)), sr.map(v, lambda c: ahead(c, 2))
-    for i, other, sign in ((0, b, -1.0), (1, a, 1.0)):
+    # torch saves only the operand the other one's edges need (b for a's, a for b's)
+    for i, name, sign in ((0, "other", -1.0), (1, "self", 1.0)):
         if ctx.needs[i]:
+            other = ctx.saved(name).expand(shape)
             val = sr.plus(sr.scale(v1, sign * ahead(other, 2)), sr.scale(v2, -sign * ahead(other, 1)))
             out[i] = sr.sum_to_shape(val, ctx.input_shape(i))
     return out
@@ -219,7 +232,7 @@ def _trilinear_value(sr, v, ops, dims, m: int, sumdim: set, out_dims: list, size
     acc = []
     for s0 in range(0, sizes[cd], step):
         n = min(step, sizes[cd] - s0)
-        part_ops = [t.narrow(ds.index(cd), s0, n) if cd in ds else t for t, ds in zip(ops, dims)]
+        part_ops = [t.narrow(ds.index(cd), s0, n) if t is not None and cd in ds else t for t, ds in zip(ops, dims)]
         part_v = sr.map(v, lambda c: c.narrow(out_dims.index(cd), s0, n)) if cd in out_dims else v
         part = _contract(sr, part_v, part_ops, dims, m, sumdim, out_dims, {**sizes, cd: n})
         if cd in dims[m]:
@@ -239,17 +252,20 @@ def trilinear(ctx):
     y[b, o] = Σ_{k, l} x1[b, k] W[o, k, l] x2[b, l]: edges x1[b, k] -> y[b, o]
     of weight Σ_l W[o, k, l] x2[b, l], W[o, k, l] -> y[b, o] of weight
     x1[b, k] x2[b, l], x2[b, l] -> y[b, o] of weight Σ_k x1[b, k] W[o, k, l]."""
+    # torch saves only the operands some other operand's edges need: an operand
+    # that alone requires grad is not saved, and its shape comes from its input
     ops = [ctx.saved(f"i{t}") for t in (1, 2, 3)]
-    total = ops[0].dim() + len(ctx.saved("expand1"))
+    shapes = [tuple(o.shape) if o is not None else ctx.input_shape(t) for t, o in enumerate(ops)]
+    total = len(shapes[0]) + len(ctx.saved("expand1"))
     expand = [{int(d) % total for d in ctx.saved(f"expand{t}")} for t in (1, 2, 3)]
     sumdim = {int(d) % total for d in ctx.saved("sumdim")}
     dims = [[d for d in range(total) if d not in e] for e in expand]
-    sizes = {d: s for t, ds in zip(ops, dims) for d, s in zip(ds, t.shape)}
+    sizes = {d: s for sh, ds in zip(shapes, dims) for d, s in zip(ds, sh)}
     out_dims = [d for d in range(total) if d not in sumdim]
     v = ctx.grad()
-    if (total > len(_LETTERS) or any(t.shape[i] != sizes[d] for t, ds in zip(ops, dims) for i, d in enumerate(ds))
+    if (total > len(_LETTERS) or any(sh[i] != sizes[d] for sh, ds in zip(shapes, dims) for i, d in enumerate(ds))
             or tuple(v[0].shape) != tuple(sizes.get(d) for d in out_dims)):
-        raise GraphError(f"{ctx.name}: operands {[tuple(o.shape) for o in ops]} with expand dims "
+        raise GraphError(f"{ctx.name}: operands {shapes} with expand dims "
                          f"{[sorted(e) for e in expand]} and output {tuple(v[0].shape)} are not a contraction "
                          f"over dims {sorted(sumdim)} that the rule knows")
     return [_trilinear_value(ctx.sr, v, ops, dims, m, sumdim, out_dims, sizes) if ctx.needs[m] else None

@@ -3,6 +3,7 @@ fan-out, ⊕-summed back to the input's shape)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -509,12 +510,24 @@ def threshold(ctx):
     return [_pull(ctx, 0, (ctx.saved("self") > ctx.saved("threshold")).to(ctx.dtype))]
 
 
+@functools.lru_cache(maxsize=None)
+def _atan2_origin_edge() -> float:
+    """torch's atan2 derivative at (0, 0): NaN where its backward is
+    x/(x² + y²) as written (older torch), 0 where it guards the origin."""
+    with torch.enable_grad():
+        z = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(torch.atan2(z, torch.zeros(1, dtype=torch.float64)), z)
+    return float(g)
+
+
 @rule("Atan2Backward0")
 def atan2(ctx):
     """out = atan2(self, other): self other/(self² + other²), other
-    −self/(self² + other²) (NaN at 0/0, as torch's backward)."""
+    −self/(self² + other²); at (0, 0) what the running torch's backward
+    gives (0: no edge; NaN in older torch)."""
     y, x = ctx.tensor(ctx.saved("self")), ctx.tensor(ctx.saved("other"))
-    recip = (y * y + x * x).reciprocal()
+    r2 = y * y + x * x
+    recip = torch.where(r2 == 0, _atan2_origin_edge(), r2.reciprocal())
     out = [None, None]
     if ctx.needs[0]:
         out[0] = _pull(ctx, 0, x * recip)

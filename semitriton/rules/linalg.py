@@ -14,7 +14,15 @@ def _sr_matmul_left(ctx, v, b):
     w = b.transpose(-1, -2)
     if w.dim() == 2 and v[0].dim() >= 2:
         return live_rows_matmul(ctx.sr, v, w)
-    return ctx.sr.matmul(v, w)
+    return matmul_rows(ctx.sr, v, w)
+
+
+def matmul_rows(sr, v, w):
+    """``sr.matmul(v, w)``, also for a 1-D ``v`` (one row, as torch.matmul
+    reads it): the semirings' products take values of [..., i, j]."""
+    if v[0].dim() == 1:
+        return sr.map(sr.matmul(sr.map(v, lambda c: c.unsqueeze(0)), w), lambda c: c.squeeze(0))
+    return sr.matmul(v, w)
 
 
 #: the row-skipping check costs a device sync; it pays for vocabulary-sized outputs
@@ -28,7 +36,7 @@ def live_rows_matmul(sr, v, w, max_live: float = 0.5):
     ``LIVE_ROWS_MIN_FEATURES`` features: counting live rows synchronises the GPU."""
     lead, J = v[0].shape[:-1], v[0].shape[-1]
     if J < LIVE_ROWS_MIN_FEATURES or v[0].numel() < 2 * J:
-        return sr.matmul(v, w)
+        return matmul_rows(sr, v, w)
     flat = sr.map(v, lambda c: c.reshape(-1, J))
     R = flat[0].shape[0]
     live = ~sr.is_zero(flat).all(-1)
@@ -148,7 +156,7 @@ def linear(ctx):  # y = x @ Wᵀ + b
     v = ctx.grad()
     out = [None] * ctx.n_inputs
     if ctx.needs[0]:
-        out[0] = ctx.sr.matmul(v, ctx.saved("weight", cast=False))
+        out[0] = matmul_rows(ctx.sr, v, ctx.saved("weight", cast=False))
     if ctx.n_inputs > 1 and ctx.needs[1]:
         x = ctx.saved("self", cast=False)
         x2 = x.reshape(-1, x.shape[-1])

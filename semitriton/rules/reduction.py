@@ -13,6 +13,7 @@ import torch
 
 from ..errors import GraphError
 from . import rule, zero_where
+from .linalg import matmul_rows
 
 
 def _dims_list(dim, ndim):
@@ -205,7 +206,7 @@ def cumsum(ctx):
     n = v[0].shape[dim]
     tri = torch.ones(n, n, dtype=v[0].dtype, device=v[0].device).tril()      # tri[i, j] = [i ≥ j]
     moved = ctx.sr.map(v, lambda c: c.movedim(dim, -1))
-    out = ctx.sr.matmul(moved, tri)
+    out = matmul_rows(ctx.sr, moved, tri)
     return [ctx.sr.map(out, lambda c: c.movedim(-1, dim))]
 
 
