@@ -421,6 +421,22 @@ ONE_STEP_OPS.update({
 
 
 # rules that the oracle tests above never reached (an audit counted the rules each test walks)
+def _set_all(h, v):
+    h[:] = v
+    return h
+
+
+# whole-tensor in-place writes on an intermediate: CopyBackwards, ZeroBackward0, FillBackward2/3
+ONE_STEP_OPS.update({
+    "copy_whole": (("x", "t"), lambda x, t: (x * 2.0).copy_(t * 3.0)),
+    "copy_whole_broadcast": (("x", "y"), lambda x, y: (x * 2.0).copy_(y[0] - 1.0)),
+    "copy_into_empty": (("t",), lambda t: torch.empty(3, 5, dtype=t.dtype).copy_(t.tanh())),
+    "setitem_whole_slice": (("x", "t"), lambda x, t: _set_all(x * 2.0, t * 3.0)),
+    "zero_then_add": (("x",), lambda x: (x * 2.0).zero_() + x),
+    "fill_number_then_mul": (("x",), lambda x: (x * 2.0).fill_(0.5) * x),
+    "fill_tensor": (("x", "s"), lambda x, s: (x * 2.0).fill_(s[1] * 1.5) * x),
+})
+
 ONE_STEP_OPS.update({
     "exp": (("x",), lambda x: x.exp()),
     "log": (("p",), lambda p: p.log()),

@@ -77,6 +77,35 @@ def to_copy(ctx):
     return [ctx.sr.map(ctx.grad(), lambda c: c.to(dev))]
 
 
+@rule("CopyBackwards")
+def copy_whole(ctx):
+    """``h.copy_(src)`` (also ``h[:] = src``, ``h[...] = src``): every element
+    of h is overwritten, so h's old value has no edge; src (broadcast to h,
+    any dtype or device) reaches each element it was copied to with weight 1."""
+    out = [None, None]
+    if ctx.needs[1]:
+        dev = ctx.input_device(1)
+        out[1] = ctx.sr.map(ctx.sr.sum_to_shape(ctx.grad(), ctx.input_shape(1)), lambda c: c.to(dev))
+    return out
+
+
+@rule("ZeroBackward0", "FillBackward2")
+def overwritten(ctx):
+    """``h.zero_()``, ``h.fill_(number)``: every element is overwritten by a
+    constant, so h's old value has no edge."""
+    return [None] * ctx.n_inputs
+
+
+@rule("FillBackward3")
+def fill_with_tensor(ctx):
+    """``h.fill_(value)`` with a 0-dim tensor ``value``: h's old value has no
+    edge; ``value`` reaches every element of h with weight 1 (⊕ over them)."""
+    out = [None, None]
+    if ctx.needs[1]:
+        out[1] = ctx.sr.sum_to_shape(ctx.grad(), ctx.input_shape(1))
+    return out
+
+
 def _embed(ctx, shape, index_fn, value=None):
     """A zero value of ``shape`` with ``value`` (default: the output value)
     written at ``index_fn(c)`` (one allocation per component: a language-model
