@@ -203,7 +203,7 @@ def _rms_formula_matches(module, offset: float) -> bool:
 def _patched_rms_forward(self, x):
     cls = self._semitriton_original_class
     impl = functools.partial(cls.forward, self)
-    eps = self._semitriton_eps
+    eps = _rms_eps(self)                # read per call: the user may change it after patching
     if eps is None:
         eps = torch.finfo(x.dtype).eps
     weight = getattr(self, "weight", None)
@@ -618,7 +618,7 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
                                        "its forward cannot be checked on the meta device (patch after loading "
                                        "the weights)")
                 elif offset is not None:
-                    new = _swap(child, "rms_norm", _semitriton_eps=_rms_eps(child), _semitriton_offset=offset)
+                    new = _swap(child, "rms_norm", _semitriton_offset=offset)
                 else:
                     rec.skipped.append(f"{parent_name + '.' if parent_name else ''}{name} ({cls.__name__}): "
                                        "forward differs from γ·x·rsqrt(mean(x²)+eps)")

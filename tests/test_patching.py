@@ -1122,3 +1122,27 @@ def test_newer_encoder_families(kind):
         _, _, _, got = stats(semitriton.patch(build_(attn), norms=False, activations=False))
         for s in SEMIRINGS:
             assert_semiring_close(got[s], plain[s], s, 1e-4, f"{kind} patched {attn}/unpatched eager {s}")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_an_rms_eps_changed_after_patching_is_used_by_the_backward(kind):
+    """The patched norm runs its original forward (which reads the module's
+    eps now) and must also differentiate at that eps: it read the eps of
+    patch time, so gradients and statistics were off after a change."""
+    ref = _model(kind).double()
+    model = semitriton.patch(copy.deepcopy(ref))
+    for m in (ref, model):
+        for mod in m.modules():
+            for attr in ("variance_epsilon", "eps"):
+                if "RMSNorm" in type(mod).__name__ and hasattr(mod, attr):
+                    setattr(mod, attr, 0.5)
+    grads = []
+    for m in (ref, model):
+        emb = m.get_input_embeddings()(IDS).detach().requires_grad_()
+        out = m(inputs_embeds=emb, attention_mask=MASK).logits[:, -1].sum()
+        grads.append(torch.autograd.grad(out, emb, retain_graph=True)[0])
+        if m is model:
+            (walked,) = semitriton.grad(out, emb, fast_real=False)
+    # (the original norms compute in float32 even on float64 inputs, the one-node backward in float64: ~1e-7)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(walked, grads[1], rtol=1e-12, atol=1e-14)
