@@ -49,6 +49,7 @@ from .backend import use as _backend_use
 from .engine import GradientGraph, SubGraph, propagate
 from .errors import SemitritonError
 from .jsonsafe import none_as_neg_inf
+from .modes import outside_inference_mode, walk_mode
 from .rules import RuleContext, rule_for
 from .rules.attention import is_attention_node
 from .semirings import Semiring
@@ -589,6 +590,7 @@ def discover(graph: GradientGraph) -> list:
 
 
 # ---- attribution ------------------------------------------------------------------------------------
+@outside_inference_mode
 def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semiring, None] = None,
                        heads: bool = False, backend: Optional[str] = None,
                        graph=None, at: str = "residual") -> BranchAttribution:
@@ -686,7 +688,7 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
                       f"(e.g. {unfused[0]}) whose attention is not one fused node; semitriton.patch(model) before "
                       "the forward pass fuses it where the model uses transformers' attention interface",
                       stacklevel=2)
-    with torch.no_grad():
+    with walk_mode(graph.output.device):
         for s in sites:
             res.modules[s.index] = s.attention
             R = s.residual

@@ -24,6 +24,7 @@ from torch import Tensor
 from . import backend as _backend
 from .embedded import accumulate, materialize
 from .errors import GraphError, UnsupportedNodeError
+from .modes import recording, walk_mode
 from .rules import RULES, RuleContext, rule_for
 from .rules.shape import VIEW_NODES
 from .rules.shape import view as view_rule
@@ -396,7 +397,7 @@ def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] 
         graph = GradientGraph(output, inputs)
     dtype = compute_dtype(output, inputs)
     results: list[Optional[Value]] = [None] * len(inputs)
-    with _backend.use(backend), _backend.pass_settings(), torch.no_grad(), _device_scope(output):
+    with _backend.use(backend), _backend.pass_settings(), walk_mode(output.device), _device_scope(output):
         def sink_value():
             if seed_weight is None:
                 return sr.one(tuple(output.shape), dtype, output.device)
@@ -455,13 +456,16 @@ def _checked(walk):
     per cached weight per pass)."""
     from . import weight_cache
 
-    if _backend.env("SEMITRITON_CHECK_WEIGHTS", "1") in ("", "0"):
-        return walk()
-    with weight_cache.checking() as hits:
-        captured = walk()
-    if hits and weight_cache.drop_stale(hits):
-        captured = walk()
-    return captured
+    try:
+        if _backend.env("SEMITRITON_CHECK_WEIGHTS", "1") in ("", "0"):
+            return walk()
+        with weight_cache.checking() as hits:
+            captured = walk()
+        if hits and weight_cache.drop_stale(hits):
+            captured = walk()
+        return captured
+    finally:
+        weight_cache.sweep()            # the transforms of weights freed since (a deleted model) go now
 
 
 def _warn_if_nan(output: Tensor) -> None:
@@ -532,7 +536,8 @@ def propagate(seeds: dict, target, semiring: Union[str, Semiring], dtype: torch.
     seeds_in = {n: v for n, v in by_node.items() if n in sub.relevant}
     first = next(iter(seeds.values()), None)
     on = first[0] if isinstance(first, tuple) and first else None
-    with _backend.use(backend), _backend.pass_settings(), torch.no_grad(), _device_scope(on):
+    with _backend.use(backend), _backend.pass_settings(), walk_mode(getattr(on, "device", None)), \
+            _device_scope(on):
         # seed nodes that lie below other seed nodes receive contributions too
         # not checked against .data writes: it splits the values of a pass over the same graph, which
         # was checked, and no user code runs in between
@@ -582,7 +587,8 @@ def _one_output(output, grad_outputs) -> tuple[Tensor, Optional[Tensor]]:
         if not o.requires_grad:
             raise GraphError(f"outputs[{i}] {_NO_GRAPH}")
     dtype = functools.reduce(torch.promote_types, [o.dtype for o in outs])
-    joined = torch.cat([o.reshape(-1).to(dtype) for o in outs])
+    with recording():                   # the join is part of the graph, also inside torch.no_grad()
+        joined = torch.cat([o.reshape(-1).to(dtype) for o in outs])
     if all(g is None for g in gos):
         return joined, None
     return joined, torch.cat([torch.ones(o.numel(), dtype=dtype, device=joined.device) if g is None

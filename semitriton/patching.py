@@ -471,10 +471,23 @@ def _register_attention() -> bool:
     return True
 
 
-#: id(config) -> [config, its settings before the first patch, patched models using it]
-#: (models built from one config object share it: the last unpatch restores it)
+#: id(config) -> [its settings before the first patch as (weak reference, implementation),
+#: patched models using it] (models built from one config object share it: the last unpatch
+#: restores it). Weak, and dropped when the config dies: a patched model deleted without
+#: unpatch leaves nothing behind.
 _attn_configs: dict = {}
-_attn_lock = threading.Lock()
+_attn_lock = threading.RLock()            # re-entered by _forget_config when a GC runs inside
+
+
+def _forget_config(key: int, entry: list) -> None:
+    with _attn_lock:
+        if _attn_configs.get(key) is entry:
+            del _attn_configs[key]
+
+
+def _strong(settings: list) -> list:
+    """(config, implementation) pairs of a registry entry whose configs are alive."""
+    return [(c, prev) for c, prev in ((r(), prev) for r, prev in settings) if c is not None]
 
 
 def _config_tree(cfg) -> list:
@@ -504,10 +517,11 @@ def _select_attention(cfg, settings: Optional[list] = None) -> list:
         if entry is None:
             if settings is None:
                 settings = [(c, c._attn_implementation) for c in _config_tree(cfg)]
-            entry = _attn_configs[id(cfg)] = [cfg, settings, 0]
+            entry = _attn_configs[id(cfg)] = [[(weakref.ref(c), prev) for c, prev in settings], 0]
+            weakref.finalize(cfg, _forget_config, id(cfg), entry)
             cfg._attn_implementation = ATTN_NAME
-        entry[2] += 1
-        return entry[1]
+        entry[1] += 1
+        return _strong(entry[0])
 
 
 def _release_attention(cfg, settings: list) -> None:
@@ -517,11 +531,11 @@ def _release_attention(cfg, settings: list) -> None:
     with _attn_lock:
         entry = _attn_configs.get(id(cfg))
         if entry is not None:
-            entry[2] -= 1
-            if entry[2] > 0:
+            entry[1] -= 1
+            if entry[1] > 0:
                 return
             del _attn_configs[id(cfg)]
-            settings = entry[1]
+            settings = _strong(entry[0])
         now = [c._attn_implementation for c, _ in settings]       # before the setter cascades
         for (c, prev), cur in zip(settings, now):                  # parents first: children win
             c._attn_implementation = prev if cur == ATTN_NAME else cur

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .columns import structural_column
 from .engine import GradientGraph, compute_dtype, run
+from .modes import outside_inference_mode, recording, walk_mode
 from .rules import RuleContext, rule_for
 from .rules.attention import attention_args, is_attention_node
 from .semirings import Real, Semiring, get, is_builtin
@@ -141,6 +142,7 @@ class PathGraph:
     of autograd ``node``; ``("S", node)`` / ``("P", node)`` for the scores and
     probabilities inside attention ``node`` ([B, H, Tq, Tk])."""
 
+    @outside_inference_mode
     def __init__(self, output: Tensor, input: Tensor, semiring: Union[str, Semiring],
                  backend: Optional[str] = None):
         self.sr = _path_semiring(semiring, "PathGraph")
@@ -188,7 +190,7 @@ class PathGraph:
         key = "v" + ref[0]
         if key not in a:
             vo = self.value(("t", ref[1], 0))
-            with torch.no_grad():
+            with walk_mode(vo[0].device):
                 a["vP"] = self.sr.matmul(vo, a["v"].transpose(-1, -2))
                 a["vS"] = self.sr.softmax(a["vP"], a["p"], -1)
         return a[key]
@@ -206,7 +208,7 @@ class PathGraph:
             group = q.shape[-3] // k.shape[-3]
             ke = k.repeat_interleave(group, dim=-3) if group > 1 else k
             ve = v.repeat_interleave(group, dim=-3) if group > 1 else v
-            with torch.no_grad():
+            with walk_mode(q.device):
                 p = attention_probs(q, ke, args.bias, args.causal, args.scale)
             a = self._attn[node] = {"q": q, "k": ke, "v": ve, "p": p, "scale": args.scale,
                                     "group": group, "hk": k.shape[-3]}
@@ -280,7 +282,7 @@ class PathGraph:
         fn = rule_for(node)
         col = []
         live = [(o, g) for o, g in enumerate(gs) if g is not None]
-        with torch.enable_grad():
+        with recording(self.output.device):
             res = fn(ctx)[slot]
             if res is not None and live and res[0].requires_grad:
                 sel = res[0].reshape(-1)[flat]
@@ -442,6 +444,7 @@ def _path_semiring(semiring: Union[str, Semiring], who: str) -> Semiring:
     return sr
 
 
+@outside_inference_mode
 def top_paths(output: Tensor, input: Tensor, k: int = 1, semiring: str = "maxabs",
               index: Optional[Sequence[int]] = None, backend: Optional[str] = None,
               graph: Optional[PathGraph] = None, batch: Optional[int] = None) -> list:
@@ -642,6 +645,7 @@ def _signed_top_path(pg: PathGraph, index, prefix: tuple = ()) -> Optional[Path]
 
 
 # ---- sampling -----------------------------------------------------------------------------------------
+@outside_inference_mode
 def sample_paths(output: Tensor, input: Tensor, n: int = 100, index: Optional[Sequence[int]] = None,
                  seed: Optional[int] = None, backend: Optional[str] = None,
                  graph: Optional[PathGraph] = None, batch: Optional[int] = None) -> list:

@@ -27,13 +27,15 @@ constants): activations are new tensors on every forward pass and are
 transformed on the fly instead. Bounded by entry count and bytes (LRU):
 ``SEMITRITON_WEIGHT_CACHE_ENTRIES`` (default 4096) and
 ``SEMITRITON_WEIGHT_CACHE_MB`` (default 4096). Entries whose weight has been
-freed are swept in amortised O(1) per insertion (a full sweep after as many
-insertions as the cache holds entries), not on every insertion.
+freed are swept after every semiring pass (:func:`sweep`: a deleted model's
+transforms go at the next pass), after every full garbage collection
+(``gc.collect()``) and when the cache fills.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 from collections import OrderedDict
@@ -128,6 +130,32 @@ def drop_stale(hits: dict) -> bool:
             for vkey in gone:               # the next transform prints the weight afresh
                 _prints.pop(vkey, None)
     return bool(stale)
+
+
+def sweep() -> None:
+    """Drop the transforms (and prints) of weights that have been freed: run
+    after every semiring pass, so a deleted model's transforms go at the next
+    pass, not only when the cache fills (:func:`clear` drops everything now)."""
+    if _cache or _prints:
+        with _lock:
+            _sweep_dead()
+
+
+def _after_full_collection(phase: str, info: dict) -> None:
+    """A ``gc.callbacks`` hook: after a full collection (``gc.collect()``, or
+    the interpreter's own generation-2 runs) sweep the dead weights too. It
+    skips a sweep when a thread holds the lock (the collection may run
+    inside a cache operation)."""
+    if phase != "stop" or info.get("generation") != 2 or not (_cache or _prints):
+        return
+    if _lock.acquire(blocking=False):
+        try:
+            _sweep_dead()
+        finally:
+            _lock.release()
+
+
+gc.callbacks.append(_after_full_collection)
 
 
 def _limits():

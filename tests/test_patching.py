@@ -1146,3 +1146,26 @@ def test_an_rms_eps_changed_after_patching_is_used_by_the_backward(kind):
     # (the original norms compute in float32 even on float64 inputs, the one-node backward in float64: ~1e-7)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(walked, grads[1], rtol=1e-12, atol=1e-14)
+
+
+def test_a_patched_model_deleted_without_unpatch_leaves_no_config_behind():
+    """The attention registry held each patched model's config strongly
+    (keyed by id), so configs of models deleted without unpatch lived on."""
+    import weakref
+    from semitriton import patching
+    before = len(patching._attn_configs)
+    refs = []
+    for _ in range(3):
+        model = semitriton.patch(_model("llama"))
+        refs.append(weakref.ref(model.config))
+        del model
+    gc.collect()
+    assert all(r() is None for r in refs) and len(patching._attn_configs) == before
+    shared = _model("llama")                       # two models on one config: the last unpatch restores it
+    other = type(shared)(shared.config)
+    semitriton.patch(shared)
+    semitriton.patch(other)
+    semitriton.unpatch(shared)
+    assert shared.config._attn_implementation == patching.ATTN_NAME
+    semitriton.unpatch(other)
+    assert shared.config._attn_implementation == "sdpa"

@@ -208,3 +208,31 @@ def test_the_check_can_be_switched_off(monkeypatch):
     (fresh,) = semitriton.grad(lin(x).sum(), x, semiring="abs")
     assert (stale[:, 0] > 0).all() and (fresh[:, 0] == 0).all()
     weight_cache.clear()
+
+
+def test_a_deleted_models_transforms_go_at_the_next_pass_or_collection():
+    """The transforms of a deleted model's weights were kept until the cache
+    filled (178 MiB for a 52 MiB model): now the next semiring pass, or the
+    next full garbage collection, drops them."""
+    import gc
+
+    import semitriton
+    weight_cache.clear()
+    for release in ("collection", "pass"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        x = torch.randn(3, 8, requires_grad=True)
+        for sr in ("abs", "maxabs", "entropy"):
+            semitriton.grad(model(x).sum(), x, semiring=sr)
+        assert weight_cache.stats()["entries"] > 0
+        del model
+        if release == "collection":
+            gc.collect()
+        else:
+            gc.disable()                   # no full collection runs in between: the pass sweeps
+            try:
+                y = torch.randn(3, 8, requires_grad=True)
+                semitriton.grad((y * 2).sum(), y, semiring="abs")
+            finally:
+                gc.enable()
+        assert weight_cache.stats() == {"entries": 0, "bytes": 0}, release
+        assert not weight_cache._prints

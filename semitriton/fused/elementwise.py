@@ -8,11 +8,12 @@ from typing import Callable, Optional
 
 import torch
 
+from ..modes import recording
 from ._saved import pad, saved_tensors
 
 
 def _derivative(fn: Callable, x: torch.Tensor) -> torch.Tensor:
-    with torch.enable_grad():
+    with recording():
         xx = x.detach().requires_grad_()
         (d,) = torch.autograd.grad(fn(xx).sum(), xx)
     return d
@@ -34,7 +35,7 @@ class CanonicalElementwise(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
-        with torch.enable_grad():
+        with recording():
             xx = x.detach().requires_grad_()
             (g,) = torch.autograd.grad(ctx.fn(xx), xx, grad_out)
         return g, None, None

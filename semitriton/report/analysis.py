@@ -15,6 +15,7 @@ from ..branches import ATTN_BRANCHES, NO_PATH, BranchAttribution, branch_attribu
 from ..engine import grad_values
 from ..errors import SemitritonError
 from ..jsonsafe import json_safe, none_as_neg_inf
+from ..modes import outside_inference_mode, recording
 from ..paths import Path, PathGraph, top_paths
 from ..readouts import token_readout
 
@@ -252,6 +253,7 @@ def _check_semiring_k(semiring, k: int) -> None:
                          "(k=0 or 1); use semiring='maxabs' for the k best |path products|")
 
 
+@outside_inference_mode
 def analyze(output: Tensor, embeds: Tensor, tokens: Optional[Sequence[str]] = None, k: Optional[int] = None,
             heads: bool = False, branches: bool = True, backend: Optional[str] = None,
             description: str = "", spans: Optional[dict] = None, meta: Optional[dict] = None,
@@ -267,7 +269,9 @@ def analyze(output: Tensor, embeds: Tensor, tokens: Optional[Sequence[str]] = No
         raise ValueError("analyze() reads one scalar output; pass e.g. logits[0, -1, a] - logits[0, -1, b]")
     if embeds.dim() != 3 or embeds.shape[0] != 1:
         raise ValueError(f"embeds must be [1, T, D], got {tuple(embeds.shape)}")
-    return analyze_batch(output.reshape(1), embeds, [tokens] if tokens is not None else None, k=k,
+    with recording():                   # the view is part of the graph, also inside torch.no_grad()
+        output = output.reshape(1)
+    return analyze_batch(output, embeds, [tokens] if tokens is not None else None, k=k,
                          heads=heads, branches=branches, backend=backend, descriptions=[description],
                          spans=[spans or {}], metas=[meta or {}], semiring=semiring, at=at)[0]
 
@@ -339,6 +343,7 @@ def _rotary_shifted(pg: PathGraph, windows: list, T: int) -> list:
     return [b for (b, _), bad in zip(padded, torch.stack(rows).tolist()) if bad]
 
 
+@outside_inference_mode
 def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Sequence[str]]] = None,
                   lengths: Optional[Sequence[int]] = None, k: int = 1, heads: bool = False,
                   branches: bool = True, backend: Optional[str] = None,

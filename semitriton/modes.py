@@ -1,0 +1,70 @@
+"""The grad and autocast modes semitriton's own computations run in,
+whatever block the user calls it from.
+
+- :func:`walk_mode`: a semiring pass (or a readout's arithmetic) records no
+  autograd graph, runs outside inference mode (a graph recorded outside
+  ``torch.inference_mode()`` can be walked inside one) and with autocast off
+  (the pass computes in its own compute dtype, not the block's bf16).
+- :func:`recording`: the few places that differentiate on purpose (an
+  edge column read through autograd, an activation's derivative) record a
+  graph even inside ``torch.no_grad()`` or ``torch.inference_mode()``.
+- :func:`outside_inference_mode`: the readouts (paths, branches, reports)
+  make no inference tensors, which autograd could not record later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+
+def _autocast_off(device_type: str):
+    try:
+        available = torch.amp.is_autocast_available(device_type)
+    except Exception:                # an older torch, or a device type it does not know
+        available = device_type in ("cpu", "cuda")
+    return torch.autocast(device_type, enabled=False) if available else contextlib.nullcontext()
+
+
+def _types(devices) -> list:
+    return sorted({"cpu"} | {d if isinstance(d, str) else d.type for d in devices if d is not None})
+
+
+@contextlib.contextmanager
+def walk_mode(*devices):
+    """No autograd recording, no inference mode, autocast off on the CPU and
+    on each given device (a ``torch.device``, a device type string, or None)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.no_grad())
+        for t in _types(devices):
+            stack.enter_context(_autocast_off(t))
+        yield
+
+
+@contextlib.contextmanager
+def recording(*devices):
+    """Autograd records, also inside ``torch.no_grad()`` or
+    ``torch.inference_mode()``; with ``devices``, autocast is off as in
+    :func:`walk_mode` (without, it is left as it is)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        for t in (_types(devices) if devices else ()):
+            stack.enter_context(_autocast_off(t))
+        yield
+
+
+def outside_inference_mode(fn):
+    """Decorate a readout: it runs with inference mode off, so the tensors
+    it makes (and caches) are ordinary ones that autograd may record, also
+    when it is called inside ``torch.inference_mode()``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapper
