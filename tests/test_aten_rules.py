@@ -426,6 +426,34 @@ def _set_all(h, v):
     return h
 
 
+def _rrelu_train(x):
+    with torch.random.fork_rng():              # the same drawn slopes in the walk and the oracle
+        torch.manual_seed(5)
+        return F.rrelu(x, 0.1, 0.4, training=True)
+
+
+# gamma/Bessel/normal special functions, ldexp, rrelu
+ONE_STEP_OPS.update({
+    "digamma": (("p",), torch.digamma),
+    "lgamma": (("p",), torch.lgamma),
+    "polygamma": (("p",), lambda p: torch.polygamma(2, p)),
+    "mvlgamma": (("p",), lambda p: torch.mvlgamma(p + 1.5, 3)),
+    "i0": (("x",), torch.i0),
+    "i0e": (("x",), torch.special.i0e),
+    "i1": (("xz",), torch.special.i1),
+    "i1e": (("xz",), torch.special.i1e),
+    "erfcx": (("x",), torch.special.erfcx),
+    "ndtri": (("s01",), torch.special.ndtri),
+    "log_ndtr": (("x",), torch.special.log_ndtr),
+    "entr": (("p",), torch.special.entr),
+    "ldexp": (("x",), lambda x: torch.ldexp(x, torch.tensor([[1], [-2], [3]]))),
+    "rrelu_eval": (("x",), lambda x: F.rrelu(x, 0.1, 0.4, training=False)),
+    "rrelu_train": (("x",), _rrelu_train),
+    "aminmax_dim": (("x",), lambda x: (lambda r: torch.stack([r.min, r.max * 2.0]))(torch.aminmax(x, dim=1))),
+    "aminmax_keepdim_ties": (("k",), lambda k: (lambda r: r.min - r.max)(torch.aminmax(k, dim=0, keepdim=True))),
+    "aminmax_all_max_only": (("x",), lambda x: torch.aminmax(x).max * 3.0),
+})
+
 # whole-tensor in-place writes on an intermediate: CopyBackwards, ZeroBackward0, FillBackward2/3
 ONE_STEP_OPS.update({
     "copy_whole": (("x", "t"), lambda x, t: (x * 2.0).copy_(t * 3.0)),
@@ -650,3 +678,19 @@ def test_one_dimensional_values_through_semiring_matmuls(semiring):
         (got,) = semitriton.grad((fn(leaf) * w).sum(), leaf, semiring=semiring,
                                  **({"fast_real": False} if semiring == "real" else {}))
         assert_semiring_close(got, want["x"], semiring, 1e-12, f"{name}/{semiring}")
+
+
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_aminmax_element_that_is_both_min_and_max(semiring):
+    """One element per row: it is the min and the max, two paths (through
+    each output of the one node), ⊕-ed."""
+    x = _INPUTS["x"][:, :1]
+    steps = [Step("lo", lambda x: torch.aminmax(x, dim=1).min, ("x",)),
+             Step("hi", lambda x: torch.aminmax(x, dim=1).max, ("x",)),
+             Step("out", lambda lo, hi: (lo * 1.5 + hi * -0.5).sum(), ("lo", "hi"))]
+    want = oracle(Program("aminmax_both", {"x": x}, steps, engine=None), semiring)
+    leaf = x.clone().requires_grad_()
+    r = torch.aminmax(leaf, dim=1)
+    (got,) = semitriton.grad((r.min * 1.5 + r.max * -0.5).sum(), leaf, semiring=semiring,
+                             **({"fast_real": False} if semiring == "real" else {}))
+    assert_semiring_close(got, want["x"], semiring, 1e-12, f"aminmax_both/{semiring}")

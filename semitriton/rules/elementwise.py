@@ -9,6 +9,7 @@ import math
 import torch
 
 from ..errors import GraphError
+from ..modes import recording
 from . import RuleContext, rule, zero_where
 
 
@@ -224,6 +225,43 @@ _unary("HardswishBackward0", lambda c: torch.ops.aten.hardswish_backward(torch.o
                                                                          c.saved("self")))
 _unary("MishBackward0", lambda c: (lambda x: (lambda t: t + x * _sig(x) * (1 - t * t))(
        torch.tanh(torch.nn.functional.softplus(x))))(c.saved("self")))
+
+
+# gamma and Bessel functions, the normal distribution's special functions (torch's formulas)
+_unary("DigammaBackward0", lambda c: torch.polygamma(1, c.saved("self")))
+_unary("LgammaBackward0", lambda c: torch.digamma(c.saved("self")))
+_unary("PolygammaBackward0", lambda c: torch.polygamma(int(c.saved("n")) + 1, c.saved("self")))
+_unary("MvlgammaBackward0", lambda c: sum(torch.digamma(c.saved("self") - j / 2) for j in range(int(c.saved("p")))))
+_unary("I0Backward0", lambda c: torch.special.i1(c.saved("self")))
+_unary("SpecialI0EBackward0", lambda c: torch.special.i1e(c.saved("self"))
+       - torch.sign(c.saved("self")) * c.saved("result"))
+_unary("SpecialI1Backward0", lambda c: torch.where(c.saved("self") == 0, 0.5, torch.special.i0(c.saved("self"))
+                                                   - c.saved("result") / c.saved("self")))
+_unary("SpecialI1EBackward0", lambda c: torch.where(
+    c.saved("self") == 0, 0.5,
+    torch.special.i0e(c.saved("self")) - c.saved("result") * (torch.sign(c.saved("self")) + 1 / c.saved("self"))))
+_unary("SpecialErfcxBackward0", lambda c: 2 * c.saved("self") * c.saved("result") - 2 / math.sqrt(math.pi))
+_unary("SpecialNdtriBackward0", lambda c: math.sqrt(2 * math.pi) * torch.exp(c.saved("result") ** 2 / 2))
+_unary("SpecialLogNdtrBackward0", lambda c: torch.exp(-(c.saved("result") + c.saved("self") ** 2 / 2))
+       / math.sqrt(2 * math.pi))
+_unary("SpecialEntrBackward0", lambda c: -(1 + torch.log(c.saved("self"))))
+def _ldexp_edge(c):
+    """ldexp(x, e) = x·2^e (e an integer tensor, no edge): the edge as the
+    running torch's backward gives it (torch 2.13 forms 2^e in integers, so
+    a negative exponent's edge is 0)."""
+    e = c.saved("other", cast=False)
+    with recording():
+        ones = torch.ones(torch.broadcast_shapes(e.shape, c.saved("result").shape), dtype=c.dtype,
+                          device=e.device, requires_grad=True)
+        (d,) = torch.autograd.grad(torch.ldexp(ones, e).sum(), ones)
+    return d
+
+
+_unary("LdexpBackward0", _ldexp_edge)
+# rrelu: the drawn slopes in training (1 where x > 0), (lower + upper)/2 below 0 in eval (torch's backward)
+_unary("RreluWithNoiseBackward0", lambda c: torch.ops.aten.rrelu_with_noise_backward(
+    torch.ones_like(c.saved("self")), c.saved("self"), c.saved("noise"), c.saved("lower"), c.saved("upper"),
+    bool(c.saved("training")), False))
 
 
 # inverse trigonometric/hyperbolic functions, sinc, logit and friends (torch's formulas)

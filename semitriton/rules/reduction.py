@@ -133,6 +133,31 @@ def extreme(ctx):
                                                         x.dtype))
 
 
+@rule("AminmaxBackward0")
+def aminmax(ctx):
+    """torch.aminmax: the min output's edges go to the elements equal to the
+    min, the max output's to those equal to the max, 1/count each (ties
+    share, as torch's backward); ⊕ of the two where an element is both."""
+    if not ctx.needs[0]:
+        return [None]
+    x = ctx.saved("self")
+    shape = tuple(x.shape)
+    dim = ctx.saved("dim")
+    keepdim = bool(ctx.saved("keepdim"))
+    dims = _dims_list(dim, len(shape))
+    if dim is None:                                     # a full reduction to 0-dim results
+        dims, keepdim = list(range(len(shape))), False
+    out = None
+    for i, name in enumerate(("min", "max")):
+        if ctx.grads[i] is None:
+            continue
+        r = _restore(ctx.saved(name), shape, dims, keepdim)
+        hit = (x == r) | (torch.isnan(x) & torch.isnan(r))
+        part = ctx.sr.scale(_expand_back(ctx, shape, dims, keepdim, i), _tie_share(hit, dims, x.dtype))
+        out = part if out is None else ctx.sr.plus(out, part)
+    return [out]
+
+
 @rule("LinalgVectorNormBackward0", "NormBackward1")
 def vector_norm(ctx):
     """y = (Σ|x|^p)^(1/p), finite p > 0: weight sign(x)|x|^(p−1) / y^(p−1)
