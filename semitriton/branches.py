@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .backend import use as _backend_use
 from .engine import GradientGraph, SubGraph, propagate
-from .errors import SemitritonError
+from .errors import SemitritonError, user_stacklevel
 from .jsonsafe import none_as_neg_inf
 from .modes import outside_inference_mode, walk_mode
 from .rules import RuleContext, rule_for
@@ -687,7 +687,7 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
         warnings.warn(f"branch_attribution(heads=True): no per-head weights for {len(unfused)} attention layer(s) "
                       f"(e.g. {unfused[0]}) whose attention is not one fused node; semitriton.patch(model) before "
                       "the forward pass fuses it where the model uses transformers' attention interface",
-                      stacklevel=2)
+                      stacklevel=user_stacklevel())
     with walk_mode(graph.output.device):
         for s in sites:
             res.modules[s.index] = s.attention

@@ -241,11 +241,12 @@ def _summary_text(summary: dict, args, model_name: str, seconds: float) -> str:
     return out.getvalue()
 
 
-def _plots(out: Path, summary: dict, results) -> dict:
-    """The sva PNGs; none (with a note) where matplotlib is not installed."""
+def _plots(out: Path, summary: dict, results, quiet: bool = False) -> dict:
+    """The sva PNGs; none (with a note unless ``quiet``) where matplotlib is not installed."""
     from .report import plots
     if not plots.available():
-        print(_NO_MATPLOTLIB, file=sys.stderr)
+        if not quiet:
+            print(_NO_MATPLOTLIB, file=sys.stderr)
         return {}
     pngs = {}
     plots.plot_branch_weights(summary["branches"], out / "branch_weights.png",
@@ -269,7 +270,7 @@ _NO_MATPLOTLIB = "semitriton: matplotlib is not installed, so no PNG plots were 
 def _write_report(out: Path, title: str, summary: dict, results, args, meta: dict, text: str):
     from .report.html import image_tag, report_html, table
     from .branches import ATTN_BRANCHES
-    pngs = _plots(out, summary, results) if summary.get("accuracy") is not None else {}
+    pngs = _plots(out, summary, results, args.quiet) if summary.get("accuracy") is not None else {}
     sections = [("summary", f"<pre>{html.escape(text)}</pre>")]
     if "accuracy" in pngs:
         sections.append(("accuracy", image_tag(pngs["accuracy"].read_bytes(), "accuracy")))
@@ -436,7 +437,7 @@ def cmd_explain(args) -> int:
         if drawn:
             plots.plot_token_heatmap(a, tmp / "token_heatmap.png")
             plots.plot_branch_fractions(a.layer_table(), tmp / "branch_fractions.png")
-        elif a.branches is not None:
+        elif a.branches is not None and not args.quiet:
             print(_NO_MATPLOTLIB, file=sys.stderr)
     print(text)
     print(f"wrote {args.out}/: summary.txt, analysis.json, report.html" + (" and PNG plots" if drawn else ""))
@@ -510,8 +511,11 @@ def main(argv=None) -> int:
         return rc
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was written")
-    except BrokenPipeError:         # stdout closed early (`| head`): the files are written; stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:         # a closed pipe (`| head`): stop quietly, exit 1
+        try:                        # and keep the interpreter's last flush from raising again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
         return 1
 
 

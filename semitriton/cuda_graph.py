@@ -59,6 +59,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
+from .errors import user_stacklevel
+
 #: mismatches (or invalidated replays) in a row after which a signature is left to the eager walk
 MAX_MISSES = 3
 
@@ -847,7 +849,7 @@ def _walk_cached(graph, make_seeds: Callable[[], dict], sr, dtype, walk_fn, back
             entry.disabled = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             STATS.failures.append(entry.disabled)
             warnings.warn(f"semitriton: this pass is not replayed from a CUDA graph ({entry.disabled}); "
-                          "it runs eagerly", RuntimeWarning, stacklevel=4)
+                          "it runs eagerly", RuntimeWarning, stacklevel=user_stacklevel())
             if not EMULATE:
                 torch.cuda.synchronize()
             return walk_fn(graph, make_seeds(), sr, dtype)

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from . import backend as _backend
 from .embedded import accumulate, materialize
-from .errors import GraphError, UnsupportedNodeError
-from .modes import recording, walk_mode
+from .errors import GraphError, UnsupportedNodeError, user_stacklevel
+from .modes import outside_inference_mode, recording, walk_mode
 from .rules import RULES, RuleContext, rule_for
 from .rules.shape import VIEW_NODES
 from .rules.shape import view as view_rule
@@ -443,7 +443,7 @@ def _warn_if_underflow(sr: Semiring, results, dtype: torch.dtype) -> None:
     if n:
         warnings.warn(f"semitriton: {n} max-semiring readout(s) underflowed {dtype} and read 0: their top path's "
                       "product is smaller than the dtype's range; semiring='maxabs' keeps the magnitude in log "
-                      "space (or run the model in float64)", RuntimeWarning, stacklevel=4)
+                      "space (or run the model in float64)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _checked(walk):
@@ -479,7 +479,7 @@ def _warn_if_nan(output: Tensor) -> None:
     if n:
         warnings.warn(f"semitriton: the output holds {n} NaN value(s) of {output.numel()}: statistics of paths "
                       "through them are not meaningful (the forward pass is broken there)",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=user_stacklevel())
 
 
 class SubGraph:
@@ -607,6 +607,7 @@ def _checked_weight(g, output: Tensor, what: str) -> Tensor:
     return g.detach()
 
 
+@outside_inference_mode
 def grad_values(output: Union[Tensor, Sequence[Tensor]], inputs: TensorOrTensors,
                 semiring: Union[str, Semiring] = "real", backend: Optional[str] = None, progress: bool = False,
                 cuda_graph: bool = False, *, grad_outputs: Optional[TensorOrTensors] = None,
@@ -659,6 +660,7 @@ def _native_real(output: Tensor, inputs: tuple, weight: Optional[Tensor] = None,
     return grads
 
 
+@outside_inference_mode
 def grad(output: Union[Tensor, Sequence[Tensor]], inputs: TensorOrTensors, semiring: Union[str, Semiring] = "real",
          backend: Optional[str] = None, progress: bool = False,
          log_space: bool = False, fast_real: bool = True, cuda_graph: bool = False, *,

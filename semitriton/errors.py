@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 class SemitritonError(RuntimeError):
     """Base class of semitriton's errors."""
@@ -17,3 +20,16 @@ class GraphError(SemitritonError):
 
 class GraphFreedError(GraphError):
     """The graph's saved tensors were freed by an earlier backward."""
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` call that points the warning
+    at the user's line: the first frame outside semitriton, however many of
+    its own frames (decorators included) lie between."""
+    frame, level = sys._getframe(1), 1          # the frame that warns is stacklevel 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -51,6 +51,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .errors import user_stacklevel
 from .fused import CanonicalElementwise, CanonicalLinear, CanonicalRMSNorm, apply_rotary, fused_attention
 from .fused.rope import CONVENTIONS as ROPE_CONVENTIONS
 from .tracking import track, untrack
@@ -472,7 +473,7 @@ def _register_attention() -> bool:
 
 
 #: id(config) -> [its settings before the first patch as (weak reference, implementation),
-#: patched models using it] (models built from one config object share it: the last unpatch
+#: patched models using it, the finalizer that drops the entry] (models built from one config object share it: the last unpatch
 #: restores it). Weak, and dropped when the config dies: a patched model deleted without
 #: unpatch leaves nothing behind.
 _attn_configs: dict = {}
@@ -517,8 +518,8 @@ def _select_attention(cfg, settings: Optional[list] = None) -> list:
         if entry is None:
             if settings is None:
                 settings = [(c, c._attn_implementation) for c in _config_tree(cfg)]
-            entry = _attn_configs[id(cfg)] = [[(weakref.ref(c), prev) for c, prev in settings], 0]
-            weakref.finalize(cfg, _forget_config, id(cfg), entry)
+            entry = _attn_configs[id(cfg)] = [[(weakref.ref(c), prev) for c, prev in settings], 0, None]
+            entry[2] = weakref.finalize(cfg, _forget_config, id(cfg), entry)
             cfg._attn_implementation = ATTN_NAME
         entry[1] += 1
         return _strong(entry[0])
@@ -535,6 +536,7 @@ def _release_attention(cfg, settings: list) -> None:
             if entry[1] > 0:
                 return
             del _attn_configs[id(cfg)]
+            entry[2].detach()                                          # the config lives on: no finalizer left
             settings = _strong(entry[0])
         now = [c._attn_implementation for c, _ in settings]       # before the setter cascades
         for (c, prev), cur in zip(settings, now):                  # parents first: children win
@@ -661,7 +663,7 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
         msg = (f"the model itself is a {type(model).__name__}, which patch() cannot replace (it swaps "
                "submodules in place): patch a module that contains it, e.g. nn.Sequential(module)")
         rec.skipped.append(msg)
-        warnings.warn(f"semitriton.patch: {msg}", stacklevel=2)
+        warnings.warn(f"semitriton.patch: {msg}", stacklevel=user_stacklevel())
     if attention:
         _patch_attention(model, rec)
     if not getattr(model, "_semitriton_track_handles", None):

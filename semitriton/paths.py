@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .columns import structural_column
 from .engine import GradientGraph, compute_dtype, run
+from .errors import user_stacklevel
 from .modes import outside_inference_mode, recording, walk_mode
 from .rules import RuleContext, rule_for
 from .rules.attention import attention_args, is_attention_node
@@ -588,7 +589,7 @@ def _warn_if_nan_starts(values: Tensor, fn: str) -> None:
     if n:
         warnings.warn(f"semitriton: {fn}: {n} start scalar(s) have a NaN path weight (a NaN weight or activation "
                       "on some path from them, where torch's gradient is NaN too); paths through NaN edges are "
-                      "skipped, so paths from those scalars can be missing", RuntimeWarning, stacklevel=3)
+                      "skipped, so paths from those scalars can be missing", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _make_path(pg: PathGraph, steps, semiring: str) -> Path:
@@ -611,8 +612,11 @@ def _signed_top_path(pg: PathGraph, index, prefix: tuple = ()) -> Optional[Path]
     vp, _ = pg.value(src)
     if index is None:
         part = vp[prefix]
-        index = prefix + _unravel(int(torch.argmax(part.reshape(-1))), tuple(part.shape))
-    if _scalar(vp, index) == NEG:
+        _warn_if_nan_starts(part, "top_paths")
+        index = prefix + _unravel(int(torch.argmax(part.reshape(-1).nan_to_num(NEG))), tuple(part.shape))
+    else:
+        _warn_if_nan_starts(vp[index], "top_paths")
+    if not _scalar(vp, index) > NEG:                    # no path (or a NaN weight)
         return None
     steps = [("start", index)]
     ref, idx, want_pos = src, index, True

@@ -39,7 +39,11 @@ def token_readout(values: Union[Value, Tensor], semiring: Union[str, Semiring], 
 
 
 def _check_components(values, sr, who: str) -> None:
-    """Raw values of another semiring (a different number of components) are an error, not a number."""
+    """Raw values of another semiring (a different number of components) are
+    an error, not a number (for a user-defined semiring, where it declares
+    its ``components``)."""
+    if type(sr).components is Semiring.components:          # not declared: nothing to check against
+        return
     if isinstance(values, (tuple, list)) and len(values) != len(sr.components):
         raise ValueError(f"{who}: these values have {len(values)} component(s), but the {sr.name} semiring's "
                          f"have {len(sr.components)} ({', '.join(sr.components)}): pass the values of "

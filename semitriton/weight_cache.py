@@ -155,6 +155,9 @@ def _after_full_collection(phase: str, info: dict) -> None:
             _lock.release()
 
 
+gc.callbacks[:] = [cb for cb in gc.callbacks              # once, also if this module is reloaded
+                   if getattr(cb, "__qualname__", None) != "_after_full_collection"
+                   or getattr(cb, "__module__", None) != __name__]
 gc.callbacks.append(_after_full_collection)
 
 

@@ -426,10 +426,10 @@ def _set_all(h, v):
     return h
 
 
-def _rrelu_train(x):
+def _rrelu_train(x, inplace=False):
     with torch.random.fork_rng():              # the same drawn slopes in the walk and the oracle
         torch.manual_seed(5)
-        return F.rrelu(x, 0.1, 0.4, training=True)
+        return F.rrelu(x, 0.1, 0.4, training=True, inplace=inplace)
 
 
 # gamma/Bessel/normal special functions, ldexp, rrelu
@@ -447,11 +447,15 @@ ONE_STEP_OPS.update({
     "log_ndtr": (("x",), torch.special.log_ndtr),
     "entr": (("p",), torch.special.entr),
     "ldexp": (("x",), lambda x: torch.ldexp(x, torch.tensor([[1], [-2], [3]]))),
+    "ldexp_float_exponent": (("x", "t"), torch.ldexp),                # the exponent has edges too
     "rrelu_eval": (("x",), lambda x: F.rrelu(x, 0.1, 0.4, training=False)),
     "rrelu_train": (("x",), _rrelu_train),
+    "rrelu_inplace_eval": (("x",), lambda x: F.rrelu(x * 1.0, 0.1, 0.4, training=False, inplace=True)),
+    "rrelu_inplace_train": (("x",), lambda x: _rrelu_train(x * 1.0, inplace=True)),
     "aminmax_dim": (("x",), lambda x: (lambda r: torch.stack([r.min, r.max * 2.0]))(torch.aminmax(x, dim=1))),
     "aminmax_keepdim_ties": (("k",), lambda k: (lambda r: r.min - r.max)(torch.aminmax(k, dim=0, keepdim=True))),
     "aminmax_all_max_only": (("x",), lambda x: torch.aminmax(x).max * 3.0),
+    "aminmax_all_keepdim": (("k",), lambda k: (lambda r: r.min - 2.0 * r.max)(torch.aminmax(k, keepdim=True))),
 })
 
 # whole-tensor in-place writes on an intermediate: CopyBackwards, ZeroBackward0, FillBackward2/3

@@ -556,20 +556,25 @@ def test_model_path_mistakes_are_named(causal_dir, tmp_path, capsys):
 
 def test_without_matplotlib_everything_but_the_plots_is_written(causal_dir, tmp_path, capsys, monkeypatch):
     """matplotlib is the optional ``plot`` extra: without it both commands
-    still write their tables, JSON and HTML, and say why there is no PNG."""
+    still write their tables, JSON and HTML, and say why there is no PNG
+    (not with --quiet)."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    out = tmp_path / "ex"
-    rc = _run(["explain", "--model", causal_dir, "--text", "The keys to the cabinet", "--target", " are",
-               "--foil", " is", "--out", str(out)])
+    explain = ["explain", "--model", causal_dir, "--text", "The keys to the cabinet", "--target", " are",
+               "--foil", " is", "--device", "cpu"]
+    rc = main(explain + ["--out", str(tmp_path / "ex")])
     captured = capsys.readouterr()
     assert rc == 0
-    assert set(os.listdir(out)) == {"summary.txt", "analysis.json", "report.html"}
+    assert set(os.listdir(tmp_path / "ex")) == {"summary.txt", "analysis.json", "report.html"}
     assert "matplotlib is not installed" in captured.err and "PNG" not in captured.out
+    assert main(explain + ["--out", str(tmp_path / "ex_quiet"), "--quiet"]) == 0
+    assert "matplotlib" not in capsys.readouterr().err
     out = tmp_path / "sva"
-    assert _run(["sva", "--model", causal_dir, "--n", "2", "--out", str(out)]) == 0
+    assert main(["sva", "--model", causal_dir, "--n", "2", "--out", str(out), "--device", "cpu"]) == 0
     assert {"summary.txt", "summary.json", "results.json", "report.html"} == set(os.listdir(out))
     assert "matplotlib is not installed" in capsys.readouterr().err
+    assert _run(["sva", "--model", causal_dir, "--n", "2", "--out", str(tmp_path / "sva_quiet")]) == 0
+    assert "matplotlib" not in capsys.readouterr().err
 
 
 def test_a_closed_stdout_ends_quietly_after_the_files_are_written(causal_dir, tmp_path):

@@ -187,3 +187,39 @@ def test_path_readouts_refuse_a_user_semiring_named_like_a_builtin():
                      lambda: semitriton.PathGraph(out, x, named)):
             with pytest.raises(ValueError, match="custom semiring Named"):
                 call()
+
+
+class _CountAndSum(PathCount):
+    """Two components, (number of paths, sum of |products|), and no
+    ``components`` declared (the README does not ask for it)."""
+
+    name = "count_sum"
+
+    def zero(self, shape, dtype, device):
+        return (torch.zeros(shape, dtype=dtype, device=device),) * 2
+
+    def one(self, shape, dtype, device):
+        return (torch.ones(shape, dtype=dtype, device=device),) * 2
+
+    def plus(self, a, b):
+        return (a[0] + b[0], a[1] + b[1])
+
+    def times(self, a, b):
+        return (a[0] * b[0], a[1] * b[1])
+
+    def edge(self, w):
+        return ((w != 0).to(w.dtype), w.abs())
+
+    def readout(self, v):
+        return v[1] / v[0].clamp_min(1)
+
+
+def test_token_readout_of_a_user_semiring_with_several_components():
+    """The component check of token_readout applies where a semiring
+    declares its components: a user semiring that does not is read as
+    before (the check made it an error)."""
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    y = (x.tanh() * torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)).sum()
+    sr = _CountAndSum()
+    (v,) = semitriton.grad_values(y, x, semiring=sr)
+    torch.testing.assert_close(semitriton.token_readout(v, sr), (v[1].sum(-1) / v[0].sum(-1).clamp_min(1)))

@@ -1,5 +1,7 @@
 """Bad input gets a clear error that names the problem."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -303,3 +305,21 @@ def test_readout_and_attribution_mistakes_are_named():
     attr = semitriton.BranchAttribution("maxabs", [0, 1], {0: {}, 1: {}})
     with pytest.raises(KeyError, match=r"no layer 7 in this attribution; its layers are \[0, 1\]"):
         attr.top_branch(7)
+
+
+def test_warnings_point_at_the_users_line():
+    """However many of semitriton's frames lie between (a decorator around a
+    readout added one), a warning names the caller's file and line."""
+    import warnings
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([[1.0, 0.5], [float("nan"), 3.0]], dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        semitriton.top_paths((x @ w)[1], x, k=2)
+        line_paths = sys._getframe().f_lineno - 1
+        semitriton.grad((x * float("nan")).sum(), x, semiring="abs")
+        line_grad = sys._getframe().f_lineno - 1
+    where = {("NaN path weight" in str(m.message), "output holds" in str(m.message)): (m.filename, m.lineno)
+             for m in caught}
+    assert where[(True, False)] == (__file__, line_paths)
+    assert where[(False, True)] == (__file__, line_grad)

@@ -1169,3 +1169,8 @@ def test_a_patched_model_deleted_without_unpatch_leaves_no_config_behind():
     assert shared.config._attn_implementation == patching.ATTN_NAME
     semitriton.unpatch(other)
     assert shared.config._attn_implementation == "sdpa"
+    for _ in range(3):                             # each unpatch of a live model leaves no finalizer behind
+        semitriton.patch(shared)
+        finalizer = patching._attn_configs[id(shared.config)][2]
+        semitriton.unpatch(shared)
+        assert not finalizer.alive and id(shared.config) not in patching._attn_configs

@@ -438,6 +438,9 @@ def test_nan_path_weights_warn_in_top_paths_and_stop_sampling():
     assert [(p.source_index, p.weight) for p in paths] == [((0,), 0.5)]
     with pytest.warns(RuntimeWarning, match="NaN path weight"):
         semitriton.top_paths(out, x, index=(1,))
+    with pytest.warns(RuntimeWarning, match=r"top_paths: 1 start scalar\(s\) have a NaN path weight"):
+        signed = semitriton.top_paths(out, x, semiring="max")
+    assert [(p.source_index, p.weight) for p in signed] == [((0,), 0.5)]
     with pytest.raises(ValueError, match=r"sample_paths: 1 start scalar\(s\) have a NaN path weight"):
         semitriton.sample_paths(out, x, n=3, seed=0)
     assert [p.source_index for p in semitriton.sample_paths(out, x, n=3, index=(0,), seed=0)] == [(0,)] * 3

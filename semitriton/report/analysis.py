@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..branches import ATTN_BRANCHES, NO_PATH, BranchAttribution, branch_attribution, branch_name
 from ..engine import grad_values
-from ..errors import SemitritonError
+from ..errors import SemitritonError, user_stacklevel
 from ..jsonsafe import json_safe, none_as_neg_inf
 from ..modes import outside_inference_mode, recording
 from ..paths import Path, PathGraph, top_paths
@@ -291,7 +291,7 @@ def _on_input_positions(attr: BranchAttribution, T: int) -> Optional[BranchAttri
         return attr
     warnings.warn(f"the report's per-token branch tables leave out {len(off)} layer(s) whose residual stream is not "
                   f"on the input's positions (e.g. {attr.modules.get(off[0], off[0])}); at='inputs' reads every "
-                  "layer per input token", stacklevel=3)
+                  "layer per input token", stacklevel=user_stacklevel())
     keep = [L for L in attr.layers if L not in off]
     if not keep:
         return None
@@ -396,14 +396,14 @@ def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Seq
                       "the score is the same (rotary attention is relative), but the path weights read the "
                       "cos/sin of the shifted positions, so the tables differ from the example analysed alone; "
                       "pass position_ids=attention_mask.cumsum(-1) - 1 (clamped at 0) to the model",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=user_stacklevel())
     attribution = None
     if branches:
         try:
             attribution = branch_attribution(outputs, embeds, semiring, heads=heads, backend=backend, graph=pg,
                                              at=at)
         except SemitritonError as exc:            # the rest of the report does not need it
-            warnings.warn(f"the report has no branch tables: {exc}", stacklevel=2)
+            warnings.warn(f"the report has no branch tables: {exc}", stacklevel=user_stacklevel())
             attribution = None
         if attribution is not None and at == "residual":
             attribution = _on_input_positions(attribution, T)

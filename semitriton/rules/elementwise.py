@@ -245,23 +245,30 @@ _unary("SpecialNdtriBackward0", lambda c: math.sqrt(2 * math.pi) * torch.exp(c.s
 _unary("SpecialLogNdtrBackward0", lambda c: torch.exp(-(c.saved("result") + c.saved("self") ** 2 / 2))
        / math.sqrt(2 * math.pi))
 _unary("SpecialEntrBackward0", lambda c: -(1 + torch.log(c.saved("self"))))
-def _ldexp_edge(c):
-    """ldexp(x, e) = x·2^e (e an integer tensor, no edge): the edge as the
-    running torch's backward gives it (torch 2.13 forms 2^e in integers, so
-    a negative exponent's edge is 0)."""
-    e = c.saved("other", cast=False)
-    with recording():
-        ones = torch.ones(torch.broadcast_shapes(e.shape, c.saved("result").shape), dtype=c.dtype,
-                          device=e.device, requires_grad=True)
-        (d,) = torch.autograd.grad(torch.ldexp(ones, e).sum(), ones)
-    return d
-
-
-_unary("LdexpBackward0", _ldexp_edge)
+@rule("LdexpBackward0")
+def ldexp(ctx):
+    """ldexp(x, e) = x·2^e: x's edge as the running torch's backward gives it
+    (torch 2.13 forms 2^e in integers for an integer e, so a negative
+    exponent's edge is 0); a floating e that requires grad has the edge
+    x·2^e·ln 2 = out·ln 2."""
+    out = [None, None]
+    e = ctx.saved("other", cast=False)
+    if ctx.needs[0]:
+        with recording():
+            r = ctx.saved("result")
+            ones = torch.ones(r.shape, dtype=ctx.dtype, device=r.device, requires_grad=True)
+            (d,) = torch.autograd.grad(torch.ldexp(ones, e).sum(), ones)
+        out[0] = _pull(ctx, 0, d)
+    if ctx.needs[1]:
+        out[1] = _pull(ctx, 1, ctx.saved("result") * math.log(2.0))
+    return out
 # rrelu: the drawn slopes in training (1 where x > 0), (lower + upper)/2 below 0 in eval (torch's backward)
 _unary("RreluWithNoiseBackward0", lambda c: torch.ops.aten.rrelu_with_noise_backward(
     torch.ones_like(c.saved("self")), c.saved("self"), c.saved("noise"), c.saved("lower"), c.saved("upper"),
     bool(c.saved("training")), False))
+_unary("RreluWithNoiseBackward1", lambda c: torch.ops.aten.rrelu_with_noise_backward(      # in place: from the result
+    torch.ones_like(c.saved("result")), c.saved("result"), c.saved("noise"), c.saved("lower"), c.saved("upper"),
+    bool(c.saved("training")), True))
 
 
 # inverse trigonometric/hyperbolic functions, sinc, logit and friends (torch's formulas)

@@ -144,9 +144,7 @@ def aminmax(ctx):
     shape = tuple(x.shape)
     dim = ctx.saved("dim")
     keepdim = bool(ctx.saved("keepdim"))
-    dims = _dims_list(dim, len(shape))
-    if dim is None:                                     # a full reduction to 0-dim results
-        dims, keepdim = list(range(len(shape))), False
+    dims = _dims_list(dim, len(shape))                  # dim None: all (results 0-dim, or all 1s with keepdim)
     out = None
     for i, name in enumerate(("min", "max")):
         if ctx.grads[i] is None:

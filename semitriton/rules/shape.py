@@ -102,7 +102,8 @@ def fill_with_tensor(ctx):
     edge; ``value`` reaches every element of h with weight 1 (⊕ over them)."""
     out = [None, None]
     if ctx.needs[1]:
-        out[1] = ctx.sr.sum_to_shape(ctx.grad(), ctx.input_shape(1))
+        dev = ctx.input_device(1)               # a CPU 0-dim value may fill a CUDA tensor
+        out[1] = ctx.sr.map(ctx.sr.sum_to_shape(ctx.grad(), ctx.input_shape(1)), lambda c: c.to(dev))
     return out
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
+from ..errors import user_stacklevel
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
@@ -201,13 +202,13 @@ def _run(name: str, fn: Callable, *args: Tensor):
         _exhausted.add(fn)
         warnings.warn(f"semitriton: the compiled CPU {name} contraction met more than {RECOMPILE_LIMIT} shape "
                       "and dtype variants (dynamo's recompile limit); it runs the chunked torch reference from "
-                      "now on (slower, same values).", RuntimeWarning, stacklevel=3)
+                      "now on (slower, same values).", RuntimeWarning, stacklevel=user_stacklevel())
         return None
     except Exception as e:                                  # noqa: BLE001 - any compile failure
         _failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         warnings.warn(f"semitriton: compiling the CPU {name} contraction with torch.compile failed "
                       f"({_failed[:300]}); the chunked torch reference runs instead (slower). "
-                      "SEMITRITON_CPU_COMPILE=0 skips the attempt.", RuntimeWarning, stacklevel=3)
+                      "SEMITRITON_CPU_COMPILE=0 skips the attempt.", RuntimeWarning, stacklevel=user_stacklevel())
         return None
     calls[name] += 1
     return out
