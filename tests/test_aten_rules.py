@@ -467,6 +467,10 @@ ONE_STEP_OPS.update({
     "zero_then_add": (("x",), lambda x: (x * 2.0).zero_() + x),
     "fill_number_then_mul": (("x",), lambda x: (x * 2.0).fill_(0.5) * x),
     "fill_tensor": (("x", "s"), lambda x, s: (x * 2.0).fill_(s[1] * 1.5) * x),
+    "diagonal_scatter": (("x", "vec"), lambda x, v: torch.diagonal_scatter(x, v, 1)),
+    "diagonal_scatter_offset": (("x", "s"), lambda x, s: torch.diagonal_scatter(x.t(), s, -3)),
+    "put_accumulate": (("x", "vec"), lambda x, v: x.put(torch.tensor([0, 7, 7]), v, accumulate=True)),
+    "put_overwrite": (("x", "vec"), lambda x, v: x.put(torch.tensor([0, 7, -1]), v)),
 })
 
 ONE_STEP_OPS.update({

@@ -224,6 +224,13 @@ _case("kl_div_batchmean", ("a", "p"), lambda x, t: F.kl_div(x, t, reduction="bat
       [Step("tt", torch.xlogy, ("p", "p")), Step("ti", torch.mul, ("p", "a")), Step("e", torch.sub, ("tt", "ti")),
        Step("s", torch.sum, ("e",)), Step("z", lambda s: s / 4, ("s",))])
 
+# soft margin: labels ±1 (torch has no derivative for the target)
+_SM = torch.tensor([[1.0, -1.0, 1.0, 1.0, -1.0]] * 2 + [[-1.0, -1.0, 1.0, -1.0, 1.0]] * 2, dtype=torch.float64)
+_case("soft_margin_mean", ("a",), lambda x: F.soft_margin_loss(x, _SM.to(x.dtype)), "SoftMarginLossBackward0")
+_case("soft_margin_sum", ("a",), lambda x: F.soft_margin_loss(x, _SM.to(x.dtype), reduction="sum"),
+      "SoftMarginLossBackward0")
+_case("soft_margin_none", ("a",), lambda x: F.soft_margin_loss(x, _SM.to(x.dtype), reduction="none"),
+      "SoftMarginLossBackward0")
 _case("sgn", ("xl",), torch.sgn, "SgnBackward0")
 _case("erfinv", ("u",), torch.erfinv, "ErfinvBackward0")
 _case("unsafe_split", ("a",), lambda x: torch.cat(torch.unsafe_split(x, 2, 1)[::-1], 1), "UnsafeSplitBackward0")

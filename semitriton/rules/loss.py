@@ -63,6 +63,15 @@ def mse_loss(ctx):
     return _elementwise_loss(ctx, lambda i: torch.ops.aten.mse_loss_backward(g, pair[i], pair[1 - i], red))
 
 
+@rule("SoftMarginLossBackward0")
+def soft_margin_loss(ctx):
+    """ℓ = log(1 + exp(−y·x)): x edge −y·σ(−y·x) (÷ N for mean), as torch's
+    backward (torch has no derivative for the target y)."""
+    x, y = ctx.saved("self"), ctx.saved("target")
+    g, red = _unit(ctx)
+    return _elementwise_loss(ctx, lambda i: torch.ops.aten.soft_margin_loss_backward(g, x, y, red))
+
+
 @rule("SmoothL1LossBackward0")
 def smooth_l1_loss(ctx):
     """ℓ = ½d²/β for |d| < β, |d| − ½β else (d = x − y): x edge d/β inside,

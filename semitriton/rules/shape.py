@@ -563,6 +563,47 @@ def slice_scatter(ctx):
     return out
 
 
+@rule("DiagonalScatterBackward0")
+def diagonal_scatter(ctx):
+    """torch.diagonal_scatter(x, src, offset, dim1, dim2): x keeps its edges
+    off the written diagonal; src's elements are weight-1 edges to it."""
+    v = ctx.grad()
+    shape = tuple(v[0].shape)
+    diag = (ctx.saved("offset"), ctx.saved("dim1"), ctx.saved("dim2"))
+    out = [None] * ctx.n_inputs
+    if ctx.needs[0]:
+        written = torch.zeros(shape, dtype=torch.bool, device=v[0].device)
+        written.diagonal(*diag).fill_(True)
+        out[0] = zero_where(ctx.sr, v, written)
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        out[1] = ctx.sr.map(v, lambda c: c.diagonal(*diag).reshape(ctx.input_shape(1)))
+    return out
+
+
+@rule("PutBackward0")
+def put(ctx):
+    """x.put(index, source, accumulate): source[j] goes to the flat position
+    index[j] of x (added with accumulate, written otherwise). x keeps every
+    edge with accumulate, those outside the written positions otherwise;
+    source[j] has a weight-1 edge to position index[j] (also where a
+    position is written twice, as torch's backward)."""
+    v = ctx.grad()
+    shape = tuple(v[0].shape)
+    n = math.prod(shape)
+    index = ctx.saved("index").to(v[0].device).reshape(-1) % max(n, 1)      # negative indices count from the end
+    out = [None] * ctx.n_inputs
+    if ctx.needs[0]:
+        if ctx.saved("accumulate"):
+            out[0] = v
+        else:
+            written = torch.zeros(n, dtype=torch.bool, device=v[0].device)
+            written[index] = True
+            out[0] = zero_where(ctx.sr, v, written.reshape(shape))
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        out[1] = ctx.sr.map(v, lambda c: c.reshape(-1)[index].reshape(ctx.input_shape(1)))
+    return out
+
+
 @rule("EmbeddingBackward0")
 def embedding(ctx):
     if not ctx.needs[0]:
