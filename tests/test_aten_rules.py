@@ -268,7 +268,8 @@ _XN = _X.clone()
 _XN[1, 1] = float("nan")                              # maximum/minimum with a NaN operand
 _INPUTS = {"x": _X, "y": _Y, "t": _XT, "p": _XP, "k": _XK, "xz": _XZ, "n": _XN, "s": torch.tensor([0.5, -2.0],
                                                                                            dtype=torch.float64)}
-_INPUTS.update({"u": _X.tanh() * 0.9, "q": _XP + 1.0, "s01": torch.sigmoid(_X * 2)})
+_INPUTS.update({"u": _X.tanh() * 0.9, "q": _XP + 1.0, "s01": torch.sigmoid(_X * 2),
+                "r7": torch.tensor([0.5, -1.5, 2.0, 0.25, 0.0, -0.75, 1.0], dtype=torch.float64)})
 _GL = torch.Generator().manual_seed(13)
 _INPUTS.update({
     "sq": torch.eye(3, dtype=torch.float64) + 0.4 * torch.randn(2, 3, 3, generator=_GL, dtype=torch.float64),
@@ -471,6 +472,19 @@ ONE_STEP_OPS.update({
     "diagonal_scatter_offset": (("x", "s"), lambda x, s: torch.diagonal_scatter(x.t(), s, -3)),
     "put_accumulate": (("x", "vec"), lambda x, v: x.put(torch.tensor([0, 7, 7]), v, accumulate=True)),
     "put_overwrite": (("x", "vec"), lambda x, v: x.put(torch.tensor([0, 7, -1]), v)),
+})
+
+# embedding_bag: weight [3, 5] ("x"), 7 positions in 4 bags (one empty, one all padding with padding_idx=2)
+_EB_IDX, _EB_OFF = torch.tensor([1, 2, 0, 1, 2, 0, 2]), torch.tensor([0, 2, 2, 6])
+ONE_STEP_OPS.update({
+    "embedding_bag_sum": (("x",), lambda w: F.embedding_bag(_EB_IDX, w, _EB_OFF, mode="sum")),
+    "embedding_bag_mean_padding": (("x",), lambda w: F.embedding_bag(_EB_IDX, w, _EB_OFF, mode="mean",
+                                                                     padding_idx=2)),
+    "embedding_bag_max": (("k",), lambda w: F.embedding_bag(_EB_IDX, w, _EB_OFF, mode="max")),
+    "embedding_bag_weighted": (("x", "r7"), lambda w, p: F.embedding_bag(
+        _EB_IDX, w, _EB_OFF, mode="sum", per_sample_weights=p, padding_idx=0)),
+    "embedding_bag_last_offset": (("x",), lambda w: F.embedding_bag(_EB_IDX, w, torch.tensor([0, 3, 7]),
+                                                                    mode="mean", include_last_offset=True)),
 })
 
 ONE_STEP_OPS.update({

@@ -622,6 +622,56 @@ def embedding(ctx):
     return _only0(ctx, _gather_back(ctx, shape, positions, valid))
 
 
+@rule("EmbeddingBagBackward0")
+def embedding_bag(ctx):
+    """F.embedding_bag(indices, weight, offsets, mode, per_sample_weights,
+    padding_idx): out[b, d] reads weight[r, d] for the positions j of bag b
+    with indices[j] = r (the padding index left out). One edge per (r, b,
+    d), its weight the Jacobian entry: Σ per_sample_weights[j] over those
+    positions (sum; their count without weights), their count / |bag|
+    (mean), or 1 where row r gave the bag's max in column d (max, as
+    torch's backward). per_sample_weights[j] -> out[b_j, d] has the weight
+    weight[indices[j], d]."""
+    out = [None] * ctx.n_inputs
+    if not any(ctx.needs):
+        return out
+    sr, v = ctx.sr, ctx.grad()
+    dev, B = v[0].device, v[0].shape[0]
+    idx = ctx.saved("indices").to(dev).reshape(-1)
+    offsets = ctx.saved("offsets").to(dev).reshape(-1)
+    # the bag of each position, from the offsets (torch's offset2bag may be left empty on its fast paths)
+    bag = torch.searchsorted(offsets, torch.arange(idx.numel(), device=dev), right=True) - 1
+    mode = int(ctx.saved("mode"))
+    rows = int(ctx.saved("weight_sym_argsize_0"))
+    pad = ctx.saved("padding_idx")
+    pad = int(pad) if pad is not None else -1
+    keep = (idx != pad) if 0 <= pad < rows else torch.ones_like(idx, dtype=torch.bool)
+    psw = ctx.saved("per_sample_weights")
+    if ctx.needs[0]:
+        if mode == 0:
+            w = torch.ones(idx.numel(), dtype=ctx.dtype, device=dev) if psw is None \
+                else psw.to(dev, ctx.dtype).reshape(-1)
+        else:
+            size = torch.bincount(bag[keep], minlength=B).to(ctx.dtype)
+            w = 1.0 / size[bag].clamp_min(1)
+        pair, w = (bag * rows + idx)[keep], w[keep]
+        uniq, inv = torch.unique(pair, return_inverse=True)                  # one edge per (bag, row)
+        ub, ur = uniq // rows, uniq % rows
+        vb = sr.map(v, lambda c: c[ub])                                      # [m, D]
+        if mode == 2:
+            top = ctx.saved("result3").to(dev)[ub]                           # the row each bag's max came from
+            val = zero_where(sr, vb, top != ur.unsqueeze(-1))
+        else:
+            jac = torch.zeros(uniq.numel(), dtype=ctx.dtype, device=dev).index_add_(0, inv, w)
+            val = sr.scale(vb, jac.unsqueeze(-1))
+        out[0] = scatter_plus(sr, val, ur, rows)
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        vj = sr.map(v, lambda c: c[bag])
+        val = sr.sum(sr.scale(vj, ctx.saved("weight").to(dev)[idx]), -1)
+        out[1] = sr.map(zero_where(sr, val, ~keep), lambda c: c.reshape(ctx.input_shape(1)))
+    return out
+
+
 @rule("RepeatBackward0")
 def repeat(ctx):
     if not ctx.needs[0]:
