@@ -245,20 +245,30 @@ _unary("SpecialNdtriBackward0", lambda c: math.sqrt(2 * math.pi) * torch.exp(c.s
 _unary("SpecialLogNdtrBackward0", lambda c: torch.exp(-(c.saved("result") + c.saved("self") ** 2 / 2))
        / math.sqrt(2 * math.pi))
 _unary("SpecialEntrBackward0", lambda c: -(1 + torch.log(c.saved("self"))))
+@functools.lru_cache(maxsize=None)
+def _ldexp_negative_integer_edge_is_zero() -> bool:
+    """Does the running torch's ldexp backward give a negative integer
+    exponent the edge 0 (torch 2.13 forms 2^e in integers)? Asked once, on
+    the CPU, so no rule runs autograd (or launches anything) inside a pass."""
+    with recording():
+        x = torch.ones(1, dtype=torch.float64, requires_grad=True)
+        (d,) = torch.autograd.grad(torch.ldexp(x, torch.tensor([-1])).sum(), x)
+    return float(d) == 0.0
+
+
 @rule("LdexpBackward0")
 def ldexp(ctx):
-    """ldexp(x, e) = x·2^e: x's edge as the running torch's backward gives it
-    (torch 2.13 forms 2^e in integers for an integer e, so a negative
-    exponent's edge is 0); a floating e that requires grad has the edge
+    """ldexp(x, e) = x·2^e: x's edge 2^e as the running torch's backward
+    gives it (an integer e < 0 has the edge 0 where torch forms 2^e in
+    integers); a floating e that requires grad has the edge
     x·2^e·ln 2 = out·ln 2."""
     out = [None, None]
     e = ctx.saved("other", cast=False)
     if ctx.needs[0]:
-        with recording():
-            r = ctx.saved("result")
-            ones = torch.ones(r.shape, dtype=ctx.dtype, device=r.device, requires_grad=True)
-            (d,) = torch.autograd.grad(torch.ldexp(ones, e).sum(), ones)
-        out[0] = _pull(ctx, 0, d)
+        edge = torch.exp2(e.to(ctx.dtype))
+        if not e.is_floating_point() and _ldexp_negative_integer_edge_is_zero():
+            edge = torch.where(e < 0, 0.0, edge)
+        out[0] = _pull(ctx, 0, edge)
     if ctx.needs[1]:
         out[1] = _pull(ctx, 1, ctx.saved("result") * math.log(2.0))
     return out
