@@ -24,7 +24,7 @@ from torch import Tensor
 from . import backend as _backend
 from .embedded import accumulate, materialize
 from .errors import GraphError, UnsupportedNodeError, user_stacklevel
-from .modes import outside_inference_mode, recording, walk_mode
+from .modes import autocast_off, outside_inference_mode, recording, walk_mode
 from .rules import RULES, RuleContext, rule_for
 from .rules.shape import VIEW_NODES
 from .rules.shape import view as view_rule
@@ -637,7 +637,8 @@ def _native_real(output: Tensor, inputs: tuple, weight: Optional[Tensor] = None,
                              "the gradient graph; call .requires_grad_() on it before the forward pass")
     try:
         go = torch.ones_like(output) if weight is None else weight.to(device=output.device, dtype=output.dtype)
-        grads = torch.autograd.grad(output, inputs, grad_outputs=go, retain_graph=True, allow_unused=True)
+        with autocast_off(output.device):          # torch's backward follows an enclosing autocast block
+            grads = torch.autograd.grad(output, inputs, grad_outputs=go, retain_graph=True, allow_unused=True)
     except RuntimeError as exc:
         if "second time" in str(exc) or "freed" in str(exc):
             from .errors import GraphFreedError

@@ -33,6 +33,15 @@ def _types(devices) -> list:
 
 
 @contextlib.contextmanager
+def autocast_off(*devices):
+    """Autocast off on the CPU and on each given device."""
+    with contextlib.ExitStack() as stack:
+        for t in _types(devices):
+            stack.enter_context(_autocast_off(t))
+        yield
+
+
+@contextlib.contextmanager
 def walk_mode(*devices):
     """No autograd recording, no inference mode, autocast off on the CPU and
     on each given device (a ``torch.device``, a device type string, or None)."""

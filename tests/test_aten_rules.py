@@ -485,6 +485,10 @@ ONE_STEP_OPS.update({
         _EB_IDX, w, _EB_OFF, mode="sum", per_sample_weights=p, padding_idx=0)),
     "embedding_bag_last_offset": (("x",), lambda w: F.embedding_bag(_EB_IDX, w, torch.tensor([0, 3, 7]),
                                                                     mode="mean", include_last_offset=True)),
+    "embedding_bag_fixed_bags": (("x",), lambda w: F.embedding_bag(torch.tensor([[0, 2, 0], [1, 1, 2]]), w,
+                                                                   mode="sum")),
+    "embedding_bag_max_padding": (("k",), lambda w: F.embedding_bag(_EB_IDX, w, _EB_OFF, mode="max",
+                                                                    padding_idx=1)),
 })
 
 ONE_STEP_OPS.update({

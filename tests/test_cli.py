@@ -193,6 +193,10 @@ def test_non_empty_out_needs_overwrite(causal_dir, tmp_path, capsys):
     assert rc == 2 and "also holds keep.txt" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()
+    (out / "mine").mkdir()                        # a directory of the user's: refused too
+    rc = _run(["sva", "--model", causal_dir, "--n", "2", "--out", str(out), "--overwrite"])
+    assert rc == 2 and "also holds mine" in capsys.readouterr().err and (out / "mine").is_dir()
+    (out / "mine").rmdir()
     assert _run(["sva", "--model", causal_dir, "--n", "2", "--out", str(out)]) == 0
     assert _run(["explain", "--model", causal_dir, "--text", "The keys to the cabinet", "--target", " are",
                  "--foil", " is", "--out", str(out), "--overwrite"]) == 0

@@ -25,6 +25,9 @@ def gpt2_graph():
 def _readouts(emb, score):
     out = {sr: semitriton.grad(score, emb, semiring=sr, fast_real=False)[0]
            for sr in ("real", "abs", "maxabs", "max", "entropy")}
+    out["real_fast"] = semitriton.grad(score, emb)[0]                 # torch's own backward
+    (ent,) = semitriton.grad_values(score, emb, semiring="entropy")
+    out["token_entropy"] = semitriton.token_readout(ent, "entropy")
     out["paths"] = [(p.source_index, p.weight) for p in semitriton.top_paths(score, emb, k=2)]
     out["samples"] = [p.source_index for p in semitriton.sample_paths(score, emb, n=3, seed=0)]
     out["branches"] = semitriton.branch_attribution(score, emb).top_branch(0)
@@ -37,7 +40,8 @@ def _readouts(emb, score):
 def test_the_same_graph_reads_the_same_inside_the_users_block(gpt2_graph, mode):
     """Before: top_paths returned [] and sample_paths failed inside
     inference_mode; analyze failed under no_grad and inference_mode; inside
-    autocast the walk ran in bfloat16 (abs off by 5e-3, real returned bf16)."""
+    autocast the walk ran in bfloat16 (abs off by 5e-3, real returned bf16),
+    and so did the real semiring's fast path (torch's own backward)."""
     _, emb, score = gpt2_graph
     want = _readouts(emb, score)
     block = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,

@@ -430,3 +430,18 @@ def test_left_padded_rotary_batch_needs_position_ids():
             assert shifted and shifted[0].startswith("examples [1] are left-padded") and diff > 1e-3
         else:
             assert not shifted and diff < 1e-4
+
+
+def test_sva_summary_names_the_branch_most_top_paths_take_first_at_a_tie():
+    """Two subject tokens, one whose top path takes value and one skip:
+    a 0.5/0.5 split names value (the first of query, key, value, skip), and
+    skip's larger mean weight does not make it the branch taken."""
+    from semitriton.sva.run import PairResult, summarize
+    t = lambda *xs: torch.tensor([list(xs)], dtype=torch.float64)      # noqa: E731
+    br = semitriton.BranchAttribution("maxabs", [0], {0: {"query": t(0.1, 0.1), "key": t(0.1, 0.1),
+                                                          "value": t(0.9, 0.2), "skip": t(0.3, 5.0)}})
+    a = Analysis(tokens=["The", "keys"], score=1.0, stats={"entropy": [0.5, 0.7]}, branches=br,
+                 spans={"subject": [0, 1]})
+    (row,) = summarize([PairResult(None, a, True, "logit")])["branches"]["subject"]
+    assert (row["most_taken"], row["taken_share"]) == ("value", 0.5)
+    assert row["skip"] > row["value"]

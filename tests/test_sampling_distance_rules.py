@@ -114,6 +114,8 @@ CASES.update({
         a, b, compute_mode="donot_use_mm_for_euclid_dist")),
     "cdist_p2_many_rows_mm_batched": (("xbb", "yb"), lambda a, b: torch.cdist(a, b), lambda a, b: torch.cdist(
         a, b, compute_mode="donot_use_mm_for_euclid_dist")),
+    "cdist_p2_many_rows_mm_second": (("yb", "xb"), lambda a, b: torch.cdist(a, b), lambda a, b: torch.cdist(
+        a, b, compute_mode="donot_use_mm_for_euclid_dist")),
     "pdist_random_p1.5": (("r1",), lambda a: torch.pdist(a, p=1.5)),
     "bilinear_bias": (("b1", "b2", "bw", "bb"), lambda a, b, w, c: F.bilinear(a, b, w, c)),
     "bilinear_no_bias": (("b1", "b2", "bw"), lambda a, b, w: F.bilinear(a, b, w)),
