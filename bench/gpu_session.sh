@@ -92,7 +92,8 @@ NEW_TESTS="tests/test_kernels_dense.py::test_norm_every_candidate_gpu tests/test
  tests/test_fused_rms_norm.py tests/test_vision_models.py
  tests/test_sampling_distance_rules.py::test_on_cuda_against_the_oracle tests/test_gpu.py::test_readouts_on_cuda
  tests/test_kernels_dense.py::test_maxplus_blocked_kernel
- tests/test_weight_cache.py::test_an_ablation_through_data_changes_the_next_pass"
+ tests/test_weight_cache.py::test_an_ablation_through_data_changes_the_next_pass
+ tests/test_gpu.py::test_readouts_inside_cuda_autocast_and_inference_mode"
 for s in ${STEPS//,/ }; do
   case $s in
     warm) t0=$(date +%s)

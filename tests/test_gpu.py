@@ -153,6 +153,26 @@ def test_readouts_on_cuda():
     torch.testing.assert_close(tot, attr.total[0])
 
 
+def test_readouts_inside_cuda_autocast_and_inference_mode():
+    """The walk turns CUDA autocast off and inference mode off (semitriton.modes):
+    a graph recorded outside reads the same inside either block, with the
+    Triton kernels."""
+    m = _model("llama", patched=True)
+    emb, score = _fwd(m, "llama")
+    s = score.sum()
+
+    def readouts():
+        return ([semitriton.grad(s, emb, semiring=sr)[0] for sr in ("real", "abs", "maxabs", "entropy")]
+                + [torch.tensor([p.weight for p in semitriton.top_paths(s, emb, k=2)])])
+    want = readouts()
+    for block in (lambda: torch.autocast("cuda", dtype=torch.bfloat16), torch.inference_mode):
+        with block():
+            got = readouts()
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_full_depth_float32_triton_vs_float64():
     """BERT-base, 12 layers: the Triton kernels' float32 statistics against a
     float64 torch-reference run of the same model."""
