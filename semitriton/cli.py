@@ -264,7 +264,8 @@ def _plots(out: Path, summary: dict, results, quiet: bool = False) -> dict:
     return pngs
 
 
-_NO_MATPLOTLIB = "semitriton: matplotlib is not installed, so no PNG plots were written (pip install 'semitriton[plot]')"
+_NO_MATPLOTLIB = ("semitriton: matplotlib is not installed, so no PNG plots were written "
+                  "(pip install 'semitriton[plot]')")
 
 
 def _write_report(out: Path, title: str, summary: dict, results, args, meta: dict, text: str):

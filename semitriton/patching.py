@@ -473,9 +473,9 @@ def _register_attention() -> bool:
 
 
 #: id(config) -> [its settings before the first patch as (weak reference, implementation),
-#: patched models using it, the finalizer that drops the entry] (models built from one config object share it: the last unpatch
-#: restores it). Weak, and dropped when the config dies: a patched model deleted without
-#: unpatch leaves nothing behind.
+#: patched models using it, the finalizer that drops the entry] (models built from one config
+#: object share it: the last unpatch restores it). Weak, and dropped when the config dies: a
+#: patched model deleted without unpatch leaves nothing behind.
 _attn_configs: dict = {}
 _attn_lock = threading.RLock()            # re-entered by _forget_config when a GC runs inside
 

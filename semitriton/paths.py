@@ -589,7 +589,8 @@ def _warn_if_nan_starts(values: Tensor, fn: str) -> None:
     if n:
         warnings.warn(f"semitriton: {fn}: {n} start scalar(s) have a NaN path weight (a NaN weight or activation "
                       "on some path from them, where torch's gradient is NaN too); paths through NaN edges are "
-                      "skipped, so paths from those scalars can be missing", RuntimeWarning, stacklevel=user_stacklevel())
+                      "skipped, so paths from those scalars can be missing", RuntimeWarning,
+                      stacklevel=user_stacklevel())
 
 
 def _make_path(pg: PathGraph, steps, semiring: str) -> Path:

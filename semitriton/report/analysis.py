@@ -359,8 +359,9 @@ def analyze_batch(outputs: Tensor, embeds: Tensor, tokens: Optional[Sequence[Seq
     the output is an error (the padding is on the other side, or the model
     did not get the mask). A left-padded rotary (RoPE) model must also get
     ``position_ids`` that start at each example's first token, or its path
-    weights read shifted positions' cos/sin (warned for patched models). ``tokens[b]`` lists the example's tokens (or all
-    T positions'); ``spans`` index into them. ``at``: the branch tables per
+    weights read shifted positions' cos/sin (warned for patched models).
+    ``tokens[b]`` lists the example's tokens (or all T positions');
+    ``spans`` index into them. ``at``: the branch tables per
     position of each layer's residual stream ("residual"; the layers whose
     stream is not on the input's positions, such as a decoder's, are left
     out) or per input token ("inputs": the branches taken by each token's
