@@ -130,7 +130,7 @@ CASES.update({
 #: the node each case is about (its output's grad_fn, or the one below a view)
 NODES = {name: ("GridSampler2DBackward0" if name.startswith("grid2d") else "GridSampler3DBackward0")
          for name in CASES if name.startswith("grid")}
-NODES.update({n: "EuclideanDistBackward0" if n.endswith(("_mm", "_mm_batched")) else "CdistBackward0"
+NODES.update({n: "EuclideanDistBackward0" if "_mm" in n else "CdistBackward0"
               for n in CASES if n.startswith("cdist")})
 NODES.update({n: "PdistBackward0" for n in CASES if n.startswith("pdist")})
 NODES.update({n: "TrilinearBackward0" for n in CASES if n.startswith(("trilinear", "bilinear"))})
