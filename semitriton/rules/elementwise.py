@@ -363,16 +363,40 @@ def logaddexp(ctx):
     return [_pull(ctx, 0, 1.0 / (1 + pw(y - x))), _pull(ctx, 1, 1.0 / (1 + pw(x - y)))]
 
 
+_TIE_OPS = {"fmax": torch.fmax, "fmin": torch.fmin, "clamp_min": torch.clamp_min, "clamp_max": torch.clamp_max}
+
+
+@functools.lru_cache(maxsize=None)
+def _tie_share(op: str) -> float:
+    """The first operand's edge where the two are exactly equal, as the
+    running torch's backward gives it (torch 2.13: 1, all to self; torch
+    2.14: 0.5 each). Asked once, on the CPU, not inside a pass."""
+    with recording():
+        a, b = (torch.ones(1, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        (ga,) = torch.autograd.grad(_TIE_OPS[op](a, b).sum(), a)
+    return float(ga)
+
+
+def _pick(ctx, first_wins, tie, op: str) -> list:
+    """Edges of a two-operand selection: 1 to the operand that wins outright,
+    the tie share (:func:`_tie_share`) to each at an exact tie."""
+    share = _tie_share(op)
+    w0 = torch.where(tie, share, first_wins.to(ctx.dtype))
+    w1 = torch.where(tie, 1.0 - share, (~first_wins).to(ctx.dtype))
+    return [_pull(ctx, 0, w0), _pull(ctx, 1, w1)]
+
+
 @rule("ClampMinBackward1", "ClampMaxBackward1")
 def clamp_tensor_bound(ctx):
     """clamp_min(x, m) / clamp_max(x, m) with a tensor bound: x weight 1 where
-    it is kept (x ≥ m, resp. x ≤ m, ties to x), m weight 1 elsewhere."""
+    it is kept (x > m, resp. x < m), m weight 1 elsewhere; at x = m as the
+    running torch splits it."""
     x = ctx.saved("self")
     if ctx.name.startswith("ClampMin"):
-        keep = x >= ctx.saved("min")
-    else:
-        keep = x <= ctx.saved("max")
-    return [_pull(ctx, 0, keep.to(ctx.dtype)), _pull(ctx, 1, (~keep).to(ctx.dtype))]
+        m = ctx.saved("min")
+        return _pick(ctx, x > m, x == m, "clamp_min")
+    m = ctx.saved("max")
+    return _pick(ctx, x < m, x == m, "clamp_max")
 
 
 @rule("MaskedFillBackward0", "MaskedFillBackward1")
@@ -469,10 +493,12 @@ def maximum(ctx):
 
 @rule("FmaxBackward0", "FminBackward0")
 def fmax(ctx):
-    """fmax/fmin: the NaN-ignoring forms; ties go to self (as torch's backward)."""
+    """fmax/fmin: the NaN-ignoring forms (a NaN operand loses; self wins when
+    both are NaN); at an exact tie as the running torch splits it."""
     x, y = ctx.saved("self"), ctx.saved("other")
-    sel = (x >= y if type(ctx.node).__name__.startswith("Fmax") else x <= y) | torch.isnan(y)
-    return [_pull(ctx, 0, sel.to(ctx.dtype)), _pull(ctx, 1, (~sel).to(ctx.dtype))]
+    is_max = type(ctx.node).__name__.startswith("Fmax")
+    wins = ((x > y) if is_max else (x < y)) | torch.isnan(y)
+    return _pick(ctx, wins, x == y, "fmax" if is_max else "fmin")
 
 
 @rule("GluBackward0")
