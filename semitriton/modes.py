@@ -45,11 +45,7 @@ def autocast_off(*devices):
 def walk_mode(*devices):
     """No autograd recording, no inference mode, autocast off on the CPU and
     on each given device (a ``torch.device``, a device type string, or None)."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.no_grad())
-        for t in _types(devices):
-            stack.enter_context(_autocast_off(t))
+    with torch.inference_mode(False), torch.no_grad(), autocast_off(*devices):
         yield
 
 
@@ -58,11 +54,8 @@ def recording(*devices):
     """Autograd records, also inside ``torch.no_grad()`` or
     ``torch.inference_mode()``; with ``devices``, autocast is off as in
     :func:`walk_mode` (without, it is left as it is)."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.enable_grad())
-        for t in (_types(devices) if devices else ()):
-            stack.enter_context(_autocast_off(t))
+    with torch.inference_mode(False), torch.enable_grad(), \
+            (autocast_off(*devices) if devices else contextlib.nullcontext()):
         yield
 
 

@@ -31,6 +31,31 @@ def _pull(ctx: RuleContext, i: int, w=None, grad_index: int = 0):
     return ctx.sr.sum_to_shape(v, shape)
 
 
+#: points where torch versions' backward formulas differ: op -> (f, a, b); the edge
+#: of a in f(a, b) there is what :func:`_torch_edge` asks the running torch
+_VERSIONED_EDGES = {
+    "atan2_origin": (torch.atan2, 0.0, 0.0),              # NaN as x/(x² + y²) reads; 0 in torch 2.13
+    "ldexp_negative_exponent": (torch.ldexp, 1.0, -1),    # 2^e formed in integers: 0 in torch 2.13
+    "fmax_tie": (torch.fmax, 1.0, 1.0),                   # 1 (all to self) in 2.13, 0.5 in 2.14
+    "fmin_tie": (torch.fmin, 1.0, 1.0),
+    "clamp_min_tie": (torch.clamp_min, 1.0, 1.0),
+    "clamp_max_tie": (torch.clamp_max, 1.0, 1.0),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_edge(point: str) -> float:
+    """The edge of a at one of :data:`_VERSIONED_EDGES`' points, as the
+    running torch's backward gives it: asked once, in float64 on the CPU, so
+    no rule differentiates or launches anything inside a pass."""
+    fn, a, b = _VERSIONED_EDGES[point]
+    with recording():
+        x = torch.tensor([a], dtype=torch.float64, requires_grad=True)
+        other = torch.tensor([b], dtype=torch.float64 if isinstance(b, float) else torch.int64)
+        (g,) = torch.autograd.grad(fn(x, other).sum(), x)
+    return float(g)
+
+
 # ---- binary ------------------------------------------------------------------------------
 @rule("AddBackward0")
 def add(ctx):
@@ -245,17 +270,6 @@ _unary("SpecialNdtriBackward0", lambda c: math.sqrt(2 * math.pi) * torch.exp(c.s
 _unary("SpecialLogNdtrBackward0", lambda c: torch.exp(-(c.saved("result") + c.saved("self") ** 2 / 2))
        / math.sqrt(2 * math.pi))
 _unary("SpecialEntrBackward0", lambda c: -(1 + torch.log(c.saved("self"))))
-@functools.lru_cache(maxsize=None)
-def _ldexp_negative_integer_edge_is_zero() -> bool:
-    """Does the running torch's ldexp backward give a negative integer
-    exponent the edge 0 (torch 2.13 forms 2^e in integers)? Asked once, on
-    the CPU, so no rule runs autograd (or launches anything) inside a pass."""
-    with recording():
-        x = torch.ones(1, dtype=torch.float64, requires_grad=True)
-        (d,) = torch.autograd.grad(torch.ldexp(x, torch.tensor([-1])).sum(), x)
-    return float(d) == 0.0
-
-
 @rule("LdexpBackward0")
 def ldexp(ctx):
     """ldexp(x, e) = x·2^e: x's edge 2^e as the running torch's backward
@@ -266,7 +280,7 @@ def ldexp(ctx):
     e = ctx.saved("other", cast=False)
     if ctx.needs[0]:
         edge = torch.exp2(e.to(ctx.dtype))
-        if not e.is_floating_point() and _ldexp_negative_integer_edge_is_zero():
+        if not e.is_floating_point() and _torch_edge("ldexp_negative_exponent") == 0:
             edge = torch.where(e < 0, 0.0, edge)
         out[0] = _pull(ctx, 0, edge)
     if ctx.needs[1]:
@@ -363,24 +377,10 @@ def logaddexp(ctx):
     return [_pull(ctx, 0, 1.0 / (1 + pw(y - x))), _pull(ctx, 1, 1.0 / (1 + pw(x - y)))]
 
 
-_TIE_OPS = {"fmax": torch.fmax, "fmin": torch.fmin, "clamp_min": torch.clamp_min, "clamp_max": torch.clamp_max}
-
-
-@functools.lru_cache(maxsize=None)
-def _tie_share(op: str) -> float:
-    """The first operand's edge where the two are exactly equal, as the
-    running torch's backward gives it (torch 2.13: 1, all to self; torch
-    2.14: 0.5 each). Asked once, on the CPU, not inside a pass."""
-    with recording():
-        a, b = (torch.ones(1, dtype=torch.float64, requires_grad=True) for _ in range(2))
-        (ga,) = torch.autograd.grad(_TIE_OPS[op](a, b).sum(), a)
-    return float(ga)
-
-
 def _pick(ctx, first_wins, tie, op: str) -> list:
     """Edges of a two-operand selection: 1 to the operand that wins outright,
-    the tie share (:func:`_tie_share`) to each at an exact tie."""
-    share = _tie_share(op)
+    the running torch's share to each at an exact tie (:func:`_torch_edge`)."""
+    share = _torch_edge(op + "_tie")
     w0 = torch.where(tie, share, first_wins.to(ctx.dtype))
     w1 = torch.where(tie, 1.0 - share, (~first_wins).to(ctx.dtype))
     return [_pull(ctx, 0, w0), _pull(ctx, 1, w1)]
@@ -591,16 +591,6 @@ def threshold(ctx):
     return [_pull(ctx, 0, (ctx.saved("self") > ctx.saved("threshold")).to(ctx.dtype))]
 
 
-@functools.lru_cache(maxsize=None)
-def _atan2_origin_edge() -> float:
-    """torch's atan2 derivative at (0, 0): NaN where its backward is
-    x/(x² + y²) as written (older torch), 0 where it guards the origin."""
-    with torch.enable_grad():
-        z = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-        (g,) = torch.autograd.grad(torch.atan2(z, torch.zeros(1, dtype=torch.float64)), z)
-    return float(g)
-
-
 @rule("Atan2Backward0")
 def atan2(ctx):
     """out = atan2(self, other): self other/(self² + other²), other
@@ -608,7 +598,7 @@ def atan2(ctx):
     gives (0: no edge; NaN in older torch)."""
     y, x = ctx.tensor(ctx.saved("self")), ctx.tensor(ctx.saved("other"))
     r2 = y * y + x * x
-    recip = torch.where(r2 == 0, _atan2_origin_edge(), r2.reciprocal())
+    recip = torch.where(r2 == 0, _torch_edge("atan2_origin"), r2.reciprocal())
     out = [None, None]
     if ctx.needs[0]:
         out[0] = _pull(ctx, 0, x * recip)
