@@ -270,6 +270,16 @@ _INPUTS = {"x": _X, "y": _Y, "t": _XT, "p": _XP, "k": _XK, "xz": _XZ, "n": _XN, 
                                                                                            dtype=torch.float64)}
 _INPUTS.update({"u": _X.tanh() * 0.9, "q": _XP + 1.0, "s01": torch.sigmoid(_X * 2),
                 "r7": torch.tensor([0.5, -1.5, 2.0, 0.25, 0.0, -0.75, 1.0], dtype=torch.float64)})
+# clamp(x, lo, hi) regions: lo < hi (below, at lo, inside, at hi, above), lo = hi (below, at,
+# above), lo > hi (at lo, at hi, between)
+_INPUTS.update({
+    "cx": torch.tensor([[0.0, 1.0, 1.5, 2.0, 3.0], [0.0, 1.0, 2.0, 2.0, 1.0], [1.5, 0.5, 1.0, 2.5, 2.0]],
+                       dtype=torch.float64),
+    "clo": torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 2.0, 2.0], [2.0, 0.0, 0.0, 0.0, 1.0]],
+                        dtype=torch.float64),
+    "chi": torch.tensor([[2.0, 2.0, 2.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 0.5, 1.0, 2.5, 1.0]],
+                        dtype=torch.float64),
+})
 _GL = torch.Generator().manual_seed(13)
 _INPUTS.update({
     "sq": torch.eye(3, dtype=torch.float64) + 0.4 * torch.randn(2, 3, 3, generator=_GL, dtype=torch.float64),
@@ -508,6 +518,17 @@ ONE_STEP_OPS.update({
     "fmin": (("t", "y"), lambda t, y: torch.fmin(t, y[:3])),
     "clamp_tensor_bounds": (("x", "y"), lambda x, y: torch.clamp(x, y[:3] - 0.5, y[:3] + 0.5)),
     "clamp_min_max_scalar": (("x",), lambda x: x.clamp_min(0.1) + x.clamp_max(-0.2)),
+    # exact ties with the bounds in every region (torch 2.13 and 2.14 differ there)
+    "clamp_tensor_bound_ties": (("cx", "clo", "chi"), lambda x, lo, hi: torch.clamp(x, lo, hi)),
+    "clamp_tensor_min_ties": (("cx", "clo"), lambda x, lo: torch.clamp(x, lo, None)),
+    "clamp_tensor_max_ties": (("cx", "chi"), lambda x, hi: torch.clamp(x, None, hi)),
+    "clamp_min_tensor_ties": (("cx", "clo"), lambda x, lo: torch.clamp_min(x, lo)),
+    "clamp_number_ties": (("cx",), lambda x: torch.clamp(x, 1.0, 2.0)),
+    "clamp_number_equal_ties": (("cx",), lambda x: torch.clamp(x, 1.0, 1.0)),
+    "clamp_number_min_ties": (("cx",), lambda x: torch.clamp(x, min=1.0)),
+    "clamp_number_max_ties": (("cx",), lambda x: torch.clamp(x, max=2.0)),
+    "clamp_min_number_ties": (("cx",), lambda x: x.clamp_min(1.0)),
+    "clamp_max_number_ties": (("cx",), lambda x: x.clamp_max(1.0)),
     "remainder_scalar": (("x",), lambda x: torch.remainder(x, 0.7)),
     "round_decimals": (("x",), lambda x: x.round(decimals=1) + x),
     "linear_bias": (("x", "y", "p"), lambda x, y, p: F.linear(x, y, p[0, :4])),

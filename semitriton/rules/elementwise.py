@@ -31,29 +31,57 @@ def _pull(ctx: RuleContext, i: int, w=None, grad_index: int = 0):
     return ctx.sr.sum_to_shape(v, shape)
 
 
-#: points where torch versions' backward formulas differ: op -> (f, a, b); the edge
-#: of a in f(a, b) there is what :func:`_torch_edge` asks the running torch
+#: points where torch versions' backward formulas differ: name -> (f, args); a
+#: float argument is a float64 tensor that requires grad, an int one an int64
+#: tensor, None stays None. :func:`_torch_edges` asks the running torch for
+#: the edges of the float arguments there.
 _VERSIONED_EDGES = {
-    "atan2_origin": (torch.atan2, 0.0, 0.0),              # NaN as x/(x² + y²) reads; 0 in torch 2.13
-    "ldexp_negative_exponent": (torch.ldexp, 1.0, -1),    # 2^e formed in integers: 0 in torch 2.13
-    "fmax_tie": (torch.fmax, 1.0, 1.0),                   # 1 (all to self) in 2.13, 0.5 in 2.14
-    "fmin_tie": (torch.fmin, 1.0, 1.0),
-    "clamp_min_tie": (torch.clamp_min, 1.0, 1.0),
-    "clamp_max_tie": (torch.clamp_max, 1.0, 1.0),
+    "atan2_origin": (torch.atan2, (0.0, 0.0)),             # NaN as x/(x² + y²) reads; 0 in torch 2.13
+    "ldexp_negative_exponent": (torch.ldexp, (1.0, -1)),   # 2^e formed in integers: 0 in torch 2.13
+    "fmax_tie": (torch.fmax, (1.0, 1.0)),                  # 1 (all to self) in 2.13, 0.5 in 2.14
+    "fmin_tie": (torch.fmin, (1.0, 1.0)),
+    "clamp_min_tie": (torch.clamp_min, (1.0, 1.0)),
+    "clamp_max_tie": (torch.clamp_max, (1.0, 1.0)),
+    # torch.clamp(x, min, max) with tensor bounds: (x, min, max) edges where x meets a bound,
+    # or both bounds are equal (2.13 gives 1 to x at a bound, nothing below equal bounds;
+    # 2.14 splits a bound 0.5/0.5 and gives min its 1 below equal bounds)
+    "clamp_at_min": (torch.clamp, (1.0, 1.0, 2.0)),
+    "clamp_at_max": (torch.clamp, (2.0, 1.0, 2.0)),
+    "clamp_below_equal": (torch.clamp, (0.0, 1.0, 1.0)),
+    "clamp_at_equal": (torch.clamp, (1.0, 1.0, 1.0)),
+    "clamp_above_equal": (torch.clamp, (2.0, 1.0, 1.0)),
+    "clamp_min_only_tie": (torch.clamp, (1.0, 1.0, None)),
+    "clamp_max_only_tie": (torch.clamp, (1.0, None, 1.0)),
+    # number bounds: x's edge where it meets one (1 in 2.13, 0 in 2.14)
+    "clamp_number_at_min": (lambda x: torch.clamp(x, 1.0, 2.0), (1.0,)),
+    "clamp_number_at_max": (lambda x: torch.clamp(x, 1.0, 2.0), (2.0,)),
+    "clamp_number_at_equal": (lambda x: torch.clamp(x, 1.0, 1.0), (1.0,)),
+    "clamp_number_min_only": (lambda x: torch.clamp(x, min=1.0), (1.0,)),
+    "clamp_number_max_only": (lambda x: torch.clamp(x, max=1.0), (1.0,)),
+    "clamp_min_number": (lambda x: torch.clamp_min(x, 1.0), (1.0,)),
+    "clamp_max_number": (lambda x: torch.clamp_max(x, 1.0), (1.0,)),
 }
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_edge(point: str) -> float:
-    """The edge of a at one of :data:`_VERSIONED_EDGES`' points, as the
-    running torch's backward gives it: asked once, in float64 on the CPU, so
-    no rule differentiates or launches anything inside a pass."""
-    fn, a, b = _VERSIONED_EDGES[point]
+def _torch_edges(point: str) -> tuple:
+    """The edges of the float arguments at one of :data:`_VERSIONED_EDGES`'
+    points, as the running torch's backward gives them: asked once, in
+    float64 on the CPU, so no rule differentiates or launches anything
+    inside a pass."""
+    fn, args = _VERSIONED_EDGES[point]
     with recording():
-        x = torch.tensor([a], dtype=torch.float64, requires_grad=True)
-        other = torch.tensor([b], dtype=torch.float64 if isinstance(b, float) else torch.int64)
-        (g,) = torch.autograd.grad(fn(x, other).sum(), x)
-    return float(g)
+        xs = [None if a is None else
+              torch.tensor([a], dtype=torch.float64, requires_grad=True) if isinstance(a, float) else
+              torch.tensor([a], dtype=torch.int64) for a in args]
+        wrt = [x for x, a in zip(xs, args) if isinstance(a, float)]
+        grads = torch.autograd.grad(fn(*xs).sum(), wrt, allow_unused=True)
+    return tuple(0.0 if g is None else float(g) for g in grads)
+
+
+def _torch_edge(point: str) -> float:
+    """The first float argument's edge at ``point`` (:func:`_torch_edges`)."""
+    return _torch_edges(point)[0]
 
 
 # ---- binary ------------------------------------------------------------------------------
@@ -519,24 +547,43 @@ def glu(ctx):
 
 @rule("ClampBackward1")
 def clamp(ctx):
+    """clamp(x, min, max) with number bounds (either may be None): x has the
+    edge 1 strictly inside, and where it meets a bound the edge the running
+    torch gives there (:func:`_torch_edges`: 1 in torch 2.13, 0 in 2.14)."""
     x = ctx.saved("self")
-    keep = torch.ones_like(x, dtype=torch.bool)
     lo, hi = ctx.saved("min"), ctx.saved("max")
+    inside = torch.ones_like(x, dtype=torch.bool)
     if lo is not None:
-        keep &= x >= lo
+        inside &= x > lo
     if hi is not None:
-        keep &= x <= hi
-    return [_pull(ctx, 0, keep.to(ctx.dtype))]
+        inside &= x < hi
+    w = inside.to(ctx.dtype)
+    if lo is not None and hi is not None:
+        if lo == hi:
+            w = torch.where(x == lo, _torch_edge("clamp_number_at_equal"), w)
+        elif lo < hi:
+            w = torch.where(x == lo, _torch_edge("clamp_number_at_min"), w)
+            w = torch.where(x == hi, _torch_edge("clamp_number_at_max"), w)
+    elif lo is not None:
+        w = torch.where(x == lo, _torch_edge("clamp_number_min_only"), w)
+    elif hi is not None:
+        w = torch.where(x == hi, _torch_edge("clamp_number_max_only"), w)
+    return [_pull(ctx, 0, w)]
 
 
-@rule("ClampMinBackward0")
-def clamp_min(ctx):
-    return [_pull(ctx, 0, (ctx.saved("self") >= ctx.saved("min")).to(ctx.dtype))]
-
-
-@rule("ClampMaxBackward0")
-def clamp_max(ctx):
-    return [_pull(ctx, 0, (ctx.saved("self") <= ctx.saved("max")).to(ctx.dtype))]
+@rule("ClampMinBackward0", "ClampMaxBackward0")
+def clamp_number_bound(ctx):
+    """clamp_min(x, m) / clamp_max(x, m) with a number m: x has the edge 1
+    where it is kept (x > m, resp. x < m), and at x = m what the running
+    torch gives."""
+    x = ctx.saved("self")
+    if ctx.name.startswith("ClampMin"):
+        m = ctx.saved("min")
+        keep, tie = x > m, _torch_edge("clamp_min_number")
+    else:
+        m = ctx.saved("max")
+        keep, tie = x < m, _torch_edge("clamp_max_number")
+    return [_pull(ctx, 0, torch.where(x == m, tie, keep.to(ctx.dtype)))]
 
 
 # ---- addcmul, addcdiv, lerp, threshold, atan2, hypot, clamp with tensor bounds --------------------
@@ -621,26 +668,39 @@ def hypot(ctx):
 
 @rule("ClampBackward0")
 def clamp_tensor(ctx):
-    """torch.clamp(x, min, max) with tensor bounds (either may be None): x
-    has an edge where min ≤ x ≤ max; min where x < min (and min < max when
-    both are given); max where x > max (or max < min), torch's subgradients."""
+    """torch.clamp(x, min, max) with tensor bounds (either may be None):
+    the edge 1 goes to x strictly between the bounds, to min below it, to
+    max above it (and everywhere when max < min); where x meets a bound, or
+    the bounds are equal, the (x, min, max) edges are what the running torch
+    gives there (:func:`_torch_edges`)."""
     x = ctx.saved("self")
     lo, hi = ctx.saved("min"), ctx.saved("max")
-    out = [None] * ctx.n_inputs
-    if ctx.needs[0]:
-        keep = torch.ones_like(x, dtype=torch.bool)
-        if lo is not None:
-            keep = keep & (x >= lo)
-        if hi is not None:
-            keep = keep & (x <= hi)
-        out[0] = _pull(ctx, 0, keep.to(ctx.dtype))
-    if ctx.n_inputs > 1 and ctx.needs[1] and lo is not None:
-        sel = x < lo if hi is None else (x < lo) & (lo < hi)
-        out[1] = _pull(ctx, 1, sel.to(ctx.dtype))
-    if ctx.n_inputs > 2 and ctx.needs[2] and hi is not None:
-        sel = x > hi if lo is None else (x > hi) | (hi < lo)
-        out[2] = _pull(ctx, 2, sel.to(ctx.dtype))
-    return out
+    w = [torch.zeros_like(x, dtype=ctx.dtype) for _ in range(3)]    # x, min, max
+
+    def put(where, edges, slots=(0, 1, 2)):
+        for k, e in zip(slots, edges):
+            w[k] = torch.where(where, e, w[k])
+
+    if lo is not None and hi is not None:
+        ordered, equal = lo < hi, lo == hi
+        put(ordered & (x > lo) & (x < hi), (1.0,), (0,))
+        put(ordered & (x < lo), (1.0,), (1,))
+        put(ordered & (x > hi), (1.0,), (2,))
+        put(lo > hi, (1.0,), (2,))
+        put(ordered & (x == lo), _torch_edges("clamp_at_min"))
+        put(ordered & (x == hi), _torch_edges("clamp_at_max"))
+        put(equal & (x < lo), _torch_edges("clamp_below_equal"))
+        put(equal & (x == lo), _torch_edges("clamp_at_equal"))
+        put(equal & (x > lo), _torch_edges("clamp_above_equal"))
+    elif lo is not None:
+        put(x > lo, (1.0,), (0,))
+        put(x < lo, (1.0,), (1,))
+        put(x == lo, _torch_edges("clamp_min_only_tie"), (0, 1))
+    elif hi is not None:
+        put(x < hi, (1.0,), (0,))
+        put(x > hi, (1.0,), (2,))
+        put(x == hi, _torch_edges("clamp_max_only_tie"), (0, 2))
+    return [_pull(ctx, i, w[i]) if ctx.needs[i] else None for i in range(ctx.n_inputs)]
 
 
 @rule("XlogyBackward0", "XlogyBackward1", "XlogyBackward2",
