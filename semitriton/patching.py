@@ -555,7 +555,7 @@ def _uses_attention_interface(module: nn.Module) -> bool:
 # ---- public API ------------------------------------------------------------------------------------
 @dataclass
 class PatchRecord:
-    swapped: list = field(default_factory=list)          # (parent, name, original, patched)
+    swapped: list = field(default_factory=list)          # (parent or None for the model, name, original, patched)
     attention_configs: list = field(default_factory=list)  # (config, [(config or sub-config, previous implementation)])
     attention_modules: int = 0
     rope_modules: list = field(default_factory=list)        # (modeling module name, patched attention module)
@@ -658,7 +658,9 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
                 rec.rope_modules.append((modname, new))
             if new is not None:
                 parent._modules[name] = new
-                rec.swapped.append((parent, name, child, new))
+                # the model itself as None: the record is the model's attribute, and a reference back
+                # would keep a deleted model (and its cached weight transforms) alive until a gc run
+                rec.swapped.append((None if parent is model else parent, name, child, new))
     if (norms and _is_rms_candidate(type(model), rms)) or (activations and type(model) in acts):
         msg = (f"the model itself is a {type(model).__name__}, which patch() cannot replace (it swaps "
                "submodules in place): patch a module that contains it, e.g. nn.Sequential(module)")
@@ -728,6 +730,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if rec is None:
         return model
     for parent, name, orig, new in reversed(rec.swapped):
+        parent = model if parent is None else parent
         if parent._modules.get(name) is new:
             parent._modules[name] = orig
         # what was set on the swapped copy while patched (train()/eval(), attributes) carries over

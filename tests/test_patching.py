@@ -1174,3 +1174,39 @@ def test_a_patched_model_deleted_without_unpatch_leaves_no_config_behind():
         finalizer = patching._attn_configs[id(shared.config)][2]
         semitriton.unpatch(shared)
         assert not finalizer.alive and id(shared.config) not in patching._attn_configs
+
+
+def test_a_deleted_patched_model_is_freed_without_a_gc_run():
+    """A module swapped directly under the model (here every one) leaves no
+    reference from the patch record back to the model: ``del`` frees it (and
+    with it its cached weight transforms) at once, as it frees an unpatched
+    one; a deep copy and a pickled copy still unpatch their own modules."""
+    import gc
+    import pickle
+    import weakref
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4), nn.RMSNorm(4), nn.GELU(approximate="tanh"), nn.Linear(4, 2))
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        m = semitriton.patch(model(), linear=True)
+        x = torch.randn(3, 4, requires_grad=True)
+        semitriton.grad(m(x).sum(), x, semiring="maxabs")
+        ref = weakref.ref(m)
+        del m
+        assert ref() is None
+    finally:
+        if enabled:
+            gc.enable()
+    m = semitriton.patch(model(), linear=True)
+    x = torch.randn(3, 4)
+    for copy_ in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        semitriton.unpatch(copy_)
+        assert [type(c) for c in copy_] == [nn.Linear, nn.RMSNorm, nn.GELU, nn.Linear]
+        assert [type(c).__name__ for c in m] == ["SemiringLinear", "SemiringRMSNorm", "GELU", "SemiringLinear"]
+        torch.testing.assert_close(copy_(x), m(x))
+    semitriton.unpatch(m)
+    assert [type(c) for c in m] == [nn.Linear, nn.RMSNorm, nn.GELU, nn.Linear]
