@@ -27,8 +27,9 @@ constants): activations are new tensors on every forward pass and are
 transformed on the fly instead. Bounded by entry count and bytes (LRU):
 ``SEMITRITON_WEIGHT_CACHE_ENTRIES`` (default 4096) and
 ``SEMITRITON_WEIGHT_CACHE_MB`` (default 4096). Entries whose weight has been
-freed are swept after every semiring pass (:func:`sweep`: a deleted model's
-transforms go at the next pass), after every full garbage collection
+freed are swept after semiring passes (:func:`sweep`: a deleted model's
+transforms go at the next pass while the cache holds at most 1024 entries, within
+⌈entries/1024⌉ passes beyond), after every full garbage collection
 (``gc.collect()``) and when the cache fills.
 """
 
@@ -44,6 +45,8 @@ _lock = threading.Lock()
 _cache: "OrderedDict[tuple, _Entry]" = OrderedDict()
 _bytes = 0
 _inserts_since_sweep = 0
+_passes_since_sweep = 0
+_SWEEP_BATCH = 1024                 # entries a pass's sweep looks at, on average (about 0.6 ms of Python)
 
 
 class _Entry:
@@ -135,10 +138,17 @@ def drop_stale(hits: dict) -> bool:
 def sweep() -> None:
     """Drop the transforms (and prints) of weights that have been freed: run
     after every semiring pass, so a deleted model's transforms go at the next
-    pass, not only when the cache fills (:func:`clear` drops everything now)."""
-    if _cache or _prints:
-        with _lock:
-            _sweep_dead()
+    pass, not only when the cache fills (:func:`clear` drops everything now).
+    A cache of n > 1024 entries is swept every ⌈n/1024⌉-th call, so a pass
+    spends on it what a sweep of 1024 entries costs, on average."""
+    global _passes_since_sweep
+    if not (_cache or _prints):
+        return
+    _passes_since_sweep += 1
+    if _passes_since_sweep * _SWEEP_BATCH < len(_cache):
+        return
+    with _lock:
+        _sweep_dead()
 
 
 def _after_full_collection(phase: str, info: dict) -> None:
@@ -209,12 +219,12 @@ def _drop(key):
 
 def _sweep_dead():
     """Drop the entries whose weight storage has been freed (caller holds the lock)."""
-    global _inserts_since_sweep
+    global _inserts_since_sweep, _passes_since_sweep
     for k in [k for k, v in _cache.items() if v.ref.expired()]:
         _drop(k)
     for k in [k for k, p in _prints.items() if p.ref.expired()]:
         del _prints[k]
-    _inserts_since_sweep = 0
+    _inserts_since_sweep = _passes_since_sweep = 0
 
 
 _bypass = 0

@@ -236,3 +236,28 @@ def test_a_deleted_models_transforms_go_at_the_next_pass_or_collection():
                 gc.enable()
         assert weight_cache.stats() == {"entries": 0, "bytes": 0}, release
         assert not weight_cache._prints
+
+
+def test_a_large_cache_is_swept_within_entries_over_1024_passes(monkeypatch):
+    """Past 1024 entries a pass's sweep runs every ⌈n/1024⌉-th pass (its cost
+    per pass stays that of 1024 entries); the dead entries still go."""
+    import math
+    weight_cache.clear()
+    monkeypatch.setattr(weight_cache, "_SWEEP_BATCH", 16)
+    keep = [torch.randn(2, 2) for _ in range(24)]
+    drop = [torch.randn(2, 2) for _ in range(24)]
+    for w in keep + drop:
+        weight_cache.transform(w, "abs", torch.abs)
+    n = weight_cache.stats()["entries"]
+    assert n == 48
+    del drop, w
+    passes = math.ceil(n / 16)
+    for k in range(passes - 1):
+        weight_cache.sweep()
+        assert weight_cache.stats()["entries"] == n            # not yet: the sweep is amortised
+    weight_cache.sweep()
+    assert weight_cache.stats()["entries"] == 24 and len(weight_cache._prints) == 24
+    monkeypatch.setattr(weight_cache, "_SWEEP_BATCH", 1024)
+    del keep
+    weight_cache.sweep()                                          # a small cache: every pass sweeps
+    assert weight_cache.stats() == {"entries": 0, "bytes": 0} and not weight_cache._prints
