@@ -130,6 +130,50 @@ def test_in_place_op_mixing_a_views_elements_is_named():
         _walk(b.sum(), x, "abs")
 
 
+def test_in_place_op_mixing_a_views_elements_with_cancelling_weights_is_named():
+    """addmm_ on a view with weights that sum to 0 per element: the ones probe
+    reads 0 there, which looked like "no edge" and dropped the element's
+    paths silently; the u, u² probes see them, and the mix is refused."""
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    h = x * 1.0
+    h[:, :2].addmm_(x[:, 2:] * 1.0, torch.tensor([[1.0, -1.0], [2.0, -2.0]], dtype=torch.float64))
+    for sr in ("abs", "maxabs", "entropy"):
+        with pytest.raises(GraphError, match="CopySlices: an element of input 1.*mixes the view's elements"):
+            _walk((h * torch.arange(12.0, dtype=torch.float64).reshape(3, 4)).sum(), x, sr)
+
+
+def test_in_place_op_with_an_infinite_edge_is_named():
+    """sqrt_ on a view at 0: the edge is inf (torch's gradient too), which the
+    probes cannot route; the error says so (it said "reaches several places")."""
+    x = torch.tensor([0.0, 4.0, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    h = x * 1.0
+    h[:2].sqrt_()
+    with pytest.raises(GraphError, match="CopySlices: an edge of the in-place write into input 0 is not finite"):
+        _walk(h.sum(), x, "abs")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("semiring", ["real", "abs", "max", "maxabs", "entropy"])
+def test_index_write_into_a_view_in_half_precision(dtype, semiring):
+    """An index_put into a view refuses float32 probes in a half-precision
+    graph (it failed with torch's dtype message): probed in the graph's own
+    dtype, its edges are those of the float32 graph."""
+    torch.manual_seed(0)
+    x32 = torch.randn(3, 4)
+    v32 = torch.randn(3, 2)
+    w = torch.arange(1.0, 13.0).reshape(3, 4)
+
+    def walk(dt):
+        x, v = x32.to(dt).requires_grad_(), v32.to(dt).requires_grad_()
+        h = x * 1.0
+        h[:, ::2][torch.tensor([0, 2])] = v[torch.tensor([0, 2])] * 2.0
+        return semitriton.grad_values((h * w.to(dt)).sum(), [x, v], semiring=semiring)
+
+    for got, want in zip(walk(dtype), walk(torch.float32)):
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2, equal_nan=True)
+
+
 def test_as_strided_over_shared_storage_is_an_error():
     """as_strided of an expanded tensor: two of its elements share storage, so
     which one an output reads cannot be told; the error names the node."""

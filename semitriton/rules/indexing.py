@@ -250,7 +250,8 @@ def scatter_reduce(ctx):
 
 
 #: the probe results' dtypes whose rounding the routing check below can tell from a second edge
-_PROBE_DTYPES = {torch.float64: 1e-9, torch.float32: 2e-5}
+#: (half precision: the graph's own dtype, where a node refuses float32 probes, as an index_put does)
+_PROBE_DTYPES = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 _DIGIT = 16
 
 
@@ -266,8 +267,10 @@ def copy_slices(ctx):
     output element (copies, elementwise ops on the view): that is checked
     (r(u)² = r(u²)·r(1), which two edges of one element would break); a
     broadcast source on a path (one element written to several places), an
-    op that mixes the view's elements (cumsum_, addmm_), or probes in half
-    precision, raise a GraphError instead."""
+    op that mixes the view's elements (cumsum_, addmm_), or an edge that is
+    not finite (sqrt_ at 0), raise a GraphError instead. Half-precision
+    graphs are probed in float32, or in their own dtype where the node
+    refuses float32 (an index_put inside)."""
     out = [None] * ctx.n_inputs
     if not any(ctx.needs):
         return out
@@ -280,25 +283,36 @@ def copy_slices(ctx):
     shape = tuple(v[0].shape)
     n = v[0].numel()
     index = torch.arange(n, device=dev)
-    # probes in the graph's own dtype (an index_put inside refuses another), float32 for half precision
-    pdt = ctx.node._input_metadata[0].dtype
-    pdt = pdt if pdt in _PROBE_DTYPES else torch.float32
+    # probes in the graph's own dtype (an index_put inside refuses another), float32 for half
+    # precision unless the node refuses it
+    gdt = ctx.node._input_metadata[0].dtype
     gen = torch.Generator().manual_seed(0)
-    u = (1 + torch.rand(n, generator=gen, dtype=torch.float64)).to(device=dev, dtype=pdt)
-    ud = u.double()
+    u64 = 1 + torch.rand(n, generator=gen, dtype=torch.float64)
 
-    def probe(codes):
+    def probe(codes, pdt):
         try:
-            r = node(codes.to(pdt).reshape(shape))
+            r = node(codes.to(device=dev, dtype=pdt).reshape(shape))
         except RuntimeError as exc:
             raise GraphError(f"{ctx.name}: reading the in-place write's edges off its own backward failed "
                              f"(torch said: {str(exc).splitlines()[0]})") from exc
         return r if isinstance(r, tuple) else (r,)
 
-    ones, ru, ru2 = probe(torch.ones(n, dtype=pdt, device=dev)), probe(u), probe(u * u)
-    digits = []
-    for d in range(max(1, math.ceil(math.log(max(n, 2), _DIGIT)))):
-        digits.append(probe((index // _DIGIT ** d) % _DIGIT + 1))
+    def probes(pdt):
+        u = u64.to(device=dev, dtype=pdt)
+        n_digits = max(1, math.ceil(math.log(max(n, 2), _DIGIT)))
+        codes = [torch.ones(n, dtype=pdt, device=dev), u, u * u]
+        codes += [(index // _DIGIT ** d) % _DIGIT + 1 for d in range(n_digits)]
+        return u, [probe(c, pdt) for c in codes]
+
+    if gdt in (torch.float64, torch.float32):
+        u, results = probes(gdt)
+    else:
+        try:
+            u, results = probes(torch.float32)
+        except GraphError:
+            u, results = probes(gdt)
+    ones, ru, ru2, digits = results[0], results[1], results[2], results[3:]
+    ud = u.double()
     for i in range(ctx.n_inputs):
         if not ctx.needs[i] or ones[i] is None:
             continue
@@ -308,14 +322,21 @@ def copy_slices(ctx):
             raise GraphError(f"{ctx.name}: the in-place write's backward runs in {w.dtype} for input {i}; its "
                              "edges are read in float32 or float64 only (run the model in float32)")
         w = w.double()
-        hit = w != 0
-        safe = torch.where(hit, w, 1.0)
+        a, b = ru[i].reshape(-1).double(), ru2[i].reshape(-1).double()
+        if not bool(cuda_graph.host_values(torch.isfinite(torch.stack([w, a, b])).all(), what)):
+            raise GraphError(f"{ctx.name}: an edge of the in-place write into input {i} is not finite (±inf or "
+                             "NaN: sqrt_ or rsqrt_ at 0, an exp_ that overflows, a NaN operand), so its edges "
+                             "cannot be read off its backward; compute that op out of place (y = f(x[:, :k]), "
+                             "then assemble the tensor with torch.cat/where)")
+        # an element with no edge reads 0 on every probe; one whose edges cancel on the ones probe
+        # (an op that mixes the view's elements, with weights summing to 0) does not on u and u²
+        hit = (w != 0) | (a != 0) | (b != 0)
+        safe = torch.where(w != 0, w, 1.0)
         pos = torch.zeros(w.numel(), dtype=torch.long, device=dev)
         for d, r in enumerate(digits):
             digit = (r[i].reshape(-1).double() / safe).round().long() - 1
             pos = pos + digit.clamp(0, _DIGIT - 1) * _DIGIT ** d
         pos = torch.where(hit, pos.clamp(0, n - 1), 0)
-        a, b = ru[i].reshape(-1).double(), ru2[i].reshape(-1).double()
         up, u2p = ud[pos], (u * u).double()[pos]
         single = ((a - w * up).abs() <= tol * (w * up).abs()) & ((b - w * u2p).abs() <= tol * (w * u2p).abs())
         if not bool(cuda_graph.host_values((single | ~hit).all(), what)):
