@@ -290,6 +290,13 @@ def _device_scope(t: Optional[Tensor]):
     return torch.cuda.device(t.device) if isinstance(t, Tensor) and t.is_cuda else contextlib.nullcontext()
 
 
+def _passes_nothing(grads) -> bool:
+    """Whether no path passes through a node whose output values are
+    ``grads``: every output is unreached or has no elements (a zero-size
+    output has no scalar; its rule would reduce over an empty dim)."""
+    return all(g is None or not g[0].numel() for g in grads)
+
+
 def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route=None,
           progress: bool = False, wrap=None) -> dict:
     """The generalised backward over ``graph`` (relevant nodes, in-degrees,
@@ -335,6 +342,8 @@ def _walk(graph, seeds: dict, sr: Semiring, dtype: torch.dtype, keep=None, route
                 f, nr = nexts[0]
                 shape = view_shapes[node] = tuple(f._input_metadata[nr].shape)
             outs = (tuple(c.reshape(shape) for c in grads[0]),)
+        elif (grads[0] is None or not grads[0][0].numel()) and _passes_nothing(grads):
+            outs = [None] * len(nexts)
         else:
             fn = rule_for(node)
             if fn is None:

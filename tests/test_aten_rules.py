@@ -120,6 +120,31 @@ def test_degenerate_inputs_do_not_crash_the_rules(semiring):
         torch.testing.assert_close(g, torch.autograd.grad(out, e)[0], equal_nan=True)
 
 
+@pytest.mark.parametrize("semiring", ["real", "abs", "maxabs", "entropy", "max"])
+def test_zero_size_tensors_on_a_path(semiring):
+    """A node whose outputs have no elements passes no path; its rule was
+    called anyway and reduced over an empty dim (max/maxabs: amax's
+    IndexError; a softmax over an empty dim: argmax/topk errors). Each gives
+    the empty gradient, and a non-empty input that only reaches empty
+    outputs reads "no path", as torch's zero gradient."""
+    cases = [((0, 3), lambda x: (x * x.sum()).sum()),
+             ((2, 0, 2), lambda x: (x * x.sum()).sum()),
+             ((3, 0), lambda x: (torch.softmax(x, -1) * 2).sum()),
+             ((3, 4), lambda x: (torch.softmax(x[:, :0], -1) * 2).sum() + x[0, 1] * 3)]
+    for shape, f in cases:
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        out = f(x)
+        (g,) = _walk(out, x, semiring)
+        g = g if isinstance(g, tuple) else (g,)
+        assert g[0].shape == shape
+        if semiring == "real":
+            torch.testing.assert_close(g[0], torch.autograd.grad(out, x)[0])
+        elif g[0].numel():
+            (want,) = _walk(x[0, 1] * 3, x, semiring)
+            for a, b in zip(g, want if isinstance(want, tuple) else (want,)):
+                torch.testing.assert_close(a, b)
+
+
 def test_in_place_op_mixing_a_views_elements_is_named():
     """cumsum_ on a view: one CopySlices node whose input elements each reach
     several outputs; the error names that case, not only a broadcast source."""
