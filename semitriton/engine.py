@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 import warnings
 from collections import deque
@@ -436,23 +437,30 @@ def run(output: Tensor, inputs: TensorOrTensors, semiring: Union[str, Semiring] 
                 for slot, i in lst:
                     results[i] = captured.get((node, slot))
     _warn_if_nan(output)
-    _warn_if_underflow(sr, results, dtype)
+    _warn_if_out_of_range(sr, results, dtype)
     return tuple(None if i in graph.unused else r if r is not None else sr.zero(tuple(t.shape), dtype, t.device)
                  for i, (r, t) in enumerate(zip(results, inputs)))
 
 
-def _warn_if_underflow(sr: Semiring, results, dtype: torch.dtype) -> None:
+def _warn_if_out_of_range(sr: Semiring, results, dtype: torch.dtype) -> None:
     """The max semiring keeps (M+, M-) in linear space: every edge is non-zero,
     so a path product of exactly 0 is one that underflowed the compute dtype,
-    and its M+ readout says 0 where the top path has a tiny non-zero product."""
+    and its M+ readout says 0 where the top path has a tiny non-zero product;
+    one of ±inf (M+ = +inf or M- = -inf) overflowed it, or has an infinite
+    edge (as torch's gradient would)."""
     if type(sr) is not Max:                 # a subclass may keep other values
         return
-    zeros = [(r[0] == 0).sum() for r in results if r is not None]
-    n = int(torch.stack(zeros).sum()) if zeros else 0        # one synchronisation
-    if n:
-        warnings.warn(f"semitriton: {n} max-semiring readout(s) underflowed {dtype} and read 0: their top path's "
-                      "product is smaller than the dtype's range; semiring='maxabs' keeps the magnitude in log "
-                      "space (or run the model in float64)", RuntimeWarning, stacklevel=user_stacklevel())
+    counts = [torch.stack([(r[0] == 0).sum(), ((r[0] == math.inf) | (r[1] == -math.inf)).sum()])
+              for r in results if r is not None]
+    under, over = torch.stack(counts).sum(0).tolist() if counts else (0, 0)     # one synchronisation
+    if under:
+        warnings.warn(f"semitriton: {under} max-semiring readout(s) underflowed {dtype} and read 0: their top "
+                      "path's product is smaller than the dtype's range; semiring='maxabs' keeps the magnitude in "
+                      "log space (or run the model in float64)", RuntimeWarning, stacklevel=user_stacklevel())
+    if over:
+        warnings.warn(f"semitriton: {over} max-semiring value(s) read ±inf: a signed extreme path product "
+                      f"overflowed {dtype} (or a path has an infinite edge); semiring='maxabs' keeps the magnitude "
+                      "in log space (or run the model in float64)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _checked(walk):

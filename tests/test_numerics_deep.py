@@ -103,6 +103,30 @@ def test_silu_derivative_keeps_its_subnormal_tail():
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=0)      # subnormals keep ~2-3 digits
 
 
+def test_max_overflow_is_warned():
+    """A 10-step chain whose every edge is 1e5: the top path product 1e50 is
+    past float32's range, so max's linear-space M+ reads inf; that comes with
+    a warning naming maxabs (which has 1e50); the float64 walk does not warn."""
+    import warnings
+
+    def chain(x):
+        for _ in range(10):
+            x = torch.tanh(x * 1e5)
+        return x.sum()
+
+    x64 = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (m64,) = semitriton.grad(chain(x64), x64, semiring="max")
+    torch.testing.assert_close(m64, torch.full((3,), 1e50, dtype=torch.float64))
+    x32 = torch.zeros(3, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match=r"3 max-semiring value\(s\) read ±inf.*overflowed torch.float32.*maxabs"):
+        (m32,) = semitriton.grad(chain(x32), x32, semiring="max")
+    assert (m32 == float("inf")).all()
+    (ma32,) = semitriton.grad(chain(x32), x32, semiring="maxabs")
+    torch.testing.assert_close(ma32.double(), m64, rtol=1e-4, atol=0)
+
+
 def test_max_underflow_is_warned():
     """A 60-step tanh chain without a residual: the top path product (~1e-61)
     is below float32's range, so max's linear-space M+ reads 0; that comes
