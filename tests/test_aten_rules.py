@@ -219,6 +219,19 @@ def test_a_broadcast_write_into_a_slice_is_an_error():
         _walk((b * torch.arange(12.0, dtype=torch.float64).reshape(3, 4)).sum(), x, "abs")
 
 
+def test_block_diag_of_several_constants():
+    """block_diag with two constant blocks: the node records no sizes; the
+    error names the node and the fix, and the fix works."""
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    eye, ones = torch.eye(2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
+    w = torch.arange(1.0, 36.0, dtype=torch.float64).reshape(5, 7)
+    with pytest.raises(GraphError, match="BlockDiagBackward0.*requires_grad_"):
+        _walk((torch.block_diag(eye, x, ones) * w).sum(), x, "abs")
+    eye.requires_grad_()
+    ones.requires_grad_()
+    _check_elementwise((torch.block_diag(eye, x, ones) * w).sum(), (x,))
+
+
 def test_cat_of_several_constants():
     """cat([BOS, x, EOS]) with constant ends: the node does not record their
     sizes; the error names the node and the fix, and the fix works."""

@@ -265,6 +265,24 @@ for _reduce_kind in ("sum", "mean", "prod", "amax", "amin"):
               "ScatterReduceBackward0")
 _case("scatter_reduce_amax_dim1", ("sx", "src"),
       lambda x, s: x.scatter_reduce(1, _SIDX[:3, :4] + 1, s[:3, :4] * 1.0, "amax"), "ScatterReduceBackward0")
+# block_diag: 2-D, 1-D and 0-dim blocks, and one constant block (its size comes from the output's)
+_case("block_diag", ("x2", "x1"), lambda a, b: torch.block_diag(a[:2, :3], b, b[0] * a[5, 0]),
+      "BlockDiagBackward0")
+_case("block_diag_constant_block", ("x2",), lambda a: torch.block_diag(a[:3], torch.ones(2, 1, dtype=a.dtype), a[3:]),
+      "BlockDiagBackward0")
+# index_reduce: source rows 0, 2, 3 into row 0 (a three-way tie with x at [0, 0] for amax, two zeros at
+# [0, 3] and one at [0, 4] for prod), row 1 into row 2
+_IRIDX = torch.tensor([0, 2, 0, 0])
+for _reduce_kind in ("mean", "prod", "amax", "amin"):
+    for _incl in (True, False):
+        _case(f"index_reduce_{_reduce_kind}_{'self' if _incl else 'noself'}", ("sx", "src"),
+              lambda x, s, r=_reduce_kind, i=_incl: x.index_reduce(0, _IRIDX, s, r, include_self=i),
+              "IndexReduceBackward0")
+_case("index_reduce_amax_dim1", ("sx", "src"),
+      lambda x, s: x.index_reduce(1, torch.tensor([4, 0, 4, 1]), s[:3, :4] * 1.0, "amax"), "IndexReduceBackward0")
+_case("index_reduce_prod_dim_neg1", ("sx", "src"),
+      lambda x, s: x.index_reduce(-1, torch.tensor([4, 0, 4, 1]), s[:3, :4] * 1.0, "prod", include_self=False),
+      "IndexReduceBackward0")
 
 
 # ---- the checks ---------------------------------------------------------------------------------

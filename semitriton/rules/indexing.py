@@ -224,21 +224,41 @@ def scatter_reduce(ctx):
     product of the others (exact at zeros); "amax"/"amin" 1/ties to each
     element equal to the result (none to the others). With
     include_self=False the written positions have no edge from x."""
-    out = [None] * ctx.n_inputs
     if not any(ctx.needs):
-        return out
-    sr = ctx.sr
-    v = ctx.grad()
+        return [None] * ctx.n_inputs
     x, src, result = ctx.saved("self"), ctx.saved("src"), ctx.saved("result")
     index = ctx.saved("index").to(x.device)
+    if tuple(index.shape) != tuple(src.shape) and x.dim() > 0:
+        raise GraphError(f"{ctx.name}: src {tuple(src.shape)} is larger than index {tuple(index.shape)} "
+                         "(torch's own backward refuses this too); pass src[..., :k] with index's shape")
+    return _reduced_into(ctx, x, src, index, ctx.saved("dim"), result)
+
+
+@rule("IndexReduceBackward0")
+def index_reduce(ctx):
+    """out = x.index_reduce(dim, index, source, reduce, include_self): source's
+    slice j along dim is reduced into x's slice index[j], the scatter_reduce
+    of index[j] broadcast over that slice (the same edges)."""
+    if not any(ctx.needs):
+        return [None] * ctx.n_inputs
+    x, src, result = ctx.saved("self"), ctx.saved("source"), ctx.saved("result")
+    index = ctx.saved("index").to(x.device).reshape(-1)
+    if x.dim() > 0:
+        dim = ctx.saved("dim") % x.dim()
+        index = index.view([-1 if d == dim else 1 for d in range(src.dim())]).expand(src.shape)
+    return _reduced_into(ctx, x, src, index, ctx.saved("dim"), result)
+
+
+def _reduced_into(ctx, x, src, index, dim: int, result) -> list:
+    """The values of x and src for a scatter_reduce-like node (index shaped as src)."""
+    out = [None] * ctx.n_inputs
+    sr = ctx.sr
+    v = ctx.grad()
     if x.dim() == 0:                                  # a 0-dim scatter: one position
         x, result = x.reshape(1), result.reshape(1)
         index, src = index.reshape(-1), src.reshape(-1)
         v = sr.map(v, lambda c: c.reshape(1))
-    dim = ctx.saved("dim") % x.dim()
-    if tuple(index.shape) != tuple(src.shape):
-        raise GraphError(f"{ctx.name}: src {tuple(src.shape)} is larger than index {tuple(index.shape)} "
-                         "(torch's own backward refuses this too); pass src[..., :k] with index's shape")
+    dim = dim % x.dim()
     wx, ws = _scatter_reduce_weights(x, src, index, dim, str(ctx.saved("reduce")), bool(ctx.saved("include_self")),
                                      result)
     if ctx.needs[0]:

@@ -179,6 +179,38 @@ def cat(ctx):
     return out
 
 
+@rule("BlockDiagBackward0")
+def block_diag(ctx):
+    """torch.block_diag(t_0, t_1, ...): t_i's element (a, b) -> out[r_i + a,
+    c_i + b], weight 1, where t_i's block starts at (r_i, c_i) = the rows and
+    columns of the blocks before it (a 0-dim t_i is a 1×1 block, a 1-dim one
+    1×n). The node saves no sizes: those of the inputs that require grad come
+    from their metadata, one other block's from the output's size."""
+    v = ctx.grad()
+    blocks = []
+    for i in range(ctx.n_inputs):
+        s = ctx.input_shape(i)
+        blocks.append(None if s is None else (1, 1) if len(s) == 0 else (1, s[0]) if len(s) == 1 else tuple(s))
+    missing = [i for i, b in enumerate(blocks) if b is None]
+    rows, cols = ctx.output_shape(0)
+    if len(missing) == 1:
+        known = [b for b in blocks if b is not None]
+        blocks[missing[0]] = (rows - sum(b[0] for b in known), cols - sum(b[1] for b in known))
+    elif missing:
+        raise GraphError("BlockDiagBackward0: cannot recover the sizes of more than one block that does not "
+                         "require grad (the node saves none): mark the constant blocks requires_grad_() (they "
+                         "then carry their sizes; nothing flows to them unless they are among the inputs)")
+    out, r, c = [], 0, 0
+    for i, (h, w) in enumerate(blocks):
+        if ctx.needs[i]:
+            shape = ctx.input_shape(i)
+            out.append(ctx.sr.map(v, lambda t, r=r, c=c, h=h, w=w: t[r:r + h, c:c + w].reshape(shape)))
+        else:
+            out.append(None)
+        r, c = r + h, c + w
+    return out
+
+
 @rule("StackBackward0")
 def stack(ctx):
     dim = ctx.saved("dim")
