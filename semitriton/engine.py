@@ -749,8 +749,16 @@ def grad(output: Union[Tensor, Sequence[Tensor]], inputs: TensorOrTensors, semir
     outs = tuple(None if v is None else sr.readout(v) for v in vals)
     if hasattr(sr, "log_readout"):
         for v, r in zip(vals, outs):
-            if v is not None and bool((torch.isinf(r) & torch.isfinite(v[0])).any()):
+            if v is None:
+                continue
+            finite = torch.isfinite(v[0])
+            over, under = torch.stack([(torch.isinf(r) & finite).any(), ((r == 0) & finite).any()]).tolist()
+            if over:
                 raise FloatingPointError(
                     f"the {sr.name} readout overflows float64 (log value up to "
-                    f"{float(v[0][torch.isfinite(v[0])].max()):.1f}); call with log_space=True")
+                    f"{float(v[0][finite].max()):.1f}); call with log_space=True")
+            if under:
+                warnings.warn(f"semitriton: the {sr.name} readout underflows float64 and reads 0 where a path "
+                              f"exists (log value down to {float(v[0][finite].min()):.1f}); call with "
+                              "log_space=True", RuntimeWarning, stacklevel=user_stacklevel())
     return outs

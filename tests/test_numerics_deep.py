@@ -127,6 +127,37 @@ def test_max_overflow_is_warned():
     torch.testing.assert_close(ma32.double(), m64, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("semiring", ["abs", "maxabs"])
+def test_linear_readouts_past_float64_say_so(semiring):
+    """abs and maxabs keep log values: a path product of 1e±800 is exact in
+    log space (log_space=True), while the float64 readout overflows (an error
+    naming log_space) or underflows to 0 (a warning naming it)."""
+    import math
+    import warnings
+
+    def chain(x, a):
+        for _ in range(4):
+            x = torch.tanh(x * a)
+        return x.sum()
+
+    for a, sign in ((1e200, 1), (1e-200, -1)):
+        x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        (log_v,) = semitriton.grad(chain(x, a), x, semiring=semiring, log_space=True)
+        torch.testing.assert_close(log_v, torch.full((2,), sign * 800 * math.log(10), dtype=torch.float64))
+        if sign > 0:
+            with pytest.raises(FloatingPointError, match=f"the {semiring} readout overflows float64.*log_space=True"):
+                semitriton.grad(chain(x, a), x, semiring=semiring)
+        else:
+            with pytest.warns(RuntimeWarning, match=f"the {semiring} readout underflows float64.*log_space=True"):
+                (v,) = semitriton.grad(chain(x, a), x, semiring=semiring)
+            assert (v == 0).all()
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (v,) = semitriton.grad(chain(x, 1e-50), x, semiring=semiring)     # 1e-200: in range, no warning
+    torch.testing.assert_close(v, torch.full((2,), 1e-200, dtype=torch.float64))
+
+
 def test_max_underflow_is_warned():
     """A 60-step tanh chain without a residual: the top path product (~1e-61)
     is below float32's range, so max's linear-space M+ reads 0; that comes
