@@ -114,10 +114,19 @@ def _flat(v, J: int):
 
 
 def _accepts(v, w) -> bool:
+    """fp32 values and a 2-D fp32 or fp16 weight (fp16: contracted as its exact fp32 copy,
+    cached; the Triton GEMM declines fp16, whose 5-bit exponent cannot hold the hi/lo
+    split of a = exp(l − m) more than ~10 nats below a row's maximum)."""
     import torch
 
-    return (w.dim() == 2 and w.dtype == torch.float32 and v[0].dtype == torch.float32 and v[0].dim() >= 1
-            and v[0].shape[-1] == w.shape[0] and v[0].numel() > 0 and w.numel() > 0)
+    return (w.dim() == 2 and w.dtype in (torch.float32, torch.float16) and v[0].dtype == torch.float32
+            and v[0].dim() >= 1 and v[0].shape[-1] == w.shape[0] and v[0].numel() > 0 and w.numel() > 0)
+
+
+def _abs_f32(w):
+    import torch
+
+    return torch.abs(w.float())
 
 
 def _weight_cache():
@@ -127,7 +136,8 @@ def _weight_cache():
 
 @register("matmul_cublas", "abs")
 def abs_matmul_cublas(v, w):
-    """abs: out = log((exp(l − m) @ |W|)) + m, elementwise parts in two launches."""
+    """abs: out = log((exp(l − m) @ |W|)) + m, elementwise parts in two launches
+    (an fp16 W as its fp32 copy)."""
     import torch
 
     if not _accepts(v, w):
@@ -135,7 +145,8 @@ def abs_matmul_cublas(v, w):
     J, K = w.shape
     lead, R, comps = _flat(v, J)
     a, m = _prologue(comps, J)
-    A = _weight_cache().transform(w, "abs", torch.abs)            # one |W| per weight (matmul's PRE too)
+    A = (_weight_cache().transform(w, "abs", torch.abs) if w.dtype == torch.float32   # matmul's PRE too
+         else _weight_cache().transform(w, "abs_f32", _abs_f32))
     (out,) = _epilogue(torch.matmul(a, A), None, m, K)
     return (out.reshape(*lead, K),)
 
@@ -143,7 +154,7 @@ def abs_matmul_cublas(v, w):
 def _abs_stack(w):
     import torch
 
-    return torch.cat([torch.abs(w), _neg_xlogx_f32(w)], 0)        # [2J, K]: |W| over −|W| log|W|
+    return torch.cat([_abs_f32(w), _neg_xlogx_f32(w)], 0)         # [2J, K]: |W| over −|W| log|W|, fp32
 
 
 @register("matmul_cublas", "entropy")

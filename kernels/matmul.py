@@ -29,11 +29,14 @@ reference runs. ``real`` stays with cuBLAS (not registered).
 
 Precision: fp32 weights contract with ``input_precision="tf32x3"`` (three
 TF32 tensor-core products per tile, ~1e-6 relative error; never plain TF32;
-``SEMITRITON_FP32_DOT=ieee`` gives fp32 FMA code instead). bf16/fp16
-weights contract in that dtype on the tensor cores with fp32 accumulation;
+``SEMITRITON_FP32_DOT=ieee`` gives fp32 FMA code instead). bf16 weights
+contract in that dtype on the tensor cores with fp32 accumulation;
 the fp32 exp tile (and a·μ, and E = -|W|log|W|) is split into a hi and a lo
 part in the weight dtype, so the result keeps fp32 accuracy
-(SEMITRITON_LOWP_SPLIT=0: one rounded product, ~3e-3 relative). Two forms
+(SEMITRITON_LOWP_SPLIT=0: one rounded product, ~3e-3 relative). fp16
+weights are declined: fp16's 5-bit exponent cannot hold that split for terms
+more than ~10 nats below a row's maximum (the cuBLAS path takes them as an
+fp32 copy, ``logspace_gemm``). Two forms
 of that GEMM are timed against each other: the exp and the split per tile
 inside the loop (``_logsum_mm_kernel``), or once per element in a prologue
 (``_lowp_split_kernel``) followed by a loop of loads and dots that the
@@ -603,9 +606,15 @@ def _with_splits(cfgs, B: int, I: int, J: int, K: int, n_acc: int, device, bases
     return cfgs + extra
 
 
-def _split_of(cfg: dict, J: int) -> tuple:
-    """(number of j slices, slice length) of a launch config."""
+def _split_of(cfg: dict, J: int, cells: int = 0) -> tuple:
+    """(number of j slices, slice length) of a launch config; with ``cells``
+    (the fp32 partial results one slice writes, n_acc·B·I·K) at most as many
+    slices as fit ``SPLIT_MAX_BYTES``: a split chosen for one shape bucket is
+    reused for every batch size (the key holds only B > 1), and a batch of 512
+    would otherwise allocate gigabytes of partials."""
     s = max(1, min(int(cfg.get("SPLIT_J", 1)), J))
+    if cells and s > 1:
+        s = max(1, min(s, SPLIT_MAX_BYTES // (4 * cells)))
     per = triton.cdiv(J, s)
     return triton.cdiv(J, per), per
 
@@ -708,9 +717,14 @@ def _logsum_matmul(v, w, entropy: bool):
     if prep is None:
         return NotImplemented
     comps, w3, wstride0, B, I, J, K, lead, I_out = prep
+    if w3.dtype == torch.float16:
+        # the hi/lo split of a = exp(l − rowmax) in fp16 (5-bit exponent) quantises terms
+        # ~10 nats below the row max and drops those ~17 below: the cuBLAS path (fp32 copy
+        # of the weight) or the torch reference serves fp16 weights
+        return NotImplemented
     if w3.dtype == torch.float64:
         w3 = w3.float()
-    lowp = w3.dtype in (torch.bfloat16, torch.float16)
+    lowp = w3.dtype == torch.bfloat16
     l3 = comps[0]
     mu3 = comps[1] if entropy else l3
     split = lowp and lowp_split()
@@ -824,7 +838,7 @@ def maxabs_matmul(v, w):
 
     def launch(cfg):
         meta = dict(cfg)
-        S, per = _split_of(meta, J)
+        S, per = _split_of(meta, J, B * I * K)
         meta.pop("SPLIT_J", None)
         out = torch.empty((S, B, I, K), dtype=torch.float32, device=l3.device)
         grid = (triton.cdiv(I, meta["BM"]) * triton.cdiv(K, meta["BN"]), B, S)
@@ -862,7 +876,7 @@ def max_matmul(v, w):
 
     def launch(cfg):
         meta = dict(cfg)
-        S, per = _split_of(meta, J)
+        S, per = _split_of(meta, J, 2 * B * I * K)
         meta.pop("SPLIT_J", None)
         out_p = torch.empty((S, B, I, K), dtype=torch.float32, device=p3.device)
         out_n = torch.empty_like(out_p)

@@ -31,9 +31,11 @@ from . import backend
 def _fp32_gemm_prefers_cublas(v, w, *rest) -> bool:
     """abs/entropy matmuls are exp-shift + GEMM + log: with float32 operands
     cuBLAS fp32 beat the fused Triton kernel on an H100 (4096³: 2.9 vs 3.6 ms
-    for abs, 8.8 vs 11.4 ms for entropy; bench/RESULTS.md); with bf16/fp16
-    weights the kernel wins (0.23 vs 0.55 ms on BERT's FFN)."""
-    return w.dtype in (torch.float32, torch.float64)
+    for abs, 8.8 vs 11.4 ms for entropy; bench/RESULTS.md); with bf16
+    weights the kernel wins (0.23 vs 0.55 ms on BERT's FFN). fp16 weights go
+    to cuBLAS as their fp32 copy: the kernel declines them (its fp16 hi/lo
+    split of exp(l − rowmax) loses terms ~10 nats below a row's maximum)."""
+    return w.dtype in (torch.float32, torch.float64, torch.float16)
 
 
 #: (op, semiring) -> predicate on the call's arguments; True = the Triton kernel
