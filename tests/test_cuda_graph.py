@@ -120,6 +120,27 @@ def test_host_to_device_copies_are_refused():
     assert not cuda_graph._host_to_device("copy_", (torch.empty(2, dtype=torch.long), idx), {})
 
 
+def test_pass_code_makes_no_device_tensor_from_host_data():
+    """``torch.tensor(data, device=...)`` copies host data below the dispatcher,
+    where the capture's check cannot see it (the leaky-ReLU rule did this: a
+    capture then failed with a CUDA error and the pass stayed eager). Code that
+    runs inside a pass builds device constants with ``torch.full``."""
+    import ast
+    import pathlib
+    import semitriton.kernels
+    root = pathlib.Path(semitriton.__file__).parent
+    found = []
+    for path in [root / sub for sub in ("rules", "semirings", "fused", "engine.py", "embedded.py", "dispatch.py")] \
+            + [pathlib.Path(semitriton.kernels.__file__).parent]:
+        for f in sorted(path.rglob("*.py") if path.is_dir() else [path]):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr in ("tensor", "as_tensor")
+                        and any(k.arg == "device" for k in node.keywords)):
+                    found.append(f"{f}:{node.lineno}")
+    assert not found, found
+
+
 def test_signature_covers_the_semiring_and_global_settings():
     """A captured pass freezes in the semiring's class and torch's matmul
     precision settings: a change gives another signature. Custom semirings

@@ -223,9 +223,10 @@ def _sig(x):
 
 def _slope_where(c, above):
     """Leaky ReLU's edge: 1 where ``above``, the slope elsewhere, in the
-    compute dtype (a Python-float where() would round the slope to float32)."""
-    return torch.where(above, 1.0, torch.tensor(float(c.saved("negative_slope")), dtype=c.dtype,
-                                                device=above.device))
+    compute dtype (a Python-float where() would round the slope to float32; a
+    fill, not torch.tensor's host copy, which a CUDA-graph capture cannot see)."""
+    return torch.where(above, 1.0, torch.full((), float(c.saved("negative_slope")), dtype=c.dtype,
+                                              device=above.device))
 
 
 _activation("GeluBackward0", lambda c: "gelu_tanh" if c.saved("approximate") == "tanh" else "gelu")
