@@ -1236,11 +1236,19 @@ def _plans(semiring: str, bd: int, bdv: int, gpu: bool | None = None, groups: in
     if not gpu:
         return [{"cfg": (16, 16, 4, 1, "ieee"), "split": False}]
     wide = max(bd, bdv) > 64
+    widest = max(bd, bdv) > 128
+    # wide heads (head dim 65-128, 129-256): the plans whose sm_90 builds fit the 227 KiB of
+    # shared memory a block may have (triton 3.6: 32x64 needed 240 KiB for real/abs at 128, and
+    # 368 KiB at 256; tests/aot_compile_check.py checks every plan at 64, 128 and 256)
     if semiring in ("real", "abs"):
-        cfgs = [(32, 64, 8, 1, "tf32x3")] if wide else [(16, 64, 8, 1, "tf32x3"), (64, 64, 8, 1, "tf32x3")]
+        cfgs = ([(16, 32, 4, 1, "tf32x3")] if widest else
+                [(16, 64, 8, 1, "tf32x3"), (16, 32, 4, 1, "tf32x3")] if wide else
+                [(16, 64, 8, 1, "tf32x3"), (64, 64, 8, 1, "tf32x3")])
         plans = [{"cfg": c, "split": False} for c in cfgs]
     elif semiring == "entropy":
-        plans = ([{"cfg": (32, 32, 8, 1, "tf32x3"), "split": False}] if wide else
+        plans = ([{"cfg": (16, 16, 4, 1, "tf32x3"), "split": True}] if widest else
+                 [{"cfg": (16, 32, 4, 1, "tf32x3"), "split": True},
+                  {"cfg": (16, 32, 8, 1, "tf32x3"), "split": False}] if wide else
                  [{"cfg": (16, 64, 8, 1, "tf32x3"), "split": True, "qk_cfg": (16, 32, 8, 1, "tf32x3")},
                   {"cfg": (16, 64, 8, 1, "tf32x3"), "split": True},
                   {"cfg": (32, 64, 8, 1, "tf32x3"), "split": False}])
@@ -1706,19 +1714,20 @@ def _signature(fn, dtype: str, constexprs: dict, native=()) -> dict:
     return sig
 
 
-def aot_specs(options: bool = False):
+def aot_specs(options: bool = False, head_dims=(64, 128, 256)):
     """(kernel, signature, constexprs) triples for ahead-of-time compilation
     checks, ``triton.compile(ASTSource(fn, signature, constexprs),
     target=GPUTarget("cuda", 90, 32))``: every kernel of every semiring, for
-    fp32 and bf16 q/k/v, with the launcher's GPU block sizes at head dim 64
-    (the LSE pre-pass once per dtype, with the Δ branch of ``real``), for
-    every launch plan of :func:`_plans`.
+    fp32 and bf16 q/k/v, with the launcher's GPU block sizes at head dims
+    64, 128 (80, 96, 128 round to it) and 256 (the LSE pre-pass once per
+    dtype, with the Δ branch of ``real``), for every launch plan of
+    :func:`_plans`.
     ``options=True`` appends a 4th element, the launcher's
     ``{"num_warps", "num_stages"}`` for ``triton.compile(..., options=)``.
     Needs triton only (no torch); compile with TRITON_INTERPRET unset or 0."""
     specs = []
-    bd = bdv = 64
-    for dtype in ("fp32", "bf16"):
+    for bd, dtype in [(d, t) for d in head_dims for t in ("fp32", "bf16")]:
+        bdv = bd
         ieee = dtype == "fp32"
         base = dict(HAS_BIAS=True, CAUSAL=dtype == "bf16", IEEE=ieee)
         needs = dict(NEED_Q=True, NEED_K=True, NEED_V=True)
@@ -1759,12 +1768,13 @@ def aot_specs(options: bool = False):
         add(_attn_bwd_max_kernel, "max", dict(base, G=1, CHUNK=1, **needs))
         # the abs / entropy pre- and post-passes (fixed launch shapes)
         flat = {"num_warps": 4, "num_stages": 1}
+        first = bd == head_dims[0]            # the flat passes do not depend on the head dim
         extra = [(_abs_scaled_kernel, dict(XLOGX=xl, LOG=lg, BLOCK=_FLAT_BLOCK), ("x0_ptr", "x1_ptr", "x2_ptr"))
-                 for xl, lg in ((False, False), (True, False), (False, True))]
+                 for xl, lg in ((False, False), (True, False), (False, True)) if first]
         if dtype == "fp32":
             extra += [(_attn_prep_vo_kernel, dict(ROWS=r, COLS=c, ENTROPY=e, BT=_PREP_ROWS, BDV=bdv), ())
                       for e in (False, True) for r, c in ((True, True), (True, False), (False, True))]
-            extra += [(_attn_finish_q_kernel, dict(ENTROPY=e, BLOCK=_FLAT_BLOCK), ()) for e in (False, True)]
+            extra += [(_attn_finish_q_kernel, dict(ENTROPY=e, BLOCK=_FLAT_BLOCK), ()) for e in (False, True) if first]
         for fn, c, native in extra:
             spec = (fn, _signature(fn, dtype, c, native=native), c)
             specs.append(spec + (flat,) if options else spec)

@@ -477,11 +477,15 @@ def signature(graph, output: Tensor, sr, dtype, backend_name: str) -> tuple:
 def _torch_settings() -> tuple:
     """Process-wide torch settings a captured pass freezes in (cuBLAS's math
     mode is set per call and captured with it)."""
-    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+    from .modes import tf32_settings
+    try:
+        generic = torch.get_float32_matmul_precision()
+    except RuntimeError:              # the user set the fp32_precision API: the legacy read refuses
+        generic = getattr(torch.backends, "fp32_precision", None)
+    return (generic, tf32_settings(),
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
-            torch.backends.cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled(),
-            torch.is_autocast_enabled("cuda"))
+            torch.are_deterministic_algorithms_enabled(), torch.is_autocast_enabled("cuda"))
 
 
 @dataclass

@@ -20,12 +20,15 @@ around cuBLAS; the default for those on CUDA, see ``REFERENCE_ALTERNATIVE``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 from typing import Callable, Optional
 
 import torch
 
 from . import backend
+from .errors import KernelFallbackWarning, user_stacklevel
 
 
 def _fp32_gemm_prefers_cublas(v, w, *rest) -> bool:
@@ -79,6 +82,53 @@ def kernel(op: str, semiring: str, t: torch.Tensor) -> Optional[Callable]:
     return registry.KERNELS.get((op, semiring))
 
 
+@functools.lru_cache(maxsize=None)
+def _fallback_errors() -> tuple:
+    """Triton's errors for a kernel that cannot be built or launched on this
+    GPU: out of shared memory or registers, a ptxas or compile failure."""
+    errors = []
+    try:
+        from triton.runtime.errors import OutOfResources, PTXASError
+        errors += [OutOfResources, PTXASError]
+    except ImportError:
+        pass
+    try:
+        from triton.compiler.errors import CompilationError
+        errors.append(CompilationError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_warned: set = set()
+
+
+def guarded(op: str, semiring: str, fn: Callable, *args):
+    """``fn(*args)`` (a kernel launcher; ``args[0]`` a value tuple or tensor)
+    on its tensors' GPU, made current for the launch (Triton launches on the
+    current device: a model spread over several GPUs), or ``NotImplemented``,
+    with a :class:`KernelFallbackWarning` once per (op, semiring, error),
+    where the kernel cannot be built or launched there: the caller's torch
+    reference then computes the op."""
+    t = args[0][0] if isinstance(args[0], tuple) else args[0]
+    ctx = contextlib.nullcontext()
+    if (isinstance(t, torch.Tensor) and t.is_cuda and torch.cuda.device_count() > 1
+            and t.device.index != torch.cuda.current_device()):
+        ctx = torch.cuda.device(t.device)
+    try:
+        with ctx:
+            return fn(*args)
+    except _fallback_errors() as exc:
+        key = (op, semiring, type(exc).__name__)
+        if key not in _warned:
+            _warned.add(key)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            warnings.warn(f"semitriton: the Triton kernel for {op}/{semiring} cannot run on this GPU "
+                          f"({type(exc).__name__}: {first[:200]}); the torch reference computes it instead "
+                          "(same statistics, slower)", KernelFallbackWarning, stacklevel=user_stacklevel())
+        return NotImplemented
+
+
 def call(op: str, semiring: str, v, *args):
     """Run the kernel for (op, semiring) on value ``v`` if one applies and the
     measured policy (``PREFER_REFERENCE``) does not prefer the torch reference;
@@ -100,9 +150,9 @@ def call(op: str, semiring: str, v, *args):
             if ka is not None:
                 if (op, semiring) in RACE:
                     return _race(op, semiring, (ka, k), v, args)
-                return ka(v, *args)
+                return guarded(alt, semiring, ka, v, *args)
         return NotImplemented
-    return k(v, *args)
+    return guarded(op, semiring, k, v, *args)
 
 
 def _shape_key(v, args) -> tuple:
@@ -134,10 +184,10 @@ def _race(op: str, semiring: str, impls, v, args):
     from .kernels._common import autotune_enabled, choose
 
     if not autotune_enabled():
-        return impls[0](v, *args)
+        return guarded(op, semiring, impls[0], v, *args)
 
     def launch(cfg):
-        r = impls[cfg["impl"]](v, *args)
+        r = guarded(op, semiring, impls[cfg["impl"]], v, *args)
         if r is NotImplemented:
             raise _Declined
         return r

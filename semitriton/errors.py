@@ -22,6 +22,12 @@ class GraphFreedError(GraphError):
     """The graph's saved tensors were freed by an earlier backward."""
 
 
+class KernelFallbackWarning(RuntimeWarning):
+    """A Triton kernel could not be built or launched on this GPU (out of
+    shared memory or registers, a ptxas or compile failure): the torch
+    reference computed that op instead (same numbers, slower)."""
+
+
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 

@@ -7,7 +7,7 @@ also runs in an environment that has only triton, e.g. triton 3.6) and
 compiles each ``aot_specs()`` entry with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``.
 Prints one JSON line per spec and a final summary line; exits non-zero if any
-spec fails. ``--ptxas-info`` also runs the bundled ptxas with ``-v`` on each
+spec fails to build or needs more shared memory than an sm_90 block has. ``--ptxas-info`` also runs the bundled ptxas with ``-v`` on each
 PTX and reports registers and spill bytes.
 """
 
@@ -77,6 +77,9 @@ def ptxas_info(ptx: str, arch: str):
 
 
 TILE_KEYS = {"BM", "BN", "BK", "BI", "BJ", "BR", "GROUP_M"}
+#: the dynamic shared memory one block may use on an H100/H200 (227 KiB); a build
+#: that needs more compiles but fails to launch (OutOfResources)
+SHARED_LIMIT = 232448
 
 
 def variant_key(spec):
@@ -119,7 +122,11 @@ def compile_one(args):
                                         attrs=attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
         ok = "cubin" in ck.asm and len(ck.asm["cubin"]) > 0 and "ptx" in ck.asm
-        desc.update(ok=ok, shared=getattr(ck.metadata, "shared", None), seconds=round(time.time() - t0, 2))
+        shared = getattr(ck.metadata, "shared", None)
+        desc.update(ok=ok, shared=shared, seconds=round(time.time() - t0, 2))
+        if shared is not None and shared > SHARED_LIMIT:
+            desc.update(ok=False, error=f"needs {shared} bytes of shared memory; a block on sm_90 has "
+                                        f"{SHARED_LIMIT} (it would fail to launch)")
         ptx = ck.asm["ptx"]
         desc["nan_propagating_max"] = ("max.NaN" in ptx) or ("min.NaN" in ptx)
         if want_ptxas:

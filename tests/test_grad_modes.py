@@ -90,3 +90,41 @@ def test_patched_activations_differentiate_inside_inference_mode():
     with torch.inference_mode():
         got = semitriton.grad(y, x, semiring="abs")[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_passes_on_cuda_run_without_tf32_and_restore_the_users_setting():
+    """A user's TF32 switch (training code often turns it on) would round the
+    pass's cuBLAS/cuDNN fp32 operands to 10-bit mantissas; the pass turns it
+    off and puts it back, through the API torch has: a user of the legacy
+    ``allow_tf32`` can still read it afterwards, and a user of the
+    ``fp32_precision`` API (whose legacy reads raise) gets a signature."""
+    from semitriton import cuda_graph
+    from semitriton.modes import _tf32_switches, full_fp32_math, tf32_settings
+
+    switches = _tf32_switches()
+    before = tf32_settings()
+    new_api = switches[0][1] == "fp32_precision"
+    full = tuple(v for _, _, v in switches)
+    try:
+        # a legacy user
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        user = tf32_settings()
+        assert user != full
+        with full_fp32_math(torch.device("cpu")):
+            assert tf32_settings() == user                            # a CPU pass leaves it alone
+        with full_fp32_math("cuda"):
+            assert tf32_settings() == full
+        assert tf32_settings() == user
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        cuda_graph._torch_settings()
+        if new_api:                                                   # a user of the new API
+            for obj, attr, _ in switches:
+                setattr(obj, attr, "tf32")
+            with full_fp32_math("cuda"):
+                assert tf32_settings() == full
+            assert tf32_settings() == ("tf32",) * len(switches)
+            cuda_graph._torch_settings()                              # its legacy reads would raise
+    finally:
+        for (obj, attr, _), old in zip(switches, before):
+            setattr(obj, attr, old)
+    assert tf32_settings() == before

@@ -421,6 +421,30 @@ def test_every_launch_plan_gpu(semiring, case, monkeypatch):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("D", [80, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_wide_heads_every_plan_gpu(semiring, dtype, D, monkeypatch):
+    """Head dims past 64 (80, 96, 128 in most models from ~1B parameters;
+    Gemma's 256): every launch plan fits a block's shared memory and matches
+    the reference (the single plan before needed 240-368 KiB and failed to
+    launch). A fallback to the reference would be a KernelFallbackWarning,
+    which the test configuration turns into an error."""
+    g = torch.Generator().manual_seed(D)
+    B, H, HK, T = 1, 4, 2, 67
+    q = torch.randn(B, H, T, D, generator=g).to("cuda", dtype)
+    k, v = (torch.randn(B, HK, T, D, generator=g).to("cuda", dtype) for _ in range(2))
+    vo = make_vo(semiring, (B, H, T, D), g, device="cuda")
+    plans = katt._plans(semiring, katt._pow2(D), katt._pow2(D), gpu=True, groups=H // HK)
+    for plan in plans:
+        monkeypatch.setattr(katt, "_plans", lambda *a, _p=plan, **kw: [_p])
+        got, ref = run_both(semiring, vo, q, k, v, None, True, D ** -0.5, (True, True, True))
+        for name, a, b in zip("qkv", got, ref):
+            compare(semiring, a, b, f"gpu/{semiring}/D{D}/{dtype}/{plan}/{name}")
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("semiring", SEMIRINGS)
 def test_needs_subsets_gpu(semiring):
     g = torch.Generator().manual_seed(17)

@@ -1084,6 +1084,39 @@ def test_fp32_abs_matmul_policy_picks_the_cublas_path(monkeypatch):
     assert dispatch.call("matmul", "abs", v, w.to(torch.bfloat16)) == "gemm" and len(calls) == 1
 
 
+def test_a_kernel_that_cannot_run_on_the_gpu_falls_back_to_the_reference(monkeypatch):
+    """A kernel that Triton cannot build or launch on the GPU (out of shared
+    memory, a ptxas failure) ends in the torch reference with a warning once
+    per (op, semiring, error), not in a failed pass; other errors still raise."""
+    from triton.runtime.errors import OutOfResources
+
+    from semitriton import dispatch
+    from semitriton.errors import KernelFallbackWarning
+
+    def too_big(v, w):
+        raise OutOfResources(245760, 232448, "shared memory")
+
+    monkeypatch.setitem(registry.KERNELS, ("matmul", "maxabs"), too_big)
+    monkeypatch.setattr(dispatch, "kernel", lambda op, sr, t: registry.KERNELS.get((op, sr)))
+    monkeypatch.setattr(dispatch, "_warned", set())
+    sr = BUILTIN["maxabs"]
+    g = torch.Generator().manual_seed(2)
+    v, w = gen_values("maxabs", (5, 7), "cpu", g), _weights((7, 3), torch.float32, "cpu", g)
+    with pytest.warns(KernelFallbackWarning, match=r"matmul/maxabs.*OutOfResources.*torch reference"):
+        out = sr.matmul(v, w)
+    check(out, reference(sr.matmul, v, w), "maxabs", 0.0, None, "fallback")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sr.matmul(v, w)                                    # warned once
+
+    def broken(v, w):
+        raise ValueError("a bug, not a resource limit")
+
+    monkeypatch.setitem(registry.KERNELS, ("matmul", "maxabs"), broken)
+    with pytest.raises(ValueError, match="a bug"):
+        sr.matmul(v, w)
+
+
 def test_fp32_gemm_race_keeps_the_faster_path(monkeypatch):
     """With the autotuner on (the GPU), fp32 abs/entropy matmuls time the
     exp/log-around-cuBLAS path against the Triton GEMM once per shape bucket and

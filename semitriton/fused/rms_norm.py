@@ -18,13 +18,15 @@ def _input_grad_kernel(x, grad_out, weight, eps: float, offset: float):
     or the backward itself is differentiated (create_graph=True: the kernel's
     output would carry no graph)."""
     from .. import backend
+    from ..dispatch import guarded
     if torch.is_grad_enabled() or not backend.use_triton(x):
         return None
     try:
         from ..kernels.rms_norm import rms_norm_input_grad
     except ImportError:  # triton missing or broken
         return None
-    return rms_norm_input_grad(x, grad_out, weight, eps, offset)
+    r = guarded("rms_norm_input_grad", "real", rms_norm_input_grad, x, grad_out, weight, eps, offset)
+    return None if r is NotImplemented else r
 
 
 class CanonicalRMSNorm(torch.autograd.Function):

@@ -32,11 +32,11 @@ def _grad_kernel(g, cos, sin):
     switch keeps torch (CPU tensors by default), the kernel declines (e.g. a
     half-precision gradient), or the backward is differentiated itself
     (create_graph=True: the kernel's output would carry no graph)."""
-    from ..dispatch import kernel
+    from ..dispatch import guarded, kernel
     if torch.is_grad_enabled() or g.dtype != torch.float32:
         return None
     fn = kernel("rope", "real", g)
-    r = NotImplemented if fn is None else fn((g,), cos, sin)
+    r = NotImplemented if fn is None else guarded("rope", "real", fn, (g,), cos, sin)
     return None if r is NotImplemented else r[0]
 
 
