@@ -1,7 +1,7 @@
 """The abs and entropy matmuls as exp-shift + cuBLAS + log, with the
 elementwise parts fused into two Triton launches (op ``"matmul_cublas"``,
 ``fn(v, w)``, same contract as the semirings' ``matmul``; fp32 values and
-fp32 2-D weights).
+fp32 or fp16 2-D weights, an fp16 one contracted as its cached fp32 copy).
 
 The torch reference of these matmuls (what the engine uses on CUDA for fp32
 weights, because cuBLAS fp32 beat the fused Triton GEMM) is

@@ -476,12 +476,10 @@ def signature(graph, output: Tensor, sr, dtype, backend_name: str) -> tuple:
 
 def _torch_settings() -> tuple:
     """Process-wide torch settings a captured pass freezes in (cuBLAS's math
-    mode is set per call and captured with it)."""
-    from .modes import tf32_settings
-    try:
-        generic = torch.get_float32_matmul_precision()
-    except RuntimeError:              # the user set the fp32_precision API: the legacy read refuses
-        generic = getattr(torch.backends, "fp32_precision", None)
+    mode is set per call and captured with it); the precision flags read
+    without tripping torch's check against mixing its two APIs."""
+    from .modes import _read, tf32_settings
+    generic = _read(torch.get_float32_matmul_precision, lambda: getattr(torch.backends, "fp32_precision", None))
     return (generic, tf32_settings(),
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,

@@ -14,8 +14,8 @@ Ops: ``matmul(v, w)``, ``softmax(v, y, dim)``, ``log_softmax(v, p, dim)``,
 as ``rms_norm_dense``), ``rms_norm_from_input(v, x, eps, weight, offset)``
 (the same with r, x̂ and γ formed in the kernel; ``real`` included),
 ``attention(vo, q, k, v, bias, causal, scale, needs)``,
-and ``matmul_cublas(v, w)`` (abs/entropy with fp32 weights: exp/log fused
-around cuBLAS; the default for those on CUDA, see ``REFERENCE_ALTERNATIVE``).
+and ``matmul_cublas(v, w)`` (abs/entropy with fp32 or fp16 weights: exp/log
+fused around cuBLAS; the default for those on CUDA, see ``REFERENCE_ALTERNATIVE``).
 """
 
 from __future__ import annotations
@@ -34,11 +34,16 @@ from .errors import KernelFallbackWarning, user_stacklevel
 def _fp32_gemm_prefers_cublas(v, w, *rest) -> bool:
     """abs/entropy matmuls are exp-shift + GEMM + log: with float32 operands
     cuBLAS fp32 beat the fused Triton kernel on an H100 (4096³: 2.9 vs 3.6 ms
-    for abs, 8.8 vs 11.4 ms for entropy; bench/RESULTS.md); with bf16
-    weights the kernel wins (0.23 vs 0.55 ms on BERT's FFN). fp16 weights go
-    to cuBLAS as their fp32 copy: the kernel declines them (its fp16 hi/lo
-    split of exp(l − rowmax) loses terms ~10 nats below a row's maximum)."""
-    return w.dtype in (torch.float32, torch.float64, torch.float16)
+    for abs, 8.8 vs 11.4 ms for entropy; bench/RESULTS.md), unless the user
+    let cuBLAS use TF32 (~1e-3 relative error: the kernel's "tf32x3" keeps
+    fp32 accuracy); with bf16 weights the kernel wins (0.23 vs 0.55 ms on
+    BERT's FFN). fp16 weights go to cuBLAS as their fp32 copy: the kernel
+    declines them (its fp16 hi/lo split of exp(l − rowmax) loses terms ~10
+    nats below a row's maximum)."""
+    if w.dtype == torch.float16:
+        return True
+    from .modes import tf32_matmul_on
+    return w.dtype in (torch.float32, torch.float64) and not tf32_matmul_on()
 
 
 #: (op, semiring) -> predicate on the call's arguments; True = the Triton kernel
@@ -47,7 +52,7 @@ def _fp32_gemm_prefers_cublas(v, w, *rest) -> bool:
 PREFER_REFERENCE = {("matmul", "abs"): _fp32_gemm_prefers_cublas,
                     ("matmul", "entropy"): _fp32_gemm_prefers_cublas}
 #: the same math as the torch reference with fewer launches: exp-shift and log
-#: fused around cuBLAS (kernels/logspace_gemm.py; fp32 weights only). Measured
+#: fused around cuBLAS (kernels/logspace_gemm.py; fp32 and fp16 weights). Measured
 #: on BERT-base fp32 (H200, 2026-11-26): backward ratio abs 2.53 vs 2.69 for the
 #: torch reference and 2.95 for the Triton GEMM (then fp32 FMA code); entropy
 #: 6.90 vs 7.51 and 7.54. ``SEMITRITON_FORCE_REFERENCE=matmul_cublas:abs``
@@ -86,30 +91,43 @@ def kernel(op: str, semiring: str, t: torch.Tensor) -> Optional[Callable]:
 def _fallback_errors() -> tuple:
     """Triton's errors for a kernel that cannot be built or launched on this
     GPU: out of shared memory or registers, a ptxas or compile failure."""
+    import importlib
     errors = []
-    try:
-        from triton.runtime.errors import OutOfResources, PTXASError
-        errors += [OutOfResources, PTXASError]
-    except ImportError:
-        pass
-    try:
-        from triton.compiler.errors import CompilationError
-        errors.append(CompilationError)
-    except ImportError:
-        pass
+    for module, name in (("triton.runtime.errors", "OutOfResources"), ("triton.runtime.errors", "PTXASError"),
+                         ("triton.compiler.errors", "CompilationError")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):        # an older triton without that class
+            pass
     return tuple(errors)
 
 
 _warned: set = set()
+#: (op, semiring, shape key) of kernels that could not be built or launched -> (op, semiring,
+#: error name, first line of the error): not tried again
+_failed: dict = {}
+
+
+def _failure_key(op: str, semiring: str, args) -> tuple:
+    v = args[0] if isinstance(args[0], tuple) else (args[0],)
+    try:
+        return (op, semiring) + _shape_key(v, args[1:])
+    except Exception:  # noqa: BLE001 - arguments _shape_key does not know
+        return (op, semiring)
 
 
 def guarded(op: str, semiring: str, fn: Callable, *args):
     """``fn(*args)`` (a kernel launcher; ``args[0]`` a value tuple or tensor)
     on its tensors' GPU, made current for the launch (Triton launches on the
-    current device: a model spread over several GPUs), or ``NotImplemented``,
-    with a :class:`KernelFallbackWarning` once per (op, semiring, error),
+    current device: a model spread over several GPUs), or ``NotImplemented``
     where the kernel cannot be built or launched there: the caller's torch
-    reference then computes the op."""
+    reference then computes the op, with a :class:`KernelFallbackWarning`
+    once per (op, semiring, error), and that shape bucket is not tried
+    again (a failed build would otherwise be retried at every call)."""
+    key = _failure_key(op, semiring, args)
+    if key in _failed:
+        _warn_fallback(*_failed[key])
+        return NotImplemented
     t = args[0][0] if isinstance(args[0], tuple) else args[0]
     ctx = contextlib.nullcontext()
     if (isinstance(t, torch.Tensor) and t.is_cuda and torch.cuda.device_count() > 1
@@ -119,14 +137,22 @@ def guarded(op: str, semiring: str, fn: Callable, *args):
         with ctx:
             return fn(*args)
     except _fallback_errors() as exc:
-        key = (op, semiring, type(exc).__name__)
-        if key not in _warned:
-            _warned.add(key)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            warnings.warn(f"semitriton: the Triton kernel for {op}/{semiring} cannot run on this GPU "
-                          f"({type(exc).__name__}: {first[:200]}); the torch reference computes it instead "
-                          "(same statistics, slower)", KernelFallbackWarning, stacklevel=user_stacklevel())
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _failed[key] = (op, semiring, type(exc).__name__, first[:200])
+        _warn_fallback(*_failed[key])
         return NotImplemented
+
+
+def _warn_fallback(op: str, semiring: str, error: str, first: str) -> None:
+    """The fallback's warning, once per (op, semiring, error); marked as given
+    only once it returns, so where warnings are errors (pytest) every
+    fallback raises."""
+    what = (op, semiring, error)
+    if what not in _warned:
+        warnings.warn(f"semitriton: the Triton kernel for {op}/{semiring} cannot run on this GPU "
+                      f"({error}: {first}); the torch reference computes it instead (same statistics, "
+                      "slower)", KernelFallbackWarning, stacklevel=user_stacklevel())
+        _warned.add(what)
 
 
 def call(op: str, semiring: str, v, *args):

@@ -3,11 +3,8 @@ whatever block the user calls it from.
 
 - :func:`walk_mode`: a semiring pass (or a readout's arithmetic) records no
   autograd graph, runs outside inference mode (a graph recorded outside
-  ``torch.inference_mode()`` can be walked inside one), with autocast off
-  (the pass computes in its own compute dtype, not the block's bf16) and,
-  on CUDA, with TF32 off for cuBLAS matmuls and cuDNN convolutions
-  (:func:`full_fp32_math`: the statistics keep fp32 accuracy whatever the
-  user's training code set).
+  ``torch.inference_mode()`` can be walked inside one) and with autocast off
+  (the pass computes in its own compute dtype, not the block's bf16).
 - :func:`recording`: the few places that differentiate on purpose (an
   edge column read through autograd, an activation's derivative) record a
   graph even inside ``torch.no_grad()`` or ``torch.inference_mode()``.
@@ -44,53 +41,46 @@ def autocast_off(*devices):
         yield
 
 
-def _tf32_switches() -> list:
-    """(object, attribute, its full-fp32 value) of torch's TF32 switches for
-    cuBLAS matmuls and cuDNN convolutions: the ``fp32_precision`` API where
-    torch has it (reading the legacy ``allow_tf32`` after a user set the new
-    one raises), else ``allow_tf32``."""
-    backends = torch.backends
-    if hasattr(backends.cuda.matmul, "fp32_precision"):
-        conv = getattr(backends.cudnn, "conv", None)
-        return [(o, "fp32_precision", "ieee") for o in (backends.cuda.matmul, conv)
-                if o is not None and hasattr(o, "fp32_precision")]
-    return [(backends.cuda.matmul, "allow_tf32", False), (backends.cudnn, "allow_tf32", False)]
+def _read(getter, fallback):
+    """A torch precision flag: ``getter()``, or ``fallback()`` where torch
+    refuses the legacy read (a user who set the ``fp32_precision`` API; the
+    two APIs may not be mixed)."""
+    try:
+        return getter()
+    except RuntimeError:
+        return fallback()
+
+
+def _new_api(obj) -> str:
+    value = getattr(obj, "fp32_precision", "none")
+    return getattr(torch.backends, "fp32_precision", "none") if value == "none" else value
 
 
 def tf32_settings() -> tuple:
-    """The current values of :func:`_tf32_switches` (for a signature)."""
-    return tuple(getattr(o, a) for o, a, _ in _tf32_switches())
+    """(cuBLAS matmuls may use TF32, cuDNN convolutions may), read without
+    tripping torch's check against mixing its two precision APIs."""
+    mm = torch.backends.cuda.matmul
+    conv = getattr(torch.backends.cudnn, "conv", torch.backends.cudnn)
+    return (_read(lambda: mm.allow_tf32 or torch.get_float32_matmul_precision() != "highest",
+                  lambda: _new_api(mm) == "tf32"),
+            _read(lambda: torch.backends.cudnn.allow_tf32, lambda: _new_api(conv) == "tf32"))
 
 
-@contextlib.contextmanager
-def full_fp32_math(*devices):
-    """TF32 off for cuBLAS matmuls and cuDNN convolutions while a pass runs
-    on a CUDA device among ``devices`` (a user's ``allow_tf32 = True`` or
-    ``set_float32_matmul_precision("high")`` would round fp32 operands to
-    10-bit mantissas: ~1e-3 relative error in the statistics); restored
-    afterwards."""
-    if "cuda" not in _types(devices):
-        yield
-        return
-    changed = []
-    try:
-        for obj, attr, value in _tf32_switches():
-            old = getattr(obj, attr)
-            if old != value:
-                setattr(obj, attr, value)
-                changed.append((obj, attr, old))
-        yield
-    finally:
-        for obj, attr, old in reversed(changed):
-            setattr(obj, attr, old)
+def tf32_matmul_on() -> bool:
+    """Whether cuBLAS may round fp32 matmul operands to TF32 (the user's
+    ``allow_tf32`` or ``set_float32_matmul_precision``): the abs/entropy
+    linears then take the Triton GEMM, whose "tf32x3" keeps fp32 accuracy,
+    instead of the exp/cuBLAS/log path. semitriton leaves the flags alone
+    (changing them inside a pass would trip torch's check against mixing its
+    two precision APIs)."""
+    return tf32_settings()[0]
 
 
 @contextlib.contextmanager
 def walk_mode(*devices):
     """No autograd recording, no inference mode, autocast off on the CPU and
-    on each given device (a ``torch.device``, a device type string, or None),
-    and TF32 off on CUDA (:func:`full_fp32_math`)."""
-    with torch.inference_mode(False), torch.no_grad(), autocast_off(*devices), full_fp32_math(*devices):
+    on each given device (a ``torch.device``, a device type string, or None)."""
+    with torch.inference_mode(False), torch.no_grad(), autocast_off(*devices):
         yield
 
 

@@ -179,12 +179,12 @@ def _limits():
 
 def clear() -> None:
     """Drop every cached transform."""
-    global _bytes, _inserts_since_sweep
+    global _bytes, _inserts_since_sweep, _passes_since_sweep
     with _lock:
         _cache.clear()
         _prints.clear()
         _bytes = 0
-        _inserts_since_sweep = 0
+        _inserts_since_sweep = _passes_since_sweep = 0
 
 
 def stats() -> dict:

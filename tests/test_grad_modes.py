@@ -92,39 +92,42 @@ def test_patched_activations_differentiate_inside_inference_mode():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_passes_on_cuda_run_without_tf32_and_restore_the_users_setting():
-    """A user's TF32 switch (training code often turns it on) would round the
-    pass's cuBLAS/cuDNN fp32 operands to 10-bit mantissas; the pass turns it
-    off and puts it back, through the API torch has: a user of the legacy
-    ``allow_tf32`` can still read it afterwards, and a user of the
-    ``fp32_precision`` API (whose legacy reads raise) gets a signature."""
-    from semitriton import cuda_graph
-    from semitriton.modes import _tf32_switches, full_fp32_math, tf32_settings
+def test_tf32_on_sends_fp32_linears_to_the_tf32x3_kernel_and_reads_flags_safely():
+    """With TF32 allowed for cuBLAS (training code often sets it), the abs and
+    entropy linears with fp32 weights take the Triton GEMM ("tf32x3": fp32
+    accuracy), not exp/cuBLAS/log (~1e-3 relative with TF32); semitriton
+    leaves the flags alone and reads them without tripping torch's check
+    against mixing its two precision APIs (a legacy read after the
+    fp32_precision API was set raises)."""
+    from semitriton import cuda_graph, dispatch
+    from semitriton.modes import tf32_matmul_on, tf32_settings
 
-    switches = _tf32_switches()
-    before = tf32_settings()
-    new_api = switches[0][1] == "fp32_precision"
-    full = tuple(v for _, _, v in switches)
+    mm = torch.backends.cuda.matmul
+    before = (torch.get_float32_matmul_precision(), mm.allow_tf32, torch.backends.cudnn.allow_tf32)
+    new_api = hasattr(mm, "fp32_precision")
+    old_new = mm.fp32_precision if new_api else None
+    w32, w16 = torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.float16)
     try:
-        # a legacy user
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        user = tf32_settings()
-        assert user != full
-        with full_fp32_math(torch.device("cpu")):
-            assert tf32_settings() == user                            # a CPU pass leaves it alone
-        with full_fp32_math("cuda"):
-            assert tf32_settings() == full
-        assert tf32_settings() == user
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        cuda_graph._torch_settings()
-        if new_api:                                                   # a user of the new API
-            for obj, attr, _ in switches:
-                setattr(obj, attr, "tf32")
-            with full_fp32_math("cuda"):
-                assert tf32_settings() == full
-            assert tf32_settings() == ("tf32",) * len(switches)
-            cuda_graph._torch_settings()                              # its legacy reads would raise
+        assert not tf32_matmul_on() and dispatch._fp32_gemm_prefers_cublas(None, w32)
+        mm.allow_tf32 = True
+        assert tf32_matmul_on() and tf32_settings()[0]
+        assert not dispatch._fp32_gemm_prefers_cublas(None, w32)
+        assert dispatch._fp32_gemm_prefers_cublas(None, w16)          # the kernel declines fp16 anyway
+        mm.allow_tf32 = False
+        torch.set_float32_matmul_precision("high")                      # the other legacy switch
+        assert tf32_matmul_on()
+        torch.set_float32_matmul_precision("highest")
+        assert not tf32_matmul_on()
+        if new_api:
+            mm.fp32_precision = "tf32"
+            with pytest.raises(RuntimeError):
+                mm.allow_tf32                                           # torch's own mix check
+            assert tf32_matmul_on() and not dispatch._fp32_gemm_prefers_cublas(None, w32)
+            cuda_graph._torch_settings()                                # reads without tripping it
+            mm.fp32_precision = old_new
     finally:
-        for (obj, attr, _), old in zip(switches, before):
-            setattr(obj, attr, old)
-    assert tf32_settings() == before
+        if new_api:
+            mm.fp32_precision = old_new
+        torch.set_float32_matmul_precision(before[0])
+        mm.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1], before[2]
+    assert (torch.get_float32_matmul_precision(), mm.allow_tf32, torch.backends.cudnn.allow_tf32) == before

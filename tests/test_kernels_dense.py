@@ -1096,23 +1096,35 @@ def test_a_kernel_that_cannot_run_on_the_gpu_falls_back_to_the_reference(monkeyp
     def too_big(v, w):
         raise OutOfResources(245760, 232448, "shared memory")
 
-    monkeypatch.setitem(registry.KERNELS, ("matmul", "maxabs"), too_big)
+    calls = []
+    monkeypatch.setitem(registry.KERNELS, ("matmul", "maxabs"), lambda v, w: calls.append(1) or too_big(v, w))
     monkeypatch.setattr(dispatch, "kernel", lambda op, sr, t: registry.KERNELS.get((op, sr)))
     monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(dispatch, "_failed", {})
     sr = BUILTIN["maxabs"]
     g = torch.Generator().manual_seed(2)
     v, w = gen_values("maxabs", (5, 7), "cpu", g), _weights((7, 3), torch.float32, "cpu", g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)          # as under pytest: each fallback raises
+        for _ in range(2):
+            with pytest.raises(KernelFallbackWarning):
+                sr.matmul(v, w)
     with pytest.warns(KernelFallbackWarning, match=r"matmul/maxabs.*OutOfResources.*torch reference"):
         out = sr.matmul(v, w)
     check(out, reference(sr.matmul, v, w), "maxabs", 0.0, None, "fallback")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sr.matmul(v, w)                                    # warned once
+    assert len(calls) == 1                                 # a failed build is not retried for its shapes
+    v2 = gen_values("maxabs", (5, 70), "cpu", g)
+    sr.matmul(v2, _weights((70, 3), torch.float32, "cpu", g))
+    assert len(calls) == 2                                 # another shape bucket is tried
 
     def broken(v, w):
         raise ValueError("a bug, not a resource limit")
 
     monkeypatch.setitem(registry.KERNELS, ("matmul", "maxabs"), broken)
+    monkeypatch.setattr(dispatch, "_failed", {})
     with pytest.raises(ValueError, match="a bug"):
         sr.matmul(v, w)
 
