@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import torch
 
@@ -66,22 +67,42 @@ def tf32_settings() -> tuple:
             _read(lambda: torch.backends.cudnn.allow_tf32, lambda: _new_api(conv) == "tf32"))
 
 
+_pass = threading.local()            # .tf32: outside a walk absent; inside None until read, then the value
+
+
 def tf32_matmul_on() -> bool:
     """Whether cuBLAS may round fp32 matmul operands to TF32 (the user's
     ``allow_tf32`` or ``set_float32_matmul_precision``): the abs/entropy
     linears then take the Triton GEMM, whose "tf32x3" keeps fp32 accuracy,
     instead of the exp/cuBLAS/log path. semitriton leaves the flags alone
     (changing them inside a pass would trip torch's check against mixing its
-    two precision APIs)."""
-    return tf32_settings()[0]
+    two precision APIs). Read once per pass (:func:`walk_mode`)."""
+    cached = getattr(_pass, "tf32", _OUTSIDE)
+    if cached is not None and cached is not _OUTSIDE:
+        return cached
+    value = tf32_settings()[0]
+    if cached is None:
+        _pass.tf32 = value
+    return value
+
+
+_OUTSIDE = object()
 
 
 @contextlib.contextmanager
 def walk_mode(*devices):
     """No autograd recording, no inference mode, autocast off on the CPU and
     on each given device (a ``torch.device``, a device type string, or None)."""
-    with torch.inference_mode(False), torch.no_grad(), autocast_off(*devices):
-        yield
+    prev = getattr(_pass, "tf32", _OUTSIDE)
+    _pass.tf32 = None if prev is _OUTSIDE else prev
+    try:
+        with torch.inference_mode(False), torch.no_grad(), autocast_off(*devices):
+            yield
+    finally:
+        if prev is _OUTSIDE:
+            del _pass.tf32
+        else:
+            _pass.tf32 = prev
 
 
 @contextlib.contextmanager
