@@ -123,12 +123,6 @@ def _accepts(v, w) -> bool:
             and v[0].dim() >= 1 and v[0].shape[-1] == w.shape[0] and v[0].numel() > 0 and w.numel() > 0)
 
 
-def _abs_f32(w):
-    import torch
-
-    return torch.abs(w.float())
-
-
 def _weight_cache():
     from semitriton import weight_cache  # torch-only module; imported at call time
     return weight_cache
@@ -145,8 +139,8 @@ def abs_matmul_cublas(v, w):
     J, K = w.shape
     lead, R, comps = _flat(v, J)
     a, m = _prologue(comps, J)
-    A = (_weight_cache().transform(w, "abs", torch.abs) if w.dtype == torch.float32   # matmul's PRE too
-         else _weight_cache().transform(w, "abs_f32", _abs_f32))
+    from semitriton.semirings._util import weight               # torch-only; the reference's own |W|
+    A = weight(w, "abs", torch.float32)                          # one fp32 |W| per weight, shared with it
     (out,) = _epilogue(torch.matmul(a, A), None, m, K)
     return (out.reshape(*lead, K),)
 
@@ -154,7 +148,7 @@ def abs_matmul_cublas(v, w):
 def _abs_stack(w):
     import torch
 
-    return torch.cat([_abs_f32(w), _neg_xlogx_f32(w)], 0)         # [2J, K]: |W| over −|W| log|W|, fp32
+    return torch.cat([torch.abs(w.float()), _neg_xlogx_f32(w)], 0)   # [2J, K]: |W| over −|W| log|W|, fp32
 
 
 @register("matmul_cublas", "entropy")

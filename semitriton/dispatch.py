@@ -124,10 +124,11 @@ def guarded(op: str, semiring: str, fn: Callable, *args):
     reference then computes the op, with a :class:`KernelFallbackWarning`
     once per (op, semiring, error), and that shape bucket is not tried
     again (a failed build would otherwise be retried at every call)."""
-    key = _failure_key(op, semiring, args)
-    if key in _failed:
-        _warn_fallback(*_failed[key])
-        return NotImplemented
+    if _failed:                        # the shape key only once some kernel has failed (a hot path)
+        known = _failed.get(_failure_key(op, semiring, args))
+        if known is not None:
+            _warn_fallback(*known)
+            return NotImplemented
     t = args[0][0] if isinstance(args[0], tuple) else args[0]
     ctx = contextlib.nullcontext()
     if (isinstance(t, torch.Tensor) and t.is_cuda and torch.cuda.device_count() > 1
@@ -138,8 +139,8 @@ def guarded(op: str, semiring: str, fn: Callable, *args):
             return fn(*args)
     except _fallback_errors() as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _failed[key] = (op, semiring, type(exc).__name__, first[:200])
-        _warn_fallback(*_failed[key])
+        known = _failed[_failure_key(op, semiring, args)] = (op, semiring, type(exc).__name__, first[:200])
+        _warn_fallback(*known)
         return NotImplemented
 
 

@@ -145,21 +145,31 @@ def slice_(ctx):
     return [_embed(ctx, shape, lambda c: c[idx])]
 
 
+def _fill_missing_sizes(sizes: list, total: tuple, what: str) -> list:
+    """``sizes`` (a tuple per input; None for an input that does not require
+    grad, whose size its node does not record) with one missing entry
+    recovered from the output's ``total`` (the sum of all of them); more than
+    one missing is a GraphError naming ``what`` (the node and its pieces)."""
+    missing = [i for i, s in enumerate(sizes) if s is None]
+    if len(missing) == 1:
+        known = [s for s in sizes if s is not None]
+        sizes[missing[0]] = tuple(t - sum(s[k] for s in known) for k, t in enumerate(total))
+    elif missing:
+        raise GraphError(f"{what} that does not require grad (the node does not record their sizes): mark "
+                         "the constant pieces requires_grad_() (they then carry their sizes; nothing flows to "
+                         "them unless they are among the inputs)")
+    return sizes
+
+
 def _cat_sizes(ctx, dim):
     sizes = []
     for i in range(ctx.n_inputs):
         s = ctx.input_shape(i)
-        sizes.append(None if s is None else s[dim % len(s)])
+        sizes.append(None if s is None else (s[dim % len(s)],))
     out = ctx.output_shape(0)
-    missing = [i for i, s in enumerate(sizes) if s is None]
-    if len(missing) == 1:
-        sizes[missing[0]] = out[dim % len(out)] - sum(s for s in sizes if s is not None)
-    elif missing:
-        raise GraphError("CatBackward0: cannot recover the sizes of more than one concatenated "
-                         "tensor that does not require grad (the node saves only dim): mark the constant pieces "
-                         "requires_grad_() (they then carry their sizes; nothing flows to them unless "
-                         "they are among the inputs)")
-    return sizes
+    sizes = _fill_missing_sizes(sizes, (out[dim % len(out)],), "CatBackward0: cannot recover the sizes of "
+                                "more than one concatenated tensor")
+    return [s[0] for s in sizes]
 
 
 @rule("CatBackward0")
@@ -191,15 +201,8 @@ def block_diag(ctx):
     for i in range(ctx.n_inputs):
         s = ctx.input_shape(i)
         blocks.append(None if s is None else (1, 1) if len(s) == 0 else (1, s[0]) if len(s) == 1 else tuple(s))
-    missing = [i for i, b in enumerate(blocks) if b is None]
-    rows, cols = ctx.output_shape(0)
-    if len(missing) == 1:
-        known = [b for b in blocks if b is not None]
-        blocks[missing[0]] = (rows - sum(b[0] for b in known), cols - sum(b[1] for b in known))
-    elif missing:
-        raise GraphError("BlockDiagBackward0: cannot recover the sizes of more than one block that does not "
-                         "require grad (the node saves none): mark the constant blocks requires_grad_() (they "
-                         "then carry their sizes; nothing flows to them unless they are among the inputs)")
+    blocks = _fill_missing_sizes(blocks, ctx.output_shape(0), "BlockDiagBackward0: cannot recover the sizes "
+                                 "of more than one block")
     out, r, c = [], 0, 0
     for i, (h, w) in enumerate(blocks):
         if ctx.needs[i]:
