@@ -510,6 +510,15 @@ ONE_STEP_OPS.update({
     "inv": (("sq",), lambda a: torch.linalg.inv(a)),
     "solve": (("sq", "rhs"), lambda a, b: torch.linalg.solve(a, b)),
     "solve_vector_broadcast": (("sq", "vec"), lambda a, b: torch.linalg.solve(a, b)),
+    # triangular solves (the chunked gated delta rule of Qwen3.5/Qwen3-Next/OLMo-hybrid): only the
+    # triangle the solve reads has edges; its inverse's zeros are no edges
+    "solve_triangular_lower_unit": (("sq", "rhs"), lambda a, b: torch.linalg.solve_triangular(
+        a, b, upper=False, unitriangular=True)),
+    "solve_triangular_upper": (("sq", "rhs"), lambda a, b: torch.linalg.solve_triangular(a, b, upper=True)),
+    "solve_triangular_right_lower": (("sq", "rhs"), lambda a, b: torch.linalg.solve_triangular(
+        a, b.transpose(-1, -2), upper=False, left=False)),
+    "solve_triangular_right_upper_unit_broadcast": (("sq", "rhs"), lambda a, b: torch.linalg.solve_triangular(
+        a[0], b.transpose(-1, -2), upper=True, left=False, unitriangular=True)),
 })
 
 
@@ -734,6 +743,40 @@ def test_mixture_of_experts_models_walk(kind):
                 assert_semiring_close(v, stats[s], s, 1e-4, f"{impl} vs grouped_mm, {s}")
             else:
                 stats[s] = v.detach().double().numpy()
+    semitriton.unpatch(model)
+
+
+@pytest.mark.skipif(not hasattr(__import__("transformers"), "Qwen3_5ForCausalLM"), reason="transformers without Qwen3.5")
+def test_gated_delta_net_model_walks():
+    """Qwen3.5's linear-attention layers (the chunked gated delta rule: causal
+    conv1d, a unit lower-triangular solve per chunk, a scan over chunks) walk
+    in every semiring, over two chunks of 64 and the padding: real equals
+    autograd, and the float32 statistics equal the float64 model's."""
+    import transformers as t
+    cfg = t.Qwen3_5TextConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=8, linear_num_value_heads=2,
+                              linear_num_key_heads=1, linear_key_head_dim=8, linear_value_head_dim=8,
+                              layer_types=["linear_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = semitriton.patch(t.Qwen3_5ForCausalLM(cfg).eval())
+    with torch.no_grad():       # a slow decay (the initial one is about e^-10 per step): the solve's A edges count
+        model.model.layers[0].linear_attn.A_log.fill_(-3.0)
+    ids = torch.randint(0, 50, (1, 70), generator=torch.Generator().manual_seed(1))
+    stats = {}
+    for dtype in (torch.float64, torch.float32):
+        model.to(dtype)
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        score = model(inputs_embeds=emb, use_cache=False).logits[0, -1, 7]
+        (ag,) = torch.autograd.grad(score, emb, retain_graph=True)
+        for s in SEMIRINGS:
+            (v,) = semitriton.grad(score, emb, semiring=s, **({"fast_real": False} if s == "real" else {}))
+            assert torch.isfinite(v).all(), f"{dtype}/{s}"
+            if s == "real":
+                torch.testing.assert_close(v, ag, rtol=1e-4, atol=1e-6 * float(ag.abs().max()))
+            if dtype == torch.float64:
+                stats[s] = v.detach().numpy()
+            else:
+                assert_semiring_close(v, stats[s], s, 1e-3, f"float32 vs float64, {s}")
     semitriton.unpatch(model)
 
 

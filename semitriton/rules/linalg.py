@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .. import cuda_graph
 from ..errors import GraphError
-from . import rule
+from . import rule, zero_where
 
 
 def _sr_matmul_left(ctx, v, b):
@@ -283,4 +283,39 @@ def solve(ctx):
         if vector:
             vb = ctx.sr.map(vb, lambda c: c.squeeze(-1))
         out[1] = ctx.sr.sum_to_shape(vb, ctx.input_shape(1))
+    return out
+
+
+@rule("LinalgSolveTriangularBackward0")
+def solve_triangular(ctx):
+    """X = T⁻¹B (``left=True``) or X = B T⁻¹ (``left=False``), T the lower (or
+    upper) triangle of A, with ones on its diagonal when ``unitriangular``.
+    With Y = T⁻¹: left, B_jm -> X_im of weight Y_ij and T_ij -> X_km of
+    weight −Y_ki X_jm; right, B_ij -> X_im of weight Y_jm and T_jk -> X_im of
+    weight −X_ij Y_km. Entries of A the solve does not read (the other
+    triangle; the diagonal when unitriangular) have no edge. Y is triangular,
+    and its zeros are the semiring zero in every semiring, so both
+    contractions run over the triangle only."""
+    import torch
+    a, x = ctx.saved("self"), ctx.saved("result")
+    upper, left, unit = bool(ctx.saved("upper")), bool(ctx.saved("left")), bool(ctx.saved("unitriangular"))
+    n = a.shape[-1]
+    rows = torch.arange(n, device=a.device)
+    read = (rows[None, :] >= rows[:, None]) if upper else (rows[None, :] <= rows[:, None])
+    if unit:
+        read = read & (rows[None, :] != rows[:, None])
+    eye = torch.eye(n, dtype=a.dtype, device=a.device).expand_as(a)
+    y = torch.linalg.solve_triangular(a, eye, upper=upper, unitriangular=unit)   # reads T only
+    v = ctx.grad(0)
+    sr = ctx.sr
+    out = [None] * ctx.n_inputs
+    if ctx.needs[0]:
+        if left:
+            va = sr.rmatmul(-y.transpose(-1, -2), sr.matmul(v, x.transpose(-1, -2)))
+        else:
+            va = sr.rmatmul(-x.transpose(-1, -2), sr.matmul(v, y.transpose(-1, -2)))
+        out[0] = sr.sum_to_shape(zero_where(sr, va, ~read), ctx.input_shape(0))
+    if ctx.n_inputs > 1 and ctx.needs[1]:
+        vb = sr.rmatmul(y.transpose(-1, -2), v) if left else sr.matmul(v, y.transpose(-1, -2))
+        out[1] = sr.sum_to_shape(vb, ctx.input_shape(1))
     return out
