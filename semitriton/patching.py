@@ -108,12 +108,32 @@ def _rms_classes() -> dict:
     return out
 
 
-def _rms_offset(module, known: dict) -> Optional[float]:
+def _rms_offset(module, known: dict, weightless: bool = False) -> Optional[float]:
     """The γ offset with which ``module`` computes γ·x·rsqrt(mean(x²)+eps)
-    (0 or 1, the listed offset for a listed class), or None if it does not."""
+    (0 or 1, the listed offset for a listed class; 0 with γ = 1 for a norm
+    whose forward ignores its weight, ``weightless``), or None if it does
+    not."""
+    if weightless:
+        return 0.0 if _rms_formula_matches(module, 0.0, weightless=True) else None
     cls = type(module)
     offsets = (known[cls],) if cls in known else (0.0, 1.0)
     return next((o for o in offsets if _rms_formula_matches(module, o)), None)
+
+
+def _rms_weight_ignored(module) -> bool:
+    """A norm with a ``weight`` that its forward does not read: FalconMamba's
+    weightless norm keeps a dummy buffer of ones and is applied to rows of
+    other widths. Its forward runs on rows one wider than the weight."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() == 0 or w.shape[-1] <= 1 or w.device.type == "meta":
+        return False
+    x = torch.randn(2, w.shape[-1] + 1, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    try:
+        with torch.no_grad():
+            type(module).forward(module, x)
+    except Exception:
+        return False
+    return True
 
 
 def _on_meta(module) -> bool:
@@ -177,9 +197,10 @@ def _rms_eps(module) -> Optional[float]:
     return None
 
 
-def _rms_formula_matches(module, offset: float) -> bool:
+def _rms_formula_matches(module, offset: float, weightless: bool = False) -> bool:
     """Guard against a transformers version whose norm differs: compare the
-    module with γ·x·rsqrt(mean(x²)+eps) on a small random input."""
+    module with γ·x·rsqrt(mean(x²)+eps) on a small random input (γ = 1 if
+    ``weightless``)."""
     w = getattr(module, "weight", None)
     n = w.shape[-1] if w is not None else getattr(module, "normalized_shape", (8,))[-1]
     dev = w.device if w is not None else torch.device("cpu")
@@ -195,7 +216,7 @@ def _rms_formula_matches(module, offset: float) -> bool:
         xd = x.to(w.dtype).double() if w is not None else x.double()
         e = torch.finfo(xd.dtype if w is None else w.dtype).eps if eps is None else eps
         ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + e)
-        if w is not None:
+        if w is not None and not weightless:
             ref = ref * (w.double() + offset)
     tol = 1e-4 if (w is None or w.dtype == torch.float32) else 3e-2
     return bool(torch.allclose(y, ref, rtol=tol, atol=tol))
@@ -207,7 +228,7 @@ def _patched_rms_forward(self, x):
     eps = _rms_eps(self)                # read per call: the user may change it after patching
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    weight = getattr(self, "weight", None)
+    weight = None if getattr(self, "_semitriton_weightless", False) else getattr(self, "weight", None)
     return CanonicalRMSNorm.apply(x, weight, impl, eps, self._semitriton_offset)
 
 
@@ -628,13 +649,14 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, att
             new = None
             if norms and _is_rms_candidate(cls, rms):
                 unchecked = cls not in rms and _on_meta(child)
-                offset = None if unchecked else _rms_offset(child, rms)
+                weightless = not unchecked and _rms_weight_ignored(child)
+                offset = None if unchecked else _rms_offset(child, rms, weightless)
                 if unchecked:
                     rec.skipped.append(f"{parent_name + '.' if parent_name else ''}{name} ({cls.__name__}): "
                                        "its forward cannot be checked on the meta device (patch after loading "
                                        "the weights)")
                 elif offset is not None:
-                    new = _swap(child, "rms_norm", _semitriton_offset=offset)
+                    new = _swap(child, "rms_norm", _semitriton_offset=offset, _semitriton_weightless=weightless)
                 else:
                     rec.skipped.append(f"{parent_name + '.' if parent_name else ''}{name} ({cls.__name__}): "
                                        "forward differs from γ·x·rsqrt(mean(x²)+eps)")

@@ -326,6 +326,75 @@ def test_norms_patch_cannot_swap_are_named_in_the_summary():
     semitriton.unpatch(model)
 
 
+def test_a_norm_that_ignores_its_weight_is_swapped_without_it():
+    """FalconMamba's weightless RMS norm keeps a dummy buffer of ones that its
+    forward never reads, and is applied to rows of other widths: the swapped
+    node has no weight (it multiplied by the buffer, and the backward failed
+    on the other widths), and reads as one primitive x·rsqrt(mean(x²)+eps)."""
+    class DummyWeightRMSNorm(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.eps = 1e-6
+            self.weight = nn.Buffer(torch.ones(n), persistent=False)
+
+        def forward(self, x):
+            return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), DummyWeightRMSNorm(8)).double()
+    x0 = torch.randn(4, 3, dtype=torch.float64)
+    ref = model(x0)
+    plain = copy.deepcopy(model)
+    semitriton.patch(model)
+    assert semitriton.patch_summary(model)["swapped"] == {"DummyWeightRMSNorm": 1}
+    x = x0.clone().requires_grad_()
+    out = model(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert "CanonicalRMSNormBackward" in node_types(out)
+    (W, b) = model[0].weight.detach(), model[0].bias.detach()
+    steps = [Step("h", lambda t: t @ W.T + b, ("x",)),
+             Step("n", lambda t: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6), ("h",)),
+             Step("out", lambda t: (t * torch.arange(5.0, dtype=t.dtype)).sum(), ("n",))]
+    score = (out * torch.arange(5.0, dtype=out.dtype)).sum()
+    xp = x0.clone().requires_grad_()
+    torch.testing.assert_close(torch.autograd.grad(score, x, retain_graph=True)[0],
+                               torch.autograd.grad((plain(xp) * torch.arange(5.0, dtype=out.dtype)).sum(), xp)[0],
+                               rtol=1e-5, atol=0)          # the module normalises in float32
+    for s in SEMIRINGS:
+        (got,) = semitriton.grad(score, x, semiring=s, **({"fast_real": False} if s == "real" else {}))
+        assert_semiring_close(got, oracle(Program("weightless", {"x": x0}, steps, engine=None), s)["x"], s, 1e-9,
+                              f"weightless norm/{s}")
+    semitriton.unpatch(model)
+
+
+def test_falcon_mamba_patched_keeps_its_gradients():
+    """FalconMamba applies its weightless norms to the time step (width
+    time_step_rank) and to B/C (width state_size): patched, the outputs and
+    torch's gradient are the unpatched ones, and every semiring runs."""
+    t = transformers
+    if not hasattr(t, "FalconMambaForCausalLM"):
+        pytest.skip("transformers without FalconMamba")
+    torch.manual_seed(0)
+    cfg = t.FalconMambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, state_size=4, time_step_rank=2,
+                              expand=2, conv_kernel=4)
+    model = t.FalconMambaForCausalLM(cfg).eval()
+    ids = IDS[:1]
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+    ref = model(inputs_embeds=emb).logits[0, -1, 3]
+    (g_ref,) = torch.autograd.grad(ref, emb)
+    semitriton.patch(model)
+    assert semitriton.patch_summary(model)["swapped"].get("FalconMambaWeightlessRMSNorm") == 6
+    out = model(inputs_embeds=emb).logits[0, -1, 3]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(out, emb, retain_graph=True)[0], g_ref, rtol=1e-5, atol=1e-7)
+    for s in SEMIRINGS:
+        (v,) = semitriton.grad(out, emb, semiring=s, **({"fast_real": False} if s == "real" else {}))
+        assert torch.isfinite(v).all(), s
+        if s == "real":
+            torch.testing.assert_close(v, g_ref, rtol=1e-4, atol=1e-6 * float(g_ref.abs().max()))
+    semitriton.unpatch(model)
+
+
 def test_unlisted_rms_norms_on_the_meta_device_are_left():
     """On the meta device a norm's forward cannot be checked: a listed class
     (known formula and offset) is swapped, one found by name is not (it could
