@@ -1004,6 +1004,42 @@ def test_bloom_gelu_function_is_one_primitive(patched):
         assert "GeLUFunctionBackward" in node_types(model(inputs_embeds=emb).logits[0, -1, 3])
 
 
+def test_recurrent_gemma_clipped_sqrt_is_one_primitive():
+    """RecurrentGemma's RG-LRU takes a square root through a custom Function
+    whose backward clips the derivative near 0 (SqrtBoundDerivative): its
+    edges are that backward's (against the oracle, whose Jacobian is the
+    Function's own, at values on both sides of the clip), and the model walks
+    in every semiring with real equal to autograd."""
+    t = transformers
+    if not hasattr(t, "RecurrentGemmaForCausalLM"):
+        pytest.skip("transformers without RecurrentGemma")
+    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import SqrtBoundDerivative
+    x0 = torch.tensor([[1e-9, 4e-8, 0.3], [2.0, 0.0, 1e-7]], dtype=torch.float64)
+    w = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.5, -1.0]], dtype=torch.float64)
+    steps = [Step("r", SqrtBoundDerivative.apply, ("x",)), Step("out", lambda r: (r * w).sum(), ("r",))]
+    x = x0.clone().requires_grad_()
+    score = (SqrtBoundDerivative.apply(x) * w).sum()
+    for s in SEMIRINGS:
+        (got,) = semitriton.grad(score, x, semiring=s, **({"fast_real": False} if s == "real" else {}))
+        assert_semiring_close(got, oracle(Program("clipped_sqrt", {"x": x0}, steps, engine=None), s)["x"], s,
+                              1e-12, f"clipped sqrt/{s}")
+    torch.manual_seed(0)
+    cfg = t.RecurrentGemmaConfig(vocab_size=50, hidden_size=16, lru_width=16, num_hidden_layers=3,
+                                 num_attention_heads=2, num_key_value_heads=1, intermediate_size=24,
+                                 attention_window_size=8, block_types=["recurrent", "attention"])
+    model = semitriton.patch(t.RecurrentGemmaForCausalLM(cfg).eval())
+    emb = model.get_input_embeddings()(IDS[:1]).detach().requires_grad_()
+    out = model(inputs_embeds=emb, use_cache=False).logits[0, -1, 3]
+    assert "SqrtBoundDerivativeBackward" in node_types(out)
+    (want,) = torch.autograd.grad(out, emb, retain_graph=True)
+    for s in SEMIRINGS:
+        (v,) = semitriton.grad(out, emb, semiring=s, **({"fast_real": False} if s == "real" else {}))
+        assert torch.isfinite(v).all(), s
+        if s == "real":
+            torch.testing.assert_close(v, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    semitriton.unpatch(model)
+
+
 def test_a_third_party_function_named_like_blooms_is_not_taken_for_it():
     class GeLUFunction(torch.autograd.Function):       # same name, another module
         @staticmethod

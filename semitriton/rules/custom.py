@@ -30,3 +30,6 @@ def _elementwise_function(ctx):
 
 # BLOOM's tanh-GELU (BloomGelu.forward), a custom Function with a hand-written backward
 FUNCTION_RULES[("transformers.models.bloom.modeling_bloom", "GeLUFunction")] = _elementwise_function
+# RecurrentGemma's RG-LRU: sqrt with its derivative clipped at x < 1/(4·1000²)
+FUNCTION_RULES[("transformers.models.recurrent_gemma.modeling_recurrent_gemma", "SqrtBoundDerivative")] = \
+    _elementwise_function
