@@ -230,17 +230,20 @@ class _Index:
     def __init__(self, graph: GradientGraph):
         self.graph = graph
         self.pos = {n: i for i, n in enumerate(graph.order)}
-        calls: dict = {}                 # qualname -> {call number: output node}
+        calls: dict = {}                 # qualname -> {call number: (output index, output node)}
         self.classes: dict = {}          # qualname -> class name
         for node in graph.order:
             try:
                 tags = node.metadata.get(_TAG)
             except (AttributeError, RuntimeError):
                 tags = None
-            for qual, cls, seq, _ in tags or ():
-                calls.setdefault(qual, {}).setdefault(seq, node)
+            for qual, cls, seq, _, k in tags or ():
+                # a call's first output on the graph (a MoE block's output, not its router logits)
+                have = calls.setdefault(qual, {}).get(seq)
+                if have is None or k < have[0]:
+                    calls[qual][seq] = (k, node)
                 self.classes.setdefault(qual, getattr(cls, "__name__", str(cls)))
-        self.calls = {q: [c[k] for k in sorted(c)] for q, c in calls.items()}
+        self.calls = {q: [c[s][1] for s in sorted(c)] for q, c in calls.items()}
         if not self.calls:
             raise SemitritonError("branch attribution needs module names: call semitriton.patch(model) or "
                                   "semitriton.track(model) before the forward pass")

@@ -183,7 +183,8 @@ class GradientGraph:
                     f"autograd node {name}{f' (in module {where})' if where else ''} turns real values into "
                     "complex ones or back: complex values on a path have no semiring edges (the semirings are "
                     "defined on real local derivatives); write the computation in real arithmetic (a rotary "
-                    "embedding as x·cos + rotate_half(x)·sin, as transformers' LLaMA does)")
+                    "embedding as x·cos + rotate_half(x)·sin, as transformers' LLaMA does), or, for the complex "
+                    "rotary embedding of LLaMA 4 or DeepSeek-V2, call semitriton.patch(model) before the forward")
 
     def target_of(self, i: int):
         """(node, slot) that holds input ``i``'s value."""

@@ -54,6 +54,7 @@ from torch import nn
 from .errors import user_stacklevel
 from .fused import CanonicalElementwise, CanonicalLinear, CanonicalRMSNorm, apply_rotary, fused_attention
 from .fused.rope import CONVENTIONS as ROPE_CONVENTIONS
+from .fused.rope import apply_rotary_pairs
 from .tracking import track, untrack
 
 log = logging.getLogger("semitriton")
@@ -276,14 +277,17 @@ def _swap(module: nn.Module, kind: str, **attrs) -> nn.Module:
 
 # ---- rotary position embedding ----------------------------------------------------------------
 # A patched attention module runs its original forward with a thread-local
-# flag set; the modeling file's ``apply_rotary_pos_emb`` is replaced (while any
-# patched module uses it) by a dispatcher that records one RotaryEmbedding node
-# per tensor when the flag is set and calls the original otherwise, so other
-# models in the process are unaffected.
-_ROPE_FN = "apply_rotary_pos_emb"
-_ROPE_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
+# flag set; the modeling file's rotary function is replaced (while any patched
+# module uses it) by a dispatcher that records RotaryEmbedding nodes when the
+# flag is set and calls the original otherwise, so other models in the process
+# are unaffected. Two forms: ``apply_rotary_pos_emb(q, k, cos, sin,
+# unsqueeze_dim)`` (rotate-half; LLaMA and most), one node per tensor, and
+# ``apply_rotary_emb(xq, xk, freqs_cis)`` (complex pairs; LLaMA 4,
+# DeepSeek-V2), whose complex product has no semiring edges at all.
+_ROPE_FORMS = {"apply_rotary_pos_emb": ["q", "k", "cos", "sin", "unsqueeze_dim"],
+               "apply_rotary_emb": ["xq", "xk", "freqs_cis"]}
 _rope_state = threading.local()
-_rope_installed: dict = {}          # modeling module name -> (original function, WeakSet of patched modules using it)
+_rope_installed: dict = {}          # modeling module name -> (function name, original, WeakSet of patched users)
 _rope_lock = threading.Lock()
 
 
@@ -309,77 +313,145 @@ def _rope_fusable(q, k, cos, sin, args, kwargs) -> bool:
     return d % 2 == 0 and k.shape[-1] == d and cos.shape[-1] == d and sin.shape[-1] == d
 
 
-def _rope_dispatcher(original, convention: str):
-    @functools.wraps(original)
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if getattr(_rope_state, "depth", 0) and _rope_fusable(q, k, cos, sin, args, kwargs):
-            return apply_rotary(q, k, cos, sin, args[0] if args else kwargs.get("unsqueeze_dim", 1), convention)
-        return original(q, k, cos, sin, *args, **kwargs)
+def _pairs_fusable(q, k, freqs, args, kwargs) -> bool:
+    if args or kwargs or not all(isinstance(t, torch.Tensor) for t in (q, k, freqs)):
+        return False
+    if not freqs.is_complex() or freqs.requires_grad or not torch.is_grad_enabled():
+        return False
+    if not (q.requires_grad or k.requires_grad) or not (q.is_floating_point() and k.is_floating_point()):
+        return False
+    d = q.shape[-1]
+    return d % 2 == 0 and k.shape[-1] == d and freqs.shape[-1] == d // 2
 
-    apply_rotary_pos_emb._semitriton_original = original
-    return apply_rotary_pos_emb
+
+def _rope_dispatcher(name: str, original, form):
+    """The dispatcher for ``name``; ``form``: the rotate-half convention, or
+    the complex form's unsqueeze dim."""
+    if name == "apply_rotary_emb":
+        @functools.wraps(original)
+        def dispatcher(xq, xk, freqs_cis, *args, **kwargs):
+            if getattr(_rope_state, "depth", 0) and _pairs_fusable(xq, xk, freqs_cis, args, kwargs):
+                return apply_rotary_pairs(xq, xk, freqs_cis, original, form)
+            return original(xq, xk, freqs_cis, *args, **kwargs)
+    else:
+        @functools.wraps(original)
+        def dispatcher(q, k, cos, sin, *args, **kwargs):
+            if getattr(_rope_state, "depth", 0) and _rope_fusable(q, k, cos, sin, args, kwargs):
+                return apply_rotary(q, k, cos, sin, args[0] if args else kwargs.get("unsqueeze_dim", 1), form)
+            return original(q, k, cos, sin, *args, **kwargs)
+
+    dispatcher._semitriton_original = original
+    return dispatcher
 
 
-def _current_rope_fn(modname: str):
-    fn = getattr(sys.modules.get(modname), _ROPE_FN, None)
+def _current_rope_fn(modname: str, name: str):
+    fn = getattr(sys.modules.get(modname), name, None)
     return getattr(fn, "_semitriton_original", fn)
 
 
-@functools.lru_cache(maxsize=None)
-def _rope_convention(fn) -> Optional[str]:
-    """The modeling file's function is the standard form: same signature and
-    bit-identical outputs (values and dtypes) to :func:`apply_rotary` with one
-    of its conventions, on small random inputs in float32 and with bfloat16
-    q/k (cos/sin in bfloat16 and in float32: models pass either). Returns the
-    convention, or None."""
+def _same_outputs(want, got) -> bool:
+    return all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(want, got))
+
+
+def _rotated_pairs(x, freqs, dim):
+    """The complex form of RoPE in real arithmetic, in float64 (the check's reference)."""
+    f = freqs.unsqueeze(dim)
+    xr, xi = x.double().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = f.real.double(), f.imag.double()
+    return torch.stack((xr * c - xi * s, xr * s + xi * c), dim=-1).flatten(-2)
+
+
+def _rotates_pairs(fn, q, k, freqs, dim, tol) -> bool:
     try:
-        if list(inspect.signature(fn).parameters) != _ROPE_PARAMS:
+        with torch.no_grad():
+            got = fn(q, k, freqs)
+    except Exception:                   # freqs_cis does not broadcast at dim
+        return False
+    return all(y.dtype == x.dtype and y.shape == x.shape
+               and torch.allclose(y.double(), _rotated_pairs(x, freqs, dim), rtol=tol, atol=tol)
+               for x, y in zip((q, k), got))
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_form(name: str, fn):
+    """How the modeling file's ``name`` computes, if it is the standard form
+    (same signature; small random inputs in float32 and with bfloat16 q/k).
+    For ``apply_rotary_pos_emb``, the :func:`apply_rotary` convention that
+    reproduces its outputs bit for bit (values and dtypes; cos/sin in
+    bfloat16 and in float32: models pass either). For ``apply_rotary_emb``,
+    whose forward the patched node runs as it is, the dim at which freqs_cis
+    broadcasts over the heads (LLaMA 4: 2, q as [B, T, H, D]; DeepSeek-V2:
+    1, [B, H, T, D]) with which it is the rotation of adjacent pairs (to
+    float32 rounding, in q's dtype). None if it is neither."""
+    try:
+        if list(inspect.signature(fn).parameters) != _ROPE_FORMS[name]:
             return None
         g = torch.Generator().manual_seed(0)
-        q, k = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 3, 8, generator=g)
-        cos, sin = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
         bf = torch.bfloat16
+        q, k = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 4, 3, 8, generator=g)
+        if name == "apply_rotary_emb":
+            for dim in (1, 2):
+                shape = [s for i, s in enumerate(q.shape[:-1]) if i != dim] + [4]
+                freqs = torch.polar(1.0 + torch.rand(shape, generator=g), torch.randn(shape, generator=g))
+                if all(_rotates_pairs(fn, pq, pk, freqs, dim, tol) for pq, pk, tol in
+                       ((q, k, 1e-5), (q.to(bf), k.to(bf), 1e-2))):
+                    return dim
+            return None
+        k = k[:, :2]
+        cos, sin = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
         probes = [(q, k, cos, sin), (q.to(bf), k.to(bf), cos.to(bf), sin.to(bf)), (q.to(bf), k.to(bf), cos, sin)]
         with torch.no_grad():
             wants = [fn(*p) for p in probes]
         for convention in ROPE_CONVENTIONS:
-            ok = True
-            for (pq, pk, pc, ps), want in zip(probes, wants):
-                got = apply_rotary(pq.clone().requires_grad_(), pk.clone().requires_grad_(), pc, ps, 1, convention)
-                ok = ok and all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(want, got))
-            if ok:
+            if all(_same_outputs(want, apply_rotary(pq.clone().requires_grad_(), pk.clone().requires_grad_(), pc,
+                                                    ps, 1, convention))
+                   for (pq, pk, pc, ps), want in zip(probes, wants)):
                 return convention
         return None
     except Exception:
         return None
 
 
+def _rope_fn_name(modname: str, src: Optional[str] = None) -> Optional[str]:
+    """The standard rotary function of the modeling module ``modname`` (that
+    ``src``, an attention forward's source, calls), or None."""
+    for name in _ROPE_FORMS:
+        fn = _current_rope_fn(modname, name)
+        if fn is None or not callable(fn):
+            continue
+        if src is not None and not re.search(rf"(?<![\w.]){name}\(", src):
+            continue
+        if _rope_form(name, fn) is not None:
+            return name
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _rope_module(cls) -> Optional[str]:
-    """The modeling module whose standard ``apply_rotary_pos_emb`` this
-    attention class calls, or None."""
+    """The modeling module whose standard rotary function this attention
+    class calls, or None."""
     modname = getattr(cls, "__module__", "")
-    fn = _current_rope_fn(modname)
-    if fn is None or not callable(fn):
+    if modname not in sys.modules:
         return None
     try:
         src = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return None
-    if _ROPE_FN + "(" not in src or _rope_convention(fn) is None:
-        return None
-    return modname
+    return modname if _rope_fn_name(modname, src) is not None else None
 
 
 def _install_rope(modname: str, user: nn.Module) -> None:
     with _rope_lock:
         entry = _rope_installed.get(modname)
         if entry is None:
+            name = _rope_fn_name(modname)
+            if name is None:
+                return
             mod = sys.modules[modname]
-            original = getattr(mod, _ROPE_FN)
-            entry = _rope_installed[modname] = (original, weakref.WeakSet())
-            setattr(mod, _ROPE_FN, _rope_dispatcher(original, _rope_convention(original)))
-        entry[1].add(user)
+            original = getattr(mod, name)
+            entry = _rope_installed[modname] = (name, original, weakref.WeakSet())
+            setattr(mod, name, _rope_dispatcher(name, original, _rope_form(name, original)))
+        entry[2].add(user)
 
 
 def _uninstall_rope(modname: str, user: nn.Module) -> None:
@@ -389,11 +461,12 @@ def _uninstall_rope(modname: str, user: nn.Module) -> None:
         entry = _rope_installed.get(modname)
         if entry is None:
             return
-        entry[1].discard(user)
-        if not entry[1]:
+        name, original, users = entry
+        users.discard(user)
+        if not users:
             mod = sys.modules.get(modname)
-            if mod is not None and getattr(getattr(mod, _ROPE_FN, None), "_semitriton_original", None) is entry[0]:
-                setattr(mod, _ROPE_FN, entry[0])
+            if mod is not None and getattr(getattr(mod, name, None), "_semitriton_original", None) is original:
+                setattr(mod, name, original)
             del _rope_installed[modname]
 
 

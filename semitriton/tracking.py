@@ -54,15 +54,16 @@ class _NameHook:
             return None
         ins = tuple(dict.fromkeys(_grad_fns(kwargs, _grad_fns(args, []))))
         in_ids = {id(g) for g in ins}
-        entry = (self.qualname, type(module).__name__, next(_counter), ins)
-        for gf in dict.fromkeys(outs):
+        seq = next(_counter)
+        for k, gf in enumerate(dict.fromkeys(outs)):
             # A module that returns one of its inputs (dropout in eval, a pass-through)
             # would make the node reference itself through its metadata: a reference
             # cycle that keeps the whole graph alive until the cyclic GC runs.
             if id(gf) in in_ids:
                 continue
             try:
-                gf.metadata.setdefault(_TAG, []).append(entry)
+                # k: which of the call's output nodes (a MoE block's (out, router logits))
+                gf.metadata.setdefault(_TAG, []).append((self.qualname, type(module).__name__, seq, ins, k))
             except (AttributeError, RuntimeError):
                 pass
         return None
@@ -113,7 +114,7 @@ class ModuleLabels:
             except (AttributeError, RuntimeError):
                 tags = None
             if tags:
-                for qual, cls, seq, ins in tags:
+                for qual, cls, seq, ins, _ in tags:
                     calls.append((seq, qual, cls, n, ins))
             stack.extend(f for f, _ in n.next_functions)
         labels: dict = {}

@@ -640,10 +640,10 @@ def test_rotary_convention_detected(module, convention):
     import importlib
 
     from semitriton.fused import apply_rotary
-    from semitriton.patching import _rope_convention
+    from semitriton.patching import _rope_form
     fn = importlib.import_module(f"transformers.models.{module}.modeling_{module}").apply_rotary_pos_emb
     fn = getattr(fn, "_semitriton_original", fn)
-    assert _rope_convention(fn) == convention
+    assert _rope_form("apply_rotary_pos_emb", fn) == convention
     g = torch.Generator().manual_seed(1)
     q, k = (torch.randn(2, 4, 16, 32, generator=g).to(torch.bfloat16) for _ in range(2))
     for cdt in (torch.bfloat16, torch.float32):
@@ -655,6 +655,106 @@ def test_rotary_convention_detected(module, convention):
             plain = apply_rotary(q.clone().requires_grad_(), k.clone().requires_grad_(), cos, sin, 1, "plain")
             differs = any(a.dtype != b.dtype or not torch.equal(a, b) for a, b in zip(want, plain))
             assert differs or (convention == "cast_back" and cdt == torch.bfloat16)
+
+
+def _complex_rope_model(kind):
+    t = transformers
+    torch.manual_seed(0)
+    if kind == "llama4":
+        cfg = t.Llama4TextConfig(vocab_size=50, hidden_size=16, intermediate_size=24, intermediate_size_mlp=24,
+                                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+                                 num_local_experts=2, pad_token_id=0, attention_chunk_size=4)
+        return t.Llama4ForCausalLM(cfg).eval()
+    cfg = t.DeepseekV2Config(vocab_size=50, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4,
+                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=8,
+                             q_lora_rank=None, qk_rope_head_dim=4, v_head_dim=4, qk_nope_head_dim=4, n_group=1,
+                             topk_group=1, pad_token_id=0)
+    return t.DeepseekV2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("kind,dim", [("llama4", 2), ("deepseek_v2", 1)])
+def test_complex_rotary_is_one_node_with_the_rotation_edges(kind, dim):
+    """LLaMA 4's and DeepSeek-V2's apply_rotary_emb multiply adjacent pairs by
+    complex freqs_cis (no semiring edges on complex values). Recorded as one
+    RotaryPairs node (the file's own forward, detected with its broadcast
+    dim), its edges are the rotation's real Jacobian: against the oracle in
+    every semiring, and torch's gradient is the complex form's."""
+    import importlib
+
+    from semitriton.fused.rope import apply_rotary_pairs
+    from semitriton.patching import _rope_form
+    fn = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}").apply_rotary_emb
+    fn = getattr(fn, "_semitriton_original", fn)
+    assert _rope_form("apply_rotary_emb", fn) == dim
+    g = torch.Generator().manual_seed(3)
+    q0, k0 = torch.randn(2, 3, 4, 6, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 6, generator=g,
+                                                                                      dtype=torch.float64)
+    shape = [s for i, s in enumerate(q0.shape[:-1]) if i != dim] + [3]
+    freqs = torch.polar(0.5 + torch.rand(shape, generator=g), 3 * torch.randn(shape, generator=g))
+    wq, wk = torch.randn(q0.shape, generator=g, dtype=torch.float64), torch.randn(k0.shape, generator=g,
+                                                                                  dtype=torch.float64)
+    f = freqs.unsqueeze(dim)
+    c, sn = f.real.double(), f.imag.double()
+
+    def rotated(x):
+        xr, xi = x.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((xr * c - xi * sn, xr * sn + xi * c), dim=-1).flatten(-2)
+
+    steps = [Step("yq", rotated, ("q",)), Step("yk", rotated, ("k",)),
+             Step("out", lambda a, b: (a * wq).sum() + (b * wk).sum(), ("yq", "yk"))]
+    q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    yq, yk = apply_rotary_pairs(q, k, freqs, fn, dim)
+    with torch.no_grad():
+        want_q, want_k = fn(q0, k0, freqs)
+    assert torch.equal(yq, want_q) and torch.equal(yk, want_k)
+    out = (yq * wq).sum() + (yk * wk).sum()
+    assert "RotaryPairsBackward" in node_types(out)
+    qc, kc = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    a, b = fn(qc, kc, freqs)
+    for got, want in zip(torch.autograd.grad(out, (q, k), retain_graph=True),
+                         torch.autograd.grad((a * wq).sum() + (b * wk).sum(), (qc, kc))):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for s in SEMIRINGS:
+        got = semitriton.grad(out, (q, k), semiring=s, **({"fast_real": False} if s == "real" else {}))
+        want = oracle(Program("rotary_pairs", {"q": q0, "k": k0}, steps, engine=None), s)
+        for name, v in zip("qk", got):
+            assert_semiring_close(v, want[name], s, 1e-9, f"{kind}/{name}/{s}")
+
+
+@pytest.mark.parametrize("kind", ["llama4", "deepseek_v2"])
+def test_complex_rotary_models_walk_once_patched(kind):
+    """Unpatched, LLaMA 4 and DeepSeek-V2 are refused (complex values on the
+    path, named); patched, the outputs are the same bits, torch's gradient the
+    same, every semiring runs, and real equals autograd. unpatch puts the
+    modeling file's function back. LLaMA 4's MoE block returns (output,
+    router logits): branch attribution reads the output (it had taken the
+    logits, computed earlier, for the block's output)."""
+    import importlib
+    model = _complex_rope_model(kind)
+    mod = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+    emb = model.get_input_embeddings()(IDS[:1]).detach().requires_grad_()
+    ref = model(inputs_embeds=emb, use_cache=False).logits[0, -1, 3]
+    with pytest.raises(semitriton.GraphError, match="ViewAsComplexBackward0"):
+        semitriton.grad(ref, emb, semiring="abs")
+    (g_ref,) = torch.autograd.grad(ref, emb)
+    semitriton.patch(model)
+    assert semitriton.patch_summary(model)["rotary_modules"] >= 1
+    out = model(inputs_embeds=emb, use_cache=False).logits[0, -1, 3]
+    assert torch.equal(out, ref)
+    assert "ViewAsComplexBackward0" not in node_types(out)
+    (want,) = torch.autograd.grad(out, emb, retain_graph=True)
+    torch.testing.assert_close(want, g_ref, rtol=1e-5, atol=1e-6 * float(g_ref.abs().max()))
+    for s in SEMIRINGS:
+        (v,) = semitriton.grad(out, emb, semiring=s, **({"fast_real": False} if s == "real" else {}))
+        assert torch.isfinite(v).all(), s
+        if s == "real":
+            torch.testing.assert_close(v, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    if kind == "llama4":
+        attr = semitriton.branch_attribution(out, emb)
+        assert sorted(attr.layers) == [0, 1, 2, 3]
+    semitriton.unpatch(model)
+    assert not hasattr(mod.apply_rotary_emb, "_semitriton_original")
 
 
 def test_rotary_not_fused_without_grad_or_with_rope_false():

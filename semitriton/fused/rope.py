@@ -96,3 +96,76 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = sin.unsqueeze(unsqueeze_dim)
     return RotaryEmbedding.apply(q, cos, sin, convention), RotaryEmbedding.apply(k, cos, sin, convention)
+
+
+
+def _halves(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): adjacent pairs to halves."""
+    return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
+def _pairs(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_halves`."""
+    return x.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
+
+
+def _unrotate_pairs(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """The gradient of the pair rotation: each pair of g rotated back,
+    (g_2i c_i + g_2i+1 s_i, g_2i+1 c_i − g_2i s_i) (g times conj(freqs_cis))."""
+    gr, gi = g.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)
+    gx = torch.stack((gr * cos + gi * sin, gi * cos - gr * sin), dim=-1).flatten(-2)
+    return gx.sum_to_size(shape).to(dtype)
+
+
+class RotaryPairs(torch.autograd.Function):
+    """``forward(q, k, cos, sin, impl) = impl(q, k)``: the complex form of RoPE
+    (LLaMA 4, DeepSeek-V2), each adjacent pair (x_2i, x_2i+1) multiplied by
+    freqs_cis_i = c_i + i·s_i, as one node for q and k. ``impl`` is the
+    modeling file's own function, run as it is (its complex product rounds
+    differently on each platform: fused multiply-adds or not), so the
+    outputs are the unpatched model's. The complex values it uses have no
+    semiring edges; the node's are the real Jacobian of the rotation:
+
+        x_2i -> y_2i    c_i      x_2i+1 -> y_2i    −s_i
+        x_2i -> y_2i+1  s_i      x_2i+1 -> y_2i+1   c_i
+
+    which, with the pairs gathered into halves, is :class:`RotaryEmbedding`'s
+    rule with cos = (c, c) and sin = (s, s). ``cos``/``sin``: [..., D/2],
+    broadcast to q and k."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, impl):
+        ctx.save_for_backward(cos, sin)
+        ctx.shapes = (q.shape, k.shape)
+        ctx.dtypes = (q.dtype, k.dtype)
+        return tuple(impl(q, k))
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        cos, sin = ctx.saved_tensors
+        return tuple(None if g is None else _unrotate_pairs(g, cos, sin, shape, dtype)
+                     for g, shape, dtype in zip((gq, gk), ctx.shapes, ctx.dtypes)) + (None, None, None)
+
+    @staticmethod
+    def semiring_backward(rc):
+        cos, sin = saved_tensors(rc.node)
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+        sr = rc.sr
+        out = []
+        for i in range(2):
+            if rc.needs[i]:
+                v = sr.rope(sr.map(rc.grad(i), _halves), cos, sin)
+                out.append(sr.sum_to_shape(sr.map(v, _pairs), tuple(rc.node.shapes[i])))
+            else:
+                out.append(None)
+        return pad(out, len(rc.needs))
+
+
+def apply_rotary_pairs(q: torch.Tensor, k: torch.Tensor, freqs_cis: torch.Tensor, impl,
+                       unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``impl(q, k, freqs_cis)`` (a modeling file's ``apply_rotary_emb``:
+    ``view_as_real(view_as_complex(x.float() as pairs) ·
+    freqs_cis.unsqueeze(unsqueeze_dim)).flatten(-2).type_as(x)``) as one
+    :class:`RotaryPairs` node."""
+    f = freqs_cis.unsqueeze(unsqueeze_dim)
+    return RotaryPairs.apply(q, k, f.real, f.imag, lambda a, b: impl(a, b, freqs_cis))
