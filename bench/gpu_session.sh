@@ -83,8 +83,9 @@ M=bench/bench_models.py
 # (FusedRmsNormBackward0, recorded only on CUDA) and vision models with cuDNN convolutions and
 # batch norm (thirteenth session), grid_sample on CUDA (cuDNN's grid-sampler node for bilinear,
 # zero padding, align_corners; fourteenth session), every attention plan at head dims 80/128/256,
-# the abs/entropy linears with TF32 allowed and fp16 weights on the cuBLAS path (twentieth session)
-NEW_TESTS="tests/test_kernels_attention.py::test_wide_heads_every_plan_gpu tests/test_gpu.py::test_statistics_keep_fp32_accuracy_with_tf32_on
+# the abs/entropy linears with TF32 allowed and fp16 weights on the cuBLAS path (twentieth session),
+# the complex rotary node of patched LLaMA 4 / DeepSeek-V2 (twenty-first session)
+NEW_TESTS="tests/test_gpu.py::test_complex_rotary_models_triton_equals_torch_reference tests/test_kernels_attention.py::test_wide_heads_every_plan_gpu tests/test_gpu.py::test_statistics_keep_fp32_accuracy_with_tf32_on
  tests/test_kernels_dense.py::test_fp16_weights_keep_terms_far_below_the_row_maximum
  tests/test_kernels_dense.py::test_norm_every_candidate_gpu tests/test_kernels_dense.py::test_rms_norm_from_input
  tests/test_kernels_dense.py::test_layer_norm_abs_sorted

@@ -54,3 +54,20 @@ def embeds_and_output(model, kind, ids, attention_mask=None, dtype=None):
     else:
         score = logits[:, -1, 7] - logits[:, -1, 3]
     return emb, score
+
+
+def complex_rope_model(kind: str):
+    """A tiny LLaMA 4 or DeepSeek-V2 (complex rotary embedding), fp32, eval."""
+    t = transformers
+    torch.manual_seed(0)
+    if kind == "llama4":
+        cfg = t.Llama4TextConfig(vocab_size=50, hidden_size=16, intermediate_size=24, intermediate_size_mlp=24,
+                                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+                                 num_local_experts=2, pad_token_id=0, attention_chunk_size=4)
+        return t.Llama4ForCausalLM(cfg).eval()
+    cfg = t.DeepseekV2Config(vocab_size=50, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4,
+                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=8,
+                             q_lora_rank=None, qk_rope_head_dim=4, v_head_dim=4, qk_nope_head_dim=4, n_group=1,
+                             topk_group=1, pad_token_id=0)
+    return t.DeepseekV2ForCausalLM(cfg).eval()

@@ -55,6 +55,25 @@ def test_triton_backend_equals_torch_reference(kind, patched):
         _close(a, b, s, 1e-4, f"{kind}/{s}")
 
 
+@pytest.mark.parametrize("kind", ["llama4", "deepseek_v2"])
+def test_complex_rotary_models_triton_equals_torch_reference(kind):
+    """The RotaryPairs node (patched LLaMA 4 / DeepSeek-V2) on CUDA: the
+    Triton rope rule over the pairs gathered into halves, whose cos/sin
+    broadcast at dim 2 (LLaMA 4's [B, T, H, D]) or 1, against the torch
+    reference; real equals autograd."""
+    from hf_models import complex_rope_model
+    m = semitriton.patch(complex_rope_model(kind).cuda())
+    emb = m.get_input_embeddings()(IDS[:1].cuda()).detach().requires_grad_()
+    score = m(inputs_embeds=emb, use_cache=False).logits[0, -1, 3]
+    (ref,) = torch.autograd.grad(score, emb, retain_graph=True)
+    for s in SEMIRINGS:
+        (a,) = semitriton.grad(score, emb, semiring=s, backend="triton", fast_real=False)
+        (b,) = semitriton.grad(score, emb, semiring=s, backend="torch", fast_real=False)
+        _close(a, b, s, 1e-4, f"{kind}/{s}")
+        if s == "real":
+            torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-5)
+
+
 def _sdpa_stats(backend_enum, dtype, semiring, causal=False):
     from torch.nn.attention import sdpa_kernel
     g = torch.Generator(device="cuda").manual_seed(0)

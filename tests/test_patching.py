@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import semitriton
 from conftest import SEMIRINGS, assert_semiring_close, node_types
-from hf_models import build, embeds_and_output
+from hf_models import build, complex_rope_model, embeds_and_output
 from oracle import Program, Step, oracle
 
 transformers = pytest.importorskip("transformers")
@@ -657,22 +657,6 @@ def test_rotary_convention_detected(module, convention):
             assert differs or (convention == "cast_back" and cdt == torch.bfloat16)
 
 
-def _complex_rope_model(kind):
-    t = transformers
-    torch.manual_seed(0)
-    if kind == "llama4":
-        cfg = t.Llama4TextConfig(vocab_size=50, hidden_size=16, intermediate_size=24, intermediate_size_mlp=24,
-                                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-                                 num_local_experts=2, pad_token_id=0, attention_chunk_size=4)
-        return t.Llama4ForCausalLM(cfg).eval()
-    cfg = t.DeepseekV2Config(vocab_size=50, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
-                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4,
-                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=8,
-                             q_lora_rank=None, qk_rope_head_dim=4, v_head_dim=4, qk_nope_head_dim=4, n_group=1,
-                             topk_group=1, pad_token_id=0)
-    return t.DeepseekV2ForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("kind,dim", [("llama4", 2), ("deepseek_v2", 1)])
 def test_complex_rotary_is_one_node_with_the_rotation_edges(kind, dim):
     """LLaMA 4's and DeepSeek-V2's apply_rotary_emb multiply adjacent pairs by
@@ -731,7 +715,7 @@ def test_complex_rotary_models_walk_once_patched(kind):
     router logits): branch attribution reads the output (it had taken the
     logits, computed earlier, for the block's output)."""
     import importlib
-    model = _complex_rope_model(kind)
+    model = complex_rope_model(kind)
     mod = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
     emb = model.get_input_embeddings()(IDS[:1]).detach().requires_grad_()
     ref = model(inputs_embeds=emb, use_cache=False).logits[0, -1, 3]
@@ -750,6 +734,9 @@ def test_complex_rotary_models_walk_once_patched(kind):
         assert torch.isfinite(v).all(), s
         if s == "real":
             torch.testing.assert_close(v, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+        if s in ("max", "entropy"):   # the Triton rope rule over the gathered halves (interpreted on the CPU)
+            (t,) = semitriton.grad(out, emb, semiring=s, backend="triton")
+            assert_semiring_close(t, v.detach().double().numpy(), s, 1e-4, f"{kind} triton vs torch/{s}")
     if kind == "llama4":
         attr = semitriton.branch_attribution(out, emb)
         assert sorted(attr.layers) == [0, 1, 2, 3]
