@@ -300,10 +300,8 @@ def _rope_active():
         _rope_state.depth -= 1
 
 
-def _rope_fusable(q, k, cos, sin, args, kwargs) -> bool:
-    if len(args) > 1 or set(kwargs) - {"unsqueeze_dim"}:
-        return False
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, cos, sin)):
+def _rope_fusable(q, k, cos, sin, unsqueeze_dim) -> bool:
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, cos, sin)) or not isinstance(unsqueeze_dim, int):
         return False
     if cos.requires_grad or sin.requires_grad or not torch.is_grad_enabled():
         return False
@@ -313,32 +311,41 @@ def _rope_fusable(q, k, cos, sin, args, kwargs) -> bool:
     return d % 2 == 0 and k.shape[-1] == d and cos.shape[-1] == d and sin.shape[-1] == d
 
 
-def _pairs_fusable(q, k, freqs, args, kwargs) -> bool:
-    if args or kwargs or not all(isinstance(t, torch.Tensor) for t in (q, k, freqs)):
+def _pairs_fusable(xq, xk, freqs_cis) -> bool:
+    if not all(isinstance(t, torch.Tensor) for t in (xq, xk, freqs_cis)):
         return False
-    if not freqs.is_complex() or freqs.requires_grad or not torch.is_grad_enabled():
+    if not freqs_cis.is_complex() or freqs_cis.requires_grad or not torch.is_grad_enabled():
         return False
-    if not (q.requires_grad or k.requires_grad) or not (q.is_floating_point() and k.is_floating_point()):
+    if not (xq.requires_grad or xk.requires_grad) or not (xq.is_floating_point() and xk.is_floating_point()):
         return False
-    d = q.shape[-1]
-    return d % 2 == 0 and k.shape[-1] == d and freqs.shape[-1] == d // 2
+    d = xq.shape[-1]
+    return d % 2 == 0 and xk.shape[-1] == d and freqs_cis.shape[-1] == d // 2
 
 
 def _rope_dispatcher(name: str, original, form):
     """The dispatcher for ``name``; ``form``: the rotate-half convention, or
-    the complex form's unsqueeze dim."""
-    if name == "apply_rotary_emb":
-        @functools.wraps(original)
-        def dispatcher(xq, xk, freqs_cis, *args, **kwargs):
-            if getattr(_rope_state, "depth", 0) and _pairs_fusable(xq, xk, freqs_cis, args, kwargs):
-                return apply_rotary_pairs(xq, xk, freqs_cis, original, form)
-            return original(xq, xk, freqs_cis, *args, **kwargs)
-    else:
-        @functools.wraps(original)
-        def dispatcher(q, k, cos, sin, *args, **kwargs):
-            if getattr(_rope_state, "depth", 0) and _rope_fusable(q, k, cos, sin, args, kwargs):
-                return apply_rotary(q, k, cos, sin, args[0] if args else kwargs.get("unsqueeze_dim", 1), form)
-            return original(q, k, cos, sin, *args, **kwargs)
+    the complex form's unsqueeze dim. A call is bound to the original's
+    signature (Qwen4-Exp's indexer rotates q alone: k=None); one the node
+    cannot take (not both q and k, a partial rotary dim, ...) runs the
+    original."""
+    sig = inspect.signature(original)
+    fusable, fused = ((_pairs_fusable, lambda a: apply_rotary_pairs(a["xq"], a["xk"], a["freqs_cis"], original, form))
+                      if name == "apply_rotary_emb" else
+                      (_rope_fusable, lambda a: apply_rotary(a["q"], a["k"], a["cos"], a["sin"], a["unsqueeze_dim"],
+                                                             form)))
+
+    @functools.wraps(original)
+    def dispatcher(*args, **kwargs):
+        if getattr(_rope_state, "depth", 0):
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError:
+                bound = None
+            if bound is not None:
+                bound.apply_defaults()
+                if fusable(**bound.arguments):
+                    return fused(bound.arguments)
+        return original(*args, **kwargs)
 
     dispatcher._semitriton_original = original
     return dispatcher

@@ -744,6 +744,41 @@ def test_complex_rotary_models_walk_once_patched(kind):
     assert not hasattr(mod.apply_rotary_emb, "_semitriton_original")
 
 
+def test_rotary_dispatcher_takes_every_call_the_original_takes():
+    """Qwen4-Exp's apply_rotary_pos_emb has k=None (its indexer rotates q
+    alone, by keyword): the dispatcher binds each call to the original's
+    signature and runs the original where the node cannot take it. Before,
+    its fixed (q, k, cos, sin) signature raised a TypeError in the patched
+    model and in every unpatched Qwen4-Exp model of the process."""
+    t = transformers
+    if not hasattr(t, "Qwen4ExpForCausalLM"):
+        pytest.skip("transformers without Qwen4-Exp")
+    cfg = t.Qwen4ExpForCausalLM.config_class(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=24, moe_intermediate_size=8, shared_expert_intermediate_size=8, num_experts=4,
+        num_experts_per_tok=2, layer_types=["linear_attention", "indexed_attention"], linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=4, linear_value_head_dim=4, indexer_n_heads=2,
+        indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4, indexer_compress_ratio=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model, other = t.Qwen4ExpForCausalLM(cfg).eval(), t.Qwen4ExpForCausalLM(cfg).eval()
+    emb = model.get_input_embeddings()(IDS[:1]).detach().requires_grad_()
+    ref = model(inputs_embeds=emb, use_cache=False).logits[0, -1, 3]
+    other_ref = other(input_ids=IDS[:1], use_cache=False).logits
+    semitriton.patch(model)
+    try:
+        out = model(inputs_embeds=emb, use_cache=False).logits[0, -1, 3]
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=0)
+        assert torch.equal(other(input_ids=IDS[:1], use_cache=False).logits, other_ref)
+        (want,) = torch.autograd.grad(out, emb, retain_graph=True)
+        for s in SEMIRINGS:
+            (v,) = semitriton.grad(out, emb, semiring=s, **({"fast_real": False} if s == "real" else {}))
+            assert torch.isfinite(v).all(), s
+            if s == "real":
+                torch.testing.assert_close(v, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    finally:
+        semitriton.unpatch(model)
+
+
 def test_rotary_not_fused_without_grad_or_with_rope_false():
     model = semitriton.patch(_model("llama"), rope=False)
     assert semitriton.patch_summary(model)["rotary_modules"] == 0
