@@ -124,17 +124,22 @@ def _rms_offset(module, known: dict, weightless: bool = False) -> Optional[float
 def _rms_weight_ignored(module) -> bool:
     """A norm with a ``weight`` that its forward does not read: FalconMamba's
     weightless norm keeps a dummy buffer of ones and is applied to rows of
-    other widths. Its forward runs on rows one wider than the weight."""
+    other widths. Its outputs are the same bits with the weight replaced by
+    random values (a weight of ones at patch time, as at initialisation,
+    cannot pass for an unused one)."""
     w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() == 0 or w.shape[-1] <= 1 or w.device.type == "meta":
+    if not isinstance(w, torch.Tensor) or w.dim() == 0 or w.device.type == "meta":
         return False
-    x = torch.randn(2, w.shape[-1] + 1, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, w.shape[-1], generator=g).to(w.device, w.dtype)
+    other = (torch.rand(w.shape, generator=g) + 2.0).to(w.device, w.dtype)
     try:
         with torch.no_grad():
-            type(module).forward(module, x)
+            y = type(module).forward(module, x)
+            y_other = torch.func.functional_call(module, {"weight": other}, (x,))
     except Exception:
         return False
-    return True
+    return isinstance(y, torch.Tensor) and isinstance(y_other, torch.Tensor) and torch.equal(y, y_other)
 
 
 def _on_meta(module) -> bool:
@@ -219,6 +224,8 @@ def _rms_formula_matches(module, offset: float, weightless: bool = False) -> boo
         ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + e)
         if w is not None and not weightless:
             ref = ref * (w.double() + offset)
+        if y.shape != ref.shape:            # allclose would broadcast
+            return False
     tol = 1e-4 if (w is None or w.dtype == torch.float32) else 3e-2
     return bool(torch.allclose(y, ref, rtol=tol, atol=tol))
 

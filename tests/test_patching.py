@@ -367,6 +367,36 @@ def test_a_norm_that_ignores_its_weight_is_swapped_without_it():
     semitriton.unpatch(model)
 
 
+def test_a_weight_of_ones_is_not_taken_for_an_unused_one():
+    """A norm whose weight is all ones at patch time (a fresh model, weights
+    loaded later) and whose forward also runs on other widths still reads
+    its weight: it is swapped with it, and the torch gradients stay right
+    once the weight changes."""
+    class LenientRMSNorm(nn.Module):                # γ where the widths agree, none otherwise
+        def __init__(self, n):
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.ones(n)), 1e-6
+
+        def forward(self, x):
+            y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            return y * self.weight if x.shape[-1] == self.weight.shape[-1] else y
+
+    model = nn.Sequential(LenientRMSNorm(4))
+    plain = copy.deepcopy(model)
+    semitriton.patch(model)
+    assert not model[0]._semitriton_weightless
+    with torch.no_grad():
+        for m in (model, plain):
+            m[0].weight.copy_(torch.tensor([0.5, 2.0, -1.0, 3.0]))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    w = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad((model(x) * w).sum(), (x, model[0].weight))
+    want = torch.autograd.grad((plain(x) * w).sum(), (x, plain[0].weight))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    semitriton.unpatch(model)
+
+
 def test_falcon_mamba_patched_keeps_its_gradients():
     """FalconMamba applies its weightless norms to the time step (width
     time_step_rank) and to B/C (width state_size): patched, the outputs and
