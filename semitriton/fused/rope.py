@@ -138,7 +138,11 @@ class RotaryPairs(torch.autograd.Function):
         ctx.save_for_backward(cos, sin)
         ctx.shapes = (q.shape, k.shape)
         ctx.dtypes = (q.dtype, k.dtype)
-        return tuple(impl(q, k))
+        # in float32 the file returns views of its complex product: copies, so that
+        # in-place ops on them work as they do unpatched
+        out = tuple(y.clone() if y._is_view() else y for y in impl(q, k))
+        ctx.mark_non_differentiable(*(y for y, needs in zip(out, ctx.needs_input_grad[:2]) if not needs))
+        return out
 
     @staticmethod
     def backward(ctx, gq, gk):
@@ -148,7 +152,7 @@ class RotaryPairs(torch.autograd.Function):
 
     @staticmethod
     def semiring_backward(rc):
-        cos, sin = saved_tensors(rc.node)
+        cos, sin = (t.to(rc.dtype) for t in saved_tensors(rc.node))     # complex128 freqs: float64
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         sr = rc.sr
         out = []
