@@ -75,6 +75,12 @@ _Q = ("q_proj", "query", "q", "wq", "W_q", "q_lin", "query_proj")
 _K = ("k_proj", "key", "k", "wk", "W_k", "k_lin", "key_proj")
 _V = ("v_proj", "value", "v", "wv", "W_v", "v_lin", "value_proj")
 _QKV = ("c_attn", "qkv_proj", "query_key_value", "Wqkv", "qkv")
+#: multi-head latent attention (DeepSeek-V2/V3, Kimi K2, Mistral 4, GLM-4 MoE Lite, MiniCPM3): the query
+#: through q_b_proj (or q_proj), key and value through one down-projection of the stream, cut into the
+#: latent (up-projected by kv_b_proj, cut into the keys' no-rope part and the values) and the keys' rope part
+_LATENT_Q = ("q_b_proj",) + _Q
+_LATENT_KV_A = ("kv_a_proj_with_mqa",)
+_LATENT_KV_B = ("kv_b_proj",)
 _ATTN_OUT = ("o_proj", "c_proj", "out_proj", "dense", "wo", "o", "out_lin", "Wo")
 #: the MLP's output module, as a path below the layer (BART/OPT/Whisper keep fc2 in the layer itself)
 #: (first match wins; then the MLP module itself, whose output is the block's for mixtures of experts)
@@ -99,7 +105,7 @@ class LayerSites:
     index: int
     attention: str                      # qualified name of the attention core module
     residual: tuple                     # R_L
-    entries: dict                       # "query"/"key"/"value" -> (node, slot) of the projection output
+    entries: dict                       # "query"/"key"/"value" -> [(node, slot)] of the projection output(s)
     skip_edges: list = field(default_factory=list)
     attn_node: object = None            # the fused/SDPA attention node, if any
     mlp: Optional[str] = None           # qualified name of the MLP's output module
@@ -431,8 +437,55 @@ def _fused_entries(graph: GradientGraph, ref) -> Optional[dict]:
     slots = [_attention_input(graph, p) for p in pieces]
     if all(sl is not None for sl in slots) and sorted(sl[1] for sl in slots) == [0, 1, 2] \
             and len({sl[0] for sl in slots}) == 1:
-        return {ATTN_BRANCHES[sl[1]]: p for p, sl in zip(pieces, slots)}
-    return dict(zip(ATTN_BRANCHES[:3], pieces))
+        return {ATTN_BRANCHES[sl[1]]: [p] for p, sl in zip(pieces, slots)}
+    return {b: [p] for b, p in zip(ATTN_BRANCHES[:3], pieces)}
+
+
+def _reaches(graph: GradientGraph, ref, target, max_nodes: int = 64) -> bool:
+    """Whether node ``target`` is computed from tensor ``ref`` within a few nodes (forward, breadth first)."""
+    queue, seen = deque([ref]), set()
+    while queue and len(seen) < max_nodes:
+        r = queue.popleft()
+        for node, _ in graph.consumers.get(r, ()):
+            if node is target:
+                return True
+            if node not in seen:
+                seen.add(node)
+                queue.extend((node, s) for s in range(len(node._input_metadata)))
+    return False
+
+
+def _latent_entries(graph: GradientGraph, idx: "_Index", core: str, call: int):
+    """query/key/value entry tensors of multi-head latent attention: the
+    query projection's output; the pieces of the kv down-projection's output
+    that reach the attention's key input without passing kv_b_proj (the rope
+    part), and the pieces of kv_b_proj's output, by the attention input each
+    reaches (the keys' no-rope part, the values; in that order where no fused
+    attention node is reached)."""
+    q, kv_a, kv_b = (idx.child(core, names) for names in (_LATENT_Q, _LATENT_KV_A, _LATENT_KV_B))
+    refs = [None if m is None else idx.output_ref(m, call) for m in (q, kv_a, kv_b)]
+    if any(r is None for r in refs):
+        return (f"multi-head latent attention without a {'/'.join(_LATENT_Q[:2])}, "
+                f"{_LATENT_KV_A[0]} and {_LATENT_KV_B[0]} output on the graph")
+    q_ref, a_ref, b_ref = refs
+    a_pieces, b_pieces = _cut(graph, a_ref), _cut(graph, b_ref)
+    if a_pieces is None or b_pieces is None:
+        return f"the outputs of {kv_a} and {kv_b} are not cut into latent, key and value parts by splits or slices"
+    entries: dict = {"query": [q_ref], "key": [], "value": []}
+    rope_parts = [p for p in a_pieces if not _reaches(graph, p, b_ref[0])]
+    slots = [_attention_input(graph, p) for p in rope_parts + b_pieces]
+    if all(sl is None for sl in slots) and len(b_pieces) == 2:
+        # no fused attention node (eager attention): the rope part is the keys', kv_b_proj's output is
+        # cut into keys then values, as every modeling file of this layout does
+        slots = [(None, 1)] * len(rope_parts) + [(None, 1), (None, 2)]
+    for p, sl in zip(rope_parts + b_pieces, slots):
+        if sl is None or sl[1] not in (1, 2):
+            return (f"a piece of the output of {kv_a if p in a_pieces else kv_b} reaches no key or value input "
+                    "of the attention")
+        entries[ATTN_BRANCHES[sl[1]]].append(p)
+    if not entries["key"] or not entries["value"]:
+        return f"the outputs of {kv_a} and {kv_b} do not reach both the key and the value input of the attention"
+    return entries
 
 
 def _attention_input(graph: GradientGraph, ref, max_nodes: int = 64) -> Optional[tuple]:
@@ -477,11 +530,13 @@ def _entries(graph: GradientGraph, idx: "_Index", core: str, call: int):
             return (f"the output of the fused projection {fused} is not cut into query, key and value "
                     "by splits, slices, selects or index lists")
         return entries
+    if idx.child(core, _LATENT_KV_A) and idx.child(core, _LATENT_KV_B):
+        return _latent_entries(graph, idx, core, call)
     entries = {}
     for b, names in zip(ATTN_BRANCHES[:3], (_Q, _K, _V)):
         q = idx.child(core, names)
         if q is not None and idx.output_ref(q, call) is not None:
-            entries[b] = idx.output_ref(q, call)
+            entries[b] = [idx.output_ref(q, call)]
     return entries
 
 
@@ -506,14 +561,14 @@ def _site(graph: GradientGraph, idx: "_Index", core: str, call: int):
     add_node, residual = join
     if residual[0] not in graph.relevant:
         return None                     # e.g. a cross-attention whose stream does not come from the inputs
-    region, leaks = _fan_out(graph, residual, list(entries.values()), pos)
+    region, leaks = _fan_out(graph, residual, [e for refs in entries.values() for e in refs], pos)
     # (BLOOM adds the residual inside its attention module: that add is the skip)
     odd = [c for _, c, _ in leaks if c is not add_node and _inside(graph.labels.of(c), core)]
     if odd:
         return (f"{core} reads the stream through {type(odd[0]).__name__} as well as its "
                 f"{'/'.join(entries)} projection(s): its query/key/value inputs are not all named "
                 f"({'/'.join(_Q[:1] + _K[:1] + _V[:1] + _QKV[:1])}, ...)")
-    reached = (_attention_input(graph, e) for e in entries.values())       # the first one found will do
+    reached = (_attention_input(graph, e) for refs in entries.values() for e in refs)   # the first found will do
     attn_node = next((r[0] for r in reached if r is not None), None)
     site = LayerSites(-1, core, residual, entries, leaks, attn_node)
     mlp = _mlp_exit(idx, core)
@@ -559,10 +614,10 @@ def discover(graph: GradientGraph) -> list:
     each). Raises SemitritonError naming the layer whose layout it cannot read."""
     idx = _Index(graph)
     cores = sorted({_parent(q) for q in idx.calls
-                    if q.rsplit(".", 1)[-1] in _Q + _K + _V + _QKV and _numbers(q)})
+                    if q.rsplit(".", 1)[-1] in _Q + _K + _V + _QKV + _LATENT_KV_A and _numbers(q)})
     sites, problems = [], []
     for core in cores:
-        projections = [idx.child(core, names) for names in (_Q, _K, _V, _QKV)]
+        projections = [idx.child(core, names) for names in (_Q, _K, _V, _QKV, _LATENT_KV_A)]
         n = max(idx.n_calls(q) for q in projections if q is not None)
         for call in range(n):
             site = _site(graph, idx, core, call)
@@ -682,8 +737,8 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
             direct.append(propagate(seeds, stream, sr, dtype, g.labels, backend, pos))
         return combine(direct, stream)
 
-    def through(ref, stream):
-        return propagate({ref: value_of(ref)}, stream, sr, dtype, g.labels, backend, pos)
+    def through(refs, stream):
+        return propagate({ref: value_of(ref) for ref in refs}, stream, sr, dtype, g.labels, backend, pos)
 
     unfused = [s.attention for s in sites if s.attn_node is None]
     if heads and unfused:
@@ -706,7 +761,7 @@ def branch_attribution(output: Tensor, inputs: Tensor, semiring: Union[str, Semi
                 if s.mlp_entry_edges is not None:
                     mlp = combine([edge_value(c, i) for c, i in s.mlp_entry_edges], R2)
                 else:                   # the MLP's fan-out has other exits (a parallel block): pull its output back
-                    mlp = through(s.mlp_exit, R2)
+                    mlp = through([s.mlp_exit], R2)
                 like = tuple(res.total[s.index].shape)
                 res.mlp[s.index] = {"mlp": token(mlp, R2, like),
                                     "skip": token(pulled(s.mlp_skip_edges, R2), R2, like)}

@@ -178,6 +178,46 @@ class FusedAttn(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, D))
 
 
+class LatentAttn(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 without a query LoRA): q =
+    q_proj(x); kv_a_proj_with_mqa(x) cut into the latent c and the keys'
+    rope part k_r (one head, shared); kv_b_proj(norm(c)) cut into the keys'
+    no-rope part and the values; k = (k_nope, k_r). ``keep`` as in Attn: key
+    and value then each come from their own kv computation, the other one
+    reading a detached input."""
+
+    def __init__(self, d, h, dn=2, dr=2, dv=2, r=4):
+        super().__init__()
+        self.h, self.dn, self.dr, self.dv, self.r = h, dn, dr, dv, r
+        self.q_proj = nn.Linear(d, h * (dn + dr), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, r + dr, bias=False)
+        self.kv_a_layernorm = nn.RMSNorm(r)
+        self.kv_b_proj = nn.Linear(r, h * (dn + dv), bias=False)
+        self.o_proj = nn.Linear(h * dv, d, bias=False)
+
+    def _kv(self, x):
+        B, T, _ = x.shape
+        c, k_r = self.kv_a_proj_with_mqa(x).split([self.r, self.dr], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(c)).view(B, T, self.h, self.dn + self.dv).transpose(1, 2)
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)
+        k = torch.cat((k_nope, k_r[:, None].expand(B, self.h, T, self.dr)), dim=-1)
+        return k, v
+
+    def forward(self, x, keep=None):
+        B, T, _ = x.shape
+
+        def src(b):
+            return x if keep in (None, b) else x.detach()
+
+        q = self.q_proj(src("query")).view(B, T, self.h, self.dn + self.dr).transpose(1, 2)
+        if keep is None:
+            k, v = self._kv(x)
+        else:
+            k, v = self._kv(src("key"))[0], self._kv(src("value"))[1]
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.h * self.dv))
+
+
 class LayoutLayer(nn.Module):
     """One transformer layer in a given layout:
     "sequential" (LLaMA): h = x + attn(n1(x)); y = h + mlp(n2(h));
@@ -198,7 +238,8 @@ class LayoutLayer(nn.Module):
         super().__init__()
         self.layout = layout
         self.input_layernorm, self.post_attention_layernorm = nn.RMSNorm(d), nn.RMSNorm(d)
-        self.self_attn = FusedAttn(d, h, fused) if fused else Attn(d, h, h)
+        self.self_attn = (LatentAttn(d, h) if fused == "latent" else FusedAttn(d, h, fused) if fused
+                          else Attn(d, h, h))
         self.mlp = MLP(d)
         if layout == "sandwich":
             self.post_attn_norm, self.post_mlp_norm = nn.RMSNorm(d), nn.RMSNorm(d)
@@ -281,7 +322,8 @@ class LayoutModel(nn.Module):
 
 @pytest.mark.parametrize("layout,fused", [("sequential", "slice"), ("parallel", None), ("parallel2", "chunk"),
                                           ("chained", None), ("sandwich", None), ("scaled", "slice"),
-                                          ("deepnorm", "qvk"), ("inplace", None), ("reinject", None)])
+                                          ("deepnorm", "qvk"), ("inplace", None), ("reinject", None),
+                                          ("sequential", "latent")])
 @pytest.mark.parametrize("semiring", ["maxabs", "max"])
 def test_layouts_equal_graph_surgery(layout, fused, semiring):
     """Each table entry is the plain semiring value at the fan-out's stream of
@@ -510,20 +552,48 @@ def test_heads_of_an_unfused_attention_are_refused_with_a_warning():
 
 
 def test_unread_attention_layout_names_the_module():
-    """DeepseekV3's multi-head latent attention projects through q_a/q_b and a
+    """JetMoe's attention projects through a mixture of query experts and a
     joint kv projection: no query/key/value projection by name. The error
     names the attention module, its class and its submodules (it named none)."""
     import transformers as t
     torch.manual_seed(0)
-    cfg = t.DeepseekV3Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=4, intermediate_size=64, max_position_embeddings=64,
-                             n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                             first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16,
-                             qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1)
-    model = semitriton.patch(t.DeepseekV3ForCausalLM(cfg).eval())
+    cfg = t.JetMoeConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
+                         intermediate_size=32, num_local_experts=2, num_experts_per_tok=1)
+    model = semitriton.patch(t.JetMoeForCausalLM(cfg).eval())
     emb = model.get_input_embeddings()(torch.tensor([[5, 7, 9, 11]])).detach().requires_grad_()
     logits = model(inputs_embeds=emb).logits
     with pytest.raises(semitriton.SemitritonError,
-                       match=r"model\.layers\.0\.self_attn \(\w*DeepseekV3Attention\): none of its submodules "
-                             r"\(.*kv_a_proj_with_mqa.*q_b_proj\) is a query/key/value projection"):
+                       match=r"model\.layers\.0\.self_attention \(\w*JetMoeAttention\): none of its submodules "
+                             r"\(experts, kv_proj\) is a query/key/value projection"):
         semitriton.branch_attribution(logits[0, -1, 7] - logits[0, -1, 3], emb)
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "deepseek_v2"])
+def test_multi_head_latent_attention_branches(kind):
+    """DeepSeek-V3's (query LoRA) and DeepSeek-V2's (q_proj; complex rotary)
+    multi-head latent attention, patched: the key branch is the kv
+    down-projection's rope part and kv_b_proj's key part, the value branch
+    its value part (told apart by the fused attention node's inputs). Every
+    position takes exactly one branch, and the per-head tables agree (the
+    graph surgery of the toy LatentAttn above checks the values)."""
+    import transformers as t
+    torch.manual_seed(0)
+    common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                  intermediate_size=64, max_position_embeddings=64, n_routed_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=16, first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16,
+                  qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1)
+    if kind == "deepseek_v3":
+        model = t.DeepseekV3ForCausalLM(t.DeepseekV3Config(**common, q_lora_rank=16))
+    else:
+        model = t.DeepseekV2ForCausalLM(t.DeepseekV2Config(**common, q_lora_rank=None, pad_token_id=0))
+    model = semitriton.patch(model.eval())
+    emb = model.get_input_embeddings()(torch.tensor([[5, 7, 9, 11, 13]])).detach().requires_grad_()
+    logits = model(inputs_embeds=emb).logits
+    attr = semitriton.branch_attribution(logits[0, -1, 7] - logits[0, -1, 3], emb, heads=True)
+    assert attr.layers == [0, 1]
+    for L in attr.layers:
+        branches = torch.stack([attr.attention[L][b] for b in ATTN_BRANCHES])
+        torch.testing.assert_close(branches.amax(0), attr.total[L])
+        assert (attr.attention[L]["key"] > 0).any() and (attr.attention[L]["value"] > 0).any()
+        hq = torch.stack([attr.heads[L][b] for b in ATTN_BRANCHES[:3]])
+        torch.testing.assert_close(hq.amax(-1), branches[:3])

@@ -118,58 +118,52 @@ def _unrotate_pairs(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shape
 
 
 class RotaryPairs(torch.autograd.Function):
-    """``forward(q, k, cos, sin, impl) = impl(q, k)``: the complex form of RoPE
-    (LLaMA 4, DeepSeek-V2), each adjacent pair (x_2i, x_2i+1) multiplied by
-    freqs_cis_i = c_i + i·s_i, as one node for q and k. ``impl`` is the
-    modeling file's own function, run as it is (its complex product rounds
-    differently on each platform: fused multiply-adds or not), so the
-    outputs are the unpatched model's. The complex values it uses have no
-    semiring edges; the node's are the real Jacobian of the rotation:
+    """``forward(x, cos, sin, y) = y``, where y is the complex form of RoPE
+    (LLaMA 4, DeepSeek-V2) of x, each adjacent pair (x_2i, x_2i+1) multiplied
+    by freqs_cis_i = c_i + i·s_i, computed by the modeling file's own function
+    (its complex product rounds differently on each platform: fused
+    multiply-adds or not), so the outputs are the unpatched model's. The
+    complex values it uses have no semiring edges; the node's are the real
+    Jacobian of the rotation:
 
         x_2i -> y_2i    c_i      x_2i+1 -> y_2i    −s_i
         x_2i -> y_2i+1  s_i      x_2i+1 -> y_2i+1   c_i
 
     which, with the pairs gathered into halves, is :class:`RotaryEmbedding`'s
     rule with cos = (c, c) and sin = (s, s). ``cos``/``sin``: [..., D/2],
-    broadcast to q and k."""
+    broadcast to x. One node per tensor, as for :class:`RotaryEmbedding`."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, impl):
+    def forward(ctx, x, cos, sin, y):
         ctx.save_for_backward(cos, sin)
-        ctx.shapes = (q.shape, k.shape)
-        ctx.dtypes = (q.dtype, k.dtype)
-        # in float32 the file returns views of its complex product: copies, so that
-        # in-place ops on them work as they do unpatched
-        out = tuple(y.clone() if y._is_view() else y for y in impl(q, k))
-        ctx.mark_non_differentiable(*(y for y, needs in zip(out, ctx.needs_input_grad[:2]) if not needs))
-        return out
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        # in float32 the file returns a view of its complex product: a copy, so that
+        # in-place ops on it work as they do unpatched
+        return y.clone() if y._is_view() else y
 
     @staticmethod
-    def backward(ctx, gq, gk):
+    def backward(ctx, g):
         cos, sin = ctx.saved_tensors
-        return tuple(None if g is None else _unrotate_pairs(g, cos, sin, shape, dtype)
-                     for g, shape, dtype in zip((gq, gk), ctx.shapes, ctx.dtypes)) + (None, None, None)
+        return _unrotate_pairs(g, cos, sin, ctx.x_shape, ctx.x_dtype), None, None, None
 
     @staticmethod
     def semiring_backward(rc):
+        if not rc.needs[0]:
+            return pad([], len(rc.needs))
         cos, sin = (t.to(rc.dtype) for t in saved_tensors(rc.node))     # complex128 freqs: float64
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         sr = rc.sr
-        out = []
-        for i in range(2):
-            if rc.needs[i]:
-                v = sr.rope(sr.map(rc.grad(i), _halves), cos, sin)
-                out.append(sr.sum_to_shape(sr.map(v, _pairs), tuple(rc.node.shapes[i])))
-            else:
-                out.append(None)
-        return pad(out, len(rc.needs))
+        v = sr.rope(sr.map(rc.grad(0), _halves), cos, sin)
+        return pad([sr.sum_to_shape(sr.map(v, _pairs), tuple(rc.node.x_shape))], len(rc.needs))
 
 
 def apply_rotary_pairs(q: torch.Tensor, k: torch.Tensor, freqs_cis: torch.Tensor, impl,
                        unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``impl(q, k, freqs_cis)`` (a modeling file's ``apply_rotary_emb``:
     ``view_as_real(view_as_complex(x.float() as pairs) ·
-    freqs_cis.unsqueeze(unsqueeze_dim)).flatten(-2).type_as(x)``) as one
-    :class:`RotaryPairs` node."""
+    freqs_cis.unsqueeze(unsqueeze_dim)).flatten(-2).type_as(x)``) with one
+    :class:`RotaryPairs` node per tensor that requires grad."""
     f = freqs_cis.unsqueeze(unsqueeze_dim)
-    return RotaryPairs.apply(q, k, f.real, f.imag, lambda a, b: impl(a, b, freqs_cis))
+    with torch.no_grad():
+        ys = impl(q.detach(), k.detach(), freqs_cis)
+    return tuple(RotaryPairs.apply(x, f.real, f.imag, y) if x.requires_grad else y for x, y in zip((q, k), ys))
