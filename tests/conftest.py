@@ -32,6 +32,23 @@ def node_types(t) -> list:
     return names
 
 
+def walk_every_semiring(out, inp, want=None) -> dict:
+    """``semitriton.grad`` of scalar ``out`` to ``inp`` in every semiring
+    (real walked by the rules): each finite, real equal to ``want`` (torch's
+    gradient, computed here if not given). Returns {semiring: value}."""
+    import semitriton
+    if want is None:
+        (want,) = torch.autograd.grad(out, inp, retain_graph=True)
+    got = {}
+    for s in SEMIRINGS:
+        (v,) = semitriton.grad(out, inp, semiring=s, **({"fast_real": False} if s == "real" else {}))
+        assert torch.isfinite(v).all(), s
+        if s == "real":
+            torch.testing.assert_close(v, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+        got[s] = v
+    return got
+
+
 def triton_ok() -> bool:
     """Whether the Triton backend can run here: a GPU, or the interpreter."""
     from semitriton import backend

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import semitriton
-from conftest import SEMIRINGS, assert_semiring_close, node_types
+from conftest import SEMIRINGS, assert_semiring_close, node_types, walk_every_semiring
 from hf_models import build, complex_rope_model, embeds_and_output
 from oracle import Program, Step, oracle
 
@@ -417,11 +417,7 @@ def test_falcon_mamba_patched_keeps_its_gradients():
     out = model(inputs_embeds=emb).logits[0, -1, 3]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.autograd.grad(out, emb, retain_graph=True)[0], g_ref, rtol=1e-5, atol=1e-7)
-    for s in SEMIRINGS:
-        (v,) = semitriton.grad(out, emb, semiring=s, **({"fast_real": False} if s == "real" else {}))
-        assert torch.isfinite(v).all(), s
-        if s == "real":
-            torch.testing.assert_close(v, g_ref, rtol=1e-4, atol=1e-6 * float(g_ref.abs().max()))
+    walk_every_semiring(out, emb, g_ref)
     semitriton.unpatch(model)
 
 
@@ -764,14 +760,10 @@ def test_complex_rotary_models_walk_once_patched(kind):
     assert "ViewAsComplexBackward0" not in node_types(out)
     (want,) = torch.autograd.grad(out, emb, retain_graph=True)
     torch.testing.assert_close(want, g_ref, rtol=1e-5, atol=1e-6 * float(g_ref.abs().max()))
-    for s in SEMIRINGS:
-        (v,) = semitriton.grad(out, emb, semiring=s, **({"fast_real": False} if s == "real" else {}))
-        assert torch.isfinite(v).all(), s
-        if s == "real":
-            torch.testing.assert_close(v, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
-        if s in ("max", "entropy"):   # the Triton rope rule over the gathered halves (interpreted on the CPU)
-            (t,) = semitriton.grad(out, emb, semiring=s, backend="triton")
-            assert_semiring_close(t, v.detach().double().numpy(), s, 1e-4, f"{kind} triton vs torch/{s}")
+    got = walk_every_semiring(out, emb, want)
+    for s in ("max", "entropy"):        # the Triton rope rule over the gathered halves (interpreted on the CPU)
+        (t,) = semitriton.grad(out, emb, semiring=s, backend="triton")
+        assert_semiring_close(t, got[s].detach().double().numpy(), s, 1e-4, f"{kind} triton vs torch/{s}")
     if kind == "llama4":
         attr = semitriton.branch_attribution(out, emb)
         assert sorted(attr.layers) == [0, 1, 2, 3]
@@ -804,12 +796,7 @@ def test_rotary_dispatcher_takes_every_call_the_original_takes():
         out = model(inputs_embeds=emb, use_cache=False).logits[0, -1, 3]
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=0)
         assert torch.equal(other(input_ids=IDS[:1], use_cache=False).logits, other_ref)
-        (want,) = torch.autograd.grad(out, emb, retain_graph=True)
-        for s in SEMIRINGS:
-            (v,) = semitriton.grad(out, emb, semiring=s, **({"fast_real": False} if s == "real" else {}))
-            assert torch.isfinite(v).all(), s
-            if s == "real":
-                torch.testing.assert_close(v, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+        walk_every_semiring(out, emb)
     finally:
         semitriton.unpatch(model)
 
@@ -1188,12 +1175,7 @@ def test_recurrent_gemma_clipped_sqrt_is_one_primitive():
     emb = model.get_input_embeddings()(IDS[:1]).detach().requires_grad_()
     out = model(inputs_embeds=emb, use_cache=False).logits[0, -1, 3]
     assert "SqrtBoundDerivativeBackward" in node_types(out)
-    (want,) = torch.autograd.grad(out, emb, retain_graph=True)
-    for s in SEMIRINGS:
-        (v,) = semitriton.grad(out, emb, semiring=s, **({"fast_real": False} if s == "real" else {}))
-        assert torch.isfinite(v).all(), s
-        if s == "real":
-            torch.testing.assert_close(v, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    walk_every_semiring(out, emb)
     semitriton.unpatch(model)
 
 
