@@ -732,9 +732,10 @@ def test_complex_rotary_is_one_node_with_the_rotation_edges(kind, dim):
             assert_semiring_close(v, want[name], s, 1e-9, f"{kind}/{name}/{s}")
     # float32: the file returns views of its complex product, the node copies (in-place ops work as
     # unpatched); an operand that does not require grad gives an output that does not either
-    yq, yk = apply_rotary_pairs(q0.float().requires_grad_(), k0.float(), freqs, fn, dim)
-    assert yq.requires_grad and not yk.requires_grad
-    yq.mul_(2.0).sum().backward()
+    for dt in (torch.float32, torch.bfloat16):      # (bf16: a fresh tensor, not a view)
+        yq, yk = apply_rotary_pairs(q0.to(dt).requires_grad_(), k0.to(dt), freqs, fn, dim)
+        assert yq.requires_grad and not yk.requires_grad
+        yq.mul_(2.0).sum().backward()
 
 
 @pytest.mark.parametrize("kind", ["llama4", "deepseek_v2"])

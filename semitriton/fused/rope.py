@@ -118,7 +118,7 @@ def _unrotate_pairs(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shape
 
 
 class RotaryPairs(torch.autograd.Function):
-    """``forward(x, cos, sin, y) = y``, where y is the complex form of RoPE
+    """``forward(x, cos, sin, (y,)) = y``, where y is the complex form of RoPE
     (LLaMA 4, DeepSeek-V2) of x, each adjacent pair (x_2i, x_2i+1) multiplied
     by freqs_cis_i = c_i + i·s_i, computed by the modeling file's own function
     (its complex product rounds differently on each platform: fused
@@ -137,8 +137,10 @@ class RotaryPairs(torch.autograd.Function):
     def forward(ctx, x, cos, sin, y):
         ctx.save_for_backward(cos, sin)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        # in float32 the file returns a view of its complex product: a copy, so that
-        # in-place ops on it work as they do unpatched
+        # y comes in a 1-tuple, not as an input tensor (an input returned as it is would be a
+        # view of it); in float32 the file returns a view of its complex product: a copy.
+        # Either way in-place ops on the output work as they do unpatched.
+        (y,) = y
         return y.clone() if y._is_view() else y
 
     @staticmethod
@@ -166,4 +168,4 @@ def apply_rotary_pairs(q: torch.Tensor, k: torch.Tensor, freqs_cis: torch.Tensor
     f = freqs_cis.unsqueeze(unsqueeze_dim)
     with torch.no_grad():
         ys = impl(q.detach(), k.detach(), freqs_cis)
-    return tuple(RotaryPairs.apply(x, f.real, f.imag, y) if x.requires_grad else y for x, y in zip((q, k), ys))
+    return tuple(RotaryPairs.apply(x, f.real, f.imag, (y,)) if x.requires_grad else y for x, y in zip((q, k), ys))
