@@ -98,7 +98,6 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return RotaryEmbedding.apply(q, cos, sin, convention), RotaryEmbedding.apply(k, cos, sin, convention)
 
 
-
 def _halves(x: torch.Tensor) -> torch.Tensor:
     """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): adjacent pairs to halves."""
     return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
