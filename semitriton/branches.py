@@ -441,20 +441,6 @@ def _fused_entries(graph: GradientGraph, ref) -> Optional[dict]:
     return {b: [p] for b, p in zip(ATTN_BRANCHES[:3], pieces)}
 
 
-def _reaches(graph: GradientGraph, ref, target, max_nodes: int = 64) -> bool:
-    """Whether node ``target`` is computed from tensor ``ref`` within a few nodes (forward, breadth first)."""
-    queue, seen = deque([ref]), set()
-    while queue and len(seen) < max_nodes:
-        r = queue.popleft()
-        for node, _ in graph.consumers.get(r, ()):
-            if node is target:
-                return True
-            if node not in seen:
-                seen.add(node)
-                queue.extend((node, s) for s in range(len(node._input_metadata)))
-    return False
-
-
 def _latent_entries(graph: GradientGraph, idx: "_Index", core: str, call: int):
     """query/key/value entry tensors of multi-head latent attention: the
     query projection's output; the pieces of the kv down-projection's output
@@ -472,7 +458,7 @@ def _latent_entries(graph: GradientGraph, idx: "_Index", core: str, call: int):
     if a_pieces is None or b_pieces is None:
         return f"the outputs of {kv_a} and {kv_b} are not cut into latent, key and value parts by splits or slices"
     entries: dict = {"query": [q_ref], "key": [], "value": []}
-    rope_parts = [p for p in a_pieces if not _reaches(graph, p, b_ref[0])]
+    rope_parts = [p for p in a_pieces if _first_consumer(graph, p, lambda n: n is b_ref[0]) is None]
     slots = [_attention_input(graph, p) for p in rope_parts + b_pieces]
     if all(sl is None for sl in slots) and len(b_pieces) == 2:
         # no fused attention node (eager attention): the rope part is the keys', kv_b_proj's output is
@@ -488,19 +474,24 @@ def _latent_entries(graph: GradientGraph, idx: "_Index", core: str, call: int):
     return entries
 
 
-def _attention_input(graph: GradientGraph, ref, max_nodes: int = 64) -> Optional[tuple]:
-    """(attention node, input index) of the first fused attention node
-    ``ref`` reaches, searching forward breadth first; None if none is near."""
+def _first_consumer(graph: GradientGraph, ref, found, max_nodes: int = 64) -> Optional[tuple]:
+    """(node, input index) of the first node with ``found(node)`` that
+    tensor ``ref`` reaches, searching forward breadth first; None if none is near."""
     queue, seen = deque([ref]), set()
     while queue and len(seen) < max_nodes:
         r = queue.popleft()
         for node, i in graph.consumers.get(r, ()):
-            if is_attention_node(node):
+            if found(node):
                 return node, i
             if node not in seen:
                 seen.add(node)
                 queue.extend((node, s) for s in range(len(node._input_metadata)))
     return None
+
+
+def _attention_input(graph: GradientGraph, ref) -> Optional[tuple]:
+    """(attention node, input index) of the first fused attention node ``ref`` reaches, or None."""
+    return _first_consumer(graph, ref, is_attention_node)
 
 
 def _inside(label, qual: str) -> bool:

@@ -307,26 +307,26 @@ def _rope_active():
         _rope_state.depth -= 1
 
 
-def _rope_fusable(q, k, cos, sin, unsqueeze_dim) -> bool:
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, cos, sin)) or not isinstance(unsqueeze_dim, int):
+def _rotary_fusable(q, k, consts, width: int) -> bool:
+    """q and k (one of them requiring grad) rotated by position tables
+    ``consts`` (no grad) whose last dim is ``width``, while autograd records."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, *consts)) or not torch.is_grad_enabled():
         return False
-    if cos.requires_grad or sin.requires_grad or not torch.is_grad_enabled():
-        return False
-    if not (q.requires_grad or k.requires_grad) or not (q.is_floating_point() and k.is_floating_point()):
+    if any(c.requires_grad for c in consts) or not (q.requires_grad or k.requires_grad):
         return False
     d = q.shape[-1]
-    return d % 2 == 0 and k.shape[-1] == d and cos.shape[-1] == d and sin.shape[-1] == d
+    return (q.is_floating_point() and k.is_floating_point() and d % 2 == 0 and k.shape[-1] == d
+            and all(c.shape[-1] == width for c in consts))
+
+
+def _rope_fusable(q, k, cos, sin, unsqueeze_dim) -> bool:
+    return isinstance(unsqueeze_dim, int) and isinstance(q, torch.Tensor) and \
+        _rotary_fusable(q, k, (cos, sin), q.shape[-1])
 
 
 def _pairs_fusable(xq, xk, freqs_cis) -> bool:
-    if not all(isinstance(t, torch.Tensor) for t in (xq, xk, freqs_cis)):
-        return False
-    if not freqs_cis.is_complex() or freqs_cis.requires_grad or not torch.is_grad_enabled():
-        return False
-    if not (xq.requires_grad or xk.requires_grad) or not (xq.is_floating_point() and xk.is_floating_point()):
-        return False
-    d = xq.shape[-1]
-    return d % 2 == 0 and xk.shape[-1] == d and freqs_cis.shape[-1] == d // 2
+    return isinstance(xq, torch.Tensor) and isinstance(freqs_cis, torch.Tensor) and freqs_cis.is_complex() and \
+        _rotary_fusable(xq, xk, (freqs_cis,), xq.shape[-1] // 2)
 
 
 def _rope_dispatcher(name: str, original, form):
